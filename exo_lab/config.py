@@ -1,0 +1,731 @@
+"""config.yaml: the cluster's description, read and checked in one place.
+
+``load_config(path)`` is the only code in exo-lab that reads config.yaml. It returns a frozen
+:class:`ClusterConfig` or raises :class:`~exo_lab.errors.ConfigError` with one message that
+names the file, the device (its hostname, or ``devices[2]`` when it has none) and the key, says
+what is wrong and what is allowed. Bad input is never replaced by a default: a typo in a key is
+an error with the closest valid key suggested, a wrong type is an error, a size with an unknown
+unit is an error.
+
+The smallest valid file (``examples/config.yaml``)::
+
+    cluster_name: engineering_cluster
+    devices:
+      - hostname: system-a.local
+        roles: [coordinator, storage]
+        max_memory: 128GB
+        max_cores: 16
+        gpu: false
+      - hostname: system-b.local
+        roles: [compute]
+        max_memory: 128GB
+        max_cores: 16
+        gpu: true
+    network:
+      discovery: auto        # or manual: use the devices listed
+
+Keys (every other key is an error):
+
+==============================  ========  ===========  ============================================
+key                             required  default      meaning
+==============================  ========  ===========  ============================================
+``cluster_name``                yes                    name of the cluster: letters, digits, ``.``,
+                                                       ``_``, ``-`` (it may end up in file names)
+``devices``                     yes                    list of the PCs, one mapping each (below)
+``network``                     no        see below    mapping, keys below
+``api``                         no        see below    mapping, keys below
+``model``                       no        none         model to load: local folder, hub id or
+                                                       ``demo``
+``dtype``                       no        none         ``float32`` | ``bfloat16`` | ``float16``
+``max_context``                 no        none         tokens per sequence the KV cache is sized
+                                                       for (positive whole number)
+``max_batch``                   no        none         sequences decoded at once the KV cache is
+                                                       sized for (positive whole number)
+``objective``                   no        none         planner objective: ``latency`` (fastest
+                                                       single stream) | ``throughput`` (balance
+                                                       the slowest stage)
+**devices[i]**
+``hostname``                    yes                    the PC's host name; unique (case-insensitive)
+``roles``                       yes                    list of ``coordinator`` | ``compute`` |
+                                                       ``storage``; exactly one device in the
+                                                       cluster is the coordinator and at least one
+                                                       is compute
+``max_memory``                  no        none (no     cap on the memory the planner gives this PC:
+                                          cap)         a size, see below
+``max_cores``                   no        none (no     cap on the CPU threads torch uses here
+                                          cap)         (positive whole number)
+``gpu``                         no        ``false``    use this PC's GPU: ``true`` | ``false``
+                                                       (a real boolean, not the string "yes")
+``memory_bandwidth``            no        none         speed hint for the planner: effective
+                                                       memory bandwidth, a size with an optional
+                                                       ``/s``, e.g. ``20GB/s`` (decode is
+                                                       memory-bound); none = measure or estimate
+``engines``                     no        ``1``        ipyparallel engines (pipeline stages) this
+                                                       PC runs; only on compute devices
+``address``                     no        hostname     host name or IP to connect to, when
+                                                       ``hostname`` does not resolve
+**network**
+``discovery``                   no        ``manual``   ``manual``: use the devices listed;
+                                                       ``auto``: find the PCs on the network
+``controller_port``             no        ``10101``    ipyparallel registration port on the
+                                                       coordinator (1-65535)
+``hop_latency_ms``              no        none         planner hint: milliseconds one stage-to-
+                                                       stage hop costs (>= 0); none = estimate
+**api**
+``host``                        no        127.0.0.1    address the OpenAI-compatible API binds
+``port``                        no        ``8000``     its port (1-65535)
+``api_key_env``                 no        none         name of the environment variable holding
+                                                       the API key (the name, never the key)
+``api_key_file``                no        none         file holding the API key; a relative path
+                                                       is relative to config.yaml's folder.
+                                                       Set at most one of the two; none of them =
+                                                       no key required
+==============================  ========  ===========  ============================================
+
+Optional keys written with no value (``max_memory:``) are errors: delete the line to get the
+default. Sizes (``max_memory``, ``memory_bandwidth``) are a whole byte count (``137438953472``
+or ``"137438953472"``) or a number and a unit, with or without a space: ``128GB``, ``128 GiB``,
+``512MB``, ``1.5TB``, ``64KiB``. As in accelerate's ``max_memory``, ``KB MB GB TB`` are powers
+of 1000 and ``KiB MiB GiB TiB`` powers of 1024; ``B`` is bytes; units ignore case. Fractions
+round down to whole bytes.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+
+ROLES = ("coordinator", "compute", "storage")
+DISCOVERY_MODES = ("auto", "manual")
+DTYPES = ("float32", "bfloat16", "float16")
+OBJECTIVES = ("latency", "throughput")
+
+_TOP_KEYS = ("cluster_name", "devices", "network", "api", "model", "dtype", "max_context",
+             "max_batch", "objective")
+_DEVICE_KEYS = ("hostname", "roles", "max_memory", "max_cores", "gpu", "memory_bandwidth",
+                "engines", "address")
+_NETWORK_KEYS = ("discovery", "controller_port", "hop_latency_ms")
+_API_KEYS = ("host", "port", "api_key_env", "api_key_file")
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_UNITS_HELP = ("use B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), "
+               "e.g. '128GB' or '64 GiB'")
+_SIZE_PATTERN = re.compile(r"^([+-]?)(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)$")
+_PER_SECOND_PATTERN = re.compile(r"\s*/\s*s$", re.IGNORECASE)
+_CLUSTER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+# --------------------------------------------------------------------------- value types
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """One PC of the cluster, as config.yaml describes it."""
+
+    hostname: str
+    roles: tuple[str, ...]              # subset of ROLES, in the order written
+    max_memory_bytes: int | None        # None: no cap beyond what the PC has free
+    max_cores: int | None               # None: no cap on torch threads
+    gpu: bool
+    memory_bandwidth_bytes_per_s: float | None   # planner speed hint; None: measure or estimate
+    engines: int = 1                    # ipyparallel engines (pipeline stages) on this PC
+    address: str | None = None          # where to connect when hostname does not resolve
+
+    @property
+    def is_coordinator(self) -> bool:
+        return "coordinator" in self.roles
+
+    @property
+    def is_compute(self) -> bool:
+        return "compute" in self.roles
+
+    @property
+    def is_storage(self) -> bool:
+        return "storage" in self.roles
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    discovery: str = "manual"           # "auto" | "manual"
+    controller_port: int = 10101        # ipyparallel registration port on the coordinator
+    hop_latency_ms: float | None = None  # planner hint per stage-to-stage hop; None: estimate
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key_env: str | None = None      # environment variable NAME holding the key
+    api_key_file: str | None = None     # file holding the key (absolute once loaded from a file)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """The whole of config.yaml, checked. Build it with :func:`load_config`."""
+
+    cluster_name: str
+    devices: tuple[DeviceConfig, ...]
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    model: str | None = None
+    dtype: str | None = None            # "float32" | "bfloat16" | "float16" | None
+    max_context: int | None = None
+    max_batch: int | None = None
+    objective: str | None = None        # "latency" | "throughput" | None
+    source: str = "<dict>"              # the file it came from, for messages
+
+    @property
+    def coordinator(self) -> DeviceConfig:
+        """The one device with the coordinator role."""
+        found = [d for d in self.devices if d.is_coordinator]
+        if len(found) != 1:
+            raise ConfigError(f"{self.source}: expected exactly one coordinator device, "
+                              f"found {len(found)}")
+        return found[0]
+
+    @property
+    def compute_devices(self) -> tuple[DeviceConfig, ...]:
+        return tuple(d for d in self.devices if d.is_compute)
+
+    @property
+    def storage_devices(self) -> tuple[DeviceConfig, ...]:
+        return tuple(d for d in self.devices if d.is_storage)
+
+
+# --------------------------------------------------------------------------- sizes
+
+def parse_size(text: str | int, *, what: str = "size") -> int:
+    """Return the number of bytes a size means.
+
+    Accepts a whole byte count (``137438953472`` or ``"137438953472"``) or a number and a unit:
+    ``"128GB"``, ``"128 GiB"``, ``"1.5TB"``, ``"64KiB"``. ``KB MB GB TB`` are powers of 1000,
+    ``KiB MiB GiB TiB`` powers of 1024, ``B`` is bytes; units ignore case. Fractions of a unit
+    round down to whole bytes. Zero is allowed here; callers that need a positive size check.
+
+    ``what`` names the value in the error message (e.g. ``"max_memory"``).
+
+    Raises:
+        ConfigError: not a size, an unknown unit, a negative size, a fractional byte count,
+            or a type other than str or int.
+    """
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise ConfigError(f"{what} must be a size like '128GB' or a whole number of bytes, "
+                          f"got {_describe(text)}")
+    if isinstance(text, int):
+        return _non_negative_bytes(Decimal(text), 1, text, what)
+    return _parse_size_text(text, text, what)
+
+
+def parse_bandwidth(text: str | int | float, *, what: str = "memory_bandwidth") -> float:
+    """Return bytes per second from a size with an optional ``/s`` (``"20GB/s"``,
+    ``"20 GiB/s"``, ``"20GB"``) or a plain number of bytes per second (int or float).
+    Units as in :func:`parse_size`. Raises ConfigError like :func:`parse_size`."""
+    if isinstance(text, float):
+        if not math.isfinite(text) or text < 0:
+            raise ConfigError(f"invalid {what} {text!r}: must be a finite number, 0 or more")
+        return text
+    if isinstance(text, str):
+        size_text = _PER_SECOND_PATTERN.sub("", text.strip())
+        return float(_parse_size_text(size_text, text, what))
+    return float(parse_size(text, what=what))
+
+
+def _parse_size_text(body: str, shown: str, what: str) -> int:
+    # ``shown`` is what the user wrote ('20XB/s'), quoted in messages instead of ``body``.
+    match = _SIZE_PATTERN.match(body.strip())
+    if match is None:
+        raise ConfigError(f"invalid {what} {shown!r}: not a size; {_UNITS_HELP}")
+    sign, number, unit = match.groups()
+    multiplier = _size_multiplier(unit, shown, what)
+    return _non_negative_bytes(Decimal(sign + number), multiplier, shown, what)
+
+
+def _size_multiplier(unit: str, text: str, what: str) -> int:
+    multiplier = _SIZE_UNITS.get(unit.lower())
+    if multiplier is not None:
+        return multiplier
+    hint = ""
+    if unit.lower() in ("k", "m", "g", "t"):
+        # A bare 'G' is ambiguous between the two conventions; make the user choose.
+        letter = unit.upper()
+        hint = f" ('{letter}' alone is ambiguous: write '{letter}B' or '{letter}iB')"
+    raise ConfigError(f"invalid {what} {text!r}: unknown size unit '{unit}'{hint}; {_UNITS_HELP}")
+
+
+def _non_negative_bytes(value: Decimal, multiplier: int, text: object, what: str) -> int:
+    if value < 0:
+        raise ConfigError(f"invalid {what} {text!r}: a size cannot be negative")
+    if multiplier == 1 and value != value.to_integral_value():
+        raise ConfigError(f"invalid {what} {text!r}: a byte count must be a whole number; "
+                          f"{_UNITS_HELP}")
+    return int(value * multiplier)   # int() truncates: fractions round down to whole bytes
+
+
+def format_bytes(n: int) -> str:
+    """Human-readable size in decimal units with one decimal: ``"141.1 GB"``, ``"128 GB"``,
+    ``"512 B"``. A trailing ``.0`` is dropped. Negative values keep their sign."""
+    sign = "-" if n < 0 else ""
+    value = float(abs(n))
+    units = ("B", "KB", "MB", "GB", "TB", "PB")
+    index = 0
+    # Round before comparing, so 999.96 GB prints as "1 TB", not "1000 GB".
+    while index < len(units) - 1 and round(value, 1) >= 1000:
+        value /= 1000
+        index += 1
+    if index == 0:
+        return f"{sign}{int(value)} B"
+    text = f"{value:.1f}".removesuffix(".0")
+    return f"{sign}{text} {units[index]}"
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_config(path: str | os.PathLike) -> ClusterConfig:
+    """Read, parse and check a config.yaml.
+
+    Returns the :class:`ClusterConfig`; ``source`` is the path as given, and a relative
+    ``api.api_key_file`` is made absolute against the file's folder.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, is not valid YAML (the message gives the
+            line), or breaks a rule of the module docstring's table. The message names the file,
+            the device and the key.
+    """
+    source = os.fspath(path)
+    data = _parse_yaml(_read_text(Path(source)), source)
+    if data is None:
+        raise ConfigError(f"{source}: the file is empty; it needs at least cluster_name and "
+                          f"devices (see examples/config.yaml)")
+    config = config_from_dict(data, source=source)
+    return _resolve_paths(config, Path(source).parent)
+
+
+def config_from_dict(data: object, *, source: str = "<dict>") -> ClusterConfig:
+    """Check an already-parsed config (a dict as yaml.safe_load returns it) and build the
+    :class:`ClusterConfig`. ``source`` names the origin in messages. Raises ConfigError."""
+    top = _Scope(source, None, "the top level of the file")
+    mapping = _require_mapping(top, data, "the configuration",
+                               "start the file with 'cluster_name: ...' and 'devices:'")
+    _reject_unknown_keys(top, mapping, _TOP_KEYS)
+    _require_keys(top, mapping, ("cluster_name", "devices"))
+    cluster_name = _parse_cluster_name(top, mapping["cluster_name"])
+    devices = _parse_devices(top, mapping["devices"])
+    _check_cluster(top, devices)
+    return ClusterConfig(
+        cluster_name=cluster_name,
+        devices=devices,
+        network=_parse_network(top, mapping),
+        api=_parse_api(top, mapping),
+        model=_optional(top, mapping, "model", _nonblank_string),
+        dtype=_optional(top, mapping, "dtype", _choice(DTYPES)),
+        max_context=_optional(top, mapping, "max_context", _positive_int),
+        max_batch=_optional(top, mapping, "max_batch", _positive_int),
+        objective=_optional(top, mapping, "objective", _choice(OBJECTIVES)),
+        source=source,
+    )
+
+
+def format_config_summary(cfg: ClusterConfig) -> str:
+    """A few lines for a terminal: cluster name, discovery, then one line per device
+    (hostname, roles, max_memory, max_cores, gpu), then the optional settings that are set."""
+    lines = [f"cluster {cfg.cluster_name} ({cfg.source})",
+             _network_line(cfg.network),
+             f"devices ({len(cfg.devices)}):"]
+    width = max(len(d.hostname) for d in cfg.devices) if cfg.devices else 0
+    role_width = max(len(",".join(d.roles)) for d in cfg.devices) if cfg.devices else 0
+    lines += [_device_line(d, width, role_width) for d in cfg.devices]
+    settings = [f"{name} {value}" for name, value in (
+        ("model", cfg.model), ("dtype", cfg.dtype), ("max_context", cfg.max_context),
+        ("max_batch", cfg.max_batch), ("objective", cfg.objective)) if value is not None]
+    if settings:
+        lines.append("settings: " + ", ".join(settings))
+    lines.append(f"api: {cfg.api.host}:{cfg.api.port}, {_api_key_text(cfg.api)}")
+    return "\n".join(lines)
+
+
+def _api_key_text(api: ApiConfig) -> str:
+    if api.api_key_env is not None:
+        return f"key from environment variable {api.api_key_env}"
+    if api.api_key_file is not None:
+        return f"key from file {api.api_key_file}"
+    return "no key required"
+
+
+def _network_line(network: NetworkConfig) -> str:
+    line = f"discovery: {network.discovery}, controller port {network.controller_port}"
+    if network.hop_latency_ms is not None:
+        line += f", hop latency {network.hop_latency_ms:g} ms"
+    return line
+
+
+def _device_line(device: DeviceConfig, width: int, role_width: int) -> str:
+    memory = "no cap" if device.max_memory_bytes is None else format_bytes(device.max_memory_bytes)
+    cores = "no cap" if device.max_cores is None else str(device.max_cores)
+    line = (f"  {device.hostname:<{width}}  {','.join(device.roles):<{role_width}}  "
+            f"max_memory {memory}  max_cores {cores}  gpu {'yes' if device.gpu else 'no'}")
+    if device.engines != 1:
+        line += f"  engines {device.engines}"
+    if device.memory_bandwidth_bytes_per_s is not None:
+        line += f"  bandwidth {format_bytes(round(device.memory_bandwidth_bytes_per_s))}/s"
+    if device.address is not None:
+        line += f"  address {device.address}"
+    return line
+
+
+# --------------------------------------------------------------------------- file and YAML
+
+def _read_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path} (absolute: {path.absolute()}); "
+                          f"check the path, or start from examples/config.yaml") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"{path}: is a folder, not a config file; give the path of the "
+                          f".yaml file") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from exc
+    try:
+        return raw.decode("utf-8-sig")   # -sig: Windows editors may write a byte-order mark
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} is invalid); save the "
+                          f"file as UTF-8") from exc
+
+
+class _StrictSafeLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, plus an error on a key repeated in one mapping: plain PyYAML
+    keeps the last value silently, which would hide e.g. a second ``max_memory`` line."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: set = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:
+                    continue    # unhashable key: the base class reports it
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found duplicate key {key!r}; each key may appear once per mapping",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str, source: str) -> object:
+    try:
+        return yaml.load(text, Loader=_StrictSafeLoader)   # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        raise ConfigError(_yaml_error_message(exc, source)) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {exc}") from exc
+
+
+def _yaml_error_message(exc: yaml.MarkedYAMLError, source: str) -> str:
+    mark = exc.problem_mark or exc.context_mark
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    message = f"{source}: invalid YAML{where}: {exc.problem or exc.context}"
+    if exc.context and exc.problem and exc.context_mark is not None:
+        message += f" ({exc.context} started at line {exc.context_mark.line + 1})"
+    return message + "; check the indentation and quoting near that line"
+
+
+def _resolve_paths(config: ClusterConfig, base: Path) -> ClusterConfig:
+    key_file = config.api.api_key_file
+    if key_file is None:
+        return config
+    resolved = Path(os.path.expanduser(key_file))
+    if not resolved.is_absolute():
+        resolved = (base / resolved).absolute()
+    return replace(config, api=replace(config.api, api_key_file=str(resolved)))
+
+
+# --------------------------------------------------------------------------- checking helpers
+
+@dataclass(frozen=True)
+class _Scope:
+    """Where a value sits, for messages: the file, and the device or section."""
+
+    source: str
+    label: str | None          # "device 'system-b.local'", "devices[2]", "network", or None
+    in_phrase: str             # used in "unknown key 'x' in <in_phrase>"
+
+    def error(self, message: str) -> ConfigError:
+        prefix = f"{self.source}: {self.label}: " if self.label else f"{self.source}: "
+        return ConfigError(prefix + message)
+
+
+def _describe(value: object) -> str:
+    if value is None:
+        return "no value"
+    return f"{value!r} ({'a string' if isinstance(value, str) else type(value).__name__})"
+
+
+def _require_mapping(scope: _Scope, value: object, name: str, fix: str) -> dict:
+    if not isinstance(value, dict):
+        raise scope.error(f"{name} must be a mapping of keys to values, got {_describe(value)}; "
+                          f"{fix}")
+    return value
+
+
+def _reject_unknown_keys(scope: _Scope, mapping: dict, allowed: tuple[str, ...]) -> None:
+    for key in mapping:
+        if key in allowed:
+            continue
+        close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'?" if close else "it is not a config key."
+        raise ConfigError(f"{scope.source}: unknown key '{key}' in {scope.in_phrase}; {hint} "
+                          f"Allowed keys: {', '.join(allowed)}")
+
+
+def _require_keys(scope: _Scope, mapping: dict, required: tuple[str, ...]) -> None:
+    for key in required:
+        if key not in mapping:
+            raise scope.error(f"missing required key '{key}' (required: {', '.join(required)})")
+
+
+def _optional(scope: _Scope, mapping: dict, key: str, check, default=None):
+    """The checked value of an optional key, or ``default`` when the key is absent."""
+    if key not in mapping:
+        return default
+    value = mapping[key]
+    if value is None:
+        raise scope.error(f"'{key}' has no value; give one or delete the line to use the "
+                          f"default")
+    return check(scope, key, value)
+
+
+def _positive_int(scope: _Scope, key: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise scope.error(f"'{key}' must be a positive whole number, got {_describe(value)}")
+    if value <= 0:
+        raise scope.error(f"'{key}' must be a positive whole number (1 or more), got {value}")
+    return value
+
+
+def _port(scope: _Scope, key: str, value: object) -> int:
+    port = _positive_int(scope, key, value)
+    if port > 65535:
+        raise scope.error(f"'{key}' must be a TCP port from 1 to 65535, got {port}")
+    return port
+
+
+def _boolean(scope: _Scope, key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise scope.error(f"'{key}' must be true or false, got {_describe(value)}; write "
+                          f"{key}: true or {key}: false without quotes")
+    return value
+
+
+def _non_negative_float(scope: _Scope, key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise scope.error(f"'{key}' must be a number, got {_describe(value)}")
+    if not math.isfinite(value) or value < 0:
+        raise scope.error(f"'{key}' must be a finite number, 0 or more, got {value}")
+    return float(value)
+
+
+def _nonblank_string(scope: _Scope, key: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise scope.error(f"'{key}' must be a string, got {_describe(value)}; put it in quotes")
+    if not value.strip() or value != value.strip():
+        raise scope.error(f"'{key}' must be a non-empty string without leading or trailing "
+                          f"spaces, got {value!r}")
+    return value
+
+
+def _single_word(scope: _Scope, key: str, value: object) -> str:
+    text = _nonblank_string(scope, key, value)
+    if any(ch.isspace() for ch in text):
+        raise scope.error(f"'{key}' must not contain spaces, got {text!r}")
+    return text
+
+
+def _choice(allowed: tuple[str, ...]):
+    def check(scope: _Scope, key: str, value: object) -> str:
+        if not isinstance(value, str) or value not in allowed:
+            close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise scope.error(f"'{key}' must be one of {', '.join(allowed)}; got "
+                              f"{_describe(value)}{hint}")
+        return value
+    return check
+
+
+def _size(scope: _Scope, key: str, value: object) -> int:
+    try:
+        size = parse_size(value, what=key)
+    except ConfigError as exc:
+        raise scope.error(str(exc)) from exc
+    if size == 0:
+        raise scope.error(f"'{key}' must be more than zero, got {value!r}; delete the line "
+                          f"for no cap")
+    return size
+
+
+def _bandwidth(scope: _Scope, key: str, value: object) -> float:
+    try:
+        rate = parse_bandwidth(value, what=key)
+    except ConfigError as exc:
+        raise scope.error(f"{exc} (bytes per second, e.g. '20GB/s')") from exc
+    if rate <= 0:
+        raise scope.error(f"'{key}' must be more than zero, got {value!r}")
+    return rate
+
+
+# --------------------------------------------------------------------------- sections
+
+def _parse_cluster_name(scope: _Scope, value: object) -> str:
+    name = _nonblank_string(scope, "cluster_name", value)
+    if not _CLUSTER_NAME_PATTERN.match(name):
+        raise scope.error(f"'cluster_name' may contain only letters, digits, '.', '_' and '-' "
+                          f"and must start with a letter or digit, got {name!r} "
+                          f"(e.g. engineering_cluster)")
+    return name
+
+
+def _parse_devices(top: _Scope, value: object) -> tuple[DeviceConfig, ...]:
+    if value is None or not isinstance(value, list):
+        raise top.error(f"'devices' must be a list of devices (lines starting with '- "
+                        f"hostname: ...'), got {_describe(value)}")
+    if not value:
+        raise top.error("'devices' is empty; list the coordinator and at least one compute PC")
+    return tuple(_parse_device(top.source, index, entry) for index, entry in enumerate(value))
+
+
+def _device_scope(source: str, index: int, entry: object) -> _Scope:
+    hostname = entry.get("hostname") if isinstance(entry, dict) else None
+    if isinstance(hostname, str) and hostname.strip():
+        label = f"device '{hostname}'"
+    else:
+        label = f"devices[{index}]"
+    return _Scope(source, label, label)
+
+
+def _parse_device(source: str, index: int, entry: object) -> DeviceConfig:
+    scope = _device_scope(source, index, entry)
+    mapping = _require_mapping(scope, entry, "a device",
+                               "write each device as '- hostname: ...' with roles below it")
+    _reject_unknown_keys(scope, mapping, _DEVICE_KEYS)
+    _require_keys(scope, mapping, ("hostname", "roles"))
+    hostname = _single_word(scope, "hostname", mapping["hostname"])
+    roles = _parse_roles(scope, mapping["roles"])
+    engines = _optional(scope, mapping, "engines", _positive_int, default=1)
+    if "engines" in mapping and "compute" not in roles:
+        raise scope.error("'engines' is set but the device has no 'compute' role; engines run "
+                          "only on compute devices: add compute to roles or delete engines")
+    return DeviceConfig(
+        hostname=hostname,
+        roles=roles,
+        max_memory_bytes=_optional(scope, mapping, "max_memory", _size),
+        max_cores=_optional(scope, mapping, "max_cores", _positive_int),
+        gpu=_optional(scope, mapping, "gpu", _boolean, default=False),
+        memory_bandwidth_bytes_per_s=_optional(scope, mapping, "memory_bandwidth", _bandwidth),
+        engines=engines,
+        address=_optional(scope, mapping, "address", _single_word),
+    )
+
+
+def _parse_roles(scope: _Scope, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise scope.error(f"'roles' must be a list like [compute] or [coordinator, storage], "
+                          f"got {_describe(value)}")
+    if not value:
+        raise scope.error(f"'roles' is empty; give at least one of {', '.join(ROLES)}")
+    roles: list[str] = []
+    for role in value:
+        if role not in ROLES:
+            close = difflib.get_close_matches(str(role), ROLES, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else "."
+            raise scope.error(f"unknown role {role!r} in 'roles'{hint} Allowed roles: "
+                              f"{', '.join(ROLES)}")
+        if role in roles:
+            raise scope.error(f"'roles' lists {role!r} twice; list each role once")
+        roles.append(role)
+    return tuple(roles)
+
+
+def _check_cluster(top: _Scope, devices: tuple[DeviceConfig, ...]) -> None:
+    _check_unique_hostnames(top, devices)
+    coordinators = [d.hostname for d in devices if d.is_coordinator]
+    if not coordinators:
+        raise top.error("no device has the 'coordinator' role; add coordinator to the roles of "
+                        "the PC that runs the controller and the API (exactly one)")
+    if len(coordinators) > 1:
+        raise top.error(f"more than one coordinator: {', '.join(coordinators)}; exactly one "
+                        f"device may have the 'coordinator' role")
+    if not any(d.is_compute for d in devices):
+        raise top.error("no device has the 'compute' role; add compute to the roles of at "
+                        "least one PC (the coordinator may also be a compute device)")
+
+
+def _check_unique_hostnames(top: _Scope, devices: tuple[DeviceConfig, ...]) -> None:
+    # Host names are case-insensitive, so System-A.local and system-a.local are one PC.
+    first_index: dict[str, int] = {}
+    for index, device in enumerate(devices):
+        key = device.hostname.lower()
+        if key in first_index:
+            raise top.error(f"duplicate hostname '{device.hostname}': devices[{first_index[key]}] "
+                            f"and devices[{index}] name the same PC; list each PC once (use "
+                            f"'engines' for several stages on one PC)")
+        first_index[key] = index
+
+
+def _parse_network(top: _Scope, mapping: dict) -> NetworkConfig:
+    if "network" not in mapping:
+        return NetworkConfig()
+    scope = _Scope(top.source, "network", "network")
+    section = _require_mapping(top, mapping["network"], "'network'",
+                               "write e.g. 'network:' then '  discovery: manual' below it")
+    _reject_unknown_keys(scope, section, _NETWORK_KEYS)
+    defaults = NetworkConfig()
+    return NetworkConfig(
+        discovery=_optional(scope, section, "discovery", _choice(DISCOVERY_MODES),
+                            default=defaults.discovery),
+        controller_port=_optional(scope, section, "controller_port", _port,
+                                  default=defaults.controller_port),
+        hop_latency_ms=_optional(scope, section, "hop_latency_ms", _non_negative_float),
+    )
+
+
+def _parse_api(top: _Scope, mapping: dict) -> ApiConfig:
+    if "api" not in mapping:
+        return ApiConfig()
+    scope = _Scope(top.source, "api", "api")
+    section = _require_mapping(top, mapping["api"], "'api'",
+                               "write e.g. 'api:' then '  port: 8000' below it")
+    _reject_unknown_keys(scope, section, _API_KEYS)
+    if "api_key_env" in section and "api_key_file" in section:
+        raise scope.error("set only one of 'api_key_env' and 'api_key_file', not both")
+    defaults = ApiConfig()
+    return ApiConfig(
+        host=_optional(scope, section, "host", _single_word, default=defaults.host),
+        port=_optional(scope, section, "port", _port, default=defaults.port),
+        api_key_env=_optional(scope, section, "api_key_env", _env_name),
+        api_key_file=_optional(scope, section, "api_key_file", _nonblank_string),
+    )
+
+
+def _env_name(scope: _Scope, key: str, value: object) -> str:
+    name = _nonblank_string(scope, key, value)
+    if not _ENV_NAME_PATTERN.match(name):
+        # Usually the key itself was pasted here; it must not live in config.yaml.
+        raise scope.error(f"'{key}' must be the NAME of an environment variable (letters, "
+                          f"digits, '_'), e.g. EXO_LAB_API_KEY, not the key itself")
+    return name

@@ -1,0 +1,193 @@
+"""ModelProfile: the byte counts the planner needs, computed from a model's config.json alone."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from .errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Sizes of one causal LM for one dtype. All sizes in bytes; no weights are read.
+
+    A tied model shares its input embedding with lm_head; when the first and last stage sit on
+    different nodes the last stage still needs its own copy, so ``lm_head_bytes`` is always the
+    size of the head matrix and ``tied_embeddings`` tells whether a single stage may share it.
+    """
+
+    model_id: str
+    model_type: str                 # config.json "model_type": llama, mistral, qwen2, qwen3, ...
+    dtype: str                      # "float32", "bfloat16", "float16"
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    layer_bytes: int                # parameter bytes of ONE decoder layer
+    embedding_bytes: int            # input embedding matrix
+    final_norm_bytes: int
+    lm_head_bytes: int              # the head matrix (+ bias), also when tied
+    tied_embeddings: bool
+    kv_bytes_per_token_per_layer: int   # K and V for one token in one layer, at dtype
+    activation_bytes_per_token: int     # transient workspace per token in flight (one layer at a time)
+
+    @property
+    def total_parameter_bytes(self) -> int:
+        """Bytes of the whole model as transformers holds it (the head counted once when tied)."""
+        head = 0 if self.tied_embeddings else self.lm_head_bytes
+        return self.embedding_bytes + self.num_layers * self.layer_bytes + self.final_norm_bytes + head
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+# Model types whose layer layout is checked against transformers in tests/test_profile.py.
+# Others that carry the same config keys are profiled with the Llama layout and a warning.
+VERIFIED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+# Config keys that mark layouts the decoder-layer formula below does not describe.
+_UNSUPPORTED_KEYS = {
+    "num_local_experts": "mixture-of-experts",
+    "num_experts": "mixture-of-experts",
+    "n_routed_experts": "mixture-of-experts",
+    "kv_lora_rank": "multi-head latent attention",
+}
+
+# Transient math is done in float32 whatever the weights' dtype (norms and softmax upcast).
+_ACTIVATION_BYTES = 4
+
+
+def profile_from_config(config: dict, *, dtype: str = "float32", model_id: str = "model") -> ModelProfile:
+    """Compute a :class:`ModelProfile` from a config.json dict, without reading weights.
+
+    Parameters:
+        config: the parsed config.json (see :func:`exo_lab.models.read_model_config`).
+        dtype: the dtype the weights and KV cache will be held in: one of ``DTYPE_BYTES``.
+        model_id: recorded in the profile, for messages.
+
+    Raises:
+        ModelError: unknown dtype (listing the allowed ones), a missing or bad config key, or a
+            model type whose layers do not follow the Llama-style decoder pattern.
+    """
+    from .models import check_config_keys
+
+    dtype_bytes = _dtype_bytes(dtype)
+    check_config_keys(config, source=f"config.json of {model_id}")
+    _check_layout(config)
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    return ModelProfile(
+        model_id=model_id,
+        model_type=config["model_type"],
+        dtype=dtype,
+        num_layers=config["num_hidden_layers"],
+        hidden_size=hidden,
+        intermediate_size=config["intermediate_size"],
+        vocab_size=vocab,
+        max_position_embeddings=int(config.get("max_position_embeddings") or 0),
+        layer_bytes=layer_parameter_count(config) * dtype_bytes,
+        embedding_bytes=vocab * hidden * dtype_bytes,
+        final_norm_bytes=hidden * dtype_bytes,
+        lm_head_bytes=vocab * hidden * dtype_bytes,   # no supported type has a head bias
+        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        kv_bytes_per_token_per_layer=2 * _num_kv_heads(config) * head_dim(config) * dtype_bytes,
+        activation_bytes_per_token=activation_bytes_per_token(config),
+    )
+
+
+def profile_model(model_id: str, *, dtype: str | None = None) -> ModelProfile:
+    """Profile ``model_id`` (``demo``, a folder or a cached hub id) from its config.json alone.
+
+    ``dtype`` None means the config's ``dtype`` (or older ``torch_dtype``), else float32.
+
+    Raises:
+        ModelError: the model cannot be resolved, its config is malformed, or the dtype is unknown.
+    """
+    from .models import read_model_config, resolve_model
+
+    config = read_model_config(resolve_model(model_id, need_weights=False))
+    if dtype is None:
+        dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+        if dtype not in DTYPE_BYTES:
+            raise ModelError(f"config.json of {model_id} says dtype {dtype!r}, which exo-lab does "
+                             f"not run; pass dtype= one of {', '.join(DTYPE_BYTES)}")
+    return profile_from_config(config, dtype=dtype, model_id=model_id)
+
+
+def _dtype_bytes(dtype: str) -> int:
+    if dtype not in DTYPE_BYTES:
+        raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
+    return DTYPE_BYTES[dtype]
+
+
+def _check_layout(config: dict) -> None:
+    model_type = config["model_type"]
+    for key, kind in _UNSUPPORTED_KEYS.items():
+        if config.get(key):
+            raise ModelError(f"model_type {model_type!r} is a {kind} model ({key}={config[key]}); "
+                             f"exo-lab supports dense decoder layers like {', '.join(VERIFIED_MODEL_TYPES)}")
+    if config["num_attention_heads"] % _num_kv_heads(config):
+        raise ModelError(f"num_attention_heads {config['num_attention_heads']} is not a multiple of "
+                         f"num_key_value_heads {_num_kv_heads(config)}; config.json is inconsistent")
+    if model_type not in VERIFIED_MODEL_TYPES:
+        logger.warning("model_type %r is profiled with the Llama layer layout; its byte counts "
+                       "are not verified (verified: %s)", model_type, ", ".join(VERIFIED_MODEL_TYPES))
+
+
+def head_dim(config: dict) -> int:
+    """Per-head width: ``head_dim`` when set (Qwen3, Mistral), else hidden_size / heads."""
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def _num_kv_heads(config: dict) -> int:
+    return config.get("num_key_value_heads") or config["num_attention_heads"]
+
+
+def layer_parameter_count(config: dict) -> int:
+    """Parameters of one decoder layer: attention, MLP and the two RMSNorms."""
+    return _attention_parameter_count(config) + _mlp_parameter_count(config) + 2 * config["hidden_size"]
+
+
+def _attention_parameter_count(config: dict) -> int:
+    hidden, model_type = config["hidden_size"], config["model_type"]
+    q_width = config["num_attention_heads"] * head_dim(config)
+    kv_width = _num_kv_heads(config) * head_dim(config)
+    weights = hidden * q_width * 2 + hidden * kv_width * 2     # q, o; k, v
+    qkv_bias, o_bias = _attention_biases(config)
+    count = weights + qkv_bias * (q_width + 2 * kv_width) + o_bias * hidden
+    if model_type == "qwen3":
+        count += 2 * head_dim(config)                            # q_norm, k_norm (per head width)
+    return count
+
+
+def _attention_biases(config: dict) -> tuple[bool, bool]:
+    """(q/k/v have a bias, o has a bias), as each architecture's transformers code builds them."""
+    model_type = config["model_type"]
+    if model_type == "mistral":
+        return False, False                                      # no bias, whatever the config says
+    if model_type == "qwen2":
+        return True, False                                       # always, not configurable
+    bias = bool(config.get("attention_bias", False))
+    return bias, bias
+
+
+def _mlp_parameter_count(config: dict) -> int:
+    hidden, inner = config["hidden_size"], config["intermediate_size"]
+    bias = config["model_type"] not in ("mistral", "qwen2", "qwen3") and bool(config.get("mlp_bias", False))
+    return 3 * hidden * inner + bias * (2 * inner + hidden)     # gate, up, down
+
+
+def activation_bytes_per_token(config: dict) -> int:
+    """Estimated transient workspace of one token passing one decoder layer, in bytes.
+
+    ``(2 * hidden + 2 * q_width + 2 * intermediate) * 4``: the residual stream and the normed
+    input (hidden each), the attention output before and after o_proj (q_width = heads x
+    head_dim, equal to hidden in most models), and the MLP's gate and up projections alive
+    together (intermediate each), all counted as float32 since norms and softmax upcast.
+    For the usual q_width == hidden this is ``(4 * hidden + 2 * intermediate) * 4``.
+    Not counted: attention scores (SDPA works through them in blocks) and logits (the last
+    stage computes them for the last position only, vocab x 4 bytes per sequence).
+    """
+    q_width = config["num_attention_heads"] * head_dim(config)
+    return (2 * config["hidden_size"] + 2 * q_width + 2 * config["intermediate_size"]) * _ACTIVATION_BYTES

@@ -1,0 +1,269 @@
+"""The coordinator side of the data plane: requests, stop conditions, streaming, cancellation.
+
+A :class:`Scheduler` lives on one asyncio loop (the cluster's loop thread). Each request sends
+its prompt to stage 0, then one token per step; the last stage samples and only the token id
+comes back. Several requests interleave through the pipeline, each with its own KV cache on
+every stage. However a request ends (finished, error, client gone, task cancelled) a FREE
+message follows it down the pipe, so every stage drops its cache.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ClusterError, RequestError
+from .metrics import Metrics
+from .sampling import SamplingParams, StreamEvent
+
+logger = logging.getLogger(__name__)
+
+# How long a step may wait for its token before the engines' liveness is checked.
+STALL_CHECK_S = 0.5
+
+
+@dataclass
+class _Request:
+    request_id: int
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+class TextAssembler:
+    """Turns token ids into text deltas, holding back what may still change: an incomplete
+    UTF-8 sequence, or a tail that could be the start of a stop string."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.token_ids: list[int] = []
+        self.emitted = 0          # characters of the text already handed out
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        self.token_ids.append(token_id)
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        cut = self._stop_index(text)
+        if cut is not None:
+            self.stopped = True
+            return self._take(text[:cut])
+        safe = len(text.rstrip("\ufffd"))
+        safe = min(safe, len(text) - self._held_tail(text))
+        return self._take(text[:safe])
+
+    def flush(self) -> str:
+        """Everything not yet handed out (at the end of a generation that did not hit a stop)."""
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        return self._take(text)
+
+    def _take(self, text: str) -> str:
+        delta = text[self.emitted:]
+        self.emitted = max(self.emitted, len(text))
+        return delta
+
+    def _stop_index(self, text: str) -> int | None:
+        hits = [text.find(s, max(0, self.emitted - len(s))) for s in self.stop]
+        hits = [h for h in hits if h >= 0]
+        return min(hits) if hits else None
+
+    def _held_tail(self, text: str) -> int:
+        """Length of the longest suffix of text that is a proper prefix of a stop string."""
+        best = 0
+        for stop in self.stop:
+            for n in range(min(len(stop) - 1, len(text)), best, -1):
+                if text.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
+
+
+class Scheduler:
+    """Owns the coordinator's data-plane sockets and every request in flight."""
+
+    def __init__(self, *, inbox, outbox, tokenizer, eos_token_ids: set[int], context_length: int,
+                 check_alive: Callable[[], str | None], step_timeout_s: float = 300.0):
+        self.inbox = inbox
+        self.outbox = outbox
+        self.tokenizer = tokenizer
+        self.eos_token_ids = set(eos_token_ids)
+        self.context_length = context_length
+        self.check_alive = check_alive
+        self.step_timeout_s = step_timeout_s
+        self.metrics = Metrics()
+        self.failure: str | None = None
+        self._requests: dict[int, _Request] = {}
+        self._ids = itertools.count(1)
+        self._receiver: asyncio.Task | None = None
+        self._freed: dict[int, asyncio.Event] = {}
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        self._receiver = asyncio.ensure_future(self._receive_loop())
+
+    async def close(self) -> None:
+        if self._receiver is not None:
+            self._receiver.cancel()
+            try:
+                await self._receiver
+            except asyncio.CancelledError:
+                pass
+        for request in self._requests.values():
+            request.queue.put_nowait(ClusterError("the cluster is shutting down"))
+        self.inbox.close()
+        self.outbox.close()
+
+    @property
+    def active_requests(self) -> int:
+        return len(self._requests)
+
+    async def _receive_loop(self) -> None:
+        from .dataplane import Kind
+
+        while True:
+            message = await self.inbox.recv()
+            if message is None:
+                continue
+            if message.kind == Kind.FREE:
+                event = self._freed.pop(message.request_id, None)
+                if event is not None:
+                    event.set()
+                continue
+            request = self._requests.get(message.request_id)
+            if request is not None:
+                request.queue.put_nowait(message)
+
+    # ----------------------------------------------------------------- requests
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestError when the request cannot run (before anything is sent)."""
+        if self.failure:
+            raise ClusterError(self.failure)
+        if not prompt_ids:
+            raise RequestError("the prompt is empty: it must contain at least one token", param="messages")
+        needed = len(prompt_ids) + params.max_new_tokens
+        if needed > self.context_length:
+            raise RequestError(
+                f"this model's context is {self.context_length} tokens, but the request needs "
+                f"{needed} ({len(prompt_ids)} in the prompt + {params.max_new_tokens} to generate); "
+                f"shorten the prompt or lower max_tokens to at most "
+                f"{max(self.context_length - len(prompt_ids), 0)}", param="max_tokens")
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StreamEvent]:
+        """Generate for one request, yielding text deltas; the last event has finish_reason."""
+        self.check_request(prompt_ids, params)
+        request = _Request(next(self._ids))
+        self._requests[request.request_id] = request
+        started = time.perf_counter()
+        assembler = TextAssembler(self.tokenizer, params.stop)
+        self.metrics.request_started()
+        finish_reason = None
+        try:
+            await self._send_forward(request.request_id, prompt_ids, 0, params)
+            position = len(prompt_ids)
+            for step in range(params.max_new_tokens):
+                token_id, stage_ms = await self._next_token(request)
+                if step == 0:
+                    self.metrics.first_token(time.perf_counter() - started)
+                self.metrics.token(stage_ms)
+                finish_reason = self._finish_reason(token_id, step, params, assembler)
+                delta = assembler.add(token_id) if token_id not in self.eos_token_ids else ""
+                if assembler.stopped:
+                    finish_reason = "stop"
+                if finish_reason is not None:
+                    delta += assembler.flush() if not assembler.stopped else ""
+                    yield StreamEvent(delta, [] if token_id in self.eos_token_ids else [token_id], finish_reason)
+                    return
+                yield StreamEvent(delta, [token_id])
+                await self._send_forward(request.request_id, [token_id], position, None)
+                position += 1
+        except BaseException as exc:
+            if not isinstance(exc, (GeneratorExit, asyncio.CancelledError)):
+                self.metrics.error()
+            raise
+        finally:
+            self.metrics.request_finished(finish_reason, time.perf_counter() - started)
+            self._requests.pop(request.request_id, None)
+            self._send_free(request.request_id)
+
+    def _finish_reason(self, token_id: int, step: int, params: SamplingParams,
+                       assembler: TextAssembler) -> str | None:
+        if token_id in self.eos_token_ids:
+            return "stop"
+        if step + 1 >= params.max_new_tokens:
+            return "length"
+        return None
+
+    async def _send_forward(self, request_id: int, token_ids: list[int], position: int,
+                            params: SamplingParams | None) -> None:
+        from .dataplane import Kind, Message
+
+        meta: dict = {"position": position}
+        if params is not None:
+            meta["sampling"] = {"temperature": params.temperature, "top_p": params.top_p,
+                                "top_k": params.top_k, "seed": params.seed}
+        tensor = torch.tensor([token_ids], dtype=torch.int64)  # (1, T)
+        await self.outbox.send(Message(Kind.FORWARD, request_id, meta, tensor))
+
+    def _send_free(self, request_id: int) -> None:
+        from .dataplane import Kind, Message
+
+        self._freed[request_id] = asyncio.Event()
+        coroutine = self.outbox.send(Message(Kind.FREE, request_id, {}))
+        asyncio.ensure_future(coroutine)
+
+    async def wait_freed(self, request_id: int, timeout_s: float = 5.0) -> bool:
+        """Wait until a FREE for request_id has passed every stage (tests and diagnostics)."""
+        event = self._freed.get(request_id)
+        if event is None:
+            return True
+        try:
+            await asyncio.wait_for(event.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def ping(self, timeout_s: float = 5.0) -> bool:
+        """True when a PING went through every stage and came back within timeout_s."""
+        from .dataplane import Kind, Message
+
+        request = _Request(next(self._ids))
+        self._requests[request.request_id] = request
+        try:
+            await self.outbox.send(Message(Kind.PING, request.request_id, {}))
+            message = await asyncio.wait_for(request.queue.get(), timeout_s)
+            return not isinstance(message, BaseException) and message.kind == Kind.PING
+        except (asyncio.TimeoutError, ClusterError):
+            return False
+        finally:
+            self._requests.pop(request.request_id, None)
+
+    async def _next_token(self, request: _Request) -> tuple[int, list[float]]:
+        from .dataplane import Kind
+
+        waited = 0.0
+        while True:
+            try:
+                message = await asyncio.wait_for(request.queue.get(), STALL_CHECK_S)
+            except asyncio.TimeoutError:
+                waited += STALL_CHECK_S
+                self._check_stalled(waited)
+                continue
+            if isinstance(message, BaseException):
+                raise message
+            if message.kind == Kind.ERROR:
+                raise ClusterError(f"generation failed on {message.meta.get('error', 'a stage')}")
+            if message.kind == Kind.TOKEN:
+                return int(message.meta["token_id"]), list(message.meta.get("stage_ms", ()))
+
+    def _check_stalled(self, waited_s: float) -> None:
+        problem = self.check_alive()
+        if problem:
+            self.failure = problem
+            raise ClusterError(problem)
+        if waited_s >= self.step_timeout_s:
+            raise ClusterError(
+                f"no token arrived from the pipeline within {self.step_timeout_s:.0f} s although every "
+                f"engine is alive; a stage may be stuck. Check `cluster.status()` and reload the model")

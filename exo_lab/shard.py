@@ -1,0 +1,453 @@
+"""One pipeline stage of a Hugging Face causal LM: build it, load exactly its weights, run it.
+
+Pure model code in the manner of gpt-fast's ``model.py``: it knows nothing of sockets or
+ipyparallel; the engine (``exo_lab.engine``) wraps it and moves its tensors over the network.
+
+How a stage is built (the approach, and why)
+--------------------------------------------
+A stage owns the half-open layer range ``[start_layer, stop_layer)``; the first stage also owns
+the token embedding, the last the final norm and ``lm_head``.
+
+1. *A stage-local config.* The model's config is copied with ``num_hidden_layers = n`` (the
+   stage's layer count) and ``layer_types`` sliced to ``[start:stop]`` when the architecture has
+   them (Qwen2/Qwen3 with sliding windows). Everything Hugging Face derives from the config then
+   speaks in stage-local layer indices: each attention module's ``layer_idx`` (which indexes the
+   KV cache and picks the layer's sliding window), ``DynamicCache(config=...)`` with one cache
+   layer of the right kind per stage layer, and the mask builders, which size masks from the
+   cache. No index is patched after the fact.
+2. *A skeleton on the meta device.* ``AutoModelForCausalLM.from_config(stage_config)`` under
+   ``torch.device("meta")`` costs no memory. The stage keeps the modules it needs (its decoder
+   layers, and embed_tokens / norm / lm_head as its role requires) and drops the rest.
+3. *Exactly this stage's tensors.* The index's weight map says which safetensors files hold the
+   stage's keys (global layer ``i`` is stored as ``model.layers.{i}.*`` and becomes local layer
+   ``i - start``); only those files are opened and only those keys read, converted to the dtype
+   on load, and put in place with ``load_state_dict(assign=True)``, which swaps the meta
+   parameters for the loaded tensors without allocating the skeleton first. A tied model saves
+   no ``lm_head.weight``; its last stage reads ``model.embed_tokens.weight`` as its head.
+4. *Rotary embedding on the real device.* Its ``inv_freq`` is computed at construction and never
+   stored in a checkpoint, so it is built fresh from the config, outside the meta context.
+
+``Stage.forward`` then runs what the base model's ``forward`` runs, in the same order, with the
+model's own modules: embed (first stage) -> one causal mask per attention kind in the stage,
+built from the cache *before* the layers append to it -> rotary cos/sin -> the decoder layers ->
+final norm and ``lm_head`` on the last position only (last stage). Running the loop here rather
+than calling the base model with ``inputs_embeds`` keeps embedding and norm explicit: a base
+model that rescales ``inputs_embeds`` (Gemma does) would silently corrupt later stages.
+
+Supported: architectures whose decoder layers take ``(hidden, attention_mask, position_ids,
+cache, use_cache, position_embeddings)`` and whose layers are full or sliding-window attention:
+Llama, Mistral, Qwen2 and Qwen3 are tested. transformers is pinned (pyproject) because that
+signature changed within 5.x.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from .errors import ModelError, RequestError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+# Attention kinds the stage runner can mask; anything else (linear attention, chunked, ...)
+# needs its own mask or state and is refused at load time rather than run wrong.
+_MASK_BUILDERS = {
+    "full_attention": create_causal_mask,
+    "sliding_attention": create_sliding_window_causal_mask,
+}
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Which part of which model one stage holds.
+
+    ``[start_layer, stop_layer)`` is half-open, over ``num_layers`` decoder layers in total.
+    ``dtype`` is "float32", "bfloat16" or "float16"; ``device`` a torch device string
+    ("cpu", "cuda", "cuda:1").
+    """
+
+    model_dir: str
+    start_layer: int
+    stop_layer: int
+    num_layers: int
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start_layer < self.stop_layer <= self.num_layers:
+            raise ModelError(
+                f"layer range [{self.start_layer}, {self.stop_layer}) is not a non-empty part of "
+                f"the model's {self.num_layers} layers; use 0 <= start_layer < stop_layer <= "
+                f"{self.num_layers}"
+            )
+        if self.dtype not in DTYPES:
+            raise ModelError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+
+    @property
+    def is_first(self) -> bool:
+        return self.start_layer == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stop_layer == self.num_layers
+
+
+class Stage(nn.Module):
+    """A contiguous slice of a causal LM's decoder layers with per-request KV caches.
+
+    Build one with :func:`load_stage`. Attributes: ``spec``, ``device``, ``dtype``, ``config``
+    (the whole model's HF config), ``stage_config`` (the stage-local copy), ``layers``,
+    ``embed_tokens`` (first stage, else None), ``norm`` and ``lm_head`` (last stage, else None),
+    ``rotary_emb``, ``caches`` (request id -> ``DynamicCache``).
+    """
+
+    def __init__(self, spec: ShardSpec, config):
+        super().__init__()
+        self.spec = spec
+        self.device = torch.device(spec.device)
+        self.dtype = DTYPES[spec.dtype]
+        self.config = config
+        self.stage_config = _stage_config(config, spec)
+        self.layer_types = _layer_types(self.stage_config)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(
+                self.stage_config, attn_implementation="sdpa", dtype=self.dtype)
+        base = skeleton.base_model
+        self.checkpoint_prefix = skeleton.base_model_prefix   # "model" in model.layers.3.mlp...
+        self.layers = base.layers
+        self.embed_tokens = base.embed_tokens if spec.is_first else None
+        self.norm = base.norm if spec.is_last else None
+        self.lm_head = skeleton.lm_head if spec.is_last else None
+        # Computed, never stored in a checkpoint: build it for real (float32, as HF does).
+        self.rotary_emb = type(base.rotary_emb)(config=self.stage_config).to(self.device)
+        self.caches: dict[int, DynamicCache] = {}
+
+    @torch.inference_mode()
+    def forward(self, request_id: int, inputs: torch.Tensor, position: int) -> torch.Tensor:
+        """Run this stage on ``inputs`` for one request, appending to its KV cache.
+
+        ``inputs``: token ids (1, T) int64 on the first stage, else hidden states (1, T, hidden).
+        ``position``: the sequence index of ``inputs[:, 0]`` (0 for a prefill, which starts a
+        fresh cache for ``request_id``). Returns hidden states (1, T, hidden) in the stage dtype,
+        or on the last stage the float32 logits of the last position only (1, vocab).
+
+        Raises:
+            RequestError: ``position`` > 0 for a request this stage holds no cache for, or a
+                position that does not continue the cached sequence.
+        """
+        cache = self._cache_for(request_id, position)
+        hidden = self._embed(inputs)                                      # (B, T, hidden)
+        T = hidden.shape[1]
+        position_ids = torch.arange(position, position + T, device=self.device).unsqueeze(0)  # (1, T)
+        masks = self._masks(hidden, cache, position_ids)
+        cos_sin = self.rotary_emb(hidden, position_ids=position_ids)      # 2 x (1, T, head_dim)
+        for layer, layer_type in zip(self.layers, self.layer_types):
+            hidden = layer(hidden, attention_mask=masks[layer_type], position_ids=position_ids,
+                           cache=cache, use_cache=True, position_embeddings=cos_sin)
+        if not self.spec.is_last:
+            return hidden
+        # Only the last position's logits are needed to pick the next token (nanoGPT, HF
+        # logits_to_keep=1); RMSNorm is per position, so normalising just that one is exact.
+        last = self.norm(hidden[:, -1:, :])                               # (B, 1, hidden)
+        return self.lm_head(last)[:, -1, :].float()                       # (B, vocab)
+
+    def free(self, request_id: int) -> None:
+        """Drop the request's KV cache (idempotent: unknown ids are fine)."""
+        self.caches.pop(request_id, None)
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes held by the key and value tensors of every live request's cache."""
+        return sum(
+            tensor.numel() * tensor.element_size()
+            for cache in self.caches.values()
+            for layer in cache.layers
+            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None))
+            if isinstance(tensor, torch.Tensor)
+        )
+
+    def parameter_bytes(self) -> int:
+        """Bytes of this stage's parameters (a tensor shared by two modules counts once)."""
+        unique = {p.data_ptr(): p.numel() * p.element_size() for p in self.parameters()}
+        return sum(unique.values())
+
+    def checkpoint_names(self) -> dict[str, list[str]]:
+        """Stage-local parameter name -> checkpoint names to try, in order of preference."""
+        return {name: self._checkpoint_candidates(name) for name in self.state_dict()}
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Put loaded tensors (by stage-local name) in place of the meta parameters."""
+        self.load_state_dict(tensors, strict=True, assign=True)
+        left = [name for name, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
+        if left:
+            raise ModelError(
+                f"stage [{self.spec.start_layer}, {self.spec.stop_layer}) of {self.spec.model_dir} "
+                f"still has {len(left)} tensors without data after loading (first: {left[0]}); "
+                f"this architecture keeps state exo-lab does not know how to load"
+            )
+
+    def _checkpoint_candidates(self, local_name: str) -> list[str]:
+        if local_name.startswith("lm_head."):
+            tied = getattr(self.config, "tie_word_embeddings", False)
+            # A tied checkpoint stores the head only as the input embedding.
+            fallback = [f"{self.checkpoint_prefix}.embed_tokens.weight"] if tied else []
+            return [local_name, *fallback]
+        if local_name.startswith("layers."):
+            _, local_index, rest = local_name.split(".", 2)
+            local_name = f"layers.{int(local_index) + self.spec.start_layer}.{rest}"
+        return [f"{self.checkpoint_prefix}.{local_name}"]
+
+    def _cache_for(self, request_id: int, position: int) -> DynamicCache:
+        if position == 0:
+            # A prefill starts the sequence over, whatever the request held before.
+            self.caches[request_id] = DynamicCache(config=self.stage_config)
+            return self.caches[request_id]
+        cache = self.caches.get(request_id)
+        if cache is None:
+            raise RequestError(
+                f"stage [{self.spec.start_layer}, {self.spec.stop_layer}) has no KV cache for "
+                f"request {request_id} at position {position}: it was freed or never prefilled; "
+                f"send the whole prompt again at position 0"
+            )
+        cached = cache.get_seq_length()
+        if cached != position:
+            raise RequestError(
+                f"request {request_id} is at position {position} but stage [{self.spec.start_layer}, "
+                f"{self.spec.stop_layer}) has {cached} tokens cached; free it and prefill again"
+            )
+        return cache
+
+    def _embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.spec.is_first:
+            if inputs.dim() != 2 or inputs.dtype != torch.int64:
+                raise ValueError(f"the first stage takes int64 token ids (B, T), got "
+                                 f"{inputs.dtype} {tuple(inputs.shape)}")
+            return self.embed_tokens(inputs.to(self.device))
+        if inputs.dim() != 3 or inputs.shape[-1] != self.stage_config.hidden_size:
+            raise ValueError(f"stage {self.spec.start_layer} takes hidden states (B, T, "
+                             f"{self.stage_config.hidden_size}), got {tuple(inputs.shape)}")
+        return inputs.to(self.device, self.dtype)
+
+    def _masks(self, hidden, cache, position_ids) -> dict[str, object]:
+        # Built before the layers append this step's keys, exactly as the base model does.
+        return {
+            kind: _MASK_BUILDERS[kind](config=self.stage_config, inputs_embeds=hidden,
+                                       attention_mask=None, cache=cache, position_ids=position_ids)
+            for kind in set(self.layer_types)
+        }
+
+
+def load_stage(spec: ShardSpec) -> Stage:
+    """Build the stage ``spec`` describes and load its weights, and only its weights.
+
+    Reads ``config.json`` and the safetensors weight map in ``spec.model_dir``, opens only the
+    files that hold this stage's tensors and reads only those tensors, converted to
+    ``spec.dtype`` on ``spec.device``. No process that calls this ever holds the whole model.
+
+    Raises:
+        ModelError: the folder, config or a weight file is missing or corrupt, a tensor is
+            absent, the spec does not match the config, or the architecture is unsupported.
+    """
+    config = _read_config(spec)
+    _check_device(spec)
+    stage = Stage(spec, config)
+    weight_map = _read_weight_map(Path(spec.model_dir))
+    wanted = _resolve_names(stage.checkpoint_names(), weight_map, spec)
+    by_checkpoint_name = _read_tensors(wanted.values(), weight_map, spec)
+    stage.load_weights({local: by_checkpoint_name[name] for local, name in wanted.items()})
+    logger.info("loaded layers [%d, %d) of %s: %.1f MB on %s", spec.start_layer, spec.stop_layer,
+                spec.model_dir, stage.parameter_bytes() / 1e6, spec.device)
+    return stage
+
+
+def sample_next_token(logits: torch.Tensor, *, temperature: float, top_p: float, top_k: int,
+                      generator: torch.Generator | None) -> int:
+    """Pick the next token id from one position's logits (1, vocab) or (vocab,).
+
+    ``temperature`` 0 is greedy (argmax; ties go to the lowest id, as ``torch.argmax`` and HF
+    greedy decoding do). Otherwise, in Hugging Face's order: divide by ``temperature``, keep the
+    ``top_k`` best (0 = no cut; ties at the k-th value are kept), keep the smallest set whose
+    cumulative probability reaches ``top_p`` (1.0 = no cut; at least one token always stays),
+    then draw with ``torch.multinomial`` using ``generator`` (a CPU generator; seeded, the draw
+    is reproducible).
+
+    Raises:
+        RequestError: temperature < 0, top_p outside (0, 1] or top_k < 0.
+    """
+    _check_sampling(temperature, top_p, top_k)
+    # On the CPU in float32: the same draw whatever device produced the logits.
+    scores = logits.detach().reshape(-1).float().cpu()                    # (vocab,)
+    if temperature == 0:
+        return int(torch.argmax(scores))
+    scores = scores / temperature
+    if 0 < top_k < scores.numel():
+        kth_best = torch.topk(scores, top_k).values[-1]
+        scores = scores.masked_fill(scores < kth_best, float("-inf"))
+    if top_p < 1.0:
+        scores = _nucleus(scores, top_p)
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    # HF TopPLogitsWarper: sort ascending, drop the low tail whose mass is <= 1 - top_p.
+    sorted_scores, order = torch.sort(scores, descending=False)
+    tail_mass = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = tail_mass <= (1 - top_p)
+    drop_sorted[-1] = False                                               # keep the best token
+    drop = drop_sorted.scatter(0, order, drop_sorted)
+    return scores.masked_fill(drop, float("-inf"))
+
+
+def _check_sampling(temperature: float, top_p: float, top_k: int) -> None:
+    if temperature < 0:
+        raise RequestError(f"temperature must be >= 0, got {temperature}", param="temperature")
+    if not 0 < top_p <= 1:
+        raise RequestError(f"top_p must be in (0, 1], got {top_p}", param="top_p")
+    if top_k < 0:
+        raise RequestError(f"top_k must be >= 0 (0 = no cut), got {top_k}", param="top_k")
+
+
+# ----------------------------------------------------------------------------- config
+
+def _read_config(spec: ShardSpec):
+    folder = Path(spec.model_dir)
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{folder / 'config.json'} does not exist; point model_dir at a folder "
+                         f"holding a Hugging Face model (config.json + safetensors)")
+    try:
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:
+        raise ModelError(f"cannot read {folder / 'config.json'}: {exc}; fix or re-download the "
+                         f"model") from exc
+    if config.num_hidden_layers != spec.num_layers:
+        raise ModelError(
+            f"the shard spec says {spec.num_layers} layers but {folder / 'config.json'} has "
+            f"num_hidden_layers={config.num_hidden_layers}; plan the stages from this model's config"
+        )
+    if getattr(config, "is_heterogeneous", False):
+        raise ModelError(f"{folder} has per-layer config overrides (per_layer_config), which "
+                         f"exo-lab's stages do not support; use a homogeneous model")
+    return config
+
+
+def _stage_config(config, spec: ShardSpec):
+    """A copy of ``config`` describing only this stage's layers, indexed from 0."""
+    stage_config = copy.deepcopy(config)
+    stage_config.num_hidden_layers = spec.stop_layer - spec.start_layer
+    if getattr(config, "layer_types", None) is not None:
+        stage_config.layer_types = list(config.layer_types[spec.start_layer:spec.stop_layer])
+    return stage_config
+
+
+def _layer_types(stage_config) -> list[str]:
+    """The attention kind of each stage layer, as the base model picks its mask."""
+    n = stage_config.num_hidden_layers
+    types = getattr(stage_config, "layer_types", None)
+    if types is None:
+        # Llama: full attention; Mistral: every layer slides when sliding_window is set.
+        sliding = getattr(stage_config, "sliding_window", None) is not None
+        types = ["sliding_attention" if sliding else "full_attention"] * n
+    unknown = sorted(set(types) - set(_MASK_BUILDERS))
+    if unknown:
+        raise ModelError(f"layer types {unknown} of model_type {stage_config.model_type!r} are not "
+                         f"supported by exo-lab stages (only {', '.join(_MASK_BUILDERS)})")
+    return list(types)
+
+
+def _check_device(spec: ShardSpec) -> None:
+    device = torch.device(spec.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {spec.device!r} asked for, but this machine's torch sees no CUDA "
+                         f"GPU; use device='cpu' or install a CUDA build of torch")
+
+
+# ----------------------------------------------------------------------------- weights
+
+def _read_weight_map(folder: Path) -> dict[str, Path]:
+    """Checkpoint tensor name -> the safetensors file that holds it."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelError(f"{index} is not a valid safetensors index ({exc}); re-download the "
+                             f"model or re-save it with save_pretrained") from exc
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / SINGLE_FILE
+    if single.is_file():
+        return {name: single for name in _file_keys(single)}
+    raise ModelError(f"{folder} holds neither {INDEX_FILE} nor {SINGLE_FILE}; exo-lab loads "
+                     f"safetensors checkpoints only (re-save the model with save_pretrained)")
+
+
+def _file_keys(path: Path) -> list[str]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
+    except Exception as exc:
+        raise ModelError(f"{path} is not a readable safetensors file ({exc}); it is truncated or "
+                         f"corrupt: re-download the model") from exc
+
+
+def _resolve_names(candidates: dict[str, list[str]], weight_map: dict[str, Path],
+                   spec: ShardSpec) -> dict[str, str]:
+    """Stage-local name -> the checkpoint name to read (the first candidate the map has)."""
+    resolved = {}
+    for local, names in candidates.items():
+        found = next((name for name in names if name in weight_map), None)
+        if found is None:
+            raise ModelError(
+                f"tensor {names[0]} (layers [{spec.start_layer}, {spec.stop_layer})) is not in the "
+                f"weight map of {spec.model_dir}; the checkpoint does not match its config.json "
+                f"(num_hidden_layers={spec.num_layers}): re-download or re-save the model"
+            )
+        resolved[local] = found
+    return resolved
+
+
+def _read_tensors(names, weight_map: dict[str, Path], spec: ShardSpec) -> dict[str, torch.Tensor]:
+    """Read each checkpoint name once, opening each file that holds any of them once."""
+    by_file: dict[Path, list[str]] = {}
+    for name in dict.fromkeys(names):                   # a tied head may repeat a name
+        by_file.setdefault(weight_map[name], []).append(name)
+    tensors = {}
+    for path, file_names in by_file.items():
+        tensors.update(_read_file(path, file_names, spec))
+    return tensors
+
+
+def _read_file(path: Path, names: list[str], spec: ShardSpec) -> dict[str, torch.Tensor]:
+    dtype = DTYPES[spec.dtype]
+    if not path.is_file():
+        raise ModelError(f"{path} does not exist but holds tensor {names[0]} (and {len(names) - 1} "
+                         f"more) for layers [{spec.start_layer}, {spec.stop_layer}); re-download "
+                         f"the model so every file its index names is present")
+    name = names[0]
+    try:
+        with safe_open(str(path), framework="pt", device=str(spec.device)) as handle:
+            present = set(handle.keys())
+            tensors = {}
+            for name in names:
+                if name not in present:
+                    raise ModelError(f"{path} does not contain tensor {name}, though the index "
+                                     f"says it does; re-download the model")
+                tensors[name] = handle.get_tensor(name).to(dtype)
+            return tensors
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"cannot read {path} (needed for tensor {name}): {exc}; the file is "
+                         f"truncated or corrupt: re-download the model") from exc

@@ -1,0 +1,745 @@
+"""config.yaml loading: the user's example, the documented extensions, and one test per kind of
+bad input, each checking that the message names the file, the device, the key and the fix."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from exo_lab.config import (
+    ApiConfig,
+    ClusterConfig,
+    DeviceConfig,
+    NetworkConfig,
+    config_from_dict,
+    format_bytes,
+    format_config_summary,
+    load_config,
+    parse_bandwidth,
+    parse_size,
+)
+from exo_lab.errors import ConfigError, ExoLabError
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+BAD_CONFIGS = Path(__file__).resolve().parent / "data" / "configs"
+
+# The issue's example, character for character.
+USER_EXAMPLE = """\
+cluster_name: engineering_cluster
+devices:
+  - hostname: system-a.local
+    roles: [coordinator, storage]
+    max_memory: 128GB
+    max_cores: 16
+    gpu: false
+  - hostname: system-b.local
+    roles: [compute]
+    max_memory: 128GB
+    max_cores: 16
+    gpu: true
+network:
+  discovery: auto        # or manual: use the devices listed
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "cluster.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def variant(old: str, new: str, count: int = 1) -> str:
+    """The user's example with one edit; fails loudly if the edit does not apply."""
+    assert USER_EXAMPLE.count(old) >= count, old
+    return USER_EXAMPLE.replace(old, new, count)
+
+
+def second_device(old: str, new: str) -> str:
+    """The user's example with one edit inside system-b's entry only."""
+    head, sep, tail = USER_EXAMPLE.partition("  - hostname: system-b.local\n")
+    assert old in tail, old
+    return head + sep + tail.replace(old, new, 1)
+
+
+def expect_error(tmp_path: Path, text: str, pattern: str) -> None:
+    """Loading ``text`` from a file must fail with a message that starts with the file's path
+    and then matches ``pattern`` (a regex)."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: {pattern}"):
+        load_config(path)
+
+
+# --------------------------------------------------------------------------- sizes
+
+@pytest.mark.parametrize("text, expected", [
+    ("128GB", 128 * 10**9),
+    ("128 GiB", 128 * 2**30),
+    ("512MB", 512 * 10**6),
+    ("1.5TB", 1_500_000_000_000),
+    ("64KiB", 65_536),
+    ("1KB", 1000),
+    ("2MiB", 2 * 2**20),
+    ("1TiB", 2**40),
+    ("128gb", 128 * 10**9),
+    ("128 gib", 128 * 2**30),
+    ("20B", 20),
+    ("137438953472", 137_438_953_472),
+    (137_438_953_472, 137_438_953_472),
+    ("  8 GB ", 8 * 10**9),
+    ("1.1KiB", 1126),          # 1126.4 rounds down to whole bytes
+    ("0", 0),
+])
+def test_parse_size_accepts_documented_forms(text, expected):
+    assert parse_size(text) == expected
+
+
+def test_parse_size_unknown_unit_lists_allowed_units():
+    with pytest.raises(ConfigError, match=r"invalid max_memory '128XB': unknown size unit 'XB'.*"
+                                          r"KB, MB, GB, TB \(powers of 1000\).*KiB, MiB, GiB, TiB"):
+        parse_size("128XB", what="max_memory")
+
+
+def test_parse_size_bare_letter_unit_is_ambiguous():
+    with pytest.raises(ConfigError, match=r"'G' alone is ambiguous: write 'GB' or 'GiB'"):
+        parse_size("128G")
+
+
+def test_parse_size_rejects_negative():
+    with pytest.raises(ConfigError, match=r"'-5GB': a size cannot be negative"):
+        parse_size("-5GB")
+
+
+def test_parse_size_rejects_negative_int():
+    with pytest.raises(ConfigError, match=r"-1: a size cannot be negative"):
+        parse_size(-1)
+
+
+def test_parse_size_rejects_fractional_bytes():
+    with pytest.raises(ConfigError, match=r"'1\.5B': a byte count must be a whole number"):
+        parse_size("1.5B")
+
+
+@pytest.mark.parametrize("value, shown", [(1.5e9, r"1500000000\.0 \(float\)"),
+                                          (True, r"True \(bool\)"),
+                                          (None, "no value"),
+                                          ([128], r"\[128\] \(list\)")])
+def test_parse_size_rejects_wrong_types(value, shown):
+    with pytest.raises(ConfigError, match=rf"max_memory must be a size like '128GB'.*got {shown}"):
+        parse_size(value, what="max_memory")
+
+
+@pytest.mark.parametrize("text", ["", "GB", "lots", "1e9", "1,000", "12 G B"])
+def test_parse_size_rejects_non_sizes(text):
+    with pytest.raises(ConfigError, match=rf"invalid size {re.escape(repr(text))}: not a size"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("20GB/s", 20e9), ("20 GiB / s", 20 * 2**30), ("20GB", 20e9), ("1.5 gb/S", 1.5e9),
+    (20_000_000_000, 20e9), (2.5e10, 2.5e10),
+])
+def test_parse_bandwidth(text, expected):
+    assert parse_bandwidth(text) == expected
+
+
+def test_parse_bandwidth_error_quotes_what_was_written():
+    with pytest.raises(ConfigError, match=r"invalid memory_bandwidth '20XB/s': unknown size unit"):
+        parse_bandwidth("20XB/s")
+
+
+@pytest.mark.parametrize("n, text", [
+    (0, "0 B"), (512, "512 B"), (999, "999 B"), (1000, "1 KB"), (1500, "1.5 KB"),
+    (128 * 10**9, "128 GB"), (141_100_000_000, "141.1 GB"), (128 * 2**30, "137.4 GB"),
+    (999_960_000_000, "1 TB"), (2 * 10**15, "2 PB"), (-1500, "-1.5 KB"),
+])
+def test_format_bytes(n, text):
+    assert format_bytes(n) == text
+
+
+# --------------------------------------------------------------------------- good configs
+
+def test_example_file_is_the_issue_example_verbatim():
+    assert (EXAMPLES / "config.yaml").read_text(encoding="utf-8") == USER_EXAMPLE
+
+
+def test_user_example_loads_as_written():
+    cfg = load_config(EXAMPLES / "config.yaml")
+    assert cfg.cluster_name == "engineering_cluster"
+    assert cfg.source == str(EXAMPLES / "config.yaml")
+    assert cfg.network == NetworkConfig(discovery="auto", controller_port=10101,
+                                        hop_latency_ms=None)
+    assert cfg.api == ApiConfig()
+    assert (cfg.model, cfg.dtype, cfg.max_context, cfg.max_batch, cfg.objective) == (None,) * 5
+    assert cfg.devices == (
+        DeviceConfig("system-a.local", ("coordinator", "storage"), 128 * 10**9, 16, False, None),
+        DeviceConfig("system-b.local", ("compute",), 128 * 10**9, 16, True, None),
+    )
+    assert cfg.coordinator.hostname == "system-a.local"
+    assert [d.hostname for d in cfg.compute_devices] == ["system-b.local"]
+    assert [d.hostname for d in cfg.storage_devices] == ["system-a.local"]
+    a, b = cfg.devices
+    assert (a.is_coordinator, a.is_compute, a.is_storage) == (True, False, True)
+    assert (b.is_coordinator, b.is_compute, b.is_storage) == (False, True, False)
+    assert (b.engines, b.address) == (1, None)
+
+
+def test_two_compute_example_uses_every_optional_key():
+    cfg = load_config(str(EXAMPLES / "two-compute.yaml"))
+    assert [d.hostname for d in cfg.compute_devices] == ["system-a.local", "system-b.local"]
+    assert cfg.coordinator.hostname == "system-a.local"
+    a, b = cfg.devices
+    assert a.roles == ("coordinator", "storage", "compute")
+    assert (a.max_memory_bytes, b.max_memory_bytes) == (128 * 10**9, 128 * 10**9)
+    assert a.memory_bandwidth_bytes_per_s == 60e9
+    assert b.memory_bandwidth_bytes_per_s == 20e9
+    assert (a.engines, a.address, b.address) == (1, "192.168.1.10", None)
+    assert cfg.network == NetworkConfig("manual", 10101, 0.5)
+    assert cfg.api == ApiConfig("0.0.0.0", 8000, "EXO_LAB_API_KEY", None)
+    assert (cfg.model, cfg.dtype, cfg.max_context, cfg.max_batch, cfg.objective) == (
+        "demo", "float32", 4096, 1, "latency")
+
+
+def test_two_compute_example_documents_every_key():
+    text = (EXAMPLES / "two-compute.yaml").read_text(encoding="utf-8")
+    keys = ("cluster_name", "devices", "hostname", "roles", "max_memory", "max_cores", "gpu",
+            "memory_bandwidth", "engines", "address", "network", "discovery",
+            "controller_port", "hop_latency_ms", "api", "host", "port", "api_key_env",
+            "api_key_file", "model", "dtype", "max_context", "max_batch", "objective")
+    for key in keys:
+        assert re.search(rf"^\s*(- |# )?{key}:.*#", text, re.MULTILINE), f"{key} not commented"
+
+
+def test_module_docstring_documents_every_key():
+    import exo_lab.config as config_module
+    for key in ("cluster_name", "devices", "network", "api", "model", "dtype", "max_context",
+                "max_batch", "objective", "hostname", "roles", "max_memory", "max_cores",
+                "gpu", "memory_bandwidth", "engines", "address", "discovery",
+                "controller_port", "hop_latency_ms", "host", "port", "api_key_env",
+                "api_key_file"):
+        assert f"``{key}``" in config_module.__doc__, key
+
+
+def test_minimal_config_gets_documented_defaults():
+    cfg = config_from_dict({"cluster_name": "lab", "devices": [
+        {"hostname": "solo", "roles": ["coordinator", "compute"]}]})
+    assert cfg.source == "<dict>"
+    assert cfg.devices == (DeviceConfig("solo", ("coordinator", "compute"), None, None, False,
+                                        None, 1, None),)
+    assert cfg.network == NetworkConfig("manual", 10101, None)
+    assert cfg.api == ApiConfig("127.0.0.1", 8000, None, None)
+
+
+def test_plain_byte_counts_and_gpu_yes_boolean_load(tmp_path):
+    # YAML 1.1 reads an unquoted yes as the boolean true: a real boolean, so it is accepted.
+    text = second_device("max_memory: 128GB", "max_memory: 137438953472").replace(
+        "gpu: true", "gpu: yes")
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.devices[1].max_memory_bytes == 137_438_953_472
+    assert cfg.devices[1].gpu is True
+
+
+def test_engines_and_bandwidth_as_number(tmp_path):
+    text = second_device("gpu: true", "gpu: true\n    engines: 2\n    memory_bandwidth: 2.5e+10")
+    device = load_config(write(tmp_path, text)).devices[1]
+    assert (device.engines, device.memory_bandwidth_bytes_per_s) == (2, 2.5e10)
+
+
+def test_relative_api_key_file_is_relative_to_the_config_file(tmp_path):
+    (tmp_path / "conf").mkdir()
+    path = write(tmp_path, USER_EXAMPLE + "api:\n  api_key_file: secrets/key.txt\n",
+                 "conf/cluster.yaml")
+    cfg = load_config(path)
+    assert cfg.api.api_key_file == str((tmp_path / "conf" / "secrets" / "key.txt").absolute())
+
+
+def test_absolute_api_key_file_is_kept(tmp_path):
+    key_path = (tmp_path / "key.txt").absolute()
+    cfg = load_config(write(tmp_path, USER_EXAMPLE + f"api:\n  api_key_file: '{key_path}'\n"))
+    assert cfg.api.api_key_file == str(key_path)
+
+
+def test_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + USER_EXAMPLE.encode())
+    assert load_config(path).cluster_name == "engineering_cluster"
+
+
+def test_config_is_frozen():
+    cfg = load_config(EXAMPLES / "config.yaml")
+    with pytest.raises(AttributeError):
+        cfg.cluster_name = "other"          # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        cfg.devices[0].gpu = True           # type: ignore[misc]
+
+
+def test_summary_lists_cluster_discovery_and_each_device():
+    summary = format_config_summary(load_config(EXAMPLES / "config.yaml"))
+    lines = summary.splitlines()
+    assert lines[0].startswith("cluster engineering_cluster")
+    assert lines[1].startswith("discovery: auto")
+    a_line = next(line for line in lines if "system-a.local" in line)
+    b_line = next(line for line in lines if "system-b.local" in line)
+    assert re.search(r"coordinator,storage\s+max_memory 128 GB\s+max_cores 16\s+gpu no", a_line)
+    assert re.search(r"compute\s+max_memory 128 GB\s+max_cores 16\s+gpu yes", b_line)
+    assert "settings" not in summary          # nothing optional set in the user's example
+
+
+def test_summary_shows_optional_settings():
+    summary = format_config_summary(load_config(EXAMPLES / "two-compute.yaml"))
+    assert "bandwidth 60 GB/s" in summary
+    assert "address 192.168.1.10" in summary
+    assert "hop latency 0.5 ms" in summary
+    assert "model demo, dtype float32, max_context 4096, max_batch 1, objective latency" in summary
+    assert "api: 0.0.0.0:8000, key from environment variable EXO_LAB_API_KEY" in summary
+
+
+def test_summary_says_no_cap_when_limits_absent():
+    cfg = config_from_dict({"cluster_name": "lab", "devices": [
+        {"hostname": "solo", "roles": ["coordinator", "compute"], "engines": 3}]})
+    assert re.search(r"solo\s+coordinator,compute\s+max_memory no cap\s+max_cores no cap\s+"
+                     r"gpu no\s+engines 3", format_config_summary(cfg))
+
+
+# --------------------------------------------------------------------------- file-level errors
+
+def test_config_error_is_an_exo_lab_error():
+    assert issubclass(ConfigError, ExoLabError)
+
+
+def test_file_not_found_names_the_path(tmp_path):
+    missing = tmp_path / "nope" / "config.yaml"
+    with pytest.raises(ConfigError, match=rf"config file not found: {re.escape(str(missing))}"):
+        load_config(missing)
+
+
+def test_folder_instead_of_file(tmp_path):
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(tmp_path))}: is a folder"):
+        load_config(tmp_path)
+
+
+def test_empty_file(tmp_path):
+    path = write(tmp_path, "")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: the file is empty; it needs "
+                                          r"at least cluster_name and devices"):
+        load_config(path)
+
+
+def test_comments_only_file_is_empty(tmp_path):
+    path = write(tmp_path, "# nothing here yet\n\n")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: the file is empty"):
+        load_config(path)
+
+
+def test_not_utf8(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("cluster_name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: not UTF-8 text"):
+        load_config(path)
+
+
+def test_yaml_syntax_error_gives_line_number(tmp_path):
+    expect_error(tmp_path, second_device("    max_memory: 128GB",
+                                         "   max_memory: 128GB"),
+                 r"invalid YAML at line 10, column 4: .*check the indentation")
+
+
+def test_yaml_unclosed_flow_list_gives_line_number(tmp_path):
+    expect_error(tmp_path, second_device("roles: [compute]", "roles: [compute"),
+                 r"invalid YAML at line 10, .*flow sequence started at line 9")
+
+
+def test_yaml_tab_indentation_gives_line_number(tmp_path):
+    expect_error(tmp_path, variant("  discovery: auto", "\tdiscovery: auto"),
+                 r"invalid YAML at line 14, column 1: found character '\\t'")
+
+
+def test_duplicate_key_in_one_mapping(tmp_path):
+    expect_error(tmp_path, second_device("max_cores: 16",
+                                         "max_cores: 16\n    max_cores: 8"),
+                 r"invalid YAML at line 12, .*found duplicate key 'max_cores'")
+
+
+def test_top_level_not_a_mapping(tmp_path):
+    expect_error(tmp_path, "- system-a.local\n- system-b.local\n",
+                 r"the configuration must be a mapping of keys to values, got "
+                 r"\['system-a.local', 'system-b.local'\] \(list\); start the file with "
+                 r"'cluster_name: ...'")
+
+
+def test_top_level_not_a_mapping_from_dict():
+    with pytest.raises(ConfigError, match=r"^<dict>: the configuration must be a mapping.*"
+                                          r"'hello' \(a string\)"):
+        config_from_dict("hello")
+
+
+# --------------------------------------------------------------------------- top-level keys
+
+def test_missing_cluster_name(tmp_path):
+    expect_error(tmp_path, variant("cluster_name: engineering_cluster\n", ""),
+                 r"missing required key 'cluster_name' \(required: cluster_name, "
+                 r"devices\)")
+
+
+def test_missing_devices(tmp_path):
+    expect_error(tmp_path, "cluster_name: lab\n",
+                 r"missing required key 'devices'")
+
+
+def test_unknown_top_level_key_suggests(tmp_path):
+    expect_error(tmp_path, variant("cluster_name:", "cluster_nmae:"),
+                 r"unknown key 'cluster_nmae' in the top level of the file; did you mean "
+                 r"'cluster_name'\? Allowed keys: cluster_name, devices, network")
+
+
+def test_unknown_key_without_close_match_lists_allowed(tmp_path):
+    expect_error(tmp_path, USER_EXAMPLE + "colour: blue\n",
+                 r"unknown key 'colour' in the top level of the file; it is not a config key\. "
+                 r"Allowed keys: cluster_name, devices, network, api, model")
+
+
+def test_cluster_name_wrong_type(tmp_path):
+    expect_error(tmp_path, variant("engineering_cluster", "42"),
+                 r"'cluster_name' must be a string, got 42 \(int\); put it in quotes")
+
+
+def test_cluster_name_with_spaces(tmp_path):
+    expect_error(tmp_path, variant("engineering_cluster", "engineering cluster"),
+                 r"'cluster_name' may contain only letters, digits, '.', '_' and '-'")
+
+
+def test_devices_not_a_list(tmp_path):
+    expect_error(tmp_path, "cluster_name: lab\ndevices:\n  hostname: a\n",
+                 r"'devices' must be a list of devices .*got "
+                 r"\{'hostname': 'a'\} \(dict\)")
+
+
+def test_devices_without_value(tmp_path):
+    expect_error(tmp_path, "cluster_name: lab\ndevices:\n",
+                 r"'devices' must be a list .*got no value")
+
+
+def test_devices_empty(tmp_path):
+    expect_error(tmp_path, "cluster_name: lab\ndevices: []\n",
+                 r"'devices' is empty; list the coordinator and at least one "
+                 r"compute PC")
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("dtype", "fp16", "float32, bfloat16, float16"),
+    ("objective", "speed", "latency, throughput"),
+])
+def test_bad_choice_at_top_level(tmp_path, key, value, allowed):
+    expect_error(tmp_path, USER_EXAMPLE + f"{key}: {value}\n",
+                 rf"'{key}' must be one of {allowed}; got '{value}'")
+
+
+def test_bad_choice_suggests_closest(tmp_path):
+    expect_error(tmp_path, USER_EXAMPLE + "dtype: bfloat\n",
+                 r"'dtype' must be one of .*; got 'bfloat' \(a string\) \(did you mean "
+                 r"'bfloat16'\?\)")
+
+
+@pytest.mark.parametrize("key", ["max_context", "max_batch"])
+def test_top_level_limits_must_be_positive(tmp_path, key):
+    expect_error(tmp_path, USER_EXAMPLE + f"{key}: 0\n",
+                 rf"'{key}' must be a positive whole number \(1 or more\), got 0")
+
+
+def test_model_must_be_a_string(tmp_path):
+    expect_error(tmp_path, USER_EXAMPLE + "model: [a, b]\n",
+                 r"'model' must be a string, got \['a', 'b'\] \(list\)")
+
+
+# --------------------------------------------------------------------------- device keys
+
+def test_device_not_a_mapping(tmp_path):
+    expect_error(tmp_path, variant("  - hostname: system-b.local\n",
+                                   "  - system-c.local\n  - hostname: system-b.local\n"),
+                 r"devices\[1\]: a device must be a mapping of keys to values, got "
+                 r"'system-c.local' \(a string\); write each device as '- hostname: ...'")
+
+
+def test_missing_hostname_names_device_by_index(tmp_path):
+    expect_error(tmp_path, variant("  - hostname: system-b.local\n    roles:",
+                                   "  - roles:"),
+                 r"devices\[1\]: missing required key 'hostname' \(required: "
+                 r"hostname, roles\)")
+
+
+def test_missing_roles_names_device(tmp_path):
+    expect_error(tmp_path, second_device("    roles: [compute]\n", ""),
+                 r"device 'system-b.local': missing required key 'roles'")
+
+
+def test_unknown_device_key_suggests(tmp_path):
+    expect_error(tmp_path, second_device("max_memory:", "max_memmory:"),
+                 r"unknown key 'max_memmory' in device 'system-b.local'; did you "
+                 r"mean 'max_memory'\? Allowed keys: hostname, roles, max_memory")
+
+
+def test_unknown_key_in_device_without_hostname(tmp_path):
+    expect_error(tmp_path, variant("  - hostname: system-b.local\n",
+                                   "  - hostnam: system-b.local\n"),
+                 r"unknown key 'hostnam' in devices\[1\]; did you mean 'hostname'\?")
+
+
+def test_hostname_wrong_type_names_device_by_index(tmp_path):
+    expect_error(tmp_path, variant("hostname: system-b.local", "hostname: 1234"),
+                 r"devices\[1\]: 'hostname' must be a string, got 1234 \(int\); put "
+                 r"it in quotes")
+
+
+def test_hostname_with_space(tmp_path):
+    expect_error(tmp_path, variant("hostname: system-b.local",
+                                   "hostname: system b.local"),
+                 r"device 'system b.local': 'hostname' must not contain spaces")
+
+
+def test_bad_size_unit_names_file_device_key_and_units(tmp_path):
+    expect_error(tmp_path, second_device("128GB", "128XB"),
+                 r"device 'system-b.local': invalid max_memory '128XB': unknown size "
+                 r"unit 'XB'; use B, KB, MB, GB, TB \(powers of 1000\) or KiB, MiB, GiB, TiB "
+                 r"\(powers of 1024\)")
+
+
+def test_negative_max_memory(tmp_path):
+    expect_error(tmp_path, second_device("128GB", "-8GB"),
+                 r"device 'system-b.local': invalid max_memory '-8GB': a size cannot "
+                 r"be negative")
+
+
+def test_zero_max_memory(tmp_path):
+    expect_error(tmp_path, second_device("128GB", "0GB"),
+                 r"device 'system-b.local': 'max_memory' must be more than zero, "
+                 r"got '0GB'; delete the line for no cap")
+
+
+def test_max_memory_float_is_rejected(tmp_path):
+    expect_error(tmp_path, second_device("128GB", "1.28e+11"),
+                 r"device 'system-b.local': max_memory must be a size like '128GB' "
+                 r"or a whole number of bytes, got 128000000000.0 \(float\)")
+
+
+def test_max_memory_without_value(tmp_path):
+    expect_error(tmp_path, second_device("max_memory: 128GB", "max_memory:"),
+                 r"device 'system-b.local': 'max_memory' has no value; give one or "
+                 r"delete the line to use the default")
+
+
+@pytest.mark.parametrize("value", ["0", "-4"])
+def test_max_cores_must_be_positive(tmp_path, value):
+    expect_error(tmp_path, second_device("max_cores: 16", f"max_cores: {value}"),
+                 r"device 'system-b.local': 'max_cores' must be a positive whole "
+                 rf"number \(1 or more\), got {value}")
+
+
+def test_max_cores_fraction(tmp_path):
+    expect_error(tmp_path, second_device("max_cores: 16", "max_cores: 2.5"),
+                 r"device 'system-b.local': 'max_cores' must be a positive whole "
+                 r"number, got 2.5 \(float\)")
+
+
+def test_max_cores_quoted_number(tmp_path):
+    expect_error(tmp_path, second_device("max_cores: 16", 'max_cores: "16"'),
+                 r"device 'system-b.local': 'max_cores' must be a positive whole "
+                 r"number, got '16' \(a string\)")
+
+
+def test_gpu_quoted_yes(tmp_path):
+    expect_error(tmp_path, second_device("gpu: true", 'gpu: "yes"'),
+                 r"device 'system-b.local': 'gpu' must be true or false, got 'yes' "
+                 r"\(a string\); write gpu: true or gpu: false without quotes")
+
+
+def test_gpu_number(tmp_path):
+    expect_error(tmp_path, second_device("gpu: true", "gpu: 1"),
+                 r"device 'system-b.local': 'gpu' must be true or false, got 1 "
+                 r"\(int\)")
+
+
+def test_roles_not_a_list(tmp_path):
+    expect_error(tmp_path, second_device("roles: [compute]", "roles: compute"),
+                 r"device 'system-b.local': 'roles' must be a list like \[compute\] "
+                 r"or \[coordinator, storage\], got 'compute' \(a string\)")
+
+
+def test_roles_empty(tmp_path):
+    expect_error(tmp_path, second_device("roles: [compute]", "roles: []"),
+                 r"device 'system-b.local': 'roles' is empty; give at least one of "
+                 r"coordinator, compute, storage")
+
+
+def test_unknown_role_suggests(tmp_path):
+    expect_error(tmp_path, second_device("roles: [compute]", "roles: [compue]"),
+                 r"device 'system-b.local': unknown role 'compue' in 'roles'; did you "
+                 r"mean 'compute'\? Allowed roles: coordinator, compute, storage")
+
+
+def test_unknown_role_without_close_match(tmp_path):
+    expect_error(tmp_path, second_device("roles: [compute]", "roles: [gpu]"),
+                 r"device 'system-b.local': unknown role 'gpu' in 'roles'\. Allowed "
+                 r"roles: coordinator, compute, storage")
+
+
+def test_role_listed_twice(tmp_path):
+    expect_error(tmp_path, second_device("roles: [compute]",
+                                         "roles: [compute, compute]"),
+                 r"device 'system-b.local': 'roles' lists 'compute' twice")
+
+
+def test_engines_zero(tmp_path):
+    expect_error(tmp_path, second_device("gpu: true", "gpu: true\n    engines: 0"),
+                 r"device 'system-b.local': 'engines' must be a positive whole number "
+                 r"\(1 or more\), got 0")
+
+
+def test_engines_on_device_without_compute_role(tmp_path):
+    expect_error(tmp_path, variant("gpu: false", "gpu: false\n    engines: 2"),
+                 r"device 'system-a.local': 'engines' is set but the device has no "
+                 r"'compute' role")
+
+
+def test_bad_memory_bandwidth_unit(tmp_path):
+    expect_error(tmp_path, second_device("gpu: true",
+                                         "gpu: true\n    memory_bandwidth: 20Gbps"),
+                 r"device 'system-b.local': invalid memory_bandwidth '20Gbps': unknown "
+                 r"size unit 'Gbps'.*\(bytes per second, e.g. '20GB/s'\)")
+
+
+def test_zero_memory_bandwidth(tmp_path):
+    expect_error(tmp_path, second_device("gpu: true",
+                                         "gpu: true\n    memory_bandwidth: 0GB/s"),
+                 r"device 'system-b.local': 'memory_bandwidth' must be more than zero")
+
+
+def test_address_wrong_type(tmp_path):
+    expect_error(tmp_path, second_device("gpu: true", "gpu: true\n    address: 10"),
+                 r"device 'system-b.local': 'address' must be a string, got 10 "
+                 r"\(int\)")
+
+
+# --------------------------------------------------------------------------- cluster-wide rules
+
+def test_missing_coordinator(tmp_path):
+    expect_error(tmp_path, variant("[coordinator, storage]", "[storage]"),
+                 r"no device has the 'coordinator' role; add coordinator to the roles "
+                 r"of the PC that runs the controller and the API \(exactly one\)")
+
+
+def test_more_than_one_coordinator(tmp_path):
+    expect_error(tmp_path, variant("roles: [compute]",
+                                   "roles: [coordinator, compute]"),
+                 r"more than one coordinator: system-a.local, system-b.local; exactly "
+                 r"one device may have the 'coordinator' role")
+
+
+def test_duplicate_hostnames_ignore_case(tmp_path):
+    expect_error(tmp_path, variant("hostname: system-b.local",
+                                   "hostname: System-A.local"),
+                 r"duplicate hostname 'System-A.local': devices\[0\] and devices\[1\] "
+                 r"name the same PC; list each PC once \(use 'engines'")
+
+
+def test_no_compute_device(tmp_path):
+    expect_error(tmp_path, variant("roles: [compute]", "roles: [storage]"),
+                 r"no device has the 'compute' role; add compute to the roles of at "
+                 r"least one PC")
+
+
+# --------------------------------------------------------------------------- network and api
+
+def test_network_not_a_mapping(tmp_path):
+    expect_error(tmp_path, variant("network:\n  discovery: auto", "network: auto"),
+                 r"'network' must be a mapping of keys to values, got 'auto' "
+                 r"\(a string\)")
+
+
+def test_bad_discovery(tmp_path):
+    expect_error(tmp_path, variant("discovery: auto", "discovery: mdns"),
+                 r"network: 'discovery' must be one of auto, manual; got 'mdns'")
+
+
+def test_unknown_network_key_suggests(tmp_path):
+    expect_error(tmp_path, variant("discovery: auto", "discovry: auto"),
+                 r"unknown key 'discovry' in network; did you mean 'discovery'\? "
+                 r"Allowed keys: discovery, controller_port, hop_latency_ms")
+
+
+def test_controller_port_zero(tmp_path):
+    expect_error(tmp_path, USER_EXAMPLE + "  controller_port: 0\n",
+                 r"network: 'controller_port' must be a positive whole number \(1 or more\), "
+                 r"got 0")
+
+
+def test_controller_port_above_65535(tmp_path):
+    expect_error(tmp_path, USER_EXAMPLE + "  controller_port: 70000\n",
+                 r"network: 'controller_port' must be a TCP port from 1 to 65535, got 70000")
+
+
+def test_negative_hop_latency(tmp_path):
+    expect_error(tmp_path, USER_EXAMPLE + "  hop_latency_ms: -1\n",
+                 r"network: 'hop_latency_ms' must be a finite number, 0 or more, "
+                 r"got -1")
+
+
+def test_unknown_api_key_suggests(tmp_path):
+    expect_error(tmp_path, USER_EXAMPLE + "api:\n  prot: 8000\n",
+                 r"unknown key 'prot' in api; did you mean 'port'\? Allowed keys: "
+                 r"host, port, api_key_env, api_key_file")
+
+
+def test_api_key_itself_is_refused(tmp_path):
+    expect_error(tmp_path, USER_EXAMPLE + "api:\n  api_key: sk-123\n",
+                 r"unknown key 'api_key' in api; did you mean 'api_key_env'\?")
+
+
+def test_api_port_zero(tmp_path):
+    expect_error(tmp_path, USER_EXAMPLE + "api:\n  port: 0\n",
+                 r"api: 'port' must be a positive whole number \(1 or more\), got 0")
+
+
+def test_api_key_env_holding_a_key(tmp_path):
+    expect_error(tmp_path, USER_EXAMPLE + "api:\n  api_key_env: sk-abc123\n",
+                 r"api: 'api_key_env' must be the NAME of an environment variable "
+                 r".*not the key itself")
+
+
+def test_api_key_env_and_file_together(tmp_path):
+    expect_error(tmp_path, USER_EXAMPLE + "api:\n  api_key_env: KEY\n"
+                                          "  api_key_file: key.txt\n",
+                 r"api: set only one of 'api_key_env' and 'api_key_file', not both")
+
+
+def test_api_without_value(tmp_path):
+    expect_error(tmp_path, USER_EXAMPLE + "api:\n",
+                 r"'api' must be a mapping of keys to values, got no value")
+
+
+# --------------------------------------------------------------------------- fixture files
+
+@pytest.mark.parametrize("name, pattern", [
+    ("unknown-key.yaml", r"unknown key 'max_memmory' in device 'system-b.local'; did you mean "
+                         r"'max_memory'\?"),
+    ("bad-size.yaml", r"device 'system-b.local': invalid max_memory '128XB': unknown size unit"),
+    ("yaml-syntax.yaml", r"invalid YAML at line 8, column 4"),
+    ("no-coordinator.yaml", r"no device has the 'coordinator' role"),
+])
+def test_bad_fixture_files(name, pattern):
+    path = BAD_CONFIGS / name
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: .*{pattern}"):
+        load_config(path)
+
+
+def test_load_accepts_pathlike_and_str_alike():
+    assert load_config(EXAMPLES / "config.yaml") == load_config(
+        os.fspath(EXAMPLES / "config.yaml"))
+
+
+def test_cluster_config_can_be_built_directly():
+    device = DeviceConfig("solo", ("coordinator", "compute"), None, 4, False, None)
+    cfg = ClusterConfig("lab", (device,))
+    assert cfg.coordinator is device and cfg.compute_devices == (device,)
+    assert cfg.storage_devices == ()
