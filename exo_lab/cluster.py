@@ -161,6 +161,11 @@ class Cluster:
         return coordinator.engines if coordinator.is_compute else 0
 
     @property
+    def profile_dir(self) -> Path | None:
+        """The ipyparallel profile folder (connection files for workers and %%px, logs)."""
+        return Path(self._ipp.profile_dir) if self._ipp is not None else None
+
+    @property
     def expected_engines(self) -> int:
         if self._local_engines is not None:
             return self._local_engines
@@ -388,10 +393,10 @@ class Cluster:
 
     # ------------------------------------------------------------ generation
     def _params(self, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-                seed: int | None, stop) -> SamplingParams:
+                seed: int | None, stop, ignore_eos: bool = False) -> SamplingParams:
         stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
         return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              top_k=top_k, seed=seed, stop=stop)
+                              top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos)
 
     def encode(self, prompt) -> list[int]:
         """Token ids for a prompt string (no special tokens added) or a list of ids (unchanged)."""
@@ -426,11 +431,13 @@ class Cluster:
                                 total_time_s=time.perf_counter() - started)
 
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int | None = None, stop=None) -> GenerationResult:
+                 top_k: int = 0, seed: int | None = None, stop=None, ignore_eos: bool = False
+                 ) -> GenerationResult:
         """Continue a prompt (a string, or token ids). Returns text, new token ids, finish reason
         and timings. temperature 0 is greedy; ``seed`` makes sampling reproducible; ``stop`` is a
-        string or list of strings that end generation (not included in the text)."""
-        params = self._params(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        string or list of strings that end generation (not included in the text); ignore_eos
+        generates past end-of-sequence tokens (benchmarks)."""
+        params = self._params(max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
         prompt_ids = self.encode(prompt)
         return self._loop.run(self._collect(prompt_ids, params))
 
@@ -492,7 +499,8 @@ class Cluster:
 
 
 def _sampling_defaults(sampling: dict) -> dict:
-    allowed = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "stop": None}
+    allowed = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "stop": None,
+               "ignore_eos": False}
     unknown = set(sampling) - set(allowed)
     if unknown:
         raise TypeError(f"unknown sampling argument(s) {sorted(unknown)}; allowed: {sorted(allowed)}")

@@ -111,6 +111,8 @@ def encode(msg: Message) -> list[bytes | memoryview]:
     header = _pack_header(msg, tensor)
     if tensor is None:
         return [header]
+    if tensor.numel() == 0:
+        return [header, b""]   # memoryview cannot cast an empty shape
     if tensor.dtype is torch.bfloat16:
         tensor = tensor.view(torch.int16)   # numpy has no bfloat16; the bytes are the same
     return [header, memoryview(tensor.numpy()).cast("B")]
@@ -338,6 +340,14 @@ class _Inbox:
         self.port = int(endpoint.rsplit(":", 1)[1])
         self.address = tcp_address(advertise_host or host, self.port)
         logger.debug("inbox bound on %s, advertised as %s", endpoint, self.address)
+        self._timeout_ms = -1
+
+    def _set_timeout(self, timeout_ms: int | None) -> None:
+        # RCVTIMEO rather than poll(): pyzmq builds a Poller per poll() call, which costs
+        # more than the whole decode; the option is only touched when the timeout changes
+        value = -1 if timeout_ms is None else max(0, int(timeout_ms))
+        if value != self._timeout_ms:
+            self._socket.rcvtimeo = self._timeout_ms = value
 
     def close(self) -> None:
         self._socket.close(linger=0)
@@ -364,9 +374,14 @@ class Inbox(_Inbox):
     def recv(self, timeout_ms: int | None = None) -> Message | None:
         """The next message, or None after ``timeout_ms`` (None: wait forever).
         Raises :class:`FrameError` for a malformed message (which is consumed)."""
-        if timeout_ms is not None and not self._socket.poll(timeout_ms, zmq.POLLIN):
+        self._set_timeout(timeout_ms)
+        try:
+            # zmq.Frames: decode() shares their memory. Measured on loopback: no slower than
+            # bytes at 3.5 KB, ~0.5 ms faster at 1 MB (bytes would need a copy to be writable)
+            frames = self._socket.recv_multipart(copy=False)
+        except zmq.Again:
             return None
-        return decode(self._socket.recv_multipart(copy=False))
+        return decode(frames)
 
 
 class AsyncInbox(_Inbox):
@@ -379,9 +394,14 @@ class AsyncInbox(_Inbox):
     async def recv(self, timeout_ms: int | None = None) -> Message | None:
         """The next message, or None after ``timeout_ms`` (None: wait forever).
         Raises :class:`FrameError` for a malformed message (which is consumed)."""
-        if timeout_ms is not None and not await self._socket.poll(timeout_ms, zmq.POLLIN):
+        self._set_timeout(timeout_ms)
+        try:
+            # one atomic multipart recv: with per-frame recvs, another task awaiting this
+            # inbox could take the payload frame between our two awaits
+            frames = await self._socket.recv_multipart(copy=False)
+        except zmq.Again:
             return None
-        return decode(await self._socket.recv_multipart(copy=False))
+        return decode(frames)
 
 
 class _Outbox:

@@ -29,6 +29,7 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = (END_OF_TEXT, IM_START, IM_END)   # ids 0, 1, 2 in this order
 
+# A cap: the ~8 KB corpus runs out of merges first, at 1447 tokens (special tokens included).
 TOKENIZER_VOCAB_SIZE = 1536
 
 # ChatML, as Qwen models use it. A system message is optional.
@@ -60,7 +61,8 @@ def _corpus_text() -> str:
 
 
 def _train_tokenizer():
-    """Byte-level BPE trained on the embedded corpus (deterministic: one thread, fixed input)."""
+    """Byte-level BPE trained on the embedded corpus; the same corpus gives the same merges
+    (checked across processes, whose hash seeds differ)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -79,11 +81,6 @@ def _train_tokenizer():
     return tokenizer
 
 
-def _load_tokenizer_class():
-    from transformers import PreTrainedTokenizerFast
-    return PreTrainedTokenizerFast
-
-
 def build_tokenizer(path) -> None:
     """Write a real byte-level BPE tokenizer with a ChatML chat template into ``path``.
 
@@ -92,8 +89,9 @@ def build_tokenizer(path) -> None:
     (pad), ``<|im_start|>``, ``<|im_end|>`` (eos, ends an assistant turn). The same inputs
     give byte-identical files on every build.
     """
-    fast_class = _load_tokenizer_class()
-    tokenizer = fast_class(
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=_train_tokenizer(),
         eos_token=IM_END,
         pad_token=END_OF_TEXT,

@@ -286,6 +286,19 @@ def unload_stage() -> bool:
     return True
 
 
+def bare_runtime_rss() -> int:
+    """RSS of this engine with everything a stage needs imported but no weights (the baseline
+    the memory target is measured against)."""
+    import psutil
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+    from . import dataplane, shard  # noqa: F401
+
+    return int(psutil.Process().memory_info().rss)
+
+
 def worker_status() -> dict:
     """Status of this engine's stage (an empty stage dict when none is loaded)."""
     status = {"loaded": _worker is not None, **_memory()}

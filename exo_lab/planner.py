@@ -50,7 +50,9 @@ benchmarks/bench_planner.py).
 """
 from __future__ import annotations
 
+import functools
 import logging
+import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -187,10 +189,15 @@ def _stage_bytes(sizes: _Sizes, start, stop):
     return weights, layers * sizes.kv_layer_bytes, workspace
 
 
-def _stage_ps(sizes: _Sizes, start, stop, bandwidth_bytes_per_s: float):
-    """Picoseconds per token of stage [start, stop): the weight bytes it reads / bandwidth."""
+def _read_bytes_e12(sizes: _Sizes, start, stop) -> np.ndarray:
+    """Weight bytes stage [start, stop) reads per token, x 1e12 (so / bandwidth gives ps)."""
     read_bytes = (stop - start) * sizes.layer_bytes + (stop == sizes.num_layers) * sizes.head_bytes
-    return np.rint(np.asarray(read_bytes, dtype=np.float64) * 1e12 / bandwidth_bytes_per_s).astype(np.int64)
+    return np.asarray(read_bytes, dtype=np.float64) * 1e12
+
+
+def _stage_ps(read_bytes_e12: np.ndarray, bandwidth_bytes_per_s: float) -> np.ndarray:
+    """Whole picoseconds per token; the one rounding every caller shares, so ties stay exact."""
+    return np.rint(read_bytes_e12 / bandwidth_bytes_per_s).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -199,7 +206,7 @@ class _NodeTable:
 
     ps: np.ndarray                  # int64 stage time
     fits: np.ndarray                # bool: a real stage (start < stop) within the budget
-    tie: np.ndarray                 # int64 tie-break weight (see _tie_weights)
+    tie: np.ndarray                 # int64 tie-break weight (see _tie_radices)
 
 
 def _layer_grid(num_layers: int) -> tuple[np.ndarray, np.ndarray]:
@@ -213,9 +220,10 @@ def _node_tables(sizes: _Sizes, nodes: list[NodeSpec]) -> list[_NodeTable]:
     real = start < stop
     radix_stages, radix_position = _tie_radices(len(nodes), sizes.num_layers)
     sizes_squared = np.where(real, (stop - start) ** 2, 0)
+    read_bytes_e12 = _read_bytes_e12(sizes, start, stop)
     return [
         _NodeTable(
-            ps=_stage_ps(sizes, start, stop, node.bandwidth_bytes_per_s),
+            ps=_stage_ps(read_bytes_e12, node.bandwidth_bytes_per_s),
             fits=real & (need + node.runtime_overhead_bytes <= node.budget_bytes),
             tie=radix_stages + position * radix_position + sizes_squared,
         )
@@ -249,7 +257,7 @@ def _min_bottleneck(tables: list[_NodeTable], num_layers: int, stages_cap: int) 
         merged = bottleneck.copy()
         for used in range(stages_cap + 1):
             rows = np.flatnonzero(bottleneck[used] < _INF)
-            slowest = table.ps[rows] + 0 * bottleneck[used, rows, None]
+            slowest = np.maximum(bottleneck[used, rows, None], table.ps[rows])
             reached = np.where(table.fits[rows], slowest, _INF).min(axis=0, initial=_INF)
             target = min(used + 1, stages_cap)
             merged[target] = np.minimum(merged[target], reached)
@@ -326,6 +334,7 @@ def plan_layers(profile: ModelProfile, nodes: list[NodeSpec], *, max_context: in
     """
     hop_ms = DEFAULT_HOP_MS if hop_ms is None else hop_ms
     _validate(profile, nodes, max_context, max_batch, objective, min_stages, hop_ms)
+    max_context, max_batch, min_stages = int(max_context), int(max_batch), int(min_stages)
     sizes = _Sizes.of(profile, max_context, max_batch)
     tables = _node_tables(sizes, nodes)
     hop_ps = int(round(hop_ms * _PS_PER_MS))
@@ -346,6 +355,8 @@ def plan_layers(profile: ModelProfile, nodes: list[NodeSpec], *, max_context: in
         bottleneck_ms=max(stage.ms_per_token for stage in stages), hop_ms=hop_ms,
         min_stages=min_stages,
     )
+    logger.debug("planned %s over %d of %d nodes: %.3f ms/token (%s)", profile.model_id,
+                 len(stages), len(nodes), plan.predicted_ms_per_token, objective)
     return _with_unused_reasons(plan, sizes, nodes)
 
 
@@ -357,7 +368,8 @@ def _stage_plan(sizes: _Sizes, node: NodeSpec, start: int, stop: int) -> StagePl
         has_head=stop == sizes.num_layers, weights_bytes=weights, kv_cache_bytes=kv_cache,
         workspace_bytes=workspace, overhead_bytes=overhead,
         total_bytes=weights + kv_cache + workspace + overhead, budget_bytes=node.budget_bytes,
-        ms_per_token=int(_stage_ps(sizes, start, stop, node.bandwidth_bytes_per_s)) / _PS_PER_MS,
+        ms_per_token=int(_stage_ps(_read_bytes_e12(sizes, start, stop), node.bandwidth_bytes_per_s))
+        / _PS_PER_MS,
     )
 
 
@@ -370,12 +382,12 @@ def _validate(profile, nodes, max_context, max_batch, objective, min_stages, hop
     if profile.num_layers < 1:
         raise PlanError(f"model {profile.model_id} has {profile.num_layers} layers; need >= 1")
     for name, value in (("max_context", max_context), ("max_batch", max_batch)):
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, (int, np.integer)) or value < 1:
             raise PlanError(f"{name} must be an integer >= 1, got {value!r}")
-    if not hop_ms >= 0:
-        raise PlanError(f"hop_ms must be >= 0, got {hop_ms!r}")
+    if not 0 <= hop_ms < math.inf:
+        raise PlanError(f"hop_ms must be a finite number >= 0, got {hop_ms!r}")
     most = min(len(nodes), profile.num_layers)
-    if not isinstance(min_stages, int) or not 1 <= min_stages <= most:
+    if not isinstance(min_stages, (int, np.integer)) or not 1 <= min_stages <= most:
         raise PlanError(f"min_stages must be an integer from 1 to {most} (one stage per node, at "
                         f"least one layer each: {len(nodes)} nodes, {profile.num_layers} layers), "
                         f"got {min_stages!r}")
@@ -402,9 +414,16 @@ def _validate_nodes(nodes: list[NodeSpec]) -> None:
 
 def _single_layer_need(sizes: _Sizes, node: NodeSpec) -> tuple[int, tuple[int, int, int]]:
     """Bytes of this node's cheapest one-layer stage (over all positions) and its breakdown."""
-    parts = min((tuple(int(b) for b in _stage_bytes(sizes, s, s + 1)) for s in range(sizes.num_layers)),
-                key=sum)
+    parts = _cheapest_single_layer(sizes)
     return sum(parts) + node.runtime_overhead_bytes, parts
+
+
+@functools.lru_cache(maxsize=16)
+def _cheapest_single_layer(sizes: _Sizes) -> tuple[int, int, int]:
+    start = np.arange(sizes.num_layers, dtype=np.int64)
+    parts = [np.broadcast_to(b, start.shape) for b in _stage_bytes(sizes, start, start + 1)]
+    cheapest = int(np.argmin(sum(parts)))
+    return tuple(int(b[cheapest]) for b in parts)
 
 
 def _with_unused_reasons(plan: Plan, sizes: _Sizes, nodes: list[NodeSpec]) -> Plan:

@@ -169,12 +169,13 @@ class Scheduler:
                     self.metrics.first_token(time.perf_counter() - started)
                 self.metrics.token(stage_ms)
                 finish_reason = self._finish_reason(token_id, step, params, assembler)
-                delta = assembler.add(token_id) if token_id not in self.eos_token_ids else ""
+                is_eos = token_id in self.eos_token_ids and not params.ignore_eos
+                delta = "" if is_eos else assembler.add(token_id)
                 if assembler.stopped:
                     finish_reason = "stop"
                 if finish_reason is not None:
                     delta += assembler.flush() if not assembler.stopped else ""
-                    yield StreamEvent(delta, [] if token_id in self.eos_token_ids else [token_id], finish_reason)
+                    yield StreamEvent(delta, [] if is_eos else [token_id], finish_reason)
                     return
                 yield StreamEvent(delta, [token_id])
                 await self._send_forward(request.request_id, [token_id], position, None)
@@ -190,7 +191,7 @@ class Scheduler:
 
     def _finish_reason(self, token_id: int, step: int, params: SamplingParams,
                        assembler: TextAssembler) -> str | None:
-        if token_id in self.eos_token_ids:
+        if token_id in self.eos_token_ids and not params.ignore_eos:
             return "stop"
         if step + 1 >= params.max_new_tokens:
             return "length"

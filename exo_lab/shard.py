@@ -190,6 +190,8 @@ class Stage(nn.Module):
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Put loaded tensors (by stage-local name) in place of the meta parameters."""
         self.load_state_dict(tensors, strict=True, assign=True)
+        # Inference only: no dropout, and no autograd bookkeeping if called outside forward().
+        self.eval().requires_grad_(False)
         left = [name for name, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
         if left:
             raise ModelError(
@@ -231,8 +233,8 @@ class Stage(nn.Module):
 
     def _embed(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.spec.is_first:
-            if inputs.dim() != 2 or inputs.dtype != torch.int64:
-                raise ValueError(f"the first stage takes int64 token ids (B, T), got "
+            if inputs.dim() != 2 or inputs.is_floating_point():
+                raise ValueError(f"the first stage takes integer token ids (B, T), got "
                                  f"{inputs.dtype} {tuple(inputs.shape)}")
             return self.embed_tokens(inputs.to(self.device))
         if inputs.dim() != 3 or inputs.shape[-1] != self.stage_config.hidden_size:

@@ -148,6 +148,8 @@ def test_middle_stage_returns_hidden_states(tiny_model_dir):
     assert hidden.shape == (1, 6, 64) and hidden.dtype == torch.float32
     assert first.embed_tokens is not None and first.lm_head is None and first.norm is None
     assert middle.embed_tokens is None and middle.lm_head is None and len(middle.layers) == 2
+    with pytest.raises(ValueError, match=r"hidden states \(B, T, 64\)"):
+        middle.forward(2, make_prompt(model_dir, 6), 0)   # token ids sent to a middle stage
 
 
 @pytest.mark.parametrize("architecture", ["mistral", "qwen2"])
@@ -286,7 +288,7 @@ def test_sampling_draws_only_from_hf_filtered_set(top_k, top_p):
     (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k")])
 def test_bad_sampling_values_are_request_errors(kwargs, param):
-    values = dict(temperature=1.0, top_p=1.0, top_k=0, **{**kwargs})
+    values = {**dict(temperature=1.0, top_p=1.0, top_k=0), **kwargs}
     with pytest.raises(RequestError) as info:
         sample_next_token(torch.zeros(1, 4), generator=None, **values)
     assert info.value.param == param
@@ -328,6 +330,7 @@ def test_stage_reads_only_its_own_files_and_tensors(tiny_model_dir, monkeypatch)
     assert set(opened) < set(files.values())
     assert stage.parameter_bytes() == tensor_bytes(model_dir, want)
     assert not any(t.is_meta for t in [*stage.parameters(), *stage.buffers()])
+    assert not stage.training and not any(p.requires_grad for p in stage.parameters())
 
 
 def test_tied_last_stage_loads_the_embedding_as_its_head(tiny_model_dir):
@@ -404,7 +407,7 @@ def test_single_file_checkpoint_without_index_loads(tmp_path):
     (dict(dtype="float64"), "float32, bfloat16, float16"),
 ])
 def test_bad_shard_specs_are_model_errors(fields, message):
-    values = dict(model_dir="x", start_layer=0, stop_layer=2, num_layers=NUM_LAYERS, **{})
+    values = dict(model_dir="x", start_layer=0, stop_layer=2, num_layers=NUM_LAYERS)
     values.update(fields)
     with pytest.raises(ModelError, match=message):
         ShardSpec(**values)

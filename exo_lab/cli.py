@@ -1,0 +1,175 @@
+"""`exo-lab` command line: demo, check-config, plan, serve, bench.
+
+User errors (bad config, model, flags) print one ``error: ...`` line and exit 2, no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import ExoLabError
+
+EXIT_USER_ERROR = 2
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+OBJECTIVE_CHOICES = ("latency", "throughput")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535; 0 picks a free one)")
+    return value
+
+
+def _add_model_options(parser: argparse.ArgumentParser, *, model_required: bool) -> None:
+    parser.add_argument("--model", required=model_required, default=None if model_required else "demo",
+                        help="a local model folder, a Hugging Face hub id in the local cache, or 'demo'")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="weights dtype (default float32)")
+    parser.add_argument("--max-context", type=_positive_int, default=None,
+                        help="tokens per request the KV cache is sized for (default min(model max, 4096))")
+    parser.add_argument("--max-batch", type=_positive_int, default=None, help="concurrent requests to size for")
+    parser.add_argument("--objective", choices=OBJECTIVE_CHOICES, default=None,
+                        help="latency (default): fastest single stream; throughput: fastest slowest stage")
+    parser.add_argument("--min-stages", type=_positive_int, default=1,
+                        help="spread over at least this many engines (experiments)")
+
+
+def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--config", help="config.yaml describing the cluster")
+    where.add_argument("--engines", type=_positive_int, help="a local cluster of N engines on this machine")
+    parser.add_argument("--max-cores", type=_positive_int, default=None,
+                        help="torch threads per engine (local cluster; default: every core)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exo-lab", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    demo = commands.add_parser("demo", help="start a local cluster, load the demo model and chat with it")
+    demo.add_argument("--engines", type=_positive_int, default=2)
+    demo.add_argument("--prompt", default="Tell me about clusters of PCs.")
+    demo.add_argument("--max-tokens", type=_positive_int, default=48)
+
+    check = commands.add_parser("check-config", help="validate a config.yaml and summarise it")
+    check.add_argument("file")
+
+    plan = commands.add_parser("plan", help="show how a model would be split, before loading anything")
+    plan.add_argument("--config", required=True, help="config.yaml describing the cluster")
+    _add_model_options(plan, model_required=True)
+    plan.add_argument("--json", action="store_true", help="print exactly one JSON object")
+
+    serve = commands.add_parser("serve", help="run the cluster and its OpenAI-compatible API")
+    _add_cluster_options(serve)
+    _add_model_options(serve, model_required=False)
+    serve.add_argument("--host", default=None, help="interface to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=_port, default=None, help="port (default 8000)")
+    serve.add_argument("--api-key", default=None,
+                       help="require this Bearer key (default: config api.api_key_env/api_key_file, or $EXO_LAB_API_KEY)")
+
+    bench = commands.add_parser("bench", help="measure single-process vs cluster tokens/s, hops, memory")
+    from .bench import add_arguments
+
+    add_arguments(bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args) or 0
+    except ExoLabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_check_config(args) -> int:
+    from .config import format_config_summary, load_config
+
+    print(format_config_summary(load_config(args.file)))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .config import load_config
+    from .nodes import nodes_from_config
+    from .planner import format_plan, plan_layers
+    from .profile import profile_model
+
+    config = load_config(args.config)
+    profile = profile_model(args.model, dtype=args.dtype or config.dtype)
+    max_context = min(args.max_context or config.max_context or 4096, profile.max_position_embeddings)
+    plan = plan_layers(profile, nodes_from_config(config), max_context=max_context,
+                       max_batch=args.max_batch or config.max_batch or 1,
+                       objective=args.objective or config.objective or "latency",
+                       min_stages=args.min_stages, hop_ms=config.network.hop_latency_ms)
+    print(json.dumps(plan.to_json()) if args.json else format_plan(plan))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .cluster import Cluster
+    from .planner import format_plan
+
+    print(f"starting a local cluster of {args.engines} engines ...", flush=True)
+    with Cluster.local(engines=args.engines) as cluster:
+        plan = cluster.load("demo", min_stages=args.engines)
+        print(format_plan(plan))
+        print(f"\nuser: {args.prompt}\nassistant: ", end="", flush=True)
+        tokens, started = 0, None
+        import time
+
+        started = time.perf_counter()
+        for event in cluster.chat(args.prompt, stream=True, max_new_tokens=args.max_tokens, temperature=0.8,
+                                  seed=0):
+            print(event.text, end="", flush=True)
+            tokens += len(event.token_ids)
+        elapsed = time.perf_counter() - started
+        print(f"\n\n{tokens} tokens in {elapsed:.2f} s ({tokens / elapsed:.1f} tokens/s) over "
+              f"{len(plan.stages)} stages. (The demo model has random weights: its words are noise; "
+              f"load a real model folder for real answers.)")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .server import run_server
+
+    return run_server(config_path=args.config, engines=args.engines, max_cores=args.max_cores,
+                      model=args.model, dtype=args.dtype, max_context=args.max_context,
+                      max_batch=args.max_batch, objective=args.objective, min_stages=args.min_stages,
+                      host=args.host, port=args.port, api_key=args.api_key)
+
+
+def cmd_bench(args) -> int:
+    from .bench import run
+
+    return run(args)
+
+
+COMMANDS = {"check-config": cmd_check_config, "plan": cmd_plan, "demo": cmd_demo, "serve": cmd_serve,
+            "bench": cmd_bench}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The pipeline runtime on a real ipyparallel cluster: exact generation, errors, cleanup."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+
+import exo_lab
+from exo_lab import engine as engine_side
+from exo_lab.errors import ClusterError, ModelError, PlanError, RequestError
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with exo_lab.Cluster.local(engines=3, max_cores=1) as c:
+        yield c
+    # stop() ended every process it started
+    assert c.client is None
+
+
+def reference_tokens(model_dir, prompt_ids, n):
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    inputs = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        out = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def prompts(tokenizer):
+    short = tokenizer("Hello there, cluster", add_special_tokens=False)["input_ids"][:5]
+    long_text = "Engineering PCs share one model, layer by layer, over the office network. " * 12
+    long = tokenizer(long_text, add_special_tokens=False)["input_ids"][:150]
+    return {"short": short, "long": long}
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_greedy_equals_transformers_on_1_2_3_engines(cluster, tiny_model_dir, architecture):
+    from transformers import AutoTokenizer
+
+    tied = architecture in ("qwen2", "qwen3")   # cover tied and untied heads across the set
+    model_dir = tiny_model_dir(architecture, tie_word_embeddings=tied, num_layers=6)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    expected = {name: reference_tokens(model_dir, ids, NEW_TOKENS) for name, ids in prompts(tokenizer).items()}
+    for stages in (1, 2, 3):
+        plan = cluster.load(str(model_dir), min_stages=stages, progress=False)
+        assert len(plan.stages) == stages
+        assert [s.start_layer for s in plan.stages][0] == 0 and plan.stages[-1].stop_layer == 6
+        for name, ids in prompts(tokenizer).items():
+            result = cluster.generate(ids, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+            assert result.token_ids == expected[name], f"{architecture}, {stages} stages, {name} prompt"
+            assert result.finish_reason == "length"
+
+
+def test_no_process_holds_the_whole_model(cluster, tiny_model_dir):
+    model_dir = tiny_model_dir("llama", num_layers=6)
+    plan = cluster.load(str(model_dir), min_stages=3, progress=False)
+    shard_bytes = [cluster._call(e.engine_id, engine_side.worker_status)["parameter_bytes"]
+                   for e in cluster._pipeline.engines]
+    assert shard_bytes == [s.weights_bytes for s in plan.stages]
+    total = exo_lab.profile.profile_model(str(model_dir)).total_parameter_bytes
+    assert max(shard_bytes) < total / 2
+    # the coordinator holds no weights at all: only the tokenizer
+    assert not any(isinstance(v, torch.nn.Module) for v in vars(cluster._pipeline).values())
+
+
+def test_sampling_with_seed_is_reproducible(cluster, tiny_model_dir):
+    cluster.load(str(tiny_model_dir("llama", num_layers=6)), min_stages=2, progress=False)
+    kwargs = dict(max_new_tokens=16, temperature=1.0, top_p=0.95, top_k=50, ignore_eos=True)
+    first = cluster.generate("Hello", seed=7, **kwargs)
+    again = cluster.generate("Hello", seed=7, **kwargs)
+    other = cluster.generate("Hello", seed=8, **kwargs)
+    assert first.token_ids == again.token_ids
+    assert other.token_ids != first.token_ids
+
+
+def test_stream_equals_generate_and_kv_cache_is_freed(cluster, tiny_model_dir):
+    cluster.load(str(tiny_model_dir("llama", num_layers=6)), min_stages=3, progress=False)
+    whole = cluster.generate("Tell me", max_new_tokens=10, ignore_eos=True)
+    events = list(cluster.stream("Tell me", max_new_tokens=10, ignore_eos=True))
+    assert "".join(e.text for e in events) == whole.text
+    assert [t for e in events for t in e.token_ids] == whole.token_ids
+    assert events[-1].finish_reason == "length"
+    # breaking out of a stream cancels it; every stage frees the request's cache
+    stream = cluster.stream("Tell me", max_new_tokens=200, ignore_eos=True)
+    next(stream)
+    stream.close()
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        engines = [s for s in cluster.status()["engines"] if "stage_index" in s]
+        if all(s["kv_cache_bytes"] == 0 and s["active_requests"] == 0 for s in engines):
+            break
+        time.sleep(0.05)
+    assert all(s["kv_cache_bytes"] == 0 and s["active_requests"] == 0 for s in engines)
+
+
+def test_chat_uses_the_chat_template(cluster, tiny_model_dir):
+    model_dir = tiny_model_dir("qwen2", num_layers=6)
+    cluster.load(str(model_dir), min_stages=2, progress=False)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    expected_prompt = cluster.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if hasattr(expected_prompt, "keys"):
+        expected_prompt = expected_prompt["input_ids"]
+    assert cluster.encode_chat(messages) == list(expected_prompt)
+    result = cluster.chat(messages, max_new_tokens=8, ignore_eos=True)
+    assert result.token_ids == cluster.generate(list(expected_prompt), max_new_tokens=8, ignore_eos=True).token_ids
+
+
+def test_stop_strings_cut_the_text(cluster, tiny_model_dir):
+    cluster.load(str(tiny_model_dir("llama", num_layers=6)), min_stages=2, progress=False)
+    full = cluster.generate("Hello", max_new_tokens=20, ignore_eos=True)
+    stop = full.text[len(full.text) // 2:][:3]
+    assert stop.strip(), f"greedy text too short to pick a stop string: {full.text!r}"
+    cut = cluster.generate("Hello", max_new_tokens=20, stop=stop, ignore_eos=True)
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[:full.text.index(stop)]
+
+
+def test_bad_requests_and_models_leave_the_cluster_usable(cluster, tiny_model_dir, tmp_path):
+    good = tiny_model_dir("llama", num_layers=6)
+    with pytest.raises(ModelError, match="no-such-folder"):
+        cluster.load("./no-such-folder", progress=False)
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache|hf download"):
+        cluster.load("nobody/no-such-model", progress=False)
+    broken = tmp_path / "broken"
+    shutil.copytree(good, broken)
+    shard = sorted(broken.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(ModelError, match=shard.name):
+        cluster.load(str(broken), min_stages=2, progress=False)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(good, corrupt)
+    shard = sorted(corrupt.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ModelError, match=shard.name):
+        cluster.load(str(corrupt), min_stages=2, progress=False)
+    with pytest.raises(PlanError, match="does not fit"):
+        cluster.load(str(good), max_context=2048, max_batch=10**7, progress=False)
+    assert all(not s.get("loaded") for s in cluster.status()["engines"])  # nothing stays allocated
+    cluster.load(str(good), min_stages=2, progress=False)
+    with pytest.raises(RequestError, match="context"):
+        cluster.generate([1] * 10, max_new_tokens=10**6)
+    with pytest.raises(RequestError, match="temperature"):
+        cluster.generate("Hi", temperature=-1)
+    assert cluster.generate("Hi", max_new_tokens=3, ignore_eos=True).completion_tokens == 3
+
+
+def test_engine_death_gives_a_clear_error_and_survivors_reload(tiny_model_dir):
+    model_dir = str(tiny_model_dir("llama", num_layers=6))
+    with exo_lab.Cluster.local(engines=3, max_cores=1) as cluster:
+        cluster.load(model_dir, min_stages=3, progress=False)
+        victim = cluster._pipeline.engines[1]
+        outcome = {}
+
+        def generate():
+            try:
+                cluster.generate("Hello", max_new_tokens=100_000 // 100, ignore_eos=True)
+                outcome["error"] = None
+            except ClusterError as exc:
+                outcome["error"] = exc
+                outcome["at"] = time.monotonic()
+
+        thread = threading.Thread(target=generate)
+        thread.start()
+        time.sleep(0.5)
+        killed_at = time.monotonic()
+        os.kill(victim.pid, signal.SIGKILL)
+        thread.join(30)
+        assert not thread.is_alive()
+        assert isinstance(outcome["error"], ClusterError)
+        assert f"engine {victim.engine_id}" in str(outcome["error"]) and "load" in str(outcome["error"])
+        assert outcome["at"] - killed_at < 10
+        with pytest.raises(ClusterError, match="stopped"):
+            cluster.generate("Hi", max_new_tokens=2)
+        plan = cluster.load(model_dir, min_stages=2, progress=False)
+        assert victim.node not in [s.node for s in plan.stages]
+        assert cluster.generate("Hi", max_new_tokens=3, ignore_eos=True).completion_tokens == 3
+        pids = [p["pid"] for p in cluster._call_all(engine_side.probe_resources, False).values()]
+    time.sleep(0.5)
+    assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
