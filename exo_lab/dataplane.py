@@ -53,7 +53,7 @@ class Kind(enum.IntEnum):
 
     FORWARD = 1     # run these token ids / activations through the stage (meta: positions, ...)
     TOKEN = 2       # last stage -> scheduler: sampled token ids of one request
-    FREE = 3        # drop the request's KV cache, then pass FREE on to the next stage
+    FREE = 3        # the request ended: drop its KV cache (and pass FREE on down the pipeline)
     ERROR = 4       # a stage failed on this request; meta["error"] says why
     PING = 5        # liveness / latency probe; answered with PONG
     PONG = 6
@@ -174,21 +174,19 @@ def _pack_header(msg: Message, tensor: torch.Tensor | None) -> bytes:
                          f"({', '.join(k.name for k in Kind)})")
     if not isinstance(msg.request_id, int) or not 0 <= msg.request_id <= MAX_REQUEST_ID:
         raise FrameError(f"request_id must be an int in [0, 2**64), got {msg.request_id!r}")
+    if not isinstance(msg.meta, dict):
+        raise FrameError(f"Message.meta must be a dict, got {type(msg.meta).__name__}",
+                         msg.request_id)
     dtype_code = 0 if tensor is None else _DTYPE_CODES[tensor.dtype]
     shape = () if tensor is None else tuple(tensor.shape)
     parts = [HEADER.pack(MAGIC, VERSION, kind, msg.request_id, dtype_code, len(shape))]
     parts.extend(DIM.pack(d) for d in shape)
     if msg.meta:
         parts.append(_dump_meta(msg.meta, msg.request_id))
-    elif not isinstance(msg.meta, dict):
-        raise FrameError(f"Message.meta must be a dict, got {type(msg.meta).__name__}",
-                         msg.request_id)
     return b"".join(parts)
 
 
 def _dump_meta(meta: dict, request_id: int) -> bytes:
-    if not isinstance(meta, dict):
-        raise FrameError(f"Message.meta must be a dict, got {type(meta).__name__}", request_id)
     try:
         return _META_ENCODER.encode(meta).encode()
     except (TypeError, ValueError) as exc:
@@ -225,7 +223,7 @@ def _unpack_header(header: memoryview):
     if len(header) < meta_start:
         raise FrameError(f"truncated header: {len(header)} bytes, but {ndim} dims need "
                          f"{meta_start}", request_id)
-    shape = tuple(DIM.unpack_from(header, HEADER.size + DIM.size * i)[0] for i in range(ndim))
+    shape = struct.unpack_from(f"<{ndim}Q", header, HEADER.size)
     return kind, request_id, dtype, shape, _load_meta(header[meta_start:], request_id)
 
 
@@ -565,7 +563,9 @@ def _ping_pong_ms(ping, echo, stop, close, n: int, warmup: int) -> list[float]:
             ping(i)
             samples.append((time.perf_counter_ns() - start_ns) / 2e6)   # one way, ms
     finally:
-        stop()
-        thread.join(timeout=10)
-        close()
+        try:
+            stop()
+        finally:
+            thread.join(timeout=10)   # the echo's recv timeout ends it even if stop() failed
+            close()
     return samples

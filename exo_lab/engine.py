@@ -104,22 +104,32 @@ class StageWorker:
         self._thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
+        """Ask the worker thread to end. The thread closes its own sockets on the way out (a zmq
+        socket must not be closed under a thread still using it, e.g. blocked in a send to a
+        peer that went away)."""
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is None:
+            self._close_sockets()
+        else:
             self._thread.join(timeout_s)
+
+    def _close_sockets(self) -> None:
         self.inbox.close()
         if self.outbox is not None:
             self.outbox.close()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                message = self.inbox.recv(timeout_ms=100)
-            except Exception as exc:  # a corrupt frame must not kill the stage
-                logger.warning("dropped a malformed data-plane message: %s", exc)
-                continue
-            if message is not None:
-                self._handle(message)
+        try:
+            while not self._stop.is_set():
+                try:
+                    message = self.inbox.recv(timeout_ms=100)
+                except Exception as exc:  # a corrupt frame must not kill the stage
+                    logger.warning("dropped a malformed data-plane message: %s", exc)
+                    continue
+                if message is not None:
+                    self._handle(message)
+        finally:
+            self._close_sockets()
 
     def _handle(self, message) -> None:
         from .dataplane import Kind

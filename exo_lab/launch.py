@@ -36,7 +36,7 @@ def engine_environment(*, threads: int | None, device_name: str | None = None) -
     OMP_WAIT_POLICY=PASSIVE keeps a stage that waits for its next message from spinning on
     cores the neighbouring stage on the same machine is computing with.
     """
-    env = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false",
+    env = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false", "PYTHONFAULTHANDLER": "1",
            "PYTHONUNBUFFERED": "1"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)

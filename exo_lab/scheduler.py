@@ -105,6 +105,12 @@ class Scheduler:
         self._receiver = asyncio.ensure_future(self._receive_loop())
 
     async def close(self) -> None:
+        # let the FREEs already on their way come back, so no stage blocks sending to a closed inbox
+        waits = [asyncio.ensure_future(event.wait()) for event in self._freed.values()]
+        if waits:
+            await asyncio.wait(waits, timeout=2.0)
+            for wait in waits:
+                wait.cancel()
         if self._receiver is not None:
             self._receiver.cancel()
             try:

@@ -1,0 +1,21 @@
+"""The OpenAI-compatible HTTP API, served by tornado on the cluster's event loop.
+
+Routes: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``,
+``POST /v1/completions`` (both stream as server-sent events with ``"stream": true``),
+``GET /health`` and ``GET /metrics`` (Prometheus text format).
+
+- API key: optional. When set, every route but /health needs ``Authorization: Bearer <key>``
+  (/health stays open for probes; it reveals only the model id or why the cluster is unhealthy).
+- Request bodies: at most ``MAX_BODY_BYTES`` (1 MiB); larger ones get a 413.
+- Errors: OpenAI's body ``{"error": {"message", "type", "param", "code"}}``. A request field this
+  server cannot honour is refused with a 400 naming it (see exo_lab.api.params), never ignored.
+- A client that disconnects cancels its generation; every stage frees its KV cache at once.
+
+Use ``cluster.serve(host="127.0.0.1", port=8000, api_key=None)``; it calls :func:`start_server`.
+"""
+from __future__ import annotations
+
+from .base import MAX_BODY_BYTES
+from .server import ApiServer, start_server
+
+__all__ = ["ApiServer", "MAX_BODY_BYTES", "start_server"]

@@ -1,0 +1,80 @@
+"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with the right status.
+
+Handlers raise :class:`ApiError` (or let an exo-lab error escape); the base handler renders the
+body through :func:`api_error_from`, so every failure a client sees has the same shape.
+"""
+from __future__ import annotations
+
+from http import HTTPStatus
+
+import tornado.web
+
+from ..errors import ClusterError, ExoLabError, RequestError
+
+
+class ApiError(Exception):
+    """An HTTP error with an OpenAI error body.
+
+    status: the HTTP status. type: OpenAI's error type ("invalid_request_error",
+    "authentication_error", "server_error"...). param: the request field at fault, if any.
+    code: a machine-readable reason ("model_not_found", "context_length_exceeded"...).
+    """
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def unsupported(param: str, allowed: str) -> ApiError:
+    """A field exo-lab does not implement: refused by name instead of being silently ignored."""
+    return ApiError(400, f"'{param}' is not supported by this server; leave it out or set it to {allowed}",
+                    param=param, code="unsupported_parameter")
+
+
+def api_error_from(exc: BaseException | None, status: int = 500) -> ApiError:
+    """The ApiError a client sees for any exception a handler let escape."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, RequestError):
+        return bad_request(str(exc), param=exc.param)
+    if isinstance(exc, ClusterError):
+        return ApiError(503, f"the cluster cannot serve this request: {exc}", type="server_error",
+                        code="cluster_unavailable")
+    if isinstance(exc, ExoLabError):
+        return ApiError(500, str(exc), type="server_error", code="internal_error")
+    if isinstance(exc, tornado.web.HTTPError):
+        return _from_http_error(exc)
+    return _from_status(status)
+
+
+def _from_http_error(exc: tornado.web.HTTPError) -> ApiError:
+    if exc.status_code == 405:
+        return ApiError(405, f"method not allowed: {exc.log_message or 'this route does not accept it'}",
+                        code="method_not_allowed")
+    error = _from_status(exc.status_code)
+    if exc.log_message and exc.status_code < 500:
+        error.message = exc.log_message % exc.args if exc.args else exc.log_message
+    return error
+
+
+def _from_status(status: int) -> ApiError:
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "error"
+    if status >= 500:
+        return ApiError(status, "the server hit an unexpected error; it is logged on the server, and the "
+                        "server keeps serving", type="server_error", code="internal_error")
+    return ApiError(status, phrase, code=phrase.lower().replace(" ", "_"))

@@ -1,0 +1,270 @@
+"""Request bodies -> :class:`GenerationRequest`, one OpenAI field at a time.
+
+Every field of OpenAI's chat and completions requests is in one of three groups:
+- honoured: model, messages / prompt, max_tokens (max_completion_tokens for chat), temperature,
+  top_p, top_k (an extension), seed, stop, stream, stream_options.include_usage, user (logged);
+- accepted only at its default, refused otherwise (``DEFAULT_ONLY``): n=1, logprobs off,
+  penalties 0, no logit_bias, no tools, text output, nothing stored...;
+- anything else is refused with a 400 that names it, never ignored.
+
+Defaults follow OpenAI: temperature 1, top_p 1; max_tokens is what is left of the context for
+chat and 16 for completions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..chat import normalize_messages
+from ..errors import ClusterError
+from ..sampling import SamplingParams
+from .errors import ApiError, bad_request, unsupported
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
+SEED_RANGE = (-2**63, 2**64)          # what torch.Generator.manual_seed takes (half-open)
+
+SHARED_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+                           "stream", "stream_options", "user"})
+CHAT_FIELDS = SHARED_FIELDS | {"messages", "max_completion_tokens"}
+COMPLETION_FIELDS = SHARED_FIELDS | {"prompt"}
+
+# field -> (the values accepted, as the error message writes them)
+SHARED_DEFAULT_ONLY = {
+    "n": ((None, 1), "1"),
+    "presence_penalty": ((None, 0), "0"),
+    "frequency_penalty": ((None, 0), "0"),
+    "logit_bias": ((None, {}), "null"),
+    "service_tier": ((None, "auto", "default"), '"auto"'),
+}
+CHAT_DEFAULT_ONLY = {
+    **SHARED_DEFAULT_ONLY,
+    "logprobs": ((None, False), "false"),
+    "top_logprobs": ((None,), "null"),
+    "response_format": ((None, {"type": "text"}), '{"type": "text"}'),
+    "modalities": ((None, ["text"]), '["text"]'),
+    "store": ((None, False), "false"),
+    "metadata": ((None, {}), "null"),
+    **{name: ((None,), "null") for name in ("tools", "tool_choice", "parallel_tool_calls", "functions",
+                                            "function_call", "audio", "prediction", "reasoning_effort",
+                                            "web_search_options", "verbosity")},
+}
+COMPLETION_DEFAULT_ONLY = {
+    **SHARED_DEFAULT_ONLY,
+    "logprobs": ((None,), "null"),
+    "echo": ((None, False), "false"),
+    "suffix": ((None,), "null"),
+    "best_of": ((None, 1), "1"),
+}
+MESSAGE_FIELDS = ("role", "content")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated generation request, ready for ``cluster.astream``."""
+
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool      # streaming only: send a usage chunk before [DONE]
+    user: str | None         # the caller's end-user id; logged with the request
+
+
+def parse_chat_request(body: dict, cluster) -> GenerationRequest:
+    """Validate a /v1/chat/completions body; raises ApiError (or RequestError for bad messages)."""
+    check_fields(body, CHAT_FIELDS, CHAT_DEFAULT_ONLY)
+    check_model(body, cluster)
+    prompt_ids = cluster.encode_chat(chat_messages(body))
+    max_tokens = chat_max_tokens(body)
+    if max_tokens is None:
+        # OpenAI's default: whatever the context has left after the prompt.
+        max_tokens = max(cluster.context_length - len(prompt_ids), 1)
+    return generation_request(body, prompt_ids, max_tokens)
+
+
+def parse_completion_request(body: dict, cluster) -> GenerationRequest:
+    """Validate a /v1/completions body; raises ApiError."""
+    check_fields(body, COMPLETION_FIELDS, COMPLETION_DEFAULT_ONLY)
+    check_model(body, cluster)
+    prompt_ids = completion_prompt(body, cluster)
+    max_tokens = integer(body, "max_tokens", minimum=1)
+    return generation_request(body, prompt_ids,
+                              COMPLETIONS_DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens)
+
+
+def generation_request(body: dict, prompt_ids: list[int], max_tokens: int) -> GenerationRequest:
+    stream = boolean(body, "stream", default=False)
+    params = SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=number(body, "temperature", default=1.0),
+        top_p=number(body, "top_p", default=1.0),
+        top_k=integer(body, "top_k", minimum=0) or 0,
+        seed=seed(body),
+        stop=stop_strings(body))
+    return GenerationRequest(prompt_ids=tuple(prompt_ids), params=params, stream=stream,
+                             include_usage=include_usage(body, stream), user=string(body, "user"))
+
+
+# ---------------------------------------------------------------- fields
+def check_fields(body: dict, honoured: frozenset, default_only: dict) -> None:
+    """Refuse, by name, every field that is unknown or set to a value this server cannot honour."""
+    for name, value in body.items():
+        if name in honoured:
+            continue
+        if name not in default_only:
+            known = ", ".join(sorted(honoured | default_only.keys()))
+            raise bad_request(f"unrecognized request argument '{name}'; this endpoint takes: {known}",
+                              param=name, code="unknown_parameter")
+        accepted, say = default_only[name]
+        if not any(_same(value, default) for default in accepted):
+            raise unsupported(name, say)
+
+
+def _same(value, default) -> bool:
+    """Equality that does not take True for 1 or 0 for False."""
+    if isinstance(value, bool) or isinstance(default, bool):
+        return value is default
+    return value == default
+
+
+def check_model(body: dict, cluster) -> None:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("'model' is required: the id of the loaded model (see GET /v1/models)", param="model")
+    if not cluster.loaded:
+        raise ClusterError("no model is loaded; load one with cluster.load(...)")
+    if model != cluster.model_id:
+        raise ApiError(404, f"the model '{model}' does not exist here; this server runs "
+                       f"'{cluster.model_id}'", param="model", code="model_not_found")
+
+
+def chat_messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for index, message in enumerate(messages):
+            extra = sorted(set(message) - set(MESSAGE_FIELDS)) if isinstance(message, dict) else []
+            if extra:
+                raise unsupported(f"messages[{index}].{extra[0]}", "nothing (only role and content are used)")
+    return normalize_messages(messages)
+
+
+def chat_max_tokens(body: dict) -> int | None:
+    legacy = integer(body, "max_tokens", minimum=1)
+    current = integer(body, "max_completion_tokens", minimum=1)
+    if legacy is not None and current is not None and legacy != current:
+        raise bad_request(f"max_tokens ({legacy}) and max_completion_tokens ({current}) disagree; "
+                          "send only max_completion_tokens", param="max_completion_tokens")
+    return current if current is not None else legacy
+
+
+def completion_prompt(body: dict, cluster) -> list[int]:
+    """A string or a list of token ids (a batch of exactly one of those is unwrapped)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        ids = cluster.encode(prompt)
+    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        ids = _checked_token_ids(prompt, len(cluster.tokenizer))
+    else:
+        raise bad_request("'prompt' must be a string or a list of token ids (batches of several prompts "
+                          "are not supported: send one request per prompt)", param="prompt")
+    if not ids:
+        raise bad_request("'prompt' is empty: it must hold at least one token", param="prompt")
+    return ids
+
+
+def _checked_token_ids(ids: list[int], vocab_size: int) -> list[int]:
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise bad_request(f"'prompt' holds token id {bad[0]}, outside this model's vocabulary "
+                          f"[0, {vocab_size})", param="prompt")
+    return list(ids)
+
+
+def stop_strings(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise bad_request("'stop' must be a non-empty string or a list of non-empty strings", param="stop")
+    return tuple(stop)
+
+
+def include_usage(body: dict, stream: bool) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not stream:
+        raise bad_request("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    if not isinstance(options, dict):
+        raise bad_request("'stream_options' must be an object like {\"include_usage\": true}",
+                          param="stream_options")
+    for name in options:
+        if name != "include_usage":
+            raise unsupported(f"stream_options.{name}", "nothing (only include_usage is supported)")
+    return boolean(options, "include_usage", default=False, prefix="stream_options.")
+
+
+def seed(body: dict) -> int | None:
+    value = integer(body, "seed")
+    low, high = SEED_RANGE
+    if value is not None and not low <= value < high:
+        raise bad_request(f"'seed' must be in [{low}, {high}), got {value}", param="seed")
+    return value
+
+
+# ---------------------------------------------------------------- JSON types
+def integer(body: dict, name: str, *, minimum: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not _is_int(value):
+        raise bad_request(f"'{name}' must be an integer, got {json_type(value)} {_short(value)}", param=name)
+    if minimum is not None and value < minimum:
+        raise bad_request(f"'{name}' must be >= {minimum}, got {value}", param=name)
+    return value
+
+
+def number(body: dict, name: str, *, default: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad_request(f"'{name}' must be a number, got {json_type(value)} {_short(value)}", param=name)
+    return float(value)
+
+
+def boolean(body: dict, name: str, *, default: bool, prefix: str = "") -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad_request(f"'{prefix}{name}' must be true or false, got {json_type(value)} {_short(value)}",
+                          param=prefix + name)
+    return value
+
+
+def string(body: dict, name: str) -> str | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise bad_request(f"'{name}' must be a string, got {json_type(value)} {_short(value)}", param=name)
+    return value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def json_type(value) -> str:
+    """The JSON name of a parsed value's type, for error messages."""
+    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+                       (list, "an array"), (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return "null" if value is None else type(value).__name__
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

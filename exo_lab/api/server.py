@@ -1,0 +1,120 @@
+"""The tornado application, its routes, and :class:`ApiServer` (the handle ``Cluster.serve`` returns)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+
+from .base import MAX_BODY_BYTES, NotFoundHandler
+from .generation import ChatCompletionsHandler, CompletionsHandler
+from .handlers import HealthHandler, MetricsHandler, ModelHandler, ModelsHandler
+
+logger = logging.getLogger("exo_lab.api")
+
+STOP_TIMEOUT_S = 10.0
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+
+
+class ApiServer:
+    """A running API server. ``url`` is where clients reach it (the real port when 0 was asked for);
+    :meth:`stop` may be called from any thread but the loop's own."""
+
+    def __init__(self, cluster, *, host: str, api_key: str | None):
+        self.cluster = cluster
+        self.host = host
+        self.api_key = api_key
+        self.port: int | None = None
+        self.started = int(time.time())
+        self._http: tornado.httpserver.HTTPServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._responses: dict[int, int] = {}        # HTTP status -> count
+
+    def __repr__(self) -> str:
+        return f"<exo_lab ApiServer {self.url} key={'set' if self.api_key else 'none'}>"
+
+    @property
+    def url(self) -> str:
+        host = socket.gethostname() if self.host in WILDCARD_HOSTS else self.host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}"
+
+    async def astart(self, port: int) -> None:
+        sockets = tornado.netutil.bind_sockets(port, address=self.host or None)
+        self.port = sockets[0].getsockname()[1]
+        self._loop = asyncio.get_running_loop()
+        self._http = tornado.httpserver.HTTPServer(make_app(self), max_body_size=MAX_BODY_BYTES)
+        self._http.add_sockets(sockets)
+        logger.info("serving the OpenAI-compatible API at %s/v1 (API key %s)", self.url,
+                    "required" if self.api_key else "not required")
+
+    async def astop(self) -> None:
+        """Stop listening and close every connection (streams in flight are cancelled)."""
+        if self._http is None:
+            return
+        http, self._http = self._http, None
+        http.stop()
+        await asyncio.wait_for(http.close_all_connections(), STOP_TIMEOUT_S)
+        logger.info("stopped serving %s", self.url)
+
+    def stop(self) -> None:
+        """Stop the server and wait until it has (from any thread; from the loop itself, it is scheduled)."""
+        loop = self._loop
+        if self._http is None or loop is None or loop.is_closed():
+            return
+        future = asyncio.run_coroutine_threadsafe(self.astop(), loop)
+        if _running_in(loop):
+            return
+        future.result(STOP_TIMEOUT_S + 1)
+
+    # ------------------------------------------------------------------ shared with handlers
+    def model_card(self) -> dict:
+        return {"id": self.cluster.model_id, "object": "model", "created": self.started, "owned_by": "exo-lab"}
+
+    def count_response(self, status: int) -> None:
+        self._responses[status] = self._responses.get(status, 0) + 1
+
+    def http_metrics(self) -> str:
+        lines = ["# HELP exo_lab_http_responses_total HTTP responses sent by the API, by status code.",
+                 "# TYPE exo_lab_http_responses_total counter"]
+        lines += [f'exo_lab_http_responses_total{{code="{code}"}} {count}'
+                  for code, count in sorted(self._responses.items())]
+        return "\n".join(lines) + "\n"
+
+
+def make_app(server: ApiServer) -> tornado.web.Application:
+    routes = [
+        (r"/v1/models", ModelsHandler),
+        (r"/v1/models/(.+)", ModelHandler),
+        (r"/v1/chat/completions", ChatCompletionsHandler),
+        (r"/v1/completions", CompletionsHandler),
+        (r"/health", HealthHandler),
+        (r"/metrics", MetricsHandler),
+    ]
+    return tornado.web.Application(
+        [(pattern, handler, {"server": server}) for pattern, handler in routes],
+        default_handler_class=NotFoundHandler, default_handler_args={"server": server})
+
+
+async def start_server(cluster, *, host: str = "127.0.0.1", port: int = 8000,
+                       api_key: str | None = None) -> ApiServer:
+    """Start serving ``cluster`` on the running loop (the cluster's loop thread); returns at once.
+
+    port 0 lets the OS pick (``server.port`` tells which). With ``api_key`` set, every route but
+    /health needs ``Authorization: Bearer <api_key>``. Raises OSError when the port is taken.
+    """
+    server = ApiServer(cluster, host=host, api_key=api_key or None)
+    await server.astart(port)
+    return server
+
+
+def _running_in(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
