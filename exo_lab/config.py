@@ -59,18 +59,21 @@ key                             required  default      meaning
 ``memory_bandwidth``            no        none         speed hint for the planner: effective
                                                        memory bandwidth, a size with an optional
                                                        ``/s``, e.g. ``20GB/s`` (decode is
-                                                       memory-bound); none = measure or estimate
+                                                       memory-bound); none = 20 GB/s (CPU),
+                                                       500 GB/s (GPU): planner.DEFAULT_BANDWIDTH
 ``engines``                     no        ``1``        ipyparallel engines (pipeline stages) this
                                                        PC runs; only on compute devices
 ``address``                     no        hostname     host name or IP to connect to, when
                                                        ``hostname`` does not resolve
 **network**
-``discovery``                   no        ``manual``   ``manual``: use the devices listed;
-                                                       ``auto``: find the PCs on the network
+``discovery``                   no        ``manual``   ``manual``: use only the devices listed;
+                                                       ``auto``: also use engines that join from
+                                                       PCs not listed (no mDNS scan yet: workers
+                                                       still join with the connection file)
 ``controller_port``             no        ``10101``    ipyparallel registration port on the
                                                        coordinator (1-65535)
 ``hop_latency_ms``              no        none         planner hint: milliseconds one stage-to-
-                                                       stage hop costs (>= 0); none = estimate
+                                                       stage hop costs (>= 0); none = 0.5
 **api**
 ``host``                        no        127.0.0.1    address the OpenAI-compatible API binds
 ``port``                        no        ``8000``     its port (1-65535)

@@ -194,7 +194,7 @@ def test_two_compute_example_uses_every_optional_key():
     assert a.roles == ("coordinator", "storage", "compute")
     assert (a.max_memory_bytes, b.max_memory_bytes) == (128 * 10**9, 128 * 10**9)
     assert a.memory_bandwidth_bytes_per_s == 60e9
-    assert b.memory_bandwidth_bytes_per_s == 20e9
+    assert b.memory_bandwidth_bytes_per_s is None   # a GPU PC: the planner default for its kind
     assert (a.engines, a.address, b.address) == (1, "192.168.1.10", None)
     assert cfg.network == NetworkConfig("manual", 10101, 0.5)
     assert cfg.api == ApiConfig("0.0.0.0", 8000, "EXO_LAB_API_KEY", None)

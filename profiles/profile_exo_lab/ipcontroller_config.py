@@ -1,0 +1,10 @@
+# ipyparallel controller settings exo-lab runs with (exo_lab/launch.py passes the same values
+# on the command line; tests/test_profiles.py checks that the two agree).
+# Use this profile for your own ipcluster:  ipcluster start --profile-dir=profiles/profile_exo_lab -n 2
+c = get_config()  # noqa: F821
+
+# A dead engine is noticed within period x (misses + 1) = 5 s.
+c.HeartMonitor.period = 1000
+c.HeartMonitor.max_heartmonitor_misses = 4
+# exo-lab keeps no task history: per-token traffic never rides ipyparallel anyway.
+c.IPController.db_class = "NoDB"

@@ -1,0 +1,25 @@
+"""The shipped IPython profile and the settings exo-lab passes on the command line agree."""
+from pathlib import Path
+
+from traitlets.config.loader import PyFileConfigLoader
+
+from exo_lab import launch
+
+PROFILE = Path(__file__).resolve().parent.parent / "profiles" / "profile_exo_lab"
+
+
+def test_controller_profile_matches_launch_settings():
+    config = PyFileConfigLoader("ipcontroller_config.py", path=str(PROFILE)).load_config()
+    assert config.HeartMonitor.period == launch.HEARTBEAT_PERIOD_MS
+    assert config.HeartMonitor.max_heartmonitor_misses == launch.HEARTBEAT_MISSES
+    args = launch.controller_args()
+    assert f"--HeartMonitor.period={config.HeartMonitor.period}" in args
+    assert f"--HeartMonitor.max_heartmonitor_misses={config.HeartMonitor.max_heartmonitor_misses}" in args
+    assert f"--IPController.db_class={config.IPController.db_class}" in args
+
+
+def test_engine_environment_limits_threads_and_spinning():
+    env = launch.engine_environment(threads=3, device_name="system-b.local")
+    assert env["OMP_NUM_THREADS"] == "3" and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert env["EXO_LAB_DEVICE"] == "system-b.local"
+    assert "OMP_NUM_THREADS" not in launch.engine_environment(threads=None)

@@ -1,0 +1,116 @@
+"""`python -m exo_lab.server` and `python -m exo_lab.worker` as two processes on this machine,
+joined through the controller's connection file, serving the OpenAI API."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+import pytest
+
+CONFIG = """\
+cluster_name: services_test
+devices:
+  - hostname: coordinator.test
+    roles: [coordinator]
+    address: 127.0.0.1
+  - hostname: worker-a.test
+    roles: [compute]
+    max_memory: 4GB
+    max_cores: 1
+    engines: 2
+network:
+  discovery: manual
+  controller_port: {controller_port}
+api:
+  port: {api_port}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_line(process, text: str, timeout_s: float) -> list[str]:
+    lines = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if line:
+            lines.append(line)
+            if text in line:
+                return lines
+        elif process.poll() is not None:
+            break
+    raise AssertionError(f"never saw {text!r}; output:\n{''.join(lines)}")
+
+
+def stop(process) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    controller_port = free_port()
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG.format(controller_port=controller_port, api_port=free_port()))
+    return path
+
+
+def test_server_and_worker_processes_serve_a_split_model(config_file, tmp_path):
+    env = {**os.environ, "EXO_LAB_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
+    api_port = int(config_file.read_text().split("port: ")[-1])
+    server = subprocess.Popen([sys.executable, "-m", "exo_lab.server", "--config", str(config_file),
+                               "--model", "demo"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env)
+    worker = subprocess.Popen([sys.executable, "-m", "exo_lab.worker", "--config", str(config_file),
+                               "--device", "worker-a.test"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env)
+    children = []
+    try:
+        wait_for_line(worker, "joining", 60)
+        lines = wait_for_line(server, "serving", 120)
+        assert any("worker-a.test#0" in line for line in lines) and any("worker-a.test#1" in line for line in lines)
+        children = psutil.Process(worker.pid).children(recursive=True) + psutil.Process(server.pid).children(recursive=True)
+        base = f"http://127.0.0.1:{api_port}"
+        with urllib.request.urlopen(base + "/v1/models", timeout=10) as response:
+            assert json.load(response)["data"][0]["id"] == "demo"
+        body = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "Hi"}],
+                           "max_tokens": 5}).encode()
+        request = urllib.request.Request(base + "/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            reply = json.load(response)
+        assert reply["choices"][0]["finish_reason"] in ("stop", "length")
+        assert reply["usage"]["completion_tokens"] >= 1
+    finally:
+        stop(server)
+        stop(worker)
+    assert server.returncode == 0
+    # each engine's ipyparallel nanny exits a few seconds after its engine
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(running(p) for p in children):
+        time.sleep(0.25)
+    left = [p.pid for p in children if running(p)]
+    assert not left, f"processes left running: {left}"
+
+
+def running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
