@@ -1,0 +1,103 @@
+"""`exo-lab` as a user runs it: exit codes, one-line errors, the plan table and its JSON."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "config.yaml"
+TWO_COMPUTE = ROOT / "examples" / "two-compute.yaml"
+MODELS = ROOT / "examples" / "models"
+BAD_CONFIGS = ROOT / "tests" / "data" / "configs"
+
+
+def exo_lab(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "exo_lab.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def test_check_config_accepts_the_users_example():
+    result = exo_lab("check-config", EXAMPLE)
+    assert result.returncode == 0, result.stderr
+    assert "engineering_cluster" in result.stdout
+    assert "system-a.local" in result.stdout and "system-b.local" in result.stdout
+    assert "128 GB" in result.stdout
+
+
+@pytest.mark.parametrize("name, fragments", [
+    ("unknown-key.yaml", ["unknown key", "did you mean"]),
+    ("bad-size.yaml", ["max_memory", "GB"]),
+    ("yaml-syntax.yaml", ["line 8"]),
+    ("no-coordinator.yaml", ["coordinator"]),
+])
+def test_check_config_errors_are_one_clear_line(name, fragments):
+    result = exo_lab("check-config", BAD_CONFIGS / name)
+    assert_user_error(result, name, *fragments)
+
+
+def test_check_config_missing_file():
+    assert_user_error(exo_lab("check-config", "no/such/config.yaml"), "no/such/config.yaml")
+
+
+def test_plan_70b_fits_on_two_compute_pcs_as_json():
+    result = exo_lab("plan", "--config", TWO_COMPUTE, "--model", MODELS / "llama-3.1-70b", "--dtype",
+                     "bfloat16", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["dtype"] == "bfloat16" and plan["objective"] == "latency"
+    stages = plan["stages"]
+    assert [s["node"] for s in stages] == ["system-a.local", "system-b.local"]
+    assert stages[0]["start_layer"] == 0 and stages[-1]["stop_layer"] == 80
+    assert stages[0]["stop_layer"] == stages[1]["start_layer"]
+    assert all(s["total_bytes"] <= s["budget_bytes"] == 128 * 10**9 for s in stages)
+    assert sum(s["weights_bytes"] for s in stages) >= 141 * 10**9
+    assert plan["predicted_ms_per_token"] > 0 and plan["unused_nodes"] == []
+
+
+def test_plan_70b_does_not_fit_the_single_compute_pc_of_the_example():
+    result = exo_lab("plan", "--config", EXAMPLE, "--model", MODELS / "llama-3.1-70b", "--dtype", "bfloat16")
+    assert_user_error(result, "does not fit", "141.1 GB", "128 GB", "system-b.local")
+
+
+def test_plan_405b_fails_with_the_numbers():
+    result = exo_lab("plan", "--config", TWO_COMPUTE, "--model", MODELS / "llama-3.1-405b", "--dtype",
+                     "bfloat16")
+    assert_user_error(result, "does not fit", "811.7 GB", "256 GB", "add compute nodes")
+
+
+def test_plan_table_for_the_demo_model():
+    result = exo_lab("plan", "--config", TWO_COMPUTE, "--model", "demo", "--objective", "throughput",
+                     "--min-stages", "2")
+    assert result.returncode == 0, result.stderr
+    assert "system-a.local" in result.stdout and "system-b.local" in result.stdout
+    assert "ms/token" in result.stdout
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["plan", "--config", str(EXAMPLE), "--model", "nobody/not-cached"], "hf download"),
+    (["plan", "--config", str(EXAMPLE), "--model", "./missing-folder"], "missing-folder"),
+])
+def test_plan_bad_model_ids(args, fragment):
+    assert_user_error(exo_lab(*args), fragment)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["plan", "--config", str(EXAMPLE), "--model", "demo", "--dtype", "int3"], "invalid choice"),
+    (["plan", "--config", str(EXAMPLE), "--model", "demo", "--max-context", "-5"], "must be >= 1"),
+    (["serve", "--engines", "0"], "must be >= 1"),
+    (["serve", "--engines", "2", "--port", "99999"], "port"),
+    (["no-such-command"], "invalid choice"),
+])
+def test_bad_flags_exit_2_with_usage(args, fragment):
+    assert_user_error(exo_lab(*args), fragment)
