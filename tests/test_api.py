@@ -191,29 +191,107 @@ def _stage_rows(cluster) -> list[dict]:
     return [row for row in cluster.status()["engines"] if "stage_index" in row]
 
 
-def test_disconnect_mid_stream_frees_every_stage_at_once(server, cluster):
-    aborted_before = cluster.metrics.requests_finished.get("aborted", 0)
-    body = json.dumps({"model": "demo", "messages": MESSAGES, "max_tokens": 1500, "temperature": 0,
-                       "stream": True}).encode()
-    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
-               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-    sock.sendall(request)
+def _all_stages_free(cluster) -> bool:
+    return all(row["kv_cache_bytes"] == 0 and row["active_requests"] == 0 for row in _stage_rows(cluster))
+
+
+def _all_stages_busy(cluster) -> bool:
+    return all(row["kv_cache_bytes"] > 0 and row["active_requests"] == 1 for row in _stage_rows(cluster))
+
+
+@pytest.fixture(scope="module")
+def long_messages(cluster) -> list[dict]:
+    """A conversation whose greedy answer runs past 256 tokens (no early end of sequence), so a
+    request with a large max_tokens is surely still generating when the test hangs up."""
+    for content in ("Tell me a long story.", "Count to a thousand.", "Hello", "Describe the sea.", "Why?"):
+        messages = [{"role": "user", "content": content}]
+        if cluster.generate(cluster.encode_chat(messages), max_new_tokens=256).finish_reason == "length":
+            return messages
+    pytest.fail("every candidate prompt reaches end of sequence within 256 tokens")
+
+
+def _send_raw_chat(port: int, messages: list[dict], **fields) -> socket.socket:
+    """A chat request written by hand on a socket the test can close whenever it likes."""
+    body = json.dumps({"model": "demo", "messages": messages, "temperature": 0, **fields}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def _read_events(sock: socket.socket, count: int) -> bytes:
     received = b""
-    while received.count(b"data: ") < 3:            # the role chunk and two content chunks
-        received += sock.recv(65536)
-    assert received.startswith(b"HTTP/1.1 200")
-    busy = _stage_rows(cluster)
-    assert all(row["active_requests"] == 1 and row["kv_cache_bytes"] > 0 for row in busy), busy
-    sock.close()
-    closed = time.monotonic()
-    rows, _ = wait_until(lambda: (lambda r: r if all(x["kv_cache_bytes"] == 0 and x["active_requests"] == 0
-                                                      for x in r) else None)(_stage_rows(cluster)), 1.0)
-    freed_s = time.monotonic() - closed
-    assert rows, f"stages still hold the request {freed_s:.2f} s after the client left: {_stage_rows(cluster)}"
-    assert freed_s < 1.0
+    while received.count(b"data: ") < count:
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the stream early: {received!r}"
+        received += chunk
+    return received
+
+
+def _assert_freed_within_1s(cluster, aborted_before: int) -> None:
+    left = time.monotonic()
+    freed, _ = wait_until(lambda: _all_stages_free(cluster), 1.0)
+    waited_s = time.monotonic() - left
+    assert freed and waited_s < 1.0, f"stages still hold the request {waited_s:.2f} s later: {_stage_rows(cluster)}"
     assert cluster.metrics.requests_finished.get("aborted", 0) == aborted_before + 1
     assert cluster.metrics.in_flight == 0
+
+
+def test_disconnect_mid_stream_frees_every_stage_at_once(server, cluster, long_messages):
+    aborted_before = cluster.metrics.requests_finished.get("aborted", 0)
+    sock = _send_raw_chat(server.port, long_messages, max_tokens=1500, stream=True)
+    assert _read_events(sock, 3).startswith(b"HTTP/1.1 200")     # the role chunk and two content chunks
+    assert _all_stages_busy(cluster), _stage_rows(cluster)
+    sock.close()
+    _assert_freed_within_1s(cluster, aborted_before)
+    assert_serving_openai(server)
+
+
+def test_disconnect_while_waiting_for_a_whole_completion_frees_every_stage(server, cluster, long_messages):
+    aborted_before = cluster.metrics.requests_finished.get("aborted", 0)
+    sock = _send_raw_chat(server.port, long_messages, max_tokens=1500)
+    busy, _ = wait_until(lambda: _all_stages_busy(cluster), 10.0)
+    assert busy, _stage_rows(cluster)
+    sock.close()
+    _assert_freed_within_1s(cluster, aborted_before)
+    assert_serving_openai(server)
+
+
+def test_stopping_a_server_cancels_its_streams(cluster, long_messages):
+    from exo_lab.api import start_server
+
+    # A second server on the same cluster (Cluster.serve would replace the module's one).
+    extra = cluster._loop.run(start_server(cluster, host="127.0.0.1", port=0, api_key=API_KEY))
+    aborted_before = cluster.metrics.requests_finished.get("aborted", 0)
+    sock = _send_raw_chat(extra.port, long_messages, max_tokens=1500, stream=True)
+    _read_events(sock, 2)
+    started = time.monotonic()
+    extra.stop()
+    assert time.monotonic() - started < 2.0
+    _assert_freed_within_1s(cluster, aborted_before)
+    sock.settimeout(5)
+    while sock.recv(65536):          # the server closed the connection: recv reaches the end
+        pass
+    sock.close()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", extra.port), timeout=2).close()
+
+
+def test_an_empty_or_unsendable_api_key_is_refused():
+    import asyncio
+
+    from exo_lab.api import start_server
+    from exo_lab.errors import ConfigError
+
+    for key in ("", "two words", "cl\u00e9", "line\nbreak"):
+        with pytest.raises(ConfigError, match="api_key=None"):
+            asyncio.run(start_server(None, host="127.0.0.1", port=0, api_key=key))
+
+
+def assert_serving_openai(server) -> None:
+    with openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0) as fresh:
+        assert fresh.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=2).choices
 
 
 def test_health_and_metrics(server, client):

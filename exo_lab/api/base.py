@@ -10,7 +10,7 @@ import tornado.web
 from ..errors import ClusterError, RequestError
 from .errors import ApiError, api_error_from, bad_request
 
-logger = logging.getLogger("exo_lab.api")
+logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20          # 1 MiB: far above any chat a context window can hold
 # Larger bodies (up to this) are read and dropped so the client gets its 413 before the connection
@@ -106,11 +106,11 @@ class JsonBodyHandler(ApiHandler):
         if self._body_bytes <= MAX_BODY_BYTES:
             self._body += chunk
 
-    async def post(self, *args) -> None:
+    async def post(self) -> None:
         self.check_api_key()
-        await self.handle(self.json_body(), *args)
+        await self.handle(self.json_body())
 
-    async def handle(self, body: dict, *args) -> None:
+    async def handle(self, body: dict) -> None:
         raise NotImplementedError
 
     def json_body(self) -> dict:
@@ -118,7 +118,7 @@ class JsonBodyHandler(ApiHandler):
             raise body_too_large(self._body_bytes)
         try:
             body = json.loads(bytes(self._body).decode("utf-8"), parse_constant=_refuse_constant)
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:   # RecursionError: [[[[...]]]]
             raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object", code="invalid_json")

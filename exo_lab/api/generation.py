@@ -19,7 +19,7 @@ from .base import JsonBodyHandler, dumps
 from .errors import api_error_from, bad_request
 from .params import GenerationRequest, parse_chat_request, parse_completion_request
 
-logger = logging.getLogger("exo_lab.api")
+logger = logging.getLogger(__name__)
 
 
 class GenerationHandler(JsonBodyHandler):

@@ -4,18 +4,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import threading
 import time
 
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
+from ..errors import ConfigError
 from .base import MAX_BODY_BYTES, NotFoundHandler
 from .generation import ChatCompletionsHandler, CompletionsHandler
 from .handlers import HealthHandler, MetricsHandler, ModelHandler, ModelsHandler
 
-logger = logging.getLogger("exo_lab.api")
+logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 10.0
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
@@ -65,7 +65,7 @@ class ApiServer:
     def stop(self) -> None:
         """Stop the server and wait until it has (from any thread; from the loop itself, it is scheduled)."""
         loop = self._loop
-        if self._http is None or loop is None or loop.is_closed():
+        if self._http is None or loop is None or not loop.is_running():
             return
         future = asyncio.run_coroutine_threadsafe(self.astop(), loop)
         if _running_in(loop):
@@ -106,11 +106,24 @@ async def start_server(cluster, *, host: str = "127.0.0.1", port: int = 8000,
     """Start serving ``cluster`` on the running loop (the cluster's loop thread); returns at once.
 
     port 0 lets the OS pick (``server.port`` tells which). With ``api_key`` set, every route but
-    /health needs ``Authorization: Bearer <api_key>``. Raises OSError when the port is taken.
+    /health needs ``Authorization: Bearer <api_key>``. Raises ConfigError for an empty or
+    unsendable key, OSError when the port is taken.
     """
-    server = ApiServer(cluster, host=host, api_key=api_key or None)
+    check_api_key(api_key)
+    server = ApiServer(cluster, host=host, api_key=api_key)
     await server.astart(port)
     return server
+
+
+def check_api_key(api_key: str | None) -> None:
+    """Refuse a key no client could send: an empty one would quietly turn authentication off."""
+    if api_key is None:
+        return
+    sendable = isinstance(api_key, str) and api_key.isascii() and api_key.isprintable() and " " not in api_key
+    if not api_key or not sendable:
+        raise ConfigError("the API key must be a non-empty string of printable ASCII characters without "
+                          "spaces (it travels in the header 'Authorization: Bearer <key>'); pass "
+                          "api_key=None to serve without a key")
 
 
 def _running_in(loop: asyncio.AbstractEventLoop) -> bool:

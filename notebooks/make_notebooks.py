@@ -1,0 +1,314 @@
+"""Write the example notebooks from the cell sources below, without outputs.
+
+The .ipynb files are generated so that a review reads plain Python, and so they stay clean:
+    python notebooks/make_notebooks.py          # rewrites notebooks/*.ipynb
+tests/test_notebooks.py runs each one top to bottom in a real kernel.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def md(text: str):
+    return new_markdown_cell(text.strip())
+
+
+def code(text: str):
+    return new_code_cell(text.strip())
+
+
+QUICKSTART = [
+    md("""
+# exo-lab quickstart
+
+Start a cluster, watch it, load a model split into pipeline stages, chat with it, serve it as an
+OpenAI-compatible API, stop. Everything here runs on one machine with no network: a *local*
+cluster runs its engines as processes on this PC, and the `demo` model is a tiny random-weight
+Llama with a real tokenizer, built on first use (its words are noise; load a real model folder
+for real answers). On a team's PCs, use `exo_lab.Cluster.from_config("config.yaml")` instead.
+"""),
+    code("""
+import exo_lab
+
+cluster = exo_lab.Cluster.local(engines=2).start()   # an ipyparallel controller and 2 engines
+cluster
+"""),
+    md("""
+## The dashboard
+One row per engine: host, device, the layers it holds, memory against its budget, state; above
+them the model and the cluster's tokens/s and requests in flight. It refreshes by itself from a
+background thread (the notebook stays free) until you call `dashboard.close()` or stop the cluster.
+"""),
+    code("""
+dashboard = cluster.widget()
+dashboard
+"""),
+    md("""
+## Load a model
+`load` plans the split (each stage's weights, KV cache, workspace and overhead must fit its
+engine's memory budget), then each engine loads only its own layers. `min_stages=2` spreads the
+tiny demo over both engines; a real model is split as its size and the machines require.
+"""),
+    code("""
+from exo_lab.planner import format_plan
+
+plan = cluster.load("demo", min_stages=2)
+print(format_plan(plan))
+"""),
+    code("""
+from exo_lab.notebook import plot_placement
+
+plot_placement(plan)
+"""),
+    md("""
+## Chat
+`chat` takes a message (or a list of `{"role", "content"}` messages) through the model's chat
+template; `stream=True` yields the answer as it is generated.
+"""),
+    code("""
+result = cluster.chat("What is a pipeline of PCs?", max_new_tokens=24)
+print(result.text)
+print(f"{result.completion_tokens} tokens, {result.decode_tokens_per_s:.0f} tokens/s, finish: {result.finish_reason}")
+"""),
+    code("""
+for event in cluster.chat("Tell me about the office cluster.", stream=True, max_new_tokens=32, temperature=0.8, seed=1):
+    print(event.text, end="", flush=True)
+"""),
+    md("""
+The magics do the same from a cell: `%exo status`, `%exo plan`, `%exo widget`, `%%chat`
+(see `%exo?`).
+"""),
+    code("""
+%load_ext exo_lab
+%exo status
+"""),
+    code("""
+%%chat --max-tokens 24
+Hello! Which machine holds your first layers?
+"""),
+    md("""
+## Serve the OpenAI-compatible API
+`serve` returns at once; the server runs on the cluster's own event loop, so the notebook stays
+usable. Any OpenAI client works against it.
+"""),
+    code("""
+server = cluster.serve(port=0)   # port=0: any free port; the default is 8000
+server.url
+"""),
+    code("""
+from openai import OpenAI
+
+client = OpenAI(base_url=f"{server.url}/v1", api_key="not-needed")
+reply = client.chat.completions.create(
+    model=cluster.model_id,
+    messages=[{"role": "user", "content": "Say hello to the team."}],
+    max_tokens=24,
+)
+print(reply.choices[0].message.content)
+print(reply.usage)
+"""),
+    code("""
+stream = client.chat.completions.create(
+    model=cluster.model_id, messages=[{"role": "user", "content": "Count to five."}],
+    max_tokens=24, stream=True,
+)
+for chunk in stream:
+    if chunk.choices and chunk.choices[0].delta.content:
+        print(chunk.choices[0].delta.content, end="", flush=True)
+"""),
+    md("""
+## Throughput so far
+The dashboard has been sampling the cluster's tokens/s and requests in flight all along.
+"""),
+    code("""
+from exo_lab.notebook import plot_throughput
+
+plot_throughput(cluster.metrics)
+"""),
+    md("## Stop\n`stop()` ends the server, every engine and the controller; the dashboard stops with them."),
+    code("""
+cluster.stop()
+dashboard.close()
+"""),
+]
+
+
+EXPERIMENTS = [
+    md("""
+# Experiments on the live shards
+
+Every engine that holds a pipeline stage keeps it in its namespace as `exo_stage`, so `%%px`
+reaches the live layers: inspect them, hook them, run them. Two things to keep in mind:
+
+* **Live traffic.** The stage's worker thread keeps serving generations while `%%px` code runs.
+  A forward hook sees those forwards too (that is how we watch a generation below), and timings
+  taken during a generation measure both sharing the CPU.
+* **Own request ids.** Running `exo_stage.stage.forward(request_id, inputs, position)` by hand
+  needs a request id of its own (>= `exo_lab.engine.EXPERIMENT_REQUEST_ID_BASE`) and a
+  `exo_stage.stage.free(request_id)` afterwards. `stage_activations` does all of this for you.
+"""),
+    code("""
+import exo_lab
+
+cluster = exo_lab.Cluster.local(engines=2).start()
+plan = cluster.load("demo", min_stages=2, progress=False)
+[(stage.node, stage.start_layer, stage.stop_layer) for stage in plan.stages]
+"""),
+    md("## `%%px` on the shards\nActivate the engines' view once; then `%%px` cells run on every engine."),
+    code("""
+view = cluster.client[:]
+view.block = True          # %%px cells wait for the engines and show their output
+view.activate()
+"""),
+    code("""
+%%px
+stage = exo_stage.stage
+print(f"stage {exo_stage.stage_index}: layers [{stage.spec.start_layer}, {stage.spec.stop_layer}) on {stage.device}, "
+      f"{len(stage.layers)} x {type(stage.layers[0]).__name__}, "
+      f"{stage.parameter_bytes() / 1e6:.1f} MB of weights, {len(stage.caches)} live KV caches")
+"""),
+    md("""
+Register a forward hook on each stage's last layer. It records the norm of the newest position's
+hidden state on every forward, so it watches a generation that runs through the data plane.
+"""),
+    code("""
+%%px
+exo_norms = []
+
+def exo_record_norm(module, args, output):
+    hidden = output[0] if isinstance(output, tuple) else output    # (1, T, hidden)
+    exo_norms.append(float(hidden[0, -1].norm()))
+
+exo_hook = exo_stage.stage.layers[-1].register_forward_hook(exo_record_norm)
+"""),
+    code("""
+result = cluster.generate("The office cluster", max_new_tokens=12, ignore_eos=True)
+result.text
+"""),
+    code("""
+%%px
+exo_hook.remove()
+"""),
+    code("""
+norms = view.pull("exo_norms")     # one list per engine, gathered through ipyparallel
+for engine_id, values in zip(view.targets, norms):
+    print(f"engine {engine_id}: {len(values)} forwards (1 prefill + {len(values) - 1} decode steps), "
+          f"last-layer norms {[round(v, 1) for v in values[:4]]} ...")
+"""),
+    md("""
+## Activations stage by stage
+`stage_activations` runs one prompt through the stages one after another over ipyparallel (not
+the data plane) with a private request id, and returns what leaves each stage, per-layer
+statistics and the forward time.
+"""),
+    code("""
+from exo_lab.notebook import plot_activations, stage_activations
+
+activations = stage_activations(cluster, "The office cluster")
+for stage in activations:
+    print(f"stage {stage['stage_index']} on {stage['node']}: layers [{stage['start_layer']}, {stage['stop_layer']}) "
+          f"-> {stage['output_kind']} {tuple(stage['output'].shape)}, rms {stage['output_stats']['rms']:.2f}, "
+          f"{stage['forward_ms']:.1f} ms")
+print("next token:", repr(activations[-1]["next_token"]))
+"""),
+    code("""
+plot_activations(activations)
+"""),
+    md("The last stage's greedy choice is the token the data plane generates first:"),
+    code("""
+first = cluster.generate("The office cluster", max_new_tokens=1).token_ids[0]
+assert first == activations[-1]["next_token_id"], (first, activations[-1]["next_token_id"])
+first
+"""),
+    code("""
+cluster.stop()
+"""),
+]
+
+
+BENCHMARK = [
+    md("""
+# A small benchmark
+
+Decode tokens/s of the demo model: one process with `model.generate` (the baseline), then the
+cluster with the model in 1 stage and in 2 stages (one engine each), greedy, same prompt. On one
+machine a second stage adds a hop per token and buys no memory: the point of more stages is a
+model too large for one PC. `exo-lab bench` runs the full comparison on bigger models.
+"""),
+    code("""
+import time
+
+import exo_lab
+from exo_lab.bench import prompt_ids, single_process
+from exo_lab.demo import demo_model_dir
+from exo_lab.notebook import plot_throughput, record_throughput
+from transformers import AutoTokenizer
+
+NEW_TOKENS, RUNS = 48, 3
+model_dir = demo_model_dir()
+ids = prompt_ids(AutoTokenizer.from_pretrained(str(model_dir)), 32)
+baseline = single_process(model_dir, ids, NEW_TOKENS, "float32")
+print(f"single process: {baseline['decode_tokens_per_s']:.0f} tokens/s")
+"""),
+    code("""
+results = {"single process": baseline["decode_tokens_per_s"]}
+same_tokens = {}
+with exo_lab.Cluster.local(engines=2) as cluster:
+    for stages in (1, 2):
+        cluster.load("demo", min_stages=stages, progress=False)
+        cluster.generate(ids, max_new_tokens=2, ignore_eos=True)          # warm-up
+        with record_throughput(cluster) as metrics:
+            runs = [cluster.generate(ids, max_new_tokens=NEW_TOKENS, ignore_eos=True) for _ in range(RUNS)]
+        results[f"cluster, {stages} stage(s)"] = max(r.decode_tokens_per_s for r in runs)
+        same_tokens[stages] = runs[0].token_ids == baseline["tokens"]
+for name, tokens_per_s in results.items():
+    print(f"{name:<22} {tokens_per_s:8.0f} tokens/s")
+print("same tokens as the single process:", same_tokens)
+"""),
+    code("""
+import matplotlib.pyplot as plt
+
+fig, ax = plt.subplots(figsize=(7, 3))
+ax.barh(list(results), list(results.values()), color=["#64748b", "#2563eb", "#16a34a"])
+ax.set_xlabel("decode tokens/s (best of 3)")
+ax.invert_yaxis()
+ax.set_title(f"demo model, {len(ids)}-token prompt, {NEW_TOKENS} new tokens")
+plt.show()
+"""),
+    md("The cluster's own counters over the 2-stage runs (sampled every 0.2 s):"),
+    code("""
+plot_throughput(metrics, title="2 stages: tokens/s over the last 2 s, and requests in flight")
+"""),
+]
+
+
+NOTEBOOKS = {"quickstart.ipynb": QUICKSTART, "experiments.ipynb": EXPERIMENTS, "benchmark.ipynb": BENCHMARK}
+
+
+def build(cells) -> nbformat.NotebookNode:
+    notebook = new_notebook(cells=cells)
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)",
+                                       "language": "python"}
+    notebook.metadata["language_info"] = {"name": "python"}
+    return notebook
+
+
+def main() -> None:
+    for name, cells in NOTEBOOKS.items():
+        notebook = build(cells)
+        nbformat.validate(notebook)
+        path = HERE / name
+        # Stable cell ids keep regenerated files identical when the sources did not change.
+        for index, cell in enumerate(notebook.cells):
+            cell["id"] = f"{path.stem}-{index:02d}"
+        nbformat.write(notebook, str(path))
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
