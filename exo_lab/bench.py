@@ -1,9 +1,10 @@
 """`exo-lab bench`: single-process `model.generate` against the cluster on 1..N engines, in one run.
 
-Same model, same prompt, greedy. Prints a table (and writes JSON with --json-out):
-decode tokens/s and time to first token for each, the ratio cluster / single process, whether
-the cluster's tokens equal the single process's, the data plane's per-hop overhead, and each
-engine's peak RSS against its shard bytes and the bare engine's RSS.
+Same model, same prompt, greedy. The single process and the cluster run in alternating rounds
+(this machine is shared and noisy: both see the same noise), and the table reports medians and
+the median per-round ratio cluster / single process, whether the cluster's tokens equal the
+single process's, the data plane's per-hop overhead, and each engine's peak RSS against its
+shard bytes and the bare engine's RSS. Prints a table; --json-out writes JSON.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import argparse
 import gc
 import json
 import logging
+import statistics
 import time
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--rounds", type=int, default=3, help="alternating single/cluster rounds per engine count")
     parser.add_argument("--json-out", default=None, help="also write the results as JSON to this file")
 
 
@@ -52,50 +55,90 @@ def prompt_ids(tokenizer, count: int) -> list[int]:
     return list(ids[:count])
 
 
-def single_process(model_dir, ids: list[int], new_tokens: int, dtype: str) -> dict:
-    """Decode tokens/s and TTFT of `model.generate` in this process (all cores)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+class SingleProcess:
+    """The baseline: the whole model in this process, `model.generate`, all cores."""
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
-    model.eval()
-    inputs = torch.tensor([ids])
-    kwargs = dict(do_sample=False, attention_mask=torch.ones_like(inputs), eos_token_id=None, pad_token_id=0)
+    def __init__(self, model_dir, ids: list[int], dtype: str):
+        import torch
+        from transformers import AutoModelForCausalLM
 
-    def run(n: int):
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).eval()
+        self.inputs = torch.tensor([ids])
+        self.kwargs = dict(do_sample=False, attention_mask=torch.ones_like(self.inputs), eos_token_id=None,
+                           pad_token_id=0)
+        self.measure(2)  # warm-up: page in the weights
+
+    def measure(self, new_tokens: int) -> dict:
+        """TTFT and decode tokens/s from the time each token reaches generate's streamer hook."""
+        import torch
+
+        times = _TokenClock()
         started = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(inputs, max_new_tokens=n, min_new_tokens=n, **kwargs)
-        return time.perf_counter() - started, out[0, len(ids):].tolist()
+            out = self.model.generate(self.inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                      streamer=times, **self.kwargs)
+        stamps = times.stamps[1:]   # the first put() is the prompt itself
+        decode_s = stamps[-1] - stamps[0]
+        return {"ttft_s": stamps[0] - started,
+                "decode_tokens_per_s": (len(stamps) - 1) / decode_s if decode_s > 0 else 0.0,
+                "tokens": out[0, self.inputs.shape[1]:].tolist()}
 
-    run(2)  # warm-up
-    ttft, _ = run(1)
-    total, tokens = run(new_tokens)
-    del model
-    gc.collect()
-    return {"ttft_s": ttft, "decode_tokens_per_s": (new_tokens - 1) / (total - ttft), "tokens": tokens}
+    def close(self) -> None:
+        del self.model
+        gc.collect()
 
 
-def cluster_run(model: str, engines: int, ids: list[int], new_tokens: int, dtype: str,
-                max_cores: int | None) -> dict:
+class _TokenClock:
+    """A generate() streamer that only notes when each token arrives."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def put(self, value) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def measure_cluster(cluster, ids: list[int], new_tokens: int) -> dict:
+    result = cluster.generate(ids, max_new_tokens=new_tokens, ignore_eos=True)
+    decode_s = result.total_time_s - result.time_to_first_token_s
+    return {"ttft_s": result.time_to_first_token_s,
+            "decode_tokens_per_s": (len(result.token_ids) - 1) / max(decode_s, 1e-9), "tokens": result.token_ids}
+
+
+def _median(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def cluster_run(single: SingleProcess, model: str, engines: int, ids: list[int], new_tokens: int,
+                dtype: str, max_cores: int | None, rounds: int) -> dict:
+    """Alternate single-process and cluster runs (noise on a shared machine hits both alike) and
+    report medians and the median of the per-round ratios."""
     from . import engine as engine_side
     from .cluster import Cluster
 
     with Cluster.local(engines=engines, max_cores=max_cores) as cluster:
         bare = cluster._call_all(engine_side.bare_runtime_rss)
         plan = cluster.load(model, dtype=dtype, min_stages=engines, progress=False)
-        cluster.generate(ids, max_new_tokens=2, ignore_eos=True)  # warm-up
-        result = cluster.generate(ids, max_new_tokens=new_tokens, ignore_eos=True)
+        measure_cluster(cluster, ids, 2)  # warm-up: page in the weights
+        pairs = [(single.measure(new_tokens), measure_cluster(cluster, ids, new_tokens)) for _ in range(rounds)]
         rows = []
         for info, stage in zip(cluster._pipeline.engines, plan.stages):
             status = cluster._call(info.engine_id, engine_side.worker_status)
             rows.append({"engine": info.engine_id, "layers": [stage.start_layer, stage.stop_layer],
                          "shard_bytes": status["parameter_bytes"], "bare_rss_bytes": bare[info.engine_id],
                          "peak_rss_bytes": status["peak_rss_bytes"]})
-    tokens = result.token_ids
-    decode_s = result.total_time_s - result.time_to_first_token_s
-    return {"engines": engines, "stages": len(plan.stages), "ttft_s": result.time_to_first_token_s,
-            "decode_tokens_per_s": (len(result.token_ids) - 1) / decode_s, "tokens": tokens, "memory": rows}
+    singles = [s for s, _ in pairs]
+    clusters = [c for _, c in pairs]
+    ratios = [c["decode_tokens_per_s"] / s["decode_tokens_per_s"] for s, c in pairs]
+    return {"engines": engines, "stages": len(plan.stages), "rounds": rounds,
+            "single_decode_tokens_per_s": _median(singles, "decode_tokens_per_s"),
+            "single_ttft_s": _median(singles, "ttft_s"),
+            "decode_tokens_per_s": _median(clusters, "decode_tokens_per_s"), "ttft_s": _median(clusters, "ttft_s"),
+            "ratio": statistics.median(ratios),
+            "same_tokens": all(c["tokens"] == s["tokens"] for s, c in pairs), "memory": rows}
 
 
 def run(args) -> int:
@@ -110,13 +153,17 @@ def run(args) -> int:
     model = args.model or str(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     ids = prompt_ids(tokenizer, args.prompt_tokens)
-    print(f"model {model_dir} ({args.dtype}), prompt {len(ids)} tokens, {args.new_tokens} new tokens, greedy",
-          flush=True)
-    single = single_process(model_dir, ids, args.new_tokens, args.dtype)
-    clusters = [cluster_run(model, n, ids, args.new_tokens, args.dtype, args.max_cores) for n in counts]
+    print(f"model {model_dir} ({args.dtype}), prompt {len(ids)} tokens, {args.new_tokens} new tokens, greedy, "
+          f"{args.rounds} alternating rounds", flush=True)
+    single = SingleProcess(model_dir, ids, args.dtype)
+    try:
+        clusters = [cluster_run(single, model, n, ids, args.new_tokens, args.dtype, args.max_cores, args.rounds)
+                    for n in counts]
+    finally:
+        single.close()
     hop = measure_hop_overhead()
     report = {"model": str(model_dir), "dtype": args.dtype, "prompt_tokens": len(ids),
-              "new_tokens": args.new_tokens, "single_process": single, "clusters": clusters, "hop": hop}
+              "new_tokens": args.new_tokens, "clusters": clusters, "hop": hop}
     print(format_report(report))
     if args.json_out:
         with open(args.json_out, "w") as f:
@@ -127,25 +174,24 @@ def run(args) -> int:
 def format_report(report: dict) -> str:
     from .config import format_bytes
 
-    single = report["single_process"]
-    lines = [f"{'run':<22} {'TTFT ms':>9} {'decode tok/s':>13} {'ratio':>7} {'same tokens':>12}",
-             f"{'single process':<22} {single['ttft_s'] * 1e3:>9.1f} {single['decode_tokens_per_s']:>13.2f} "
-             f"{1.0:>7.2f} {'-':>12}"]
+    lines = ["decode tokens/s and time to first token, medians of alternating rounds (ratio = median of "
+             "per-round cluster/single)",
+             f"{'engines':<8} {'single tok/s':>13} {'cluster tok/s':>14} {'ratio':>6} {'single TTFT ms':>15} "
+             f"{'cluster TTFT ms':>16} {'same tokens':>12}"]
     for c in report["clusters"]:
-        ratio = c["decode_tokens_per_s"] / single["decode_tokens_per_s"]
-        same = "yes" if c["tokens"] == single["tokens"] else "NO"
-        lines.append(f"{'cluster, ' + str(c['stages']) + ' engine(s)':<22} {c['ttft_s'] * 1e3:>9.1f} "
-                     f"{c['decode_tokens_per_s']:>13.2f} {ratio:>7.2f} {same:>12}")
+        lines.append(f"{c['stages']:<8} {c['single_decode_tokens_per_s']:>13.2f} {c['decode_tokens_per_s']:>14.2f} "
+                     f"{c['ratio']:>6.2f} {c['single_ttft_s'] * 1e3:>15.1f} {c['ttft_s'] * 1e3:>16.1f} "
+                     f"{'yes' if c['same_tokens'] else 'NO':>12}")
     hop = report["hop"]
-    lines += ["", f"data plane per hop (loopback, {hop.get('payload_bytes', 3584)} B): "
-                  f"median {hop['hop_median_ms']:.3f} ms, p90 {hop['hop_p90_ms']:.3f} ms "
-                  f"(bare zmq {hop['pair_median_ms']:.3f} ms)", "",
+    lines += ["", f"data plane per hop (loopback, {hop['payload_bytes']} B): median {hop['hop_median_ms']:.3f} ms, "
+                  f"p90 {hop['hop_p90_ms']:.3f} ms (bare zmq {hop['pair_median_ms']:.3f} ms)", "",
               f"{'engines':<8} {'engine':>6} {'layers':>10} {'shard':>10} {'bare RSS':>10} {'peak RSS':>10} "
-              f"{'limit':>10} {'ok':>4}"]
+              f"{'limit':>10} {'ok':>4}   (limit = shard x 1.1 + bare RSS)"]
     for c in report["clusters"]:
         for m in c["memory"]:
             limit = m["shard_bytes"] * 1.1 + m["bare_rss_bytes"]
-            lines.append(f"{c['stages']:<8} {m['engine']:>6} {str(m['layers']):>10} {format_bytes(m['shard_bytes']):>10} "
+            layers = "[%d, %d)" % tuple(m["layers"])
+            lines.append(f"{c['stages']:<8} {m['engine']:>6} {layers:>10} {format_bytes(m['shard_bytes']):>10} "
                          f"{format_bytes(m['bare_rss_bytes']):>10} {format_bytes(m['peak_rss_bytes']):>10} "
                          f"{format_bytes(int(limit)):>10} {'yes' if m['peak_rss_bytes'] <= limit else 'NO':>4}")
     return "\n".join(lines)

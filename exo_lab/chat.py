@@ -4,6 +4,8 @@ from __future__ import annotations
 from .errors import RequestError
 
 ROLES = ("system", "user", "assistant")
+# OpenAI's newer name for the system role; chat templates know only "system".
+ROLE_ALIASES = {"developer": "system"}
 
 
 def message_text(content, index: int) -> str:
@@ -32,7 +34,7 @@ def normalize_messages(messages) -> list[dict]:
         if not isinstance(message, dict):
             raise RequestError(f"messages[{index}] must be an object with role and content",
                                param=f"messages[{index}]")
-        role = message.get("role")
+        role = ROLE_ALIASES.get(message.get("role"), message.get("role"))
         if role not in ROLES:
             raise RequestError(f"messages[{index}].role must be one of {', '.join(ROLES)}, got {role!r}",
                                param=f"messages[{index}].role")
@@ -46,7 +48,13 @@ def apply_chat_template(tokenizer, messages) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise RequestError("this model's tokenizer has no chat template; use the completions "
                            "endpoint (or Cluster.generate) with a plain prompt", param="messages")
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    import jinja2
+
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except jinja2.TemplateError as exc:  # e.g. a template that insists on alternating roles
+        raise RequestError(f"the model's chat template rejected these messages: {exc}",
+                           param="messages") from exc
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]
     return [int(t) for t in ids]

@@ -373,7 +373,10 @@ class Cluster:
 
     # ------------------------------------------------------------ liveness
     def _check_alive(self) -> str | None:
-        """A message naming the dead stage engine, or None when every stage engine is up."""
+        """A message naming the dead stage engine, or None when every stage engine is up.
+
+        Called from the loop thread: it only reads ``client.ids`` (a copy of a list the client's
+        own IO thread replaces on unregistration), never sends through the client."""
         import psutil
 
         pipeline = self._pipeline
@@ -410,11 +413,10 @@ class Cluster:
 
         return apply_chat_template(self.tokenizer, messages)
 
-    async def astream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StreamEvent]:
-        """Async generation on the cluster's loop (the HTTP server uses this)."""
-        scheduler = self._require_pipeline().scheduler
-        async for event in scheduler.stream(prompt_ids, params):
-            yield event
+    def astream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StreamEvent]:
+        """Async generation on the cluster's loop (the HTTP server uses this). Closing the
+        returned generator (``aclose()``) cancels the request and frees its KV caches."""
+        return self._require_pipeline().scheduler.stream(prompt_ids, params)
 
     async def _collect(self, prompt_ids: list[int], params: SamplingParams) -> GenerationResult:
         started = time.perf_counter()
@@ -467,6 +469,7 @@ class Cluster:
         self._require_started()
         if self._server is not None:
             self._server.stop()
+            self._server = None
         self._server = self._loop.run(start_server(self, host=host, port=port, api_key=api_key))
         return self._server
 
@@ -482,7 +485,10 @@ class Cluster:
 
     @property
     def metrics(self):
-        return self._require_pipeline().scheduler.metrics
+        """The scheduler's counters (also after a failure, until the next load)."""
+        if self._pipeline is None:
+            raise ClusterError("no model is loaded: call cluster.load('demo') (or a model folder / hub id)")
+        return self._pipeline.scheduler.metrics
 
     # ------------------------------------------------------------ status
     def status(self) -> dict:

@@ -149,7 +149,7 @@ reaches the live layers: inspect them, hook them, run them. Two things to keep i
   A forward hook sees those forwards too (that is how we watch a generation below), and timings
   taken during a generation measure both sharing the CPU.
 * **Own request ids.** Running `exo_stage.stage.forward(request_id, inputs, position)` by hand
-  needs a request id of its own (>= `exo_lab.engine.EXPERIMENT_REQUEST_ID_BASE`) and a
+  needs a request id of its own (>= `exo_lab.notebook.remote.EXPERIMENT_REQUEST_ID_BASE`) and a
   `exo_stage.stage.free(request_id)` afterwards. `stage_activations` does all of this for you.
 """),
     code("""

@@ -10,15 +10,15 @@ Every engine that holds a stage has it in its namespace as ``exo_stage`` (a
 Mind the live traffic: the stage worker thread keeps serving generations while ``%%px`` code
 runs on the engine's main thread. A forward hook registered on ``exo_stage.stage.layers`` fires
 for the data plane's forwards too, and a forward run by hand must use a request id of its own
-(>= ``exo_lab.engine.EXPERIMENT_REQUEST_ID_BASE``) and free it. Timings taken while a generation
-runs measure the two competing for the CPU. :func:`stage_activations` does all of this for you.
+(>= ``exo_lab.notebook.remote.EXPERIMENT_REQUEST_ID_BASE``) and free it. Timings taken while a
+generation runs measure the two competing for the CPU. :func:`stage_activations` does all this.
 """
 from __future__ import annotations
 
 import logging
 
-from .. import engine as engine_side
 from ..errors import ClusterError
+from . import remote
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _forward_on(cluster, stage: dict, inputs, layer_stats: bool, timeout_s: floa
 
     engine_id = stage["engine_id"]
     where = f"engine {engine_id} (stage {stage['stage_index']}, {stage['node']})"
-    async_result = cluster.client[engine_id].apply_async(engine_side.experiment_forward, inputs,
+    async_result = cluster.client[engine_id].apply_async(remote.experiment_forward, inputs,
                                                          layer_stats=layer_stats)
     try:
         return async_result.get(timeout_s)

@@ -18,6 +18,7 @@ import time
 import ipywidgets as widgets
 
 from .. import engine as engine_side
+from . import remote
 from ..errors import ExoLabError
 from .formatting import (STATE_COLORS, EngineView, engine_views, format_status, memory_bar_color,
                          status_html, title_line)
@@ -255,7 +256,7 @@ class ClusterWidget(widgets.VBox):
                 probe = view.apply_async(engine_side.probe_resources, False).get(PROBE_TIMEOUT_S)
                 info = {"hostname": probe["hostname"]}
             else:
-                info = {"device_name": view.apply_async(engine_side.describe_device, device).get(PROBE_TIMEOUT_S)}
+                info = {"device_name": view.apply_async(remote.describe_device, device).get(PROBE_TIMEOUT_S)}
         except Exception as exc:  # a busy or dead engine: show what the status has, try again later
             logger.debug("probing engine %d failed: %s", engine_id, exc)
             return {}
