@@ -82,6 +82,7 @@ class Cluster:
         self._server = None
         self._local_pids: set[int] = set()
         self._engine_state: dict[int, str] = {}
+        self._engine_infos: dict[int, EngineInfo] = {}   # from the last probe (status rows)
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -249,6 +250,7 @@ class Cluster:
                 infos.append(info)
         for info in infos:
             self._call(info.engine_id, engine_side.set_threads, info.threads, what="setting threads")
+        self._engine_infos = {info.engine_id: info for info in infos}
         return infos
 
     def _engine_info(self, engine_id: int, probe: dict, counts: dict[str, int]) -> EngineInfo | None:
@@ -497,11 +499,12 @@ class Cluster:
 
         return cluster_status(self)
 
-    def widget(self):
-        """An ipywidgets dashboard of this cluster (updates live; close() stops it)."""
+    def widget(self, **options):
+        """An ipywidgets dashboard of this cluster (updates live; close() stops it). Options go
+        to :class:`exo_lab.notebook.widget.ClusterWidget` (interval_s, metrics_interval_s)."""
         from .notebook.widget import ClusterWidget
 
-        return ClusterWidget(self)
+        return ClusterWidget(self, **options)
 
 
 def _sampling_defaults(sampling: dict) -> dict:

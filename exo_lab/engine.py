@@ -296,6 +296,11 @@ def unload_stage() -> bool:
     return True
 
 
+def current_worker() -> "StageWorker | None":
+    """This engine's live stage worker (the same object as ``exo_stage`` in %%px), or None."""
+    return _worker
+
+
 def bare_runtime_rss() -> int:
     """RSS of this engine with everything a stage needs imported but no weights (the baseline
     the memory target is measured against)."""

@@ -62,7 +62,13 @@ def make_ipp_cluster(*, profile_dir: Path, controller_ip: str, controller_locati
     with ``start_engines(n, environment=engine_environment(...))``."""
     import ipyparallel as ipp
 
+    # ipyparallel logs to stdout inside IPython (every engine's exit lands in the notebook cell):
+    # route it into exo-lab's logging instead, quiet unless something fails.
+    log = logging.getLogger("exo_lab.ipyparallel")
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.ERROR)
     cluster = ipp.Cluster(
+        log=log,
         profile_dir=str(profile_dir),
         controller_ip=controller_ip,
         controller_location=controller_location or "",

@@ -37,8 +37,14 @@ def _engine_row(cluster, engine_id: int, stage_entry) -> dict:
                                what="reporting status")
         state = status.get("state", "idle") if status.get("loaded") else cluster._engine_state.get(engine_id, "idle")
     except ExoLabError as exc:
-        status, state = {"error": str(exc)}, "failed"
+        # still registered but not answering: running something long (a %%px cell), not dead
+        busy = engine_id in set(cluster.client.ids) and "did not answer" in str(exc)
+        status, state = {"error": str(exc)}, ("busy" if busy else "failed")
     row = {"engine_id": engine_id, "state": state, **status}
+    info = cluster._engine_infos.get(engine_id)
+    if info is not None:
+        row.update(node=info.node, hostname=info.hostname, device=info.device, kind=info.kind,
+                   budget_bytes=info.budget_bytes, threads=info.threads)
     if stage_entry is not None:
         index, stage = stage_entry
         info = cluster._pipeline.engines[index]

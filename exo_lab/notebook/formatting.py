@@ -139,6 +139,17 @@ def title_line(status: dict) -> str:
     return text
 
 
+def model_line(status: dict) -> str:
+    """"demo: float32, 2 stage(s), predicted 0.77 ms/token", or how to load a model."""
+    plan = status.get("plan")
+    if not plan:
+        return "no model loaded: cluster.load('demo') (or a model folder / hub id)"
+    text = f"{status.get('model')}: {plan.get('dtype', '?')}, {len(plan.get('stages') or [])} stage(s)"
+    if plan.get("predicted_ms_per_token") is not None:
+        text += f", predicted {plan['predicted_ms_per_token']:.2f} ms/token"
+    return text
+
+
 COLUMNS = ("engine", "node", "host", "device", "roles", "layers", "memory (used / budget)", "state")
 
 
@@ -171,10 +182,11 @@ def memory_bar_color(fraction: float | None) -> str:
 
 def status_html(status: dict) -> str:
     """``cluster.status()`` as a self-contained HTML table with memory bars (no scripts)."""
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    head = "".join(f'<th style="padding: 2px 10px 2px 0">{html.escape(c)}</th>' for c in COLUMNS)
     body = "".join(_html_row(view) for view in engine_views(status))
     return (f'<div class="exo-lab-status" style="font-family: sans-serif; font-size: 13px">'
             f'<div style="font-weight: bold; margin-bottom: 4px">{html.escape(title_line(status))}</div>'
+            f'<div style="margin-bottom: 4px">{html.escape(model_line(status))}</div>'
             f'<table style="border-collapse: collapse; text-align: left">'
             f'<thead><tr style="border-bottom: 1px solid #999">{head}</tr></thead><tbody>{body}</tbody>'
             f'</table><div style="margin-top: 4px">{html.escape(metrics_line(status.get("metrics")))}</div></div>')

@@ -135,7 +135,8 @@ class ExoMagics(Magics):
         message = cell.strip()
         if not message:
             raise UsageError("%%chat sends the cell's text to the model: write a message below the %%chat line")
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        system = _unquote(args.system) if args.system else None
+        messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": message}]
         cluster = self.cluster()
         try:
@@ -180,6 +181,14 @@ class ExoMagics(Magics):
 
         return [(name, value) for name, value in list(self.shell.user_ns.items())
                 if isinstance(value, Cluster) and not name.startswith("_")]
+
+
+def _unquote(text: str) -> str:
+    # IPython's magic argument parser keeps the quotes around --system 'Be brief.' (arg_split
+    # is not POSIX-mode on every platform): drop one matching pair.
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
 
 
 def load_ipython_extension(ipython) -> None:

@@ -36,7 +36,7 @@ def live_worker():
     """This engine's :class:`exo_lab.engine.StageWorker` (``exo_stage`` in %%px), or None."""
     from .. import engine
 
-    return engine._worker   # the handle load_stage sets; exo_stage in the namespace is the same object
+    return engine.current_worker()
 
 
 def experiment_forward(inputs, *, layer_stats: bool = True) -> dict:

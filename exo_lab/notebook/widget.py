@@ -21,7 +21,7 @@ from .. import engine as engine_side
 from . import remote
 from ..errors import ExoLabError
 from .formatting import (STATE_COLORS, EngineView, engine_views, format_status, memory_bar_color,
-                         status_html, title_line)
+                         model_line, status_html, title_line)
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,9 @@ class ClusterWidget(widgets.VBox):
 
     def __init__(self, cluster, *, interval_s: float = REFRESH_INTERVAL_S,
                  metrics_interval_s: float = METRICS_INTERVAL_S, autostart: bool = True):
+        if not (interval_s > 0 and metrics_interval_s > 0):
+            raise ValueError(f"interval_s and metrics_interval_s must be > 0 seconds, got {interval_s!r} and "
+                             f"{metrics_interval_s!r}; the defaults are {REFRESH_INTERVAL_S} and {METRICS_INTERVAL_S}")
         self.cluster = cluster
         self.interval_s = float(interval_s)
         self.metrics_interval_s = float(metrics_interval_s)
@@ -113,10 +116,9 @@ class ClusterWidget(widgets.VBox):
                                                 layout=widgets.Layout(width="320px"))
         self.throughput_label = _label("0.0 tokens/s", "110px")
         self.in_flight = _label("0 requests in flight", "170px")
+        self._throughput_box = widgets.HBox([self.throughput, self.throughput_label, self.in_flight])
         self._table = widgets.VBox([self._header()])
-        super().__init__([self.title, self.model,
-                          widgets.HBox([self.throughput, self.throughput_label, self.in_flight]),
-                          self._table])
+        super().__init__([self.title, self.model, self._throughput_box, self._table])
         self.refresh()
         if autostart:
             self.start()
@@ -148,8 +150,8 @@ class ClusterWidget(widgets.VBox):
     def close(self) -> None:
         """Stop refreshing (joining the thread) and remove the widget and its parts."""
         self.stop()
-        parts = [self.title, self.model, self.throughput, self.throughput_label, self.in_flight, self._table,
-                 *self._table.children[0].children, self._table.children[0]]
+        parts = [self.title, self.model, self.throughput, self.throughput_label, self.in_flight,
+                 self._throughput_box, self._table, *self._table.children[0].children, self._table.children[0]]
         for row in self.rows:
             parts += [*row.children, row]
         for part in parts:
@@ -192,12 +194,7 @@ class ClusterWidget(widgets.VBox):
 
     def _show(self, status: dict) -> None:
         self.title.value = f"<b>exo-lab</b> &middot; {title_line(status)}"
-        plan = status.get("plan")
-        if plan:
-            self.model.value = (f"{status['model']}: {plan['dtype']}, {len(plan['stages'])} stage(s), "
-                                f"predicted {plan['predicted_ms_per_token']:.2f} ms/token")
-        else:
-            self.model.value = "no model loaded: cluster.load('demo') (or a model folder / hub id)"
+        self.model.value = model_line(status)
         views = engine_views(status)
         self._ensure_rows([view.engine_id for view in views])
         for view in views:
