@@ -114,3 +114,29 @@ def running(process: psutil.Process) -> bool:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_exo_lab_serve_with_local_engines_and_an_api_key(tmp_path):
+    from openai import APIStatusError, AuthenticationError, OpenAI
+
+    port = free_port()
+    env = {**os.environ, "EXO_LAB_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "exo_lab.cli", "serve", "--engines", "2", "--min-stages", "2",
+                               "--model", "demo", "--port", str(port), "--api-key", "sesame"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        lines = wait_for_line(server, "serving", 120)
+        assert any("engine-0" in line for line in lines) and any("engine-1" in line for line in lines)
+        base = f"http://127.0.0.1:{port}/v1"
+        with pytest.raises(AuthenticationError):
+            OpenAI(base_url=base, api_key="wrong").models.list()
+        client = OpenAI(base_url=base, api_key="sesame")
+        assert [m.id for m in client.models.list().data] == ["demo"]
+        reply = client.completions.create(model="demo", prompt="Hello", max_tokens=4, temperature=0)
+        assert reply.usage.completion_tokens >= 1
+        with pytest.raises(APIStatusError) as caught:
+            client.completions.create(model="demo", prompt="Hello", max_tokens=4, n=2)
+        assert caught.value.status_code == 400 and "n" in str(caught.value)
+    finally:
+        stop(server)
+    assert server.returncode == 0
