@@ -9,15 +9,15 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import engine as engine_side
 from .config import ClusterConfig, DeviceConfig, load_config
-from .errors import ClusterError, ExoLabError, ModelError
+from .errors import ClusterError, ExoLabError
 from .launch import default_profile_dir, engine_environment, make_ipp_cluster, temporary_profile_dir
 from .loop import LoopThread
-from .planner import DEFAULT_BANDWIDTH_BYTES_PER_S, NodeSpec, Plan, plan_layers
+from .planner import DEFAULT_BANDWIDTH_BYTES_PER_S, Plan
 from .sampling import GenerationResult, SamplingParams, StreamEvent
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,6 @@ class Cluster:
         self._pipeline: _Pipeline | None = None
         self._failure: str | None = None
         self._server = None
-        self._local_pids: set[int] = set()
         self._engine_state: dict[int, str] = {}
         self._engine_infos: dict[int, EngineInfo] = {}   # from the last probe (status rows)
 
@@ -152,8 +151,6 @@ class Cluster:
             self._ipp.start_engines_sync(own, environment=env)
         self.client = self._ipp.connect_client_sync()
         self._wait_for_engines(self.expected_engines)
-        self._local_pids = {p["pid"] for p in self._call_all(engine_side.probe_resources, False).values()
-                            if p["hostname"] == _hostname()}
 
     def _own_engine_count(self) -> int:
         if self._local_engines is not None:

@@ -16,7 +16,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,6 @@ class WorkerStats:
     busy_s: float = 0.0
     last_forward_ms: float = 0.0
     state: str = "idle"
-    recent_forward_ms: list = field(default_factory=list)
 
 
 class StageWorker:
@@ -193,7 +192,6 @@ class StageWorker:
         stats = self.stats
         stats.busy_s += elapsed_ms / 1e3
         stats.last_forward_ms = elapsed_ms
-        stats.recent_forward_ms = (stats.recent_forward_ms + [elapsed_ms])[-64:]
 
     def _free(self, request_id: int) -> None:
         self.stage.free(request_id)

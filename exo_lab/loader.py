@@ -87,7 +87,6 @@ def _bind_hosts(cluster, info) -> tuple[str, str]:
 
 def _load_shards(cluster, model_id, num_layers, dtype, plan, stage_engines, loaded, progress, timeout_s):
     """Load every stage in parallel; returns their inbox addresses in pipeline order."""
-    import ipyparallel as ipp
 
     pending = {}
     for index, (stage, info) in enumerate(zip(plan.stages, stage_engines)):

@@ -174,13 +174,12 @@ class Scheduler:
                 if step == 0:
                     self.metrics.first_token(time.perf_counter() - started)
                 self.metrics.token(stage_ms)
-                finish_reason = self._finish_reason(token_id, step, params, assembler)
                 is_eos = token_id in self.eos_token_ids and not params.ignore_eos
                 delta = "" if is_eos else assembler.add(token_id)
-                if assembler.stopped:
-                    finish_reason = "stop"
+                finish_reason = _finish_reason(is_eos, assembler.stopped, step, params)
                 if finish_reason is not None:
-                    delta += assembler.flush() if not assembler.stopped else ""
+                    if not assembler.stopped:
+                        delta += assembler.flush()   # nothing can complete a stop string any more
                     yield StreamEvent(delta, [] if is_eos else [token_id], finish_reason)
                     return
                 yield StreamEvent(delta, [token_id])
@@ -194,14 +193,6 @@ class Scheduler:
             self.metrics.request_finished(finish_reason, time.perf_counter() - started)
             self._requests.pop(request.request_id, None)
             self._send_free(request.request_id)
-
-    def _finish_reason(self, token_id: int, step: int, params: SamplingParams,
-                       assembler: TextAssembler) -> str | None:
-        if token_id in self.eos_token_ids and not params.ignore_eos:
-            return "stop"
-        if step + 1 >= params.max_new_tokens:
-            return "length"
-        return None
 
     async def _send_forward(self, request_id: int, token_ids: list[int], position: int,
                             params: SamplingParams | None) -> None:
@@ -220,17 +211,6 @@ class Scheduler:
         self._freed[request_id] = asyncio.Event()
         coroutine = self.outbox.send(Message(Kind.FREE, request_id, {}))
         asyncio.ensure_future(coroutine)
-
-    async def wait_freed(self, request_id: int, timeout_s: float = 5.0) -> bool:
-        """Wait until a FREE for request_id has passed every stage (tests and diagnostics)."""
-        event = self._freed.get(request_id)
-        if event is None:
-            return True
-        try:
-            await asyncio.wait_for(event.wait(), timeout_s)
-            return True
-        except asyncio.TimeoutError:
-            return False
 
     async def ping(self, timeout_s: float = 5.0) -> bool:
         """True when a PING went through every stage and came back within timeout_s."""
@@ -274,3 +254,12 @@ class Scheduler:
             raise ClusterError(
                 f"no token arrived from the pipeline within {self.step_timeout_s:.0f} s although every "
                 f"engine is alive; a stage may be stuck. Check `cluster.status()` and reload the model")
+
+
+def _finish_reason(is_eos: bool, stopped: bool, step: int, params: SamplingParams) -> str | None:
+    """"stop" (end of sequence or a stop string), "length" (max_new_tokens reached), or None."""
+    if is_eos or stopped:
+        return "stop"
+    if step + 1 >= params.max_new_tokens:
+        return "length"
+    return None

@@ -26,6 +26,7 @@ def cluster_status(cluster) -> dict:
         "failure": cluster._failure,
         "engines": engines,
         "model": pipeline.model_id if pipeline else None,
+        "load_s": pipeline.load_s if pipeline else None,
         "plan": pipeline.plan.to_json() if pipeline else None,
         "metrics": pipeline.scheduler.metrics.snapshot() if pipeline else None,
     }
