@@ -7,40 +7,18 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import openai
 import psutil
 import pytest
-from jupyter_client import KernelManager
-from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
-
-
-class _VenvKernelSpecs(KernelSpecManager):
-    """Only the kernel of the interpreter running the tests (no kernelspec installed anywhere)."""
-
-    def get_kernel_spec(self, kernel_name: str, *args, **kwargs) -> KernelSpec:
-        return KernelSpec(argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-                          display_name="exo-lab tests", language="python", resource_dir=str(Path.cwd()))
-
-
-def _kernel_manager() -> KernelManager:
-    """The venv's own python3 kernelspec when there is one (its "python" means sys.executable),
-    else a spec built here for sys.executable."""
-    try:
-        spec = KernelSpecManager().get_kernel_spec("python3")
-        if Path(spec.resource_dir).resolve().is_relative_to(Path(sys.prefix).resolve()):
-            return KernelManager(kernel_name="python3")
-    except NoSuchKernel:
-        pass
-    return KernelManager(kernel_name="exo-lab-tests", kernel_spec_manager=_VenvKernelSpecs())
+from kernels import kernel_manager
 
 
 class Kernel:
     """A started kernel and a blocking client; ``run(code)`` returns (stdout, last result)."""
 
     def __init__(self):
-        self.manager = _kernel_manager()
+        self.manager = kernel_manager()
         self.manager.start_kernel()
         self.client = self.manager.client()
         self.client.start_channels()
