@@ -124,6 +124,9 @@ class StageWorker:
                     message = self.inbox.recv(timeout_ms=100)
                 except Exception as exc:  # a corrupt frame must not kill the stage
                     logger.warning("dropped a malformed data-plane message: %s", exc)
+                    if getattr(exc, "request_id", None) is not None:
+                        self._free(exc.request_id)
+                        self._send_error_for(exc.request_id, exc)
                     continue
                 if message is not None:
                     self._handle(message)
@@ -201,11 +204,14 @@ class StageWorker:
         self.outbox.send(message)
 
     def _send_error(self, message, exc: BaseException) -> None:
+        self._send_error_for(message.request_id, exc)
+
+    def _send_error_for(self, request_id: int, exc: BaseException) -> None:
         from .dataplane import Kind, Message
 
         text = f"stage {self.stage_index} ({socket.gethostname()}): {type(exc).__name__}: {exc}"
         try:
-            self._send(Message(Kind.ERROR, message.request_id, {"error": text}))
+            self._send(Message(Kind.ERROR, request_id, {"error": text}))
         except Exception:  # the next stage is gone too: the coordinator's liveness check reports it
             logger.exception("could not pass an error on from stage %d", self.stage_index)
 

@@ -129,8 +129,17 @@ class Scheduler:
     async def _receive_loop(self) -> None:
         from .dataplane import Kind
 
+        from .dataplane import FrameError
+
         while True:
-            message = await self.inbox.recv()
+            try:
+                message = await self.inbox.recv()
+            except FrameError as exc:  # a corrupt message fails its request, never the loop
+                logger.error("dropped a malformed message from the last stage: %s", exc)
+                request = self._requests.get(exc.request_id) if exc.request_id is not None else None
+                if request is not None:
+                    request.queue.put_nowait(ClusterError(f"the pipeline sent a malformed message: {exc}"))
+                continue
             if message is None:
                 continue
             if message.kind == Kind.FREE:
@@ -246,6 +255,10 @@ class Scheduler:
                 return int(message.meta["token_id"]), list(message.meta.get("stage_ms", ()))
 
     def _check_stalled(self, waited_s: float) -> None:
+        if self._receiver is not None and self._receiver.done():
+            error = None if self._receiver.cancelled() else self._receiver.exception()
+            self.failure = f"the coordinator stopped receiving from the pipeline ({error!r}); reload the model"
+            raise ClusterError(self.failure)
         problem = self.check_alive()
         if problem:
             self.failure = problem

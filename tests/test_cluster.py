@@ -190,3 +190,20 @@ def test_engine_death_gives_a_clear_error_and_survivors_reload(tiny_model_dir):
         pids = [p["pid"] for p in cluster._call_all(engine_side.probe_resources, False).values()]
     time.sleep(0.5)
     assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+
+
+def test_malformed_data_plane_messages_do_not_break_the_pipeline(cluster, tiny_model_dir):
+    import zmq
+
+    cluster.load(str(tiny_model_dir("llama", num_layers=6)), min_stages=2, progress=False)
+    expected = cluster.generate("Hello", max_new_tokens=6, ignore_eos=True).token_ids
+    scheduler = cluster._pipeline.scheduler
+    context = zmq.Context.instance()
+    for address in (scheduler.outbox.address, scheduler.inbox.address):   # stage 0, the coordinator
+        sock = context.socket(zmq.PUSH)
+        sock.connect(address)
+        sock.send_multipart([b"not a frame"])
+        sock.send_multipart([b"EX" + bytes(20), b"payload"])
+        sock.close(linger=1000)
+    time.sleep(0.3)
+    assert cluster.generate("Hello", max_new_tokens=6, ignore_eos=True).token_ids == expected
