@@ -24,3 +24,15 @@ def tiny_model_dir(tmp_path_factory):
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A started 2-engine local cluster with "demo" loaded over both (one per test module; a
+    module may define its own ``cluster`` instead). One torch thread per engine: the suite
+    shares 2 cores."""
+    import exo_lab
+
+    with exo_lab.Cluster.local(engines=2, max_cores=1) as started:
+        started.load("demo", min_stages=2, progress=False)
+        yield started

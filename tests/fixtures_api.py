@@ -10,20 +10,8 @@ import json
 import time
 
 import pytest
-import torch
 
 API_KEY = "sk-exo-lab-test-0123456789"
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """A started cluster with "demo" loaded over 2 stages."""
-    import exo_lab
-
-    torch.set_num_threads(1)
-    with exo_lab.Cluster.local(engines=2, max_cores=1) as started:
-        started.load("demo", min_stages=2, progress=False)
-        yield started
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import time
 import openai
 import pytest
 
-from fixtures_api import API_KEY, call, client, cluster, server, wait_until  # noqa: F401 (fixtures)
+from fixtures_api import API_KEY, call, client, server, wait_until  # noqa: F401 (fixtures)
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
 

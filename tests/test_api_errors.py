@@ -11,7 +11,7 @@ import pytest
 from exo_lab.api import MAX_BODY_BYTES
 from exo_lab.api.errors import ApiError, api_error_from
 from exo_lab.errors import ClusterError, RequestError
-from fixtures_api import API_KEY, assert_serving, call, chat_body, cluster, server  # noqa: F401 (fixtures)
+from fixtures_api import API_KEY, assert_serving, call, chat_body, server  # noqa: F401 (fixtures)
 
 CHAT = "/v1/chat/completions"
 

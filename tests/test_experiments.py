@@ -8,7 +8,6 @@ import matplotlib
 import pytest
 import torch
 
-import exo_lab
 from exo_lab.errors import ClusterError
 from exo_lab.notebook import (plot_activations, plot_placement, plot_throughput, record_throughput,
                               stage_activations, stage_engines)
@@ -20,13 +19,6 @@ matplotlib.use("Agg")
 pytestmark = pytest.mark.timeout(120)
 
 PROMPT = "The office cluster runs one model"
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with exo_lab.Cluster.local(engines=2, max_cores=1) as c:
-        c.load("demo", min_stages=2, progress=False)
-        yield c
 
 
 @pytest.fixture(scope="module")

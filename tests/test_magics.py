@@ -17,13 +17,6 @@ from exo_lab.notebook.widget import ClusterWidget
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def started():
-    with exo_lab.Cluster.local(engines=2, max_cores=1) as c:
-        c.load("demo", min_stages=2, progress=False)
-        yield c
-
-
 @pytest.fixture
 def ip():
     """The test IPython shell with the extension loaded, and no cluster variables left over."""
@@ -63,21 +56,21 @@ def test_no_cluster_says_how_to_start_one(ip):
         ip.run_cell_magic("chat", "", "hello")
 
 
-def test_status_and_plan(ip, started):
-    ip.user_ns["cluster"] = started
+def test_status_and_plan(ip, cluster):
+    ip.user_ns["cluster"] = cluster
     lines = run_line(ip, "status").splitlines()
     assert lines[0] == "cluster local: ready, model demo, 2 engines"
-    for stage in started.plan.stages:
+    for stage in cluster.plan.stages:
         row = next(line for line in lines if f" {stage.node} " in line)
         assert f" {stage.start_layer}-{stage.stop_layer - 1} " in row and row.endswith("idle")
     plan_text = run_line(ip, "plan")
     assert plan_text.startswith("Plan for demo (float32), objective latency")
-    assert all(stage.node in plan_text for stage in started.plan.stages)
+    assert all(stage.node in plan_text for stage in cluster.plan.stages)
 
 
-def test_chat_streams_the_models_answer(ip, started):
-    ip.user_ns["cluster"] = started
-    expected = started.chat("Hello, cluster!", max_new_tokens=12).text
+def test_chat_streams_the_models_answer(ip, cluster):
+    ip.user_ns["cluster"] = cluster
+    expected = cluster.chat("Hello, cluster!", max_new_tokens=12).text
     writes = []
 
     class Recorder(io.StringIO):
@@ -96,13 +89,13 @@ def test_chat_streams_the_models_answer(ip, started):
     assert len(pieces) >= 6, f"the answer came in {len(pieces)} writes, not streamed: {pieces}"
 
 
-def test_chat_options(ip, started):
-    ip.user_ns["cluster"] = started
+def test_chat_options(ip, cluster):
+    ip.user_ns["cluster"] = cluster
     with capture_output() as first:
         ip.run_cell_magic("chat", "--max-tokens 10 --temperature 0.9 --seed 3 --system 'Be brief.'", "Hi")
     with capture_output() as second:
         ip.run_cell_magic("chat", '--max-tokens 10 --temperature 0.9 --seed 3 --system "Be brief."', "Hi")
-    expected = started.chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    expected = cluster.chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
                             max_new_tokens=10, temperature=0.9, seed=3).text
     assert first.stdout == second.stdout == expected + "\n"
     with pytest.raises(UsageError, match="write a message below the %%chat line"):
@@ -111,12 +104,12 @@ def test_chat_options(ip, started):
         ip.run_cell_magic("chat", "--temperature 5", "Hi")
 
 
-def test_use_picks_the_cluster_and_names_the_problem(ip, started):
+def test_use_picks_the_cluster_and_names_the_problem(ip, cluster):
     fresh = exo_lab.Cluster.local(engines=1)           # never started: no processes
-    ip.user_ns["cluster"] = started
+    ip.user_ns["cluster"] = cluster
     ip.user_ns["fresh"] = fresh
     # the default is the started cluster, though `fresh` was assigned later
-    assert run_line(ip, "which").strip() == f"`cluster`: {started!r}"
+    assert run_line(ip, "which").strip() == f"`cluster`: {cluster!r}"
     assert run_line(ip, "use fresh").startswith("%exo and %%chat now act on `fresh`")
     assert run_line(ip, "status").splitlines()[0] == "cluster local: stopped, 0 engines"
     with pytest.raises(UsageError, match=r"no model is loaded: call cluster.load\('demo'\)"):
@@ -131,16 +124,16 @@ def test_use_picks_the_cluster_and_names_the_problem(ip, started):
         ip.run_line_magic("exo", "status")
 
 
-def test_bad_subcommands(ip, started):
-    ip.user_ns["cluster"] = started
+def test_bad_subcommands(ip, cluster):
+    ip.user_ns["cluster"] = cluster
     with pytest.raises(UsageError, match="unknown subcommand 'stats'; use one of status, plan, widget, px"):
         ip.run_line_magic("exo", "stats")
     with pytest.raises(UsageError, match="%exo status takes no arguments"):
         ip.run_line_magic("exo", "status now")
 
 
-def test_widget_and_px(ip, started):
-    ip.user_ns["cluster"] = started
+def test_widget_and_px(ip, cluster):
+    ip.user_ns["cluster"] = cluster
     widget = ip.run_line_magic("exo", "widget")
     try:
         assert isinstance(widget, ClusterWidget) and widget.running
@@ -152,5 +145,5 @@ def test_widget_and_px(ip, started):
     assert "now run on engines [0, 1]" in output
     with capture_output() as captured:
         ip.run_cell_magic("px", "", "spec = exo_stage.stage.spec\nprint('layers', spec.start_layer, spec.stop_layer)")
-    for stage in started.plan.stages:
+    for stage in cluster.plan.stages:
         assert f"layers {stage.start_layer} {stage.stop_layer}" in captured.stdout

@@ -15,13 +15,6 @@ from exo_lab.notebook.widget import ClusterWidget
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    with exo_lab.Cluster.local(engines=2, max_cores=1) as c:
-        c.load("demo", min_stages=2, progress=False)
-        yield c
-
-
 def widget_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("exo-lab-widget") and t.is_alive()]
 
