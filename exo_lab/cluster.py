@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -82,6 +83,7 @@ class Cluster:
         self._server = None
         self._engine_state: dict[int, str] = {}
         self._engine_infos: dict[int, EngineInfo] = {}   # from the last probe (status rows)
+        self._temporary_profile: Path | None = None
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -135,8 +137,10 @@ class Cluster:
     def _start_control_plane(self) -> None:
         coordinator = self.config.coordinator
         is_local = self._local_engines is not None
-        profile_dir = self._profile_dir or (temporary_profile_dir() if is_local
-                                            else default_profile_dir(self.config.cluster_name))
+        if self._profile_dir is None and is_local:
+            self._temporary_profile = temporary_profile_dir()   # removed again by stop()
+        profile_dir = (self._profile_dir or self._temporary_profile
+                       or default_profile_dir(self.config.cluster_name))
         self._ipp = make_ipp_cluster(
             profile_dir=profile_dir,
             controller_ip="127.0.0.1" if is_local else "0.0.0.0",
@@ -205,6 +209,9 @@ class Cluster:
         if self._loop is not None:
             self._loop.stop()
             self._loop = None
+        if self._temporary_profile is not None:
+            shutil.rmtree(self._temporary_profile, ignore_errors=True)
+            self._temporary_profile = None
 
     def _require_started(self) -> None:
         if self.client is None:
