@@ -45,8 +45,7 @@ def load_pipeline(cluster, model: str, *, dtype: str, max_context: int | None, m
     try:
         addresses = _load_shards(cluster, model_id, profile.num_layers, dtype, plan, stage_engines,
                                  loaded, progress, timeout_s)
-        scheduler = cluster._loop.run(_start_scheduler(cluster, tokenizer, config, context_length,
-                                                       addresses, stage_engines))
+        scheduler = _connect_pipeline(cluster, tokenizer, config, context_length, addresses, stage_engines)
     except BaseException:
         _unload(cluster, loaded)
         raise
@@ -151,7 +150,27 @@ def _unload(cluster, loaded) -> None:
                 logger.warning("could not unload engine %d after a failed load: %s", info.engine_id, exc)
 
 
-async def _start_scheduler(cluster, tokenizer, config, context_length, addresses, stage_engines):
+def _connect_pipeline(cluster, tokenizer, config, context_length, addresses, stage_engines):
+    """Chain coordinator -> stage 0 -> ... -> last stage -> coordinator and start serving.
+
+    The coordinator's sockets live on the cluster's loop; the ipyparallel calls that start the
+    stage workers run here, in the caller's thread, so the loop (and an API server on it) never
+    waits on the control plane."""
+    scheduler = cluster._loop.run(_make_scheduler(cluster, tokenizer, config, context_length, addresses[0],
+                                                  stage_engines))
+    try:
+        nexts = addresses[1:] + [scheduler.inbox.address]
+        for info, next_address in zip(stage_engines, nexts):
+            cluster._call(info.engine_id, engine_side.start_worker, next_address,
+                          what="starting the stage worker")
+        cluster._loop.run(_start(scheduler))
+    except BaseException:
+        cluster._loop.run(scheduler.close())
+        raise
+    return scheduler
+
+
+async def _make_scheduler(cluster, tokenizer, config, context_length, first_address, stage_engines):
     from .dataplane import AsyncInbox, AsyncOutbox
     from .scheduler import Scheduler
 
@@ -159,15 +178,13 @@ async def _start_scheduler(cluster, tokenizer, config, context_length, addresses
     coordinator = cluster.config.coordinator
     advertise = "127.0.0.1" if local else (coordinator.address or coordinator.hostname)
     inbox = AsyncInbox(host="127.0.0.1" if local else "0.0.0.0", port=0, advertise_host=advertise)
-    outbox = AsyncOutbox(None, addresses[0])
-    nexts = addresses[1:] + [inbox.address]
-    for info, next_address in zip(stage_engines, nexts):
-        cluster._call(info.engine_id, engine_side.start_worker, next_address, what="starting the stage worker")
-    scheduler = Scheduler(inbox=inbox, outbox=outbox, tokenizer=tokenizer,
-                          eos_token_ids=_eos_token_ids(tokenizer, config), context_length=context_length,
-                          check_alive=cluster._check_alive)
+    return Scheduler(inbox=inbox, outbox=AsyncOutbox(None, first_address), tokenizer=tokenizer,
+                     eos_token_ids=_eos_token_ids(tokenizer, config), context_length=context_length,
+                     check_alive=cluster._check_alive)
+
+
+async def _start(scheduler) -> None:
     scheduler.start()
-    return scheduler
 
 
 def _eos_token_ids(tokenizer, config: dict) -> set[int]:
