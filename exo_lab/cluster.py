@@ -383,15 +383,12 @@ class Cluster:
 
         Called from the loop thread: it only reads ``client.ids`` (a copy of a list the client's
         own IO thread replaces on unregistration), never sends through the client."""
-        import psutil
-
         pipeline = self._pipeline
         if pipeline is None or self.client is None:
             return "the cluster was stopped"
         registered = set(self.client.ids)
         for index, info in enumerate(pipeline.engines):
-            dead = info.engine_id not in registered or (info.local and not psutil.pid_exists(info.pid))
-            if dead:
+            if engine_is_gone(info, registered):
                 stage = pipeline.plan.stages[index]
                 self._failure = (
                     f"engine {info.engine_id} ({info.node}, stage {index}, layers "
@@ -509,6 +506,14 @@ class Cluster:
         from .notebook.widget import ClusterWidget
 
         return ClusterWidget(self, **options)
+
+
+def engine_is_gone(info: EngineInfo, registered: set[int]) -> bool:
+    """The engine left the controller, or (on this machine) its process no longer exists: the
+    pid check notices a killed engine before the heartbeat does."""
+    import psutil
+
+    return info.engine_id not in registered or (info.local and not psutil.pid_exists(info.pid))
 
 
 def _sampling_defaults(sampling: dict) -> dict:

@@ -152,7 +152,7 @@ class StageWorker:
             self.stats.errors += 1
             self._free(message.request_id)
             logger.exception("stage %d failed on request %d", self.stage_index, message.request_id)
-            self._send_error(message, exc)
+            self._send_error_for(message.request_id, exc)
         finally:
             self.stats.state = "idle"
 
@@ -202,9 +202,6 @@ class StageWorker:
 
     def _send(self, message) -> None:
         self.outbox.send(message)
-
-    def _send_error(self, message, exc: BaseException) -> None:
-        self._send_error_for(message.request_id, exc)
 
     def _send_error_for(self, request_id: int, exc: BaseException) -> None:
         from .dataplane import Kind, Message

@@ -130,11 +130,11 @@ def _result(cluster, async_result, info):
 
 
 def _check_engines_alive(cluster, stage_engines) -> None:
-    import psutil
+    from .cluster import engine_is_gone
 
     registered = set(cluster.client.ids)
     for info in stage_engines:
-        if info.engine_id not in registered or (info.local and not psutil.pid_exists(info.pid)):
+        if engine_is_gone(info, registered):
             cluster._engine_state[info.engine_id] = "failed"
             raise ClusterError(f"engine {info.engine_id} ({info.node}) died while loading its shard; "
                                f"call load() again to re-plan on the engines left")

@@ -127,9 +127,7 @@ class Scheduler:
         return len(self._requests)
 
     async def _receive_loop(self) -> None:
-        from .dataplane import Kind
-
-        from .dataplane import FrameError
+        from .dataplane import FrameError, Kind
 
         while True:
             try:
