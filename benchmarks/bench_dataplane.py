@@ -20,9 +20,12 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout
 
-from exo_lab.dataplane import Kind, Message, decode, encode, measure_hop_overhead  # noqa: E402
+from exo_lab.bench import measure_hop_overhead  # noqa: E402
+from exo_lab.sampling import SamplingSettings  # noqa: E402
+from exo_lab.wire import Forward, decode, encode  # noqa: E402
 
 TARGET_MS = 0.3
+SAMPLING = SamplingSettings(temperature=0.7, top_p=0.9, top_k=40, seed=1234)
 # (label, tensor shape, dtype): what travels at each size in a real pipeline
 PAYLOADS = [
     ("16 B token ids", (1, 2), torch.int64),
@@ -33,8 +36,9 @@ PAYLOADS = [
 
 
 def codec_us(tensor: torch.Tensor, n: int) -> tuple[float, float]:
-    """Median encode and decode time in microseconds; decode reads zmq.Frames, as on the wire."""
-    msg = Message(Kind.FORWARD, 1, {"position": 7}, tensor)
+    """Median encode and decode time in microseconds; decode reads zmq.Frames, as on the wire.
+    The message is a sampled decode step past one stage, so every header field is filled in."""
+    msg = Forward(1, 7, tensor, SAMPLING, stage_ms=(0.5,))
     frames = [zmq.Frame(bytes(frame)) for frame in encode(msg)]
     encode_us, decode_us = [], []
     for _ in range(n):

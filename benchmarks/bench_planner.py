@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # runnable before pip install
 
-from exo_lab.planner import DEFAULT_BANDWIDTH_BYTES_PER_S, NodeSpec, plan_layers  # noqa: E402
-from exo_lab.profile import ModelProfile  # noqa: E402
+from exo_lab.planning.planner import DEFAULT_BANDWIDTH_BYTES_PER_S, NodeSpec, plan_layers  # noqa: E402
+from exo_lab.model.profile import ModelProfile  # noqa: E402
 
 SIZES = ((8, 32), (32, 80), (128, 128))
 VARIANTS = (("latency", 1), ("throughput", 1), ("latency", 4), ("throughput", 4))

@@ -28,8 +28,8 @@ matplotlib.use("Agg")
 import exo_lab  # noqa: E402
 from exo_lab.notebook import plot_placement, status_html  # noqa: E402
 from exo_lab.notebook.widget import ClusterWidget  # noqa: E402
-from exo_lab.planner import NodeSpec, format_plan, plan_layers  # noqa: E402
-from exo_lab.profile import profile_from_config  # noqa: E402
+from exo_lab.planning.planner import NodeSpec, format_plan, plan_layers  # noqa: E402
+from exo_lab.model.profile import profile_from_config  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent
 logger = logging.getLogger("make_screenshots")

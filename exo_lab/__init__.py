@@ -27,7 +27,7 @@ def __getattr__(name: str):
         from .config import load_config
         return load_config
     if name == "plan_layers":
-        from .planner import plan_layers
+        from .planning.planner import plan_layers
         return plan_layers
     if name in ("SamplingParams", "GenerationResult"):
         from . import sampling

@@ -13,6 +13,7 @@ import gc
 import json
 import logging
 import statistics
+import threading
 import time
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def bench_model_dir(preset: str):
     """The preset's random-weight model folder, built on first use (cached)."""
-    from .demo import build_random_model, cache_dir
+    from .model.demo import build_random_model, cache_dir
 
     target = cache_dir() / "models" / f"bench-{preset}-v1"
     return build_random_model(target, seed=0, **PRESETS[preset])
@@ -116,17 +117,18 @@ def cluster_run(single: SingleProcess, model: str, engines: int, ids: list[int],
                 dtype: str, max_cores: int | None, rounds: int) -> dict:
     """Alternate single-process and cluster runs (noise on a shared machine hits both alike) and
     report medians and the median of the per-round ratios."""
-    from . import engine as engine_side
     from .cluster import Cluster
+    from .engine import probe as engine_probe
+    from .engine import worker as engine_worker
 
     with Cluster.local(engines=engines, max_cores=max_cores) as cluster:
-        bare = cluster._call_all(engine_side.bare_runtime_rss)
+        bare = cluster.control.call_all(engine_probe.bare_runtime_rss)
         plan = cluster.load(model, dtype=dtype, min_stages=engines, progress=False)
         measure_cluster(cluster, ids, 2)  # warm-up: page in the weights
         pairs = [(single.measure(new_tokens), measure_cluster(cluster, ids, new_tokens)) for _ in range(rounds)]
         rows = []
-        for info, stage in zip(cluster._pipeline.engines, plan.stages):
-            status = cluster._call(info.engine_id, engine_side.worker_status)
+        for info, stage in zip(cluster.pipeline.engines, plan.stages):
+            status = cluster.control.call(info.engine_id, engine_worker.worker_status)
             rows.append({"engine": info.engine_id, "layers": [stage.start_layer, stage.stop_layer],
                          "shard_bytes": status["parameter_bytes"], "bare_rss_bytes": bare[info.engine_id],
                          "peak_rss_bytes": status["peak_rss_bytes"]})
@@ -144,8 +146,7 @@ def cluster_run(single: SingleProcess, model: str, engines: int, ids: list[int],
 def run(args) -> int:
     from transformers import AutoTokenizer
 
-    from .dataplane import measure_hop_overhead
-    from .models import resolve_model
+    from .model.resolve import resolve_model
 
     logging.getLogger("exo_lab").setLevel(logging.WARNING)
     counts = [int(x) for x in str(args.engines).split(",") if x.strip()]
@@ -172,7 +173,7 @@ def run(args) -> int:
 
 
 def format_report(report: dict) -> str:
-    from .config import format_bytes
+    from .units import format_bytes
 
     lines = ["decode tokens/s and time to first token, medians of alternating rounds (ratio = median of "
              "per-round cluster/single)",
@@ -195,3 +196,114 @@ def format_report(report: dict) -> str:
                          f"{format_bytes(m['bare_rss_bytes']):>10} {format_bytes(m['peak_rss_bytes']):>10} "
                          f"{format_bytes(int(limit)):>10} {'yes' if m['peak_rss_bytes'] <= limit else 'NO':>4}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- data-plane hop
+
+
+def measure_hop_overhead(n: int = 2000, payload_bytes: int = 3584, *,
+                         warmup: int = 100) -> dict:
+    """One-way time of a data-plane hop on loopback, in ms (ping-pong round trip / 2 between
+    two threads, encode and decode included), next to a bare zmq PAIR baseline that sends the
+    same bytes. Returns ``{"n", "payload_bytes", "hop_median_ms", "hop_p90_ms",
+    "pair_median_ms", "pair_p90_ms"}``. The project target is a hop median <= 0.3 ms."""
+    if n < 1 or payload_bytes < 0:
+        raise ValueError(f"need n >= 1 and payload_bytes >= 0, got n={n}, "
+                         f"payload_bytes={payload_bytes}")
+    import zmq
+
+    context = zmq.Context()
+    try:
+        hop = _ping_pong_ms(*_dataplane_pair(context, payload_bytes), n, warmup)
+        pair = _ping_pong_ms(*_zmq_pair(context, payload_bytes), n, warmup)
+    finally:
+        context.term()
+    return {"n": n, "payload_bytes": payload_bytes,
+            "hop_median_ms": statistics.median(hop), "hop_p90_ms": _p90(hop),
+            "pair_median_ms": statistics.median(pair), "pair_p90_ms": _p90(pair)}
+
+
+def _p90(samples: list[float]) -> float:
+    return sorted(samples)[min(len(samples) - 1, int(0.9 * len(samples)))]
+
+
+def _payload_tensor(payload_bytes: int) -> torch.Tensor:
+    import torch
+
+    return torch.randn(1, 1, max(payload_bytes // 4, 1))
+
+
+def _dataplane_pair(context, payload_bytes: int):
+    from .errors import ClusterError
+    from .sampling import SamplingSettings
+    from .wire import Forward, Inbox, Outbox, Shutdown
+
+    GREEDY = SamplingSettings()
+    """(ping, echo): ping(i) sends and waits for the reply; echo() answers until SHUTDOWN."""
+    tensor = _payload_tensor(payload_bytes)
+    near, far = Inbox(context), Inbox(context)
+    to_far, to_near = Outbox(context, far.address), Outbox(context, near.address)
+
+    def ping(i: int) -> None:
+        to_far.send(Forward(i, i, tensor, GREEDY))
+        if near.recv(timeout_ms=5000) is None:
+            raise ClusterError("hop measurement: no echo within 5000 ms")
+
+    def echo() -> None:
+        while (msg := far.recv(timeout_ms=5000)) is not None and not isinstance(msg, Shutdown):
+            to_near.send(Forward(msg.request_id, msg.position, msg.tensor, msg.sampling))
+
+    def stop() -> None:
+        to_far.send(Shutdown())
+
+    def close() -> None:
+        for sock in (near, far, to_far, to_near):
+            sock.close()
+
+    return ping, echo, stop, close
+
+
+def _zmq_pair(context, payload_bytes: int):
+    import zmq
+
+    payload = bytes(payload_bytes)
+    near, far = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
+    far.connect(f"tcp://127.0.0.1:{near.bind_to_random_port('tcp://127.0.0.1')}")
+    near.rcvtimeo = far.rcvtimeo = 5000
+
+    def ping(i: int) -> None:
+        near.send(payload)
+        near.recv()
+
+    def echo() -> None:
+        while (data := far.recv()) != b"stop":
+            far.send(data)
+
+    def stop() -> None:
+        near.send(b"stop")
+
+    def close() -> None:
+        near.close(linger=0)
+        far.close(linger=0)
+
+    return ping, echo, stop, close
+
+
+def _ping_pong_ms(ping, echo, stop, close, n: int, warmup: int) -> list[float]:
+    thread = threading.Thread(target=echo, name="exo-lab-hop-echo", daemon=True)
+    thread.start()
+    try:
+        for i in range(warmup):
+            ping(i)
+        samples = []
+        for i in range(n):
+            start_ns = time.perf_counter_ns()
+            ping(i)
+            samples.append((time.perf_counter_ns() - start_ns) / 2e6)   # one way, ms
+    finally:
+        try:
+            stop()
+        finally:
+            thread.join(timeout=10)   # the echo's recv timeout ends it even if stop() failed
+            close()
+    return samples

@@ -10,10 +10,10 @@ import logging
 import sys
 
 from .errors import ExoLabError
+from .planning.options import OBJECTIVES
+from .units import DTYPES
 
 EXIT_USER_ERROR = 2
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
-OBJECTIVE_CHOICES = ("latency", "throughput")
 
 
 def _positive_int(text: str) -> int:
@@ -37,15 +37,15 @@ def _port(text: str) -> int:
 
 
 def _add_model_options(parser: argparse.ArgumentParser, *, model_required: bool) -> None:
-    parser.add_argument("--model", required=model_required, default=None if model_required else "demo",
+    parser.add_argument("--model", required=model_required, default=None,
                         help="a local model folder, a Hugging Face hub id in the local cache, or 'demo'")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="weights dtype (default float32)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default float32)")
     parser.add_argument("--max-context", type=_positive_int, default=None,
                         help="tokens per request the KV cache is sized for (default min(model max, 4096))")
     parser.add_argument("--max-batch", type=_positive_int, default=None, help="concurrent requests to size for")
-    parser.add_argument("--objective", choices=OBJECTIVE_CHOICES, default=None,
+    parser.add_argument("--objective", choices=OBJECTIVES, default=None,
                         help="latency (default): fastest single stream; throughput: fastest slowest stage")
-    parser.add_argument("--min-stages", type=_positive_int, default=1,
+    parser.add_argument("--min-stages", type=_positive_int, default=None,
                         help="spread over at least this many engines (experiments)")
 
 
@@ -114,24 +114,27 @@ def cmd_check_config(args) -> int:
 
 def cmd_plan(args) -> int:
     from .config import load_config
-    from .nodes import nodes_from_config
-    from .planner import format_plan, plan_layers
-    from .profile import profile_model
+    from .model.profile import profile_model
+    from .planning.nodes import nodes_from_config
+    from .planning.planner import format_plan
 
     config = load_config(args.config)
-    profile = profile_model(args.model, dtype=args.dtype or config.dtype)
-    max_context = min(args.max_context or config.max_context or 4096, profile.max_position_embeddings)
-    plan = plan_layers(profile, nodes_from_config(config), max_context=max_context,
-                       max_batch=args.max_batch or config.max_batch or 1,
-                       objective=args.objective or config.objective or "latency",
-                       min_stages=args.min_stages, hop_ms=config.network.hop_latency_ms)
+    options = _load_options(args, config)
+    plan = options.plan(profile_model(options.model, dtype=options.dtype), nodes_from_config(config))
     print(json.dumps(plan.to_json()) if args.json else format_plan(plan))
     return 0
 
 
+def _load_options(args, config):
+    from .planning.options import resolve_load_options
+
+    return resolve_load_options(config, model=args.model, dtype=args.dtype, max_context=args.max_context,
+                                max_batch=args.max_batch, objective=args.objective, min_stages=args.min_stages)
+
+
 def cmd_demo(args) -> int:
     from .cluster import Cluster
-    from .planner import format_plan
+    from .planning.planner import format_plan
 
     print(f"starting a local cluster of {args.engines} engines ...", flush=True)
     with Cluster.local(engines=args.engines) as cluster:
@@ -157,8 +160,9 @@ def cmd_serve(args) -> int:
     from .server import run_server
 
     return run_server(config_path=args.config, engines=args.engines, max_cores=args.max_cores,
-                      model=args.model, dtype=args.dtype, max_context=args.max_context,
-                      max_batch=args.max_batch, objective=args.objective, min_stages=args.min_stages,
+                      load_args={"model": args.model, "dtype": args.dtype, "max_context": args.max_context,
+                                 "max_batch": args.max_batch, "objective": args.objective,
+                                 "min_stages": args.min_stages},
                       host=args.host, port=args.port, api_key=args.api_key)
 
 

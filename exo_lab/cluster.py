@@ -1,60 +1,28 @@
-"""Cluster: the coordinator's handle on the ipyparallel engines and the pipeline they run.
+"""Cluster: the one object users hold. A thin facade over the coordinator's parts.
 
-Slow, rare work (start, probe, plan, load, status) goes through ipyparallel; per-token traffic
-goes through the data plane set up by :meth:`Cluster.load` (see exo_lab.scheduler).
+``EngineControl`` (coordinator/control.py) owns the ipyparallel control plane, ``load_pipeline``
+(coordinator/pipeline.py) plans and loads a model into a :class:`Pipeline`, and its
+``Scheduler`` drives requests over the data plane on the cluster's event-loop thread.
 """
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
-from . import engine as engine_side
-from .config import ClusterConfig, DeviceConfig, load_config
-from .errors import ClusterError, ExoLabError
-from .launch import default_profile_dir, engine_environment, make_ipp_cluster, temporary_profile_dir
-from .loop import LoopThread
-from .planner import DEFAULT_BANDWIDTH_BYTES_PER_S, Plan
+from .config import ClusterConfig, load_config
+from .coordinator.control import DEFAULT_START_TIMEOUT_S, EngineControl, EngineInfo
+from .coordinator.loop import LoopThread
+from .coordinator.pipeline import Pipeline
+from .errors import ClusterError
+from .planning.planner import Plan
 from .sampling import GenerationResult, SamplingParams, StreamEvent
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_START_TIMEOUT_S = 120.0
-DEFAULT_CALL_TIMEOUT_S = 60.0
 DEFAULT_LOAD_TIMEOUT_S = 1800.0
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    """One ipyparallel engine as the planner sees it."""
-
-    engine_id: int
-    node: str              # the name in plans: the device hostname (+ "#k" for a second engine there)
-    hostname: str
-    pid: int
-    device: str            # torch device the stage runs on: "cpu", "cuda:0", "mps"
-    kind: str              # "cpu" | "cuda" | "mps"
-    budget_bytes: int
-    bandwidth_bytes_per_s: float
-    threads: int
-    local: bool            # runs on this machine (its pid can be checked)
-    probe: dict
-
-
-@dataclass
-class _Pipeline:
-    model_id: str
-    model_dir: Path
-    plan: Plan
-    engines: list[EngineInfo]        # one per stage, in pipeline order
-    tokenizer: object
-    context_length: int
-    scheduler: object
-    load_s: float
+_SAMPLING_ARGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
 
 
 class Cluster:
@@ -70,20 +38,13 @@ class Cluster:
                  profile_dir: str | os.PathLike | None = None,
                  start_timeout_s: float = DEFAULT_START_TIMEOUT_S):
         self.config = config
-        self._local_engines = local_engines
-        self._max_cores = max_cores
-        self._max_memory_bytes = max_memory_bytes
-        self._profile_dir = Path(profile_dir) if profile_dir else None
-        self.start_timeout_s = start_timeout_s
-        self._ipp = None
-        self.client = None
+        self.control = EngineControl(config, local_engines=local_engines, max_cores=max_cores,
+                                     max_memory_bytes=max_memory_bytes, profile_dir=profile_dir,
+                                     start_timeout_s=start_timeout_s)
+        self.pipeline: Pipeline | None = None
+        self.failure: str | None = None
         self._loop: LoopThread | None = None
-        self._pipeline: _Pipeline | None = None
-        self._failure: str | None = None
         self._server = None
-        self._engine_state: dict[int, str] = {}
-        self._engine_infos: dict[int, EngineInfo] = {}   # from the last probe (status rows)
-        self._temporary_profile: Path | None = None
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -95,11 +56,16 @@ class Cluster:
         after another, so they do not compete; lower it when serving many requests at once).
         max_memory: cap on each engine's memory budget (default: free memory / engines).
         """
-        from .config import parse_size
+        from .config import config_from_dict
+        from .units import parse_size
 
-        if not isinstance(engines, int) or engines < 1:
+        if not isinstance(engines, int) or isinstance(engines, bool) or engines < 1:
             raise ClusterError(f"engines must be an integer >= 1, got {engines!r}")
-        config = _local_config(engines)
+        config = config_from_dict({
+            "cluster_name": "local",
+            "devices": [{"hostname": "localhost", "roles": ["coordinator", "compute"], "engines": engines}],
+            "network": {"discovery": "manual"},
+        }, source="Cluster.local()")
         budget = parse_size(max_memory, what="max_memory") if max_memory is not None else None
         return cls(config, local_engines=engines, max_cores=max_cores, max_memory_bytes=budget, **kwargs)
 
@@ -117,76 +83,22 @@ class Cluster:
         self.stop()
 
     def __repr__(self) -> str:
-        state = "stopped" if self.client is None else f"{len(self.client.ids)} engines"
-        model = f", model={self._pipeline.model_id!r}" if self._pipeline else ""
+        state = f"{len(self.control.ids)} engines" if self.control.started else "stopped"
+        model = f", model={self.pipeline.model_id!r}" if self.pipeline else ""
         return f"<exo_lab.Cluster {self.config.cluster_name!r}: {state}{model}>"
 
     # ------------------------------------------------------------ start / stop
     def start(self) -> "Cluster":
         """Start the controller (and this machine's engines) and wait for every compute engine."""
-        if self.client is not None:
+        if self.control.started:
             return self
         try:
             self._loop = LoopThread()
-            self._start_control_plane()
+            self.control.start()
         except BaseException:
             self.stop()
             raise
         return self
-
-    def _start_control_plane(self) -> None:
-        coordinator = self.config.coordinator
-        is_local = self._local_engines is not None
-        if self._profile_dir is None and is_local:
-            self._temporary_profile = temporary_profile_dir()   # removed again by stop()
-        profile_dir = (self._profile_dir or self._temporary_profile
-                       or default_profile_dir(self.config.cluster_name))
-        self._ipp = make_ipp_cluster(
-            profile_dir=profile_dir,
-            controller_ip="127.0.0.1" if is_local else "0.0.0.0",
-            controller_location=None if is_local else (coordinator.address or coordinator.hostname),
-            port=None if is_local else self.config.network.controller_port)
-        self._ipp.start_controller_sync()
-        own = self._own_engine_count()
-        if own:
-            threads = self._threads_for(coordinator if not is_local else None)
-            env = engine_environment(threads=threads,
-                                     device_name=None if is_local else coordinator.hostname)
-            self._ipp.start_engines_sync(own, environment=env)
-        self.client = self._ipp.connect_client_sync()
-        self._wait_for_engines(self.expected_engines)
-
-    def _own_engine_count(self) -> int:
-        if self._local_engines is not None:
-            return self._local_engines
-        coordinator = self.config.coordinator
-        return coordinator.engines if coordinator.is_compute else 0
-
-    @property
-    def profile_dir(self) -> Path | None:
-        """The ipyparallel profile folder (connection files for workers and %%px, logs)."""
-        return Path(self._ipp.profile_dir) if self._ipp is not None else None
-
-    @property
-    def expected_engines(self) -> int:
-        if self._local_engines is not None:
-            return self._local_engines
-        return sum(d.engines for d in self.config.compute_devices)
-
-    def _wait_for_engines(self, count: int) -> None:
-        deadline = time.monotonic() + self.start_timeout_s
-        while len(self.client.ids) < count:
-            if time.monotonic() > deadline:
-                raise ClusterError(self._missing_engines_message(count))
-            time.sleep(0.1)
-
-    def _missing_engines_message(self, count: int) -> str:
-        have = len(self.client.ids)
-        remote = [d.hostname for d in self.config.compute_devices if not d.is_coordinator]
-        hint = (f"; on each compute PC ({', '.join(remote)}) run `python -m exo_lab.worker --config "
-                f"{self.config.source}`" if remote else "")
-        return (f"only {have} of {count} engines registered within {self.start_timeout_s:.0f} s"
-                f"{hint}; engine logs are in {self._ipp.profile_dir}/log")
 
     def stop(self) -> None:
         """Stop serving, unload the model and end every process this cluster started."""
@@ -196,159 +108,50 @@ class Cluster:
             except Exception:  # stopping must go on whatever the server says
                 logger.exception("stopping the API server failed")
             self._server = None
-        self._close_pipeline()
-        if self.client is not None:
-            self.client.close()
-            self.client = None
-        if self._ipp is not None:
-            try:
-                self._ipp.stop_cluster_sync()
-            except Exception:
-                logger.exception("stopping the ipyparallel cluster failed")
-            self._ipp = None
+        self.unload()
+        self.control.stop()
         if self._loop is not None:
             self._loop.stop()
             self._loop = None
-        if self._temporary_profile is not None:
-            shutil.rmtree(self._temporary_profile, ignore_errors=True)
-            self._temporary_profile = None
 
-    def _require_started(self) -> None:
-        if self.client is None:
-            raise ClusterError("the cluster is not started: call cluster.start() (or use `with cluster:`)")
-
-    # ------------------------------------------------------------ control plane calls
-    def _call(self, engine_id: int, func, *args, timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
-              what: str = "a control call"):
-        return self._call_many([engine_id], func, *args, timeout_s=timeout_s, what=what)[engine_id]
-
-    def _call_all(self, func, *args, timeout_s: float = DEFAULT_CALL_TIMEOUT_S, what: str = "probing"):
-        return self._call_many(list(self.client.ids), func, *args, timeout_s=timeout_s, what=what)
-
-    def _call_many(self, engine_ids: list[int], func, *args, timeout_s: float, what: str) -> dict:
-        import ipyparallel as ipp
-
-        results = {eid: self.client[eid].apply_async(func, *args) for eid in engine_ids}
-        deadline = time.monotonic() + timeout_s
-        out = {}
-        for eid, async_result in results.items():
-            try:
-                out[eid] = async_result.get(max(0.1, deadline - time.monotonic()))
-            except ipp.error.TimeoutError as exc:
-                raise ClusterError(f"engine {eid} did not answer within {timeout_s:.0f} s while {what}") from exc
-            except ipp.error.RemoteError as exc:
-                raise _remote_error(eid, what, exc) from None
-            except ipp.error.EngineError as exc:
-                raise ClusterError(f"engine {eid} died while {what}: {exc}") from exc
-        return out
+    @property
+    def profile_dir(self):
+        """The ipyparallel profile folder (connection files for workers and %%px, logs)."""
+        return self.control.profile_dir
 
     def engines(self) -> list[EngineInfo]:
         """Probe every live engine and apply the config's limits (memory, cores, gpu)."""
-        self._require_started()
-        probes = self._call_all(engine_side.probe_resources, True)
-        counts: dict[str, int] = {}
-        infos = []
-        for engine_id in sorted(probes):
-            info = self._engine_info(engine_id, probes[engine_id], counts)
-            if info is not None:
-                infos.append(info)
-        for info in infos:
-            self._call(info.engine_id, engine_side.set_threads, info.threads, what="setting threads")
-        self._engine_infos = {info.engine_id: info for info in infos}
-        return infos
-
-    def _engine_info(self, engine_id: int, probe: dict, counts: dict[str, int]) -> EngineInfo | None:
-        device = self._device_for(engine_id, probe)
-        if device is None:
-            return None
-        host = device.hostname
-        index = counts.get(host, 0)
-        counts[host] = index + 1
-        same_host = max(1, self._engines_on(host, probe))
-        kind, torch_device, free_bytes = _accelerator(probe, device.gpu, index)
-        budget = free_bytes // (1 if kind == "cuda" else same_host)
-        caps = [c for c in (device.max_memory_bytes, self._max_memory_bytes) if c]
-        if caps:
-            budget = min(budget, *caps)
-        bandwidth = device.memory_bandwidth_bytes_per_s or DEFAULT_BANDWIDTH_BYTES_PER_S[kind]
-        node = host if (self._local_engines is None and same_host == 1) else f"{host}#{index}"
-        if self._local_engines is not None:
-            node = f"engine-{engine_id}"
-        return EngineInfo(engine_id=engine_id, node=node, hostname=probe["hostname"], pid=probe["pid"],
-                          device=torch_device, kind=kind, budget_bytes=int(budget),
-                          bandwidth_bytes_per_s=float(bandwidth), threads=self._threads_for(device, probe),
-                          local=probe["hostname"] == _hostname(), probe=probe)
-
-    def _device_for(self, engine_id: int, probe: dict) -> DeviceConfig | None:
-        if self._local_engines is not None:
-            return self.config.devices[0]
-        name = probe.get("device_name") or probe["hostname"]
-        for device in self.config.compute_devices:
-            if _same_host(device.hostname, name):
-                return device
-        if self.config.network.discovery == "auto":
-            return DeviceConfig(hostname=name, roles=("compute",), max_memory_bytes=None, max_cores=None,
-                                gpu=bool(probe["gpus"]), memory_bandwidth_bytes_per_s=None, engines=1,
-                                address=None)
-        logger.warning("engine %d on %s is not a compute device in %s (discovery: manual); not used",
-                       engine_id, name, self.config.source)
-        return None
-
-    def _engines_on(self, host: str, probe: dict) -> int:
-        if self._local_engines is not None:
-            return self._local_engines
-        return next((d.engines for d in self.config.devices if _same_host(d.hostname, host)), 1)
-
-    def _threads_for(self, device: DeviceConfig | None, probe: dict | None = None) -> int:
-        cores = (probe or {}).get("cores") or os.cpu_count() or 1
-        limits = [c for c in (self._max_cores, device.max_cores if device else None) if c]
-        return max(1, min([cores, *limits]))
+        return self.control.probe()
 
     # ------------------------------------------------------------ load
-    def load(self, model: str = "demo", *, dtype: str | None = None, max_context: int | None = None,
-             max_batch: int | None = None, objective: str | None = None, min_stages: int = 1,
+    def load(self, model: str | None = None, *, dtype: str | None = None, max_context: int | None = None,
+             max_batch: int | None = None, objective: str | None = None, min_stages: int | None = None,
              progress: bool = True, timeout_s: float = DEFAULT_LOAD_TIMEOUT_S) -> Plan:
         """Plan the split of ``model`` over the live engines and load one shard per stage.
 
-        model: a local folder, a Hugging Face hub id already in the local cache, or "demo".
-        dtype: "float32" (default), "bfloat16" or "float16". max_context: tokens per request the KV
-        cache is sized for (default: min(model's max positions, 4096)). objective: "latency" or
-        "throughput". min_stages: spread over at least this many engines (experiments, tests).
-        Raises ModelError, PlanError or ClusterError; on error nothing stays loaded.
+        Each option left None comes from config.yaml, else the default (exactly as
+        ``exo-lab plan`` resolves them): model "demo", dtype "float32", max_context min(the
+        model's max positions, 4096), max_batch 1, objective "latency", min_stages 1, and the
+        config's network.hop_latency_ms. Raises ConfigError, ModelError, PlanError or
+        ClusterError; on error nothing stays loaded.
         """
-        from .loader import load_pipeline
+        from .coordinator.pipeline import load_pipeline
+        from .planning.options import resolve_load_options
 
-        self._require_started()
-        self._close_pipeline()
-        self._failure = None
-        cfg = self.config
-        self._pipeline = load_pipeline(
-            self, model, dtype=dtype or cfg.dtype or "float32",
-            max_context=max_context or cfg.max_context, max_batch=max_batch or cfg.max_batch or 1,
-            objective=objective or cfg.objective or "latency", min_stages=min_stages,
-            progress=progress, timeout_s=timeout_s)
-        return self._pipeline.plan
+        self.control.require_started()
+        options = resolve_load_options(self.config, model=model, dtype=dtype, max_context=max_context,
+                                       max_batch=max_batch, objective=objective, min_stages=min_stages)
+        self.unload()
+        self.failure = None
+        self.pipeline = load_pipeline(self.control, self._loop, options, check_alive=self._check_alive,
+                                      progress=progress, timeout_s=timeout_s)
+        return self.pipeline.plan
 
     def unload(self) -> None:
         """Free every stage (the engines stay up)."""
-        self._close_pipeline()
-
-    def _close_pipeline(self) -> None:
-        pipeline, self._pipeline = self._pipeline, None
-        if pipeline is None:
-            return
-        if self._loop is not None:
-            try:
-                self._loop.run(pipeline.scheduler.close(), timeout_s=10)
-            except Exception:
-                logger.exception("closing the scheduler failed")
-        alive = set(self.client.ids) if self.client is not None else set()
-        for info in pipeline.engines:
-            if info.engine_id in alive:
-                try:
-                    self._call(info.engine_id, engine_side.unload_stage, timeout_s=10, what="unloading")
-                except ExoLabError as exc:
-                    logger.warning("unloading engine %d failed: %s", info.engine_id, exc)
+        pipeline, self.pipeline = self.pipeline, None
+        if pipeline is not None:
+            pipeline.close(self.control, self._loop)
 
     @property
     def plan(self) -> Plan:
@@ -368,42 +171,27 @@ class Cluster:
 
     @property
     def loaded(self) -> bool:
-        return self._pipeline is not None
+        return self.pipeline is not None
 
-    def _require_pipeline(self) -> _Pipeline:
-        if self._failure:
-            raise ClusterError(self._failure)
-        if self._pipeline is None:
+    def _require_pipeline(self) -> Pipeline:
+        if self.failure:
+            raise ClusterError(self.failure)
+        if self.pipeline is None:
             raise ClusterError("no model is loaded: call cluster.load('demo') (or a model folder / hub id)")
-        return self._pipeline
+        return self.pipeline
 
-    # ------------------------------------------------------------ liveness
     def _check_alive(self) -> str | None:
         """A message naming the dead stage engine, or None when every stage engine is up.
-
-        Called from the loop thread: it only reads ``client.ids`` (a copy of a list the client's
-        own IO thread replaces on unregistration), never sends through the client."""
-        pipeline = self._pipeline
-        if pipeline is None or self.client is None:
+        Called from the loop thread: it only reads engine ids and pids, never sends."""
+        pipeline = self.pipeline
+        if pipeline is None or not self.control.started:
             return "the cluster was stopped"
-        registered = set(self.client.ids)
-        for index, info in enumerate(pipeline.engines):
-            if engine_is_gone(info, registered):
-                stage = pipeline.plan.stages[index]
-                self._failure = (
-                    f"engine {info.engine_id} ({info.node}, stage {index}, layers "
-                    f"[{stage.start_layer}, {stage.stop_layer})) stopped; call cluster.load(...) again to "
-                    f"re-plan on the {max(len(registered) - 1, 0)} engines left, or restart it")
-                return self._failure
-        return None
+        problem = pipeline.dead_stage_message(self.control)
+        if problem:
+            self.failure = problem
+        return problem
 
     # ------------------------------------------------------------ generation
-    def _params(self, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-                seed: int | None, stop, ignore_eos: bool = False) -> SamplingParams:
-        stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos)
-
     def encode(self, prompt) -> list[int]:
         """Token ids for a prompt string (no special tokens added) or a list of ids (unchanged)."""
         if isinstance(prompt, str):
@@ -412,7 +200,7 @@ class Cluster:
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation through the tokenizer's chat template."""
-        from .chat import apply_chat_template
+        from .coordinator.chat import apply_chat_template
 
         return apply_chat_template(self.tokenizer, messages)
 
@@ -441,14 +229,17 @@ class Cluster:
         """Continue a prompt (a string, or token ids). Returns text, new token ids, finish reason
         and timings. temperature 0 is greedy; ``seed`` makes sampling reproducible; ``stop`` is a
         string or list of strings that end generation (not included in the text); ignore_eos
-        generates past end-of-sequence tokens (benchmarks)."""
-        params = self._params(max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
-        prompt_ids = self.encode(prompt)
-        return self._loop.run(self._collect(prompt_ids, params))
+        generates past end-of-sequence tokens (benchmarks). Raises RequestError for bad values."""
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                top_k=top_k, seed=seed, stop=stop or (), ignore_eos=ignore_eos)
+        return self._loop.run(self._collect(self.encode(prompt), params))
 
     def stream(self, prompt, **sampling) -> Iterator[StreamEvent]:
         """Like generate, yielding StreamEvents as tokens arrive; breaking out cancels the request."""
-        params = self._params(**_sampling_defaults(sampling))
+        unknown = set(sampling) - set(_SAMPLING_ARGS)
+        if unknown:
+            raise TypeError(f"unknown sampling argument(s) {sorted(unknown)}; allowed: {list(_SAMPLING_ARGS)}")
+        params = SamplingParams(**{**sampling, "stop": sampling.get("stop") or ()})
         return self._loop.iterate(self.astream(self.encode(prompt), params))
 
     def chat(self, messages, stream: bool = False, **sampling):
@@ -469,7 +260,7 @@ class Cluster:
         (``.url``, ``.stop()``)."""
         from .api import start_server
 
-        self._require_started()
+        self.control.require_started()
         if self._server is not None:
             self._server.stop()
             self._server = None
@@ -478,27 +269,33 @@ class Cluster:
 
     async def ahealth(self) -> tuple[bool, str]:
         """(True, "ok") when a model is loaded and every stage answers a ping through the pipe."""
-        if self._pipeline is None:
-            return False, self._failure or "no model is loaded"
+        if self.pipeline is None:
+            return False, self.failure or "no model is loaded"
         problem = self._check_alive()
         if problem:
             return False, problem
-        ok = await self._pipeline.scheduler.ping(timeout_s=5.0)
+        ok = await self.pipeline.scheduler.ping(timeout_s=5.0)
         return (True, "ok") if ok else (False, "a stage did not answer a data-plane ping within 5 s")
 
     @property
     def metrics(self):
         """The scheduler's counters (also after a failure, until the next load)."""
-        if self._pipeline is None:
+        if self.pipeline is None:
             raise ClusterError("no model is loaded: call cluster.load('demo') (or a model folder / hub id)")
-        return self._pipeline.scheduler.metrics
+        return self.pipeline.scheduler.metrics
+
+    def metrics_source(self):
+        """(metrics, model id) of the loaded model, or None (the /metrics collector reads this)."""
+        pipeline = self.pipeline
+        return (pipeline.scheduler.metrics, pipeline.model_id) if pipeline is not None else None
 
     # ------------------------------------------------------------ status
     def status(self) -> dict:
-        """Engines (host, device, layers, memory, state), the model, the plan and the counters."""
-        from .status import cluster_status
+        """Engines (host, device, layers, memory, state), the model, the plan and the counters.
+        Every engine is asked at once; the call takes at most about 3 s however many hang."""
+        from .coordinator.status import cluster_status
 
-        return cluster_status(self)
+        return cluster_status(self.control, self.pipeline, self.failure, self.config.cluster_name)
 
     def widget(self, **options):
         """An ipywidgets dashboard of this cluster (updates live; close() stops it). Options go
@@ -506,62 +303,3 @@ class Cluster:
         from .notebook.widget import ClusterWidget
 
         return ClusterWidget(self, **options)
-
-
-def engine_is_gone(info: EngineInfo, registered: set[int]) -> bool:
-    """The engine left the controller, or (on this machine) its process no longer exists: the
-    pid check notices a killed engine before the heartbeat does."""
-    import psutil
-
-    return info.engine_id not in registered or (info.local and not psutil.pid_exists(info.pid))
-
-
-def _sampling_defaults(sampling: dict) -> dict:
-    allowed = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "stop": None,
-               "ignore_eos": False}
-    unknown = set(sampling) - set(allowed)
-    if unknown:
-        raise TypeError(f"unknown sampling argument(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
-    return {**allowed, **sampling}
-
-
-def _local_config(engines: int) -> ClusterConfig:
-    from .config import config_from_dict
-
-    return config_from_dict({
-        "cluster_name": "local",
-        "devices": [{"hostname": "localhost", "roles": ["coordinator", "compute"], "engines": engines}],
-        "network": {"discovery": "manual"},
-    }, source="Cluster.local()")
-
-
-def _accelerator(probe: dict, use_gpu: bool, index: int) -> tuple[str, str, int]:
-    """(kind, torch device, free bytes) for the engine at ``index`` on its host."""
-    gpus = probe.get("gpus") or []
-    if use_gpu and gpus:
-        gpu = gpus[index % len(gpus)]
-        return "cuda", f"cuda:{gpu['index']}", int(gpu["free_bytes"])
-    if use_gpu and probe.get("mps"):
-        return "mps", "mps", int(probe["memory_free_bytes"])
-    return "cpu", "cpu", int(probe["memory_free_bytes"])
-
-
-def _same_host(a: str, b: str) -> bool:
-    a, b = a.lower().rstrip("."), b.lower().rstrip(".")
-    return a == b or a.split(".")[0] == b.split(".")[0]
-
-
-def _hostname() -> str:
-    import socket
-
-    return socket.gethostname()
-
-
-def _remote_error(engine_id: int, what: str, exc) -> ExoLabError:
-    """Turn an engine-side exception into the same exo-lab error class, naming the engine."""
-    from . import errors
-
-    cls = getattr(errors, getattr(exc, "ename", ""), None)
-    if not (isinstance(cls, type) and issubclass(cls, ExoLabError)):
-        cls = ClusterError
-    return cls(f"engine {engine_id} failed while {what}: {exc.ename}: {exc.evalue}")

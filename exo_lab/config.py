@@ -99,17 +99,16 @@ import math
 import os
 import re
 from dataclasses import dataclass, field, replace
-from decimal import Decimal
 from pathlib import Path
 
 import yaml
 
 from .errors import ConfigError
+from .planning.options import OBJECTIVES
+from .units import DTYPES, describe_value, format_bytes, parse_bandwidth, parse_size
 
 ROLES = ("coordinator", "compute", "storage")
 DISCOVERY_MODES = ("auto", "manual")
-DTYPES = ("float32", "bfloat16", "float16")
-OBJECTIVES = ("latency", "throughput")
 
 _TOP_KEYS = ("cluster_name", "devices", "network", "api", "model", "dtype", "max_context",
              "max_batch", "objective")
@@ -118,15 +117,6 @@ _DEVICE_KEYS = ("hostname", "roles", "max_memory", "max_cores", "gpu", "memory_b
 _NETWORK_KEYS = ("discovery", "controller_port", "hop_latency_ms")
 _API_KEYS = ("host", "port", "api_key_env", "api_key_file")
 
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-_UNITS_HELP = ("use B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), "
-               "e.g. '128GB' or '64 GiB'")
-_SIZE_PATTERN = re.compile(r"^([+-]?)(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)$")
-_PER_SECOND_PATTERN = re.compile(r"\s*/\s*s$", re.IGNORECASE)
 _CLUSTER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -206,91 +196,27 @@ class ClusterConfig:
     def storage_devices(self) -> tuple[DeviceConfig, ...]:
         return tuple(d for d in self.devices if d.is_storage)
 
-
-# --------------------------------------------------------------------------- sizes
-
-def parse_size(text: str | int, *, what: str = "size") -> int:
-    """Return the number of bytes a size means.
-
-    Accepts a whole byte count (``137438953472`` or ``"137438953472"``) or a number and a unit:
-    ``"128GB"``, ``"128 GiB"``, ``"1.5TB"``, ``"64KiB"``. ``KB MB GB TB`` are powers of 1000,
-    ``KiB MiB GiB TiB`` powers of 1024, ``B`` is bytes; units ignore case. Fractions of a unit
-    round down to whole bytes. Zero is allowed here; callers that need a positive size check.
-
-    ``what`` names the value in the error message (e.g. ``"max_memory"``).
-
-    Raises:
-        ConfigError: not a size, an unknown unit, a negative size, a fractional byte count,
-            or a type other than str or int.
-    """
-    if isinstance(text, bool) or not isinstance(text, (int, str)):
-        raise ConfigError(f"{what} must be a size like '128GB' or a whole number of bytes, "
-                          f"got {_describe(text)}")
-    if isinstance(text, int):
-        return _non_negative_bytes(Decimal(text), 1, text, what)
-    return _parse_size_text(text, text, what)
+    def device_named(self, name: str) -> DeviceConfig | None:
+        """The device whose hostname is ``name`` (by :func:`same_host`), or None."""
+        return next((d for d in self.devices if same_host(d.hostname, name)), None)
 
 
-def parse_bandwidth(text: str | int | float, *, what: str = "memory_bandwidth") -> float:
-    """Return bytes per second from a size with an optional ``/s`` (``"20GB/s"``,
-    ``"20 GiB/s"``, ``"20GB"``) or a plain number of bytes per second (int or float).
-    Units as in :func:`parse_size`. Raises ConfigError like :func:`parse_size`."""
-    if isinstance(text, float):
-        if not math.isfinite(text) or text < 0:
-            raise ConfigError(f"invalid {what} {text!r}: must be a finite number, 0 or more")
-        return text
-    if isinstance(text, str):
-        size_text = _PER_SECOND_PATTERN.sub("", text.strip())
-        return float(_parse_size_text(size_text, text, what))
-    return float(parse_size(text, what=what))
+# --------------------------------------------------------------------------- host names
+
+def same_host(a: str, b: str) -> bool:
+    """Whether two host names mean the same PC: case-insensitive, a trailing dot ignored, and
+    a short name matching its qualified form (``system-b`` is ``system-b.local``). The one
+    host-name rule of exo-lab."""
+    a, b = a.lower().rstrip("."), b.lower().rstrip(".")
+    return a == b or a.split(".")[0] == b.split(".")[0]
 
 
-def _parse_size_text(body: str, shown: str, what: str) -> int:
-    # ``shown`` is what the user wrote ('20XB/s'), quoted in messages instead of ``body``.
-    match = _SIZE_PATTERN.match(body.strip())
-    if match is None:
-        raise ConfigError(f"invalid {what} {shown!r}: not a size; {_UNITS_HELP}")
-    sign, number, unit = match.groups()
-    multiplier = _size_multiplier(unit, shown, what)
-    return _non_negative_bytes(Decimal(sign + number), multiplier, shown, what)
+def is_this_machine(hostname: str) -> bool:
+    """Whether ``hostname`` names the PC this runs on (its host name, FQDN or localhost)."""
+    import socket
 
-
-def _size_multiplier(unit: str, text: str, what: str) -> int:
-    multiplier = _SIZE_UNITS.get(unit.lower())
-    if multiplier is not None:
-        return multiplier
-    hint = ""
-    if unit.lower() in ("k", "m", "g", "t"):
-        # A bare 'G' is ambiguous between the two conventions; make the user choose.
-        letter = unit.upper()
-        hint = f" ('{letter}' alone is ambiguous: write '{letter}B' or '{letter}iB')"
-    raise ConfigError(f"invalid {what} {text!r}: unknown size unit '{unit}'{hint}; {_UNITS_HELP}")
-
-
-def _non_negative_bytes(value: Decimal, multiplier: int, text: object, what: str) -> int:
-    if value < 0:
-        raise ConfigError(f"invalid {what} {text!r}: a size cannot be negative")
-    if multiplier == 1 and value != value.to_integral_value():
-        raise ConfigError(f"invalid {what} {text!r}: a byte count must be a whole number; "
-                          f"{_UNITS_HELP}")
-    return int(value * multiplier)   # int() truncates: fractions round down to whole bytes
-
-
-def format_bytes(n: int) -> str:
-    """Human-readable size in decimal units with one decimal: ``"141.1 GB"``, ``"128 GB"``,
-    ``"512 B"``. A trailing ``.0`` is dropped. Negative values keep their sign."""
-    sign = "-" if n < 0 else ""
-    value = float(abs(n))
-    units = ("B", "KB", "MB", "GB", "TB", "PB")
-    index = 0
-    # Round before comparing, so 999.96 GB prints as "1 TB", not "1000 GB".
-    while index < len(units) - 1 and round(value, 1) >= 1000:
-        value /= 1000
-        index += 1
-    if index == 0:
-        return f"{sign}{int(value)} B"
-    text = f"{value:.1f}".removesuffix(".0")
-    return f"{sign}{text} {units[index]}"
+    here = (socket.gethostname(), socket.getfqdn(), "localhost", "127.0.0.1")
+    return any(same_host(hostname, name) for name in here)
 
 
 # --------------------------------------------------------------------------- loading
@@ -474,15 +400,9 @@ class _Scope:
         return ConfigError(prefix + message)
 
 
-def _describe(value: object) -> str:
-    if value is None:
-        return "no value"
-    return f"{value!r} ({'a string' if isinstance(value, str) else type(value).__name__})"
-
-
 def _require_mapping(scope: _Scope, value: object, name: str, fix: str) -> dict:
     if not isinstance(value, dict):
-        raise scope.error(f"{name} must be a mapping of keys to values, got {_describe(value)}; "
+        raise scope.error(f"{name} must be a mapping of keys to values, got {describe_value(value)}; "
                           f"{fix}")
     return value
 
@@ -516,7 +436,7 @@ def _optional(scope: _Scope, mapping: dict, key: str, check, default=None):
 
 def _positive_int(scope: _Scope, key: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise scope.error(f"'{key}' must be a positive whole number, got {_describe(value)}")
+        raise scope.error(f"'{key}' must be a positive whole number, got {describe_value(value)}")
     if value <= 0:
         raise scope.error(f"'{key}' must be a positive whole number (1 or more), got {value}")
     return value
@@ -531,14 +451,14 @@ def _port(scope: _Scope, key: str, value: object) -> int:
 
 def _boolean(scope: _Scope, key: str, value: object) -> bool:
     if not isinstance(value, bool):
-        raise scope.error(f"'{key}' must be true or false, got {_describe(value)}; write "
+        raise scope.error(f"'{key}' must be true or false, got {describe_value(value)}; write "
                           f"{key}: true or {key}: false without quotes")
     return value
 
 
 def _non_negative_float(scope: _Scope, key: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise scope.error(f"'{key}' must be a number, got {_describe(value)}")
+        raise scope.error(f"'{key}' must be a number, got {describe_value(value)}")
     if not math.isfinite(value) or value < 0:
         raise scope.error(f"'{key}' must be a finite number, 0 or more, got {value}")
     return float(value)
@@ -546,7 +466,7 @@ def _non_negative_float(scope: _Scope, key: str, value: object) -> float:
 
 def _nonblank_string(scope: _Scope, key: str, value: object) -> str:
     if not isinstance(value, str):
-        raise scope.error(f"'{key}' must be a string, got {_describe(value)}; put it in quotes")
+        raise scope.error(f"'{key}' must be a string, got {describe_value(value)}; put it in quotes")
     if not value.strip() or value != value.strip():
         raise scope.error(f"'{key}' must be a non-empty string without leading or trailing "
                           f"spaces, got {value!r}")
@@ -566,7 +486,7 @@ def _choice(allowed: tuple[str, ...]):
             close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise scope.error(f"'{key}' must be one of {', '.join(allowed)}; got "
-                              f"{_describe(value)}{hint}")
+                              f"{describe_value(value)}{hint}")
         return value
     return check
 
@@ -606,7 +526,7 @@ def _parse_cluster_name(scope: _Scope, value: object) -> str:
 def _parse_devices(top: _Scope, value: object) -> tuple[DeviceConfig, ...]:
     if value is None or not isinstance(value, list):
         raise top.error(f"'devices' must be a list of devices (lines starting with '- "
-                        f"hostname: ...'), got {_describe(value)}")
+                        f"hostname: ...'), got {describe_value(value)}")
     if not value:
         raise top.error("'devices' is empty; list the coordinator and at least one compute PC")
     return tuple(_parse_device(top.source, index, entry) for index, entry in enumerate(value))
@@ -648,7 +568,7 @@ def _parse_device(source: str, index: int, entry: object) -> DeviceConfig:
 def _parse_roles(scope: _Scope, value: object) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise scope.error(f"'roles' must be a list like [compute] or [coordinator, storage], "
-                          f"got {_describe(value)}")
+                          f"got {describe_value(value)}")
     if not value:
         raise scope.error(f"'roles' is empty; give at least one of {', '.join(ROLES)}")
     roles: list[str] = []

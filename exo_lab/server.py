@@ -40,30 +40,32 @@ def resolve_api_key(flag: str | None, config) -> str | None:
     return os.environ.get(API_KEY_ENV) or None
 
 
-def run_server(*, config_path=None, engines=None, max_cores=None, model=None, dtype=None, max_context=None,
-               max_batch=None, objective=None, min_stages=1, host=None, port=None, api_key=None) -> int:
-    """Start the cluster, load the model, serve until interrupted. Returns the exit code."""
+def run_server(*, config_path=None, engines=None, max_cores=None, load_args: dict | None = None,
+               host=None, port=None, api_key=None) -> int:
+    """Start the cluster, load the model, serve until interrupted. Returns the exit code.
+    ``load_args``: model, dtype, max_context, ... as flags give them (None: config, then default)."""
     from .cluster import Cluster
+    from .planning.options import resolve_load_options
+    from .planning.planner import format_plan
 
     if config_path:
         cluster = Cluster.from_config(config_path)
     else:
         cluster = Cluster.local(engines=engines or 2, max_cores=max_cores)
     config = cluster.config if config_path else None
+    options = resolve_load_options(config, **(load_args or {}))   # bad flags fail before anything starts
     key = resolve_api_key(api_key, config)
     host = host or (config.api.host if config else "127.0.0.1")
     port = port if port is not None else (config.api.port if config else 8000)
-    model = model or (config.model if config else None) or "demo"
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     with cluster:
-        print(f"cluster {cluster.config.cluster_name}: {len(cluster.client.ids)} engine(s) up; "
+        print(f"cluster {cluster.config.cluster_name}: {len(cluster.control.ids)} engine(s) up; "
               f"ipyparallel profile {cluster.profile_dir}", flush=True)
-        plan = cluster.load(model, dtype=dtype, max_context=max_context, max_batch=max_batch,
-                            objective=objective, min_stages=min_stages)
-        from .planner import format_plan
-
+        plan = cluster.load(options.model, dtype=options.dtype, max_context=options.max_context,
+                            max_batch=options.max_batch, objective=options.objective,
+                            min_stages=options.min_stages)
         print(format_plan(plan), flush=True)
         server = cluster.serve(host=host, port=port, api_key=key)
         print(f"serving {cluster.model_id} at {server.url}/v1 (OpenAI-compatible"
@@ -84,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     try:
-        return run_server(config_path=args.config, model=args.model, host=args.host, port=args.port,
-                          api_key=args.api_key)
+        return run_server(config_path=args.config, load_args={"model": args.model}, host=args.host,
+                          port=args.port, api_key=args.api_key)
     except ExoLabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

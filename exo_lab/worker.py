@@ -20,17 +20,17 @@ from pathlib import Path
 
 from .config import load_config
 from .errors import ConfigError, ExoLabError
-from .launch import default_profile_dir, engine_connection_file, engine_environment, read_connection_info
+from .coordinator.launch import default_profile_dir, engine_connection_file, engine_environment, read_connection_info
 
 logger = logging.getLogger(__name__)
 
 
 def find_device(config, name: str | None):
     """This PC's device entry: --device, else the one whose hostname matches this machine."""
-    from .nodes import is_this_machine
+    from .config import is_this_machine, same_host
 
     matches = [d for d in config.compute_devices
-               if (d.hostname.lower() == name.lower() if name else is_this_machine(d.hostname))]
+               if (same_host(d.hostname, name) if name else is_this_machine(d.hostname))]
     if not matches:
         names = ", ".join(d.hostname for d in config.compute_devices)
         raise ConfigError(f"{config.source}: no compute device matches "

@@ -55,7 +55,7 @@ engine's memory budget), then each engine loads only its own layers. `min_stages
 tiny demo over both engines; a real model is split as its size and the machines require.
 """),
     code("""
-from exo_lab.planner import format_plan
+from exo_lab.planning.planner import format_plan
 
 plan = cluster.load("demo", min_stages=2)
 print(format_plan(plan))
@@ -161,7 +161,7 @@ plan = cluster.load("demo", min_stages=2, progress=False)
 """),
     md("## `%%px` on the shards\nActivate the engines' view once; then `%%px` cells run on every engine."),
     code("""
-view = cluster.client[:]
+view = cluster.control.view()
 view.block = True          # %%px cells wait for the engines and show their output
 view.activate()
 """),
@@ -246,7 +246,7 @@ import statistics
 
 import exo_lab
 from exo_lab.bench import SingleProcess, measure_cluster, prompt_ids
-from exo_lab.demo import demo_model_dir
+from exo_lab.model.demo import demo_model_dir
 from exo_lab.notebook import plot_throughput, record_throughput
 from transformers import AutoTokenizer
 

@@ -65,9 +65,20 @@ def test_plan_70b_fits_on_two_compute_pcs_as_json():
     assert plan["predicted_ms_per_token"] > 0 and plan["unused_nodes"] == []
 
 
-def test_plan_70b_does_not_fit_the_single_compute_pc_of_the_example():
-    result = exo_lab("plan", "--config", EXAMPLE, "--model", MODELS / "llama-3.1-70b", "--dtype", "bfloat16")
-    assert_user_error(result, "does not fit", "141.1 GB", "128 GB", "system-b.local")
+def test_plan_70b_bfloat16_fits_on_the_seed_example():
+    result = exo_lab("plan", "--config", EXAMPLE, "--model", MODELS / "llama-3.1-70b", "--dtype", "bfloat16",
+                     "--json")
+    assert result.returncode == 0, result.stderr
+    stages = json.loads(result.stdout)["stages"]
+    assert [(s["node"], s["start_layer"], s["stop_layer"]) for s in stages] == [
+        ("system-b.local", 0, 40), ("system-c.local", 40, 80)]
+    assert all(s["total_bytes"] <= s["budget_bytes"] == 128 * 10**9 for s in stages)
+
+
+def test_plan_70b_float32_does_not_fit_the_seed_example():
+    result = exo_lab("plan", "--config", EXAMPLE, "--model", MODELS / "llama-3.1-70b", "--dtype", "float32")
+    assert_user_error(result, "does not fit", "282.2 GB", "256 GB", "system-b.local 128 GB",
+                      "system-c.local 128 GB", "bfloat16")
 
 
 def test_plan_405b_fails_with_the_numbers():

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import exo_lab
-from exo_lab import engine as engine_side
+import exo_lab.model.profile
+from exo_lab.engine import probe as engine_probe
+from exo_lab.engine import worker as engine_worker
 from exo_lab.errors import ClusterError, ModelError, PlanError, RequestError
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -24,7 +26,7 @@ def cluster():
     with exo_lab.Cluster.local(engines=3, max_cores=1) as c:
         yield c
     # stop() ended every process it started
-    assert c.client is None
+    assert not c.control.started
 
 
 def reference_tokens(model_dir, prompt_ids, n):
@@ -67,13 +69,13 @@ def test_greedy_equals_transformers_on_1_2_3_engines(cluster, tiny_model_dir, ar
 def test_no_process_holds_the_whole_model(cluster, tiny_model_dir):
     model_dir = tiny_model_dir("llama", num_layers=6)
     plan = cluster.load(str(model_dir), min_stages=3, progress=False)
-    shard_bytes = [cluster._call(e.engine_id, engine_side.worker_status)["parameter_bytes"]
-                   for e in cluster._pipeline.engines]
+    shard_bytes = [cluster.control.call(e.engine_id, engine_worker.worker_status)["parameter_bytes"]
+                   for e in cluster.pipeline.engines]
     assert shard_bytes == [s.weights_bytes for s in plan.stages]
-    total = exo_lab.profile.profile_model(str(model_dir)).total_parameter_bytes
+    total = exo_lab.model.profile.profile_model(str(model_dir)).total_parameter_bytes
     assert max(shard_bytes) < total / 2
     # the coordinator holds no weights at all: only the tokenizer
-    assert not any(isinstance(v, torch.nn.Module) for v in vars(cluster._pipeline).values())
+    assert not any(isinstance(v, torch.nn.Module) for v in vars(cluster.pipeline).values())
 
 
 def test_sampling_with_seed_is_reproducible(cluster, tiny_model_dir):
@@ -161,7 +163,7 @@ def test_engine_death_gives_a_clear_error_and_survivors_reload(tiny_model_dir):
     model_dir = str(tiny_model_dir("llama", num_layers=6))
     with exo_lab.Cluster.local(engines=3, max_cores=1) as cluster:
         cluster.load(model_dir, min_stages=3, progress=False)
-        victim = cluster._pipeline.engines[1]
+        victim = cluster.pipeline.engines[1]
         outcome = {}
 
         def generate():
@@ -187,7 +189,7 @@ def test_engine_death_gives_a_clear_error_and_survivors_reload(tiny_model_dir):
         plan = cluster.load(model_dir, min_stages=2, progress=False)
         assert victim.node not in [s.node for s in plan.stages]
         assert cluster.generate("Hi", max_new_tokens=3, ignore_eos=True).completion_tokens == 3
-        pids = [p["pid"] for p in cluster._call_all(engine_side.probe_resources, False).values()]
+        pids = [p["pid"] for p in cluster.control.call_all(engine_probe.probe_resources, False).values()]
     time.sleep(0.5)
     assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
 
@@ -197,7 +199,7 @@ def test_malformed_data_plane_messages_do_not_break_the_pipeline(cluster, tiny_m
 
     cluster.load(str(tiny_model_dir("llama", num_layers=6)), min_stages=2, progress=False)
     expected = cluster.generate("Hello", max_new_tokens=6, ignore_eos=True).token_ids
-    scheduler = cluster._pipeline.scheduler
+    scheduler = cluster.pipeline.scheduler
     context = zmq.Context.instance()
     for address in (scheduler.outbox.address, scheduler.inbox.address):   # stage 0, the coordinator
         sock = context.socket(zmq.PUSH)
@@ -207,3 +209,7 @@ def test_malformed_data_plane_messages_do_not_break_the_pipeline(cluster, tiny_m
         sock.close(linger=1000)
     time.sleep(0.3)
     assert cluster.generate("Hello", max_new_tokens=6, ignore_eos=True).token_ids == expected
+    # dropped and counted where they arrived: the coordinator's inbox and stage 0's
+    assert cluster.metrics.dropped_total == 2
+    stage0 = next(row for row in cluster.status()["engines"] if row.get("stage_index") == 0)
+    assert stage0["dropped_messages"] == 2

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from dataclasses import replace
 
 from exo_lab.config import (
     ApiConfig,
@@ -14,34 +15,41 @@ from exo_lab.config import (
     DeviceConfig,
     NetworkConfig,
     config_from_dict,
-    format_bytes,
     format_config_summary,
     load_config,
-    parse_bandwidth,
-    parse_size,
 )
+from exo_lab.units import format_bytes, parse_bandwidth, parse_size
 from exo_lab.errors import ConfigError, ExoLabError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 BAD_CONFIGS = Path(__file__).resolve().parent / "data" / "configs"
 
-# The issue's example, character for character.
+# The seed's example (three PCs, see shared/DESIGN.md), character for character.
 USER_EXAMPLE = """\
 cluster_name: engineering_cluster
+
 devices:
   - hostname: system-a.local
     roles: [coordinator, storage]
     max_memory: 128GB
     max_cores: 16
     gpu: false
+
   - hostname: system-b.local
     roles: [compute]
     max_memory: 128GB
     max_cores: 16
     gpu: true
+
+  - hostname: system-c.local
+    roles: [compute]
+    max_memory: 128GB
+    max_cores: 16
+    gpu: true
+
 network:
-  discovery: auto        # or manual: use the devices listed
+  discovery: auto
 """
 
 
@@ -176,14 +184,16 @@ def test_user_example_loads_as_written():
     assert cfg.devices == (
         DeviceConfig("system-a.local", ("coordinator", "storage"), 128 * 10**9, 16, False, None),
         DeviceConfig("system-b.local", ("compute",), 128 * 10**9, 16, True, None),
+        DeviceConfig("system-c.local", ("compute",), 128 * 10**9, 16, True, None),
     )
     assert cfg.coordinator.hostname == "system-a.local"
-    assert [d.hostname for d in cfg.compute_devices] == ["system-b.local"]
+    assert [d.hostname for d in cfg.compute_devices] == ["system-b.local", "system-c.local"]
     assert [d.hostname for d in cfg.storage_devices] == ["system-a.local"]
-    a, b = cfg.devices
+    a, b, c = cfg.devices
     assert (a.is_coordinator, a.is_compute, a.is_storage) == (True, False, True)
     assert (b.is_coordinator, b.is_compute, b.is_storage) == (False, True, False)
     assert (b.engines, b.address) == (1, None)
+    assert c == replace(b, hostname="system-c.local")
 
 
 def test_two_compute_example_uses_every_optional_key():
@@ -343,23 +353,23 @@ def test_not_utf8(tmp_path):
 def test_yaml_syntax_error_gives_line_number(tmp_path):
     expect_error(tmp_path, second_device("    max_memory: 128GB",
                                          "   max_memory: 128GB"),
-                 r"invalid YAML at line 10, column 4: .*check the indentation")
+                 r"invalid YAML at line 12, column 4: .*check the indentation")
 
 
 def test_yaml_unclosed_flow_list_gives_line_number(tmp_path):
     expect_error(tmp_path, second_device("roles: [compute]", "roles: [compute"),
-                 r"invalid YAML at line 10, .*flow sequence started at line 9")
+                 r"invalid YAML at line 12, .*flow sequence started at line 11")
 
 
 def test_yaml_tab_indentation_gives_line_number(tmp_path):
     expect_error(tmp_path, variant("  discovery: auto", "\tdiscovery: auto"),
-                 r"invalid YAML at line 14, column 1: found character '\\t'")
+                 r"invalid YAML at line 23, column 1: found character '\\t'")
 
 
 def test_duplicate_key_in_one_mapping(tmp_path):
     expect_error(tmp_path, second_device("max_cores: 16",
                                          "max_cores: 16\n    max_cores: 8"),
-                 r"invalid YAML at line 12, .*found duplicate key 'max_cores'")
+                 r"invalid YAML at line 14, .*found duplicate key 'max_cores'")
 
 
 def test_top_level_not_a_mapping(tmp_path):
@@ -644,7 +654,7 @@ def test_duplicate_hostnames_ignore_case(tmp_path):
 
 
 def test_no_compute_device(tmp_path):
-    expect_error(tmp_path, variant("roles: [compute]", "roles: [storage]"),
+    expect_error(tmp_path, variant("roles: [compute]", "roles: [storage]", count=2),
                  r"no device has the 'compute' role; add compute to the roles of at "
                  r"least one PC")
 

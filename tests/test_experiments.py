@@ -11,8 +11,8 @@ import torch
 from exo_lab.errors import ClusterError
 from exo_lab.notebook import (plot_activations, plot_placement, plot_throughput, record_throughput,
                               stage_activations, stage_engines)
-from exo_lab.demo import demo_model_dir
-from exo_lab.models import read_model_config
+from exo_lab.model.demo import demo_model_dir
+from exo_lab.model.resolve import read_model_config
 from exo_lab.notebook.remote import tensor_stats
 
 matplotlib.use("Agg")
@@ -92,14 +92,14 @@ def test_a_failed_experiment_forward_frees_its_cache(cluster):
     last = stage_engines(cluster)[-1]
     token_ids = torch.tensor([cluster.encode(PROMPT)])        # the last stage wants hidden states
     with pytest.raises(ipp.error.RemoteError, match="takes hidden states"):
-        cluster.client[last["engine_id"]].apply_sync(remote.experiment_forward, token_ids)
+        cluster.control.view([last["engine_id"]]).apply_sync(remote.experiment_forward, token_ids)
     row = next(r for r in cluster.status()["engines"] if r["engine_id"] == last["engine_id"])
     assert row["active_requests"] == 0
 
 
 def test_px_style_access_to_the_live_shard(cluster):
     """What a %%px cell does: the stage is `exo_stage` in each engine's namespace."""
-    view = cluster.client[[s["engine_id"] for s in stage_engines(cluster)]]
+    view = cluster.control.view([s["engine_id"] for s in stage_engines(cluster)])
     view.block = True
     view.execute("exo_layer_types = [type(layer).__name__ for layer in exo_stage.stage.layers]\n"
                  "exo_range = (exo_stage.stage.spec.start_layer, exo_stage.stage.spec.stop_layer)")
@@ -155,8 +155,8 @@ def test_plot_placement_of_the_live_plan(cluster, tmp_path):
 
 
 def test_plot_placement_names_unused_nodes():
-    from exo_lab.planner import NodeSpec, plan_layers
-    from exo_lab.profile import profile_model
+    from exo_lab.planning.planner import NodeSpec, plan_layers
+    from exo_lab.model.profile import profile_model
 
     nodes = [NodeSpec("big", 8_000_000_000, 20e9), NodeSpec("tiny", 100_000_000, 20e9)]
     plan = plan_layers(profile_model("demo"), nodes)

@@ -100,7 +100,7 @@ def test_chat_options(ip, cluster):
     assert first.stdout == second.stdout == expected + "\n"
     with pytest.raises(UsageError, match="write a message below the %%chat line"):
         ip.run_cell_magic("chat", "", "   \n")
-    with pytest.raises(UsageError, match="temperature must be between 0 and 2"):
+    with pytest.raises(UsageError, match="temperature must be a number between 0 and 2"):
         ip.run_cell_magic("chat", "--temperature 5", "Hi")
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from exo_lab.errors import PlanError
-from exo_lab.planner import (DEFAULT_BANDWIDTH_BYTES_PER_S, DEFAULT_OVERHEAD_BYTES, NodeSpec, Plan,
+from exo_lab.planning.planner import (DEFAULT_BANDWIDTH_BYTES_PER_S, DEFAULT_OVERHEAD_BYTES, NodeSpec, Plan,
                              format_plan, plan_layers)
-from exo_lab.profile import ModelProfile
+from exo_lab.model.profile import ModelProfile
 
 
 def toy_profile(num_layers=4, *, layer_bytes=100, embedding_bytes=50, final_norm_bytes=0,

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from exo_lab.errors import ModelError
-from exo_lab.profile import DTYPE_BYTES, ModelProfile, profile_from_config, profile_model
+from exo_lab.model.profile import DTYPE_BYTES, ModelProfile, profile_from_config, profile_model
 
 torch.set_num_threads(1)
 
@@ -151,7 +151,7 @@ def test_moe_and_non_decoder_models_are_errors():
 
 def test_other_decoder_types_are_profiled_with_a_warning(caplog):
     config = {**REAL_CONFIGS["mistral-7b-v0.1"], "model_type": "olmo"}
-    with caplog.at_level(logging.WARNING, logger="exo_lab.profile"):
+    with caplog.at_level(logging.WARNING, logger="exo_lab.model.profile"):
         profile = profile_from_config(config, dtype="bfloat16")
     assert "'olmo' is profiled with the Llama layer layout" in caplog.text
     assert profile.model_type == "olmo"

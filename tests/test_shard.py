@@ -1,4 +1,4 @@
-"""exo_lab.shard: stages built from tiny random checkpoints, chained in process, must generate
+"""exo_lab.model.shard: stages built from tiny random checkpoints, chained in process, must generate
 exactly what Hugging Face's own ``generate`` does, and load nothing but their own tensors."""
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-import exo_lab.shard as shard
+import exo_lab.model.shard as shard
 from exo_lab.errors import ModelError, RequestError
-from exo_lab.shard import ShardSpec, load_stage, sample_next_token
+from exo_lab.model.shard import ShardSpec, load_stage
 
 NUM_LAYERS = 4
 NEW_TOKENS = 20
@@ -238,60 +237,6 @@ def test_interleaved_requests_match_each_alone(tiny_model_dir):
     for rid, prompt in prompts.items():
         assert tokens[rid] == reference_tokens(model_dir, prompt)
     assert tokens[1] != tokens[2]
-
-
-# ----------------------------------------------------------------------------- sampling
-
-def sampler(temperature, top_p=1.0, top_k=0, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return lambda logits: sample_next_token(logits, temperature=temperature, top_p=top_p,
-                                            top_k=top_k, generator=generator)
-
-
-def test_sampling_with_the_same_seed_repeats(tiny_model_dir):
-    model_dir = tiny_model_dir("llama")
-    stages = load_split(model_dir, SPLITS["2-stage"])
-    prompt = make_prompt(model_dir, 5)
-    first = generate(stages, prompt, pick=sampler(1.5, top_p=0.95, seed=11))
-    again = generate(stages, prompt, pick=sampler(1.5, top_p=0.95, seed=11))
-    assert first == again
-    assert first != reference_tokens(model_dir, prompt)   # it did sample, not argmax
-
-
-def test_top_k_one_is_greedy(tiny_model_dir):
-    model_dir = tiny_model_dir("mistral")
-    stages = load_split(model_dir, SPLITS["2-stage"])
-    prompt = make_prompt(model_dir, 5)
-    assert generate(stages, prompt, pick=sampler(1.0, top_k=1)) == reference_tokens(model_dir, prompt)
-
-
-def test_greedy_breaks_ties_to_the_lowest_id():
-    logits = torch.tensor([[0.5, 3.0, -1.0, 3.0]])
-    assert sample_next_token(logits, temperature=0.0, top_p=1.0, top_k=0, generator=None) == 1
-
-
-@pytest.mark.parametrize("top_k, top_p", [(3, 1.0), (0, 0.6), (5, 0.3), (0, 1.0)])
-def test_sampling_draws_only_from_hf_filtered_set(top_k, top_p):
-    logits = torch.randn(1, 12, generator=torch.Generator().manual_seed(3))   # (1, vocab)
-    kept = logits / 0.8
-    if top_k:
-        kept = TopKLogitsWarper(top_k)(None, kept)
-    if top_p < 1.0:
-        kept = TopPLogitsWarper(top_p)(None, kept)
-    allowed = set(torch.nonzero(kept[0] > float("-inf")).flatten().tolist())
-    pick = sampler(0.8, top_p=top_p, top_k=top_k, seed=4)
-    drawn = {pick(logits) for _ in range(1000)}
-    assert drawn == allowed
-
-
-@pytest.mark.parametrize("kwargs, param", [
-    (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k")])
-def test_bad_sampling_values_are_request_errors(kwargs, param):
-    values = {**dict(temperature=1.0, top_p=1.0, top_k=0), **kwargs}
-    with pytest.raises(RequestError) as info:
-        sample_next_token(torch.zeros(1, 4), generator=None, **values)
-    assert info.value.param == param
 
 
 # ----------------------------------------------------------------------------- loading

@@ -36,7 +36,7 @@ def test_rows_match_engines_and_layer_ranges(cluster):
     widget = ClusterWidget(cluster, autostart=False)
     try:
         assert not widget.running
-        assert [row.engine_id for row in widget.rows] == sorted(cluster.client.ids)
+        assert [row.engine_id for row in widget.rows] == sorted(cluster.control.ids)
         by_node = {value(row.node): row for row in widget.rows}
         stages = cluster.plan.stages
         assert sorted(by_node) == sorted(stage.node for stage in stages)
@@ -113,7 +113,7 @@ def test_busy_engine_shows_busy_not_failed(cluster):
     widget = ClusterWidget(cluster, autostart=False)
     engine_id = widget.rows[0].engine_id
     try:
-        task = cluster.client[engine_id].apply_async(time.sleep, 4.0)
+        task = cluster.control.submit(engine_id, time.sleep, 4.0)
         time.sleep(0.2)
         widget.refresh()                    # its status call times out after 3 s
         assert value(widget.rows[0].state) == "busy"

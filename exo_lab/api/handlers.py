@@ -1,12 +1,8 @@
 """The small routes: models, health, metrics."""
 from __future__ import annotations
 
-from ..errors import ClusterError
 from .base import ApiHandler
 from .errors import ApiError
-
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
 
 class ModelsHandler(ApiHandler):
     """GET /v1/models: the loaded model (an empty list while none is loaded)."""
@@ -47,10 +43,7 @@ class MetricsHandler(ApiHandler):
     """GET /metrics in the Prometheus text format (needs the API key when one is set)."""
 
     def get(self) -> None:
-        parts = [self.server.http_metrics()]
-        try:
-            parts.insert(0, self.cluster.metrics.prometheus(self.cluster.model_id))
-        except ClusterError:
-            pass  # no model loaded, or the cluster failed: the HTTP counters still tell something
-        self.set_header("Content-Type", PROMETHEUS_CONTENT_TYPE)
-        self.finish("".join(parts))
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(generate_latest(self.server.registry))

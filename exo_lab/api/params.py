@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..chat import normalize_messages
+from ..coordinator.chat import normalize_messages
 from ..errors import ClusterError
 from ..sampling import SamplingParams
 from .errors import ApiError, bad_request, unsupported

@@ -34,6 +34,7 @@ class ApiServer:
         self._http: tornado.httpserver.HTTPServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._responses: dict[int, int] = {}        # HTTP status -> count
+        self.registry = self.metrics_registry()
 
     def __repr__(self) -> str:
         return f"<exo_lab ApiServer {self.url} key={'set' if self.api_key else 'none'}>"
@@ -79,12 +80,29 @@ class ApiServer:
     def count_response(self, status: int) -> None:
         self._responses[status] = self._responses.get(status, 0) + 1
 
-    def http_metrics(self) -> str:
-        lines = ["# HELP exo_lab_http_responses_total HTTP responses sent by the API, by status code.",
-                 "# TYPE exo_lab_http_responses_total counter"]
-        lines += [f'exo_lab_http_responses_total{{code="{code}"}} {count}'
-                  for code, count in sorted(self._responses.items())]
-        return "\n".join(lines) + "\n"
+    def metrics_registry(self):
+        """A prometheus_client registry with the model's counters and the HTTP responses."""
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.core import CounterMetricFamily
+
+        from ..coordinator.metrics import MetricsCollector
+
+        def http_responses():
+            family = CounterMetricFamily("exo_lab_http_responses", "HTTP responses sent by the API, by status code.",
+                                         labels=["code"])
+            for code, count in sorted(self._responses.items()):
+                family.add_metric([str(code)], count)
+            yield family
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(MetricsCollector(self.cluster.metrics_source))
+        registry.register(_Collect(http_responses))
+        return registry
+
+
+class _Collect:
+    def __init__(self, collect):
+        self.collect = collect
 
 
 def make_app(server: ApiServer) -> tornado.web.Application:

@@ -3,7 +3,7 @@
 Every engine that holds a stage has it in its namespace as ``exo_stage`` (a
 :class:`exo_lab.engine.StageWorker`), so ``%%px`` reaches the live layers::
 
-    view = cluster.client[:]
+    view = cluster.control.view()
     view.activate()                 # enables %px / %%px in this notebook
     %px print(exo_stage.stage.spec, len(exo_stage.stage.layers))
 
@@ -38,7 +38,7 @@ def stage_engines(cluster) -> list[dict]:
 def stage_view(cluster):
     """An ipyparallel DirectView over the engines that hold a stage, in pipeline order (for
     ``%%px`` when some engines hold none): ``stage_view(cluster).activate()``."""
-    return cluster.client[[stage["engine_id"] for stage in stage_engines(cluster)]]
+    return cluster.control.view([stage["engine_id"] for stage in stage_engines(cluster)])
 
 
 def stage_activations(cluster, prompt, *, layer_stats: bool = True, return_tensors: bool = True,
@@ -93,7 +93,7 @@ def _forward_on(cluster, stage: dict, inputs, layer_stats: bool, timeout_s: floa
 
     engine_id = stage["engine_id"]
     where = f"engine {engine_id} (stage {stage['stage_index']}, {stage['node']})"
-    async_result = cluster.client[engine_id].apply_async(remote.experiment_forward, inputs,
+    async_result = cluster.control.submit(engine_id, remote.experiment_forward, inputs,
                                                          layer_stats=layer_stats)
     try:
         return async_result.get(timeout_s)

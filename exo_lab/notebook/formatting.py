@@ -2,14 +2,14 @@
 ``repr`` show. Pure functions of the dict :meth:`exo_lab.Cluster.status` returns (no ipywidgets),
 so a frontend without widgets, a log and a screenshot all show the same thing.
 
-Layer ranges are shown inclusive ("0-2" is ``[0, 3)``), as ``exo_lab.planner.format_plan`` does.
+Layer ranges are shown inclusive ("0-2" is ``[0, 3)``), as ``exo_lab.planning.planner.format_plan`` does.
 """
 from __future__ import annotations
 
 import html
 from dataclasses import dataclass
 
-from ..config import format_bytes
+from ..units import format_bytes
 
 # What an engine row's state means. "busy" only comes from the widget, which asks ipyparallel
 # whether an engine that did not answer the status call is working through a queue (%%px).

@@ -72,7 +72,7 @@ class ExoMagics(Magics):
         print(format_status(self.cluster().status()))
 
     def _plan(self, rest: list[str]) -> None:
-        from ..planner import format_plan
+        from ..planning.planner import format_plan
 
         self._no_arguments("plan", rest)
         print(format_plan(self.cluster().plan))
@@ -80,7 +80,7 @@ class ExoMagics(Magics):
     def _widget(self, rest: list[str]):
         self._no_arguments("widget", rest)
         cluster = self.cluster()
-        if cluster.client is None:
+        if not cluster.control.started:
             raise UsageError("the cluster is stopped: call cluster.start() before opening its dashboard")
         return cluster.widget()
 
@@ -168,7 +168,7 @@ class ExoMagics(Magics):
         clusters = self._clusters()
         if not clusters:
             raise UsageError(f"there is no exo_lab.Cluster in this notebook: {NO_CLUSTER_HELP}")
-        started = [(name, c) for name, c in clusters if c.client is not None]
+        started = [(name, c) for name, c in clusters if c.control.started]
         name, cluster = (started or clusters)[-1]
         if len(started) > 1:
             others = ", ".join(n for n, _ in started if n != name)

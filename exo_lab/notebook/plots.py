@@ -11,7 +11,7 @@ import copy
 import threading
 from collections.abc import Iterable, Iterator
 
-from ..config import format_bytes
+from ..units import format_bytes
 
 # Stacked memory parts of a stage, bottom to top, with their colours.
 MEMORY_PARTS = (("weights_bytes", "weights", "#2563eb"), ("kv_cache_bytes", "KV cache", "#f59e0b"),
@@ -34,7 +34,7 @@ def plot_placement(plan, *, title: str | None = None):
     """Layers against nodes, and each node's memory: weights, KV cache, workspace, runtime
     overhead and what is left of its budget, as stacked bars.
 
-    ``plan``: an :class:`exo_lab.planner.Plan` (``cluster.plan``) or its JSON form
+    ``plan``: an :class:`exo_lab.planning.planner.Plan` (``cluster.plan``) or its JSON form
     (``plan.to_json()``, ``cluster.status()["plan"]``; there workspace and overhead are one part).
     Nodes the plan leaves unused are listed with the planner's reason. Returns the Figure.
     """
@@ -172,7 +172,7 @@ def record_throughput(source, interval_s: float = 0.2) -> Iterator[object]:
     ...     cluster.generate("Hello", max_new_tokens=64)
     >>> plot_throughput(metrics)
     """
-    metrics = source.metrics if hasattr(source, "client") else source
+    metrics = source.metrics if hasattr(source, "control") else source
     stop = threading.Event()
 
     def sample() -> None:

@@ -34,7 +34,7 @@ def describe_device(device: str) -> str:
 
 def live_worker():
     """This engine's :class:`exo_lab.engine.StageWorker` (``exo_stage`` in %%px), or None."""
-    from .. import engine
+    from ..engine import worker as engine
 
     return engine.current_worker()
 

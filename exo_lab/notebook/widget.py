@@ -7,7 +7,7 @@ engine, ~5 ms each) every ``interval_s``, the in-process metrics every ``metrics
 ipywidgets state set from that thread reaches the frontend through the kernel's comm.
 
 The thread ends on :meth:`ClusterWidget.close`, on :meth:`ClusterWidget.stop`, and by itself
-once the cluster is stopped (``cluster.client is None``); ``close`` and ``stop`` join it.
+once the cluster is stopped (``not cluster.control.started``); ``close`` and ``stop`` join it.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import time
 
 import ipywidgets as widgets
 
-from .. import engine as engine_side
+from ..engine import probe as engine_probe
 from . import remote
 from ..errors import ExoLabError
 from .formatting import (STATE_COLORS, EngineView, engine_views, format_status, memory_bar_color,
@@ -131,7 +131,7 @@ class ClusterWidget(widgets.VBox):
 
     def start(self) -> "ClusterWidget":
         """Start the refresh thread (no-op when it runs or the cluster is stopped)."""
-        if self.running or self.cluster.client is None:
+        if self.running or not self.cluster.control.started:
             return self
         self._stop_event.clear()
         self._thread = threading.Thread(target=self._run, name=f"exo-lab-widget-{id(self):x}", daemon=True)
@@ -161,7 +161,7 @@ class ClusterWidget(widgets.VBox):
     def _run(self) -> None:
         next_status_s = time.monotonic() + self.interval_s
         while not self._stop_event.wait(self.metrics_interval_s):
-            if self.cluster.client is None:
+            if not self.cluster.control.started:
                 self._show_stopped()
                 return
             try:
@@ -171,7 +171,7 @@ class ClusterWidget(widgets.VBox):
                 else:
                     self._refresh_metrics()
             except Exception as exc:  # the dashboard must outlive a failed poll (e.g. during stop())
-                if self.cluster.client is None:
+                if not self.cluster.control.started:
                     self._show_stopped()
                     return
                 logger.debug("dashboard refresh failed: %s", exc)
@@ -182,7 +182,7 @@ class ClusterWidget(widgets.VBox):
     def refresh(self) -> dict:
         """Poll ``cluster.status()`` once and show it; returns the status dict."""
         with self._lock:
-            if self.cluster.client is None:
+            if not self.cluster.control.started:
                 self._show_stopped()
                 return self.status
             status = self._with_engine_info(self.cluster.status())
@@ -248,12 +248,14 @@ class ClusterWidget(widgets.VBox):
     def _probe(self, row: dict) -> dict:
         engine_id, device = row["engine_id"], row.get("device")
         try:
-            view = self.cluster.client[engine_id]
+            call = self.cluster.control.call
             if device is None:
-                probe = view.apply_async(engine_side.probe_resources, False).get(PROBE_TIMEOUT_S)
+                probe = call(engine_id, engine_probe.probe_resources, False, timeout_s=PROBE_TIMEOUT_S,
+                             what="probing")
                 info = {"hostname": probe["hostname"]}
             else:
-                info = {"device_name": view.apply_async(remote.describe_device, device).get(PROBE_TIMEOUT_S)}
+                info = {"device_name": call(engine_id, remote.describe_device, device,
+                                            timeout_s=PROBE_TIMEOUT_S, what="describing its device")}
         except Exception as exc:  # a busy or dead engine: show what the status has, try again later
             logger.debug("probing engine %d failed: %s", engine_id, exc)
             return {}
@@ -279,7 +281,7 @@ class ClusterWidget(widgets.VBox):
 
     def _queue_status(self) -> dict:
         try:
-            return self.cluster.client.queue_status(verbose=False)
+            return self.cluster.control.queue_status()
         except Exception as exc:
             logger.debug("queue_status failed: %s", exc)
             return {}

@@ -53,11 +53,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from .errors import ModelError, RequestError
+from ..errors import ModelError, RequestError
+from ..units import DTYPES
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# torch dtypes of the stage dtypes named in exo_lab.units
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -85,6 +87,7 @@ class ShardSpec:
     num_layers: int
     dtype: str = "float32"
     device: str = "cpu"
+    max_context: int | None = None      # the plan's tokens per request; None: no bound
 
     def __post_init__(self) -> None:
         if not 0 <= self.start_layer < self.stop_layer <= self.num_layers:
@@ -118,7 +121,7 @@ class Stage(nn.Module):
         super().__init__()
         self.spec = spec
         self.device = torch.device(spec.device)
-        self.dtype = DTYPES[spec.dtype]
+        self.dtype = TORCH_DTYPES[spec.dtype]
         self.config = config
         self.stage_config = _stage_config(config, spec)
         self.layer_types = _layer_types(self.stage_config)
@@ -148,6 +151,7 @@ class Stage(nn.Module):
             RequestError: ``position`` > 0 for a request this stage holds no cache for, or a
                 position that does not continue the cached sequence.
         """
+        self._check_within_plan(inputs, position)
         cache = self._cache_for(request_id, position)
         hidden = self._embed(inputs)                                      # (B, T, hidden)
         T = hidden.shape[1]
@@ -211,6 +215,15 @@ class Stage(nn.Module):
             local_name = f"layers.{int(local_index) + self.spec.start_layer}.{rest}"
         return [f"{self.checkpoint_prefix}.{local_name}"]
 
+    def _check_within_plan(self, inputs: torch.Tensor, position: int) -> None:
+        # The plan sized this stage's memory for max_context tokens of one sequence.
+        limit = self.spec.max_context
+        if inputs.dim() < 2 or inputs.shape[0] != 1:
+            raise RequestError(f"a stage takes one sequence (1, T, ...), got {tuple(inputs.shape)}")
+        if limit is not None and position + inputs.shape[1] > limit:
+            raise RequestError(f"positions up to {position + inputs.shape[1]} exceed the planned "
+                               f"context of {limit} tokens")
+
     def _cache_for(self, request_id: int, position: int) -> DynamicCache:
         if position == 0:
             # A prefill starts the sequence over, whatever the request held before.
@@ -272,54 +285,6 @@ def load_stage(spec: ShardSpec) -> Stage:
     logger.info("loaded layers [%d, %d) of %s: %.1f MB on %s", spec.start_layer, spec.stop_layer,
                 spec.model_dir, stage.parameter_bytes() / 1e6, spec.device)
     return stage
-
-
-def sample_next_token(logits: torch.Tensor, *, temperature: float, top_p: float, top_k: int,
-                      generator: torch.Generator | None) -> int:
-    """Pick the next token id from one position's logits (1, vocab) or (vocab,).
-
-    ``temperature`` 0 is greedy (argmax; ties go to the lowest id, as ``torch.argmax`` and HF
-    greedy decoding do). Otherwise, in Hugging Face's order: divide by ``temperature``, keep the
-    ``top_k`` best (0 = no cut; ties at the k-th value are kept), keep the smallest set whose
-    cumulative probability reaches ``top_p`` (1.0 = no cut; at least one token always stays),
-    then draw with ``torch.multinomial`` using ``generator`` (a CPU generator; seeded, the draw
-    is reproducible).
-
-    Raises:
-        RequestError: temperature < 0, top_p outside (0, 1] or top_k < 0.
-    """
-    _check_sampling(temperature, top_p, top_k)
-    # On the CPU in float32: the same draw whatever device produced the logits.
-    scores = logits.detach().reshape(-1).float().cpu()                    # (vocab,)
-    if temperature == 0:
-        return int(torch.argmax(scores))
-    scores = scores / temperature
-    if 0 < top_k < scores.numel():
-        kth_best = torch.topk(scores, top_k).values[-1]
-        scores = scores.masked_fill(scores < kth_best, float("-inf"))
-    if top_p < 1.0:
-        scores = _nucleus(scores, top_p)
-    probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def _nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    # HF TopPLogitsWarper: sort ascending, drop the low tail whose mass is <= 1 - top_p.
-    sorted_scores, order = torch.sort(scores, descending=False)
-    tail_mass = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-    drop_sorted = tail_mass <= (1 - top_p)
-    drop_sorted[-1] = False                                               # keep the best token
-    drop = drop_sorted.scatter(0, order, drop_sorted)
-    return scores.masked_fill(drop, float("-inf"))
-
-
-def _check_sampling(temperature: float, top_p: float, top_k: int) -> None:
-    if temperature < 0:
-        raise RequestError(f"temperature must be >= 0, got {temperature}", param="temperature")
-    if not 0 < top_p <= 1:
-        raise RequestError(f"top_p must be in (0, 1], got {top_p}", param="top_p")
-    if top_k < 0:
-        raise RequestError(f"top_k must be >= 0 (0 = no cut), got {top_k}", param="top_k")
 
 
 # ----------------------------------------------------------------------------- config
@@ -432,7 +397,7 @@ def _read_tensors(names, weight_map: dict[str, Path], spec: ShardSpec) -> dict[s
 
 
 def _read_file(path: Path, names: list[str], spec: ShardSpec) -> dict[str, torch.Tensor]:
-    dtype = DTYPES[spec.dtype]
+    dtype = TORCH_DTYPES[spec.dtype]
     if not path.is_file():
         raise ModelError(f"{path} does not exist but holds tensor {names[0]} (and {len(names) - 1} "
                          f"more) for layers [{spec.start_layer}, {spec.stop_layer}); re-download "

@@ -20,7 +20,7 @@ import os
 import pathlib
 import re
 
-from .errors import ModelError
+from ..errors import ModelError
 
 logger = logging.getLogger(__name__)
 

@@ -57,9 +57,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .config import format_bytes
-from .errors import PlanError
-from .profile import ModelProfile
+from ..config import format_bytes
+from ..errors import PlanError
+from ..model.profile import ModelProfile
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Chat messages -> token ids through the model's own chat template."""
 from __future__ import annotations
 
-from .errors import RequestError
+from ..errors import RequestError
 
 ROLES = ("system", "user", "assistant")
 # OpenAI's newer name for the system role; chat templates know only "system".

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .errors import ModelError
+from ..errors import ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def profile_from_config(config: dict, *, dtype: str = "float32", model_id: str =
         ModelError: unknown dtype (listing the allowed ones), a missing or bad config key, or a
             model type whose layers do not follow the Llama-style decoder pattern.
     """
-    from .models import check_config_keys
+    from .resolve import check_config_keys
 
     dtype_bytes = _dtype_bytes(dtype)
     check_config_keys(config, source=f"config.json of {model_id}")
@@ -104,7 +104,7 @@ def profile_model(model_id: str, *, dtype: str | None = None) -> ModelProfile:
     Raises:
         ModelError: the model cannot be resolved, its config is malformed, or the dtype is unknown.
     """
-    from .models import read_model_config, resolve_model
+    from .resolve import read_model_config, resolve_model
 
     config = read_model_config(resolve_model(model_id, need_weights=False))
     if dtype is None:

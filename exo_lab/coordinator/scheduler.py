@@ -9,17 +9,19 @@ message follows it down the pipe, so every stage drops its cache.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ClusterError, RequestError
+from ..errors import ClusterError, RequestError
+from ..sampling import SamplingParams, SamplingSettings, StreamEvent
+from ..wire import Error, Forward, FrameError, Free, Ping, Token
 from .metrics import Metrics
-from .sampling import SamplingParams, StreamEvent
+from .text import TextAssembler
 
 logger = logging.getLogger(__name__)
 
@@ -30,55 +32,7 @@ STALL_CHECK_S = 0.5
 @dataclass
 class _Request:
     request_id: int
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-
-
-class TextAssembler:
-    """Turns token ids into text deltas, holding back what may still change: an incomplete
-    UTF-8 sequence, or a tail that could be the start of a stop string."""
-
-    def __init__(self, tokenizer, stop: tuple[str, ...]):
-        self.tokenizer = tokenizer
-        self.stop = stop
-        self.token_ids: list[int] = []
-        self.emitted = 0          # characters of the text already handed out
-        self.stopped = False
-
-    def add(self, token_id: int) -> str:
-        self.token_ids.append(token_id)
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        cut = self._stop_index(text)
-        if cut is not None:
-            self.stopped = True
-            return self._take(text[:cut])
-        safe = len(text.rstrip("\ufffd"))
-        safe = min(safe, len(text) - self._held_tail(text))
-        return self._take(text[:safe])
-
-    def flush(self) -> str:
-        """Everything not yet handed out (at the end of a generation that did not hit a stop)."""
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        return self._take(text)
-
-    def _take(self, text: str) -> str:
-        delta = text[self.emitted:]
-        self.emitted = max(self.emitted, len(text))
-        return delta
-
-    def _stop_index(self, text: str) -> int | None:
-        hits = [text.find(s, max(0, self.emitted - len(s))) for s in self.stop]
-        hits = [h for h in hits if h >= 0]
-        return min(hits) if hits else None
-
-    def _held_tail(self, text: str) -> int:
-        """Length of the longest suffix of text that is a proper prefix of a stop string."""
-        best = 0
-        for stop in self.stop:
-            for n in range(min(len(stop) - 1, len(text)), best, -1):
-                if text.endswith(stop[:n]):
-                    best = n
-                    break
-        return best
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)   # Token | Error | Ping | an exception
 
 
 class Scheduler:
@@ -96,7 +50,6 @@ class Scheduler:
         self.metrics = Metrics()
         self.failure: str | None = None
         self._requests: dict[int, _Request] = {}
-        self._ids = itertools.count(1)
         self._receiver: asyncio.Task | None = None
         self._freed: dict[int, asyncio.Event] = {}
 
@@ -127,27 +80,30 @@ class Scheduler:
         return len(self._requests)
 
     async def _receive_loop(self) -> None:
-        from .dataplane import FrameError, Kind
-
         while True:
             try:
                 message = await self.inbox.recv()
-            except FrameError as exc:  # a corrupt message fails its request, never the loop
-                logger.error("dropped a malformed message from the last stage: %s", exc)
-                request = self._requests.get(exc.request_id) if exc.request_id is not None else None
-                if request is not None:
-                    request.queue.put_nowait(ClusterError(f"the pipeline sent a malformed message: {exc}"))
+            except FrameError as exc:  # malformed or forged: dropped and counted, never routed
+                self.metrics.dropped()
+                logger.warning("dropped a malformed data-plane message: %s", exc)
                 continue
-            if message is None:
-                continue
-            if message.kind == Kind.FREE:
+            if isinstance(message, Free):
                 event = self._freed.pop(message.request_id, None)
                 if event is not None:
                     event.set()
                 continue
             request = self._requests.get(message.request_id)
-            if request is not None:
-                request.queue.put_nowait(message)
+            if request is None:
+                self.metrics.dropped()    # a request that ended, or an id nobody issued
+                continue
+            request.queue.put_nowait(message)
+
+    def _new_request(self) -> _Request:
+        """A request with an id nobody can guess (63 random bits), registered for replies."""
+        while (request_id := secrets.randbits(63)) in self._requests or request_id in self._freed:
+            pass
+        request = self._requests[request_id] = _Request(request_id)
+        return request
 
     # ----------------------------------------------------------------- requests
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -167,30 +123,31 @@ class Scheduler:
     async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StreamEvent]:
         """Generate for one request, yielding text deltas; the last event has finish_reason."""
         self.check_request(prompt_ids, params)
-        request = _Request(next(self._ids))
-        self._requests[request.request_id] = request
+        request = self._new_request()
+        # every step carries the same settings; an unseeded request gets its own random seed
+        settings = params.settings(params.seed if params.seed is not None else secrets.randbits(63))
         started = time.perf_counter()
         assembler = TextAssembler(self.tokenizer, params.stop)
         self.metrics.request_started()
         finish_reason = None
         try:
-            await self._send_forward(request.request_id, prompt_ids, 0, params)
+            await self._send_forward(request.request_id, prompt_ids, 0, settings)
             position = len(prompt_ids)
             for step in range(params.max_new_tokens):
-                token_id, stage_ms = await self._next_token(request)
+                token = await self._next_token(request)
                 if step == 0:
                     self.metrics.first_token(time.perf_counter() - started)
-                self.metrics.token(stage_ms)
-                is_eos = token_id in self.eos_token_ids and not params.ignore_eos
-                delta = "" if is_eos else assembler.add(token_id)
+                self.metrics.token(token.stage_ms)
+                is_eos = token.token_id in self.eos_token_ids and not params.ignore_eos
+                delta = "" if is_eos else assembler.add(token.token_id)
                 finish_reason = _finish_reason(is_eos, assembler.stopped, step, params)
                 if finish_reason is not None:
                     if not assembler.stopped:
                         delta += assembler.flush()   # nothing can complete a stop string any more
-                    yield StreamEvent(delta, [] if is_eos else [token_id], finish_reason)
+                    yield StreamEvent(delta, [] if is_eos else [token.token_id], finish_reason)
                     return
-                yield StreamEvent(delta, [token_id])
-                await self._send_forward(request.request_id, [token_id], position, None)
+                yield StreamEvent(delta, [token.token_id])
+                await self._send_forward(request.request_id, [token.token_id], position, settings)
                 position += 1
         except BaseException as exc:
             if not isinstance(exc, (GeneratorExit, asyncio.CancelledError)):
@@ -202,41 +159,27 @@ class Scheduler:
             self._send_free(request.request_id)
 
     async def _send_forward(self, request_id: int, token_ids: list[int], position: int,
-                            params: SamplingParams | None) -> None:
-        from .dataplane import Kind, Message
-
-        meta: dict = {"position": position}
-        if params is not None:
-            meta["sampling"] = {"temperature": params.temperature, "top_p": params.top_p,
-                                "top_k": params.top_k, "seed": params.seed}
+                            settings: SamplingSettings) -> None:
         tensor = torch.tensor([token_ids], dtype=torch.int64)  # (1, T)
-        await self.outbox.send(Message(Kind.FORWARD, request_id, meta, tensor))
+        await self.outbox.send(Forward(request_id, position, tensor, settings))
 
     def _send_free(self, request_id: int) -> None:
-        from .dataplane import Kind, Message
-
         self._freed[request_id] = asyncio.Event()
-        coroutine = self.outbox.send(Message(Kind.FREE, request_id, {}))
-        asyncio.ensure_future(coroutine)
+        asyncio.ensure_future(self.outbox.send(Free(request_id)))
 
     async def ping(self, timeout_s: float = 5.0) -> bool:
         """True when a PING went through every stage and came back within timeout_s."""
-        from .dataplane import Kind, Message
-
-        request = _Request(next(self._ids))
-        self._requests[request.request_id] = request
+        request = self._new_request()
         try:
-            await self.outbox.send(Message(Kind.PING, request.request_id, {}))
+            await self.outbox.send(Ping(request.request_id))
             message = await asyncio.wait_for(request.queue.get(), timeout_s)
-            return not isinstance(message, BaseException) and message.kind == Kind.PING
+            return isinstance(message, Ping)
         except (asyncio.TimeoutError, ClusterError):
             return False
         finally:
             self._requests.pop(request.request_id, None)
 
-    async def _next_token(self, request: _Request) -> tuple[int, list[float]]:
-        from .dataplane import Kind
-
+    async def _next_token(self, request: _Request) -> Token:
         waited = 0.0
         while True:
             try:
@@ -247,10 +190,10 @@ class Scheduler:
                 continue
             if isinstance(message, BaseException):
                 raise message
-            if message.kind == Kind.ERROR:
-                raise ClusterError(f"generation failed on {message.meta.get('error', 'a stage')}")
-            if message.kind == Kind.TOKEN:
-                return int(message.meta["token_id"]), list(message.meta.get("stage_ms", ()))
+            if isinstance(message, Error):
+                raise ClusterError(f"generation failed: {message.message}")
+            if isinstance(message, Token):
+                return message
 
     def _check_stalled(self, waited_s: float) -> None:
         if self._receiver is not None and self._receiver.done():

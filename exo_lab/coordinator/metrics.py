@@ -13,6 +13,7 @@ class Metrics:
     requests_total: int = 0
     requests_finished: dict = field(default_factory=dict)   # finish_reason -> count
     errors_total: int = 0
+    dropped_total: int = 0                                  # data-plane messages dropped
     tokens_total: int = 0
     in_flight: int = 0
     ttft_sum_s: float = 0.0
@@ -33,6 +34,9 @@ class Metrics:
 
     def error(self) -> None:
         self.errors_total += 1
+
+    def dropped(self) -> None:
+        self.dropped_total += 1
 
     def first_token(self, elapsed_s: float) -> None:
         self.ttft_sum_s += elapsed_s
@@ -62,48 +66,56 @@ class Metrics:
             "requests_total": self.requests_total,
             "requests_in_flight": self.in_flight,
             "errors_total": self.errors_total,
+            "dropped_messages_total": self.dropped_total,
             "tokens_total": self.tokens_total,
             "tokens_per_s": self.tokens_per_s(),
             "mean_time_to_first_token_s": self.ttft_sum_s / self.ttft_count if self.ttft_count else None,
             "stage_mean_ms": {i: self.stage_ms_sum[i] / self.stage_ms_count[i] for i in self.stage_ms_sum},
         }
 
-    def prometheus(self, model: str) -> str:
-        """Render in the Prometheus text exposition format (version 0.0.4)."""
-        label = f'model="{_escape(model)}"'
-        lines = [
-            "# HELP exo_lab_requests_total Generation requests received.",
-            "# TYPE exo_lab_requests_total counter",
-            f"exo_lab_requests_total{{{label}}} {self.requests_total}",
-            "# HELP exo_lab_requests_finished_total Requests finished, by finish reason.",
-            "# TYPE exo_lab_requests_finished_total counter",
-            *[f'exo_lab_requests_finished_total{{{label},reason="{r}"}} {n}'
-              for r, n in sorted(self.requests_finished.items())],
-            "# HELP exo_lab_requests_in_flight Requests being generated now.",
-            "# TYPE exo_lab_requests_in_flight gauge",
-            f"exo_lab_requests_in_flight{{{label}}} {self.in_flight}",
-            "# HELP exo_lab_errors_total Requests that ended with an error.",
-            "# TYPE exo_lab_errors_total counter",
-            f"exo_lab_errors_total{{{label}}} {self.errors_total}",
-            "# HELP exo_lab_tokens_generated_total Tokens generated.",
-            "# TYPE exo_lab_tokens_generated_total counter",
-            f"exo_lab_tokens_generated_total{{{label}}} {self.tokens_total}",
-            "# HELP exo_lab_tokens_per_second Tokens generated per second over the last 2 s.",
-            "# TYPE exo_lab_tokens_per_second gauge",
-            f"exo_lab_tokens_per_second{{{label}}} {self.tokens_per_s():.3f}",
-            "# HELP exo_lab_time_to_first_token_seconds Time from request to first token.",
-            "# TYPE exo_lab_time_to_first_token_seconds summary",
-            f"exo_lab_time_to_first_token_seconds_sum{{{label}}} {self.ttft_sum_s:.6f}",
-            f"exo_lab_time_to_first_token_seconds_count{{{label}}} {self.ttft_count}",
-            "# HELP exo_lab_stage_forward_milliseconds Forward time per token step, per stage.",
-            "# TYPE exo_lab_stage_forward_milliseconds summary",
-        ]
-        for index in sorted(self.stage_ms_sum):
-            stage = f'{label},stage="{index}"'
-            lines.append(f"exo_lab_stage_forward_milliseconds_sum{{{stage}}} {self.stage_ms_sum[index]:.3f}")
-            lines.append(f"exo_lab_stage_forward_milliseconds_count{{{stage}}} {self.stage_ms_count[index]}")
-        return "\n".join(lines) + "\n"
+
+class MetricsCollector:
+    """A prometheus_client collector that reads the loaded model's Metrics at scrape time (the
+    counters stay plain fields that the widget reads too). ``source()`` returns
+    ``(metrics, model id)``, or None while no model is loaded."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+
+        current = self.source()
+        if current is None:
+            return
+        m, model = current
+        labels = ["model"]
+        yield _family(CounterMetricFamily, "exo_lab_requests", "Generation requests received.", m.requests_total, model)
+        finished = CounterMetricFamily("exo_lab_requests_finished", "Requests finished, by finish reason.",
+                                       labels=["model", "reason"])
+        for reason, count in sorted(m.requests_finished.items()):
+            finished.add_metric([model, reason], count)
+        yield finished
+        yield _family(GaugeMetricFamily, "exo_lab_requests_in_flight", "Requests being generated now.", m.in_flight, model)
+        yield _family(CounterMetricFamily, "exo_lab_errors", "Requests that ended with an error.", m.errors_total, model)
+        yield _family(CounterMetricFamily, "exo_lab_tokens_generated", "Tokens generated.", m.tokens_total, model)
+        yield _family(CounterMetricFamily, "exo_lab_dropped_messages",
+                      "Data-plane messages dropped: malformed, forged, or for no live request.", m.dropped_total, model)
+        yield _family(GaugeMetricFamily, "exo_lab_tokens_per_second", "Tokens generated per second over the last 2 s.",
+                      m.tokens_per_s(), model)
+        ttft = SummaryMetricFamily("exo_lab_time_to_first_token_seconds", "Time from request to first token.",
+                                   labels=labels)
+        ttft.add_metric([model], count_value=m.ttft_count, sum_value=m.ttft_sum_s)
+        yield ttft
+        stage = SummaryMetricFamily("exo_lab_stage_forward_milliseconds", "Forward time per token step, per stage.",
+                                    labels=["model", "stage"])
+        for index in sorted(m.stage_ms_sum):
+            stage.add_metric([model, str(index)], count_value=m.stage_ms_count[index],
+                             sum_value=m.stage_ms_sum[index])
+        yield stage
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def _family(cls, name: str, documentation: str, value: float, model: str):
+    family = cls(name, documentation, labels=["model"])
+    family.add_metric([model], value)
+    return family

@@ -11,7 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import ClusterError
+from ..errors import ClusterError
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import pathlib
 import shutil
 import tempfile
 
-from .errors import ModelError
+from ..errors import ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ DEMO_SETTINGS = dict(
 
 def _corpus_text() -> str:
     # Next to this module (package data, see pyproject.toml), not a download.
-    return (pathlib.Path(__file__).parent / "data" / "corpus.txt").read_text(encoding="utf-8")
+    return (pathlib.Path(__file__).parents[1] / "data" / "corpus.txt").read_text(encoding="utf-8")
 
 
 def _train_tokenizer():

@@ -1,0 +1,316 @@
+"""EngineControl: the one owner of the ipyparallel control plane.
+
+It starts the controller (and this PC's engines), owns the ``ipyparallel.Client``, makes every
+call to the engines, turns their failures into exo-lab errors, probes them into
+:class:`EngineInfo` and keeps each engine's state. Nobody else touches the client.
+Slow, rare work only: per-token traffic goes over the data plane (exo_lab.wire).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import ClusterConfig, DeviceConfig
+from ..engine import probe as engine_probe
+from ..errors import ClusterError, ExoLabError
+from ..planning.nodes import device_bandwidth, node_budget, node_name
+from ..planning.planner import NodeSpec
+from .launch import default_profile_dir, engine_environment, make_ipp_cluster, temporary_profile_dir
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_START_TIMEOUT_S = 120.0
+DEFAULT_CALL_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """One ipyparallel engine as the planner sees it."""
+
+    engine_id: int
+    node: str              # the name in plans: the device hostname (+ "#k" for a second engine there)
+    hostname: str
+    pid: int
+    device: str            # torch device the stage runs on: "cpu", "cuda:0", "mps"
+    kind: str              # "cpu" | "cuda" | "mps"
+    budget_bytes: int
+    bandwidth_bytes_per_s: float
+    threads: int
+    local: bool            # runs on this machine (its pid can be checked)
+    device_name: str       # the config hostname of its PC
+    probe: dict
+
+    def node_spec(self) -> NodeSpec:
+        return NodeSpec(name=self.node, budget_bytes=self.budget_bytes,
+                        bandwidth_bytes_per_s=self.bandwidth_bytes_per_s, kind=self.kind)
+
+
+class EngineControl:
+    """The controller, the engines this PC starts, and the client that talks to all engines.
+
+    ``local_engines`` set: a cluster of that many engines on this machine, all on loopback.
+    Otherwise the config's coordinator starts the controller for the compute PCs to join.
+    """
+
+    def __init__(self, config: ClusterConfig, *, local_engines: int | None = None,
+                 max_cores: int | None = None, max_memory_bytes: int | None = None,
+                 profile_dir: str | os.PathLike | None = None,
+                 start_timeout_s: float = DEFAULT_START_TIMEOUT_S):
+        self.config = config
+        self.local_engines = local_engines
+        self.max_cores = max_cores
+        self.max_memory_bytes = max_memory_bytes
+        self.start_timeout_s = start_timeout_s
+        self._profile_dir = Path(profile_dir) if profile_dir else None
+        self._temporary_profile: Path | None = None
+        self._ipp = None
+        self._client = None
+        self._states: dict[int, str] = {}
+        self.infos: dict[int, EngineInfo] = {}        # from the last probe
+
+    @property
+    def is_local(self) -> bool:
+        return self.local_engines is not None
+
+    @property
+    def started(self) -> bool:
+        return self._client is not None
+
+    @property
+    def ids(self) -> list[int]:
+        """Engine ids registered now (a copy; safe to read from any thread)."""
+        return list(self._client.ids) if self._client is not None else []
+
+    @property
+    def profile_dir(self) -> Path | None:
+        """The ipyparallel profile folder (connection files for workers and %%px, logs)."""
+        return Path(self._ipp.profile_dir) if self._ipp is not None else None
+
+    @property
+    def expected_engines(self) -> int:
+        if self.is_local:
+            return self.local_engines
+        return sum(d.engines for d in self.config.compute_devices)
+
+    # ------------------------------------------------------------ start / stop
+    def start(self) -> None:
+        """Start the controller and this PC's engines; wait for every expected engine."""
+        coordinator = self.config.coordinator
+        if self._profile_dir is None and self.is_local:
+            self._temporary_profile = temporary_profile_dir()   # removed again by stop()
+        profile_dir = (self._profile_dir or self._temporary_profile
+                       or default_profile_dir(self.config.cluster_name))
+        self._ipp = make_ipp_cluster(
+            profile_dir=profile_dir, controller_ip="127.0.0.1" if self.is_local else "0.0.0.0",
+            controller_location=None if self.is_local else (coordinator.address or coordinator.hostname),
+            port=None if self.is_local else self.config.network.controller_port)
+        self._ipp.start_controller_sync()
+        own = self.local_engines if self.is_local else (coordinator.engines if coordinator.is_compute else 0)
+        if own:
+            env = engine_environment(threads=self._threads_for(None if self.is_local else coordinator),
+                                     device_name=None if self.is_local else coordinator.hostname)
+            self._ipp.start_engines_sync(own, environment=env)
+        self._client = self._ipp.connect_client_sync()
+        self._wait_for_engines(self.expected_engines)
+
+    def _wait_for_engines(self, count: int) -> None:
+        try:
+            self._client.wait_for_engines(count, timeout=self.start_timeout_s, interactive=False)
+        except TimeoutError:
+            raise ClusterError(self._missing_engines_message(count)) from None
+
+    def _missing_engines_message(self, count: int) -> str:
+        remote = [d.hostname for d in self.config.compute_devices if not d.is_coordinator]
+        hint = (f"; on each compute PC ({', '.join(remote)}) run `python -m exo_lab.worker --config "
+                f"{self.config.source}`" if remote else "")
+        return (f"only {len(self.ids)} of {count} engines registered within {self.start_timeout_s:.0f} s"
+                f"{hint}; engine logs are in {self._ipp.profile_dir}/log")
+
+    def stop(self) -> None:
+        """Close the client, stop the controller and every engine this PC started."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._ipp is not None:
+            try:
+                self._ipp.stop_cluster_sync()
+            except Exception:
+                logger.exception("stopping the ipyparallel cluster failed")
+            self._ipp = None
+        if self._temporary_profile is not None:
+            shutil.rmtree(self._temporary_profile, ignore_errors=True)
+            self._temporary_profile = None
+
+    def require_started(self) -> None:
+        if self._client is None:
+            raise ClusterError("the cluster is not started: call cluster.start() (or use `with cluster:`)")
+
+    # ------------------------------------------------------------ calls
+    def submit(self, engine_id: int, func, *args, **kwargs):
+        """Start ``func(*args, **kwargs)`` on one engine; returns its AsyncResult (a Future)."""
+        return self._client[engine_id].apply_async(func, *args, **kwargs)
+
+    def call(self, engine_id: int, func, *args, timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
+             what: str = "a control call"):
+        """``func(*args)`` on one engine. Raises the engine's exo-lab error, or ClusterError."""
+        return self.call_many([engine_id], func, *args, timeout_s=timeout_s, what=what)[engine_id]
+
+    def call_all(self, func, *args, timeout_s: float = DEFAULT_CALL_TIMEOUT_S, what: str = "probing"):
+        return self.call_many(self.ids, func, *args, timeout_s=timeout_s, what=what)
+
+    def call_many(self, engine_ids: list[int], func, *args, timeout_s: float, what: str) -> dict:
+        """``func(*args)`` on several engines at once; raises the first failure."""
+        results = self.gather(engine_ids, func, *args, timeout_s=timeout_s, what=what)
+        for result in results.values():
+            if isinstance(result, ExoLabError):
+                raise result
+        return results
+
+    def gather(self, engine_ids: list[int], func, *args, timeout_s: float, what: str) -> dict:
+        """``func(*args)`` on several engines at once, bounded by one timeout for all of them.
+        Never raises: each engine's value is its result or the ExoLabError it caused."""
+        pending, failed = {}, {}
+        for eid in engine_ids:
+            try:
+                pending[eid] = self.submit(eid, func, *args)
+            except Exception as exc:   # unregistered meanwhile: ipyparallel refuses the target
+                failed[eid] = ClusterError(f"engine {eid} is not registered any more ({what}): {exc}")
+        concurrent.futures.wait(list(pending.values()), timeout=timeout_s)
+        return {**failed, **{eid: self._outcome(eid, ar, timeout_s, what) for eid, ar in pending.items()}}
+
+    def result(self, engine_id: int, async_result, what: str):
+        """The value of a finished AsyncResult, or the exo-lab error its engine raised."""
+        outcome = self._outcome(engine_id, async_result, 0.0, what)
+        if isinstance(outcome, ExoLabError):
+            raise outcome
+        return outcome
+
+    def _outcome(self, engine_id: int, async_result, timeout_s: float, what: str):
+        import ipyparallel as ipp
+
+        if not async_result.done():
+            return EngineTimeout(f"engine {engine_id} did not answer within {timeout_s:.0f} s while {what}")
+        try:
+            return async_result.get(0)
+        except ipp.error.RemoteError as exc:
+            return remote_error(engine_id, what, exc)
+        except ipp.error.EngineError as exc:
+            return ClusterError(f"engine {engine_id} died while {what}: {exc}")
+
+    # ------------------------------------------------------------ engines
+    def probe(self) -> list[EngineInfo]:
+        """Probe every live engine, apply the config's limits (memory, cores, gpu) and set each
+        engine's torch threads. Engines of PCs the config does not use are left out."""
+        self.require_started()
+        probes = self.call_all(engine_probe.probe_resources, True)
+        counts: dict[str, int] = {}
+        infos = [info for eid in sorted(probes) if (info := self._engine_info(eid, probes[eid], counts))]
+        for info in infos:
+            self.call(info.engine_id, engine_probe.set_threads, info.threads, what="setting threads")
+        self.infos = {info.engine_id: info for info in infos}
+        return infos
+
+    def _engine_info(self, engine_id: int, probe: dict, counts: dict[str, int]) -> EngineInfo | None:
+        device = self._device_for(engine_id, probe)
+        if device is None:
+            return None
+        index = counts[device.hostname] = counts.get(device.hostname, -1) + 1
+        same_host = self.local_engines if self.is_local else device.engines
+        kind, torch_device, free_bytes = _accelerator(probe, device.gpu, index)
+        budget = node_budget(free_bytes, same_host, kind, [device.max_memory_bytes, self.max_memory_bytes])
+        node = f"engine-{engine_id}" if self.is_local else node_name(device.hostname, index, same_host)
+        return EngineInfo(engine_id=engine_id, node=node, hostname=probe["hostname"], pid=probe["pid"],
+                          device=torch_device, kind=kind, budget_bytes=int(budget),
+                          bandwidth_bytes_per_s=device_bandwidth(device, kind),
+                          threads=self._threads_for(device, probe), local=probe["hostname"] == socket.gethostname(),
+                          device_name=device.hostname, probe=probe)
+
+    def _device_for(self, engine_id: int, probe: dict) -> DeviceConfig | None:
+        if self.is_local:
+            return self.config.devices[0]
+        name = probe.get("device_name") or probe["hostname"]
+        device = self.config.device_named(name)
+        if device is not None and device.is_compute:
+            return device
+        if self.config.network.discovery == "auto":
+            return DeviceConfig(hostname=name, roles=("compute",), max_memory_bytes=None, max_cores=None,
+                                gpu=bool(probe["gpus"]), memory_bandwidth_bytes_per_s=None, engines=1,
+                                address=None)
+        logger.warning("engine %d on %s is not a compute device in %s (discovery: manual); not used",
+                       engine_id, name, self.config.source)
+        return None
+
+    def _threads_for(self, device: DeviceConfig | None, probe: dict | None = None) -> int:
+        cores = (probe or {}).get("cores") or os.cpu_count() or 1
+        limits = [c for c in (self.max_cores, device.max_cores if device else None) if c]
+        return max(1, min([cores, *limits]))
+
+    def is_gone(self, info: EngineInfo) -> bool:
+        """The engine left the controller, or (on this machine) its process no longer exists:
+        the pid check notices a killed engine before the heartbeat does."""
+        import psutil
+
+        return info.engine_id not in self.ids or (info.local and not psutil.pid_exists(info.pid))
+
+    def state(self, engine_id: int) -> str:
+        return self._states.get(engine_id, "idle")
+
+    def set_state(self, engine_id: int, state: str) -> None:
+        self._states[engine_id] = state
+
+    # ------------------------------------------------------------ addresses
+    def inbox_hosts(self, info: EngineInfo) -> tuple[str, str]:
+        """(bind host, advertised host) for an engine's data-plane inbox."""
+        if self.is_local or info.local:
+            return "127.0.0.1", "127.0.0.1"
+        device = self.config.device_named(info.device_name)
+        return "0.0.0.0", (device.address if device and device.address else info.device_name)
+
+    def coordinator_inbox_hosts(self, stage_engines: list[EngineInfo]) -> tuple[str, str]:
+        """(bind host, advertised host) for the coordinator's own inbox (the last stage sends there)."""
+        if self.is_local or all(e.local for e in stage_engines):
+            return "127.0.0.1", "127.0.0.1"
+        coordinator = self.config.coordinator
+        return "0.0.0.0", coordinator.address or coordinator.hostname
+
+    # ------------------------------------------------------------ notebook access
+    def view(self, engine_ids: list[int] | None = None):
+        """An ipyparallel DirectView on these engines (all when None), for %%px and experiments."""
+        self.require_started()
+        return self._client[engine_ids if engine_ids is not None else self.ids]
+
+    def queue_status(self) -> dict:
+        """ipyparallel's per-engine queue counts (tasks queued, running, completed)."""
+        self.require_started()
+        return self._client.queue_status(verbose=False)
+
+
+class EngineTimeout(ClusterError):
+    """An engine did not answer in time (it may be busy with a long %%px cell, or hung)."""
+
+
+def remote_error(engine_id: int, what: str, exc) -> ExoLabError:
+    """An engine-side exception as the same exo-lab error class, naming the engine."""
+    from .. import errors
+
+    cls = getattr(errors, getattr(exc, "ename", ""), None)
+    if not (isinstance(cls, type) and issubclass(cls, ExoLabError)):
+        cls = ClusterError
+    return cls(f"engine {engine_id} failed while {what}: {exc.ename}: {exc.evalue}")
+
+
+def _accelerator(probe: dict, use_gpu: bool, index: int) -> tuple[str, str, int]:
+    """(kind, torch device, free bytes) for the engine at ``index`` on its host."""
+    gpus = probe.get("gpus") or []
+    if use_gpu and gpus:
+        gpu = gpus[index % len(gpus)]
+        return "cuda", f"cuda:{gpu['index']}", int(gpu["free_bytes"])
+    if use_gpu and probe.get("mps"):
+        return "mps", "mps", int(probe["memory_free_bytes"])
+    return "cpu", "cpu", int(probe["memory_free_bytes"])

@@ -1,0 +1,225 @@
+"""Loading a model onto the engines: resolve, profile, plan, load shards, wire the data plane.
+
+:func:`load_pipeline` returns a :class:`Pipeline`: the plan, its stage engines in order, the
+tokenizer and the scheduler that drives them. On any error every stage that did load is
+unloaded again, so a failed load leaves the engines as they were: empty and usable.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..engine import worker as engine_worker
+from ..errors import ClusterError, ExoLabError, ModelError
+from ..model.profile import profile_from_config
+from ..model.resolve import read_model_config, resolve_model
+from ..planning.options import LoadOptions
+from ..planning.planner import Plan
+from .control import EngineControl, EngineInfo
+from .loop import LoopThread
+from .scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+LIVENESS_CHECK_S = 0.5     # how often a long load checks that its engines are still alive
+
+
+@dataclass
+class Pipeline:
+    """A loaded model: its plan, the engine of each stage (pipeline order), the tokenizer and
+    the scheduler that sends requests through the stages."""
+
+    model_id: str
+    model_dir: Path
+    options: LoadOptions
+    plan: Plan
+    engines: list[EngineInfo]
+    tokenizer: object
+    context_length: int
+    scheduler: Scheduler
+    load_s: float
+
+    def stage_of(self, engine_id: int) -> int | None:
+        """The stage index an engine runs, or None."""
+        return next((i for i, e in enumerate(self.engines) if e.engine_id == engine_id), None)
+
+    def dead_stage_message(self, control: EngineControl) -> str | None:
+        """A message naming the first stage whose engine is gone, or None when all are up."""
+        for index, info in enumerate(self.engines):
+            if control.is_gone(info):
+                stage = self.plan.stages[index]
+                left = max(len(control.ids) - 1, 0)
+                return (f"engine {info.engine_id} ({info.node}, stage {index}, layers "
+                        f"[{stage.start_layer}, {stage.stop_layer})) stopped; call cluster.load(...) "
+                        f"again to re-plan on the {left} engines left, or restart it")
+        return None
+
+    def close(self, control: EngineControl, loop: LoopThread | None) -> None:
+        """Stop the scheduler and free every stage (the engines stay up)."""
+        if loop is not None:
+            try:
+                loop.run(self.scheduler.close(), timeout_s=10)
+            except Exception:
+                logger.exception("closing the scheduler failed")
+        _unload(control, self.engines)
+
+
+def load_pipeline(control: EngineControl, loop: LoopThread, options: LoadOptions, *,
+                  check_alive, progress: bool, timeout_s: float) -> Pipeline:
+    """Plan ``options.model`` over the live engines and load one shard per stage.
+    Raises ModelError, PlanError or ClusterError; on error nothing stays loaded."""
+    started = time.perf_counter()
+    model_id = _portable_model_id(options.model)
+    model_dir = resolve_model(model_id, need_weights=False)
+    config = read_model_config(model_dir)
+    profile = profile_from_config(config, dtype=options.dtype, model_id=model_id)
+    engines = control.probe()
+    if not engines:
+        raise ClusterError("no compute engine is available: start workers or Cluster.local(engines=N)")
+    plan = options.plan(profile, [e.node_spec() for e in engines])
+    by_node = {e.node: e for e in engines}
+    stage_engines = [by_node[stage.node] for stage in plan.stages]
+    tokenizer = _load_tokenizer(model_dir)
+    context_length = options.context_length(profile.max_position_embeddings)
+    try:
+        addresses = _load_shards(control, model_id, profile.num_layers, options.dtype, context_length,
+                                 plan, stage_engines, progress, timeout_s)
+        scheduler = _connect(control, loop, tokenizer, config, context_length, addresses, stage_engines,
+                             check_alive)
+    except BaseException:
+        _unload(control, stage_engines)
+        raise
+    logger.info("loaded %s in %.1f s over %d stage(s)", model_id, time.perf_counter() - started,
+                len(plan.stages))
+    return Pipeline(model_id=model_id, model_dir=Path(model_dir), options=options, plan=plan,
+                    engines=stage_engines, tokenizer=tokenizer, context_length=context_length,
+                    scheduler=scheduler, load_s=time.perf_counter() - started)
+
+
+def _portable_model_id(model: str) -> str:
+    """Local folders travel to the engines as absolute paths; hub ids and "demo" as they are."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def _load_tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as exc:  # transformers raises OSError/ValueError/... for a missing tokenizer
+        raise ModelError(f"cannot load the tokenizer from {model_dir}: {exc}; the folder needs "
+                         "tokenizer.json (or the tokenizer files of its model)") from exc
+
+
+def _load_shards(control: EngineControl, model_id, num_layers, dtype, context_length, plan,
+                 stage_engines, progress, timeout_s) -> list[str]:
+    """Load every stage in parallel; returns their inbox addresses in pipeline order."""
+    from tqdm.auto import tqdm
+
+    pending = {}
+    for index, (stage, info) in enumerate(zip(plan.stages, stage_engines)):
+        spec = {"model_id": model_id, "start_layer": stage.start_layer, "stop_layer": stage.stop_layer,
+                "num_layers": num_layers, "dtype": dtype, "device": info.device, "max_context": context_length}
+        control.set_state(info.engine_id, "loading")
+        future = control.submit(info.engine_id, engine_worker.load_stage, spec, index, len(plan.stages),
+                                *control.inbox_hosts(info))
+        pending[future] = index
+    results = {}
+    deadline = time.monotonic() + timeout_s
+    with tqdm(total=num_layers, desc=f"loading {model_id}", unit="layer", leave=False, disable=None if progress else True) as bar:
+        while pending:
+            done, _ = concurrent.futures.wait(list(pending), timeout=LIVENESS_CHECK_S,
+                                              return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                index = pending.pop(future)
+                results[index] = _stage_loaded(control, future, stage_engines[index])
+                bar.update(plan.stages[index].stop_layer - plan.stages[index].start_layer)
+            _check_engines_alive(control, stage_engines)
+            if time.monotonic() > deadline:
+                raise ClusterError(f"loading did not finish within {timeout_s:.0f} s (stages still loading: "
+                                   f"{sorted(pending.values())}); raise timeout_s for very large models")
+    return [results[i]["address"] for i in range(len(plan.stages))]
+
+
+def _stage_loaded(control: EngineControl, future, info: EngineInfo) -> dict:
+    try:
+        result = control.result(info.engine_id, future, f"loading its shard on {info.node}")
+    except ExoLabError:
+        control.set_state(info.engine_id, "failed")
+        raise
+    control.set_state(info.engine_id, "idle")
+    return result
+
+
+def _check_engines_alive(control: EngineControl, stage_engines: list[EngineInfo]) -> None:
+    for info in stage_engines:
+        if control.is_gone(info):
+            control.set_state(info.engine_id, "failed")
+            raise ClusterError(f"engine {info.engine_id} ({info.node}) died while loading its shard; "
+                               f"call load() again to re-plan on the engines left")
+
+
+def _unload(control: EngineControl, engines: list[EngineInfo]) -> None:
+    alive = [info.engine_id for info in engines if info.engine_id in set(control.ids)]
+    results = control.gather(alive, engine_worker.unload_stage, timeout_s=30, what="unloading")
+    for engine_id, result in results.items():
+        if isinstance(result, ExoLabError):
+            logger.warning("could not unload engine %d: %s", engine_id, result)
+
+
+def _connect(control: EngineControl, loop: LoopThread, tokenizer, config, context_length, addresses,
+             stage_engines, check_alive) -> Scheduler:
+    """Chain coordinator -> stage 0 -> ... -> last stage -> coordinator and start serving.
+
+    The coordinator's sockets live on the loop; the ipyparallel calls that start the stage
+    workers run here, in the caller's thread, so the loop (and an API server on it) never
+    waits on the control plane."""
+    bind, advertise = control.coordinator_inbox_hosts(stage_engines)
+    scheduler = loop.run(_make_scheduler(bind, advertise, addresses[0], tokenizer, config, context_length,
+                                         check_alive))
+    try:
+        for info, next_address in zip(stage_engines, addresses[1:] + [scheduler.inbox.address]):
+            control.call(info.engine_id, engine_worker.start_worker, next_address,
+                         what="starting the stage worker")
+        loop.run(_start(scheduler))
+    except BaseException:
+        loop.run(scheduler.close())
+        raise
+    return scheduler
+
+
+async def _make_scheduler(bind, advertise, first_address, tokenizer, config, context_length, check_alive):
+    from ..wire import AsyncInbox, AsyncOutbox
+
+    inbox = AsyncInbox(host=bind, port=0, advertise_host=advertise)
+    return Scheduler(inbox=inbox, outbox=AsyncOutbox(None, first_address), tokenizer=tokenizer,
+                     eos_token_ids=eos_token_ids(tokenizer, config), context_length=context_length,
+                     check_alive=check_alive)
+
+
+async def _start(scheduler: Scheduler) -> None:
+    scheduler.start()
+
+
+def eos_token_ids(tokenizer, config: dict) -> set[int]:
+    """Every end-of-sequence id the model's config, tokenizer and generation config name."""
+    ids = set()
+    for value in (config.get("eos_token_id"), tokenizer.eos_token_id, _generation_eos(tokenizer)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _generation_eos(tokenizer):
+    path = Path(tokenizer.name_or_path) / "generation_config.json"
+    try:
+        return json.loads(path.read_text()).get("eos_token_id")
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,51 @@
+"""cluster.status(): one dict describing engines, model, plan and counters (CLI, API, widget)."""
+from __future__ import annotations
+
+from ..engine import worker as engine_worker
+from ..errors import ExoLabError
+from .control import EngineControl, EngineTimeout
+
+# Every engine is asked at once; the whole status waits at most this long, however many hang.
+STATUS_TIMEOUT_S = 3.0
+
+
+def cluster_status(control: EngineControl, pipeline, failure: str | None, cluster_name: str) -> dict:
+    """A JSON-able snapshot. An engine that does not answer within STATUS_TIMEOUT_S shows
+    "busy" while still registered (a long %%px cell), "failed" otherwise."""
+    if not control.started:
+        return {"cluster_name": cluster_name, "state": "stopped", "engines": [], "model": None,
+                "plan": None, "metrics": None}
+    ids = sorted(control.ids)
+    answers = control.gather(ids, engine_worker.worker_status, timeout_s=STATUS_TIMEOUT_S,
+                             what="reporting status")
+    return {
+        "cluster_name": cluster_name,
+        "state": "failed" if failure else ("ready" if pipeline else "no model"),
+        "failure": failure,
+        "engines": [_engine_row(control, pipeline, eid, answers[eid]) for eid in ids],
+        "model": pipeline.model_id if pipeline else None,
+        "dtype": pipeline.options.dtype if pipeline else None,
+        "load_s": pipeline.load_s if pipeline else None,
+        "plan": pipeline.plan.to_json() if pipeline else None,
+        "metrics": pipeline.scheduler.metrics.snapshot() if pipeline else None,
+    }
+
+
+def _engine_row(control: EngineControl, pipeline, engine_id: int, answer) -> dict:
+    if isinstance(answer, ExoLabError):
+        busy = isinstance(answer, EngineTimeout) and engine_id in control.ids
+        status, state = {"error": str(answer)}, ("busy" if busy else "failed")
+    else:
+        status = answer
+        state = answer.get("state", "idle") if answer.get("loaded") else control.state(engine_id)
+    row = {"engine_id": engine_id, "state": state, **status}
+    index = pipeline.stage_of(engine_id) if pipeline else None
+    info = pipeline.engines[index] if index is not None else control.infos.get(engine_id)
+    if info is not None:
+        row.update(node=info.node, hostname=info.hostname, device=info.device, kind=info.kind,
+                   budget_bytes=info.budget_bytes, threads=info.threads)
+    if index is not None:
+        stage = pipeline.plan.stages[index]
+        row.update(stage_index=index, start_layer=stage.start_layer, stop_layer=stage.stop_layer,
+                   budget_bytes=stage.budget_bytes, planned_bytes=stage.total_bytes)
+    return row

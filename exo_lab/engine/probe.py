@@ -1,0 +1,87 @@
+"""Inside an engine: what this machine has (memory, cores, accelerators) and what it uses."""
+from __future__ import annotations
+
+import os
+import socket
+
+
+def probe_resources(use_gpu: bool = True) -> dict:
+    """Describe this engine's machine: memory, cores, accelerators, identity."""
+    import psutil
+    import torch
+
+    memory = psutil.virtual_memory()
+    gpus = []
+    if use_gpu and torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            free_bytes, total_bytes = torch.cuda.mem_get_info(index)
+            gpus.append({"index": index, "name": torch.cuda.get_device_name(index),
+                         "total_bytes": int(total_bytes), "free_bytes": int(free_bytes)})
+    mps = bool(use_gpu and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    return {
+        "hostname": socket.gethostname(),
+        "device_name": os.environ.get("EXO_LAB_DEVICE"),   # the config hostname a worker joined as
+        "pid": os.getpid(),
+        "memory_total_bytes": int(memory.total),
+        "memory_free_bytes": int(memory.available),
+        "cores": os.cpu_count() or 1,
+        "torch_threads": torch.get_num_threads(),
+        "gpus": gpus,
+        "mps": mps,
+        "rss_bytes": int(psutil.Process().memory_info().rss),
+    }
+
+
+def set_threads(max_cores: int) -> int:
+    """Cap torch's intra- and inter-op threads for this engine (config max_cores)."""
+    import torch
+
+    torch.set_num_threads(max(1, int(max_cores)))
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set once in this process: it cannot change after first use
+        pass
+    return torch.get_num_threads()
+
+
+def bare_runtime_rss() -> int:
+    """RSS of this engine with everything a stage needs imported but no weights (the baseline
+    the memory target is measured against)."""
+    import psutil
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+    from ..model import shard  # noqa: F401
+    from ..wire import sockets  # noqa: F401
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def memory() -> dict:
+    """This engine's resident and peak resident bytes."""
+    import psutil
+
+    info = psutil.Process().memory_info()
+    return {"rss_bytes": int(info.rss), "peak_rss_bytes": _peak_rss_bytes()}
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident set size. On Linux VmHWM, which starts afresh at exec:
+    ru_maxrss would include the RSS of the parent that forked the engine."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+
+        scale = 1 if os.uname().sysname == "Darwin" else 1024   # ru_maxrss: bytes on macOS, KiB elsewhere
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+    except (ImportError, AttributeError):  # Windows has no resource module
+        import psutil
+
+        return int(getattr(psutil.Process().memory_info(), "peak_wset", 0))

@@ -1,0 +1,240 @@
+"""Inside an engine: the stage worker, and the control-plane calls that load and run it.
+
+The coordinator calls :func:`load_stage`, :func:`start_worker`, :func:`unload_stage` and
+:func:`worker_status` through ipyparallel (the control plane). The stage worker is a thread that
+owns one :class:`~exo_lab.model.shard.Stage` and moves per-token traffic over pyzmq (the data
+plane): it receives typed messages from its inbox, runs its layers, and sends to the next stage,
+or, on the last stage, samples and sends the token back to the coordinator.
+
+The live worker is in the engine's namespace as ``exo_stage`` so ``%%px`` can reach it:
+``exo_stage.stage.layers``, ``exo_stage.stage.caches``, ``exo_stage.stage.device``.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from .probe import memory
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE_NAME = "exo_stage"
+_worker: "StageWorker | None" = None
+
+
+@dataclass
+class WorkerStats:
+    """Counters a status call reads; written by the worker thread only."""
+
+    messages: int = 0
+    tokens: int = 0
+    errors: int = 0
+    dropped: int = 0            # malformed messages the inbox refused
+    busy_s: float = 0.0
+    last_forward_ms: float = 0.0
+    state: str = "idle"
+
+
+class StageWorker:
+    """One pipeline stage plus the thread that feeds it from the data plane."""
+
+    def __init__(self, stage, inbox, stage_index: int, num_stages: int):
+        self.stage = stage
+        self.inbox = inbox
+        self.stage_index = stage_index
+        self.num_stages = num_stages
+        self.outbox = None
+        self.stats = WorkerStats()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage_index == self.num_stages - 1
+
+    def start(self, next_address: str) -> None:
+        import zmq
+
+        from ..wire import Outbox
+
+        self.outbox = Outbox(zmq.Context.instance(), next_address)
+        self._thread = threading.Thread(target=self._run, name="exo-stage-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Ask the worker thread to end. The thread closes its own sockets on the way out (a zmq
+        socket must not be closed under a thread still using it, e.g. blocked in a send to a
+        peer that went away)."""
+        self._stop.set()
+        if self._thread is None:
+            self._close_sockets()
+        else:
+            self._thread.join(timeout_s)
+
+    def _close_sockets(self) -> None:
+        self.inbox.close()
+        if self.outbox is not None:
+            self.outbox.close()
+
+    def _run(self) -> None:
+        from ..wire import FrameError
+
+        try:
+            while not self._stop.is_set():
+                try:
+                    message = self.inbox.recv(timeout_ms=100)
+                except FrameError as exc:  # a malformed frame is dropped and counted, never fatal
+                    self.stats.dropped += 1
+                    logger.warning("dropped a malformed data-plane message: %s", exc)
+                    continue
+                if message is not None:
+                    self._handle(message)
+        finally:
+            self._close_sockets()
+
+    def _handle(self, message) -> None:
+        from ..wire import Error, Forward, Free
+
+        self.stats.messages += 1
+        try:
+            if isinstance(message, Forward):
+                self._forward(message)
+                return
+            if isinstance(message, (Free, Error)):
+                self.stage.free(message.request_id)
+            self._send(message)   # FREE, ERROR, PING and SHUTDOWN travel the ring on
+        except Exception as exc:
+            self.stats.errors += 1
+            self.stage.free(message.request_id)
+            logger.exception("stage %d failed on request %d", self.stage_index, message.request_id)
+            self._send_error_for(message.request_id, exc)
+        finally:
+            self.stats.state = "idle"
+
+    def _forward(self, message) -> None:
+        from ..sampling import sample_token
+        from ..wire import Forward, Token
+
+        self.stats.state = "generating"
+        started = time.perf_counter()
+        output = self.stage.forward(message.request_id, message.tensor, message.position)
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        self.stats.busy_s += elapsed_ms / 1e3
+        self.stats.last_forward_ms = elapsed_ms
+        stage_ms = (*message.stage_ms, round(elapsed_ms, 3))
+        if not self.is_last:
+            self._send(Forward(message.request_id, message.position, output, message.sampling, stage_ms))
+            return
+        # the token sampled here sits at the sequence position right after this step's inputs
+        position = message.position + message.tensor.shape[1]
+        token_id = sample_token(output, message.sampling, position)
+        self.stats.tokens += 1
+        self._send(Token(message.request_id, token_id, stage_ms))
+
+    def _send(self, message) -> None:
+        self.outbox.send(message)
+
+    def _send_error_for(self, request_id: int, exc: BaseException) -> None:
+        from ..errors import ExoLabError
+        from ..wire import Error
+
+        # A user's error (a bad position, a too-long sequence) says what it is; anything else
+        # is an internal fault whose details stay in this engine's log, not in an API answer.
+        what = str(exc) if isinstance(exc, ExoLabError) else f"an internal error ({type(exc).__name__})"
+        try:
+            self._send(Error(request_id, f"stage {self.stage_index} failed: {what}"))
+        except Exception:  # the next stage is gone too: the coordinator's liveness check reports it
+            logger.exception("could not pass an error on from stage %d", self.stage_index)
+
+    def status(self) -> dict:
+        stats = self.stats
+        return {
+            "stage_index": self.stage_index,
+            "start_layer": self.stage.spec.start_layer,
+            "stop_layer": self.stage.spec.stop_layer,
+            "dtype": self.stage.spec.dtype,
+            "device": str(self.stage.device),
+            "state": stats.state,
+            "messages": stats.messages,
+            "tokens": stats.tokens,
+            "errors": stats.errors,
+            "dropped_messages": stats.dropped,
+            "busy_s": stats.busy_s,
+            "last_forward_ms": stats.last_forward_ms,
+            "active_requests": len(self.stage.caches),
+            "kv_cache_bytes": self.stage.kv_cache_bytes(),
+            "parameter_bytes": self.stage.parameter_bytes(),
+        }
+
+
+# ----------------------------------------------------------------------------- control plane
+
+def _publish(namespace_value) -> None:
+    """Put the worker in the engine's user namespace (for %%px) when running in an engine."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None:
+        shell.user_ns[NAMESPACE_NAME] = namespace_value
+
+
+def load_stage(spec_fields: dict, stage_index: int, num_stages: int, bind_host: str,
+               advertise_host: str) -> dict:
+    """Load this engine's shard and bind its data-plane inbox. Returns the inbox address."""
+    import zmq
+
+    from ..model.resolve import resolve_model
+    from ..model.shard import ShardSpec
+    from ..model.shard import load_stage as build_stage
+    from ..wire import Inbox
+
+    unload_stage()
+    spec_fields = dict(spec_fields)
+    spec_fields["model_dir"] = str(resolve_model(spec_fields.pop("model_id"), need_weights=True))
+    started = time.perf_counter()
+    stage = build_stage(ShardSpec(**spec_fields))
+    inbox = Inbox(zmq.Context.instance(), host=bind_host, port=0, advertise_host=advertise_host)
+    global _worker
+    _worker = StageWorker(stage, inbox, stage_index, num_stages)
+    _publish(_worker)
+    return {"address": inbox.address, "load_s": time.perf_counter() - started,
+            "parameter_bytes": stage.parameter_bytes(), **memory()}
+
+
+def start_worker(next_address: str) -> bool:
+    """Connect this stage to the next one (or the coordinator) and start serving."""
+    if _worker is None:
+        raise RuntimeError("no stage is loaded on this engine; call load_stage first")
+    _worker.start(next_address)
+    return True
+
+
+def unload_stage() -> bool:
+    """Stop the worker and drop the shard (idempotent)."""
+    global _worker
+    if _worker is None:
+        return False
+    _worker.stop()
+    _worker = None
+    _publish(None)
+    import gc
+
+    gc.collect()
+    return True
+
+
+def current_worker() -> "StageWorker | None":
+    """This engine's live stage worker (the same object as ``exo_stage`` in %%px), or None."""
+    return _worker
+
+
+def worker_status() -> dict:
+    """Status of this engine's stage (an empty stage dict when none is loaded)."""
+    status = {"loaded": _worker is not None, **memory()}
+    if _worker is not None:
+        status.update(_worker.status())
+    return status

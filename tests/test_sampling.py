@@ -1,0 +1,179 @@
+"""Sampling: the sampler alone, then sampled tokens through real clusters checked against the
+reference model's own probabilities at every decode step.
+
+The statistical tests compare, over many sampled steps, the sum of an observed quantity (the
+sampled token's log-probability; whether it was the argmax) with its expectation under the
+reference model's distribution at that step, in standard deviations (z). A pipeline that
+samples only the first token and then decodes greedily (the bug these tests are named after)
+gives an argmax rate of 1 and z-scores above 10.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+import exo_lab
+from exo_lab.errors import RequestError
+from exo_lab.sampling import (GREEDY_BELOW_TEMPERATURE, SamplingParams, SamplingSettings, sample_token,
+                              step_seed)
+
+PROMPT = [11, 402, 77, 963, 5, 1210, 88, 300]
+NEW_TOKENS = 24
+SEEDS = range(10)
+Z_LIMIT = 5.0    # |z| above this has probability < 1e-6 for a correct sampler
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+def test_greedy_breaks_ties_to_the_lowest_id():
+    logits = torch.tensor([[0.5, 3.0, -1.0, 3.0]])
+    assert sample_token(logits, SamplingSettings(), position=0) == 1
+
+
+def test_a_temperature_below_the_floor_is_greedy():
+    logits = torch.tensor([0.0, 1.0, 0.5])
+    tiny = SamplingSettings(temperature=1e-38, seed=1)
+    assert tiny.greedy and GREEDY_BELOW_TEMPERATURE > 1e-38
+    assert {sample_token(logits, tiny, p) for p in range(50)} == {1}
+
+
+def test_the_draw_depends_on_seed_and_position_only():
+    logits = torch.zeros(1000)
+    settings = SamplingSettings(temperature=1.0, seed=7)
+    first = [sample_token(logits, settings, p) for p in range(30)]
+    assert first == [sample_token(logits, settings, p) for p in range(30)]
+    assert len(set(first)) > 20                                     # positions draw independently
+    other = [sample_token(logits, SamplingSettings(temperature=1.0, seed=8), p) for p in range(30)]
+    assert other != first
+    assert len({step_seed(7, p) for p in range(1000)}) == 1000
+
+
+@pytest.mark.parametrize("top_k, top_p", [(3, 1.0), (0, 0.6), (5, 0.3), (0, 1.0)])
+def test_draws_come_only_from_the_hf_filtered_set(top_k, top_p):
+    logits = torch.randn(1, 12, generator=torch.Generator().manual_seed(3))   # (1, vocab)
+    kept = logits / 0.8
+    if top_k:
+        kept = TopKLogitsWarper(top_k)(None, kept)
+    if top_p < 1.0:
+        kept = TopPLogitsWarper(top_p)(None, kept)
+    allowed = set(torch.nonzero(kept[0] > float("-inf")).flatten().tolist())
+    settings = SamplingSettings(temperature=0.8, top_p=top_p, top_k=top_k, seed=4)
+    assert {sample_token(logits, settings, p) for p in range(1000)} == allowed
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    (dict(temperature=-0.1), "temperature"), (dict(temperature=2.5), "temperature"),
+    (dict(temperature=float("nan")), "temperature"), (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"), (dict(seed=-1), "seed"),
+    (dict(top_k=1.5), "top_k")])
+def test_one_validation_for_every_caller(kwargs, param):
+    with pytest.raises(RequestError) as info:
+        SamplingSettings(**kwargs)
+    assert info.value.param == param
+    with pytest.raises(RequestError):
+        SamplingParams(**kwargs)
+
+
+# ----------------------------------------------------------------------------- through clusters
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2-engines", "3-engines"])
+def sampling_cluster(request):
+    with exo_lab.Cluster.local(engines=request.param, max_cores=1) as cluster:
+        cluster.load("demo", min_stages=request.param, progress=False)
+        assert len(cluster.plan.stages) == request.param
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from exo_lab.model.demo import demo_model_dir
+
+    return AutoModelForCausalLM.from_pretrained(str(demo_model_dir()), dtype=torch.float32).eval()
+
+
+def step_logits(reference, tokens: list[int]) -> torch.Tensor:
+    """The reference model's logits for each new token, teacher-forced: (new tokens, vocab)."""
+    with torch.inference_mode():
+        logits = reference(torch.tensor([PROMPT + tokens])).logits[0].float()
+    return logits[len(PROMPT) - 1:len(PROMPT) - 1 + len(tokens)]
+
+
+def sampled(cluster, seed: int, **settings) -> list[int]:
+    result = cluster.generate(PROMPT, max_new_tokens=NEW_TOKENS, seed=seed, ignore_eos=True, **settings)
+    assert len(result.token_ids) == NEW_TOKENS
+    return result.token_ids
+
+
+def z_score(observed: list[float], expected: list[float], variance: list[float]) -> float:
+    return (sum(observed) - sum(expected)) / math.sqrt(max(sum(variance), 1e-12))
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_decode_steps_sample_from_the_models_distribution(sampling_cluster, reference, temperature):
+    logp_obs, logp_exp, logp_var, top_obs, top_exp, top_var = [], [], [], [], [], []
+    for seed in SEEDS:
+        tokens = sampled(sampling_cluster, seed, temperature=temperature)
+        logp = torch.log_softmax(step_logits(reference, tokens) / temperature, dim=-1)
+        for step in range(1, NEW_TOKENS):      # decode steps: every token after the first
+            lp, p = logp[step], logp[step].exp()
+            mean = float((p * lp).sum())
+            logp_obs.append(float(lp[tokens[step]]))
+            logp_exp.append(mean)
+            logp_var.append(float((p * lp * lp).sum()) - mean * mean)
+            p_top = float(p.max())
+            top_obs.append(float(tokens[step] == int(lp.argmax())))
+            top_exp.append(p_top)
+            top_var.append(p_top * (1 - p_top))
+    argmax_rate, expected_rate = sum(top_obs) / len(top_obs), sum(top_exp) / len(top_exp)
+    assert abs(z_score(top_obs, top_exp, top_var)) < Z_LIMIT, (argmax_rate, expected_rate)
+    assert abs(z_score(logp_obs, logp_exp, logp_var)) < Z_LIMIT, (sum(logp_obs), sum(logp_exp))
+    assert expected_rate < 0.9    # the model is uncertain enough for greedy decoding to show
+
+
+def test_top_k_and_top_p_hold_at_every_step(sampling_cluster, reference):
+    for seed in range(4):
+        tokens = sampled(sampling_cluster, seed, temperature=1.0, top_k=5)
+        for step, logits in enumerate(step_logits(reference, tokens)):
+            fifth_best = torch.topk(logits, 5).values[-1]
+            assert logits[tokens[step]] >= fifth_best - 1e-4, f"step {step}: outside the top 5"
+    for seed in range(4):
+        tokens = sampled(sampling_cluster, seed, temperature=1.0, top_p=0.5)
+        for step, logits in enumerate(step_logits(reference, tokens)):
+            probs, order = torch.sort(torch.softmax(logits, dim=-1), descending=True)
+            mass_before = torch.cumsum(probs, 0) - probs          # mass of the better tokens
+            nucleus = set(order[mass_before < 0.5 + 1e-4].tolist())
+            assert tokens[step] in nucleus, f"step {step}: outside the top-p 0.5 nucleus"
+
+
+def test_same_seed_same_tokens_and_different_seeds_differ(sampling_cluster):
+    first = sampled(sampling_cluster, 3, temperature=1.0)
+    assert sampled(sampling_cluster, 3, temperature=1.0) == first
+    assert sampled(sampling_cluster, 4, temperature=1.0) != first
+    # unseeded requests draw their own seed: two of them differ
+    unseeded = [sampling_cluster.generate(PROMPT, max_new_tokens=NEW_TOKENS, temperature=1.0,
+                                          ignore_eos=True).token_ids for _ in range(2)]
+    assert unseeded[0] != unseeded[1]
+
+
+def test_the_api_default_temperature_samples_every_step(sampling_cluster):
+    from openai import OpenAI
+
+    server = sampling_cluster.serve(port=0)
+    try:
+        client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": "Tell me about clusters."}]
+        reply = client.chat.completions.create(model=sampling_cluster.model_id, messages=messages,
+                                               max_tokens=16, seed=5)   # no temperature: OpenAI's 1.0
+    finally:
+        server.stop()
+    at_one = sampling_cluster.chat(messages, temperature=1.0, seed=5, max_new_tokens=16)
+    assert reply.choices[0].message.content == at_one.text
+    # the tokens after the first are not the greedy continuation of the first (the old bug)
+    prompt = sampling_cluster.encode_chat(messages)
+    greedy_rest = sampling_cluster.generate(prompt + at_one.token_ids[:1], max_new_tokens=15).token_ids
+    assert len(at_one.token_ids) > 4
+    assert at_one.token_ids[1:] != greedy_rest[:len(at_one.token_ids) - 1]
