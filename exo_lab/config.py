@@ -74,6 +74,14 @@ key                             required  default      meaning
                                                        coordinator (1-65535)
 ``hop_latency_ms``              no        none         planner hint: milliseconds one stage-to-
                                                        stage hop costs (>= 0); none = 0.5
+``secret_file``                 no        none         file holding the cluster secret, the same
+                                                       on every PC (``$EXO_LAB_SECRET`` wins over
+                                                       it); a relative path is relative to
+                                                       config.yaml's folder; the file must be
+                                                       private to its owner (``chmod 600``).
+                                                       None = no shared secret: the controller
+                                                       and the data plane bind 127.0.0.1 only
+                                                       (see exo_lab.security)
 **api**
 ``host``                        no        127.0.0.1    address the OpenAI-compatible API binds
 ``port``                        no        ``8000``     its port (1-65535)
@@ -114,7 +122,7 @@ _TOP_KEYS = ("cluster_name", "devices", "network", "api", "model", "dtype", "max
              "max_batch", "objective")
 _DEVICE_KEYS = ("hostname", "roles", "max_memory", "max_cores", "gpu", "memory_bandwidth",
                 "engines", "address")
-_NETWORK_KEYS = ("discovery", "controller_port", "hop_latency_ms")
+_NETWORK_KEYS = ("discovery", "controller_port", "hop_latency_ms", "secret_file")
 _API_KEYS = ("host", "port", "api_key_env", "api_key_file")
 
 _CLUSTER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -154,6 +162,7 @@ class NetworkConfig:
     discovery: str = "manual"           # "auto" | "manual"
     controller_port: int = 10101        # ipyparallel registration port on the coordinator
     hop_latency_ms: float | None = None  # planner hint per stage-to-stage hop; None: estimate
+    secret_file: str | None = None      # cluster secret file (absolute once loaded from a file)
 
 
 @dataclass(frozen=True)
@@ -225,7 +234,7 @@ def load_config(path: str | os.PathLike) -> ClusterConfig:
     """Read, parse and check a config.yaml.
 
     Returns the :class:`ClusterConfig`; ``source`` is the path as given, and a relative
-    ``api.api_key_file`` is made absolute against the file's folder.
+    ``api.api_key_file`` or ``network.secret_file`` is made absolute against the file's folder.
 
     Raises:
         ConfigError: the file is missing or unreadable, is not valid YAML (the message gives the
@@ -296,6 +305,7 @@ def _network_line(network: NetworkConfig) -> str:
     line = f"discovery: {network.discovery}, controller port {network.controller_port}"
     if network.hop_latency_ms is not None:
         line += f", hop latency {network.hop_latency_ms:g} ms"
+    line += f", secret from {network.secret_file}" if network.secret_file else ", no shared secret"
     return line
 
 
@@ -376,13 +386,18 @@ def _yaml_error_message(exc: yaml.MarkedYAMLError, source: str) -> str:
 
 
 def _resolve_paths(config: ClusterConfig, base: Path) -> ClusterConfig:
-    key_file = config.api.api_key_file
-    if key_file is None:
-        return config
-    resolved = Path(os.path.expanduser(key_file))
-    if not resolved.is_absolute():
-        resolved = (base / resolved).absolute()
-    return replace(config, api=replace(config.api, api_key_file=str(resolved)))
+    """File names in the config, made absolute against the config file's folder."""
+    if config.api.api_key_file is not None:
+        config = replace(config, api=replace(config.api, api_key_file=_absolute(config.api.api_key_file, base)))
+    if config.network.secret_file is not None:
+        config = replace(config, network=replace(config.network,
+                                                 secret_file=_absolute(config.network.secret_file, base)))
+    return config
+
+
+def _absolute(name: str, base: Path) -> str:
+    resolved = Path(os.path.expanduser(name))
+    return str(resolved if resolved.is_absolute() else (base / resolved).absolute())
 
 
 # --------------------------------------------------------------------------- checking helpers
@@ -624,6 +639,7 @@ def _parse_network(top: _Scope, mapping: dict) -> NetworkConfig:
         controller_port=_optional(scope, section, "controller_port", _port,
                                   default=defaults.controller_port),
         hop_latency_ms=_optional(scope, section, "hop_latency_ms", _non_negative_float),
+        secret_file=_optional(scope, section, "secret_file", _nonblank_string),
     )
 
 

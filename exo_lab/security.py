@@ -1,0 +1,124 @@
+"""The cluster secret: where it comes from, and the independent keys derived from it.
+
+One secret per cluster authenticates everything that crosses the network (see the README's
+"Security" section for the threat model). It never crosses the network itself: every PC reads it
+from ``$EXO_LAB_SECRET`` or the config's ``network.secret_file``, and each use gets its own key
+through :func:`derive_key`, so a key that leaks from one use (say, a proof broadcast by discovery)
+reveals nothing about another (the data plane's CurveZMQ keys).
+
+Purposes in use (a new use picks a new name, never reuses one):
+
+=====================  =======================================================================
+``"data-plane"``       CurveZMQ keys of the stage-to-stage sockets (:mod:`exo_lab.wire.sockets`)
+``"ipyparallel"``      the control plane's message-signing key
+``"shard-server"``     the storage PC's HTTP shard server
+``"discovery-proof"``  the proof a zeroconf advert carries that its sender holds the secret
+=====================  =======================================================================
+
+In local mode (``Cluster.local``, ``exo-lab serve --engines``) the coordinator makes a random
+secret per cluster with :func:`new_secret` and hands it to the engines it starts through their
+environment (:func:`secret_environment`); engines read it back with :func:`load_secret`.
+Never log or print a secret or a derived key.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from .errors import ConfigError
+
+SECRET_ENV = "EXO_LAB_SECRET"
+# A shorter secret could be guessed offline from a derived value (e.g. the discovery proof).
+MIN_SECRET_CHARS = 16
+PURPOSES = ("data-plane", "ipyparallel", "shard-server", "discovery-proof")
+KEY_BYTES = 32
+_MAKE_ONE = ("python -c \"import exo_lab.security as s; s.write_secret_file('secret.txt', "
+             "s.new_secret())\"")
+
+
+def load_secret(config=None) -> bytes | None:
+    """The cluster secret: ``$EXO_LAB_SECRET``, else the file named by ``config.network.secret_file``
+    (a :class:`~exo_lab.config.ClusterConfig`), else None (no shared secret: bind loopback only).
+
+    Surrounding whitespace (a file's trailing newline) is not part of the secret.
+    Raises :class:`~exo_lab.errors.ConfigError` for a secret shorter than ``MIN_SECRET_CHARS``,
+    a secret file that cannot be read, or one that other users may read (with the chmod fix).
+    """
+    value = os.environ.get(SECRET_ENV)
+    if value is not None:
+        return _checked(value.strip().encode(), f"${SECRET_ENV}")
+    path = getattr(getattr(config, "network", None), "secret_file", None)
+    if path is None:
+        return None
+    return _checked(read_secret_file(Path(path)), f"the secret file {path}")
+
+
+def read_secret_file(path: Path) -> bytes:
+    """A secret file's bytes without surrounding whitespace; refuses a file other users may read."""
+    try:
+        mode = path.stat().st_mode
+        if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(f"the secret file {path} may be read by other users (mode "
+                              f"{stat.S_IMODE(mode):o}); make it private with `chmod 600 {path}`")
+        return path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the cluster secret file {path}: {exc.strerror or exc}; "
+                          f"fix network.secret_file, or create the file: {_MAKE_ONE}") from exc
+
+
+def _checked(secret: bytes, where: str) -> bytes:
+    if len(secret) < MIN_SECRET_CHARS:
+        raise ConfigError(f"{where} holds a cluster secret of {len(secret)} characters; it needs at "
+                          f"least {MIN_SECRET_CHARS}; make a random one: {_MAKE_ONE}")
+    try:
+        text = secret.decode("utf-8")
+    except UnicodeDecodeError:
+        text = "\0"
+    if "\0" in text:
+        # it travels to the engines in an environment variable
+        raise ConfigError(f"{where} must be UTF-8 text without NUL characters; make one: {_MAKE_ONE}")
+    return secret
+
+
+def new_secret() -> str:
+    """A fresh random secret (256 bits, URL-safe text: fits a file or an environment variable)."""
+    return secrets.token_urlsafe(32)
+
+
+def write_secret_file(path: str | os.PathLike, secret: str | bytes) -> Path:
+    """Write ``secret`` to ``path``, readable by its owner only (mode 600 from the start, so it is
+    never briefly readable by others). Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = secret.encode() if isinstance(secret, str) else secret
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(data + b"\n")
+    os.chmod(path, 0o600)   # an existing file keeps its old mode through O_CREAT
+    return path
+
+
+def derive_key(secret: bytes, purpose: str) -> bytes:
+    """A ``KEY_BYTES`` key for one ``purpose`` (see the module docstring), derived from the secret.
+
+    BLAKE2b in keyed mode, as a KDF: the secret (hashed to a 64-byte key first, so any length
+    works) keys a hash of the purpose's name. Different purposes give independent keys; the
+    same secret and purpose give the same key on every PC."""
+    if isinstance(secret, str):
+        secret = secret.encode()
+    if not isinstance(secret, (bytes, bytearray)) or not secret:
+        raise ValueError("derive_key needs the secret as non-empty bytes")
+    if not isinstance(purpose, str) or not purpose:
+        raise ValueError(f"derive_key needs a purpose name such as {PURPOSES[0]!r}")
+    master = hashlib.blake2b(bytes(secret), digest_size=64, person=b"exo-lab-secret").digest()
+    return hashlib.blake2b(purpose.encode(), key=master, digest_size=KEY_BYTES,
+                           person=b"exo-lab-derive").digest()
+
+
+def secret_environment(secret: bytes) -> dict[str, str]:
+    """Environment entries that hand ``secret`` to a process this one starts (never argv: other
+    users can read a command line, not another user's environment)."""
+    return {SECRET_ENV: secret.decode()}
