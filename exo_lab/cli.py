@@ -36,9 +36,11 @@ def _port(text: str) -> int:
     return value
 
 
-def _add_model_options(parser: argparse.ArgumentParser, *, model_required: bool) -> None:
-    parser.add_argument("--model", required=model_required, default=None,
-                        help="a local model folder, a Hugging Face hub id in the local cache, or 'demo'")
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    # Every option left out comes from config.yaml, else the default (planning/options.py).
+    parser.add_argument("--model", default=None,
+                        help="a local model folder, a Hugging Face hub id in the local cache, or 'demo' "
+                             "(default: the config's model, else demo)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default float32)")
     parser.add_argument("--max-context", type=_positive_int, default=None,
                         help="tokens per request the KV cache is sized for (default min(model max, 4096))")
@@ -73,12 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = commands.add_parser("plan", help="show how a model would be split, before loading anything")
     plan.add_argument("--config", required=True, help="config.yaml describing the cluster")
-    _add_model_options(plan, model_required=True)
+    _add_model_options(plan)
     plan.add_argument("--json", action="store_true", help="print exactly one JSON object")
 
     serve = commands.add_parser("serve", help="run the cluster and its OpenAI-compatible API")
     _add_cluster_options(serve)
-    _add_model_options(serve, model_required=False)
+    _add_model_options(serve)
     serve.add_argument("--host", default=None, help="interface to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=_port, default=None, help="port (default 8000)")
     serve.add_argument("--api-key", default=None,

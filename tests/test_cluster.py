@@ -213,3 +213,45 @@ def test_malformed_data_plane_messages_do_not_break_the_pipeline(cluster, tiny_m
     assert cluster.metrics.dropped_total == 2
     stage0 = next(row for row in cluster.status()["engines"] if row.get("stage_index") == 0)
     assert stage0["dropped_messages"] == 2
+
+
+PLAN_CONFIG = """\
+cluster_name: plan_check
+devices:
+  - hostname: localhost
+    roles: [coordinator, compute]
+    address: 127.0.0.1
+    engines: 2
+    max_memory: 1GB
+    max_cores: 1
+network:
+  discovery: manual
+  controller_port: {port}
+  hop_latency_ms: 7
+model: demo
+max_context: 512
+objective: throughput
+"""
+
+
+def test_the_plan_printed_is_the_plan_loaded(tmp_path):
+    """`exo-lab plan` and Cluster.load resolve options (flags, config.yaml, defaults) and nodes
+    the same way: hop latency, context, objective and budgets from the config included."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "config.yaml"
+    config.write_text(PLAN_CONFIG.format(port=port))
+    printed = subprocess.run([sys.executable, "-m", "exo_lab.cli", "plan", "--config", str(config), "--json"],
+                             capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0, printed.stderr
+    with exo_lab.Cluster.from_config(config, profile_dir=tmp_path / "profile") as cluster:
+        loaded = cluster.load(progress=False)
+        assert cluster.pipeline.options.hop_ms == 7.0
+    assert loaded.to_json() == json.loads(printed.stdout)
+    assert len(loaded.stages) == 2 and loaded.hop_ms == 7.0 and loaded.max_context == 512
