@@ -29,3 +29,12 @@ class RequestError(ExoLabError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+class QueueFull(ClusterError):
+    """Every KV slot is taken and the waiting queue is at its limit: try again shortly (the API
+    answers 429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
