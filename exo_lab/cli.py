@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config.yaml and summarise it")
     check.add_argument("file")
 
+    secret = commands.add_parser("secret", help="write a new random cluster secret file (owner-only, mode 600)")
+    secret.add_argument("file", help="where to write it; name it in network.secret_file on every PC")
+    secret.add_argument("--force", action="store_true", help="replace an existing file (every PC needs the new one)")
+
     plan = commands.add_parser("plan", help="show how a model would be split, before loading anything")
     plan.add_argument("--config", required=True, help="config.yaml describing the cluster")
     _add_model_options(plan)
@@ -105,6 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def cmd_secret(args) -> int:
+    from pathlib import Path
+
+    from .errors import ConfigError
+    from .security import new_secret, write_secret_file
+
+    path = Path(args.file).expanduser()
+    if path.exists() and not args.force:
+        raise ConfigError(f"{path} exists; a cluster's PCs must share one secret, so it is not replaced "
+                          f"(pass --force to make a new one, then give it to every PC)")
+    write_secret_file(path, new_secret())
+    print(f"wrote a new cluster secret to {path} (mode 600). Give the same file to every PC of the "
+          f"cluster once, by a private channel, and set network.secret_file: {path.absolute()}")
+    return 0
 
 
 def cmd_check_config(args) -> int:
@@ -174,7 +194,7 @@ def cmd_bench(args) -> int:
     return run(args)
 
 
-COMMANDS = {"check-config": cmd_check_config, "plan": cmd_plan, "demo": cmd_demo, "serve": cmd_serve,
+COMMANDS = {"check-config": cmd_check_config, "secret": cmd_secret, "plan": cmd_plan, "demo": cmd_demo, "serve": cmd_serve,
             "bench": cmd_bench}
 
 if __name__ == "__main__":

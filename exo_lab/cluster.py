@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -15,13 +16,14 @@ from .config import ClusterConfig, load_config
 from .coordinator.control import DEFAULT_START_TIMEOUT_S, EngineControl, EngineInfo
 from .coordinator.loop import LoopThread
 from .coordinator.pipeline import Pipeline
-from .errors import ClusterError
+from .errors import ClusterError, ExoLabError
 from .planning.planner import Plan
 from .sampling import GenerationResult, SamplingParams, StreamEvent
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LOAD_TIMEOUT_S = 1800.0
+MEMBERSHIP_CHECK_S = 2.0     # replan: auto looks at the registered engines this often
 _SAMPLING_ARGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
 
 
@@ -45,6 +47,10 @@ class Cluster:
         self.failure: str | None = None
         self._loop: LoopThread | None = None
         self._server = None
+        self._peer_service = None        # join / model files / advert (config clusters with a secret)
+        self._reload_lock = threading.RLock()
+        self._watcher: threading.Thread | None = None
+        self._stop_watching = threading.Event()
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -94,14 +100,31 @@ class Cluster:
             return self
         try:
             self._loop = LoopThread()
-            self.control.start()
+            self._started_at = time.time() - 1.0    # file mtimes may be a little coarse
+            self.control.start(on_controller=self._start_peer_service)
         except BaseException:
             self.stop()
             raise
         return self
 
+    def _start_peer_service(self) -> None:
+        """With a cluster secret, other PCs join (and fetch model files) through this service."""
+        from .coordinator.launch import public_connection_info
+        from .coordinator.service import start_coordinator_service
+
+        if self.control.is_local or self.control.secret is None:
+            return
+        connection = public_connection_info(self.control.profile_dir, newer_than=self._started_at)
+        self._peer_service = self._loop.run(start_coordinator_service(
+            self.config, self.control.secret, connection,
+            on_address=lambda address: setattr(self.control, "lan_address", address)))
+
     def stop(self) -> None:
         """Stop serving, unload the model and end every process this cluster started."""
+        self._stop_watching.set()
+        if self._watcher is not None:
+            self._watcher.join(60)
+            self._watcher = None
         if self._server is not None:
             try:
                 self._server.stop()
@@ -109,6 +132,12 @@ class Cluster:
                 logger.exception("stopping the API server failed")
             self._server = None
         self.unload()
+        if self._peer_service is not None:
+            try:
+                self._loop.run(self._peer_service.close(), timeout_s=10)
+            except Exception:
+                logger.exception("stopping the join/storage service failed")
+            self._peer_service = None
         self.control.stop()
         if self._loop is not None:
             self._loop.stop()
@@ -135,17 +164,66 @@ class Cluster:
         config's network.hop_latency_ms. Raises ConfigError, ModelError, PlanError or
         ClusterError; on error nothing stays loaded.
         """
-        from .coordinator.pipeline import load_pipeline
         from .planning.options import resolve_load_options
 
         self.control.require_started()
         options = resolve_load_options(self.config, model=model, dtype=dtype, max_context=max_context,
                                        max_batch=max_batch, objective=objective, min_stages=min_stages)
-        self.unload()
-        self.failure = None
-        self.pipeline = load_pipeline(self.control, self._loop, options, check_alive=self._check_alive,
-                                      progress=progress, timeout_s=timeout_s)
+        return self._load(options, progress, timeout_s)
+
+    def _load(self, options, progress: bool, timeout_s: float) -> Plan:
+        from .coordinator.pipeline import load_pipeline
+
+        with self._reload_lock:
+            self.unload()
+            self.failure = None
+            self.pipeline = load_pipeline(self.control, self._loop, options, check_alive=self._check_alive,
+                                          progress=progress, timeout_s=timeout_s)
+        if self.config.replan == "auto" and self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch_membership, name="exo-lab-replan", daemon=True)
+            self._watcher.start()
         return self.pipeline.plan
+
+    def replan(self, *, progress: bool = True, timeout_s: float = DEFAULT_LOAD_TIMEOUT_S) -> Plan:
+        """Plan the loaded model again over the engines registered now (a PC that joined after
+        load shows as a spare until then; after a failure, the survivors) and load that plan
+        when it beats the one in force, or whenever the pipeline failed. Nothing restarts: the
+        engines stay up and only the stages are loaded again; requests running at that moment
+        end with an error (``replan: auto`` waits for none to run). Returns the plan in force.
+        Raises PlanError when the engines cannot hold the model, ClusterError without a model."""
+        from .coordinator.pipeline import is_better, propose_plan
+
+        with self._reload_lock:
+            pipeline = self.pipeline
+            if pipeline is None:
+                raise ClusterError("no model is loaded: call cluster.load(...) first; replan() re-plans "
+                                   "the loaded one")
+            self.failure = self.failure or pipeline.dead_stage_message(self.control)
+            candidate = propose_plan(self.control, pipeline.options)
+            if self.failure is None and not is_better(candidate, pipeline.plan):
+                return pipeline.plan
+            logger.info("re-planning %s: %.2f -> %.2f ms/token predicted%s", pipeline.model_id,
+                        pipeline.plan.predicted_ms_per_token, candidate.predicted_ms_per_token,
+                        " (after a failure)" if self.failure else "")
+            return self._load(pipeline.options, progress, timeout_s)
+
+    def _watch_membership(self) -> None:
+        """replan: auto. When engines join or leave (or the pipeline failed), re-plan at a
+        moment no request runs."""
+        known, tried = set(self.control.ids), None
+        while not self._stop_watching.wait(MEMBERSHIP_CHECK_S):
+            pipeline, ids, failure = self.pipeline, set(self.control.ids), self.failure
+            if pipeline is None or (ids == known and failure in (None, tried)):
+                continue
+            if failure is None and _busy(pipeline.scheduler):
+                continue
+            known, tried = ids, failure     # after an error: again when the engines change
+            try:
+                self.replan(progress=False)
+            except ExoLabError as exc:
+                logger.warning("automatic re-plan failed: %s", exc)
+            except Exception:      # the watcher must outlive any surprise
+                logger.exception("automatic re-plan failed")
 
     def unload(self) -> None:
         """Free every stage (the engines stay up)."""
@@ -303,3 +381,9 @@ class Cluster:
         from .notebook.widget import ClusterWidget
 
         return ClusterWidget(self, **options)
+
+
+def _busy(scheduler) -> bool:
+    """Whether requests are running (the scheduler's count: a property or, formerly, a method)."""
+    count = scheduler.active_requests
+    return bool(count() if callable(count) else count)

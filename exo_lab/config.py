@@ -44,6 +44,11 @@ key                             required  default      meaning
 ``objective``                   no        none         planner objective: ``latency`` (fastest
                                                        single stream) | ``throughput`` (balance
                                                        the slowest stage)
+``replan``                      no        ``manual``   ``manual``: a worker that joins after load
+                                                       stays a spare until ``cluster.replan()``;
+                                                       ``auto``: the coordinator re-plans by itself
+                                                       when engines join (or after a failure) and
+                                                       loads the better plan
 **devices[i]**
 ``hostname``                    yes                    the PC's host name; unique (case-insensitive)
 ``roles``                       yes                    list of ``coordinator`` | ``compute`` |
@@ -66,10 +71,14 @@ key                             required  default      meaning
 ``address``                     no        hostname     host name or IP to connect to, when
                                                        ``hostname`` does not resolve
 **network**
-``discovery``                   no        ``manual``   ``manual``: use only the devices listed;
-                                                       ``auto``: also use engines that join from
-                                                       PCs not listed (no mDNS scan yet: workers
-                                                       still join with the connection file)
+``discovery``                   no        ``manual``   ``auto``: the coordinator advertises the
+                                                       cluster on the LAN (mDNS, with a proof of
+                                                       the secret), workers find it with nothing
+                                                       but this file, and engines of PCs not
+                                                       listed are used too; ``manual``: workers
+                                                       join the coordinator's ``address`` (or
+                                                       hostname) and only the devices listed are
+                                                       used
 ``controller_port``             no        ``10101``    ipyparallel registration port on the
                                                        coordinator (1-65535)
 ``hop_latency_ms``              no        none         planner hint: milliseconds one stage-to-
@@ -82,6 +91,9 @@ key                             required  default      meaning
                                                        None = no shared secret: the controller
                                                        and the data plane bind 127.0.0.1 only
                                                        (see exo_lab.security)
+``service_port``                no        ``10100``    the coordinator's HTTP port where workers
+                                                       join, and the storage PC's port where it
+                                                       serves model files (1-65535)
 **api**
 ``host``                        no        127.0.0.1    address the OpenAI-compatible API binds
 ``port``                        no        ``8000``     its port (1-65535)
@@ -117,12 +129,13 @@ from .units import DTYPES, describe_value, format_bytes, parse_bandwidth, parse_
 
 ROLES = ("coordinator", "compute", "storage")
 DISCOVERY_MODES = ("auto", "manual")
+REPLAN_MODES = ("manual", "auto")
 
 _TOP_KEYS = ("cluster_name", "devices", "network", "api", "model", "dtype", "max_context",
-             "max_batch", "objective")
+             "max_batch", "objective", "replan")
 _DEVICE_KEYS = ("hostname", "roles", "max_memory", "max_cores", "gpu", "memory_bandwidth",
                 "engines", "address")
-_NETWORK_KEYS = ("discovery", "controller_port", "hop_latency_ms", "secret_file")
+_NETWORK_KEYS = ("discovery", "controller_port", "hop_latency_ms", "service_port", "secret_file")
 _API_KEYS = ("host", "port", "api_key_env", "api_key_file")
 
 _CLUSTER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -163,6 +176,7 @@ class NetworkConfig:
     controller_port: int = 10101        # ipyparallel registration port on the coordinator
     hop_latency_ms: float | None = None  # planner hint per stage-to-stage hop; None: estimate
     secret_file: str | None = None      # cluster secret file (absolute once loaded from a file)
+    service_port: int = 10100           # HTTP: workers join here; the storage PC serves files here
 
 
 @dataclass(frozen=True)
@@ -186,6 +200,7 @@ class ClusterConfig:
     max_context: int | None = None
     max_batch: int | None = None
     objective: str | None = None        # "latency" | "throughput" | None
+    replan: str = "manual"              # "manual" | "auto": re-plan by itself when engines join
     source: str = "<dict>"              # the file it came from, for messages
 
     @property
@@ -271,6 +286,7 @@ def config_from_dict(data: object, *, source: str = "<dict>") -> ClusterConfig:
         max_context=_optional(top, mapping, "max_context", _positive_int),
         max_batch=_optional(top, mapping, "max_batch", _positive_int),
         objective=_optional(top, mapping, "objective", _choice(OBJECTIVES)),
+        replan=_optional(top, mapping, "replan", _choice(REPLAN_MODES), default="manual"),
         source=source,
     )
 
@@ -639,6 +655,7 @@ def _parse_network(top: _Scope, mapping: dict) -> NetworkConfig:
         controller_port=_optional(scope, section, "controller_port", _port,
                                   default=defaults.controller_port),
         hop_latency_ms=_optional(scope, section, "hop_latency_ms", _non_negative_float),
+        service_port=_optional(scope, section, "service_port", _port, default=defaults.service_port),
         secret_file=_optional(scope, section, "secret_file", _nonblank_string),
     )
 

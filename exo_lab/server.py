@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m exo_lab.server", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="config.yaml describing the cluster")
     parser.add_argument("--model", default=None, help="model to load (default: the config's model, else demo)")
+    parser.add_argument("--min-stages", type=int, default=None, help="spread over at least this many engines")
     parser.add_argument("--host", default=None)
     parser.add_argument("--port", type=int, default=None)
     parser.add_argument("--api-key", default=None)
@@ -86,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     try:
-        return run_server(config_path=args.config, load_args={"model": args.model}, host=args.host,
-                          port=args.port, api_key=args.api_key)
+        return run_server(config_path=args.config, load_args={"model": args.model, "min_stages": args.min_stages},
+                          host=args.host, port=args.port, api_key=args.api_key)
     except ExoLabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

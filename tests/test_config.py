@@ -216,8 +216,8 @@ def test_two_compute_example_documents_every_key():
     text = (EXAMPLES / "two-compute.yaml").read_text(encoding="utf-8")
     keys = ("cluster_name", "devices", "hostname", "roles", "max_memory", "max_cores", "gpu",
             "memory_bandwidth", "engines", "address", "network", "discovery",
-            "controller_port", "hop_latency_ms", "api", "host", "port", "api_key_env",
-            "api_key_file", "model", "dtype", "max_context", "max_batch", "objective")
+            "controller_port", "hop_latency_ms", "service_port", "api", "host", "port", "api_key_env",
+            "api_key_file", "model", "dtype", "max_context", "max_batch", "objective", "replan")
     for key in keys:
         assert re.search(rf"^\s*(- |# )?{key}:.*#", text, re.MULTILINE), f"{key} not commented"
 
@@ -227,8 +227,8 @@ def test_module_docstring_documents_every_key():
     for key in ("cluster_name", "devices", "network", "api", "model", "dtype", "max_context",
                 "max_batch", "objective", "hostname", "roles", "max_memory", "max_cores",
                 "gpu", "memory_bandwidth", "engines", "address", "discovery",
-                "controller_port", "hop_latency_ms", "host", "port", "api_key_env",
-                "api_key_file"):
+                "controller_port", "hop_latency_ms", "service_port", "host", "port", "api_key_env",
+                "api_key_file", "replan"):
         assert f"``{key}``" in config_module.__doc__, key
 
 
@@ -675,7 +675,7 @@ def test_bad_discovery(tmp_path):
 def test_unknown_network_key_suggests(tmp_path):
     expect_error(tmp_path, variant("discovery: auto", "discovry: auto"),
                  r"unknown key 'discovry' in network; did you mean 'discovery'\? "
-                 r"Allowed keys: discovery, controller_port, hop_latency_ms")
+                 r"Allowed keys: discovery, controller_port, hop_latency_ms, service_port")
 
 
 def test_controller_port_zero(tmp_path):

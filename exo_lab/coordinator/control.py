@@ -21,7 +21,7 @@ from ..engine import probe as engine_probe
 from ..errors import ClusterError, ExoLabError
 from ..planning.nodes import device_bandwidth, node_budget, node_name
 from ..planning.planner import NodeSpec
-from .launch import default_profile_dir, engine_environment, make_ipp_cluster, temporary_profile_dir
+from .launch import default_profile_dir, engine_environment, make_ipp_cluster, session_key, temporary_profile_dir
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ class EngineControl:
         self._client = None
         self._states: dict[int, str] = {}
         self.infos: dict[int, EngineInfo] = {}        # from the last probe
+        self.secret: bytes | None = None              # the cluster secret (config clusters), set by start()
+        self.lan_address: str | None = None           # this PC's address as a joining worker saw it
 
     @property
     def is_local(self) -> bool:
@@ -99,9 +101,14 @@ class EngineControl:
         return sum(d.engines for d in self.config.compute_devices)
 
     # ------------------------------------------------------------ start / stop
-    def start(self) -> None:
-        """Start the controller and this PC's engines; wait for every expected engine."""
+    def start(self, on_controller=None) -> None:
+        """Start the controller and this PC's engines; wait for every expected engine.
+        ``on_controller()`` runs once the controller is up, before the wait (the cluster starts
+        the service remote workers join through there)."""
+        from ..security import load_secret
+
         coordinator = self.config.coordinator
+        self.secret = None if self.is_local else load_secret(self.config)
         if self._profile_dir is None and self.is_local:
             self._temporary_profile = temporary_profile_dir()   # removed again by stop()
         profile_dir = (self._profile_dir or self._temporary_profile
@@ -109,8 +116,11 @@ class EngineControl:
         self._ipp = make_ipp_cluster(
             profile_dir=profile_dir, controller_ip="127.0.0.1" if self.is_local else "0.0.0.0",
             controller_location=None if self.is_local else (coordinator.address or coordinator.hostname),
-            port=None if self.is_local else self.config.network.controller_port)
+            port=None if self.is_local else self.config.network.controller_port,
+            session_key=session_key(self.secret) if self.secret else None)
         self._ipp.start_controller_sync()
+        if on_controller is not None:
+            on_controller()
         own = self.local_engines if self.is_local else (coordinator.engines if coordinator.is_compute else 0)
         if own:
             env = engine_environment(threads=self._threads_for(None if self.is_local else coordinator),
@@ -270,14 +280,16 @@ class EngineControl:
         if self.is_local or info.local:
             return "127.0.0.1", "127.0.0.1"
         device = self.config.device_named(info.device_name)
-        return "0.0.0.0", (device.address if device and device.address else info.device_name)
+        # a discovered worker learnt its LAN address when it joined (probe "advertise_host")
+        return "0.0.0.0", ((device.address if device else None) or info.probe.get("advertise_host")
+                           or info.device_name)
 
     def coordinator_inbox_hosts(self, stage_engines: list[EngineInfo]) -> tuple[str, str]:
         """(bind host, advertised host) for the coordinator's own inbox (the last stage sends there)."""
         if self.is_local or all(e.local for e in stage_engines):
             return "127.0.0.1", "127.0.0.1"
         coordinator = self.config.coordinator
-        return "0.0.0.0", coordinator.address or coordinator.hostname
+        return "0.0.0.0", coordinator.address or self.lan_address or coordinator.hostname
 
     # ------------------------------------------------------------ notebook access
     def view(self, engine_ids: list[int] | None = None):

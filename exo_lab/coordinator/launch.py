@@ -57,10 +57,15 @@ def temporary_profile_dir() -> Path:
 
 
 def make_ipp_cluster(*, profile_dir: Path, controller_ip: str, controller_location: str | None,
-                     port: int | None):
+                     port: int | None, session_key: str | None = None):
     """An ipyparallel.Cluster configured as exo-lab runs it (not yet started). Start engines
-    with ``start_engines(n, environment=engine_environment(...))``."""
+    with ``start_engines(n, environment=engine_environment(...))``.
+
+    ``session_key``: the key every control message is signed with (:func:`session_key`); None
+    lets the controller make a random one (written only into its connection files)."""
     import ipyparallel as ipp
+
+    write_controller_key(Path(profile_dir), session_key)
 
     # ipyparallel logs to stdout inside IPython (every engine's exit lands in the notebook cell):
     # route it into exo-lab's logging instead, quiet unless something fails.
@@ -79,6 +84,48 @@ def make_ipp_cluster(*, profile_dir: Path, controller_ip: str, controller_locati
     return cluster
 
 
+def session_key(secret: bytes) -> str:
+    """The cluster's ipyparallel Session key, derived from the cluster secret: every PC that
+    holds the secret computes it, so no connection file (and no key) is ever copied or sent."""
+    from ..security import derive_key
+
+    return derive_key(secret, "ipyparallel").hex()
+
+
+CONTROLLER_CONFIG = "ipcontroller_config.py"
+_KEY_MARK = "# exo-lab: Session key derived from the cluster secret\n"
+
+
+def write_controller_key(profile_dir: Path, key: str | None) -> None:
+    """Put the Session key into the profile's controller config (owner-only, like the
+    connection files the controller writes), or remove a key exo-lab wrote there before."""
+    path = profile_dir / CONTROLLER_CONFIG
+    if key is None:
+        if path.is_file() and path.read_text().startswith(_KEY_MARK):
+            path.unlink()
+        return
+    profile_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(f"{_KEY_MARK}c.Session.key = {key.encode('ascii')!r}\n")
+    os.chmod(path, 0o600)
+
+
+def public_connection_info(profile_dir: Path, newer_than: float = 0.0) -> dict:
+    """The controller's engine connection info without its key: ports and wire settings a
+    joining worker needs, safe to send over the network. Waits for the controller to write a
+    connection file after ``newer_than`` (a time.time())."""
+    info = json.loads(wait_for_connection_file(profile_dir, newer_than=newer_than).read_text())
+    return {name: value for name, value in info.items() if name not in ("key", "interface", "location")}
+
+
+def joined_connection_info(public: dict, coordinator_address: str, key: str) -> dict:
+    """An engine connection file's content built on a compute PC: the coordinator's public
+    connection info, where it was found, and the key derived from this PC's own secret."""
+    return {**public, "interface": f"tcp://{coordinator_address}", "location": coordinator_address,
+            "key": key}
+
+
 def engine_connection_file(profile_dir: Path) -> Path:
     """The newest engine connection file the controller wrote in a profile."""
     security = Path(profile_dir) / "security"
@@ -89,6 +136,23 @@ def engine_connection_file(profile_dir: Path) -> Path:
             f"(`python -m exo_lab.server --config config.yaml`), or copy its "
             f"security/ipcontroller-*-engine.json to this PC and pass --connection-file")
     return files[-1]
+
+
+def wait_for_connection_file(profile_dir: Path, *, newer_than: float = 0.0, timeout_s: float = 60.0) -> Path:
+    """The engine connection file, once the controller has written it (after ``newer_than``)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            path = engine_connection_file(profile_dir)
+            if path.stat().st_mtime >= newer_than:
+                return path
+        except (ClusterError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            return engine_connection_file(profile_dir)   # raises with what to do when none is there
+        time.sleep(0.1)
 
 
 def read_connection_info(path: Path, coordinator_address: str | None) -> dict:

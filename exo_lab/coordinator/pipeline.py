@@ -100,6 +100,30 @@ def load_pipeline(control: EngineControl, loop: LoopThread, options: LoadOptions
                     scheduler=scheduler, load_s=time.perf_counter() - started)
 
 
+def propose_plan(control: EngineControl, options: LoadOptions) -> Plan:
+    """The plan ``options`` would load on the engines registered now (probes them)."""
+    model_id = _portable_model_id(options.model)
+    config = read_model_config(resolve_model(model_id, need_weights=False))
+    profile = profile_from_config(config, dtype=options.dtype, model_id=model_id)
+    return options.plan(profile, [e.node_spec() for e in control.probe()])
+
+
+def is_better(candidate: Plan, current: Plan, margin: float = 0.02) -> bool:
+    """Whether ``candidate`` beats ``current`` by more than ``margin`` on the objective
+    (latency: ms per token; throughput: the slowest stage, then ms per token)."""
+    def cost(plan: Plan) -> tuple[float, ...]:
+        if plan.objective == "throughput":
+            return (plan.bottleneck_ms, plan.predicted_ms_per_token)
+        return (plan.predicted_ms_per_token,)
+
+    for new, old in zip(cost(candidate), cost(current)):
+        if new < old * (1 - margin):
+            return True
+        if new > old * (1 + margin):
+            return False
+    return False
+
+
 def _portable_model_id(model: str) -> str:
     """Local folders travel to the engines as absolute paths; hub ids and "demo" as they are."""
     path = Path(model).expanduser()

@@ -11,7 +11,8 @@ STATUS_TIMEOUT_S = 3.0
 
 def cluster_status(control: EngineControl, pipeline, failure: str | None, cluster_name: str) -> dict:
     """A JSON-able snapshot. An engine that does not answer within STATUS_TIMEOUT_S shows
-    "busy" while still registered (a long %%px cell), "failed" otherwise."""
+    "busy" while still registered (a long %%px cell), "failed" otherwise; an idle engine that
+    holds no stage of the loaded model is a "spare" (it joined after load: cluster.replan())."""
     if not control.started:
         return {"cluster_name": cluster_name, "state": "stopped", "engines": [], "model": None,
                 "plan": None, "metrics": None}
@@ -40,6 +41,8 @@ def _engine_row(control: EngineControl, pipeline, engine_id: int, answer) -> dic
         state = answer.get("state", "idle") if answer.get("loaded") else control.state(engine_id)
     row = {"engine_id": engine_id, "state": state, **status}
     index = pipeline.stage_of(engine_id) if pipeline else None
+    if pipeline is not None and index is None and state == "idle":
+        row["state"] = "spare"
     info = pipeline.engines[index] if index is not None else control.infos.get(engine_id)
     if info is not None:
         row.update(node=info.node, hostname=info.hostname, device=info.device, kind=info.kind,

@@ -21,6 +21,7 @@ def probe_resources(use_gpu: bool = True) -> dict:
     return {
         "hostname": socket.gethostname(),
         "device_name": os.environ.get("EXO_LAB_DEVICE"),   # the config hostname a worker joined as
+        "advertise_host": os.environ.get("EXO_LAB_ADVERTISE_HOST"),   # its LAN address, learnt on joining
         "pid": os.getpid(),
         "memory_total_bytes": int(memory.total),
         "memory_free_bytes": int(memory.available),

@@ -187,16 +187,18 @@ def load_stage(spec_fields: dict, stage_index: int, num_stages: int, bind_host: 
     """Load this engine's shard and bind its data-plane inbox. Returns the inbox address."""
     import zmq
 
-    from ..model.resolve import resolve_model
     from ..model.shard import ShardSpec
     from ..model.shard import load_stage as build_stage
     from ..wire import Inbox
+    from .fetch import open_model
 
     unload_stage()
     spec_fields = dict(spec_fields)
-    spec_fields["model_dir"] = str(resolve_model(spec_fields.pop("model_id"), need_weights=True))
+    # a PC without the model fetches exactly this stage's tensors from the storage PC
+    model_dir, ensure_tensors = open_model(spec_fields.pop("model_id"))
+    spec_fields["model_dir"] = str(model_dir)
     started = time.perf_counter()
-    stage = build_stage(ShardSpec(**spec_fields))
+    stage = build_stage(ShardSpec(**spec_fields), ensure_tensors=ensure_tensors)
     inbox = Inbox(zmq.Context.instance(), host=bind_host, port=0, advertise_host=advertise_host)
     global _worker
     _worker = StageWorker(stage, inbox, stage_index, num_stages)

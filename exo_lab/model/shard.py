@@ -264,12 +264,14 @@ class Stage(nn.Module):
         }
 
 
-def load_stage(spec: ShardSpec) -> Stage:
+def load_stage(spec: ShardSpec, ensure_tensors=None) -> Stage:
     """Build the stage ``spec`` describes and load its weights, and only its weights.
 
     Reads ``config.json`` and the safetensors weight map in ``spec.model_dir``, opens only the
     files that hold this stage's tensors and reads only those tensors, converted to
     ``spec.dtype`` on ``spec.device``. No process that calls this ever holds the whole model.
+    ``ensure_tensors(names)``, when given, is called first with the checkpoint names the stage
+    reads (a PC without the model fetches them: :func:`exo_lab.engine.fetch.open_model`).
 
     Raises:
         ModelError: the folder, config or a weight file is missing or corrupt, a tensor is
@@ -280,6 +282,8 @@ def load_stage(spec: ShardSpec) -> Stage:
     stage = Stage(spec, config)
     weight_map = _read_weight_map(Path(spec.model_dir))
     wanted = _resolve_names(stage.checkpoint_names(), weight_map, spec)
+    if ensure_tensors is not None:   # a fetched folder: bring exactly these tensors first
+        ensure_tensors(list(wanted.values()))
     by_checkpoint_name = _read_tensors(wanted.values(), weight_map, spec)
     stage.load_weights({local: by_checkpoint_name[name] for local, name in wanted.items()})
     logger.info("loaded layers [%d, %d) of %s: %.1f MB on %s", spec.start_layer, spec.stop_layer,

@@ -170,7 +170,7 @@ def format_status(status: dict) -> str:
 
 
 STATE_COLORS = {"idle": "#6b7280", "loading": "#b45309", "generating": "#15803d", "busy": "#1d4ed8",
-                "failed": "#b91c1c", "stopped": "#6b7280"}
+                "failed": "#b91c1c", "stopped": "#6b7280", "spare": "#7c3aed"}
 
 
 def memory_bar_color(fraction: float | None) -> str:

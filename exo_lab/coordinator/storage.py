@@ -1,0 +1,194 @@
+"""The storage role: serve model files over HTTP to PCs that hold the cluster secret.
+
+Three GETs under ``/exo-lab/storage/`` (tornado, on the cluster's loop), each refused (403)
+without a fresh ``X-Exo-Lab-Auth`` made with the secret (:func:`exo_lab.engine.fetch.check_auth`):
+
+- ``manifest?model=ID``: every servable file of the model with its size and sha256; for a
+  safetensors file the sha256 of its header and of each tensor. Computed once per model file
+  set and cached on disk (``$EXO_LAB_CACHE/storage/``) until a file's size or mtime changes.
+- ``file?model=ID&name=NAME``: one file, with single HTTP ranges (``Range: bytes=a-b``), which
+  is how compute PCs fetch a safetensors header and then only their stage's tensors.
+- ``stats``: bytes served per client address (what the tests and benchmarks read).
+
+A model is whatever :func:`exo_lab.model.resolve.resolve_model` resolves on this PC (a folder,
+a cached hub id, ``demo``); only its top-level model files (weights, configs, tokenizer) are
+served, never anything else on the PC.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+from pathlib import Path
+
+import tornado.web
+
+from ..engine.fetch import AUTH_HEADER, CHUNK_BYTES, HEADER_LENGTH, MAX_HEADER_BYTES, PREFIX, check_auth, hash_range, parse_header, tensor_entries
+from ..errors import ExoLabError
+
+logger = logging.getLogger(__name__)
+
+SERVED_SUFFIXES = (".safetensors", ".json", ".model", ".txt", ".jinja")
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+
+
+class ModelStore:
+    """Resolves model ids to folders and keeps their manifests (thread-safe)."""
+
+    def __init__(self, secret: bytes):
+        self.secret = secret
+        self.seen_nonces: dict[str, float] = {}
+        self.bytes_served: dict[str, int] = {}
+        self._manifests: dict[str, tuple[Path, dict]] = {}
+        self._lock = threading.Lock()
+
+    def manifest(self, model_id: str) -> tuple[Path, dict]:
+        """(folder, manifest) of a model; blocking (run it off the loop)."""
+        from ..model.resolve import resolve_model
+
+        with self._lock:
+            folder = resolve_model(model_id, need_weights=True)
+            cached = self._manifests.get(model_id)
+            if cached is None or cached[1]["stamp"] != _stamp(folder):
+                self._manifests[model_id] = (folder, load_or_build_manifest(folder))
+            return self._manifests[model_id]
+
+    def count(self, client: str, sent: int) -> None:
+        self.bytes_served[client] = self.bytes_served.get(client, 0) + sent
+
+
+def servable(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and path.name.endswith(SERVED_SUFFIXES)
+
+
+def _stamp(folder: Path) -> dict:
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir()) if servable(p)}
+
+
+def load_or_build_manifest(folder: Path) -> dict:
+    """The folder's manifest, from the on-disk cache when its files did not change."""
+    from ..model.demo import cache_dir
+
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    path = cache_dir() / "storage" / f"manifest-{key}.json"
+    stamp = _stamp(folder)
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("stamp") == stamp:
+            return cached
+    except (OSError, ValueError):
+        pass
+    logger.info("computing the sha256 manifest of %s (once; cached in %s)", folder, path)
+    manifest = {"stamp": stamp, "files": {name: _describe(folder / name) for name in stamp}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest))
+    os.replace(tmp, path)
+    return manifest
+
+
+def _describe(path: Path) -> dict:
+    size = path.stat().st_size
+    if not path.name.endswith(".safetensors"):
+        return {"size": size, "sha256": hash_range(path, 0, size)}
+    with open(path, "rb") as handle:
+        (length,) = HEADER_LENGTH.unpack(handle.read(8))
+        if length > MAX_HEADER_BYTES:
+            raise ExoLabError(f"{path} has a {length}-byte header; it is not a safetensors file")
+        raw = handle.read(length)
+    start = 8 + length
+    tensors = {name: hash_range(path, start + entry["data_offsets"][0], start + entry["data_offsets"][1])
+               for name, entry in tensor_entries(parse_header(raw)).items()}
+    return {"size": size, "header_sha256": hashlib.sha256(raw).hexdigest(), "tensors": tensors}
+
+
+class _StorageHandler(tornado.web.RequestHandler):
+    def initialize(self, store: ModelStore):
+        self.store = store
+
+    def prepare(self):
+        header = self.request.headers.get(AUTH_HEADER, "")
+        if not check_auth(self.store.secret, self.request.method, self.request.uri, header, self.store.seen_nonces):
+            logger.warning("refused a storage request from %s without a valid %s", self.request.remote_ip,
+                           AUTH_HEADER)
+            raise tornado.web.HTTPError(403, reason="cluster secret required")
+
+    async def _manifest(self) -> tuple[Path, dict]:
+        model_id = self.get_query_argument("model")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self.store.manifest, model_id)
+        except ExoLabError as exc:
+            raise tornado.web.HTTPError(404, reason=str(exc)[:200]) from None
+
+    def write_error(self, status_code, **kwargs):
+        self.finish({"error": self._reason})
+
+
+class ManifestHandler(_StorageHandler):
+    async def get(self):
+        _, manifest = await self._manifest()
+        body = json.dumps({"files": manifest["files"]}).encode()
+        self.store.count(self.request.remote_ip, len(body))
+        self.set_header("Content-Type", "application/json")
+        self.finish(body)
+
+
+class FileHandler(_StorageHandler):
+    async def get(self):
+        folder, manifest = await self._manifest()
+        name = self.get_query_argument("name")
+        if name not in manifest["files"]:
+            raise tornado.web.HTTPError(404, reason=f"{name!r} is not a file of this model")
+        path = folder / name
+        size = path.stat().st_size
+        start, stop = self._range(size)
+        self.set_header("Accept-Ranges", "bytes")
+        self.set_header("Content-Type", "application/octet-stream")
+        self.set_header("Content-Length", str(stop - start))
+        if self.request.headers.get("Range"):
+            self.set_status(206)
+            self.set_header("Content-Range", f"bytes {start}-{stop - 1}/{size}")
+        loop = asyncio.get_running_loop()
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            left = stop - start
+            while left > 0:
+                chunk = await loop.run_in_executor(None, handle.read, min(CHUNK_BYTES, left))
+                if not chunk:
+                    break
+                self.write(chunk)
+                await self.flush()
+                left -= len(chunk)
+                self.store.count(self.request.remote_ip, len(chunk))
+        self.finish()
+
+    def _range(self, size: int) -> tuple[int, int]:
+        """[start, stop) of the one range asked for (the whole file without a Range header)."""
+        header = self.request.headers.get("Range")
+        if not header:
+            return 0, size
+        match = _RANGE.match(header.strip())
+        if not match:
+            raise tornado.web.HTTPError(416, reason="one range, bytes=a-b, is supported")
+        start = int(match.group(1))
+        stop = min(int(match.group(2)) + 1, size) if match.group(2) else size
+        if start >= stop:
+            self.set_header("Content-Range", f"bytes */{size}")
+            raise tornado.web.HTTPError(416, reason="range outside the file")
+        return start, stop
+
+
+class StatsHandler(_StorageHandler):
+    def get(self):
+        self.finish({"bytes_served": dict(self.store.bytes_served)})
+
+
+def storage_handlers(store: ModelStore) -> list:
+    """The routes of the file service, for a tornado Application."""
+    return [(f"{PREFIX}/manifest", ManifestHandler, {"store": store}),
+            (f"{PREFIX}/file", FileHandler, {"store": store}),
+            (f"{PREFIX}/stats", StatsHandler, {"store": store})]

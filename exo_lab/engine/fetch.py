@@ -1,0 +1,446 @@
+"""A compute PC that lacks the model fetches exactly its stage's tensors from the storage PC.
+
+Flow (the server is :mod:`exo_lab.coordinator.storage`):
+
+1. The manifest: every file of the model with its size and sha256, and for each safetensors
+   file the sha256 of its header and of each tensor (the storage PC computes it once).
+2. Small files whole (config, generation config, tokenizer, index), each checked.
+3. Each safetensors file's header by byte range (8-byte length, then the JSON).
+4. When the stage is built (:func:`exo_lab.model.shard.load_stage` calls back with the names
+   it needs): the byte ranges of only those tensors, adjacent ones merged into one request,
+   each tensor checked against the manifest.
+
+The cache (``$EXO_LAB_CACHE/fetched/<model>/``, default ``~/.cache/exo_lab``) looks like a model
+folder: the small files as they are, and for each original safetensors file a *partial* one
+with the same name holding only the tensors fetched so far, with its own header; so the loader
+reads it like any checkpoint. Bookkeeping lives in ``.exo_lab_fetch/``: the manifest (used when
+the storage PC cannot be reached), the original headers, and the ranges of an interrupted
+fetch, which the next try continues with HTTP Range from where it stopped. Every start checks
+the cached tensors it needs against the manifest: a corrupt one is fetched again; a start with
+everything cached fetches nothing.
+
+Requests carry ``X-Exo-Lab-Auth``: a timestamp, a nonce and an HMAC under
+``derive_key(secret, "shard-server")`` of both and the request line; the server refuses stale
+or repeated ones. Engine-side code: it never imports the coordinator.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.client
+import json
+import logging
+import os
+import re
+import secrets
+import struct
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+STORAGE_URL_ENV = "EXO_LAB_STORAGE_URL"
+AUTH_HEADER = "X-Exo-Lab-Auth"
+AUTH_PURPOSE = "shard-server"
+MAX_AUTH_AGE_S = 300
+PREFIX = "/exo-lab/storage"
+BOOKKEEPING = ".exo_lab_fetch"
+INDEX_FILE = "model.safetensors.index.json"
+CHUNK_BYTES = 1 << 20
+HEADER_LENGTH = struct.Struct("<Q")
+MAX_HEADER_BYTES = 100 * 2**20      # safetensors' own limit
+
+
+# ----------------------------------------------------------------------------- auth (both sides)
+
+def auth_header(secret: bytes, method: str, uri: str) -> str:
+    """``ts.nonce.hmac`` for one request (``uri``: path and query as sent)."""
+    ts, nonce = str(int(time.time())), secrets.token_hex(12)
+    return f"{ts}.{nonce}.{_mac(secret, ts, nonce, method, uri)}"
+
+
+def check_auth(secret: bytes, method: str, uri: str, header: str, seen: dict[str, float]) -> bool:
+    """Whether ``header`` was made with ``secret`` for this request, recently and only once
+    (``seen`` remembers nonces; the caller keeps it for the server's lifetime)."""
+    try:
+        ts, nonce, mac = header.split(".")
+        age = abs(time.time() - int(ts))
+    except ValueError:
+        return False
+    if age > MAX_AUTH_AGE_S or nonce in seen:
+        return False
+    if not hmac.compare_digest(_mac(secret, ts, nonce, method, uri), mac):
+        return False
+    now = time.time()
+    for old in [n for n, at in seen.items() if now - at > 2 * MAX_AUTH_AGE_S]:
+        del seen[old]
+    seen[nonce] = now
+    return True
+
+
+def _mac(secret: bytes, ts: str, nonce: str, method: str, uri: str) -> str:
+    from ..security import derive_key
+
+    message = f"{ts}\n{nonce}\n{method}\n{uri}".encode()
+    return hmac.new(derive_key(secret, AUTH_PURPOSE), message, hashlib.sha256).hexdigest()
+
+
+# ----------------------------------------------------------------------------- safetensors bytes
+
+def parse_header(raw: bytes) -> dict:
+    """A safetensors header's JSON (without the 8-byte length in front)."""
+    try:
+        header = json.loads(raw)
+    except ValueError as exc:
+        raise ModelError(f"a safetensors header is not valid JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ModelError("a safetensors header is not a JSON object")
+    return header
+
+
+def tensor_entries(header: dict) -> dict[str, dict]:
+    return {name: entry for name, entry in header.items() if name != "__metadata__"}
+
+
+def write_safetensors(path: Path, header: dict, sources: list) -> None:
+    """Write a safetensors file: ``header`` (name -> dtype, shape; offsets are set here) and,
+    in the same order, ``sources``: callables each writing one tensor's bytes to a file."""
+    offset, entries = 0, {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            entries[name] = entry
+            continue
+        size = entry["data_offsets"][1] - entry["data_offsets"][0]
+        entries[name] = {"dtype": entry["dtype"], "shape": entry["shape"], "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)    # the data starts 8-byte aligned, as safetensors writes it
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as out:
+        out.write(HEADER_LENGTH.pack(len(raw)))
+        out.write(raw)
+        for write in sources:
+            write(out)
+    os.replace(tmp, path)
+
+
+def read_local_header(path: Path) -> tuple[dict, int] | None:
+    """(header, data start) of a local safetensors file, or None when it is absent or unreadable."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = HEADER_LENGTH.unpack(handle.read(8))
+            if length > MAX_HEADER_BYTES:
+                return None
+            return parse_header(handle.read(length)), 8 + length
+    except (OSError, struct.error, ModelError):
+        return None
+
+
+def _chunks(path: Path, start: int, stop: int):
+    """The bytes [start, stop) of a file, a chunk at a time."""
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        left = stop - start
+        while left > 0:
+            chunk = handle.read(min(CHUNK_BYTES, left))
+            if not chunk:
+                raise ModelError(f"{path} ends before byte {stop}: it is truncated")
+            yield chunk
+            left -= len(chunk)
+
+
+def hash_range(path: Path, start: int, stop: int) -> str:
+    """sha256 of the bytes [start, stop) of a file ("" when the file is shorter)."""
+    digest = hashlib.sha256()
+    try:
+        for chunk in _chunks(path, start, stop):
+            digest.update(chunk)
+    except ModelError:
+        return ""
+    return digest.hexdigest()
+
+
+def _copier(path: Path, start: int, stop: int):
+    def write(out) -> None:
+        for chunk in _chunks(path, start, stop):
+            out.write(chunk)
+    return write
+
+
+# ----------------------------------------------------------------------------- the client
+
+@dataclass
+class StorageClient:
+    """HTTP client of the storage PC's file service (keep-alive, one connection)."""
+
+    url: str                            # http://host:port
+    secret: bytes
+    timeout_s: float = 30.0
+    bytes_fetched: int = 0
+    _connection: http.client.HTTPConnection | None = field(default=None, repr=False)
+
+    def _uri(self, what: str, **query) -> str:
+        return f"{PREFIX}/{what}?{urllib.parse.urlencode(query)}"
+
+    def request(self, uri: str, byte_range: tuple[int, int] | None = None):
+        """GET ``uri``; returns the open response (status 200 or 206). ``byte_range``: [a, b)."""
+        parts = urllib.parse.urlsplit(self.url)
+        headers = {AUTH_HEADER: auth_header(self.secret, "GET", uri)}
+        if byte_range is not None:
+            headers["Range"] = f"bytes={byte_range[0]}-{byte_range[1] - 1}"
+        for attempt in (0, 1):       # a kept-alive connection the server closed: reconnect once
+            if self._connection is None:
+                self._connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=self.timeout_s)
+            try:
+                self._connection.request("GET", uri, headers=headers)
+                response = self._connection.getresponse()
+                break
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                if attempt:
+                    raise ModelError(f"cannot reach the storage PC at {self.url}: {exc}") from exc
+        if response.status not in (200, 206):
+            detail = response.read(500).decode(errors="replace")
+            self.close()
+            raise ModelError(f"the storage PC at {self.url} answered {response.status} for {uri}: {detail}")
+        return response
+
+    def read(self, uri: str, byte_range: tuple[int, int] | None = None) -> bytes:
+        data = self.request(uri, byte_range).read()
+        self.bytes_fetched += len(data)
+        return data
+
+    def manifest(self, model_id: str) -> dict:
+        return json.loads(self.read(self._uri("manifest", model=model_id)))
+
+    def file_uri(self, model_id: str, name: str) -> str:
+        return self._uri("file", model=model_id, name=name)
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+
+def storage_client() -> StorageClient | None:
+    """The storage PC this engine's worker was told about at join, with the secret; or None."""
+    from ..security import load_secret
+
+    url, secret = os.environ.get(STORAGE_URL_ENV), load_secret()
+    return StorageClient(url, secret) if url and secret else None
+
+
+def fetched_model_dir(model_id: str) -> Path:
+    from ..model.demo import cache_dir
+
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id).strip("_")[-60:] or "model"
+    return cache_dir() / "fetched" / f"{slug}-{hashlib.sha256(model_id.encode()).hexdigest()[:10]}"
+
+
+# ----------------------------------------------------------------------------- model files
+
+def open_model(model_id: str):
+    """(folder, ensure_tensors) for a stage: a local folder and None when this PC has the model;
+    else the fetched folder (config, tokenizer, index, headers in place) and the callback that
+    fetches the tensors the stage needs. Raises ModelError when neither works."""
+    from ..model.resolve import resolve_model
+
+    try:
+        return resolve_model(model_id, need_weights=True), None
+    except ModelError as missing:
+        client = storage_client()
+        if client is None:
+            raise
+        logger.info("%s is not on this PC (%s); fetching from %s", model_id, missing, client.url)
+    folder = fetch_model_files(model_id, client)
+    return folder, lambda names: fetch_tensors(model_id, folder, client, names)
+
+
+def fetch_model_files(model_id: str, client: StorageClient) -> Path:
+    """Bring the model's small files and safetensors headers into its cache folder (each checked
+    against the manifest; what is already there and intact is not fetched). Returns the folder."""
+    folder = fetched_model_dir(model_id)
+    books = folder / BOOKKEEPING
+    books.mkdir(parents=True, exist_ok=True)
+    manifest = _current_manifest(model_id, client, books / "manifest.json")
+    for name, entry in manifest["files"].items():
+        if "tensors" in entry:
+            _ensure_header(model_id, client, books, name, entry)
+        elif not _intact(folder / name, entry["sha256"]):
+            data = client.read(client.file_uri(model_id, name))
+            _check(hashlib.sha256(data).hexdigest() == entry["sha256"], f"{name} from {client.url}")
+            _write_atomic(folder / name, data)
+    if INDEX_FILE not in manifest["files"]:     # a single-file model: an index makes the weight map
+        weight_map = {tensor: name for name, entry in manifest["files"].items() if "tensors" in entry
+                      for tensor in entry["tensors"]}
+        _write_atomic(folder / INDEX_FILE, json.dumps({"metadata": {}, "weight_map": weight_map}).encode())
+    return folder
+
+
+def _current_manifest(model_id: str, client: StorageClient, path: Path) -> dict:
+    try:
+        manifest = client.manifest(model_id)
+    except ModelError as exc:
+        if not path.is_file():
+            raise
+        logger.warning("storage unreachable (%s); using the cached manifest of %s", exc, model_id)
+        return json.loads(path.read_text())
+    _write_atomic(path, json.dumps(manifest).encode())
+    return manifest
+
+
+def _ensure_header(model_id: str, client: StorageClient, books: Path, name: str, entry: dict) -> None:
+    path = books / f"{name}.header"
+    if _intact(path, entry["header_sha256"]):
+        return
+    uri = client.file_uri(model_id, name)
+    (length,) = HEADER_LENGTH.unpack(client.read(uri, (0, 8)))
+    _check(length <= MAX_HEADER_BYTES, f"the header length of {name}")
+    raw = client.read(uri, (8, 8 + length))
+    _check(hashlib.sha256(raw).hexdigest() == entry["header_sha256"], f"the header of {name}")
+    _write_atomic(path, raw)
+
+
+def _intact(path: Path, sha256: str) -> bool:
+    return path.is_file() and hash_range(path, 0, path.stat().st_size) == sha256
+
+
+def _check(ok: bool, what: str) -> None:
+    if not ok:
+        raise ModelError(f"{what} does not match the storage PC's sha256 manifest; the transfer was "
+                         f"corrupted or the model changed on the storage PC meanwhile: try again")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- tensors
+
+def fetch_tensors(model_id: str, folder: Path, client: StorageClient, names) -> int:
+    """Make sure every tensor in ``names`` is in the folder's partial files, intact; fetch the
+    missing or corrupt ones by byte range. Returns the bytes fetched."""
+    from tqdm.auto import tqdm
+
+    manifest = json.loads((folder / BOOKKEEPING / "manifest.json").read_text())
+    weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+    by_file: dict[str, list[str]] = {}
+    for name in dict.fromkeys(names):
+        by_file.setdefault(weight_map[name], []).append(name)
+    plans = [_FilePlan.make(model_id, folder, manifest["files"][file], file, wanted)
+             for file, wanted in by_file.items()]
+    total = sum(plan.missing_bytes for plan in plans)
+    before = client.bytes_fetched
+    with tqdm(total=total, desc=f"fetching {model_id}", unit="B", unit_scale=True, leave=False,
+              disable=None if total else True) as bar:
+        for plan in plans:
+            plan.fetch(client, bar)
+    fetched = client.bytes_fetched - before
+    logger.info("tensors of %s: %d needed, %d bytes fetched", model_id, sum(len(w) for w in by_file.values()),
+                fetched)
+    return fetched
+
+
+@dataclass
+class _FilePlan:
+    """One original safetensors file: what its partial copy holds intact, what to fetch."""
+
+    model_id: str
+    path: Path                      # the partial file in the cache folder
+    remote: dict                    # name -> header entry in the original file
+    data_start: int                 # where the original file's data begins
+    sha256: dict                    # name -> manifest sha256
+    keep: dict                      # name -> (local path, start, stop): intact tensors already here
+    missing: list                   # names to fetch, in file order
+
+    @classmethod
+    def make(cls, model_id: str, folder: Path, entry: dict, file: str, wanted: list[str]) -> "_FilePlan":
+        raw = (folder / BOOKKEEPING / f"{file}.header").read_bytes()
+        remote = tensor_entries(parse_header(raw))
+        keep = {}
+        local = read_local_header(folder / file)
+        if local is not None:
+            header, start = local
+            for name, item in tensor_entries(header).items():
+                a, b = (start + item["data_offsets"][0], start + item["data_offsets"][1])
+                if name in remote and hash_range(folder / file, a, b) == entry["tensors"].get(name):
+                    keep[name] = (folder / file, a, b)
+                else:
+                    logger.warning("cached tensor %s in %s is corrupt or stale; fetching it again", name, file)
+        missing = sorted((n for n in wanted if n not in keep), key=lambda n: remote[n]["data_offsets"][0])
+        return cls(model_id, folder / file, remote, 8 + len(raw), entry["tensors"], keep, missing)
+
+    @property
+    def missing_bytes(self) -> int:
+        return sum(self.remote[n]["data_offsets"][1] - self.remote[n]["data_offsets"][0] for n in self.missing)
+
+    def fetch(self, client: StorageClient, bar) -> None:
+        if not self.missing:
+            return
+        staging = self.path.parent / BOOKKEEPING / f"{self.path.name}.ranges"
+        staging.mkdir(exist_ok=True)
+        fetched = {}
+        for start, stop, names in self._ranges():
+            part = staging / f"{start}-{stop}"
+            for attempt in (0, 1):
+                _download(client, client.file_uri(self.model_id, self.path.name), part, start, stop, bar)
+                bad = [n for n in names if hash_range(part, *self._within(n, start)) != self.sha256[n]]
+                if not bad:
+                    break
+                part.unlink()
+                if attempt:
+                    _check(False, f"tensor {bad[0]} of {self.path.name}")
+            fetched.update({n: (part, *self._within(n, start)) for n in names})
+        self._rewrite({**self.keep, **fetched})
+        for part in staging.iterdir():
+            part.unlink()
+        staging.rmdir()
+
+    def _ranges(self) -> list[tuple[int, int, list[str]]]:
+        """Absolute [start, stop) byte ranges of the missing tensors, adjacent ones merged."""
+        merged: list[tuple[int, int, list[str]]] = []
+        for name in self.missing:
+            a, b = (self.data_start + o for o in self.remote[name]["data_offsets"])
+            if merged and merged[-1][1] == a:
+                merged[-1] = (merged[-1][0], b, merged[-1][2] + [name])
+            else:
+                merged.append((a, b, [name]))
+        return merged
+
+    def _within(self, name: str, range_start: int) -> tuple[int, int]:
+        a, b = (self.data_start + o - range_start for o in self.remote[name]["data_offsets"])
+        return a, b
+
+    def _rewrite(self, sources: dict) -> None:
+        order = sorted(sources, key=lambda n: self.remote[n]["data_offsets"][0])
+        header = {n: self.remote[n] for n in order}
+        write_safetensors(self.path, header, [_copier(*sources[n]) for n in order])
+
+
+def _download(client: StorageClient, uri: str, part: Path, start: int, stop: int, bar) -> None:
+    """Bytes [start, stop) of a remote file into ``part``, continuing a partial download."""
+    have = part.stat().st_size if part.is_file() else 0
+    if have > stop - start:
+        part.unlink()
+        have = 0
+    bar.update(have)
+    if have == stop - start:
+        return
+    response = client.request(uri, (start + have, stop))
+    with open(part, "ab") as out:
+        while True:
+            chunk = response.read(CHUNK_BYTES)
+            if not chunk:
+                break
+            out.write(chunk)
+            client.bytes_fetched += len(chunk)
+            bar.update(len(chunk))
+    if part.stat().st_size != stop - start:
+        raise ModelError(f"the storage PC sent {part.stat().st_size} of {stop - start} bytes of "
+                         f"{uri}; start again to resume")

@@ -1,0 +1,234 @@
+"""Netlab: several "PCs" on this machine, as network namespaces on a private bridge.
+
+Each PC is a network namespace with one veth on a bridge of its own (no physical interface on
+it) and an address from 198.18.0.0/15, the range reserved for benchmark networks; the bridge
+gets ``.1`` so the test process can reach the PCs. Multicast is on (mDNS works between them).
+Each process starts with ``ip netns exec`` inside ``unshare -m -u``: its own host name, and its
+own mount namespace where folders it must not see (the model) are covered by an empty tmpfs.
+
+Names carry a random run id and the creating pid, so a leftover never collides with a new run,
+and a run sweeps away what a killed run (whose pid is gone) left. Whatever happens (a failing
+test, Ctrl-C), :meth:`Netlab.close` ends the processes by pid, then the namespaces and the
+bridge; it also runs at interpreter exit. Nothing here ever sends to an address outside this
+machine: every address used is on the lab's own bridge.
+
+Needs root (or CAP_NET_ADMIN + CAP_SYS_ADMIN) and iproute2; :func:`unavailable` says why not.
+"""
+from __future__ import annotations
+
+import atexit
+import ipaddress
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+NETLAB_RANGE = ipaddress.ip_network("198.18.0.0/15")
+PREFIX = "exolab"
+
+
+def _ip(*args: str, check: bool = True, namespace: str | None = None) -> subprocess.CompletedProcess:
+    command = ["ip", *(["-n", namespace] if namespace else []), *args]
+    return subprocess.run(command, check=check, capture_output=True, text=True, timeout=30)
+
+
+def unavailable() -> str | None:
+    """Why netlab cannot run here, or None when it can."""
+    if os.name != "posix" or not hasattr(os, "geteuid"):
+        return "netlab needs Linux network namespaces"
+    if os.geteuid() != 0:
+        return "netlab needs root to create network namespaces (CI runs as root)"
+    for tool in ("ip", "unshare", "mount"):
+        if shutil.which(tool) is None:
+            return f"netlab needs the {tool!r} command (iproute2 / util-linux)"
+    probe = f"{PREFIX}-probe-{os.getpid()}"
+    made = _ip("netns", "add", probe, check=False)
+    if made.returncode != 0:
+        return f"`ip netns add` is not allowed here: {made.stderr.strip()}"
+    _ip("netns", "del", probe, check=False)
+    return None
+
+
+@dataclass
+class PC:
+    """One namespace "PC": its name (also its host name), namespace, address and folders."""
+
+    name: str
+    namespace: str
+    address: str
+    root: Path                         # home, cache, profiles of this PC live here
+    processes: list = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """An environment for a process of this PC (its own HOME and caches)."""
+        keep = {k: v for k, v in os.environ.items()
+                if not k.startswith(("EXO_LAB_", "IPP_")) and k not in ("HOME",)}
+        return {**keep, "HOME": str(self.root / "home"), "EXO_LAB_CACHE": str(self.root / "cache"),
+                "EXO_LAB_HOME": str(self.root / "exo_lab"), "PYTHONUNBUFFERED": "1"}
+
+
+class Netlab:
+    """N PCs on a bridge. Use as a context manager; :meth:`start` runs a process on a PC."""
+
+    def __init__(self, names: list[str], root: Path):
+        self.run_id = secrets.token_hex(3)
+        self.tag = f"{PREFIX}-{self.run_id}-{os.getpid()}"
+        self.root = Path(root)
+        self.bridge = f"exb{self.run_id}"
+        self.subnet = _free_subnet()
+        hosts = list(self.subnet.hosts())
+        self.gateway = str(hosts[0])
+        self.pcs = {name: PC(name, f"{self.tag}-{i}", str(hosts[10 + i]), self.root / name)
+                    for i, name in enumerate(names)}
+        self._made: list[tuple[str, str]] = []   # ("netns", name) / ("link", name), to remove
+        self._closed = False
+
+    # ------------------------------------------------------------ network
+    def __enter__(self) -> "Netlab":
+        atexit.register(self.close)
+        sweep_leftovers()
+        try:
+            self._make_bridge()
+            for index, pc in enumerate(self.pcs.values()):
+                self._make_pc(index, pc)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _make_bridge(self) -> None:
+        _ip("link", "add", self.bridge, "type", "bridge")
+        self._made.append(("link", self.bridge))
+        _ip("link", "set", self.bridge, "alias", self.tag)
+        _ip("addr", "add", f"{self.gateway}/{self.subnet.prefixlen}", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "multicast", "on", "up")
+
+    def _make_pc(self, index: int, pc: PC) -> None:
+        for folder in ("home", "cache", "exo_lab"):
+            (pc.root / folder).mkdir(parents=True, exist_ok=True)
+        _ip("netns", "add", pc.namespace)
+        self._made.append(("netns", pc.namespace))
+        outer, inner = f"exv{self.run_id}{index}", f"exp{self.run_id}{index}"
+        _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+        self._made.append(("link", outer))
+        _ip("link", "set", inner, "netns", pc.namespace)
+        _ip("link", "set", outer, "master", self.bridge, "multicast", "on", "up")
+        ns = pc.namespace
+        _ip("link", "set", "lo", "up", namespace=ns)
+        _ip("link", "set", inner, "name", "eth0", namespace=ns)
+        _ip("addr", "add", f"{pc.address}/{self.subnet.prefixlen}", "dev", "eth0", namespace=ns)
+        _ip("link", "set", "eth0", "multicast", "on", "up", namespace=ns)
+        _ip("route", "add", "224.0.0.0/4", "dev", "eth0", namespace=ns)
+
+    # ------------------------------------------------------------ processes
+    def start(self, name: str, argv: list[str], *, env: dict | None = None, hide: tuple = (),
+              **popen) -> subprocess.Popen:
+        """Run ``argv`` on PC ``name`` (its namespaces, host name and environment); ``hide``:
+        folders covered by an empty tmpfs in its mount namespace."""
+        pc = self.pcs[name]
+        mounts = "".join(f'mount -t tmpfs -o size=1m exolab-hidden "{Path(h)}" && ' for h in hide)
+        script = f'hostname "{pc.name}" && {mounts}exec "$@"'
+        command = ["ip", "netns", "exec", pc.namespace, "unshare", "--mount", "--uts", "--propagation",
+                   "private", "sh", "-c", script, "sh", *argv]
+        process = subprocess.Popen(command, env={**pc.env, **(env or {})}, **popen)
+        pc.processes.append(process)
+        return process
+
+    def run(self, name: str, argv: list[str], timeout_s: float = 30, **kwargs) -> subprocess.CompletedProcess:
+        process = self.start(name, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+        out, _ = process.communicate(timeout=timeout_s)
+        return subprocess.CompletedProcess(argv, process.returncode, out, None)
+
+    def stop(self, process: subprocess.Popen, timeout_s: float = 30) -> None:
+        """SIGTERM, then SIGKILL after ``timeout_s``."""
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+
+    def pids(self, name: str) -> list[int]:
+        """Every process living in PC ``name``'s network namespace."""
+        found = _ip("netns", "pids", self.pcs[name].namespace, check=False)
+        return [int(p) for p in found.stdout.split()] if found.returncode == 0 else []
+
+    # ------------------------------------------------------------ cleanup
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        processes = [p for pc in self.pcs.values() for p in pc.processes if p.poll() is None]
+        for process in processes:          # all at once: each may take seconds to wind down
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            self.stop(process, timeout_s=15)
+        for kind, name in reversed(self._made):
+            if kind == "netns":
+                _end_processes(name)
+                _ip("netns", "del", name, check=False)
+            else:
+                _ip("link", "del", name, check=False)
+        atexit.unregister(self.close)
+
+
+def _end_processes(namespace: str) -> None:
+    """End, by pid, whatever still runs in a namespace (engines of a worker killed with -9)."""
+    for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+        found = _ip("netns", "pids", namespace, check=False)
+        pids = [int(p) for p in found.stdout.split()] if found.returncode == 0 else []
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _free_subnet() -> ipaddress.IPv4Network:
+    """A /24 of 198.18.0.0/15 that no route of this machine uses yet."""
+    used = _ip("-4", "route", "show").stdout
+    subnets = list(NETLAB_RANGE.subnets(new_prefix=24))[1:]
+    for _ in range(100):
+        subnet = subnets[secrets.randbelow(len(subnets))]
+        if str(subnet.network_address).rsplit(".", 1)[0] + "." not in used:
+            return subnet
+    raise RuntimeError("no free /24 left in 198.18.0.0/15")
+
+
+def sweep_leftovers() -> None:
+    """Remove namespaces and bridges of earlier runs whose creating process is gone."""
+    pattern = re.compile(rf"^{PREFIX}-[0-9a-f]{{6}}-(\d+)-\d+$")
+    for line in _ip("netns", "list", check=False).stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        match = pattern.match(name)
+        if match and not _alive(int(match.group(1))):
+            _end_processes(name)
+            _ip("netns", "del", name, check=False)
+    links = _ip("-o", "link", "show", "type", "bridge", check=False).stdout
+    for line in links.splitlines():
+        found = re.search(rf"\d+: (exb[0-9a-f]{{6}})[:@].*alias {PREFIX}-[0-9a-f]{{6}}-(\d+)", line)
+        if found and not _alive(int(found.group(2))):
+            _ip("link", "del", found.group(1), check=False)

@@ -1,0 +1,269 @@
+"""Several PCs for real, as network namespaces on a bridge (tests/netlab.py).
+
+coord (coordinator + storage, has the model), pc-b and pc-c (compute; the model folder is hidden
+from them by a tmpfs), pc-d (a late or hostile PC). Every process is one of the documented
+services: ``python -m exo_lab.server`` / ``python -m exo_lab.worker --config C --device D``,
+with ``$EXO_LAB_SECRET``. The workers find the coordinator by mDNS, join with the secret, fetch
+their shards from the storage PC, and the official openai client talks to the API across the
+bridge. The tests run in order and share one lab (one module, a few minutes of CPU at most).
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+import netlab
+
+REASON = netlab.unavailable()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"netlab tests skipped: {REASON}")
+
+API_PORT = 8000
+SERVICE_PORT = 10100
+PROMPT = "The cluster of PCs"
+MAX_TOKENS = 24
+
+CONFIG = """\
+cluster_name: {name}
+replan: auto
+devices:
+  - hostname: coord
+    roles: [coordinator, storage]
+  - hostname: pc-b
+    roles: [compute]
+    max_cores: 1
+  - hostname: pc-c
+    roles: [compute]
+    max_cores: 1
+network:
+  discovery: auto
+  service_port: {service_port}
+api:
+  host: 0.0.0.0
+  port: {api_port}
+"""
+
+
+def read_until(process, text: str, timeout_s: float, lines: list | None = None) -> list[str]:
+    """Lines of a process's output up to one containing ``text`` (AssertionError otherwise)."""
+    import selectors
+
+    lines = [] if lines is None else lines
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if selector.select(timeout=0.5):
+            line = process.stdout.readline()
+            if line:
+                lines.append(line)
+                if text in line:
+                    return lines
+                continue
+        if process.poll() is not None:
+            break
+    raise AssertionError(f"never saw {text!r}; output:\n{''.join(lines)}")
+
+
+class Lab:
+    """The running lab: the netlab, the model, the secret, the processes."""
+
+    def __init__(self, net: netlab.Netlab, model, secret: str, config):
+        self.net, self.model, self.secret, self.config = net, model, secret, config
+        self.server = None
+        self.server_lines: list[str] = []
+        self.workers: dict[str, object] = {}
+        self.join_s: dict[str, float] = {}
+
+    @property
+    def api(self) -> str:
+        return f"http://{self.net.pcs['coord'].address}:{API_PORT}"
+
+    def start_server(self):
+        self.server = self.net.start(
+            "coord", [sys.executable, "-m", "exo_lab.server", "--config", str(self.config), "--model",
+                      str(self.model), "--min-stages", "2"],
+            env={"EXO_LAB_SECRET": self.secret}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def start_worker(self, name: str, secret: str | None = None):
+        process = self.net.start(
+            name, [sys.executable, "-m", "exo_lab.worker", "--config", str(self.config), "--device", name],
+            env={"EXO_LAB_SECRET": secret or self.secret}, hide=(self.model,),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.workers[name] = process
+        return process
+
+    def joined(self, name: str, timeout_s: float = 60) -> None:
+        lines = read_until(self.workers[name], "joining cluster", timeout_s)
+        found = re.search(r"joined at (\S+) in ([\d.]+) s", lines[-1])
+        assert found and found.group(1) == self.net.pcs["coord"].address, lines
+        self.join_s[name] = float(found.group(2))
+
+    def status(self) -> dict:
+        with urllib.request.urlopen(self.api + "/v1/cluster/status", timeout=30) as response:
+            return json.load(response)
+
+    def wait_for(self, predicate, timeout_s: float, what: str):
+        deadline = time.monotonic() + timeout_s
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                last = self.status()
+                if predicate(last):
+                    return last
+            except OSError as exc:
+                last = exc
+            time.sleep(1.0)
+        raise AssertionError(f"{what} did not happen within {timeout_s:.0f} s; last status: {last}")
+
+    def storage_stats(self) -> dict[str, int]:
+        from exo_lab.engine.fetch import AUTH_HEADER, PREFIX, auth_header
+
+        uri = f"{PREFIX}/stats"
+        request = urllib.request.Request(
+            f"http://{self.net.pcs['coord'].address}:{SERVICE_PORT}{uri}",
+            headers={AUTH_HEADER: auth_header(self.secret.encode(), "GET", uri)})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.load(response)["bytes_served"]
+
+    def complete(self, max_tokens: int = MAX_TOKENS):
+        from openai import OpenAI
+
+        client = OpenAI(base_url=self.api + "/v1", api_key="unused", max_retries=0, timeout=60)
+        return client.completions.create(model=str(self.model), prompt=PROMPT, max_tokens=max_tokens,
+                                         temperature=0)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    from exo_lab.model.demo import demo_model_dir
+    from exo_lab.security import new_secret
+
+    root = tmp_path_factory.mktemp("netlab")
+    model = root / "model"
+    shutil.copytree(demo_model_dir(), model)
+    with netlab.Netlab(["coord", "pc-b", "pc-c", "pc-d"], root / "pcs") as net:
+        config = root / "config.yaml"
+        config.write_text(CONFIG.format(name=f"netlab-{net.run_id}", service_port=SERVICE_PORT, api_port=API_PORT))
+        running = Lab(net, model, new_secret(), config)
+        running.start_server()
+        for name in ("pc-b", "pc-c"):
+            running.start_worker(name)
+        for name in ("pc-b", "pc-c"):
+            running.joined(name)
+        read_until(running.server, "serving", 180, running.server_lines)
+        yield running
+
+
+@pytest.fixture(scope="module")
+def reference(lab):
+    """What transformers' own greedy generate makes of the prompt, as text."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(lab.model))
+    model = AutoModelForCausalLM.from_pretrained(str(lab.model)).eval()
+    inputs = torch.tensor([tokenizer(PROMPT, add_special_tokens=False)["input_ids"]])
+    with torch.inference_mode():
+        out = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=MAX_TOKENS,
+                             do_sample=False)
+    return tokenizer.decode(out[0, inputs.shape[1]:], skip_special_tokens=True)
+
+
+def test_workers_find_the_coordinator_by_mdns_and_join(lab):
+    plan = "".join(lab.server_lines)
+    assert "pc-b" in plan and "pc-c" in plan
+    assert all(seconds < 30 for seconds in lab.join_s.values()), lab.join_s
+    rows = lab.status()["engines"]
+    assert sorted(row["node"] for row in rows) == ["pc-b", "pc-c"]
+    assert all(row.get("stage_index") is not None for row in rows)
+
+
+def test_compute_pcs_fetch_only_their_own_shard(lab):
+    served = lab.storage_stats()
+    total = sum(p.stat().st_size for p in lab.model.glob("*.safetensors"))
+    rows = {row["node"]: row for row in lab.status()["engines"]}
+    for name in ("pc-b", "pc-c"):
+        fetched = served[lab.net.pcs[name].address]
+        shard = rows[name]["parameter_bytes"]
+        # the shard's tensors, plus config, tokenizer, index and headers (a few hundred KB)
+        assert shard <= fetched <= shard + 400_000, (name, fetched, shard)
+        assert fetched < 0.8 * total
+
+
+def test_generation_across_namespaces_is_token_exact(lab, reference):
+    reply = lab.complete()
+    assert reply.choices[0].text == reference
+
+
+def test_a_rogue_frame_into_a_stage_inbox_is_dropped_and_counted(lab, reference):
+    import zmq
+
+    rows = {row["node"]: row for row in lab.status()["engines"]}
+    before = rows["pc-c"].get("dropped_messages", 0)
+    ports = listening_ports(lab, "pc-c")
+    context = zmq.Context()
+    try:
+        for port in ports:
+            rogue = context.socket(zmq.PUSH)
+            rogue.linger = 0
+            rogue.connect(f"tcp://{lab.net.pcs['pc-c'].address}:{port}")
+            rogue.send_multipart([b"EX\x02\x03" + b"\x00" * 8])   # a FREE of request 0, unsigned
+            rogue.send_multipart([b"not a frame at all"])
+            time.sleep(0.3)
+            rogue.close()
+    finally:
+        context.term()
+    assert lab.complete().choices[0].text == reference
+    lab.wait_for(lambda s: any(r.get("node") == "pc-c" and r.get("dropped_messages", 0) > before
+                               for r in s["engines"]), 20, "counting the rogue frames")
+
+
+def listening_ports(lab, name: str) -> list[int]:
+    """TCP ports a PC listens on from outside (the stage inbox; not loopback-only sockets)."""
+    out = lab.net.run(name, ["ss", "-ltnH"]).stdout
+    ports = []
+    for line in out.splitlines():
+        local = line.split()[3]
+        host, port = local.rsplit(":", 1)
+        if not host.startswith("127.") and host != "[::1]":
+            ports.append(int(port))
+    assert ports, out
+    return ports
+
+
+def test_a_worker_with_a_wrong_secret_is_refused(lab):
+    from exo_lab.security import new_secret
+
+    result = lab.net.run("pc-d", [sys.executable, "-m", "exo_lab.worker", "--config", str(lab.config),
+                                  "--device", "pc-d"], env={"EXO_LAB_SECRET": new_secret()}, timeout_s=60)
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 2, result.stdout
+    assert len(lines) == 1 and "refused" in lines[0] and "secret" in lines[0], lines
+    read_until(lab.server, "refused a worker", 10, lab.server_lines)
+    assert len(lab.status()["engines"]) == 2
+
+
+def test_a_late_pc_is_a_spare_and_a_restarted_worker_rejoins(lab, reference):
+    lab.start_worker("pc-d")
+    lab.joined("pc-d")
+    assert lab.join_s["pc-d"] < 10      # the coordinator is up: mDNS browse + join handshake
+    lab.wait_for(lambda s: any(r.get("node") == "pc-d" and r["state"] == "spare" for r in s["engines"]),
+                 60, "pc-d showing as a spare")
+    lab.net.stop(lab.workers["pc-b"])         # its engine goes with it: the pipeline fails
+    # replan: auto re-plans on the survivors, pc-d fetching its own shard
+    lab.wait_for(lambda s: s["state"] == "ready" and {r.get("node") for r in s["engines"]
+                                                       if r.get("stage_index") is not None} == {"pc-c", "pc-d"},
+                 120, "re-planning on pc-c and pc-d")
+    assert lab.complete().choices[0].text == reference
+    lab.start_worker("pc-b")                  # restarted: it finds and joins the cluster again
+    lab.joined("pc-b")
+    lab.wait_for(lambda s: any(r.get("node") == "pc-b" and r["state"] == "spare" for r in s["engines"]),
+                 60, "the restarted pc-b rejoining")
+    assert lab.complete().choices[0].text == reference
