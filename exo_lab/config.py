@@ -39,11 +39,17 @@ key                             required  default      meaning
 ``dtype``                       no        none         ``float32`` | ``bfloat16`` | ``float16``
 ``max_context``                 no        none         tokens per sequence the KV cache is sized
                                                        for (positive whole number)
-``max_batch``                   no        none         sequences decoded at once the KV cache is
-                                                       sized for (positive whole number)
+``max_batch``                   no        8            KV slots: sequences decoded at once; the
+                                                       KV cache is sized for them
 ``objective``                   no        none         planner objective: ``latency`` (fastest
                                                        single stream) | ``throughput`` (balance
                                                        the slowest stage)
+``prefill_chunk``               no        256          prompt tokens fed per step, between decode
+                                                       steps (the planner's workspace follows it)
+``micro_batches``               no        stages       steps in flight at once (one per stage keeps
+                                                       every PC busy)
+``max_queued``                  no        64           requests waiting for a KV slot; past it the
+                                                       API answers 429
 ``replan``                      no        ``manual``   ``manual``: a worker that joins after load
                                                        stays a spare until ``cluster.replan()``;
                                                        ``auto``: the coordinator re-plans by itself
@@ -103,6 +109,13 @@ key                             required  default      meaning
                                                        is relative to config.yaml's folder.
                                                        Set at most one of the two; none of them =
                                                        no key required
+``max_connections``             no        ``256``      open connections the API accepts; past
+                                                       it a new one gets a 503 and is closed
+``allowed_hosts``               no        none         list of extra names the API answers to in
+                                                       the ``Host`` header; on a loopback
+                                                       ``host`` only localhost, 127.0.0.1 and
+                                                       [::1] are answered otherwise (DNS
+                                                       rebinding defence)
 ==============================  ========  ===========  ============================================
 
 Optional keys written with no value (``max_memory:``) are errors: delete the line to get the
@@ -132,11 +145,11 @@ DISCOVERY_MODES = ("auto", "manual")
 REPLAN_MODES = ("manual", "auto")
 
 _TOP_KEYS = ("cluster_name", "devices", "network", "api", "model", "dtype", "max_context",
-             "max_batch", "objective", "replan")
+             "max_batch", "objective", "replan", "prefill_chunk", "micro_batches", "max_queued")
 _DEVICE_KEYS = ("hostname", "roles", "max_memory", "max_cores", "gpu", "memory_bandwidth",
                 "engines", "address")
 _NETWORK_KEYS = ("discovery", "controller_port", "hop_latency_ms", "service_port", "secret_file")
-_API_KEYS = ("host", "port", "api_key_env", "api_key_file")
+_API_KEYS = ("host", "port", "api_key_env", "api_key_file", "max_connections", "allowed_hosts")
 
 _CLUSTER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -185,6 +198,8 @@ class ApiConfig:
     port: int = 8000
     api_key_env: str | None = None      # environment variable NAME holding the key
     api_key_file: str | None = None     # file holding the key (absolute once loaded from a file)
+    max_connections: int = 256          # open connections; past it a new one gets a 503
+    allowed_hosts: tuple[str, ...] = ()  # extra names the API answers to in the Host header
 
 
 @dataclass(frozen=True)
@@ -199,6 +214,9 @@ class ClusterConfig:
     dtype: str | None = None            # "float32" | "bfloat16" | "float16" | None
     max_context: int | None = None
     max_batch: int | None = None
+    prefill_chunk: int | None = None
+    micro_batches: int | None = None
+    max_queued: int | None = None
     objective: str | None = None        # "latency" | "throughput" | None
     replan: str = "manual"              # "manual" | "auto": re-plan by itself when engines join
     source: str = "<dict>"              # the file it came from, for messages
@@ -249,7 +267,7 @@ def load_config(path: str | os.PathLike) -> ClusterConfig:
     """Read, parse and check a config.yaml.
 
     Returns the :class:`ClusterConfig`; ``source`` is the path as given, and a relative
-    ``api.api_key_file`` or ``network.secret_file`` is made absolute against the file's folder.
+    ``api.api_key_file`` is made absolute against the file's folder.
 
     Raises:
         ConfigError: the file is missing or unreadable, is not valid YAML (the message gives the
@@ -286,6 +304,9 @@ def config_from_dict(data: object, *, source: str = "<dict>") -> ClusterConfig:
         max_context=_optional(top, mapping, "max_context", _positive_int),
         max_batch=_optional(top, mapping, "max_batch", _positive_int),
         objective=_optional(top, mapping, "objective", _choice(OBJECTIVES)),
+        prefill_chunk=_optional(top, mapping, "prefill_chunk", _positive_int),
+        micro_batches=_optional(top, mapping, "micro_batches", _positive_int),
+        max_queued=_optional(top, mapping, "max_queued", _positive_int),
         replan=_optional(top, mapping, "replan", _choice(REPLAN_MODES), default="manual"),
         source=source,
     )
@@ -655,8 +676,8 @@ def _parse_network(top: _Scope, mapping: dict) -> NetworkConfig:
         controller_port=_optional(scope, section, "controller_port", _port,
                                   default=defaults.controller_port),
         hop_latency_ms=_optional(scope, section, "hop_latency_ms", _non_negative_float),
-        service_port=_optional(scope, section, "service_port", _port, default=defaults.service_port),
         secret_file=_optional(scope, section, "secret_file", _nonblank_string),
+        service_port=_optional(scope, section, "service_port", _port, default=defaults.service_port),
     )
 
 
@@ -675,7 +696,17 @@ def _parse_api(top: _Scope, mapping: dict) -> ApiConfig:
         port=_optional(scope, section, "port", _port, default=defaults.port),
         api_key_env=_optional(scope, section, "api_key_env", _env_name),
         api_key_file=_optional(scope, section, "api_key_file", _nonblank_string),
+        max_connections=_optional(scope, section, "max_connections", _positive_int,
+                                  default=defaults.max_connections),
+        allowed_hosts=_optional(scope, section, "allowed_hosts", _host_list, default=()),
     )
+
+
+def _host_list(scope: _Scope, key: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise scope.error(f"'{key}' must be a list of host names like [llm.example.lan], got "
+                          f"{describe_value(value)}")
+    return tuple(_single_word(scope, f"{key}[{index}]", name) for index, name in enumerate(value))
 
 
 def _env_name(scope: _Scope, key: str, value: object) -> str:

@@ -148,9 +148,9 @@ reaches the live layers: inspect them, hook them, run them. Two things to keep i
 * **Live traffic.** The stage's worker thread keeps serving generations while `%%px` code runs.
   A forward hook sees those forwards too (that is how we watch a generation below), and timings
   taken during a generation measure both sharing the CPU.
-* **Own request ids.** Running `exo_stage.stage.forward(request_id, inputs, position)` by hand
-  needs a request id of its own (>= `exo_lab.notebook.remote.EXPERIMENT_REQUEST_ID_BASE`) and a
-  `exo_stage.stage.free(request_id)` afterwards. `stage_activations` does all of this for you.
+* **Own KV cache.** Running `exo_stage.stage.forward(inputs, slots, positions)` by hand needs a
+  KV cache of its own: `cache=exo_stage.stage.new_cache(1, T)`; the stage's own slots belong to
+  live requests. `stage_activations` does this for you.
 """),
     code("""
 import exo_lab
@@ -170,7 +170,7 @@ view.activate()
 stage = exo_stage.stage
 print(f"stage {exo_stage.stage_index}: layers [{stage.spec.start_layer}, {stage.spec.stop_layer}) on {stage.device}, "
       f"{len(stage.layers)} x {type(stage.layers[0]).__name__}, "
-      f"{stage.parameter_bytes() / 1e6:.1f} MB of weights, {len(stage.caches)} live KV caches")
+      f"{stage.parameter_bytes() / 1e6:.1f} MB of weights, {stage.kv_cache_bytes() / 1e6:.1f} MB of KV slots")
 """),
     md("""
 Register a forward hook on each stage's last layer. It records the norm of the newest position's
@@ -203,7 +203,7 @@ for engine_id, values in zip(view.targets, norms):
     md("""
 ## Activations stage by stage
 `stage_activations` runs one prompt through the stages one after another over ipyparallel (not
-the data plane) with a private request id, and returns what leaves each stage, per-layer
+the data plane) in a private KV cache, and returns what leaves each stage, per-layer
 statistics and the forward time.
 """),
     code("""

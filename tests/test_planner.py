@@ -43,14 +43,25 @@ def small_plan(nodes, **kw):
 
 def test_memory_terms_of_a_single_stage_add_up_exactly():
     profile = toy_profile(kv=1, activation=3, vocab_size=10, final_norm_bytes=2)
-    # weights 4x100 + 50 + 2 + 50 = 502; KV 4 x 1 x 10 x 2 = 80; workspace 3x20 + 10x4x2 = 140; +7.
-    plan = plan_layers(profile, [node("a", 729, overhead=7)], max_context=10, max_batch=2)
+    # weights 4x100 + 50 + 2 + 50 = 502; KV slots 4 layers x 1 x 10 x 2 = 80; workspace: one step
+    # of min(chunk 256, context 10) = 10 tokens x 3 = 30, one layer's KV gathered 1 x 10 x 2 = 20,
+    # logits 10 x 4 x 2 = 80: 130; overhead 7.
+    plan = plan_layers(profile, [node("a", 719, overhead=7)], max_context=10, max_batch=2)
     (stage,) = plan.stages
-    assert (stage.weights_bytes, stage.kv_cache_bytes, stage.workspace_bytes) == (502, 80, 140)
-    assert (stage.overhead_bytes, stage.total_bytes, stage.budget_bytes) == (7, 729, 729)
+    assert (stage.weights_bytes, stage.kv_cache_bytes, stage.workspace_bytes) == (502, 80, 130)
+    assert (stage.overhead_bytes, stage.total_bytes, stage.budget_bytes) == (7, 719, 719)
     assert stage.has_embeddings and stage.has_head
     with pytest.raises(PlanError):
-        plan_layers(profile, [node("a", 728, overhead=7)], max_context=10, max_batch=2)
+        plan_layers(profile, [node("a", 718, overhead=7)], max_context=10, max_batch=2)
+
+
+def test_the_workspace_follows_the_prefill_chunk_not_the_context():
+    profile = toy_profile(kv=1, activation=3, vocab_size=10)
+    # a step is max(chunk 4, batch 2) = 4 tokens: 4 x 3 + 20 + 80 = 112, whatever the context
+    (stage,) = plan_layers(profile, [node("a", 10**6)], max_context=10, max_batch=2, prefill_chunk=4).stages
+    assert stage.workspace_bytes == 112
+    (longer,) = plan_layers(profile, [node("a", 10**6)], max_context=40, max_batch=2, prefill_chunk=4).stages
+    assert longer.workspace_bytes == 4 * 3 + 40 * 2 + 80
 
 
 def test_tied_model_counts_the_shared_head_once_only_on_a_single_stage():
@@ -170,7 +181,9 @@ def plan_key(profile, nodes, stages, max_context, max_batch, objective, hop_ms):
         if first and last and profile.tied_embeddings:
             weights -= profile.lm_head_bytes
         kv = layers * profile.kv_bytes_per_token_per_layer * tokens
-        workspace = profile.activation_bytes_per_token * tokens + last * profile.vocab_size * 4 * max_batch
+        step_tokens = max(min(256, max_context), max_batch)        # the default prefill chunk is 256
+        workspace = (profile.activation_bytes_per_token * step_tokens + profile.kv_bytes_per_token_per_layer * tokens
+                     + last * profile.vocab_size * 4 * max_batch)
         if weights + kv + workspace + nodes[position].overhead_bytes > nodes[position].budget_bytes:
             return None
         read = layers * profile.layer_bytes + last * (profile.final_norm_bytes + profile.lm_head_bytes)

@@ -14,6 +14,13 @@ class Metrics:
     requests_finished: dict = field(default_factory=dict)   # finish_reason -> count
     errors_total: int = 0
     dropped_total: int = 0                                  # data-plane messages dropped
+    kv_slots: int = 1                                       # KV slots per stage (max_batch)
+    running: int = 0                                        # requests holding a KV slot
+    queued: int = 0                                         # requests waiting for one
+    prefix_hits_total: int = 0                              # requests that reused a slot's KV prefix
+    prefix_tokens_total: int = 0                            # prompt tokens not prefilled thanks to it
+    steps_total: int = 0                                    # micro-batches sent down the pipe
+    step_rows_total: int = 0                                # rows in them (mean batch = rows / steps)
     tokens_total: int = 0
     in_flight: int = 0
     ttft_sum_s: float = 0.0
@@ -37,6 +44,17 @@ class Metrics:
 
     def dropped(self) -> None:
         self.dropped_total += 1
+
+    def prefix_hit(self, tokens: int) -> None:
+        self.prefix_hits_total += 1
+        self.prefix_tokens_total += tokens
+
+    def step(self, rows: int) -> None:
+        self.steps_total += 1
+        self.step_rows_total += rows
+
+    def set_load(self, running: int, queued: int) -> None:
+        self.running, self.queued = running, queued
 
     def first_token(self, elapsed_s: float) -> None:
         self.ttft_sum_s += elapsed_s
@@ -67,6 +85,12 @@ class Metrics:
             "requests_in_flight": self.in_flight,
             "errors_total": self.errors_total,
             "dropped_messages_total": self.dropped_total,
+            "running": self.running,
+            "queued": self.queued,
+            "kv_slots": self.kv_slots,
+            "prefix_hits_total": self.prefix_hits_total,
+            "prefix_tokens_total": self.prefix_tokens_total,
+            "mean_batch_rows": self.step_rows_total / self.steps_total if self.steps_total else None,
             "tokens_total": self.tokens_total,
             "tokens_per_s": self.tokens_per_s(),
             "mean_time_to_first_token_s": self.ttft_sum_s / self.ttft_count if self.ttft_count else None,
@@ -101,6 +125,16 @@ class MetricsCollector:
         yield _family(CounterMetricFamily, "exo_lab_tokens_generated", "Tokens generated.", m.tokens_total, model)
         yield _family(CounterMetricFamily, "exo_lab_dropped_messages",
                       "Data-plane messages dropped: malformed, forged, or for no live request.", m.dropped_total, model)
+        yield _family(GaugeMetricFamily, "exo_lab_requests_running", "Requests holding a KV slot.", m.running, model)
+        yield _family(GaugeMetricFamily, "exo_lab_requests_queued", "Requests waiting for a KV slot.", m.queued, model)
+        yield _family(GaugeMetricFamily, "exo_lab_kv_slots", "KV slots per stage (max_batch).", m.kv_slots, model)
+        yield _family(CounterMetricFamily, "exo_lab_prefix_cache_hits",
+                      "Requests that reused the KV of an earlier request's token prefix.", m.prefix_hits_total, model)
+        yield _family(CounterMetricFamily, "exo_lab_prefix_cache_tokens",
+                      "Prompt tokens not prefilled because their KV was reused.", m.prefix_tokens_total, model)
+        yield _family(CounterMetricFamily, "exo_lab_steps", "Micro-batches sent down the pipeline.", m.steps_total, model)
+        yield _family(CounterMetricFamily, "exo_lab_step_rows", "Rows (sequences) in those micro-batches.",
+                      m.step_rows_total, model)
         yield _family(GaugeMetricFamily, "exo_lab_tokens_per_second", "Tokens generated per second over the last 2 s.",
                       m.tokens_per_s(), model)
         ttft = SummaryMetricFamily("exo_lab_time_to_first_token_seconds", "Time from request to first token.",

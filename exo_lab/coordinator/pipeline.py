@@ -86,10 +86,10 @@ def load_pipeline(control: EngineControl, loop: LoopThread, options: LoadOptions
     tokenizer = _load_tokenizer(model_dir)
     context_length = options.context_length(profile.max_position_embeddings)
     try:
-        addresses = _load_shards(control, model_id, profile.num_layers, options.dtype, context_length,
+        addresses = _load_shards(control, model_id, profile.num_layers, options, context_length,
                                  plan, stage_engines, progress, timeout_s)
-        scheduler = _connect(control, loop, tokenizer, config, context_length, addresses, stage_engines,
-                             check_alive)
+        scheduler = _connect(control, loop, addresses, stage_engines, check_alive,
+                             _scheduler_settings(tokenizer, config, context_length, options, len(plan.stages)))
     except BaseException:
         _unload(control, stage_engines)
         raise
@@ -140,7 +140,7 @@ def _load_tokenizer(model_dir):
                          "tokenizer.json (or the tokenizer files of its model)") from exc
 
 
-def _load_shards(control: EngineControl, model_id, num_layers, dtype, context_length, plan,
+def _load_shards(control: EngineControl, model_id, num_layers, options: LoadOptions, context_length, plan,
                  stage_engines, progress, timeout_s) -> list[str]:
     """Load every stage in parallel; returns their inbox addresses in pipeline order."""
     from tqdm.auto import tqdm
@@ -148,7 +148,8 @@ def _load_shards(control: EngineControl, model_id, num_layers, dtype, context_le
     pending = {}
     for index, (stage, info) in enumerate(zip(plan.stages, stage_engines)):
         spec = {"model_id": model_id, "start_layer": stage.start_layer, "stop_layer": stage.stop_layer,
-                "num_layers": num_layers, "dtype": dtype, "device": info.device, "max_context": context_length}
+                "num_layers": num_layers, "dtype": options.dtype, "device": info.device,
+                "max_context": context_length, "max_batch": options.max_batch}
         control.set_state(info.engine_id, "loading")
         future = control.submit(info.engine_id, engine_worker.load_stage, spec, index, len(plan.stages),
                                 *control.inbox_hosts(info))
@@ -196,16 +197,22 @@ def _unload(control: EngineControl, engines: list[EngineInfo]) -> None:
             logger.warning("could not unload engine %d: %s", engine_id, result)
 
 
-def _connect(control: EngineControl, loop: LoopThread, tokenizer, config, context_length, addresses,
-             stage_engines, check_alive) -> Scheduler:
+def _scheduler_settings(tokenizer, config, context_length, options: LoadOptions, num_stages: int) -> dict:
+    return dict(tokenizer=tokenizer, eos_token_ids=eos_token_ids(tokenizer, config), context_length=context_length,
+                max_batch=options.max_batch, micro_batches=options.micro_batches or num_stages,
+                prefill_chunk=options.prefill_chunk, max_queued=options.max_queued)
+
+
+def _connect(control: EngineControl, loop: LoopThread, addresses, stage_engines, check_alive,
+             settings: dict) -> Scheduler:
     """Chain coordinator -> stage 0 -> ... -> last stage -> coordinator and start serving.
 
     The coordinator's sockets live on the loop; the ipyparallel calls that start the stage
     workers run here, in the caller's thread, so the loop (and an API server on it) never
     waits on the control plane."""
     bind, advertise = control.coordinator_inbox_hosts(stage_engines)
-    scheduler = loop.run(_make_scheduler(bind, advertise, addresses[0], tokenizer, config, context_length,
-                                         check_alive))
+    scheduler = loop.run(_make_scheduler(bind, advertise, addresses[0], check_alive, settings,
+                                         key=control.data_plane_key))
     try:
         for info, next_address in zip(stage_engines, addresses[1:] + [scheduler.inbox.address]):
             control.call(info.engine_id, engine_worker.start_worker, next_address,
@@ -217,13 +224,13 @@ def _connect(control: EngineControl, loop: LoopThread, tokenizer, config, contex
     return scheduler
 
 
-async def _make_scheduler(bind, advertise, first_address, tokenizer, config, context_length, check_alive):
+async def _make_scheduler(bind, advertise, first_address, check_alive, settings: dict, *,
+                          key: bytes) -> Scheduler:
     from ..wire import AsyncInbox, AsyncOutbox
 
-    inbox = AsyncInbox(host=bind, port=0, advertise_host=advertise)
-    return Scheduler(inbox=inbox, outbox=AsyncOutbox(None, first_address), tokenizer=tokenizer,
-                     eos_token_ids=eos_token_ids(tokenizer, config), context_length=context_length,
-                     check_alive=check_alive)
+    inbox = AsyncInbox(host=bind, port=0, advertise_host=advertise, key=key)
+    return Scheduler(inbox=inbox, outbox=AsyncOutbox(None, first_address, key=key), check_alive=check_alive,
+                     **settings)
 
 
 async def _start(scheduler: Scheduler) -> None:

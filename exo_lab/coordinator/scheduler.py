@@ -1,15 +1,32 @@
-"""The coordinator side of the data plane: requests, stop conditions, streaming, cancellation.
+"""The step scheduler: continuous batching over the pipeline, on the coordinator.
 
-A :class:`Scheduler` lives on one asyncio loop (the cluster's loop thread). Each request sends
-its prompt to stage 0, then one token per step; the last stage samples and only the token id
-comes back. Several requests interleave through the pipeline, each with its own KV cache on
-every stage. However a request ends (finished, error, client gone, task cancelled) a FREE
-message follows it down the pipe, so every stage drops its cache.
+One loop decides, step by step, what runs (as vLLM's scheduler does; the stages just execute the
+batch they are given):
+
+- **KV slots.** Every stage holds ``max_batch`` KV slots (allocated at load). A request owns a
+  slot from admission to its end; beyond ``max_batch`` running requests, new ones wait in a FIFO
+  queue, and past ``max_queued`` waiting ones :class:`~exo_lab.errors.QueueFull` (the API: 429).
+- **Steps.** Running requests with one token to feed (decoding) go down the pipe together as one
+  batch of rows (per-row slots, positions and sampling settings); new requests join at the next
+  step, finished or cancelled ones leave at once.
+- **Chunked prefill.** A prompt is fed ``prefill_chunk`` tokens per step, one chunk in flight at
+  a time, alternating with decode steps, so streams already decoding keep flowing.
+- **Micro-batches.** Up to ``micro_batches`` steps are in flight at once (default: one per
+  stage), so with K stages on K PCs every PC works at once; the decoding requests are split
+  into that many groups.
+- **Prefix reuse.** A finished request leaves its tokens' KV in its slot. A new request takes
+  the free slot sharing the longest token prefix with its prompt and prefills only the rest (a
+  chat's next turn); otherwise the least recently used free slot.
+
+However a request ends (finished, error, client gone, task cancelled) its slot is freed at once,
+or when its step in flight comes back, and a FREE goes down the pipe for the stages' books.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,93 +34,106 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ClusterError, RequestError
+from ..errors import ClusterError, QueueFull, RequestError
 from ..sampling import SamplingParams, SamplingSettings, StreamEvent
-from ..wire import Error, Forward, FrameError, Free, Ping, Token
+from ..wire import Error, Forward, FrameError, Free, Ping, Row, Sampled
 from .metrics import Metrics
 from .text import TextAssembler
 
 logger = logging.getLogger(__name__)
 
-# How long a step may wait for its token before the engines' liveness is checked.
+# How long a request may wait for its next token before the engines' liveness is checked.
 STALL_CHECK_S = 0.5
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
     request_id: int
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)   # Token | Error | Ping | an exception
+    prompt: list[int]
+    params: SamplingParams
+    settings: SamplingSettings
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)   # token ids, or an exception
+    generated: list[int] = field(default_factory=list)
+    slot: int | None = None
+    kv_len: int = 0             # positions whose keys and values its slot holds
+    in_flight: bool = False
+    done: bool = False          # no more steps: finished, cancelled or failed
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.generated
+
+    @property
+    def to_feed(self) -> int:
+        """Tokens not yet in the KV: the prompt (or its unshared rest), then the last sample."""
+        return len(self.prompt) + len(self.generated) - self.kv_len
+
+
+@dataclass(eq=False)
+class _Step:
+    requests: list[_Request]
+    fed: int                    # tokens per row
+    sample: list[bool]
+    prefill: bool
+    sent_at: float
 
 
 class Scheduler:
-    """Owns the coordinator's data-plane sockets and every request in flight."""
+    """Owns the coordinator's data-plane sockets, the KV slots and every request in flight."""
 
     def __init__(self, *, inbox, outbox, tokenizer, eos_token_ids: set[int], context_length: int,
-                 check_alive: Callable[[], str | None], step_timeout_s: float = 300.0):
+                 check_alive: Callable[[], str | None], max_batch: int = 1, micro_batches: int = 1,
+                 prefill_chunk: int = 256, max_queued: int = 64, step_timeout_s: float = 300.0):
         self.inbox = inbox
         self.outbox = outbox
         self.tokenizer = tokenizer
         self.eos_token_ids = set(eos_token_ids)
         self.context_length = context_length
         self.check_alive = check_alive
+        self.max_batch = max_batch
+        self.micro_batches = max(1, micro_batches)
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.max_queued = max_queued
         self.step_timeout_s = step_timeout_s
-        self.metrics = Metrics()
+        self.metrics = Metrics(kv_slots=max_batch)
         self.failure: str | None = None
-        self._requests: dict[int, _Request] = {}
-        self._receiver: asyncio.Task | None = None
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._running: list[_Request] = []
+        self._in_flight: dict[int, _Step] = {}
+        # free slot -> the tokens whose KV it still holds, least recently freed first
+        self._free_slots: collections.OrderedDict[int, list[int]] = collections.OrderedDict(
+            (slot, []) for slot in range(max_batch))
+        self._pings: dict[int, asyncio.Future] = {}
         self._freed: dict[int, asyncio.Event] = {}
+        self._wake = asyncio.Event()
+        self._last_was_prefill = False
+        self._tasks: list[asyncio.Task] = []
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        self._receiver = asyncio.ensure_future(self._receive_loop())
+        self._tasks = [asyncio.ensure_future(self._receive_loop()), asyncio.ensure_future(self._step_loop())]
 
     async def close(self) -> None:
+        self._fail_all(ClusterError("the cluster is shutting down"))
         # let the FREEs already on their way come back, so no stage blocks sending to a closed inbox
         waits = [asyncio.ensure_future(event.wait()) for event in self._freed.values()]
         if waits:
             await asyncio.wait(waits, timeout=2.0)
             for wait in waits:
                 wait.cancel()
-        if self._receiver is not None:
-            self._receiver.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             try:
-                await self._receiver
+                await task
             except asyncio.CancelledError:
                 pass
-        for request in self._requests.values():
-            request.queue.put_nowait(ClusterError("the cluster is shutting down"))
         self.inbox.close()
         self.outbox.close()
 
     @property
     def active_requests(self) -> int:
-        return len(self._requests)
-
-    async def _receive_loop(self) -> None:
-        while True:
-            try:
-                message = await self.inbox.recv()
-            except FrameError as exc:  # malformed or forged: dropped and counted, never routed
-                self.metrics.dropped()
-                logger.warning("dropped a malformed data-plane message: %s", exc)
-                continue
-            if isinstance(message, Free):
-                event = self._freed.pop(message.request_id, None)
-                if event is not None:
-                    event.set()
-                continue
-            request = self._requests.get(message.request_id)
-            if request is None:
-                self.metrics.dropped()    # a request that ended, or an id nobody issued
-                continue
-            request.queue.put_nowait(message)
-
-    def _new_request(self) -> _Request:
-        """A request with an id nobody can guess (63 random bits), registered for replies."""
-        while (request_id := secrets.randbits(63)) in self._requests or request_id in self._freed:
-            pass
-        request = self._requests[request_id] = _Request(request_id)
-        return request
+        return len(self._running) + len(self._waiting)
 
     # ----------------------------------------------------------------- requests
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -119,95 +149,246 @@ class Scheduler:
                 f"{needed} ({len(prompt_ids)} in the prompt + {params.max_new_tokens} to generate); "
                 f"shorten the prompt or lower max_tokens to at most "
                 f"{max(self.context_length - len(prompt_ids), 0)}", param="max_tokens")
+        if len(self._waiting) >= self.max_queued:
+            raise QueueFull(f"all {self.max_batch} KV slots are busy and {len(self._waiting)} requests "
+                            f"are already waiting (max_queued {self.max_queued}); retry shortly")
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StreamEvent]:
         """Generate for one request, yielding text deltas; the last event has finish_reason."""
         self.check_request(prompt_ids, params)
-        request = self._new_request()
         # every step carries the same settings; an unseeded request gets its own random seed
-        settings = params.settings(params.seed if params.seed is not None else secrets.randbits(63))
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        request = _Request(secrets.randbits(63), list(prompt_ids), params, params.settings(seed))
         started = time.perf_counter()
         assembler = TextAssembler(self.tokenizer, params.stop)
         self.metrics.request_started()
+        self._waiting.append(request)
+        self._admit()                     # at once when a slot is free: the queue holds only the rest
+        self._wake.set()
         finish_reason = None
         try:
-            await self._send_forward(request.request_id, prompt_ids, 0, settings)
-            position = len(prompt_ids)
             for step in range(params.max_new_tokens):
-                token = await self._next_token(request)
+                token_id, stage_ms = await self._next_token(request)
                 if step == 0:
                     self.metrics.first_token(time.perf_counter() - started)
-                self.metrics.token(token.stage_ms)
-                is_eos = token.token_id in self.eos_token_ids and not params.ignore_eos
-                delta = "" if is_eos else assembler.add(token.token_id)
+                self.metrics.token(stage_ms)
+                is_eos = token_id in self.eos_token_ids and not params.ignore_eos
+                delta = "" if is_eos else assembler.add(token_id)
                 finish_reason = _finish_reason(is_eos, assembler.stopped, step, params)
                 if finish_reason is not None:
                     if not assembler.stopped:
                         delta += assembler.flush()   # nothing can complete a stop string any more
-                    yield StreamEvent(delta, [] if is_eos else [token.token_id], finish_reason)
+                    yield StreamEvent(delta, [] if is_eos else [token_id], finish_reason)
                     return
-                yield StreamEvent(delta, [token.token_id])
-                await self._send_forward(request.request_id, [token.token_id], position, settings)
-                position += 1
+                yield StreamEvent(delta, [token_id])
         except BaseException as exc:
             if not isinstance(exc, (GeneratorExit, asyncio.CancelledError)):
                 self.metrics.error()
             raise
         finally:
             self.metrics.request_finished(finish_reason, time.perf_counter() - started)
-            self._requests.pop(request.request_id, None)
-            self._send_free(request.request_id)
+            self._end(request)
 
-    async def _send_forward(self, request_id: int, token_ids: list[int], position: int,
-                            settings: SamplingSettings) -> None:
-        tensor = torch.tensor([token_ids], dtype=torch.int64)  # (1, T)
-        await self.outbox.send(Forward(request_id, position, tensor, settings))
-
-    def _send_free(self, request_id: int) -> None:
-        self._freed[request_id] = asyncio.Event()
-        asyncio.ensure_future(self.outbox.send(Free(request_id)))
-
-    async def ping(self, timeout_s: float = 5.0) -> bool:
-        """True when a PING went through every stage and came back within timeout_s."""
-        request = self._new_request()
-        try:
-            await self.outbox.send(Ping(request.request_id))
-            message = await asyncio.wait_for(request.queue.get(), timeout_s)
-            return isinstance(message, Ping)
-        except (asyncio.TimeoutError, ClusterError):
-            return False
-        finally:
-            self._requests.pop(request.request_id, None)
-
-    async def _next_token(self, request: _Request) -> Token:
+    async def _next_token(self, request: _Request) -> tuple[int, tuple[float, ...]]:
         waited = 0.0
         while True:
             try:
-                message = await asyncio.wait_for(request.queue.get(), STALL_CHECK_S)
+                event = await asyncio.wait_for(request.events.get(), STALL_CHECK_S)
             except asyncio.TimeoutError:
-                waited += STALL_CHECK_S
+                waited = waited + STALL_CHECK_S if request.in_flight else 0.0
                 self._check_stalled(waited)
                 continue
-            if isinstance(message, BaseException):
-                raise message
-            if isinstance(message, Error):
-                raise ClusterError(f"generation failed: {message.message}")
-            if isinstance(message, Token):
-                return message
+            if isinstance(event, BaseException):
+                raise event
+            return event
+
+    def _end(self, request: _Request) -> None:
+        """The consumer is done with ``request`` (finished, gone or failed): free what it holds."""
+        request.done = True
+        if request.slot is None:
+            if request in self._waiting:
+                self._waiting.remove(request)
+        elif not request.in_flight:
+            self._release(request)          # else: when its step comes back
+        self._wake.set()
+
+    # ----------------------------------------------------------------- slots
+    def _admit(self) -> None:
+        while self._waiting and self._free_slots:
+            request = self._waiting.popleft()
+            request.slot, request.kv_len = self._take_slot(request.prompt)
+            if request.kv_len:
+                self.metrics.prefix_hit(request.kv_len)
+            self._running.append(request)
+
+    def _take_slot(self, prompt: list[int]) -> tuple[int, int]:
+        """(slot, reusable positions): the free slot whose KV shares the longest prefix with the
+        prompt (at least one prompt token is always fed), else the least recently freed one."""
+        best_slot, best = next(iter(self._free_slots)), 0
+        for slot, cached in self._free_slots.items():
+            shared = _common_prefix(cached, prompt, len(prompt) - 1)
+            if shared > best:
+                best_slot, best = slot, shared
+        del self._free_slots[best_slot]
+        return best_slot, best
+
+    def _release(self, request: _Request) -> None:
+        slot, request.slot = request.slot, None
+        if slot is None:
+            return
+        if request in self._running:
+            self._running.remove(request)
+        self._free_slots[slot] = request.tokens[:request.kv_len]     # most recently freed last
+        message_id = secrets.randbits(63)
+        self._freed[message_id] = asyncio.Event()
+        asyncio.ensure_future(self._send(Free(message_id, slot)))
+
+    # ----------------------------------------------------------------- steps
+    async def _step_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            self._admit()
+            self.metrics.set_load(len(self._running), len(self._waiting))
+            while len(self._in_flight) < self.micro_batches and (step := self._next_step()) is not None:
+                await self._launch(step)
+
+    def _next_step(self) -> _Step | None:
+        ready = [r for r in self._running if not r.in_flight and not r.done]
+        decode = [r for r in ready if r.to_feed == 1]
+        prefill = [r for r in ready if r.to_feed > 1]
+        prefill_busy = any(step.prefill for step in self._in_flight.values())
+        if prefill and not prefill_busy and (not decode or not self._last_was_prefill):
+            self._last_was_prefill = True
+            return self._prefill_step(prefill[0])
+        if decode:
+            self._last_was_prefill = False
+            # the decoding requests, split into one group per micro-batch
+            group = decode[:max(1, math.ceil(sum(not r.done for r in self._running) / self.micro_batches))]
+            return _Step(group, 1, [True] * len(group), False, time.perf_counter())
+        return None
+
+    def _prefill_step(self, request: _Request) -> _Step:
+        fed = min(self.prefill_chunk, request.to_feed)
+        return _Step([request], fed, [fed == request.to_feed], True, time.perf_counter())
+
+    async def _launch(self, step: _Step) -> None:
+        step_id = secrets.randbits(63)
+        rows = tuple(Row(r.slot, r.kv_len, r.settings, sample) for r, sample in zip(step.requests, step.sample))
+        tensor = torch.tensor([r.tokens[r.kv_len:r.kv_len + step.fed] for r in step.requests],
+                              dtype=torch.int64)                          # (B, T)
+        for request in step.requests:
+            request.in_flight = True
+        self._in_flight[step_id] = step
+        self.metrics.step(len(rows))
+        await self._send(Forward(step_id, rows, tensor))
+
+    async def _send(self, message) -> None:
+        try:
+            await self.outbox.send(message)
+        except ClusterError as exc:   # stage 0 unreachable: the liveness check names the engine
+            logger.warning("data-plane send failed: %s", exc)
+
+    def _step_done(self, message: Sampled) -> None:
+        step = self._in_flight.pop(message.step_id, None)
+        if step is None or len(message.token_ids) != len(step.requests):
+            self.metrics.dropped()      # a step that ended, or an id nobody issued
+            return
+        for request, sample, token_id in zip(step.requests, step.sample, message.token_ids):
+            request.in_flight = False
+            request.kv_len += step.fed
+            if request.done:
+                self._release(request)
+            elif sample:
+                self._deliver(request, token_id, message.stage_ms)
+        self._wake.set()
+
+    def _deliver(self, request: _Request, token_id: int, stage_ms: tuple[float, ...]) -> None:
+        request.generated.append(token_id)
+        request.events.put_nowait((token_id, stage_ms))
+        is_eos = token_id in self.eos_token_ids and not request.params.ignore_eos
+        if is_eos or len(request.generated) >= request.params.max_new_tokens:
+            request.done = True
+            self._release(request)
+
+    def _step_failed(self, message: Error) -> None:
+        step = self._in_flight.pop(message.step_id, None)
+        if step is None:
+            self.metrics.dropped()
+            return
+        for request in step.requests:
+            request.in_flight = False
+            self._fail(request, ClusterError(f"generation failed: {message.message}"))
+        self._wake.set()
+
+    def _fail(self, request: _Request, error: BaseException) -> None:
+        request.done = True
+        request.events.put_nowait(error)
+        if not request.in_flight:
+            self._release(request)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request in [*self._running, *self._waiting]:
+            self._fail(request, error)
+        self._waiting.clear()
+
+    # ----------------------------------------------------------------- receiving
+    async def _receive_loop(self) -> None:
+        while True:
+            try:
+                message = await self.inbox.recv()
+            except FrameError as exc:  # malformed or forged: dropped and counted, never routed
+                self.metrics.dropped()
+                logger.warning("dropped a malformed data-plane message: %s", exc)
+                continue
+            if isinstance(message, Sampled):
+                self._step_done(message)
+            elif isinstance(message, Error):
+                self._step_failed(message)
+            elif isinstance(message, Free):
+                event = self._freed.pop(message.message_id, None)
+                if event is not None:
+                    event.set()
+            elif isinstance(message, Ping) and message.message_id in self._pings:
+                self._pings.pop(message.message_id).set_result(True)
+            else:
+                self.metrics.dropped()
+
+    async def ping(self, timeout_s: float = 5.0) -> bool:
+        """True when a PING went through every stage and came back within timeout_s."""
+        message_id = secrets.randbits(63)
+        answered = self._pings[message_id] = asyncio.get_running_loop().create_future()
+        try:
+            await self._send(Ping(message_id))
+            return await asyncio.wait_for(answered, timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            self._pings.pop(message_id, None)
 
     def _check_stalled(self, waited_s: float) -> None:
-        if self._receiver is not None and self._receiver.done():
-            error = None if self._receiver.cancelled() else self._receiver.exception()
-            self.failure = f"the coordinator stopped receiving from the pipeline ({error!r}); reload the model"
-            raise ClusterError(self.failure)
-        problem = self.check_alive()
+        if any(task.done() for task in self._tasks):
+            task = next(t for t in self._tasks if t.done())
+            error = None if task.cancelled() else task.exception()
+            self.failure = f"the coordinator's scheduler stopped ({error!r}); reload the model"
+        problem = self.failure or self.check_alive()
         if problem:
             self.failure = problem
+            self._fail_all(ClusterError(problem))
             raise ClusterError(problem)
         if waited_s >= self.step_timeout_s:
             raise ClusterError(
                 f"no token arrived from the pipeline within {self.step_timeout_s:.0f} s although every "
                 f"engine is alive; a stage may be stuck. Check `cluster.status()` and reload the model")
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y or n >= limit:
+            break
+        n += 1
+    return n
 
 
 def _finish_reason(is_eos: bool, stopped: bool, step: int, params: SamplingParams) -> str | None:

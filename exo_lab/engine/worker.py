@@ -7,7 +7,7 @@ plane): it receives typed messages from its inbox, runs its layers, and sends to
 or, on the last stage, samples and sends the token back to the coordinator.
 
 The live worker is in the engine's namespace as ``exo_stage`` so ``%%px`` can reach it:
-``exo_stage.stage.layers``, ``exo_stage.stage.caches``, ``exo_stage.stage.device``.
+``exo_stage.stage.layers``, ``exo_stage.stage.kv`` (the KV slots), ``exo_stage.stage.device``.
 """
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ class StageWorker:
         self.num_stages = num_stages
         self.outbox = None
         self.stats = WorkerStats()
+        self.active_slots: set[int] = set()     # slots of live requests (a FREE removes one)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -57,9 +58,10 @@ class StageWorker:
     def start(self, next_address: str) -> None:
         import zmq
 
+        from ..security import data_plane_key
         from ..wire import Outbox
 
-        self.outbox = Outbox(zmq.Context.instance(), next_address)
+        self.outbox = Outbox(zmq.Context.instance(), next_address, key=data_plane_key())
         self._thread = threading.Thread(target=self._run, name="exo-stage-worker", daemon=True)
         self._thread.start()
 
@@ -95,48 +97,46 @@ class StageWorker:
             self._close_sockets()
 
     def _handle(self, message) -> None:
-        from ..wire import Error, Forward, Free
+        from ..wire import Forward, Free, msg_id
 
         self.stats.messages += 1
         try:
             if isinstance(message, Forward):
                 self._forward(message)
                 return
-            if isinstance(message, (Free, Error)):
-                self.stage.free(message.request_id)
+            if isinstance(message, Free):
+                self.active_slots.discard(message.slot)
             self._send(message)   # FREE, ERROR, PING and SHUTDOWN travel the ring on
         except Exception as exc:
             self.stats.errors += 1
-            self.stage.free(message.request_id)
-            logger.exception("stage %d failed on request %d", self.stage_index, message.request_id)
-            self._send_error_for(message.request_id, exc)
+            logger.exception("stage %d failed on message %d", self.stage_index, msg_id(message))
+            self._send_error_for(msg_id(message), exc)
         finally:
             self.stats.state = "idle"
 
     def _forward(self, message) -> None:
-        from ..sampling import sample_token
-        from ..wire import Forward, Token
+        from ..wire import Forward, Sampled
 
         self.stats.state = "generating"
+        slots = [row.slot for row in message.rows]
+        self.active_slots.update(slots)
         started = time.perf_counter()
-        output = self.stage.forward(message.request_id, message.tensor, message.position)
+        output = self.stage.forward(message.tensor, slots, [row.position for row in message.rows])
         elapsed_ms = (time.perf_counter() - started) * 1e3
         self.stats.busy_s += elapsed_ms / 1e3
         self.stats.last_forward_ms = elapsed_ms
         stage_ms = (*message.stage_ms, round(elapsed_ms, 3))
         if not self.is_last:
-            self._send(Forward(message.request_id, message.position, output, message.sampling, stage_ms))
+            self._send(Forward(message.step_id, message.rows, output, stage_ms))
             return
-        # the token sampled here sits at the sequence position right after this step's inputs
-        position = message.position + message.tensor.shape[1]
-        token_id = sample_token(output, message.sampling, position)
-        self.stats.tokens += 1
-        self._send(Token(message.request_id, token_id, stage_ms))
+        token_ids = sample_rows(output, message.rows, message.tensor.shape[1])
+        self.stats.tokens += sum(row.sample for row in message.rows)
+        self._send(Sampled(message.step_id, token_ids, stage_ms))
 
     def _send(self, message) -> None:
         self.outbox.send(message)
 
-    def _send_error_for(self, request_id: int, exc: BaseException) -> None:
+    def _send_error_for(self, step_id: int, exc: BaseException) -> None:
         from ..errors import ExoLabError
         from ..wire import Error
 
@@ -144,7 +144,7 @@ class StageWorker:
         # is an internal fault whose details stay in this engine's log, not in an API answer.
         what = str(exc) if isinstance(exc, ExoLabError) else f"an internal error ({type(exc).__name__})"
         try:
-            self._send(Error(request_id, f"stage {self.stage_index} failed: {what}"))
+            self._send(Error(step_id, f"stage {self.stage_index} failed: {what}"))
         except Exception:  # the next stage is gone too: the coordinator's liveness check reports it
             logger.exception("could not pass an error on from stage %d", self.stage_index)
 
@@ -163,10 +163,23 @@ class StageWorker:
             "dropped_messages": stats.dropped,
             "busy_s": stats.busy_s,
             "last_forward_ms": stats.last_forward_ms,
-            "active_requests": len(self.stage.caches),
+            "active_requests": len(self.active_slots),
+            "kv_slots": self.stage.spec.max_batch,
             "kv_cache_bytes": self.stage.kv_cache_bytes(),
             "parameter_bytes": self.stage.parameter_bytes(),
         }
+
+
+def sample_rows(logits, rows, steps: int) -> tuple[int, ...]:
+    """A token per row from the last stage's logits (B, vocab): sampled at the sequence position
+    right after this step's ``steps`` inputs, or NO_TOKEN for a row that does not sample."""
+    from ..sampling import sample_token
+    from ..wire import NO_TOKEN
+
+    if all(row.sample and row.sampling.greedy for row in rows):   # the common case, vectorised
+        return tuple(int(t) for t in logits.argmax(dim=-1))
+    return tuple(sample_token(logits[b], row.sampling, row.position + steps) if row.sample else NO_TOKEN
+                 for b, row in enumerate(rows))
 
 
 # ----------------------------------------------------------------------------- control plane
@@ -189,6 +202,7 @@ def load_stage(spec_fields: dict, stage_index: int, num_stages: int, bind_host: 
 
     from ..model.shard import ShardSpec
     from ..model.shard import load_stage as build_stage
+    from ..security import data_plane_key
     from ..wire import Inbox
     from .fetch import open_model
 
@@ -199,7 +213,8 @@ def load_stage(spec_fields: dict, stage_index: int, num_stages: int, bind_host: 
     spec_fields["model_dir"] = str(model_dir)
     started = time.perf_counter()
     stage = build_stage(ShardSpec(**spec_fields), ensure_tensors=ensure_tensors)
-    inbox = Inbox(zmq.Context.instance(), host=bind_host, port=0, advertise_host=advertise_host)
+    inbox = Inbox(zmq.Context.instance(), host=bind_host, port=0, advertise_host=advertise_host,
+                  key=data_plane_key())
     global _worker
     _worker = StageWorker(stage, inbox, stage_index, num_stages)
     _publish(_worker)

@@ -5,6 +5,7 @@ import logging
 from dataclasses import dataclass
 
 from ..errors import ModelError
+from ..units import DTYPE_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ class ModelProfile:
         return self.embedding_bytes + self.num_layers * self.layer_bytes + self.final_norm_bytes + head
 
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # Model types whose layer layout is checked against transformers in tests/test_profile.py.
 # Others that carry the same config keys are profiled with the Llama layout and a warning.

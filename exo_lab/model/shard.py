@@ -50,11 +50,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..errors import ModelError, RequestError
 from ..units import DTYPES
+from .kv_slots import SlotCache
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +66,8 @@ SINGLE_FILE = "model.safetensors"
 
 # Attention kinds the stage runner can mask; anything else (linear attention, chunked, ...)
 # needs its own mask or state and is refused at load time rather than run wrong.
-_MASK_BUILDERS = {
-    "full_attention": create_causal_mask,
-    "sliding_attention": create_sliding_window_causal_mask,
-}
+ATTENTION_KINDS = ("full_attention", "sliding_attention")
+DEFAULT_MAX_CONTEXT = 4096      # KV positions per slot when the spec names none (tests, notebooks)
 
 
 @dataclass(frozen=True)
@@ -78,7 +76,8 @@ class ShardSpec:
 
     ``[start_layer, stop_layer)`` is half-open, over ``num_layers`` decoder layers in total.
     ``dtype`` is "float32", "bfloat16" or "float16"; ``device`` a torch device string
-    ("cpu", "cuda", "cuda:1").
+    ("cpu", "cuda", "cuda:1"). ``max_batch`` KV slots of ``max_context`` positions each are
+    allocated at load (None: min(the model's max positions, DEFAULT_MAX_CONTEXT)).
     """
 
     model_dir: str
@@ -87,7 +86,8 @@ class ShardSpec:
     num_layers: int
     dtype: str = "float32"
     device: str = "cpu"
-    max_context: int | None = None      # the plan's tokens per request; None: no bound
+    max_context: int | None = None      # the plan's tokens per request
+    max_batch: int = 1                  # the plan's sequences at once: the stage's KV slots
 
     def __post_init__(self) -> None:
         if not 0 <= self.start_layer < self.stop_layer <= self.num_layers:
@@ -96,6 +96,8 @@ class ShardSpec:
                 f"the model's {self.num_layers} layers; use 0 <= start_layer < stop_layer <= "
                 f"{self.num_layers}"
             )
+        if not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise ModelError(f"max_batch must be an integer >= 1, got {self.max_batch!r}")
         if self.dtype not in DTYPES:
             raise ModelError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
 
@@ -109,12 +111,12 @@ class ShardSpec:
 
 
 class Stage(nn.Module):
-    """A contiguous slice of a causal LM's decoder layers with per-request KV caches.
+    """A contiguous slice of a causal LM's decoder layers with its KV slots.
 
     Build one with :func:`load_stage`. Attributes: ``spec``, ``device``, ``dtype``, ``config``
     (the whole model's HF config), ``stage_config`` (the stage-local copy), ``layers``,
     ``embed_tokens`` (first stage, else None), ``norm`` and ``lm_head`` (last stage, else None),
-    ``rotary_emb``, ``caches`` (request id -> ``DynamicCache``).
+    ``rotary_emb``, ``kv`` (the :class:`~exo_lab.model.kv_slots.SlotCache`, once loaded).
     """
 
     def __init__(self, spec: ShardSpec, config):
@@ -136,28 +138,42 @@ class Stage(nn.Module):
         self.lm_head = skeleton.lm_head if spec.is_last else None
         # Computed, never stored in a checkpoint: build it for real (float32, as HF does).
         self.rotary_emb = type(base.rotary_emb)(config=self.stage_config).to(self.device)
-        self.caches: dict[int, DynamicCache] = {}
+        self.sliding_window = getattr(self.stage_config, "sliding_window", None)
+        self.max_context = min(spec.max_context or DEFAULT_MAX_CONTEXT,
+                               getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT)
+        self.kv: SlotCache | None = None
+
+    def allocate_kv(self) -> None:
+        """Allocate the KV slots the plan reserved: max_batch sequences x max_context positions."""
+        self.kv = self.new_cache(self.spec.max_batch, self.max_context)
+
+    def new_cache(self, num_slots: int, max_context: int) -> SlotCache:
+        """A KV cache of this stage's shape (experiments use a private one of their own)."""
+        return SlotCache.for_config(self.stage_config, len(self.layers), num_slots, max_context,
+                                    self.dtype, self.device)
 
     @torch.inference_mode()
-    def forward(self, request_id: int, inputs: torch.Tensor, position: int) -> torch.Tensor:
-        """Run this stage on ``inputs`` for one request, appending to its KV cache.
+    def forward(self, inputs: torch.Tensor, slots, positions, cache: SlotCache | None = None) -> torch.Tensor:
+        """Run this stage on a batch of rows, writing their keys and values into their KV slots.
 
-        ``inputs``: token ids (1, T) int64 on the first stage, else hidden states (1, T, hidden).
-        ``position``: the sequence index of ``inputs[:, 0]`` (0 for a prefill, which starts a
-        fresh cache for ``request_id``). Returns hidden states (1, T, hidden) in the stage dtype,
-        or on the last stage the float32 logits of the last position only (1, vocab).
+        ``inputs``: token ids (B, T) int64 on the first stage, else hidden states (B, T, hidden).
+        ``slots``: the KV slot of each row (B,); ``positions``: the sequence position of each
+        row's first input token (B,), so row b covers positions [positions[b], positions[b] + T)
+        and attends to what its slot holds before that. ``cache``: default the stage's own slots.
+        Returns hidden states (B, T, hidden) in the stage dtype, or on the last stage the float32
+        logits of each row's last position only (B, vocab).
 
         Raises:
-            RequestError: ``position`` > 0 for a request this stage holds no cache for, or a
-                position that does not continue the cached sequence.
+            RequestError: rows and slots/positions disagree, a slot outside the cache, or
+                positions past the planned context.
         """
-        self._check_within_plan(inputs, position)
-        cache = self._cache_for(request_id, position)
+        cache = cache if cache is not None else self.kv
+        slots_t, position_ids = self._check_rows(inputs, slots, positions, cache)
         hidden = self._embed(inputs)                                      # (B, T, hidden)
-        T = hidden.shape[1]
-        position_ids = torch.arange(position, position + T, device=self.device).unsqueeze(0)  # (1, T)
-        masks = self._masks(hidden, cache, position_ids)
-        cos_sin = self.rotary_emb(hidden, position_ids=position_ids)      # 2 x (1, T, head_dim)
+        cache.bind(slots_t, position_ids)
+        masks = {kind: cache.mask(position_ids, self.sliding_window if kind == "sliding_attention" else None)
+                 for kind in set(self.layer_types)}                       # (B, 1, T, L) each
+        cos_sin = self.rotary_emb(hidden, position_ids=position_ids)      # 2 x (B, T, head_dim)
         for layer, layer_type in zip(self.layers, self.layer_types):
             hidden = layer(hidden, attention_mask=masks[layer_type], position_ids=position_ids,
                            cache=cache, use_cache=True, position_embeddings=cos_sin)
@@ -168,19 +184,9 @@ class Stage(nn.Module):
         last = self.norm(hidden[:, -1:, :])                               # (B, 1, hidden)
         return self.lm_head(last)[:, -1, :].float()                       # (B, vocab)
 
-    def free(self, request_id: int) -> None:
-        """Drop the request's KV cache (idempotent: unknown ids are fine)."""
-        self.caches.pop(request_id, None)
-
     def kv_cache_bytes(self) -> int:
-        """Bytes held by the key and value tensors of every live request's cache."""
-        return sum(
-            tensor.numel() * tensor.element_size()
-            for cache in self.caches.values()
-            for layer in cache.layers
-            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None))
-            if isinstance(tensor, torch.Tensor)
-        )
+        """Bytes of this stage's KV slots (allocated once at load; flat afterwards)."""
+        return self.kv.nbytes() if self.kv is not None else 0
 
     def parameter_bytes(self) -> int:
         """Bytes of this stage's parameters (a tensor shared by two modules counts once)."""
@@ -215,34 +221,24 @@ class Stage(nn.Module):
             local_name = f"layers.{int(local_index) + self.spec.start_layer}.{rest}"
         return [f"{self.checkpoint_prefix}.{local_name}"]
 
-    def _check_within_plan(self, inputs: torch.Tensor, position: int) -> None:
-        # The plan sized this stage's memory for max_context tokens of one sequence.
-        limit = self.spec.max_context
-        if inputs.dim() < 2 or inputs.shape[0] != 1:
-            raise RequestError(f"a stage takes one sequence (1, T, ...), got {tuple(inputs.shape)}")
-        if limit is not None and position + inputs.shape[1] > limit:
-            raise RequestError(f"positions up to {position + inputs.shape[1]} exceed the planned "
-                               f"context of {limit} tokens")
-
-    def _cache_for(self, request_id: int, position: int) -> DynamicCache:
-        if position == 0:
-            # A prefill starts the sequence over, whatever the request held before.
-            self.caches[request_id] = DynamicCache(config=self.stage_config)
-            return self.caches[request_id]
-        cache = self.caches.get(request_id)
+    def _check_rows(self, inputs: torch.Tensor, slots, positions, cache: SlotCache):
+        """(slots (B,), position ids (B, T)) after checking them against the inputs and the plan."""
         if cache is None:
-            raise RequestError(
-                f"stage [{self.spec.start_layer}, {self.spec.stop_layer}) has no KV cache for "
-                f"request {request_id} at position {position}: it was freed or never prefilled; "
-                f"send the whole prompt again at position 0"
-            )
-        cached = cache.get_seq_length()
-        if cached != position:
-            raise RequestError(
-                f"request {request_id} is at position {position} but stage [{self.spec.start_layer}, "
-                f"{self.spec.stop_layer}) has {cached} tokens cached; free it and prefill again"
-            )
-        return cache
+            raise RequestError("this stage has no KV slots yet: load it with load_stage()")
+        if inputs.dim() < 2:
+            raise RequestError(f"a stage takes a batch of rows (B, T, ...), got {tuple(inputs.shape)}")
+        B, T = inputs.shape[0], inputs.shape[1]
+        slots_t = torch.as_tensor(slots, dtype=torch.long, device=self.device).reshape(-1)
+        starts = torch.as_tensor(positions, dtype=torch.long, device=self.device).reshape(-1)
+        if slots_t.numel() != B or starts.numel() != B or T < 1:
+            raise RequestError(f"{B} rows of {T} tokens need {B} slots and {B} positions, got "
+                               f"{slots_t.numel()} and {starts.numel()}")
+        if int(slots_t.min()) < 0 or int(slots_t.max()) >= cache.num_slots or int(starts.min()) < 0:
+            raise RequestError(f"slots must be in [0, {cache.num_slots}) and positions >= 0")
+        if int(starts.max()) + T > cache.max_context:
+            raise RequestError(f"positions up to {int(starts.max()) + T} exceed the planned context of "
+                               f"{cache.max_context} tokens")
+        return slots_t, starts[:, None] + torch.arange(T, device=self.device)   # (B,), (B, T)
 
     def _embed(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.spec.is_first:
@@ -254,14 +250,6 @@ class Stage(nn.Module):
             raise ValueError(f"stage {self.spec.start_layer} takes hidden states (B, T, "
                              f"{self.stage_config.hidden_size}), got {tuple(inputs.shape)}")
         return inputs.to(self.device, self.dtype)
-
-    def _masks(self, hidden, cache, position_ids) -> dict[str, object]:
-        # Built before the layers append this step's keys, exactly as the base model does.
-        return {
-            kind: _MASK_BUILDERS[kind](config=self.stage_config, inputs_embeds=hidden,
-                                       attention_mask=None, cache=cache, position_ids=position_ids)
-            for kind in set(self.layer_types)
-        }
 
 
 def load_stage(spec: ShardSpec, ensure_tensors=None) -> Stage:
@@ -286,6 +274,7 @@ def load_stage(spec: ShardSpec, ensure_tensors=None) -> Stage:
         ensure_tensors(list(wanted.values()))
     by_checkpoint_name = _read_tensors(wanted.values(), weight_map, spec)
     stage.load_weights({local: by_checkpoint_name[name] for local, name in wanted.items()})
+    stage.allocate_kv()
     logger.info("loaded layers [%d, %d) of %s: %.1f MB on %s", spec.start_layer, spec.stop_layer,
                 spec.model_dir, stage.parameter_bytes() / 1e6, spec.device)
     return stage
@@ -331,10 +320,10 @@ def _layer_types(stage_config) -> list[str]:
         # Llama: full attention; Mistral: every layer slides when sliding_window is set.
         sliding = getattr(stage_config, "sliding_window", None) is not None
         types = ["sliding_attention" if sliding else "full_attention"] * n
-    unknown = sorted(set(types) - set(_MASK_BUILDERS))
+    unknown = sorted(set(types) - set(ATTENTION_KINDS))
     if unknown:
         raise ModelError(f"layer types {unknown} of model_type {stage_config.model_type!r} are not "
-                         f"supported by exo-lab stages (only {', '.join(_MASK_BUILDERS)})")
+                         f"supported by exo-lab stages (only {', '.join(ATTENTION_KINDS)})")
     return list(types)
 
 

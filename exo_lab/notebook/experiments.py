@@ -9,8 +9,8 @@ Every engine that holds a stage has it in its namespace as ``exo_stage`` (a
 
 Mind the live traffic: the stage worker thread keeps serving generations while ``%%px`` code
 runs on the engine's main thread. A forward hook registered on ``exo_stage.stage.layers`` fires
-for the data plane's forwards too, and a forward run by hand must use a request id of its own
-(>= ``exo_lab.notebook.remote.EXPERIMENT_REQUEST_ID_BASE``) and free it. Timings taken while a
+for the data plane's forwards too, and a forward run by hand must use a KV cache of its own
+(``cache=exo_stage.stage.new_cache(1, T)``), never the live requests' slots. Timings taken while a
 generation runs measure the two competing for the CPU. :func:`stage_activations` does all this.
 """
 from __future__ import annotations
@@ -46,8 +46,8 @@ def stage_activations(cluster, prompt, *, layer_stats: bool = True, return_tenso
     """Run ``prompt`` through the stages one after another via ipyparallel and report each.
 
     prompt: a string, token ids, or chat messages (a list of {"role", "content"} dicts, put
-    through the chat template). Each stage runs one prefill with a private request id (its KV
-    cache is freed right after) and hands its output to the next through this process.
+    through the chat template). Each stage runs one prefill in a private KV cache (dropped right
+    after) and hands its output to the next through this process.
 
     Returns one dict per stage, in pipeline order: ``stage_index``, ``engine_id``, ``node``,
     ``hostname``, ``device``, ``start_layer``, ``stop_layer`` (half-open), ``output_kind``

@@ -2,18 +2,14 @@
 
 ipyparallel sends them by reference, so each engine imports this module (no ipywidgets or
 matplotlib here). They run on the engine's main thread while the stage worker thread may be
-serving the data plane: a private request id keeps their KV cache apart from live requests, and
-it is freed whatever happens.
+serving the data plane: a private KV cache (``stage.new_cache``) keeps them apart from the KV
+slots of live requests.
 """
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
-
-EXPERIMENT_REQUEST_ID_BASE = 2**62   # the scheduler counts request ids up from 1: never this high
-
 
 def tensor_stats(tensor) -> dict:
     """Summary numbers of a tensor, computed in float32: shape, mean, std, rms, absmax."""
@@ -53,17 +49,17 @@ def experiment_forward(inputs, *, layer_stats: bool = True) -> dict:
     if worker is None:
         raise RuntimeError("no stage is loaded on this engine; call cluster.load(...) first")
     stage = worker.stage
-    request_id = EXPERIMENT_REQUEST_ID_BASE + int.from_bytes(os.urandom(6), "little")
+    # a private KV cache of its own, sized for these inputs: live requests' slots stay untouched
+    cache = stage.new_cache(1, int(inputs.shape[1]))
     layers: list[dict] = []
     handles = _layer_stat_hooks(stage, layers) if layer_stats else []
     started = time.perf_counter()
     try:
-        output = stage.forward(request_id, inputs, 0)
+        output = stage.forward(inputs, [0], [0], cache=cache)
         forward_ms = (time.perf_counter() - started) * 1e3
     finally:
         for handle in handles:
             handle.remove()
-        stage.free(request_id)
     spec = stage.spec
     # clone() outside inference mode: the caller gets an ordinary tensor it can use in autograd.
     return {"stage_index": worker.stage_index, "start_layer": spec.start_layer, "stop_layer": spec.stop_layer,

@@ -16,8 +16,10 @@ Memory of a stage (must be <= ``node.budget_bytes``)::
                  + embedding_bytes                      (first stage)
                  + final_norm_bytes + lm_head_bytes     (last stage; a single stage of a tied
                                                           model shares the matrix: counted once)
-    kv_cache   = layers x kv_bytes_per_token_per_layer x max_context x max_batch
-    workspace  = activation_bytes_per_token x max_context x max_batch     (prefill)
+    kv_cache   = layers x kv_bytes_per_token_per_layer x max_context x max_batch   (the KV slots)
+    workspace  = activation_bytes_per_token x max(prefill_chunk, max_batch)  (one step's tokens)
+                 + kv_bytes_per_token_per_layer x max_context x max_batch      (one layer's keys and
+                                                                               values, gathered)
                  + vocab_size x 4 x max_batch                              (float32 logits, last stage)
     overhead   = node.overhead_bytes, or DEFAULT_OVERHEAD_BYTES[node.kind]
                  (the bare engine process with torch imported, plus the CUDA/MPS context)
@@ -57,14 +59,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..config import format_bytes
 from ..errors import PlanError
 from ..model.profile import ModelProfile
+from ..units import format_bytes
+from .options import DEFAULT_HOP_MS, DEFAULT_PREFILL_CHUNK, OBJECTIVES
 
 logger = logging.getLogger(__name__)
 
-OBJECTIVES = ("latency", "throughput")
-DEFAULT_HOP_MS = 0.5
 DEFAULT_BANDWIDTH_BYTES_PER_S = {"cpu": 20e9, "cuda": 500e9, "mps": 100e9}
 DEFAULT_OVERHEAD_BYTES = {"cpu": 600_000_000, "cuda": 1_500_000_000, "mps": 1_000_000_000}
 LOGITS_BYTES_PER_VOCAB_ENTRY = 4    # logits are sampled in float32 whatever the weights' dtype
@@ -162,19 +163,21 @@ class _Sizes:
     embedding_bytes: int
     head_bytes: int                 # final norm + lm_head
     shared_head_bytes: int          # saved by a single stage of a tied model
-    prefill_bytes: int              # activation workspace of every stage
+    prefill_bytes: int              # activation workspace of every stage (one step)
     logits_bytes: int               # extra workspace of the last stage
 
     @classmethod
-    def of(cls, profile: ModelProfile, max_context: int, max_batch: int) -> _Sizes:
+    def of(cls, profile: ModelProfile, max_context: int, max_batch: int, prefill_chunk: int) -> _Sizes:
         tokens = max_context * max_batch
+        step_tokens = max(min(prefill_chunk, max_context), max_batch)   # prompts are fed in chunks
         return cls(
             num_layers=profile.num_layers, layer_bytes=profile.layer_bytes,
             kv_layer_bytes=profile.kv_bytes_per_token_per_layer * tokens,
             embedding_bytes=profile.embedding_bytes,
             head_bytes=profile.final_norm_bytes + profile.lm_head_bytes,
             shared_head_bytes=profile.lm_head_bytes if profile.tied_embeddings else 0,
-            prefill_bytes=profile.activation_bytes_per_token * tokens,
+            prefill_bytes=(profile.activation_bytes_per_token * step_tokens
+                           + profile.kv_bytes_per_token_per_layer * tokens),
             logits_bytes=profile.vocab_size * LOGITS_BYTES_PER_VOCAB_ENTRY * max_batch,
         )
 
@@ -321,12 +324,12 @@ def _walk_back(choices, used, stop):
 
 def plan_layers(profile: ModelProfile, nodes: list[NodeSpec], *, max_context: int = 2048,
                 max_batch: int = 1, objective: str = "latency", min_stages: int = 1,
-                hop_ms: float | None = None) -> Plan:
+                hop_ms: float | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Plan:
     """Split ``profile``'s layers over ``nodes`` (in pipeline order) as well as the cost model
     allows; the module docstring defines the model, the objectives and the tie-breaking.
 
-    Parameters: ``max_context`` x ``max_batch`` tokens of KV cache and workspace are reserved on
-    every stage; ``objective`` is "latency" or "throughput"; ``min_stages`` forces at least that
+    Parameters: ``max_context`` x ``max_batch`` tokens of KV cache are reserved on every stage,
+    and workspace for a step of ``max(prefill_chunk, max_batch)`` tokens; ``objective`` is "latency" or "throughput"; ``min_stages`` forces at least that
     many stages; ``hop_ms`` is the cost of one hop between stages (None: DEFAULT_HOP_MS).
 
     Raises PlanError for invalid arguments, or when no split fits in the nodes' memory (the
@@ -335,7 +338,7 @@ def plan_layers(profile: ModelProfile, nodes: list[NodeSpec], *, max_context: in
     hop_ms = DEFAULT_HOP_MS if hop_ms is None else hop_ms
     _validate(profile, nodes, max_context, max_batch, objective, min_stages, hop_ms)
     max_context, max_batch, min_stages = int(max_context), int(max_batch), int(min_stages)
-    sizes = _Sizes.of(profile, max_context, max_batch)
+    sizes = _Sizes.of(profile, max_context, max_batch, int(prefill_chunk))
     tables = _node_tables(sizes, nodes)
     hop_ps = int(round(hop_ms * _PS_PER_MS))
     limit_ps = None

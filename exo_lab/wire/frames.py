@@ -1,9 +1,10 @@
 """The data plane's typed messages and their bytes: one place for the wire format.
 
-Per-token traffic never rides ipyparallel. The scheduler sends token ids to stage 0 in a
-:class:`Forward`, activations flow stage to stage in Forwards, the last stage samples and sends
-a :class:`Token` back. :class:`Free`, :class:`Error`, :class:`Ping` and :class:`Shutdown` share
-the same pipe, so they stay ordered with the data.
+Per-token traffic never rides ipyparallel. Each scheduler step sends one :class:`Forward` per
+micro-batch: token ids into stage 0, activations stage to stage, each row naming its KV slot,
+its position and its sampling settings. The last stage samples the rows that ask for it and
+sends one :class:`Sampled` back. :class:`Free`, :class:`Error`, :class:`Ping` and
+:class:`Shutdown` share the same pipe, so they stay ordered with the data.
 
 Every field is typed and fixed-size; there is no JSON and no pickle, so decoding is bounded
 work whatever a peer sends. A misspelled or missing field fails at :func:`encode`, a malformed
@@ -11,15 +12,17 @@ message at :func:`decode` (:class:`FrameError`), never three stages later.
 
 Wire format, one ZeroMQ multipart message per message:
 
-- frame 0: ``HEADER`` (little-endian ``magic b"EX"``, ``version u8``, ``kind u8``,
-  ``request_id u64``), then the kind's body:
+- frame 0: ``HEADER`` (little-endian ``magic b"EX"``, ``version u8``, ``kind u8``, ``id u64``:
+  the step id of a Forward, Sampled or Error, else the message's own id), then the kind's body:
 
-  - FORWARD: ``FORWARD_BODY`` (position u32, temperature f64, top_p f64, top_k u32, seed u64,
-    tensor dtype code u8, ndim u8, stage count u8), ``ndim`` dims as u32, then one f32 per
-    stage that already ran (its forward ms);
-  - TOKEN: ``TOKEN_BODY`` (token id u32, stage count u8), then the stages' ms as f32;
-  - ERROR: the message as UTF-8 (at most ``MAX_ERROR_BYTES``);
-  - FREE, PING, SHUTDOWN: nothing;
+  - FORWARD: ``FORWARD_BODY`` (rows u16, tensor dtype code u8, ndim u8, stage count u8),
+    ``ndim`` dims as u32, one ``ROW`` per row (slot u16, position u32, flags u8 (1 = sample),
+    temperature f64, top_p f64, top_k u32, seed u64), then one f32 per stage that already ran
+    (its forward ms);
+  - SAMPLED: ``SAMPLED_BODY`` (rows u16, stage count u8), one u32 token id per row
+    (``NO_TOKEN`` for a row that did not sample), then the stages' ms as f32;
+  - FREE: the slot as u16; ERROR: the message as UTF-8 (at most ``MAX_ERROR_BYTES``);
+  - PING, SHUTDOWN: nothing;
 - frame 1, FORWARD only: the tensor's raw bytes, C-contiguous, native little-endian.
 """
 from __future__ import annotations
@@ -35,12 +38,16 @@ from ..errors import ClusterError
 from ..sampling import SamplingSettings
 
 MAGIC = b"EX"
-VERSION = 2
-HEADER = struct.Struct("<2sBBQ")           # magic, version, kind, request_id
-FORWARD_BODY = struct.Struct("<IddIQBBB")  # position, temperature, top_p, top_k, seed, dtype, ndim, stages
-TOKEN_BODY = struct.Struct("<IB")          # token id, stages
+VERSION = 3
+HEADER = struct.Struct("<2sBBQ")           # magic, version, kind, id
+FORWARD_BODY = struct.Struct("<HBBB")      # rows, dtype, ndim, stages
+ROW = struct.Struct("<HIBddIQ")            # slot, position, flags, temperature, top_p, top_k, seed
+SAMPLED_BODY = struct.Struct("<HB")        # rows, stages
+SLOT = struct.Struct("<H")
 DIM = struct.Struct("<I")
 MS = struct.Struct("<f")
+NO_TOKEN = 2**32 - 1         # a row that did not sample (a prefill chunk before the prompt's end)
+MAX_ROWS = 2**16 - 1
 MAX_NDIM = 3                 # token ids (B, T); activations (B, T, hidden)
 MAX_STAGES = 255
 MAX_ERROR_BYTES = 2048
@@ -53,7 +60,7 @@ class Kind(enum.IntEnum):
     """Wire codes of the message kinds: never renumber them."""
 
     FORWARD = 1
-    TOKEN = 2
+    SAMPLED = 2
     FREE = 3
     ERROR = 4
     PING = 5
@@ -61,52 +68,62 @@ class Kind(enum.IntEnum):
 
 
 class FrameError(ClusterError, ValueError):
-    """A data-plane message cannot be encoded or decoded. ``request_id`` is set when the
+    """A data-plane message cannot be encoded or decoded. ``message_id`` is set when the
     header was readable, so a receiver can still answer the right request."""
 
-    def __init__(self, message: str, request_id: int | None = None):
+    def __init__(self, message: str, message_id: int | None = None):
         super().__init__(message)
-        self.request_id = request_id
+        self.message_id = message_id
+
+
+@dataclass(frozen=True)
+class Row:
+    """One sequence of a step: the KV slot it owns on every stage, the sequence position of its
+    first input token, whether the last stage samples a token for it, and how."""
+
+    slot: int
+    position: int
+    sampling: SamplingSettings
+    sample: bool = True
 
 
 @dataclass(frozen=True, eq=False)   # eq would compare tensors elementwise: ambiguous
 class Forward:
-    """Run ``tensor`` through the next stage for one request.
+    """Run ``tensor`` through the next stage for one micro-batch of rows.
 
-    ``tensor``: token ids (1, T) int64 into stage 0, else hidden states (1, T, hidden).
-    ``position``: the sequence index of ``tensor[:, 0]`` (0 starts a fresh KV cache).
-    ``sampling``: how the last stage picks the token after this step (every step carries it,
-    so the last stage keeps no per-request state). ``stage_ms``: forward time of each stage
-    that already ran, in pipeline order."""
+    ``tensor``: token ids (B, T) int64 into stage 0, else hidden states (B, T, hidden); row b of
+    the tensor is ``rows[b]``. Every step carries each row's sampling settings, so the last
+    stage keeps no per-request state. ``stage_ms``: forward time of each stage that already ran."""
 
-    request_id: int
-    position: int
+    step_id: int
+    rows: tuple[Row, ...]
     tensor: torch.Tensor
-    sampling: SamplingSettings
     stage_ms: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
-class Token:
-    """The last stage's sampled token for one request, with every stage's forward ms."""
+class Sampled:
+    """The last stage's answer to one step: a token id per row (NO_TOKEN where the row did not
+    sample), with every stage's forward ms."""
 
-    request_id: int
-    token_id: int
+    step_id: int
+    token_ids: tuple[int, ...]
     stage_ms: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
 class Free:
-    """The request ended: every stage drops its KV cache and passes this on."""
+    """A request left ``slot``: stages stop counting it as active (its KV may be reused)."""
 
-    request_id: int
+    message_id: int
+    slot: int
 
 
 @dataclass(frozen=True)
 class Error:
-    """A stage failed on this request; ``message`` says why (no host names, no internals)."""
+    """A stage failed on this step; ``message`` says why (no host names, no internals)."""
 
-    request_id: int
+    step_id: int
     message: str
 
 
@@ -114,17 +131,17 @@ class Error:
 class Ping:
     """Travels the ring unchanged: the pipeline answers."""
 
-    request_id: int
+    message_id: int
 
 
 @dataclass(frozen=True)
 class Shutdown:
     """Stop the receiving worker after passing this on."""
 
-    request_id: int = 0
+    message_id: int = 0
 
 
-Message = Forward | Token | Free | Error | Ping | Shutdown
+Message = Forward | Sampled | Free | Error | Ping | Shutdown
 
 # dtype <-> wire code: append, never renumber.
 _DTYPE_CODES: dict[torch.dtype, int] = {
@@ -132,7 +149,7 @@ _DTYPE_CODES: dict[torch.dtype, int] = {
 }
 _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 _ITEMSIZES = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in _DTYPE_CODES}
-_KIND_OF = {Forward: Kind.FORWARD, Token: Kind.TOKEN, Free: Kind.FREE, Error: Kind.ERROR,
+_KIND_OF = {Forward: Kind.FORWARD, Sampled: Kind.SAMPLED, Free: Kind.FREE, Error: Kind.ERROR,
             Ping: Kind.PING, Shutdown: Kind.SHUTDOWN}
 _KINDS = {kind.value: kind for kind in Kind}
 
@@ -144,47 +161,73 @@ def encode(msg: Message) -> list[bytes | memoryview]:
 
     The payload is a memoryview of the (CPU, contiguous) tensor's memory, not a copy: do not
     modify the tensor in place until it is sent. Raises :class:`FrameError` for a value the
-    wire cannot carry (unknown type, request id outside u64, an unsupported tensor, ...)."""
+    wire cannot carry (unknown type, an id outside u64, an unsupported tensor, ...)."""
     kind = _KIND_OF.get(type(msg))
     if kind is None:
         raise FrameError(f"cannot send a {type(msg).__name__}; send one of "
                          f"{', '.join(t.__name__ for t in _KIND_OF)}")
-    _check_u64(msg.request_id, "request_id")
-    header = HEADER.pack(MAGIC, VERSION, kind, msg.request_id)
+    message_id = msg_id(msg)
+    _check_u64(message_id, "the message id")
+    header = HEADER.pack(MAGIC, VERSION, kind, message_id)
     if kind is Kind.FORWARD:
         return _encode_forward(header, msg)
-    if kind is Kind.TOKEN:
-        _check_range(msg.token_id, 0, 2**32 - 1, "token_id", msg.request_id)
-        stage_ms = _pack_ms(msg)
-        return [header + TOKEN_BODY.pack(msg.token_id, len(msg.stage_ms)) + stage_ms]
+    if kind is Kind.SAMPLED:
+        return [header + _encode_sampled(msg)]
+    if kind is Kind.FREE:
+        _check_range(msg.slot, 0, MAX_ROWS, "slot", message_id)
+        return [header + SLOT.pack(msg.slot)]
     if kind is Kind.ERROR:
         return [header + _error_bytes(msg.message)]
     return [header]
 
 
+def msg_id(msg: Message) -> int:
+    """The id a message carries in its header (a step id, or the message's own id)."""
+    return msg.step_id if isinstance(msg, (Forward, Sampled, Error)) else msg.message_id
+
+
 def _encode_forward(header: bytes, msg: Forward) -> list:
-    tensor = _wire_tensor(msg.tensor, msg.request_id)
-    s = msg.sampling
-    if not isinstance(s, SamplingSettings):
-        raise FrameError(f"Forward.sampling must be a SamplingSettings, got {type(s).__name__}",
-                         msg.request_id)
-    _check_range(msg.position, 0, 2**32 - 1, "position", msg.request_id)
-    seed = 0 if s.seed is None else s.seed
-    _check_range(seed, 0, MAX_SEED, "sampling.seed", msg.request_id)
-    stage_ms = _pack_ms(msg)
-    body = FORWARD_BODY.pack(msg.position, float(s.temperature), float(s.top_p), int(s.top_k), seed,
-                             _DTYPE_CODES[tensor.dtype], tensor.ndim, len(msg.stage_ms))
+    tensor = _wire_tensor(msg.tensor, msg.step_id)
+    if not isinstance(msg.rows, tuple) or not 1 <= len(msg.rows) <= MAX_ROWS or tensor.shape[0] != len(msg.rows):
+        raise FrameError(f"Forward of step {msg.step_id} needs one Row per tensor row (1 to {MAX_ROWS}), "
+                         f"got {len(msg.rows) if isinstance(msg.rows, tuple) else msg.rows!r} rows for a "
+                         f"tensor of shape {tuple(tensor.shape)}", msg.step_id)
+    rows = b"".join(_encode_row(row, msg.step_id) for row in msg.rows)
+    stage_ms = _pack_ms(msg, msg.step_id)
+    body = FORWARD_BODY.pack(len(msg.rows), _DTYPE_CODES[tensor.dtype], tensor.ndim, len(msg.stage_ms))
     dims = b"".join(DIM.pack(d) for d in tensor.shape)
-    return [header + body + dims + stage_ms, _payload(tensor)]
+    return [header + body + dims + rows + stage_ms, _payload(tensor)]
 
 
-def _pack_ms(msg) -> bytes:
-    if len(msg.stage_ms) > MAX_STAGES:
-        raise FrameError(f"{len(msg.stage_ms)} stage timings; at most {MAX_STAGES}", msg.request_id)
+def _encode_row(row: Row, step_id: int) -> bytes:
+    if not isinstance(row, Row) or not isinstance(row.sampling, SamplingSettings):
+        raise FrameError(f"Forward.rows must hold Rows with SamplingSettings, got {row!r}", step_id)
+    s = row.sampling
+    _check_range(row.slot, 0, MAX_ROWS, "slot", step_id)
+    _check_range(row.position, 0, 2**32 - 1, "position", step_id)
+    seed = 0 if s.seed is None else s.seed
+    _check_range(seed, 0, MAX_SEED, "sampling.seed", step_id)
+    return ROW.pack(row.slot, row.position, 1 if row.sample else 0, float(s.temperature), float(s.top_p),
+                    int(s.top_k), seed)
+
+
+def _encode_sampled(msg: Sampled) -> bytes:
+    if not isinstance(msg.token_ids, tuple) or len(msg.token_ids) > MAX_ROWS:
+        raise FrameError(f"Sampled.token_ids must be a tuple of at most {MAX_ROWS} ids", msg.step_id)
+    for token_id in msg.token_ids:
+        _check_range(token_id, 0, NO_TOKEN, "token_id", msg.step_id)
+    stage_ms = _pack_ms(msg, msg.step_id)
+    ids = struct.pack(f"<{len(msg.token_ids)}I", *msg.token_ids)
+    return SAMPLED_BODY.pack(len(msg.token_ids), len(msg.stage_ms)) + ids + stage_ms
+
+
+def _pack_ms(msg, message_id: int) -> bytes:
+    if not isinstance(msg.stage_ms, tuple) or len(msg.stage_ms) > MAX_STAGES:
+        raise FrameError(f"stage_ms must be a tuple of at most {MAX_STAGES} timings", message_id)
     try:
         return b"".join(MS.pack(ms) for ms in msg.stage_ms)
     except (struct.error, OverflowError, TypeError) as exc:
-        raise FrameError(f"stage_ms must be float32 numbers of milliseconds: {exc}", msg.request_id) from None
+        raise FrameError(f"stage_ms must be float32 numbers of milliseconds: {exc}", message_id) from None
 
 
 def _error_bytes(text: str) -> bytes:
@@ -197,24 +240,24 @@ def _check_u64(value, name: str) -> None:
         raise FrameError(f"{name} must be an int in [0, 2**64), got {value!r}")
 
 
-def _check_range(value, low: int, high: int, name: str, request_id: int) -> None:
+def _check_range(value, low: int, high: int, name: str, message_id: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise FrameError(f"{name} must be an int in [{low}, {high}], got {value!r}", request_id)
+        raise FrameError(f"{name} must be an int in [{low}, {high}], got {value!r}", message_id)
 
 
-def _wire_tensor(tensor, request_id: int) -> torch.Tensor:
+def _wire_tensor(tensor, message_id: int) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor):
         raise FrameError(f"Forward.tensor must be a torch.Tensor, got {type(tensor).__name__}",
-                         request_id)
+                         message_id)
     if tensor.dtype not in _DTYPE_CODES:
         names = ", ".join(str(d).removeprefix("torch.") for d in _DTYPE_CODES)
         raise FrameError(f"dtype {tensor.dtype} cannot travel on the data plane; convert the "
-                         f"tensor to one of: {names}", request_id)
+                         f"tensor to one of: {names}", message_id)
     if not 1 <= tensor.ndim <= MAX_NDIM:
         raise FrameError(f"tensor has {tensor.ndim} dims; the wire carries 1 to {MAX_NDIM}",
-                         request_id)
+                         message_id)
     if tensor.layout != torch.strided:
-        raise FrameError(f"{tensor.layout} tensors cannot travel; send tensor.to_dense()", request_id)
+        raise FrameError(f"{tensor.layout} tensors cannot travel; send tensor.to_dense()", message_id)
     if not tensor.is_cpu:
         tensor = tensor.cpu()
     if tensor.requires_grad:
@@ -243,24 +286,27 @@ def decode(frames: list) -> Message:
         raise FrameError(f"a data-plane message has 1 or 2 frames, got {count}: the sender is "
                          "not an exo-lab stage or speaks another format")
     header = _as_buffer(frames[0])
-    kind, request_id = _unpack_header(header)
+    kind, message_id = _unpack_header(header)
     body = header[HEADER.size:]
     if kind is Kind.FORWARD:
         if len(frames) != 2:
-            raise FrameError(f"FORWARD for request {request_id} has no payload frame", request_id)
-        return _decode_forward(request_id, body, _as_buffer(frames[1]))
+            raise FrameError(f"FORWARD of step {message_id} has no payload frame", message_id)
+        return _decode_forward(message_id, body, _as_buffer(frames[1]))
     if len(frames) != 1:
-        raise FrameError(f"{kind.name} for request {request_id} carries a payload frame", request_id)
-    if kind is Kind.TOKEN:
-        return _decode_token(request_id, body)
+        raise FrameError(f"{kind.name} {message_id} carries a payload frame", message_id)
+    if kind is Kind.SAMPLED:
+        return _decode_sampled(message_id, body)
     if kind is Kind.ERROR:
         if len(body) > MAX_ERROR_BYTES:
-            raise FrameError(f"ERROR text of request {request_id} is over {MAX_ERROR_BYTES} bytes",
-                             request_id)
-        return Error(request_id, str(body, "utf-8", "replace"))
+            raise FrameError(f"ERROR text of step {message_id} is over {MAX_ERROR_BYTES} bytes", message_id)
+        return Error(message_id, str(body, "utf-8", "replace"))
+    if kind is Kind.FREE:
+        if len(body) != SLOT.size:
+            raise FrameError(f"FREE {message_id} has {len(body)} body bytes, not {SLOT.size}", message_id)
+        return Free(message_id, SLOT.unpack_from(body)[0])
     if len(body):
-        raise FrameError(f"{kind.name} for request {request_id} has {len(body)} stray bytes", request_id)
-    return {Kind.FREE: Free, Kind.PING: Ping, Kind.SHUTDOWN: Shutdown}[kind](request_id)
+        raise FrameError(f"{kind.name} {message_id} has {len(body)} stray bytes", message_id)
+    return {Kind.PING: Ping, Kind.SHUTDOWN: Shutdown}[kind](message_id)
 
 
 def _as_buffer(frame) -> memoryview:
@@ -274,66 +320,73 @@ def _unpack_header(header: memoryview) -> tuple[Kind, int]:
     if len(header) < HEADER.size:
         raise FrameError(f"header is {len(header)} bytes, shorter than the {HEADER.size} of a "
                          "data-plane header: the sender is not an exo-lab stage")
-    magic, version, code, request_id = HEADER.unpack_from(header)
+    magic, version, code, message_id = HEADER.unpack_from(header)
     if magic != MAGIC:
         raise FrameError(f"bad magic {bytes(magic)!r}: the sender is not an exo-lab stage")
     if version != VERSION:
         raise FrameError(f"wire version {version}, this exo-lab speaks {VERSION}: run the same "
-                         "exo-lab version on every PC", request_id)
+                         "exo-lab version on every PC", message_id)
     kind = _KINDS.get(code)
     if kind is None:
-        raise FrameError(f"unknown message kind {code} for request {request_id}", request_id)
-    return kind, request_id
+        raise FrameError(f"unknown message kind {code} for message {message_id}", message_id)
+    return kind, message_id
 
 
-def _decode_forward(request_id: int, body: memoryview, payload: memoryview) -> Forward:
+def _decode_forward(step_id: int, body: memoryview, payload: memoryview) -> Forward:
     if len(body) < FORWARD_BODY.size:
-        raise FrameError(f"FORWARD header of request {request_id} is truncated", request_id)
-    (position, temperature, top_p, top_k, seed, dtype_code, ndim,
-     stages) = FORWARD_BODY.unpack_from(body)
+        raise FrameError(f"FORWARD header of step {step_id} is truncated", step_id)
+    count, dtype_code, ndim, stages = FORWARD_BODY.unpack_from(body)
     dtype = _CODE_DTYPES.get(dtype_code)
-    if dtype is None or not 1 <= ndim <= MAX_NDIM:
-        raise FrameError(f"FORWARD of request {request_id}: dtype code {dtype_code} with {ndim} "
-                         "dims is not a tensor this wire carries", request_id)
-    expected = FORWARD_BODY.size + DIM.size * ndim + MS.size * stages
-    if len(body) != expected:
-        raise FrameError(f"FORWARD header of request {request_id} is {len(body)} bytes, its "
-                         f"fields need {expected}", request_id)
+    if dtype is None or not 1 <= ndim <= MAX_NDIM or count < 1:
+        raise FrameError(f"FORWARD of step {step_id}: dtype code {dtype_code} with {ndim} dims and "
+                         f"{count} rows is not a batch this wire carries", step_id)
+    rows_at = FORWARD_BODY.size + DIM.size * ndim
+    ms_at = rows_at + ROW.size * count
+    if len(body) != ms_at + MS.size * stages:
+        raise FrameError(f"FORWARD header of step {step_id} is {len(body)} bytes, its fields need "
+                         f"{ms_at + MS.size * stages}", step_id)
     shape = struct.unpack_from(f"<{ndim}I", body, FORWARD_BODY.size)
-    stage_ms = struct.unpack_from(f"<{stages}f", body, FORWARD_BODY.size + DIM.size * ndim)
-    sampling = _sampling(temperature, top_p, top_k, seed, request_id)
-    tensor = _tensor_from_payload(payload, dtype, shape, request_id)
-    return Forward(request_id, position, tensor, sampling, tuple(stage_ms))
+    if shape[0] != count:
+        raise FrameError(f"FORWARD of step {step_id} has {count} rows but a tensor of {shape[0]}", step_id)
+    rows = tuple(_decode_row(body, rows_at + ROW.size * i, step_id) for i in range(count))
+    stage_ms = struct.unpack_from(f"<{stages}f", body, ms_at)
+    return Forward(step_id, rows, _tensor_from_payload(payload, dtype, shape, step_id), tuple(stage_ms))
 
 
-def _sampling(temperature: float, top_p: float, top_k: int, seed: int, request_id: int) -> SamplingSettings:
+def _decode_row(body: memoryview, offset: int, step_id: int) -> Row:
     from ..errors import RequestError
 
+    slot, position, flags, temperature, top_p, top_k, seed = ROW.unpack_from(body, offset)
+    if flags > 1:
+        raise FrameError(f"FORWARD of step {step_id}: unknown row flags {flags}", step_id)
     try:
-        return SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        sampling = SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     except RequestError as exc:
-        raise FrameError(f"FORWARD of request {request_id}: {exc}", request_id) from None
+        raise FrameError(f"FORWARD of step {step_id}: {exc}", step_id) from None
+    return Row(slot, position, sampling, bool(flags))
 
 
-def _decode_token(request_id: int, body: memoryview) -> Token:
-    if len(body) < TOKEN_BODY.size:
-        raise FrameError(f"TOKEN of request {request_id} is truncated", request_id)
-    token_id, stages = TOKEN_BODY.unpack_from(body)
-    if len(body) != TOKEN_BODY.size + MS.size * stages:
-        raise FrameError(f"TOKEN of request {request_id} has the wrong length", request_id)
-    return Token(request_id, token_id, tuple(struct.unpack_from(f"<{stages}f", body, TOKEN_BODY.size)))
+def _decode_sampled(step_id: int, body: memoryview) -> Sampled:
+    if len(body) < SAMPLED_BODY.size:
+        raise FrameError(f"SAMPLED of step {step_id} is truncated", step_id)
+    count, stages = SAMPLED_BODY.unpack_from(body)
+    if len(body) != SAMPLED_BODY.size + 4 * count + MS.size * stages:
+        raise FrameError(f"SAMPLED of step {step_id} has the wrong length", step_id)
+    token_ids = struct.unpack_from(f"<{count}I", body, SAMPLED_BODY.size)
+    stage_ms = struct.unpack_from(f"<{stages}f", body, SAMPLED_BODY.size + 4 * count)
+    return Sampled(step_id, tuple(token_ids), tuple(stage_ms))
 
 
 def _tensor_from_payload(payload: memoryview, dtype: torch.dtype, shape: tuple,
-                         request_id: int) -> torch.Tensor:
+                         message_id: int) -> torch.Tensor:
     itemsize = _ITEMSIZES[dtype]
     if math.prod(max(d, 1) for d in shape) * itemsize > MAX_TENSOR_BYTES:
-        raise FrameError(f"tensor of request {request_id} declares shape {list(shape)}: over "
-                         f"{MAX_TENSOR_BYTES} bytes even where a dimension is 0", request_id)
+        raise FrameError(f"tensor of message {message_id} declares shape {list(shape)}: over "
+                         f"{MAX_TENSOR_BYTES} bytes even where a dimension is 0", message_id)
     expected = math.prod(shape) * itemsize
     if len(payload) != expected:
-        raise FrameError(f"payload of request {request_id} has {len(payload)} bytes, but shape "
-                         f"{list(shape)} x {dtype} needs {expected}", request_id)
+        raise FrameError(f"payload of message {message_id} has {len(payload)} bytes, but shape "
+                         f"{list(shape)} x {dtype} needs {expected}", message_id)
     if expected == 0:
         return torch.empty(shape, dtype=dtype)   # frombuffer refuses empty buffers
     if payload.readonly:
