@@ -68,7 +68,7 @@ def test_values_change_while_a_generation_runs(cluster):
         kwargs={"max_new_tokens": 400, "ignore_eos": True})
     try:
         assert value(widget.throughput) == 0.0
-        assert value(widget.in_flight) == "0 requests in flight"
+        assert value(widget.in_flight) == "0 requests in flight; 0/8 KV slots, 0 queued"
         generation.start()
         while generation.is_alive():
             seen_tokens_per_s.append(value(widget.throughput))
@@ -77,10 +77,10 @@ def test_values_change_while_a_generation_runs(cluster):
             time.sleep(0.05)
         generation.join()
         assert max(seen_tokens_per_s) > 0.0, "tokens/s never moved during a 400-token generation"
-        assert "1 request in flight" in seen_in_flight
+        assert "1 request in flight; 1/8 KV slots, 0 queued" in seen_in_flight
         assert "generating" in seen_states
         # and it settles back once the request is done
-        assert wait_for(lambda: value(widget.in_flight) == "0 requests in flight", 3.0)
+        assert wait_for(lambda: value(widget.in_flight).startswith("0 requests in flight;"), 3.0)
         assert wait_for(lambda: all(value(row.state) == "idle" for row in widget.rows), 3.0)
         assert len(cluster.metrics.history) > 0     # the widget's samples feed plot_throughput
     finally:

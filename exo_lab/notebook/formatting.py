@@ -121,10 +121,12 @@ def metrics_line(metrics: dict | None) -> str:
     if not metrics:
         return "no model loaded: no requests yet"
     in_flight = metrics.get("requests_in_flight", 0)
+    slots = (f"; {metrics['running']}/{metrics['kv_slots']} KV slots, {metrics['queued']} queued"
+             if "kv_slots" in metrics else "")
     return (f"{metrics.get('tokens_per_s', 0.0):.1f} tokens/s, {_count(in_flight, 'request')} in flight "
             f"({_count(metrics.get('tokens_total', 0), 'token')}, "
             f"{_count(metrics.get('requests_total', 0), 'request')}, "
-            f"{_count(metrics.get('errors_total', 0), 'error')} so far)")
+            f"{_count(metrics.get('errors_total', 0), 'error')} so far){slots}")
 
 
 def title_line(status: dict) -> str:

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 REFRESH_INTERVAL_S = 1.0      # cluster.status(): one ipyparallel round trip per engine
 METRICS_INTERVAL_S = 0.25     # metrics live in this process: cheap to read often
 JOIN_TIMEOUT_S = 10.0         # a status call in flight gives up after 3 s (exo_lab.status)
-PROBE_TIMEOUT_S = 3.0
+PROBE_TIMEOUT_S = 10.0   # the first probe of a fresh engine imports torch: seconds on a busy PC
 
 # Column widths, shared by the header and the rows so they line up.
 _WIDTHS = {"engine": "55px", "node": "90px", "host": "110px", "device": "170px", "roles": "190px",
@@ -115,7 +115,7 @@ class ClusterWidget(widgets.VBox):
         self.throughput = widgets.FloatProgress(value=0.0, min=0.0, max=1.0, description="tokens/s",
                                                 layout=widgets.Layout(width="320px"))
         self.throughput_label = _label("0.0 tokens/s", "110px")
-        self.in_flight = _label("0 requests in flight", "170px")
+        self.in_flight = _label("0 requests in flight", "330px")
         self._throughput_box = widgets.HBox([self.throughput, self.throughput_label, self.in_flight])
         self._table = widgets.VBox([self._header()])
         super().__init__([self.title, self.model, self._throughput_box, self._table])
@@ -212,7 +212,8 @@ class ClusterWidget(widgets.VBox):
         self.throughput.max = self._peak_tokens_per_s
         self.throughput.value = tokens_per_s
         self.throughput_label.value = f"{tokens_per_s:.1f} tokens/s"
-        self.in_flight.value = f"{in_flight} request{'' if in_flight == 1 else 's'} in flight"
+        self.in_flight.value = (f"{in_flight} request{'' if in_flight == 1 else 's'} in flight; "
+                                f"{metrics.running}/{metrics.kv_slots} KV slots, {metrics.queued} queued")
 
     def _ensure_rows(self, engine_ids: list[int]) -> None:
         missing = [eid for eid in engine_ids if eid not in self._rows_by_id]
