@@ -155,20 +155,24 @@ class Cluster:
     # ------------------------------------------------------------ load
     def load(self, model: str | None = None, *, dtype: str | None = None, max_context: int | None = None,
              max_batch: int | None = None, objective: str | None = None, min_stages: int | None = None,
+             prefill_chunk: int | None = None, micro_batches: int | None = None, max_queued: int | None = None,
              progress: bool = True, timeout_s: float = DEFAULT_LOAD_TIMEOUT_S) -> Plan:
         """Plan the split of ``model`` over the live engines and load one shard per stage.
 
         Each option left None comes from config.yaml, else the default (exactly as
         ``exo-lab plan`` resolves them): model "demo", dtype "float32", max_context min(the
-        model's max positions, 4096), max_batch 1, objective "latency", min_stages 1, and the
-        config's network.hop_latency_ms. Raises ConfigError, ModelError, PlanError or
-        ClusterError; on error nothing stays loaded.
+        model's max positions, 4096), max_batch 8 (KV slots: requests decoded together),
+        objective "latency", min_stages 1, prefill_chunk 256 (prompt tokens per step),
+        micro_batches one per stage, max_queued 64, and the config's network.hop_latency_ms.
+        Raises ConfigError, ModelError, PlanError or ClusterError; on error nothing stays loaded.
         """
         from .planning.options import resolve_load_options
 
         self.control.require_started()
         options = resolve_load_options(self.config, model=model, dtype=dtype, max_context=max_context,
-                                       max_batch=max_batch, objective=objective, min_stages=min_stages)
+                                       max_batch=max_batch, objective=objective, min_stages=min_stages,
+                                       prefill_chunk=prefill_chunk, micro_batches=micro_batches,
+                                       max_queued=max_queued)
         return self._load(options, progress, timeout_s)
 
     def _load(self, options, progress: bool, timeout_s: float) -> Plan:

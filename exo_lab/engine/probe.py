@@ -45,17 +45,25 @@ def set_threads(max_cores: int) -> int:
     return torch.get_num_threads()
 
 
-def bare_runtime_rss() -> int:
+def bare_runtime_rss(model_id: str | None = None) -> int:
     """RSS of this engine with everything a stage needs imported but no weights (the baseline
-    the memory target is measured against)."""
+    the memory target is measured against). With ``model_id``, also that model's config and
+    transformers classes, built as a one-layer stage skeleton on the meta device: importing a
+    model's modeling code costs tens of MB that are not weights."""
     import psutil
     import torch  # noqa: F401
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401
 
-    from ..model import shard  # noqa: F401
+    from ..model import shard
     from ..wire import sockets  # noqa: F401
 
+    if model_id is not None:
+        from ..model.resolve import read_model_config, resolve_model
+
+        folder = resolve_model(model_id, need_weights=False)
+        num_layers = read_model_config(folder)["num_hidden_layers"]
+        shard.stage_skeleton(shard.ShardSpec(str(folder), 0, 1, num_layers))
     return int(psutil.Process().memory_info().rss)
 
 

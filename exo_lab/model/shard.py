@@ -252,6 +252,12 @@ class Stage(nn.Module):
         return inputs.to(self.device, self.dtype)
 
 
+def stage_skeleton(spec: ShardSpec) -> Stage:
+    """The stage ``spec`` describes with no weights (meta tensors) and no KV slots: what the
+    model's config and transformers classes cost before any weight is read."""
+    return Stage(spec, _read_config(spec))
+
+
 def load_stage(spec: ShardSpec, ensure_tensors=None) -> Stage:
     """Build the stage ``spec`` describes and load its weights, and only its weights.
 
