@@ -267,3 +267,15 @@ def test_a_late_pc_is_a_spare_and_a_restarted_worker_rejoins(lab, reference):
     lab.wait_for(lambda s: any(r.get("node") == "pc-b" and r["state"] == "spare" for r in s["engines"]),
                  60, "the restarted pc-b rejoining")
     assert lab.complete().choices[0].text == reference
+
+
+def test_an_other_cluster_name_on_the_same_lan_is_never_seen(lab):
+    script = ("import asyncio, os, sys; from exo_lab.coordinator.discovery import browse; "
+              "secret = os.environ['EXO_LAB_SECRET'].encode(); "
+              "own = asyncio.run(browse(sys.argv[1], secret, 10)); "
+              "other = asyncio.run(browse('other-' + sys.argv[1], secret, 3)); "
+              "print(len(own), own[0].proof_ok if own else None, len(other))")
+    name = lab.config.read_text().split()[1]
+    result = lab.net.run("pc-d", [sys.executable, "-c", script, name], env={"EXO_LAB_SECRET": lab.secret},
+                         timeout_s=60)
+    assert result.stdout.split()[-3:] == ["1", "True", "0"], result.stdout
