@@ -39,7 +39,7 @@ def _port(text: str) -> int:
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     # Every option left out comes from config.yaml, else the default (planning/options.py).
     parser.add_argument("--model", default=None,
-                        help="a local model folder, a Hugging Face hub id in the local cache, or 'demo' "
+                        help="a local model folder, a Hugging Face hub id in the local cache, 'smollm2' or 'demo' "
                              "(default: the config's model, else demo)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default float32)")
     parser.add_argument("--max-context", type=_positive_int, default=None,
@@ -65,10 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
-    demo = commands.add_parser("demo", help="start a local cluster, load the demo model and chat with it")
-    demo.add_argument("--engines", type=_positive_int, default=2)
-    demo.add_argument("--prompt", default="Tell me about clusters of PCs.")
-    demo.add_argument("--max-tokens", type=_positive_int, default=48)
+    demo = commands.add_parser("demo", help="start a local cluster, load SmolLM2 and ask it a question")
+    from .quickstart import add_arguments as add_demo_arguments
+
+    add_demo_arguments(demo, _positive_int)
 
     check = commands.add_parser("check-config", help="validate a config.yaml and summarise it")
     check.add_argument("file")
@@ -155,27 +155,9 @@ def _load_options(args, config):
 
 
 def cmd_demo(args) -> int:
-    from .cluster import Cluster
-    from .planning.planner import format_plan
+    from .quickstart import run
 
-    print(f"starting a local cluster of {args.engines} engines ...", flush=True)
-    with Cluster.local(engines=args.engines) as cluster:
-        plan = cluster.load("demo", min_stages=args.engines)
-        print(format_plan(plan))
-        print(f"\nuser: {args.prompt}\nassistant: ", end="", flush=True)
-        tokens, started = 0, None
-        import time
-
-        started = time.perf_counter()
-        for event in cluster.chat(args.prompt, stream=True, max_new_tokens=args.max_tokens, temperature=0.8,
-                                  seed=0):
-            print(event.text, end="", flush=True)
-            tokens += len(event.token_ids)
-        elapsed = time.perf_counter() - started
-        print(f"\n\n{tokens} tokens in {elapsed:.2f} s ({tokens / elapsed:.1f} tokens/s) over "
-              f"{len(plan.stages)} stages. (The demo model has random weights: its words are noise; "
-              f"load a real model folder for real answers.)")
-    return 0
+    return run(args)
 
 
 def cmd_serve(args) -> int:

@@ -14,6 +14,7 @@ from ..errors import ConfigError
 from .base import MAX_BODY_BYTES, NotFoundHandler
 from .generation import ChatCompletionsHandler, CompletionsHandler
 from .handlers import HealthHandler, MetricsHandler, ModelHandler, ModelsHandler
+from .pages import page_routes
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def make_app(server: ApiServer) -> tornado.web.Application:
         (r"/metrics", MetricsHandler),
     ]
     return tornado.web.Application(
-        [(pattern, handler, {"server": server}) for pattern, handler in routes],
+        [(pattern, handler, {"server": server}) for pattern, handler in routes] + page_routes(server),
         default_handler_class=NotFoundHandler, default_handler_args={"server": server})
 
 

