@@ -9,8 +9,11 @@ batch they are given):
 - **Steps.** Running requests with one token to feed (decoding) go down the pipe together as one
   batch of rows (per-row slots, positions and sampling settings); new requests join at the next
   step, finished or cancelled ones leave at once.
-- **Chunked prefill.** A prompt is fed ``prefill_chunk`` tokens per step, one chunk in flight at
-  a time, alternating with decode steps, so streams already decoding keep flowing.
+- **Chunked prefill.** A prompt is fed in chunks, one chunk in flight at a time, alternating with
+  decode steps, so streams already decoding keep flowing. While others decode, a chunk is sized
+  so it costs about PREFILL_GAP_RATIO decode steps (both measured as the steps come back), at
+  least MIN_PREFILL_CHUNK and at most ``prefill_chunk`` tokens; with nobody decoding, a chunk
+  is ``prefill_chunk`` tokens.
 - **Micro-batches.** Up to ``micro_batches`` steps are in flight at once (default: one per
   stage), so with K stages on K PCs every PC works at once; the decoding requests are split
   into that many groups.
@@ -44,6 +47,12 @@ logger = logging.getLogger(__name__)
 
 # How long a request may wait for its next token before the engines' liveness is checked.
 STALL_CHECK_S = 0.5
+# A prefill chunk next to decoding streams costs about this many decode steps: their gap
+# between tokens stays within a small multiple of the usual one while a long prompt prefills.
+PREFILL_GAP_RATIO = 1.0
+MIN_PREFILL_CHUNK = 16
+FIRST_PREFILL_CHUNK = 64    # before any step was timed
+_EMA = 0.3                  # weight of the newest timing in the running averages
 
 
 @dataclass(eq=False)
@@ -106,8 +115,9 @@ class Scheduler:
         self._pings: dict[int, asyncio.Future] = {}
         self._freed: dict[int, asyncio.Event] = {}
         self._wake = asyncio.Event()
-        self._last_was_prefill = False
         self._tasks: list[asyncio.Task] = []
+        self._decode_step_ms: float | None = None       # running averages of the pipeline's work
+        self._prefill_token_ms: float | None = None
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -250,27 +260,46 @@ class Scheduler:
             self._wake.clear()
             self._admit()
             self.metrics.set_load(len(self._running), len(self._waiting))
-            while len(self._in_flight) < self.micro_batches and (step := self._next_step()) is not None:
+            for step in self._next_steps():
                 await self._launch(step)
 
-    def _next_step(self) -> _Step | None:
+    def _next_steps(self) -> list[_Step]:
+        """The steps to send now: a prefill chunk in a lane of its own (one at a time, so decode
+        steps never wait for a second one), and decode groups up to ``micro_batches`` in flight."""
         ready = [r for r in self._running if not r.in_flight and not r.done]
-        decode = [r for r in ready if r.to_feed == 1]
+        steps = []
         prefill = [r for r in ready if r.to_feed > 1]
-        prefill_busy = any(step.prefill for step in self._in_flight.values())
-        if prefill and not prefill_busy and (not decode or not self._last_was_prefill):
-            self._last_was_prefill = True
-            return self._prefill_step(prefill[0])
-        if decode:
-            self._last_was_prefill = False
-            # the decoding requests, split into one group per micro-batch
-            group = decode[:max(1, math.ceil(sum(not r.done for r in self._running) / self.micro_batches))]
-            return _Step(group, 1, [True] * len(group), False, time.perf_counter())
-        return None
+        if prefill and not any(step.prefill for step in self._in_flight.values()):
+            steps.append(self._prefill_step(prefill[0]))
+        decode = [r for r in ready if r.to_feed == 1]
+        # the decoding requests, split into one group per micro-batch
+        size = max(1, math.ceil(sum(not r.done for r in self._running) / self.micro_batches))
+        in_flight = sum(not step.prefill for step in self._in_flight.values())
+        while decode and in_flight < self.micro_batches:
+            group, decode = decode[:size], decode[size:]
+            steps.append(_Step(group, 1, [True] * len(group), False, time.perf_counter()))
+            in_flight += 1
+        return steps
 
     def _prefill_step(self, request: _Request) -> _Step:
-        fed = min(self.prefill_chunk, request.to_feed)
+        fed = min(self._chunk_size(), request.to_feed)
         return _Step([request], fed, [fed == request.to_feed], True, time.perf_counter())
+
+    def _chunk_size(self) -> int:
+        decoding = any(r.generated and not r.done for r in self._running)
+        if not decoding:
+            return self.prefill_chunk
+        if self._decode_step_ms is None or self._prefill_token_ms is None:
+            return min(self.prefill_chunk, FIRST_PREFILL_CHUNK)
+        budget = int(PREFILL_GAP_RATIO * self._decode_step_ms / max(self._prefill_token_ms, 1e-6))
+        return max(MIN_PREFILL_CHUNK, min(self.prefill_chunk, budget))
+
+    def _note_timing(self, step: _Step, stage_ms: tuple[float, ...]) -> None:
+        work_ms = sum(stage_ms)
+        if step.prefill:
+            self._prefill_token_ms = _average(self._prefill_token_ms, work_ms / step.fed)
+        else:
+            self._decode_step_ms = _average(self._decode_step_ms, work_ms)
 
     async def _launch(self, step: _Step) -> None:
         step_id = secrets.randbits(63)
@@ -294,6 +323,7 @@ class Scheduler:
         if step is None or len(message.token_ids) != len(step.requests):
             self.metrics.dropped()      # a step that ended, or an id nobody issued
             return
+        self._note_timing(step, message.stage_ms)
         for request, sample, token_id in zip(step.requests, step.sample, message.token_ids):
             request.in_flight = False
             request.kv_len += step.fed
@@ -380,6 +410,10 @@ class Scheduler:
             raise ClusterError(
                 f"no token arrived from the pipeline within {self.step_timeout_s:.0f} s although every "
                 f"engine is alive; a stage may be stuck. Check `cluster.status()` and reload the model")
+
+
+def _average(current: float | None, sample: float) -> float:
+    return sample if current is None else (1 - _EMA) * current + _EMA * sample
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
