@@ -36,7 +36,7 @@ key                             required  default      meaning
 ``api``                         no        see below    mapping, keys below
 ``model``                       no        none         model to load: local folder, hub id or
                                                        ``demo``
-``dtype``                       no        none         ``float32`` | ``bfloat16`` | ``float16``
+``dtype``                       no        none         ``float32`` | ``bfloat16`` | ``float16`` | ``int8``
 ``max_context``                 no        none         tokens per sequence the KV cache is sized
                                                        for (positive whole number)
 ``max_batch``                   no        8            KV slots: sequences decoded at once; the
@@ -116,6 +116,35 @@ key                             required  default      meaning
                                                        ``host`` only localhost, 127.0.0.1 and
                                                        [::1] are answered otherwise (DNS
                                                        rebinding defence)
+**launcher** (``launcher: manual`` | a mapping; see exo_lab.coordinator.launchers)
+``kind``                        no        ``manual``   ``manual``: workers are started by hand or
+                                                       as a service; ``ssh``: the coordinator
+                                                       starts ``python -m exo_lab.worker`` on each
+                                                       compute PC over SSH (ipyparallel's
+                                                       SSHEngineSetLauncher); ``slurm``: the
+                                                       workers run as one Slurm job
+                                                       (SlurmEngineSetLauncher). ssh and slurm
+                                                       need a shared secret; slurm reads it from
+                                                       ``network.secret_file`` and needs
+                                                       ``discovery: auto``
+``user``                        no        yours        ssh: login name on the compute PCs
+``port``                        no        ``22``       ssh: sshd port (1-65535)
+``python``                      no        this one     ssh, slurm: the Python (with exo-lab) on
+                                                       the compute PCs; default: this process's
+                                                       interpreter path
+``identity_file``               no        ssh's own    ssh: private key file (``ssh -i``)
+``options``                     no        none         ssh: list of extra ``ssh -o`` settings,
+                                                       e.g. ``[StrictHostKeyChecking=accept-new]``
+``config``                      no        this file    the config.yaml path on the compute PCs
+                                                       (default: this file's absolute path, as on
+                                                       a shared folder)
+``devices``                     no        none         ssh: per-PC overrides, a mapping from a
+                                                       compute hostname to ``user``, ``port``,
+                                                       ``python``, ``identity_file``
+``partition``                   no        site's       slurm: ``#SBATCH --partition``
+``time``                        no        site's       slurm: ``#SBATCH --time`` (e.g. ``4:00:00``)
+``account``                     no        none         slurm: ``#SBATCH --account``
+``nodes``                       no        ``1``        slurm: nodes (one worker, one engine each)
 ==============================  ========  ===========  ============================================
 
 Optional keys written with no value (``max_memory:``) are errors: delete the line to get the
@@ -145,11 +174,15 @@ DISCOVERY_MODES = ("auto", "manual")
 REPLAN_MODES = ("manual", "auto")
 
 _TOP_KEYS = ("cluster_name", "devices", "network", "api", "model", "dtype", "max_context",
-             "max_batch", "objective", "replan", "prefill_chunk", "micro_batches", "max_queued")
+             "max_batch", "objective", "replan", "prefill_chunk", "micro_batches", "max_queued", "launcher")
 _DEVICE_KEYS = ("hostname", "roles", "max_memory", "max_cores", "gpu", "memory_bandwidth",
                 "engines", "address")
 _NETWORK_KEYS = ("discovery", "controller_port", "hop_latency_ms", "service_port", "secret_file")
 _API_KEYS = ("host", "port", "api_key_env", "api_key_file", "max_connections", "allowed_hosts")
+LAUNCHER_KINDS = ("manual", "ssh", "slurm")
+_SSH_HOST_KEYS = ("user", "port", "python", "identity_file")
+_LAUNCHER_KEYS = ("kind", *_SSH_HOST_KEYS, "options", "config", "devices", "partition", "time", "account", "nodes")
+_LAUNCHER_ONLY = {"ssh": ("user", "port", "identity_file", "options", "devices"), "slurm": ("partition", "time", "account", "nodes")}
 
 _CLUSTER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -203,6 +236,39 @@ class ApiConfig:
 
 
 @dataclass(frozen=True)
+class SSHHostConfig:
+    """How to reach one PC over SSH (launcher ``ssh``); None: ssh's own default."""
+
+    user: str | None = None
+    port: int | None = None
+    python: str | None = None           # the remote interpreter; None: this process's path
+    identity_file: str | None = None    # absolute once loaded from a file
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    """Who starts the compute PCs' workers: by hand (``manual``), over SSH, or as a Slurm job."""
+
+    kind: str = "manual"                # "manual" | "ssh" | "slurm"
+    ssh: SSHHostConfig = field(default_factory=SSHHostConfig)      # defaults for every PC
+    hosts: tuple[tuple[str, SSHHostConfig], ...] = ()                # per-PC overrides
+    options: tuple[str, ...] = ()       # extra `ssh -o` settings, e.g. StrictHostKeyChecking=accept-new
+    config: str | None = None           # config.yaml path on the compute PCs; None: the same path
+    partition: str | None = None        # slurm
+    time: str | None = None             # slurm, e.g. "4:00:00"
+    account: str | None = None          # slurm
+    nodes: int = 1                      # slurm: one worker (one engine) per node
+
+    def ssh_for(self, hostname: str) -> SSHHostConfig:
+        """The SSH settings of one PC: its overrides on top of the defaults."""
+        own = next((c for name, c in self.hosts if same_host(name, hostname)), SSHHostConfig())
+        return SSHHostConfig(**{key: getattr(own, key) if getattr(own, key) is not None
+                                else getattr(self.ssh, key) for key in _SSH_HOST_KEYS})
+
+
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     """The whole of config.yaml, checked. Build it with :func:`load_config`."""
 
@@ -210,8 +276,9 @@ class ClusterConfig:
     devices: tuple[DeviceConfig, ...]
     network: NetworkConfig = field(default_factory=NetworkConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     model: str | None = None
-    dtype: str | None = None            # "float32" | "bfloat16" | "float16" | None
+    dtype: str | None = None            # "float32" | "bfloat16" | "float16" | "int8" | None
     max_context: int | None = None
     max_batch: int | None = None
     prefill_chunk: int | None = None
@@ -299,6 +366,7 @@ def config_from_dict(data: object, *, source: str = "<dict>") -> ClusterConfig:
         devices=devices,
         network=_parse_network(top, mapping),
         api=_parse_api(top, mapping),
+        launcher=_parse_launcher(top, mapping, devices),
         model=_optional(top, mapping, "model", _nonblank_string),
         dtype=_optional(top, mapping, "dtype", _choice(DTYPES)),
         max_context=_optional(top, mapping, "max_context", _positive_int),
@@ -429,7 +497,13 @@ def _resolve_paths(config: ClusterConfig, base: Path) -> ClusterConfig:
     if config.network.secret_file is not None:
         config = replace(config, network=replace(config.network,
                                                  secret_file=_absolute(config.network.secret_file, base)))
-    return config
+    launcher = config.launcher
+    if launcher.ssh.identity_file is not None:
+        launcher = replace(launcher, ssh=replace(launcher.ssh, identity_file=_absolute(launcher.ssh.identity_file, base)))
+    launcher = replace(launcher, hosts=tuple(
+        (name, replace(c, identity_file=_absolute(c.identity_file, base)) if c.identity_file else c)
+        for name, c in launcher.hosts))
+    return replace(config, launcher=launcher)
 
 
 def _absolute(name: str, base: Path) -> str:
@@ -716,3 +790,83 @@ def _env_name(scope: _Scope, key: str, value: object) -> str:
         raise scope.error(f"'{key}' must be the NAME of an environment variable (letters, "
                           f"digits, '_'), e.g. EXO_LAB_API_KEY, not the key itself")
     return name
+
+
+def _parse_launcher(top: _Scope, mapping: dict, devices: tuple[DeviceConfig, ...]) -> LauncherConfig:
+    if "launcher" not in mapping:
+        return LauncherConfig()
+    scope = _Scope(top.source, "launcher", "launcher")
+    section = mapping["launcher"]
+    if isinstance(section, str):
+        section = {"kind": section}          # `launcher: ssh` is `launcher: {kind: ssh}`
+    section = _require_mapping(top, section, "'launcher'",
+                               "write 'launcher: manual', or 'launcher:' then '  kind: ssh' below it")
+    _reject_unknown_keys(scope, section, _LAUNCHER_KEYS)
+    kind = _optional(scope, section, "kind", _choice(LAUNCHER_KINDS), default="manual")
+    for other, keys in _LAUNCHER_ONLY.items():
+        misplaced = [key for key in keys if key in section and kind != other]
+        if misplaced:
+            raise scope.error(f"'{misplaced[0]}' is a setting of the {other} launcher, but kind is "
+                              f"{kind!r}; set kind: {other} or delete the line")
+    return LauncherConfig(
+        kind=kind,
+        ssh=_parse_ssh_host(scope, section),
+        hosts=_parse_ssh_hosts(scope, section, devices),
+        options=_optional(scope, section, "options", _ssh_options, default=()),
+        config=_optional(scope, section, "config", _nonblank_string),
+        partition=_optional(scope, section, "partition", _single_word),
+        time=_optional(scope, section, "time", _slurm_time),
+        account=_optional(scope, section, "account", _single_word),
+        nodes=_optional(scope, section, "nodes", _positive_int, default=1),
+    )
+
+
+def _parse_ssh_host(scope: _Scope, section: dict) -> SSHHostConfig:
+    return SSHHostConfig(
+        user=_optional(scope, section, "user", _single_word),
+        port=_optional(scope, section, "port", _port),
+        python=_optional(scope, section, "python", _nonblank_string),
+        identity_file=_optional(scope, section, "identity_file", _nonblank_string),
+    )
+
+
+def _parse_ssh_hosts(scope: _Scope, section: dict, devices) -> tuple[tuple[str, SSHHostConfig], ...]:
+    if "devices" not in section:
+        return ()
+    hosts = _require_mapping(scope, section["devices"], "'launcher.devices'",
+                             "write a compute hostname, then its user/port/python/identity_file below it")
+    compute = [d.hostname for d in devices if d.is_compute and not d.is_coordinator]
+    found = []
+    for name, entry in hosts.items():
+        if not any(same_host(str(name), host) for host in compute):
+            raise scope.error(f"launcher.devices names {name!r}, which is not a compute PC of this "
+                              f"file; use one of: {', '.join(compute) or '(none)'}")
+        host_scope = _Scope(scope.source, f"launcher.devices.{name}", f"launcher.devices.{name}")
+        entry = _require_mapping(host_scope, entry, f"launcher.devices.{name}",
+                                 "give user, port, python or identity_file below it")
+        _reject_unknown_keys(host_scope, entry, _SSH_HOST_KEYS)
+        found.append((str(name), _parse_ssh_host(host_scope, entry)))
+    return tuple(found)
+
+
+def _ssh_options(scope: _Scope, key: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise scope.error(f"'{key}' must be a list of ssh -o settings like [StrictHostKeyChecking=accept-new], "
+                          f"got {describe_value(value)}")
+    options = tuple(_single_word(scope, f"{key}[{index}]", item) for index, item in enumerate(value))
+    for option in options:
+        if "=" not in option:
+            raise scope.error(f"'{key}' entries are Name=value (as after `ssh -o`), got {option!r}")
+    return options
+
+
+_SLURM_TIME_PATTERN = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
+
+
+def _slurm_time(scope: _Scope, key: str, value: object) -> str:
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    text = _single_word(scope, key, text)
+    if not _SLURM_TIME_PATTERN.match(text):
+        raise scope.error(f"'{key}' must be a Slurm time limit like 30, 4:00:00 or 1-12:00:00 "
+                          f"(minutes, hours:minutes:seconds, days-hours...), got {text!r}")
+    return text

@@ -95,9 +95,17 @@ class EngineControl:
         return Path(self._ipp.profile_dir) if self._ipp is not None else None
 
     @property
+    def launches_workers(self) -> bool:
+        """Whether this coordinator starts the compute PCs' workers (``launcher: ssh | slurm``)."""
+        return not self.is_local and self.config.launcher.kind != "manual"
+
+    @property
     def expected_engines(self) -> int:
         if self.is_local:
             return self.local_engines
+        if self.config.launcher.kind == "slurm":   # the job's nodes are not listed in the config
+            coordinator = self.config.coordinator
+            return (coordinator.engines if coordinator.is_compute else 0) + self.config.launcher.nodes
         return sum(d.engines for d in self.config.compute_devices)
 
     # ------------------------------------------------------------ start / stop
@@ -113,6 +121,9 @@ class EngineControl:
             self._temporary_profile = temporary_profile_dir()   # removed again by stop()
         profile_dir = (self._profile_dir or self._temporary_profile
                        or default_profile_dir(self.config.cluster_name))
+        if self.launches_workers:
+            from .launchers import prepare_launch   # probe every PC before anything starts
+            prepare_launch(self.config, self.secret)
         self._ipp = make_ipp_cluster(
             profile_dir=profile_dir, controller_ip="127.0.0.1" if self.is_local else "0.0.0.0",
             controller_location=None if self.is_local else (coordinator.address or coordinator.hostname),
@@ -126,6 +137,9 @@ class EngineControl:
             env = engine_environment(threads=self._threads_for(None if self.is_local else coordinator),
                                      device_name=None if self.is_local else coordinator.hostname)
             self._ipp.start_engines_sync(own, environment=env)
+        if self.launches_workers:
+            from .launchers import start_launched_workers   # stopped with the cluster (stop())
+            start_launched_workers(self._ipp, self.config, self.secret)
         self._client = self._ipp.connect_client_sync()
         self._wait_for_engines(self.expected_engines)
 

@@ -1,0 +1,286 @@
+"""``launcher: ssh`` for real: an OpenSSH server in each netlab PC, started from the coordinator.
+
+coord (coordinator + storage, has the model) starts ``python -m exo_lab.server`` with
+``launcher: ssh``; pc-b and pc-c each run Debian's ``sshd`` (its own config, port, host key, key
+auth only) in their namespaces, and the model folder is hidden from them. The coordinator probes
+both over SSH, ipyparallel's SSHEngineSetLauncher starts ``python -m exo_lab.worker`` on each
+(same venv path: the namespaces share this machine's filesystem), they join with the secret,
+a request is served, and Ctrl-C leaves nothing running but the sshd. A PC with a wrong key, and
+one whose python is missing, are named with their reason before anything starts.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import netlab
+from test_netlab import read_until
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+
+
+def _unavailable() -> str | None:
+    reason = netlab.unavailable()
+    if reason:
+        return reason
+    if not os.path.exists(SSHD) or shutil.which("ssh") is None or shutil.which("ssh-keygen") is None:
+        return "needs Debian's openssh-server and openssh-client (.ci/run installs them)"
+    return None
+
+
+REASON = _unavailable()
+needs_sshd = pytest.mark.skipif(REASON is not None, reason=f"ssh launcher tests skipped: {REASON}")
+
+SSH_PORT = 2222
+API_PORT = 8000
+SERVICE_PORT = 10100
+
+SSHD_CONFIG = """\
+Port {port}
+ListenAddress {address}
+HostKey {keys}/host_key
+AuthorizedKeysFile {keys}/authorized_keys
+PidFile {keys}/sshd-{name}.pid
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PrintMotd no
+LogLevel ERROR
+SetEnv EXO_LAB_HOME={root}/exo_lab EXO_LAB_CACHE={root}/cache
+Subsystem sftp /usr/lib/openssh/sftp-server
+"""
+
+CONFIG = """\
+cluster_name: {name}
+devices:
+  - hostname: coord
+    roles: [coordinator, storage]
+    address: {coord}
+  - hostname: pc-b
+    roles: [compute]
+    max_cores: 1
+    address: {pc_b}
+  - hostname: pc-c
+    roles: [compute]
+    max_cores: 1
+    address: {pc_c}
+network:
+  discovery: manual
+  service_port: {service_port}
+api:
+  host: 0.0.0.0
+  port: {api_port}
+launcher:
+  kind: ssh
+  user: root
+  port: {ssh_port}
+  python: {python}
+  identity_file: {keys}/client_key
+  options: [StrictHostKeyChecking=no, UserKnownHostsFile=/dev/null, LogLevel=ERROR]
+{overrides}"""
+
+
+def keygen(path) -> None:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+
+
+@pytest.fixture(scope="module")
+def sshlab(tmp_path_factory):
+    from exo_lab.model.demo import demo_model_dir
+    from exo_lab.security import new_secret
+
+    root = tmp_path_factory.mktemp("sshlab")
+    keys = root / "keys"
+    keys.mkdir(mode=0o700)
+    for name in ("host_key", "client_key", "wrong_key"):
+        keygen(keys / name)
+    shutil.copy(keys / "client_key.pub", keys / "authorized_keys")
+    model = root / "model"
+    shutil.copytree(demo_model_dir(), model)
+    os.makedirs("/run/sshd", exist_ok=True)    # sshd's privilege separation folder
+    with netlab.Netlab(["coord", "pc-b", "pc-c"], root / "pcs") as net:
+        for name in ("pc-b", "pc-c"):
+            pc = net.pcs[name]
+            config = keys / f"sshd-{name}.conf"
+            config.write_text(SSHD_CONFIG.format(port=SSH_PORT, address=pc.address, keys=keys, name=name,
+                                                 root=pc.root))
+            net.start(name, [SSHD, "-D", "-e", "-f", str(config)], hide=(model,))
+        yield net, keys, model, new_secret()
+
+
+def write_config(net, keys, path, overrides: str = "") -> None:
+    path.write_text(CONFIG.format(
+        name=f"ssh-{net.run_id}", coord=net.pcs["coord"].address, pc_b=net.pcs["pc-b"].address,
+        pc_c=net.pcs["pc-c"].address, service_port=SERVICE_PORT, api_port=API_PORT, ssh_port=SSH_PORT,
+        python=sys.executable, keys=keys, overrides=overrides))
+
+
+def sshd_only(net, name: str) -> list[str]:
+    """The commands still running in a PC's namespace other than its sshd listener."""
+    left = []
+    for pid in net.pids(name):
+        try:
+            command = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if not re.search(r"sshd -D -e -f", command) and not command.startswith(("unshare", "sh -c")):
+            left.append(f"{pid}: {command}")
+    return left
+
+
+@needs_sshd
+def test_one_command_starts_every_pc_over_ssh_serves_and_stops_clean(sshlab, tmp_path):
+    net, keys, model, secret = sshlab
+    config = tmp_path / "config.yaml"
+    write_config(net, keys, config)
+    started = time.monotonic()
+    server = net.start("coord", [sys.executable, "-m", "exo_lab.server", "--config", str(config),
+                                 "--model", str(model), "--min-stages", "2"],
+                       env={"EXO_LAB_SECRET": secret}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True)
+    lines: list[str] = []
+    try:
+        read_until(server, "engine(s) up", 90, lines)
+        ready_s = time.monotonic() - started
+        read_until(server, "serving", 120, lines)
+        text = "".join(lines)
+        for name in ("pc-b", "pc-c"):
+            assert f"{name}: ssh root@{net.pcs[name].address}:{SSH_PORT} ok" in text, text
+            assert f"{name}: worker started over SSH" in text, text
+        assert secret not in text
+        print(f"\nready over SSH (2 PCs, probe + workers + engines joined) in {ready_s:.1f} s")
+
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"http://{net.pcs['coord'].address}:{API_PORT}/v1", api_key="unused",
+                        max_retries=0, timeout=60)
+        reply = client.completions.create(model=str(model), prompt="The cluster", max_tokens=8, temperature=0)
+        assert reply.choices[0].text
+        for name in ("pc-b", "pc-c"):    # the secret is never on a command line (ps)
+            for pid in net.pids(name):
+                try:
+                    assert secret.encode() not in open(f"/proc/{pid}/cmdline", "rb").read()
+                except OSError:
+                    pass
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGINT)      # Ctrl-C
+        out, _ = server.communicate(timeout=60)
+        lines.append(out or "")
+    assert server.returncode == 0, "".join(lines)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and (sshd_only(net, "pc-b") or sshd_only(net, "pc-c")):
+        time.sleep(0.5)
+    assert sshd_only(net, "pc-b") == [] and sshd_only(net, "pc-c") == []
+
+
+@needs_sshd
+def test_a_pc_with_a_wrong_key_or_no_python_is_named_before_anything_starts(sshlab, tmp_path):
+    net, keys, model, secret = sshlab
+    config = tmp_path / "config.yaml"
+    write_config(net, keys, config, overrides=(
+        "  devices:\n"
+        f"    pc-b: {{identity_file: {keys}/wrong_key}}\n"
+        "    pc-c: {python: /nonexistent/bin/python3}\n"))
+    result = net.run("coord", [sys.executable, "-m", "exo_lab.server", "--config", str(config),
+                               "--model", str(model)], env={"EXO_LAB_SECRET": secret}, timeout_s=60)
+    out = result.stdout
+    assert result.returncode == 2, out
+    error = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(error) == 1, out
+    assert "pc-b: SSH authentication failed as root with" in error[0] and "wrong_key" in error[0], out
+    assert "pc-c: python '/nonexistent/bin/python3' is missing there" in error[0], out
+    assert "engine(s) up" not in out and secret not in out
+    assert sshd_only(net, "pc-b") == [] and sshd_only(net, "pc-c") == []
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="needs openssh-client (.ci/run installs it)")
+def test_an_unreachable_pc_is_named(tmp_path):
+    from exo_lab.config import SSHHostConfig
+    from exo_lab.coordinator.launchers import SSHTarget, probe_target
+
+    # a closed port on loopback: refused at once, nothing leaves this machine
+    target = SSHTarget("pc-x", "127.0.0.1", SSHHostConfig(user="nobody", port=1))
+    reason = probe_target(target, ("StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null"))
+    assert reason.startswith("unreachable over SSH at 127.0.0.1:1"), reason
+
+
+# ---------------------------------------------------------------- config and probe classification
+
+BASE = {"cluster_name": "c", "devices": [{"hostname": "a", "roles": ["coordinator"]},
+                                          {"hostname": "b", "roles": ["compute"], "engines": 2}]}
+
+
+def load(launcher):
+    from exo_lab.config import config_from_dict
+
+    return config_from_dict({**BASE, "launcher": launcher})
+
+
+def test_launcher_config_defaults_overrides_and_errors():
+    from exo_lab.errors import ConfigError
+
+    assert load("manual").launcher.kind == "manual" and load("ssh").launcher.kind == "ssh"
+    config = load({"kind": "ssh", "user": "lab", "port": 2200, "devices": {"b": {"port": 22, "python": "/v/py"}}})
+    assert config.launcher.ssh_for("b.local") == type(config.launcher.ssh)(user="lab", port=22, python="/v/py")
+    for bad, message in (({"kind": "sssh"}, "did you mean 'ssh'"),
+                         ({"kind": "ssh", "partition": "gpu"}, "'partition' is a setting of the slurm launcher"),
+                         ({"kind": "ssh", "devices": {"z": {}}}, "names 'z', which is not a compute PC"),
+                         ({"kind": "ssh", "devices": {"b": {"prot": 1}}}, "did you mean 'port'"),
+                         ({"kind": "ssh", "port": 0}, "'port' must be a positive whole number"),
+                         ({"kind": "ssh", "options": ["accept-new"]}, "Name=value"),
+                         ({"kind": "slurm", "time": "4h"}, "Slurm time limit")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load(bad)
+
+
+def test_ssh_engine_map_runs_the_worker_and_sends_no_connection_file(tmp_path):
+    from exo_lab.config import load_config
+    from exo_lab.coordinator.launchers import ssh_engine_map
+
+    path = tmp_path / "config.yaml"
+    path.write_text("cluster_name: c\ndevices:\n  - {hostname: a, roles: [coordinator]}\n"
+                    "  - {hostname: b, roles: [compute], address: 198.18.0.9}\n"
+                    "launcher: {kind: ssh, user: lab, port: 2200, python: /v/bin/python, identity_file: id}\n")
+    engines = ssh_engine_map(load_config(path))
+    assert list(engines) == ["lab@198.18.0.9:2200"]
+    entry = engines["lab@198.18.0.9:2200"]
+    assert entry["engine_cmd"] == ["/v/bin/python", "-m", "exo_lab.worker", "--config", str(path.absolute()),
+                                   "--device", "b"]
+    assert entry["to_send"] == [] and entry["n"] == 1 and entry["remote_python"] == "/v/bin/python"
+    assert ["-i", str(tmp_path / "id")] == entry["ssh_args"][4:6]
+
+
+@pytest.mark.parametrize("code, output, expected", [
+    (255, "root@x: Permission denied (publickey).", "SSH authentication failed"),
+    (255, "ssh: connect to host x port 22: Connection refused", "unreachable over SSH"),
+    (255, "Host key verification failed.", "host key is not known"),
+    (127, "sh: 1: /opt/py: not found", "is missing there"),
+    (1, "ModuleNotFoundError: No module named 'exo_lab'", "exo-lab is not installed"),
+    (0, "exo-lab-probe 0.0.1 3.11.2", "exo-lab 0.0.1 is installed there, but this coordinator runs"),
+])
+def test_probe_failures_say_why(code, output, expected):
+    from exo_lab.config import SSHHostConfig
+    from exo_lab.coordinator.launchers import SSHTarget, classify_probe
+
+    reason = classify_probe(SSHTarget("b", "b", SSHHostConfig(python="/opt/py")), code, output)
+    assert expected in reason, reason
+
+
+def test_launched_workers_need_a_shared_secret():
+    from exo_lab.coordinator.launchers import check_launchable
+    from exo_lab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="set network.secret_file"):
+        check_launchable(load("ssh"), None)
+    check_launchable(load("manual"), None)
