@@ -41,7 +41,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="a local model folder, a Hugging Face hub id in the local cache, 'smollm2' or 'demo' "
                              "(default: the config's model, else demo)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default float32)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default float32; int8 = weight-only int8, bfloat16 activations)")
     parser.add_argument("--max-context", type=_positive_int, default=None,
                         help="tokens per request the KV cache is sized for (default min(model max, 4096))")
     parser.add_argument("--max-batch", type=_positive_int, default=None, help="concurrent requests to size for")

@@ -11,9 +11,15 @@ from decimal import Decimal
 
 from .errors import ConfigError
 
-# The dtypes a stage's weights can have, and the bytes per parameter of each.
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# The dtypes a stage's weights can have, and the bytes per parameter of each. "int8" is weight-only:
+# the decoder layers' Linear matrices in int8 with one bfloat16 scale per output row (2 / in_features
+# bytes per parameter more, counted by exo_lab.model.profile); everything else in COMPUTE_DTYPES's.
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
 DTYPES = tuple(DTYPE_BYTES)
+# What each stage dtype computes in: activations, the KV cache and every weight left unquantized
+# (embeddings, norms, biases, lm_head).
+COMPUTE_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "int8": "bfloat16"}
+QUANTIZED_DTYPES = ("int8",)
 DEFAULT_DTYPE = "float32"
 
 _SIZE_UNITS = {

@@ -5,7 +5,7 @@ import logging
 from dataclasses import dataclass
 
 from ..errors import ModelError
-from ..units import DTYPE_BYTES
+from ..units import COMPUTE_DTYPES, DTYPE_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ class ModelProfile:
 
     model_id: str
     model_type: str                 # config.json "model_type": llama, mistral, qwen2, qwen3, ...
-    dtype: str                      # "float32", "bfloat16", "float16"
+    dtype: str                      # "float32", "bfloat16", "float16", "int8" (weight-only)
     num_layers: int
     hidden_size: int
     intermediate_size: int
@@ -73,7 +73,9 @@ def profile_from_config(config: dict, *, dtype: str = "float32", model_id: str =
     """
     from .resolve import check_config_keys
 
-    dtype_bytes = _dtype_bytes(dtype)
+    _dtype_bytes(dtype)
+    # int8 is weight-only: the layers' matrices shrink, the rest stays in the compute dtype.
+    dtype_bytes = DTYPE_BYTES[COMPUTE_DTYPES[dtype]]
     check_config_keys(config, source=f"config.json of {model_id}")
     _check_layout(config)
     hidden, vocab = config["hidden_size"], config["vocab_size"]
@@ -86,7 +88,7 @@ def profile_from_config(config: dict, *, dtype: str = "float32", model_id: str =
         intermediate_size=config["intermediate_size"],
         vocab_size=vocab,
         max_position_embeddings=int(config.get("max_position_embeddings") or 0),
-        layer_bytes=layer_parameter_count(config) * dtype_bytes,
+        layer_bytes=layer_bytes(config, dtype),
         embedding_bytes=vocab * hidden * dtype_bytes,
         final_norm_bytes=hidden * dtype_bytes,
         lm_head_bytes=vocab * hidden * dtype_bytes,   # no supported type has a head bias
@@ -142,6 +144,28 @@ def head_dim(config: dict) -> int:
 
 def _num_kv_heads(config: dict) -> int:
     return config.get("num_key_value_heads") or config["num_attention_heads"]
+
+
+def layer_bytes(config: dict, dtype: str) -> int:
+    """Bytes of one decoder layer's parameters held as ``dtype``. For int8: each Linear matrix at
+    1 byte per weight plus one compute-dtype scale per output row; norms and biases unquantized."""
+    kept_bytes = DTYPE_BYTES[COMPUTE_DTYPES[dtype]]
+    count = layer_parameter_count(config)
+    if dtype != "int8":
+        return count * kept_bytes
+    matrices = linear_shapes(config)
+    weights = sum(out * inner for out, inner in matrices)
+    scales = sum(out for out, _ in matrices)
+    return weights * DTYPE_BYTES["int8"] + (scales + count - weights) * kept_bytes
+
+
+def linear_shapes(config: dict) -> list[tuple[int, int]]:
+    """(out_features, in_features) of one decoder layer's Linear matrices: q, k, v, o, gate, up, down."""
+    hidden, inner = config["hidden_size"], config["intermediate_size"]
+    q_width = config["num_attention_heads"] * head_dim(config)
+    kv_width = _num_kv_heads(config) * head_dim(config)
+    return [(q_width, hidden), (kv_width, hidden), (kv_width, hidden), (hidden, q_width),
+            (inner, hidden), (inner, hidden), (hidden, inner)]
 
 
 def layer_parameter_count(config: dict) -> int:

@@ -53,13 +53,14 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..errors import ModelError, RequestError
-from ..units import DTYPES
+from ..units import COMPUTE_DTYPES, DTYPES
 from .kv_slots import SlotCache
+from .quant import quantize_linears
 
 logger = logging.getLogger(__name__)
 
-# torch dtypes of the stage dtypes named in exo_lab.units
-TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
+# The torch dtype each stage dtype named in exo_lab.units computes in (int8 stages: bfloat16)
+TORCH_DTYPES = {name: getattr(torch, COMPUTE_DTYPES[name]) for name in DTYPES}
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -75,7 +76,8 @@ class ShardSpec:
     """Which part of which model one stage holds.
 
     ``[start_layer, stop_layer)`` is half-open, over ``num_layers`` decoder layers in total.
-    ``dtype`` is "float32", "bfloat16" or "float16"; ``device`` a torch device string
+    ``dtype`` is "float32", "bfloat16", "float16" or "int8" (weight-only: exo_lab.model.quant);
+    ``device`` a torch device string
     ("cpu", "cuda", "cuda:1"). ``max_batch`` KV slots of ``max_context`` positions each are
     allocated at load (None: min(the model's max positions, DEFAULT_MAX_CONTEXT)).
     """
@@ -280,6 +282,8 @@ def load_stage(spec: ShardSpec, ensure_tensors=None) -> Stage:
         ensure_tensors(list(wanted.values()))
     by_checkpoint_name = _read_tensors(wanted.values(), weight_map, spec)
     stage.load_weights({local: by_checkpoint_name[name] for local, name in wanted.items()})
+    if spec.dtype == "int8":   # weight-only: quantized from the loaded bfloat16 weights
+        quantize_linears(stage)
     stage.allocate_kv()
     logger.info("loaded layers [%d, %d) of %s: %.1f MB on %s", spec.start_layer, spec.stop_layer,
                 spec.model_dir, stage.parameter_bytes() / 1e6, spec.device)

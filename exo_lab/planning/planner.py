@@ -507,6 +507,8 @@ def _help(profile: ModelProfile, max_context: int, max_batch: int) -> str:
             f"lower max_context ({max_context}) or max_batch ({max_batch})"]
     if profile.dtype == "float32":
         tips.append("use a smaller dtype such as bfloat16 (half the bytes of float32)")
+    if profile.dtype in ("bfloat16", "float16"):
+        tips.append("use dtype int8 (weight-only: about half the bytes of bfloat16)")
     return "What would help: " + "; ".join(tips) + "."
 
 
