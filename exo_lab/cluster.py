@@ -336,17 +336,20 @@ class Cluster:
         return self.generate(prompt_ids, **sampling)
 
     # ------------------------------------------------------------ API server
-    def serve(self, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None):
+    def serve(self, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, limits=None):
         """Serve the OpenAI-compatible API from this process; returns at once (the server runs on
         the cluster's loop thread, so a notebook stays usable). Returns the server handle
-        (``.url``, ``.stop()``)."""
+        (``.url``, ``.stop()``). ``limits``: an :class:`exo_lab.api.ApiLimits` (connections,
+        timeouts, extra Host names); default: the config's api section, else ApiLimits()."""
         from .api import start_server
+        from .api.guard import limits_from_config
 
         self.control.require_started()
         if self._server is not None:
             self._server.stop()
             self._server = None
-        self._server = self._loop.run(start_server(self, host=host, port=port, api_key=api_key))
+        limits = limits if limits is not None else limits_from_config(self.config)
+        self._server = self._loop.run(start_server(self, host=host, port=port, api_key=api_key, limits=limits))
         return self._server
 
     async def ahealth(self) -> tuple[bool, str]:

@@ -118,6 +118,19 @@ def derive_key(secret: bytes, purpose: str) -> bytes:
                            person=b"exo-lab-derive").digest()
 
 
+def data_plane_key() -> bytes:
+    """This process's data-plane key, from ``$EXO_LAB_SECRET`` (an engine is given it by whoever
+    started it: the coordinator or ``python -m exo_lab.worker``). Raises ClusterError without one."""
+    from .errors import ClusterError
+
+    secret = load_secret()
+    if secret is None:
+        raise ClusterError(f"this engine has no cluster secret (${SECRET_ENV}), so its data plane cannot "
+                           "authenticate; start engines through exo-lab (Cluster, exo-lab serve, "
+                           "python -m exo_lab.worker), which hands them the secret")
+    return derive_key(secret, "data-plane")
+
+
 def secret_environment(secret: bytes) -> dict[str, str]:
     """Environment entries that hand ``secret`` to a process this one starts (never argv: other
     users can read a command line, not another user's environment)."""

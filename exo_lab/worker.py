@@ -116,7 +116,8 @@ def _start_storage(config, secret: bytes):
 
 
 def run_worker(config_path, device_name=None, connection_file=None, profile_dir=None) -> int:
-    from .security import load_secret
+    from .coordinator.launch import read_local_secret
+    from .security import load_secret, secret_environment
 
     config = load_config(config_path)
     device = find_device(config, device_name)
@@ -127,7 +128,10 @@ def run_worker(config_path, device_name=None, connection_file=None, profile_dir=
     if connection_file or secret is None:
         coordinator = config.coordinator
         path = Path(connection_file) if connection_file else wait_for_connection_file(profile)
-        info, env = read_connection_info(path, coordinator.address or coordinator.hostname), {}
+        # without a shared secret the coordinator runs on this PC and left its own in the profile
+        known = secret or read_local_secret(profile)
+        info = read_connection_info(path, coordinator.address or coordinator.hostname)
+        env = secret_environment(known) if known else {}
         how = f"with {path}"
     else:
         info, env, took_s = join_cluster(config, device, secret)

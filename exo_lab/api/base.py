@@ -1,4 +1,10 @@
-"""The base handlers: API key, JSON bodies with a size limit, OpenAI error rendering, logging."""
+"""The base handlers: API key, JSON bodies with a size limit, OpenAI error rendering, logging.
+
+POST bodies must be ``Content-Type: application/json`` (415 otherwise): a web page can make a
+browser POST a form or text/plain to a local server without asking it first (CSRF), but not
+JSON. Error bodies name the cause without the cluster's host names or addresses
+(:func:`~exo_lab.api.errors.redact`); the server log keeps the details.
+"""
 from __future__ import annotations
 
 import hmac
@@ -8,7 +14,7 @@ import logging
 import tornado.web
 
 from ..errors import ClusterError, RequestError
-from .errors import ApiError, api_error_from, bad_request
+from .errors import ApiError, api_error_from, bad_request, redact
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +56,20 @@ class ApiHandler(tornado.web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        error = api_error_from(exc, status_code)
+        error = self.client_error(exc, status_code)
         self.set_status(error.status)
         if error.status == 401:
             self.set_header("WWW-Authenticate", "Bearer")
+        if error.retry_after_s is not None:
+            self.set_header("Retry-After", str(max(1, round(error.retry_after_s))))
         self.set_header("Content-Type", "application/json")
         self.finish(dumps(error.body()))
+
+    def client_error(self, exc: BaseException | None, status: int = 500) -> ApiError:
+        """The error a client sees for ``exc``: its OpenAI shape, host names and addresses removed."""
+        error = api_error_from(exc, status)
+        error.message = redact(error.message, self.server.private_names())
+        return error
 
     def log_exception(self, typ, value, tb) -> None:
         # A client's mistake is one info line; a broken cluster a warning; anything else a traceback.
@@ -108,6 +122,7 @@ class JsonBodyHandler(ApiHandler):
 
     async def post(self) -> None:
         self.check_api_key()
+        check_json_content_type(self.request.headers.get("Content-Type"))
         await self.handle(self.json_body())
 
     async def handle(self, body: dict) -> None:
@@ -122,7 +137,21 @@ class JsonBodyHandler(ApiHandler):
             raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object", code="invalid_json")
+        try:
+            dumps(body)     # one C-speed pass: every string (keys too) must be encodable
+        except UnicodeEncodeError:
+            raise bad_request("the request body holds a lone surrogate escape such as \"\\ud800\" in a "
+                              "string: that is not Unicode text; send UTF-8 text",
+                              code="invalid_json") from None
         return body
+
+
+def check_json_content_type(value: str | None) -> None:
+    """Refuse a body that is not declared JSON (415): see the module docstring (CSRF)."""
+    media_type = (value or "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(415, f"the request body must be sent with 'Content-Type: application/json', got "
+                       f"{(value or 'none')[:80]!r}", code="unsupported_media_type")
 
 
 def body_too_large(size_bytes: int) -> ApiError:

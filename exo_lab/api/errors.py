@@ -5,11 +5,12 @@ body through :func:`api_error_from`, so every failure a client sees has the same
 """
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 
 import tornado.web
 
-from ..errors import ClusterError, ExoLabError, RequestError
+from ..errors import ClusterError, ExoLabError, QueueFull, RequestError
 
 
 class ApiError(Exception):
@@ -28,6 +29,7 @@ class ApiError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.retry_after_s: float | None = None     # sent as Retry-After (429, 503)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -49,6 +51,10 @@ def api_error_from(exc: BaseException | None, status: int = 500) -> ApiError:
         return exc
     if isinstance(exc, RequestError):
         return bad_request(str(exc), param=exc.param)
+    if isinstance(exc, QueueFull):
+        error = ApiError(429, f"the server is busy: {exc}", type="rate_limit_error", code="queue_full")
+        error.retry_after_s = exc.retry_after_s
+        return error
     if isinstance(exc, ClusterError):
         return ApiError(503, f"the cluster cannot serve this request: {exc}", type="server_error",
                         code="cluster_unavailable")
@@ -57,6 +63,17 @@ def api_error_from(exc: BaseException | None, status: int = 500) -> ApiError:
     if isinstance(exc, tornado.web.HTTPError):
         return _from_http_error(exc)
     return _from_status(status)
+
+
+_ADDRESS = re.compile(r"\btcp://\S+?(?=[\s,;)]|$)|\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b")
+
+
+def redact(text: str, private_names) -> str:
+    """``text`` without the given host names (case-insensitive) and without network addresses:
+    what a client may see of a message written for the operator."""
+    for name in sorted(private_names, key=len, reverse=True):
+        text = re.sub(re.escape(name), "<host>", text, flags=re.IGNORECASE)
+    return _ADDRESS.sub("<address>", text)
 
 
 def _from_http_error(exc: tornado.web.HTTPError) -> ApiError:

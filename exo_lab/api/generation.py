@@ -2,7 +2,12 @@
 
 A request runs in its own task so that a client who hangs up cancels it at once
 (:meth:`GenerationHandler.on_connection_close`); the scheduler then sends FREE down the pipe and
-every stage drops the request's KV cache.
+every stage drops the request's KV cache. The cancel always wins: ``asyncio.wait_for`` (Python
+< 3.12) can swallow a cancel that races the result it waits for, so every event is also checked
+against the handler's own abort flag (:meth:`GenerationHandler.next_event`).
+
+When the server stops (``ApiServer.astop``, SIGTERM of ``exo-lab serve``) every generation in
+flight ends cleanly: a stream with an error event and ``[DONE]``, a whole completion with a 503.
 """
 from __future__ import annotations
 
@@ -14,9 +19,9 @@ from contextlib import aclosing
 
 from tornado.iostream import StreamClosedError
 
-from ..errors import RequestError
+from ..errors import ClusterError, RequestError
 from .base import JsonBodyHandler, dumps
-from .errors import api_error_from, bad_request
+from .errors import bad_request
 from .params import GenerationRequest, parse_chat_request, parse_completion_request
 
 logger = logging.getLogger(__name__)
@@ -32,9 +37,10 @@ class GenerationHandler(JsonBodyHandler):
     def initialize(self, server) -> None:
         super().initialize(server)
         self._task: asyncio.Task | None = None
-        self._client_gone = False
+        self._abort: str | None = None       # why generation must end now: "client gone" | "shutdown"
+        self._ended = asyncio.Event()
 
-    def parse(self, body: dict) -> GenerationRequest:
+    async def parse(self, body: dict) -> GenerationRequest:
         raise NotImplementedError
 
     def choice(self, text: str, finish_reason: str | None) -> dict:
@@ -45,24 +51,61 @@ class GenerationHandler(JsonBodyHandler):
 
     # ------------------------------------------------------------------ flow
     async def handle(self, body: dict) -> None:
-        request = self.parse(body)
-        self._task = asyncio.ensure_future(self.respond(request))
+        self.server.generations.add(self)
         try:
-            await self._task
+            request = await self.parse(body)
+            if self._abort is None:
+                self._task = asyncio.ensure_future(self.respond(request))
+                await self._run(self._task)
+            if self._abort == "shutdown":
+                await self.end_for_shutdown()
+        finally:
+            self.server.generations.discard(self)
+            self._ended.set()
+
+    async def _run(self, task: asyncio.Task) -> None:
+        try:
+            await task
         except StreamClosedError:
             pass  # a write found the connection closed; the task has ended and closed its stream
         except asyncio.CancelledError:
-            if not self._client_gone:
+            if self._abort is None:
                 raise
         else:
             return
-        logger.info("%s: the client disconnected; generation cancelled", self.request.path)
+        if self._abort != "shutdown":
+            logger.info("%s: the client disconnected; generation cancelled", self.request.path)
 
     def on_connection_close(self) -> None:
         super().on_connection_close()
-        self._client_gone = True
+        self.abort("client gone")
+
+    def abort(self, reason: str) -> None:
+        """End the generation now (the first reason given wins)."""
+        self._abort = self._abort or reason
         if self._task is not None and not self._task.done():
             self._task.cancel()
+
+    async def shut_down(self) -> None:
+        """The server stops: end this generation (see the module docstring) and wait until done."""
+        self.abort("shutdown")
+        await self._ended.wait()
+
+    async def end_for_shutdown(self) -> None:
+        error = ClusterError("the server is shutting down; retry on its replacement")
+        if not self._headers_written:
+            raise error                    # a plain 503
+        if not self._finished and not self.request.connection.stream.closed():
+            await self.send_stream_error(error)
+            await self.send_raw(b"data: [DONE]\n\n")
+            self.finish()
+
+    async def next_event(self, events):
+        """The next event, unless the generation was aborted meanwhile."""
+        event = await anext(events)
+        if self._abort is not None:
+            raise asyncio.CancelledError()   # a cancel that raced this event was swallowed
+        return event
 
     async def respond(self, request: GenerationRequest) -> None:
         reply = Reply(f"{self.id_prefix}-{uuid.uuid4().hex}", int(time.time()), self.cluster.model_id,
@@ -81,7 +124,7 @@ class GenerationHandler(JsonBodyHandler):
     async def first_event(self, events, request: GenerationRequest):
         """The first event, awaited before any header is sent so refusals keep their status."""
         try:
-            return await anext(events)
+            return await self.next_event(events)
         except RequestError as exc:
             needed = len(request.prompt_ids) + request.params.max_new_tokens
             code = "context_length_exceeded" if needed > self.cluster.context_length else None
@@ -89,7 +132,12 @@ class GenerationHandler(JsonBodyHandler):
 
     async def complete(self, reply: "Reply", first, events) -> None:
         texts = [reply.add(first)]
-        async for event in events:
+        event = first
+        while event.finish_reason is None:
+            try:
+                event = await self.next_event(events)
+            except StopAsyncIteration:
+                break
             texts.append(reply.add(event))
         self.write_json({**reply.header(self.object_name),
                          "choices": [self.choice("".join(texts), reply.finish_reason)],
@@ -128,14 +176,12 @@ class GenerationHandler(JsonBodyHandler):
             if event.finish_reason is not None:
                 await send(self.chunk_choice("", event.finish_reason))
                 return
-            event = await anext(events)
+            event = await self.next_event(events)
 
     async def send_stream_error(self, exc: Exception) -> None:
         """After the headers are out, an error can only travel as an event (then the stream ends)."""
         self.log_exception(type(exc), exc, exc.__traceback__)
-        error = api_error_from(exc)
-        await self.send_event(error.body())
-        self.finish()
+        await self.send_event(self.client_error(exc).body())
 
     async def send_event(self, payload: dict) -> None:
         await self.send_raw(b"data: " + dumps(payload) + b"\n\n")
@@ -176,8 +222,8 @@ class ChatCompletionsHandler(GenerationHandler):
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
-    def parse(self, body: dict) -> GenerationRequest:
-        return parse_chat_request(body, self.cluster)
+    async def parse(self, body: dict) -> GenerationRequest:
+        return await parse_chat_request(body, self.cluster)
 
     def choice(self, text: str, finish_reason: str | None) -> dict:
         return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
@@ -195,8 +241,8 @@ class ChatCompletionsHandler(GenerationHandler):
 class CompletionsHandler(GenerationHandler):
     """POST /v1/completions."""
 
-    def parse(self, body: dict) -> GenerationRequest:
-        return parse_completion_request(body, self.cluster)
+    async def parse(self, body: dict) -> GenerationRequest:
+        return await parse_completion_request(body, self.cluster)
 
     def choice(self, text: str, finish_reason: str | None) -> dict:
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .base import ApiHandler
-from .errors import ApiError
+from .errors import ApiError, redact
 
 class ModelsHandler(ApiHandler):
     """GET /v1/models: the loaded model (an empty list while none is loaded)."""
@@ -36,7 +36,8 @@ class HealthHandler(ApiHandler):
         if ok:
             self.write_json({"status": "ok", "model": self.cluster.model_id})
         else:
-            self.write_json({"status": "unavailable", "reason": reason}, status=503)
+            self.write_json({"status": "unavailable", "reason": redact(reason, self.server.private_names())},
+                            status=503)
 
 
 class MetricsHandler(ApiHandler):

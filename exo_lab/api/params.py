@@ -9,9 +9,17 @@ Every field of OpenAI's chat and completions requests is in one of three groups:
 
 Defaults follow OpenAI: temperature 1, top_p 1; max_tokens is what is left of the context for
 chat and 16 for completions.
+
+Bounds, checked before any work: at most ``MAX_STOP_STRINGS`` stop strings (OpenAI's 4) of at
+most ``MAX_STOP_CHARS`` characters each; a prompt of at most ``MAX_CHARS_PER_CONTEXT_TOKEN``
+characters per token of context (a longer one cannot fit, whatever the tokenizer makes of it)
+and, as token ids, at most the context. Tokenizing runs on a worker thread, never on the
+event loop that serves every other client.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 from dataclasses import dataclass
 
 from ..coordinator.chat import normalize_messages
@@ -20,6 +28,9 @@ from ..sampling import SamplingParams
 from .errors import ApiError, bad_request, unsupported
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
+MAX_STOP_STRINGS = 4                  # as OpenAI
+MAX_STOP_CHARS = 256                  # per stop string: matching costs its length squared per token
+MAX_CHARS_PER_CONTEXT_TOKEN = 16      # prompt characters allowed per token of context
 SEED_RANGE = (-2**63, 2**64)          # what torch.Generator.manual_seed takes (half-open)
 
 SHARED_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
@@ -68,11 +79,13 @@ class GenerationRequest:
     user: str | None         # the caller's end-user id; logged with the request
 
 
-def parse_chat_request(body: dict, cluster) -> GenerationRequest:
+async def parse_chat_request(body: dict, cluster) -> GenerationRequest:
     """Validate a /v1/chat/completions body; raises ApiError (or RequestError for bad messages)."""
     check_fields(body, CHAT_FIELDS, CHAT_DEFAULT_ONLY)
     check_model(body, cluster)
-    prompt_ids = cluster.encode_chat(chat_messages(body))
+    messages = chat_messages(body)
+    check_prompt_chars(sum(len(m["content"]) for m in messages), cluster, "messages")
+    prompt_ids = await off_loop(cluster.encode_chat, messages)
     max_tokens = chat_max_tokens(body)
     if max_tokens is None:
         # OpenAI's default: whatever the context has left after the prompt.
@@ -80,11 +93,11 @@ def parse_chat_request(body: dict, cluster) -> GenerationRequest:
     return generation_request(body, prompt_ids, max_tokens)
 
 
-def parse_completion_request(body: dict, cluster) -> GenerationRequest:
+async def parse_completion_request(body: dict, cluster) -> GenerationRequest:
     """Validate a /v1/completions body; raises ApiError."""
     check_fields(body, COMPLETION_FIELDS, COMPLETION_DEFAULT_ONLY)
     check_model(body, cluster)
-    prompt_ids = completion_prompt(body, cluster)
+    prompt_ids = await completion_prompt(body, cluster)
     max_tokens = integer(body, "max_tokens", minimum=1)
     return generation_request(body, prompt_ids,
                               COMPLETIONS_DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens)
@@ -155,14 +168,18 @@ def chat_max_tokens(body: dict) -> int | None:
     return current if current is not None else legacy
 
 
-def completion_prompt(body: dict, cluster) -> list[int]:
+async def completion_prompt(body: dict, cluster) -> list[int]:
     """A string or a list of token ids (a batch of exactly one of those is unwrapped)."""
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        ids = cluster.encode(prompt)
+        check_prompt_chars(len(prompt), cluster, "prompt")
+        ids = await off_loop(cluster.encode, prompt)
     elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        if len(prompt) > cluster.context_length:
+            raise bad_request(f"'prompt' holds {len(prompt)} token ids; this model's context is "
+                              f"{cluster.context_length} tokens", param="prompt", code="context_length_exceeded")
         ids = _checked_token_ids(prompt, len(cluster.tokenizer))
     else:
         raise bad_request("'prompt' must be a string or a list of token ids (batches of several prompts "
@@ -170,6 +187,28 @@ def completion_prompt(body: dict, cluster) -> list[int]:
     if not ids:
         raise bad_request("'prompt' is empty: it must hold at least one token", param="prompt")
     return ids
+
+
+def check_prompt_chars(chars: int, cluster, param: str) -> None:
+    """Refuse, before tokenizing, a prompt too long for the context whatever its tokens."""
+    limit = MAX_CHARS_PER_CONTEXT_TOKEN * cluster.context_length
+    if chars > limit:
+        raise bad_request(f"the prompt has {chars} characters; this model's context of "
+                          f"{cluster.context_length} tokens takes at most {limit} "
+                          f"({MAX_CHARS_PER_CONTEXT_TOKEN} per token): shorten it", param=param,
+                          code="context_length_exceeded")
+
+
+_tokenizer_thread: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+async def off_loop(function, *args):
+    """``function(*args)`` on the tokenizer thread. One thread: tokenizers are not safe to call
+    from several threads at once, and the character cap bounds each call."""
+    global _tokenizer_thread
+    if _tokenizer_thread is None:
+        _tokenizer_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="exo-lab-tokenizer")
+    return await asyncio.get_running_loop().run_in_executor(_tokenizer_thread, function, *args)
 
 
 def _checked_token_ids(ids: list[int], vocab_size: int) -> list[int]:
@@ -188,6 +227,13 @@ def stop_strings(body: dict) -> tuple[str, ...]:
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise bad_request("'stop' must be a non-empty string or a list of non-empty strings", param="stop")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise bad_request(f"'stop' holds {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed",
+                          param="stop")
+    longest = max(len(s) for s in stop)
+    if longest > MAX_STOP_CHARS:
+        raise bad_request(f"a stop string has {longest} characters; each may have at most {MAX_STOP_CHARS}",
+                          param="stop")
     return tuple(stop)
 
 

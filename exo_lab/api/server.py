@@ -12,6 +12,7 @@ import tornado.web
 
 from ..errors import ConfigError
 from .base import MAX_BODY_BYTES, NotFoundHandler
+from .guard import ApiLimits, GuardedHTTPServer, HostCheck
 from .generation import ChatCompletionsHandler, CompletionsHandler
 from .handlers import HealthHandler, MetricsHandler, ModelHandler, ModelsHandler
 from .pages import page_routes
@@ -19,22 +20,26 @@ from .pages import page_routes
 logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 10.0
+DRAIN_TIMEOUT_S = 3.0       # on stop, how long open generations get to send their closing event
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 
 
 class ApiServer:
     """A running API server. ``url`` is where clients reach it (the real port when 0 was asked for);
-    :meth:`stop` may be called from any thread but the loop's own."""
+    :meth:`stop` may be called from any thread but the loop's own. ``limits``: connection cap,
+    timeouts and the Host allow-list (:class:`~exo_lab.api.guard.ApiLimits`)."""
 
-    def __init__(self, cluster, *, host: str, api_key: str | None):
+    def __init__(self, cluster, *, host: str, api_key: str | None, limits: ApiLimits | None = None):
         self.cluster = cluster
         self.host = host
         self.api_key = api_key
+        self.limits = limits or ApiLimits()
         self.port: int | None = None
         self.started = int(time.time())
         self._http: tornado.httpserver.HTTPServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._responses: dict[int, int] = {}        # HTTP status -> count
+        self.generations: set = set()               # GenerationHandlers answering now
         self.registry = self.metrics_registry()
 
     def __repr__(self) -> str:
@@ -50,17 +55,23 @@ class ApiServer:
         sockets = tornado.netutil.bind_sockets(port, address=self.host or None)
         self.port = sockets[0].getsockname()[1]
         self._loop = asyncio.get_running_loop()
-        self._http = tornado.httpserver.HTTPServer(make_app(self), max_body_size=MAX_BODY_BYTES)
+        self._http = GuardedHTTPServer(make_app(self), max_body_size=MAX_BODY_BYTES, limits=self.limits,
+                                       host_check=HostCheck(self.host, self.limits.allowed_hosts),
+                                       count_response=self.count_response)
         self._http.add_sockets(sockets)
         logger.info("serving the OpenAI-compatible API at %s/v1 (API key %s)", self.url,
                     "required" if self.api_key else "not required")
 
     async def astop(self) -> None:
-        """Stop listening and close every connection (streams in flight are cancelled)."""
+        """Stop listening, end every generation in flight (a stream gets an error event and
+        ``[DONE]``, a whole completion a 503) and close every connection."""
         if self._http is None:
             return
         http, self._http = self._http, None
         http.stop()
+        endings = [handler.shut_down() for handler in list(self.generations)]
+        if endings:
+            await asyncio.wait([asyncio.ensure_future(ending) for ending in endings], timeout=DRAIN_TIMEOUT_S)
         await asyncio.wait_for(http.close_all_connections(), STOP_TIMEOUT_S)
         logger.info("stopped serving %s", self.url)
 
@@ -80,6 +91,15 @@ class ApiServer:
 
     def count_response(self, status: int) -> None:
         self._responses[status] = self._responses.get(status, 0) + 1
+
+    def private_names(self) -> set[str]:
+        """Host names and addresses of the cluster's PCs: never shown in an error body."""
+        names = {socket.gethostname(), socket.getfqdn()}
+        for device in getattr(self.cluster.config, "devices", ()):
+            names.update(name for name in (device.hostname, device.address) if name)
+        for info in getattr(self.cluster.control, "infos", {}).values():
+            names.update((info.hostname, info.device_name))
+        return {name for name in names if len(name) > 3 and name != "localhost"}
 
     def metrics_registry(self):
         """A prometheus_client registry with the model's counters and the HTTP responses."""
@@ -121,15 +141,16 @@ def make_app(server: ApiServer) -> tornado.web.Application:
 
 
 async def start_server(cluster, *, host: str = "127.0.0.1", port: int = 8000,
-                       api_key: str | None = None) -> ApiServer:
+                       api_key: str | None = None, limits: ApiLimits | None = None) -> ApiServer:
     """Start serving ``cluster`` on the running loop (the cluster's loop thread); returns at once.
 
     port 0 lets the OS pick (``server.port`` tells which). With ``api_key`` set, every route but
-    /health needs ``Authorization: Bearer <api_key>``. Raises ConfigError for an empty or
-    unsendable key, OSError when the port is taken.
+    /health needs ``Authorization: Bearer <api_key>``. ``limits``: connections, timeouts, Host
+    names (:class:`~exo_lab.api.guard.ApiLimits`; default ApiLimits()). Raises ConfigError for an
+    empty or unsendable key, OSError when the port is taken.
     """
     check_api_key(api_key)
-    server = ApiServer(cluster, host=host, api_key=api_key)
+    server = ApiServer(cluster, host=host, api_key=api_key, limits=limits)
     await server.astart(port)
     return server
 

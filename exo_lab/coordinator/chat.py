@@ -34,7 +34,8 @@ def normalize_messages(messages) -> list[dict]:
         if not isinstance(message, dict):
             raise RequestError(f"messages[{index}] must be an object with role and content",
                                param=f"messages[{index}]")
-        role = ROLE_ALIASES.get(message.get("role"), message.get("role"))
+        role = message.get("role")
+        role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
         if role not in ROLES:
             raise RequestError(f"messages[{index}].role must be one of {', '.join(ROLES)}, got {role!r}",
                                param=f"messages[{index}].role")

@@ -21,7 +21,8 @@ from ..engine import probe as engine_probe
 from ..errors import ClusterError, ExoLabError
 from ..planning.nodes import device_bandwidth, node_budget, node_name
 from ..planning.planner import NodeSpec
-from .launch import default_profile_dir, engine_environment, make_ipp_cluster, session_key, temporary_profile_dir
+from .launch import (default_profile_dir, engine_environment, make_ipp_cluster, session_key, temporary_profile_dir,
+                     write_local_secret)
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,9 @@ class EngineControl:
         self._states: dict[int, str] = {}
         self.infos: dict[int, EngineInfo] = {}        # from the last probe
         self.secret: bytes | None = None              # the cluster secret (config clusters), set by start()
+        # what this cluster's engines and data plane authenticate with: the shared secret, else
+        # a random one per cluster made by start() (and then everything binds loopback only)
+        self.runtime_secret: bytes | None = None
         self.lan_address: str | None = None           # this PC's address as a joining worker saw it
 
     @property
@@ -95,6 +99,21 @@ class EngineControl:
         return Path(self._ipp.profile_dir) if self._ipp is not None else None
 
     @property
+    def binds_lan(self) -> bool:
+        """Whether the controller and the data plane listen on every interface: only for a
+        config cluster with a shared secret; otherwise 127.0.0.1 only."""
+        return not self.is_local and self.secret is not None
+
+    @property
+    def data_plane_key(self) -> bytes:
+        """The key of this cluster's data-plane sockets (after :meth:`start`)."""
+        from ..security import derive_key
+
+        if self.runtime_secret is None:
+            raise ClusterError("the cluster is not started: call cluster.start() (or use `with cluster:`)")
+        return derive_key(self.runtime_secret, "data-plane")
+
+    @property
     def launches_workers(self) -> bool:
         """Whether this coordinator starts the compute PCs' workers (``launcher: ssh | slurm``)."""
         return not self.is_local and self.config.launcher.kind != "manual"
@@ -113,20 +132,23 @@ class EngineControl:
         """Start the controller and this PC's engines; wait for every expected engine.
         ``on_controller()`` runs once the controller is up, before the wait (the cluster starts
         the service remote workers join through there)."""
-        from ..security import load_secret
+        from ..security import load_secret, new_secret
 
         coordinator = self.config.coordinator
         self.secret = None if self.is_local else load_secret(self.config)
+        self.runtime_secret = self.secret or new_secret().encode()
         if self._profile_dir is None and self.is_local:
             self._temporary_profile = temporary_profile_dir()   # removed again by stop()
         profile_dir = (self._profile_dir or self._temporary_profile
                        or default_profile_dir(self.config.cluster_name))
+        if self.secret is None and not self.is_local:
+            write_local_secret(profile_dir, self.runtime_secret)   # for workers on this PC
         if self.launches_workers:
             from .launchers import prepare_launch   # probe every PC before anything starts
             prepare_launch(self.config, self.secret)
         self._ipp = make_ipp_cluster(
-            profile_dir=profile_dir, controller_ip="127.0.0.1" if self.is_local else "0.0.0.0",
-            controller_location=None if self.is_local else (coordinator.address or coordinator.hostname),
+            profile_dir=profile_dir, controller_ip="0.0.0.0" if self.binds_lan else "127.0.0.1",
+            controller_location=(coordinator.address or coordinator.hostname) if self.binds_lan else None,
             port=None if self.is_local else self.config.network.controller_port,
             session_key=session_key(self.secret) if self.secret else None)
         self._ipp.start_controller_sync()
@@ -135,7 +157,8 @@ class EngineControl:
         own = self.local_engines if self.is_local else (coordinator.engines if coordinator.is_compute else 0)
         if own:
             env = engine_environment(threads=self._threads_for(None if self.is_local else coordinator),
-                                     device_name=None if self.is_local else coordinator.hostname)
+                                     device_name=None if self.is_local else coordinator.hostname,
+                                     secret=self.runtime_secret)
             self._ipp.start_engines_sync(own, environment=env)
         if self.launches_workers:
             from .launchers import start_launched_workers   # stopped with the cluster (stop())
@@ -291,7 +314,7 @@ class EngineControl:
     # ------------------------------------------------------------ addresses
     def inbox_hosts(self, info: EngineInfo) -> tuple[str, str]:
         """(bind host, advertised host) for an engine's data-plane inbox."""
-        if self.is_local or info.local:
+        if info.local or not self.binds_lan:
             return "127.0.0.1", "127.0.0.1"
         device = self.config.device_named(info.device_name)
         # a discovered worker learnt its LAN address when it joined (probe "advertise_host")
@@ -300,7 +323,7 @@ class EngineControl:
 
     def coordinator_inbox_hosts(self, stage_engines: list[EngineInfo]) -> tuple[str, str]:
         """(bind host, advertised host) for the coordinator's own inbox (the last stage sends there)."""
-        if self.is_local or all(e.local for e in stage_engines):
+        if not self.binds_lan or all(e.local for e in stage_engines):
             return "127.0.0.1", "127.0.0.1"
         coordinator = self.config.coordinator
         return "0.0.0.0", coordinator.address or self.lan_address or coordinator.hostname

@@ -30,14 +30,22 @@ def controller_args(port: int | None = None) -> list[str]:
     return args
 
 
-def engine_environment(*, threads: int | None, device_name: str | None = None) -> dict[str, str]:
+def engine_environment(*, threads: int | None, device_name: str | None = None,
+                       secret: bytes | None = None) -> dict[str, str]:
     """Environment for an engine process, set before torch is imported there.
 
     OMP_WAIT_POLICY=PASSIVE keeps a stage that waits for its next message from spinning on
-    cores the neighbouring stage on the same machine is computing with.
+    cores the neighbouring stage on the same machine is computing with. ``secret``: the cluster
+    secret the engine's data plane authenticates with (through the environment, never argv).
+    The engine also watches this process and ends with it (:mod:`exo_lab.lifeline`).
     """
+    from ..lifeline import watch_environment
+    from ..security import secret_environment
+
     env = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false", "PYTHONFAULTHANDLER": "1",
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", **watch_environment()}
+    if secret is not None:
+        env.update(secret_environment(secret))
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
         env["MKL_NUM_THREADS"] = str(threads)
@@ -80,8 +88,23 @@ def make_ipp_cluster(*, profile_dir: Path, controller_ip: str, controller_locati
         controller_args=controller_args(port),
         log_level=logging.WARNING,
         shutdown_atexit=True,
+        config=lifeline_config(),
     )
     return cluster
+
+
+def lifeline_config():
+    """ipyparallel launcher settings that start the controller and the engines under
+    :mod:`exo_lab.lifeline`: they end when this process dies, even by SIGKILL."""
+    from traitlets.config import Config
+
+    from .. import lifeline
+
+    config = Config()
+    config.LocalControllerLauncher.controller_cmd = lifeline.command("ipyparallel.controller")
+    config.LocalControllerLauncher.environment = lifeline.watch_environment()
+    config.LocalEngineSetLauncher.engine_cmd = lifeline.command("ipyparallel.engine")
+    return config
 
 
 def session_key(secret: bytes) -> str:
@@ -153,6 +176,26 @@ def wait_for_connection_file(profile_dir: Path, *, newer_than: float = 0.0, time
         if time.monotonic() > deadline:
             return engine_connection_file(profile_dir)   # raises with what to do when none is there
         time.sleep(0.1)
+
+
+LOCAL_SECRET_FILE = "exo-lab-secret"
+
+
+def write_local_secret(profile_dir: Path, secret: bytes) -> Path:
+    """Without a shared secret a config cluster binds loopback only and its coordinator makes a
+    random secret; it is kept next to the controller's connection files (owner-only, as they
+    are) for workers started on this same PC (:func:`read_local_secret`)."""
+    from ..security import write_secret_file
+
+    return write_secret_file(Path(profile_dir) / "security" / LOCAL_SECRET_FILE, secret)
+
+
+def read_local_secret(profile_dir: Path) -> bytes | None:
+    """The secret :func:`write_local_secret` left in a profile, or None."""
+    from ..security import read_secret_file
+
+    path = Path(profile_dir) / "security" / LOCAL_SECRET_FILE
+    return read_secret_file(path) if path.is_file() else None
 
 
 def read_connection_info(path: Path, coordinator_address: str | None) -> dict:

@@ -6,6 +6,14 @@ Each hop is one PUSH socket (:class:`Outbox`) connected to the next stage's PULL
 Addresses: an :class:`Inbox` binds ``host`` (``"0.0.0.0"`` for every interface, needed for
 remote PCs) and reports ``address`` for peers to connect to. A wildcard is not connectable, so
 binding one requires ``advertise_host``: the name or IP other PCs reach this one by.
+
+Authentication: every socket takes ``key`` = ``exo_lab.security.derive_key(secret, "data-plane")``.
+With it, each connection is CurveZMQ-encrypted and mutually authenticated (:mod:`.auth` says why
+and what it costs): a peer without the cluster secret can neither send to an inbox nor read
+what travels. An inbox reports refused peers through ``recv``, which raises
+:class:`~exo_lab.wire.frames.FrameError` once for them, like a malformed message, so receivers
+drop and count both the same way. ``key=None`` is unauthenticated, for tests and benchmarks
+only; exo-lab's own pipelines always pass a key.
 """
 from __future__ import annotations
 
@@ -15,7 +23,8 @@ import zmq
 import zmq.asyncio
 
 from ..errors import ClusterError, ConfigError
-from .frames import Message, decode, encode
+from . import auth
+from .frames import FrameError, Message, decode, encode
 
 logger = logging.getLogger(__name__)
 
@@ -65,18 +74,27 @@ def _async_context(context: zmq.Context | None) -> zmq.asyncio.Context:
 
 
 class _Inbox:
-    def __init__(self, context, host: str, port: int, advertise_host: str | None):
+    def __init__(self, context, host: str, port: int, advertise_host: str | None, key: bytes | None):
         if host in _WILDCARD_HOSTS and not advertise_host:
             raise ConfigError(f"inbox binds the wildcard host {host!r}, which peers cannot "
                               "connect to; pass advertise_host= the hostname or LAN IP other "
                               "PCs reach this one by")
+        self._context = context
+        self._keys = auth.CurveKeys.from_key(key) if key is not None else None
+        self._refused_seen = 0
+        self._handshakes: auth.HandshakeMonitor | None = None
+        if self._keys is not None:
+            auth.register(context, self._keys)
         self._socket = context.socket(zmq.PULL)
         _configure(self._socket, ipv6=":" in host)
+        if self._keys is not None:
+            auth.make_server(self._socket, self._keys)
+            self._handshakes = auth.HandshakeMonitor(self._socket)
         bind_host = "*" if host in _WILDCARD_HOSTS else host
         try:
             self._socket.bind(tcp_address(bind_host, port or "*"))
         except zmq.ZMQError as exc:
-            self._socket.close()
+            self.close()
             raise ClusterError(f"cannot bind a data-plane inbox on {host}:{port} ({exc}); use "
                                "an address of this PC and a free port, or port 0 to let the OS "
                                "choose") from exc
@@ -93,8 +111,30 @@ class _Inbox:
         if value != self._timeout_ms:
             self._socket.rcvtimeo = self._timeout_ms = value
 
+    @property
+    def authenticated(self) -> bool:
+        return self._keys is not None
+
+    @property
+    def refused_peers(self) -> int:
+        """Connection attempts refused because the peer did not prove the cluster secret."""
+        return self._handshakes.count() if self._handshakes is not None else 0
+
+    def _report_refused(self) -> None:
+        refused = self.refused_peers
+        if refused > self._refused_seen:
+            new, self._refused_seen = refused - self._refused_seen, refused
+            raise FrameError(f"refused {new} connection attempt(s) by peers without the cluster "
+                             "secret (CurveZMQ authentication); nothing they sent was read")
+
     def close(self) -> None:
+        if self._handshakes is not None:
+            self._handshakes.close()
+            self._handshakes = None
         self._socket.close(linger=0)
+        if self._keys is not None:
+            auth.unregister(self._context, self._keys)
+            self._keys = None
 
     def __enter__(self):
         return self
@@ -107,17 +147,20 @@ class Inbox(_Inbox):
     """A PULL socket bound on ``host:port`` (port 0: the OS picks) that receives Messages.
 
     ``address`` is what peers connect to: ``tcp://{advertise_host or host}:{port}``.
+    ``key``: the data-plane key; only outboxes with the same key can connect (None: anyone).
     Raises :class:`~exo_lab.errors.ConfigError` for a wildcard host without
     ``advertise_host`` and :class:`~exo_lab.errors.ClusterError` when the bind fails.
     """
 
     def __init__(self, context: zmq.Context | None = None, host: str = "127.0.0.1",
-                 port: int = 0, *, advertise_host: str | None = None):
-        super().__init__(_sync_context(context), host, port, advertise_host)
+                 port: int = 0, *, advertise_host: str | None = None, key: bytes | None = None):
+        super().__init__(_sync_context(context), host, port, advertise_host, key)
 
     def recv(self, timeout_ms: int | None = None) -> Message | None:
         """The next message, or None after ``timeout_ms`` (None: wait forever).
-        Raises :class:`FrameError` for a malformed message (which is consumed)."""
+        Raises :class:`FrameError` for a malformed message (which is consumed), or once after
+        peers without the cluster secret were refused."""
+        self._report_refused()
         self._set_timeout(timeout_ms)
         try:
             # zmq.Frames: decode() shares their memory. Measured on loopback: no slower than
@@ -132,12 +175,14 @@ class AsyncInbox(_Inbox):
     """:class:`Inbox` for an asyncio event loop (the coordinator's scheduler)."""
 
     def __init__(self, context: zmq.Context | None = None, host: str = "127.0.0.1",
-                 port: int = 0, *, advertise_host: str | None = None):
-        super().__init__(_async_context(context), host, port, advertise_host)
+                 port: int = 0, *, advertise_host: str | None = None, key: bytes | None = None):
+        super().__init__(_async_context(context), host, port, advertise_host, key)
 
     async def recv(self, timeout_ms: int | None = None) -> Message | None:
         """The next message, or None after ``timeout_ms`` (None: wait forever).
-        Raises :class:`FrameError` for a malformed message (which is consumed)."""
+        Raises :class:`FrameError` for a malformed message (which is consumed), or once after
+        peers without the cluster secret were refused."""
+        self._report_refused()
         self._set_timeout(timeout_ms)
         try:
             # one atomic multipart recv: with per-frame recvs, another task awaiting this
@@ -149,11 +194,13 @@ class AsyncInbox(_Inbox):
 
 
 class _Outbox:
-    def __init__(self, context, address: str, send_timeout_ms: int):
+    def __init__(self, context, address: str, send_timeout_ms: int, key: bytes | None):
         self.address = address
         self.send_timeout_ms = send_timeout_ms
         self._socket = context.socket(zmq.PUSH)
         _configure(self._socket, ipv6=address.startswith("tcp://["))
+        if key is not None:
+            auth.make_client(self._socket, auth.CurveKeys.from_key(key))
         # queue only on live connections, so a peer that never came up shows as a send
         # timeout instead of messages waiting silently in a connecting pipe
         self._socket.setsockopt(zmq.IMMEDIATE, 1)
@@ -167,8 +214,9 @@ class _Outbox:
 
     def _timeout_error(self, exc: zmq.Again) -> ClusterError:
         return ClusterError(f"no stage took a message at {self.address} within "
-                            f"{self.send_timeout_ms} ms: is its worker running, and is that "
-                            "address reachable from this PC (firewall, advertised host)?")
+                            f"{self.send_timeout_ms} ms: is its worker running, is that address "
+                            "reachable from this PC (firewall, advertised host), and do both PCs "
+                            "hold the same cluster secret?")
 
     def close(self, linger_ms: int = 0) -> None:
         """Close; messages still queued are dropped unless ``linger_ms`` > 0 (use it after a
@@ -184,6 +232,7 @@ class _Outbox:
 
 class Outbox(_Outbox):
     """A PUSH socket connected to a peer's :attr:`Inbox.address`; messages arrive in order.
+    ``key``: the data-plane key, the same as the inbox's (None: no authentication).
 
     Payloads of 64 KB and more are sent without a copy: do not modify the tensor in place
     after ``send``. ``send`` raises :class:`~exo_lab.errors.ClusterError` when no peer has
@@ -191,8 +240,8 @@ class Outbox(_Outbox):
     """
 
     def __init__(self, context: zmq.Context | None, address: str, *,
-                 send_timeout_ms: int = 10_000):
-        super().__init__(_sync_context(context), address, send_timeout_ms)
+                 send_timeout_ms: int = 10_000, key: bytes | None = None):
+        super().__init__(_sync_context(context), address, send_timeout_ms, key)
 
     def send(self, msg: Message) -> None:
         try:
@@ -205,8 +254,8 @@ class AsyncOutbox(_Outbox):
     """:class:`Outbox` for an asyncio event loop (the coordinator's scheduler)."""
 
     def __init__(self, context: zmq.Context | None, address: str, *,
-                 send_timeout_ms: int = 10_000):
-        super().__init__(_async_context(context), address, send_timeout_ms)
+                 send_timeout_ms: int = 10_000, key: bytes | None = None):
+        super().__init__(_async_context(context), address, send_timeout_ms, key)
 
     async def send(self, msg: Message) -> None:
         try:
