@@ -228,39 +228,35 @@ def slurm_launcher_config(config: ClusterConfig, traitlets_config=None):
     """traitlets settings of ipyparallel's ``SlurmEngineSetLauncher`` for ``launcher: slurm``."""
     from traitlets.config import Config
 
-    launcher = config.launcher
     settings = traitlets_config if traitlets_config is not None else Config()
     slurm = settings.SlurmEngineSetLauncher
-    python = launcher.ssh.python or sys.executable
+    python = config.launcher.ssh.python or sys.executable
     slurm.engine_cmd = worker_command(python, remote_config_path(config), None)
-    slurm.batch_template = slurm_batch_template(launcher.nodes)
-    if launcher.partition:
-        slurm.queue = launcher.partition
-    if launcher.account:
-        slurm.account = launcher.account
-    if launcher.time:
-        slurm.timelimit = launcher.time
+    slurm.batch_template = slurm_batch_template(config)
     return settings
 
 
-def slurm_batch_template(nodes: int) -> str:
-    """One worker per node (each starts its node's engine); ipyparallel adds partition, account,
-    time. The secret is not in it: the workers read network.secret_file."""
-    return ("#!/bin/sh\n"
-            f"#SBATCH --nodes={nodes}\n"
-            "#SBATCH --ntasks-per-node=1\n"
-            "#SBATCH --job-name=exo-lab-{cluster_id}\n"
-            "#SBATCH --export=ALL,EXO_LAB_SECRET=\n"
-            "srun {program_and_args}\n")
+def slurm_batch_template(config: ClusterConfig) -> str:
+    """One worker per node, each starting its node's engine and joining by discovery. Written in
+    full here (ipyparallel adds partition/account/time only to its own default template).
+    ``--export``: only exo-lab's folders go from the coordinator's environment into the job
+    (Slurm stores it), so never a ``$EXO_LAB_SECRET``; the workers read network.secret_file."""
+    launcher = config.launcher
+    lines = ["#!/bin/sh", f"#SBATCH --nodes={launcher.nodes}", "#SBATCH --ntasks-per-node=1",
+             "#SBATCH --job-name=exo-lab-" + config.cluster_name, "#SBATCH --export=EXO_LAB_HOME,EXO_LAB_CACHE"]
+    for option, value in (("partition", launcher.partition), ("account", launcher.account),
+                          ("time", launcher.time)):
+        if value:
+            lines.append(f"#SBATCH --{option}={value}")
+    return "\n".join([*lines, "srun {program_and_args}", ""])
 
 
 def slurm_batch_script(config: ClusterConfig, profile_dir: Path) -> str:
-    """The batch script ``launcher: slurm`` submits, as text (what ``sbatch`` would get)."""
+    """The batch script ``launcher: slurm`` submits, as text (what ``sbatch`` gets)."""
     from ipyparallel.cluster.launcher import SlurmEngineSetLauncher
 
     launcher = SlurmEngineSetLauncher(config=slurm_launcher_config(config), profile_dir=str(profile_dir),
-                                      cluster_id="exo-lab", work_dir=str(profile_dir))
-    launcher.n = config.launcher.nodes
+                                      cluster_id="", work_dir=str(profile_dir))
     launcher.write_batch_script(config.launcher.nodes)
     return Path(launcher.batch_file).read_text()
 
