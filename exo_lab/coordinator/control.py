@@ -185,6 +185,9 @@ class EngineControl:
             self._client.close()
             self._client = None
         if self._ipp is not None:
+            if self.launches_workers:
+                from .launchers import stop_launched_workers   # every PC at once
+                stop_launched_workers(self._ipp)
             try:
                 self._ipp.stop_cluster_sync()
             except Exception:

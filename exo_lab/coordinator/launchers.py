@@ -194,7 +194,8 @@ def prepare_launch(config: ClusterConfig, secret: bytes | None, progress=print_p
 
 def start_launched_workers(ipp_cluster, config: ClusterConfig, secret: bytes, progress=print_progress) -> str:
     """Start the compute PCs' workers through ipyparallel's launcher for ``launcher.kind``, as an
-    engine set of ``ipp_cluster`` (so its ``stop_cluster`` stops them too). Returns the set's id."""
+    engine set of ``ipp_cluster`` (so its ``stop_cluster`` stops them too): one set per PC over
+    SSH, one job under Slurm. Returns the sets' ids, comma-separated."""
     from ipyparallel.cluster.launcher import SlurmEngineSetLauncher, SSHEngineSetLauncher
 
     from ..security import secret_environment
@@ -207,11 +208,20 @@ def start_launched_workers(ipp_cluster, config: ClusterConfig, secret: bytes, pr
         if kind == "ssh":
             ipp_cluster.engine_launcher_class = SSHEngineSetLauncher
             engines = ssh_engine_map(config)
-            set_id = ipp_cluster.start_engines_sync(
-                len(engines), engine_set_id="exo-lab-ssh", engines=engines,
-                environment=secret_environment(secret))
-            for target in ssh_targets(config):
+
+            def start_one(target: SSHTarget) -> str:
+                # one engine set per PC, all at once: each start is four ssh round trips
+                # (shell, python, profile folder, start), a PC after another adds up
+                set_id = ipp_cluster.start_engines_sync(
+                    1, engine_set_id=f"exo-lab-ssh-{target.hostname}",
+                    engines={target.location: engines[target.location]},
+                    environment=secret_environment(secret))
                 progress(f"{target.hostname}: worker started over SSH, its engines are joining")
+                return set_id
+
+            targets = ssh_targets(config)
+            with concurrent.futures.ThreadPoolExecutor(max(1, len(targets))) as pool:
+                set_id = ",".join(pool.map(start_one, targets))
         else:
             ipp_cluster.engine_launcher_class = SlurmEngineSetLauncher
             slurm_launcher_config(config, ipp_cluster.config)
@@ -284,3 +294,18 @@ def expected_launched_engines(config: ClusterConfig) -> int:
         return sum(d.engines for d in config.compute_devices if not d.is_coordinator)
     return config.launcher.nodes
 
+
+
+def stop_launched_workers(ipp_cluster) -> None:
+    """Stop the workers :func:`start_launched_workers` started, every PC at once (ipyparallel's
+    stop_cluster would stop the sets one after another, each a few ssh round trips)."""
+    def stop_one(set_id: str) -> None:
+        try:
+            ipp_cluster.stop_engines_sync(set_id)
+        except Exception:   # stopping goes on for the other PCs; stop_cluster tries again
+            logger.exception("stopping the workers of %s failed", set_id)
+
+    sets = [set_id for set_id in list(ipp_cluster.engines) if set_id.startswith("exo-lab-")]
+    if sets:
+        with concurrent.futures.ThreadPoolExecutor(len(sets)) as pool:
+            list(pool.map(stop_one, sets))
