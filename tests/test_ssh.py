@@ -166,7 +166,7 @@ def test_one_command_starts_every_pc_over_ssh_serves_and_stops_clean(sshlab, tmp
                         max_retries=0, timeout=60)
         reply = client.completions.create(model=str(model), prompt="The cluster", max_tokens=8, temperature=0)
         assert reply.choices[0].text
-        for name in ("pc-b", "pc-c"):    # the secret is never on a command line (ps)
+        for name in ("coord", "pc-b", "pc-c"):    # the secret is never on a command line (ps)
             for pid in net.pids(name):
                 try:
                     assert secret.encode() not in open(f"/proc/{pid}/cmdline", "rb").read()
@@ -203,6 +203,15 @@ def test_a_pc_with_a_wrong_key_or_no_python_is_named_before_anything_starts(sshl
     assert "engine(s) up" not in out and secret not in out
     assert sshd_only(net, "pc-b") == [] and sshd_only(net, "pc-c") == []
 
+    from exo_lab.config import SSHHostConfig
+    from exo_lab.coordinator.launchers import SSHTarget, probe_target
+
+    settings = SSHHostConfig(user="root", port=SSH_PORT, python=sys.executable, identity_file=str(keys / "client_key"))
+    target = SSHTarget("pc-c", net.pcs["pc-c"].address, settings)
+    options = ("StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "LogLevel=ERROR")
+    assert probe_target(target, options, str(config)) is None
+    assert probe_target(target, options, "/nowhere/config.yaml").startswith("there is no /nowhere/config.yaml there")
+
 
 @pytest.mark.skipif(shutil.which("ssh") is None, reason="needs openssh-client (.ci/run installs it)")
 def test_an_unreachable_pc_is_named(tmp_path):
@@ -213,6 +222,27 @@ def test_an_unreachable_pc_is_named(tmp_path):
     target = SSHTarget("pc-x", "127.0.0.1", SSHHostConfig(user="nobody", port=1))
     reason = probe_target(target, ("StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null"))
     assert reason.startswith("unreachable over SSH at 127.0.0.1:1"), reason
+
+
+def test_a_worker_that_ends_fails_the_wait_at_once_with_its_last_words():
+    from types import SimpleNamespace
+
+    from exo_lab.coordinator.launchers import wait_for_launched_engines
+    from exo_lab.errors import ClusterError
+
+    class Client:
+        def wait_for_engines(self, count, timeout, interactive):
+            raise TimeoutError
+
+    ended = SimpleNamespace(pid=7, ssh_sender=SimpleNamespace(cmd_running=lambda pid: False),
+                            get_output=lambda: "starting\nerror: refused by the coordinator: wrong secret\n")
+    running = SimpleNamespace(pid=8, ssh_sender=SimpleNamespace(cmd_running=lambda pid: True))
+    ipp = SimpleNamespace(engines={"exo-lab-ssh-pc-b": SimpleNamespace(launchers={"a": ended}),
+                                   "exo-lab-ssh-pc-c": SimpleNamespace(launchers={"b": running})})
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match=r"pc-b: its worker ended: starting \| error: refused") as caught:
+        wait_for_launched_engines(Client(), ipp, 2, timeout_s=60, check_every_s=0.01)
+    assert "pc-c" not in str(caught.value) and time.monotonic() - started < 5
 
 
 # ---------------------------------------------------------------- config and probe classification
@@ -267,7 +297,8 @@ def test_ssh_engine_map_runs_the_worker_and_sends_no_connection_file(tmp_path):
     (255, "Host key verification failed.", "host key is not known"),
     (127, "sh: 1: /opt/py: not found", "is missing there"),
     (1, "ModuleNotFoundError: No module named 'exo_lab'", "exo-lab is not installed"),
-    (0, "exo-lab-probe 0.0.1 3.11.2", "exo-lab 0.0.1 is installed there, but this coordinator runs"),
+    (0, "exo-lab-probe 0.0.1 True", "exo-lab 0.0.1 is installed there, but this coordinator runs"),
+    (0, f"exo-lab-probe {__import__('exo_lab').__version__} False", "there is no config.yaml there"),
 ])
 def test_probe_failures_say_why(code, output, expected):
     from exo_lab.config import SSHHostConfig
@@ -284,3 +315,15 @@ def test_launched_workers_need_a_shared_secret():
     with pytest.raises(ConfigError, match="set network.secret_file"):
         check_launchable(load("ssh"), None)
     check_launchable(load("manual"), None)
+
+
+def test_the_command_stream_with_the_environment_is_never_logged():
+    import logging
+
+    from exo_lab.coordinator.launchers import HideCommandStream
+
+    hide = HideCommandStream()
+    record = logging.LogRecord("x", logging.DEBUG, __file__, 1, "[ShellCommandSend._cmd_send] python command: \n%s",
+                               ("...",), None)
+    assert not hide.filter(record)
+    assert hide.filter(logging.LogRecord("x", logging.DEBUG, __file__, 1, "check_output %s", ("ssh",), None))

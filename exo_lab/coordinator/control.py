@@ -168,7 +168,11 @@ class EngineControl:
 
     def _wait_for_engines(self, count: int) -> None:
         try:
-            self._client.wait_for_engines(count, timeout=self.start_timeout_s, interactive=False)
+            if self.launches_workers and self.config.launcher.kind == "ssh":
+                from .launchers import wait_for_launched_engines   # a PC whose worker ended fails at once
+                wait_for_launched_engines(self._client, self._ipp, count, self.start_timeout_s)
+            else:
+                self._client.wait_for_engines(count, timeout=self.start_timeout_s, interactive=False)
         except TimeoutError:
             raise ClusterError(self._missing_engines_message(count)) from None
 

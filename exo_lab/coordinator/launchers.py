@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 20.0
 SSH_CONNECT_TIMEOUT_S = 5
-_PROBE_CODE = "import exo_lab, sys; print('exo-lab-probe', exo_lab.__version__, sys.version.split()[0])"
+_PROBE_CODE = ("import exo_lab, os, sys; print('exo-lab-probe', exo_lab.__version__, "
+               "os.path.isfile(sys.argv[1]))")
 
 
 @dataclass(frozen=True)
@@ -98,17 +99,20 @@ def worker_command(python: str, config_path: str, device: str | None) -> list[st
 
 # ------------------------------------------------------------------ the SSH probe
 
-def classify_probe(target: SSHTarget, returncode: int, output: str) -> str | None:
+def classify_probe(target: SSHTarget, returncode: int, output: str, config_path: str = "config.yaml") -> str | None:
     """Why ``target`` cannot run a worker, from the probe's exit status and output; None: fine."""
     from .. import __version__
 
     text = output.strip()
     last = text.splitlines()[-1] if text else ""
     if returncode == 0 and last.startswith("exo-lab-probe "):
-        version = last.split()[1]
+        version, config_found = last.split()[1:3]
         if version != __version__:
             return (f"exo-lab {version} is installed there, but this coordinator runs {__version__}; "
                     f"install the same version on every PC")
+        if config_found != "True":
+            return (f"there is no {config_path} there; put config.yaml at that path on every PC "
+                    f"(a shared folder), or set launcher.config to where it is")
         return None
     lowered = text.lower()
     if returncode == 255:
@@ -131,10 +135,11 @@ def classify_probe(target: SSHTarget, returncode: int, output: str) -> str | Non
     return f"the probe `{target.python} -c 'import exo_lab'` failed with status {returncode}: {last}"
 
 
-def probe_target(target: SSHTarget, extra_options: tuple[str, ...] = (),
+def probe_target(target: SSHTarget, extra_options: tuple[str, ...] = (), config_path: str = "config.yaml",
                  timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
-    """One ``ssh PC python -c 'import exo_lab'``: None when the PC can run a worker, else why not."""
-    command = [*target.ssh_command(extra_options), shlex.join([target.python, "-c", _PROBE_CODE])]
+    """One ``ssh PC python -c 'import exo_lab'`` (and is config.yaml there?): None when the PC
+    can run a worker, else why not."""
+    command = [*target.ssh_command(extra_options), shlex.join([target.python, "-c", _PROBE_CODE, config_path])]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
                               stdin=subprocess.DEVNULL)
@@ -142,15 +147,16 @@ def probe_target(target: SSHTarget, extra_options: tuple[str, ...] = (),
         return f"unreachable: no answer over SSH within {timeout_s:.0f} s"
     except FileNotFoundError:
         return "this PC has no `ssh` command (install openssh-client)"
-    return classify_probe(target, done.returncode, done.stdout + done.stderr)
+    return classify_probe(target, done.returncode, done.stdout + done.stderr, config_path)
 
 
-def probe_all(targets: list[SSHTarget], extra_options: tuple[str, ...] = (), progress=None) -> None:
+def probe_all(targets: list[SSHTarget], extra_options: tuple[str, ...] = (), config_path: str = "config.yaml",
+              progress=None) -> None:
     """Probe every PC at once; raise one ClusterError naming each PC that cannot come up."""
     progress = progress or (lambda line: logger.info("%s", line))
     with concurrent.futures.ThreadPoolExecutor(max(1, len(targets))) as pool:
         reasons = dict(zip([t.hostname for t in targets],
-                           pool.map(lambda t: probe_target(t, extra_options), targets)))
+                           pool.map(lambda t: probe_target(t, extra_options, config_path), targets)))
     for target in targets:
         reason = reasons[target.hostname]
         progress(f"{target.hostname}: " + (f"cannot start: {reason}" if reason else
@@ -189,7 +195,16 @@ def prepare_launch(config: ClusterConfig, secret: bytes | None, progress=print_p
     that cannot come up is named (with why) before anything runs. Raises ConfigError/ClusterError."""
     check_launchable(config, secret)
     if config.launcher.kind == "ssh":
-        probe_all(ssh_targets(config), config.launcher.options, progress)
+        probe_all(ssh_targets(config), config.launcher.options, remote_config_path(config), progress)
+
+
+class HideCommandStream(logging.Filter):
+    """Drops ipyparallel's debug records of the Python it pipes to ssh (its Windows path logs
+    it whole, and it carries the environment, so the secret), whatever the log level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        return "python command" not in text and "process with inputs" not in text
 
 
 def start_launched_workers(ipp_cluster, config: ClusterConfig, secret: bytes, progress=print_progress) -> str:
@@ -201,6 +216,8 @@ def start_launched_workers(ipp_cluster, config: ClusterConfig, secret: bytes, pr
     from ..security import secret_environment
 
     kind = config.launcher.kind
+    if not any(isinstance(f, HideCommandStream) for f in ipp_cluster.log.filters):
+        ipp_cluster.log.addFilter(HideCommandStream())
     saved = ipp_cluster.engine_launcher_class, ipp_cluster.send_engines_connection_env
     # the workers build their connection info from the secret; the key itself is never sent
     ipp_cluster.send_engines_connection_env = False
@@ -309,3 +326,45 @@ def stop_launched_workers(ipp_cluster) -> None:
     if sets:
         with concurrent.futures.ThreadPoolExecutor(len(sets)) as pool:
             list(pool.map(stop_one, sets))
+
+
+def exited_workers(ipp_cluster) -> dict[str, str]:
+    """The launched SSH workers that have already ended, by PC: {hostname: last lines of its
+    output}. One short ssh per PC (ipyparallel's own watch polls once a minute)."""
+    exited = {}
+    for set_id, engine_set in list(ipp_cluster.engines.items()):
+        if not set_id.startswith("exo-lab-ssh-"):
+            continue
+        for launcher in list(getattr(engine_set, "launchers", {}).values()):
+            try:
+                if launcher.ssh_sender.cmd_running(launcher.pid):
+                    continue
+                output = launcher.get_output() or ""
+            except Exception as exc:   # the PC went away: that is the news
+                output = f"(its output could not be fetched: {exc})"
+            tail = " | ".join(line.strip() for line in output.strip().splitlines()[-3:])
+            exited[set_id[len("exo-lab-ssh-"):]] = tail or "(no output)"
+    return exited
+
+
+def exited_workers_message(exited: dict[str, str]) -> str:
+    return "; ".join(f"{name}: its worker ended: {tail}" for name, tail in exited.items())
+
+
+def wait_for_launched_engines(client, ipp_cluster, count: int, timeout_s: float, check_every_s: float = 5.0) -> None:
+    """``client.wait_for_engines``, but a PC whose launched worker has ended fails the wait at
+    once, named with the worker's last words. Raises TimeoutError or ClusterError."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left_s = deadline - time.monotonic()
+        try:
+            client.wait_for_engines(count, timeout=max(0.1, min(check_every_s, left_s)), interactive=False)
+            return
+        except TimeoutError:
+            exited = exited_workers(ipp_cluster)
+            if exited:
+                raise ClusterError("launcher ssh: " + exited_workers_message(exited)) from None
+            if left_s <= check_every_s:
+                raise
