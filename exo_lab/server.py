@@ -58,9 +58,12 @@ def run_server(*, config_path=None, engines=None, max_cores=None, load_args: dic
     host = host or (config.api.host if config else "127.0.0.1")
     port = port if port is not None else (config.api.port if config else 8000)
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    # while starting (other PCs' workers too, with launcher: ssh | slurm), Ctrl-C or SIGTERM
+    # interrupts the start, which stops whatever was started; once up, they end the serving
+    signal.signal(signal.SIGTERM, _interrupt)
     with cluster:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
         print(f"cluster {cluster.config.cluster_name}: {len(cluster.control.ids)} engine(s) up; "
               f"ipyparallel profile {cluster.profile_dir}", flush=True)
         plan = cluster.load(options.model, dtype=options.dtype, max_context=options.max_context,
@@ -73,6 +76,10 @@ def run_server(*, config_path=None, engines=None, max_cores=None, load_args: dic
         stop.wait()
         print("stopping ...", flush=True)
     return 0
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     except ExoLabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted while starting; everything it started is stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
