@@ -395,7 +395,20 @@ def format_config_summary(cfg: ClusterConfig) -> str:
     if settings:
         lines.append("settings: " + ", ".join(settings))
     lines.append(f"api: {cfg.api.host}:{cfg.api.port}, {_api_key_text(cfg.api)}")
+    if cfg.launcher.kind != "manual":
+        lines.append(_launcher_line(cfg.launcher))
     return "\n".join(lines)
+
+
+def _launcher_line(launcher: LauncherConfig) -> str:
+    if launcher.kind == "slurm":
+        settings = [f"{name} {value}" for name, value in (("partition", launcher.partition),
+                    ("account", launcher.account), ("time", launcher.time)) if value]
+        return f"launcher: slurm, {launcher.nodes} node(s)" + "".join(f", {s}" for s in settings)
+    ssh = launcher.ssh
+    where = f"{ssh.user + '@' if ssh.user else ''}PC:{ssh.port or 22}"
+    return f"launcher: ssh ({where}, python {ssh.python or 'as here'}" + (
+        f", {len(launcher.hosts)} PC override(s))" if launcher.hosts else ")")
 
 
 def _api_key_text(api: ApiConfig) -> str:

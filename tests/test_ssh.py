@@ -263,6 +263,9 @@ def test_launcher_config_defaults_overrides_and_errors():
     assert load("manual").launcher.kind == "manual" and load("ssh").launcher.kind == "ssh"
     config = load({"kind": "ssh", "user": "lab", "port": 2200, "devices": {"b": {"port": 22, "python": "/v/py"}}})
     assert config.launcher.ssh_for("b.local") == type(config.launcher.ssh)(user="lab", port=22, python="/v/py")
+    from exo_lab.config import format_config_summary
+
+    assert format_config_summary(config).splitlines()[-1] == "launcher: ssh (lab@PC:2200, python as here, 1 PC override(s))"
     for bad, message in (({"kind": "sssh"}, "did you mean 'ssh'"),
                          ({"kind": "ssh", "partition": "gpu"}, "'partition' is a setting of the slurm launcher"),
                          ({"kind": "ssh", "devices": {"z": {}}}, "names 'z', which is not a compute PC"),
