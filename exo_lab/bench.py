@@ -46,7 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps in flight at once (default: one per stage)")
     parser.add_argument("--prompt-tokens", type=_positive, default=32)
     parser.add_argument("--new-tokens", type=_positive, default=32)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", type=_dtypes, default=["float32"],
+                        help="stage dtype(s), e.g. int8 or float32,bfloat16,int8 (several: with --compare)")
+    parser.add_argument("--compare", action="store_true",
+                        help="one stream per --dtype and --engines against transformers and llama.cpp "
+                             "(pip install 'exo-lab[bench]'), with greedy agreement and perplexity")
+    parser.add_argument("--quality-tokens", type=_positive, default=64,
+                        help="--compare: greedy tokens compared with float32")
+    parser.add_argument("--ppl-tokens", type=_positive, default=256,
+                        help="--compare: tokens of exo_lab/data/corpus.txt for perplexity")
     parser.add_argument("--rounds", type=_positive, default=3, help="alternating single/cluster rounds")
     parser.add_argument("--json-out", default=None, help="also write the results as JSON to this file")
 
@@ -59,6 +67,16 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
     return value
+
+
+def _dtypes(text: str) -> list[str]:
+    from .units import DTYPES
+
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    bad = [name for name in names if name not in DTYPES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: use one or more of {', '.join(DTYPES)}")
+    return names
 
 
 def _counts(text: str) -> list[int]:
@@ -208,6 +226,11 @@ def run(args) -> int:
     model_dir = resolve_model(args.model) if args.model else bench_model_dir(args.preset)
     model = args.model or str(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if args.compare:
+        return run_compare(args, model, model_dir, tokenizer)
+    if len(args.dtype) > 1:
+        raise SystemExit("several --dtype values need --compare")
+    args.dtype = args.dtype[0]
     batches = {c: prompt_batch(tokenizer, c, args.prompt_tokens) for c in args.concurrency}
     print(f"model {model_dir} ({args.dtype}), prompts of {args.prompt_tokens} tokens, {args.new_tokens} new "
           f"tokens each, greedy, {args.rounds} alternating rounds", flush=True)
@@ -219,6 +242,20 @@ def run(args) -> int:
     report = {"model": str(model_dir), "dtype": args.dtype, "prompt_tokens": args.prompt_tokens,
               "new_tokens": args.new_tokens, "clusters": clusters, "hop": measure_hop_overhead()}
     print(format_report(report))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+def run_compare(args, model: str, model_dir, tokenizer) -> int:
+    from .bench_speed import format_compare
+    from .bench_speed import run_compare as compare
+
+    print(f"model {model_dir}: one stream, prompt of {args.prompt_tokens} tokens, {args.new_tokens} new tokens, "
+          f"dtypes {', '.join(args.dtype)}, engines {args.engines}, {args.rounds} rounds", flush=True)
+    report = compare(args, model, model_dir, tokenizer, prompt_batch(tokenizer, 1, args.prompt_tokens)[0])
+    print(format_compare(report))
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(report, f, indent=2)

@@ -126,3 +126,16 @@ def test_bad_dtypes_are_errors_naming_the_choices():
         ShardSpec("m", 0, 1, 1, dtype="int4")
     with pytest.raises(ModelError, match="unknown dtype 'q4'"):
         profile_from_config({}, dtype="q4")
+
+
+def test_plan_int8_fits_the_70b_on_one_seed_pc(capsys):
+    from pathlib import Path
+
+    from exo_lab.cli import main
+
+    root = Path(__file__).resolve().parent.parent
+    assert main(["plan", "--config", str(root / "examples/config.yaml"), "--model",
+                 str(root / "examples/models/llama-3.1-70b"), "--dtype", "int8", "--json"]) == 0
+    import json
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["dtype"] == "int8" and len(plan["stages"]) == 1
