@@ -5,7 +5,9 @@
 Target (DESIGN.md): per-hop data-plane overhead <= 0.3 ms on loopback, read off the median of
 the 3.5 KB row (one decode step of a 896-wide float32 hidden state); authentication (CurveZMQ,
 as exo-lab runs) may add at most 0.05 ms there. The PAIR columns are bare pyzmq sending the
-same bytes, the floor that any framing sits on.
+same bytes, the floor that any framing sits on. A last table gives the codec's cost by the rows
+of a continuous-batching decode step (each row's KV slot, position and sampling settings ride in
+the FORWARD header).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a chec
 
 from exo_lab.bench import measure_hop_overhead  # noqa: E402
 from exo_lab.sampling import SamplingSettings  # noqa: E402
-from exo_lab.wire import Forward, decode, encode  # noqa: E402
+from exo_lab.wire import Forward, Row, decode, encode  # noqa: E402
 
 TARGET_MS = 0.3
 AUTH_TARGET_MS = 0.05      # what authenticating the data plane may add to a 3.5 KB hop
@@ -35,12 +37,16 @@ PAYLOADS = [
     ("64 KB short prefill", (1, 16, 1024), torch.float32),
     ("1 MB prefill", (1, 256, 1024), torch.float32),
 ]
+# rows of a continuous-batching decode step (B, 1, 896): encode+decode cost grows with the rows
+BATCH_ROWS = (1, 8, 32, 128)
 
 
 def codec_us(tensor: torch.Tensor, n: int) -> tuple[float, float]:
     """Median encode and decode time in microseconds; decode reads zmq.Frames, as on the wire.
-    The message is a sampled decode step past one stage, so every header field is filled in."""
-    msg = Forward(1, 7, tensor, SAMPLING, stage_ms=(0.5,))
+    The message is a sampled decode step past one stage, one Row per tensor row, so every header
+    field is filled in."""
+    rows = tuple(Row(slot, 7, SAMPLING) for slot in range(tensor.shape[0]))
+    msg = Forward(1, rows, tensor, stage_ms=(0.5,))
     frames = [zmq.Frame(bytes(frame)) for frame in encode(msg)]
     encode_us, decode_us = [], []
     for _ in range(n):
@@ -84,6 +90,17 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_batches(n: int) -> str:
+    """Encode+decode cost of a decode step by batch rows (no sockets: the codec alone)."""
+    lines = [f"\n{'decode step rows':<22}{'bytes':>9}{'encode us':>12}{'decode us':>12}{'us per row':>12}"]
+    for count in BATCH_ROWS:
+        tensor = torch.zeros(count, 1, 896)
+        encode_us, decode_us = codec_us(tensor, n)
+        lines.append(f"{count:<22}{tensor.nbytes:>9}{encode_us:>12.1f}{decode_us:>12.1f}"
+                     f"{(encode_us + decode_us) / count:>12.1f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000, help="round trips per payload size")
@@ -91,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = run(args.n)
-    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    print(json.dumps(rows, indent=2) if args.json else
+          format_table(rows) + "\n" + format_batches(min(args.n, 500)))
 
 
 if __name__ == "__main__":

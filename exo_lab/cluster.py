@@ -49,6 +49,7 @@ class Cluster:
         self._server = None
         self._peer_service = None        # join / model files / advert (config clusters with a secret)
         self._reload_lock = threading.RLock()
+        self.recovering: str | None = None      # a failover is under way, after this failure
         self._watcher: threading.Thread | None = None
         self._stop_watching = threading.Event()
 
@@ -180,9 +181,10 @@ class Cluster:
 
         with self._reload_lock:
             self.unload()
-            self.failure = None
-            self.pipeline = load_pipeline(self.control, self._loop, options, check_alive=self._check_alive,
-                                          progress=progress, timeout_s=timeout_s)
+            # a failure stays in force (and /health says it) until the new pipeline is up
+            pipeline = load_pipeline(self.control, self._loop, options, check_alive=self._check_alive,
+                                     progress=progress, timeout_s=timeout_s, on_failure=self._pipeline_lost)
+            self.pipeline, self.failure = pipeline, None
         if self.config.replan == "auto" and self._watcher is None:
             self._watcher = threading.Thread(target=self._watch_membership, name="exo-lab-replan", daemon=True)
             self._watcher.start()
@@ -268,10 +270,67 @@ class Cluster:
         pipeline = self.pipeline
         if pipeline is None or not self.control.started:
             return "the cluster was stopped"
-        problem = pipeline.dead_stage_message(self.control)
-        if problem:
-            self.failure = problem
-        return problem
+        return pipeline.dead_stage_message(self.control)
+
+    # ------------------------------------------------------------ failover
+    def _pipeline_lost(self, reason: str) -> None:
+        """The scheduler lost its pipeline (called on the loop thread): fail over in a thread
+        of its own, since re-planning and loading make blocking control-plane calls."""
+        self.recovering = reason
+        threading.Thread(target=self._failover, args=(reason,), name="exo-lab-failover", daemon=True).start()
+
+    def _failover(self, reason: str) -> None:
+        """Re-plan on the survivors (spares included), load what moved, and let the scheduler
+        replay its requests there. When the survivors cannot hold the model, every request
+        ends with the reason, /health says it, and the cluster loads again by itself once
+        enough engines are back."""
+        from .coordinator.pipeline import load_pipeline
+
+        with self._reload_lock:
+            old = self.pipeline
+            if old is None or not self.control.started:
+                return
+            try:
+                self.pipeline = load_pipeline(self.control, self._loop, old.options, check_alive=self._check_alive,
+                                              progress=False, timeout_s=DEFAULT_LOAD_TIMEOUT_S,
+                                              on_failure=self._pipeline_lost, failover_from=old)
+            except ExoLabError as exc:
+                self._give_up(old, f"{reason}; the engines left cannot serve the model ({exc}); it loads "
+                                   f"again by itself once enough engines are back")
+                return
+            finally:
+                self.recovering = None
+            moved = {e.engine_id for e in old.engines} - {e.engine_id for e in self.pipeline.engines}
+            self._unload_engines([e for e in old.engines if e.engine_id in moved and not self.control.is_gone(e)])
+            logger.warning("failed over to %d stage(s) after: %s", len(self.pipeline.plan.stages), reason)
+
+    def _give_up(self, old: Pipeline, message: str) -> None:
+        logger.error("%s", message)
+        self.failure = message
+        self._loop.run(_call(old.scheduler.abort, ClusterError(message)))
+        threading.Thread(target=self._reload_when_engines_return, args=(old.options, message),
+                         name="exo-lab-reload", daemon=True).start()
+
+    def _reload_when_engines_return(self, options, message: str) -> None:
+        known = set(self.control.ids)
+        while not self._stop_watching.wait(MEMBERSHIP_CHECK_S):
+            if self.failure != message or not self.control.started:
+                return                   # loaded again meanwhile, or stopped
+            if set(self.control.ids) == known:
+                continue
+            known = set(self.control.ids)
+            try:
+                self._load(options, progress=False, timeout_s=DEFAULT_LOAD_TIMEOUT_S)
+                logger.warning("engines are back: %s loaded again", options.model)
+                return
+            except ExoLabError as exc:
+                logger.warning("still cannot load %s: %s", options.model, exc)
+
+    def _unload_engines(self, engines: list[EngineInfo]) -> None:
+        from .engine import worker as engine_worker
+
+        self.control.gather([e.engine_id for e in engines], engine_worker.unload_stage, timeout_s=30,
+                            what="unloading")
 
     # ------------------------------------------------------------ generation
     def encode(self, prompt) -> list[int]:
@@ -354,11 +413,12 @@ class Cluster:
 
     async def ahealth(self) -> tuple[bool, str]:
         """(True, "ok") when a model is loaded and every stage answers a ping through the pipe."""
-        if self.pipeline is None:
+        if self.pipeline is None or self.failure:
             return False, self.failure or "no model is loaded"
-        problem = self._check_alive()
+        problem = self.recovering or self._check_alive()
         if problem:
-            return False, problem
+            self.pipeline.scheduler.lost(problem)       # no request may have noticed yet
+            return False, f"recovering: {problem}"
         ok = await self.pipeline.scheduler.ping(timeout_s=5.0)
         return (True, "ok") if ok else (False, "a stage did not answer a data-plane ping within 5 s")
 
@@ -394,3 +454,8 @@ def _busy(scheduler) -> bool:
     """Whether requests are running (the scheduler's count: a property or, formerly, a method)."""
     count = scheduler.active_requests
     return bool(count() if callable(count) else count)
+
+
+async def _call(function, *args):
+    """Run a plain function on the cluster's loop (for state the loop owns)."""
+    return function(*args)

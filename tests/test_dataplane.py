@@ -1,8 +1,12 @@
 """The data plane (:mod:`exo_lab.wire`): typed messages and their bytes, malformed and hostile
 input, and real zmq sockets on loopback (127.0.0.1 only).
 
-Sections: round trips, tensor memory, encode refusals, decode refusals, bounded decoding, sync
-sockets, async sockets, the hop benchmark.
+A step's :class:`Forward` carries one :class:`Row` (KV slot, position, sampling settings,
+whether to sample) per tensor row; the last stage answers with one :class:`Sampled` holding a
+token id per row (``NO_TOKEN`` where the row did not sample).
+
+Sections: round trips, rows and batches, tensor memory, encode refusals, decode refusals,
+bounded decoding, sync sockets, async sockets, the hop benchmark.
 """
 from __future__ import annotations
 
@@ -23,12 +27,14 @@ import zmq.asyncio
 from exo_lab.bench import measure_hop_overhead
 from exo_lab.errors import ClusterError, ConfigError
 from exo_lab.sampling import SamplingSettings, sample_token
+from exo_lab.security import derive_key, new_secret
 from exo_lab.wire import (
-    AsyncInbox, AsyncOutbox, Error, Forward, FrameError, Free, Inbox, Kind, Outbox, Ping,
-    Shutdown, Token, decode, encode,
+    NO_TOKEN, AsyncInbox, AsyncOutbox, Error, Forward, FrameError, Free, Inbox, Kind, Outbox, Ping,
+    Row, Sampled, Shutdown, decode, encode, msg_id,
 )
 from exo_lab.wire.frames import (
-    DIM, FORWARD_BODY, HEADER, MAGIC, MAX_ERROR_BYTES, MAX_STAGES, MS, TOKEN_BODY, VERSION,
+    DIM, FORWARD_BODY, HEADER, MAGIC, MAX_ERROR_BYTES, MAX_ROWS, MAX_STAGES, MS, ROW, SAMPLED_BODY,
+    SLOT, VERSION,
 )
 from exo_lab.wire.sockets import MAX_MESSAGE_BYTES, tcp_address
 
@@ -38,9 +44,9 @@ GREEDY = SamplingSettings()
 SAMPLED = SamplingSettings(temperature=0.7, top_p=0.9, top_k=40, seed=1234)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32]
 DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.int64: 4, torch.int32: 5}
-SHAPES = [(7,), (3, 5), (1, 4, 896)]
-MESSAGE_TYPES = (Forward, Token, Free, Error, Ping, Shutdown)
-U32, U64 = 2**32 - 1, 2**64 - 1
+SHAPES = [(7,), (3, 5), (1, 4, 896), (4, 2, 16)]
+MESSAGE_TYPES = (Forward, Sampled, Free, Error, Ping, Shutdown)
+U16, U32, U64 = 2**16 - 1, 2**32 - 1, 2**64 - 1
 
 
 def make_tensor(shape, dtype=torch.float32) -> torch.Tensor:
@@ -48,8 +54,14 @@ def make_tensor(shape, dtype=torch.float32) -> torch.Tensor:
     return values.to(dtype) if dtype.is_floating_point else values.to(torch.int64).to(dtype)
 
 
-def fwd(tensor, request_id=1, position=0, sampling=GREEDY, stage_ms=()) -> Forward:
-    return Forward(request_id, position, tensor, sampling, tuple(stage_ms))
+def fwd(tensor, step_id=1, rows=None, *, position=0, sampling=GREEDY, sample=True,
+        stage_ms=()) -> Forward:
+    """A Forward of ``tensor``; without ``rows``, one Row per tensor row (slots 0, 1, ..., all at
+    ``position`` with ``sampling``)."""
+    if rows is None:
+        count = tensor.shape[0] if isinstance(tensor, torch.Tensor) and tensor.ndim else 1
+        rows = tuple(Row(slot, position, sampling, sample) for slot in range(count))
+    return Forward(step_id, tuple(rows), tensor, tuple(stage_ms))
 
 
 def round_trip(msg):
@@ -67,14 +79,18 @@ def on_the_wire(sampling: SamplingSettings) -> SamplingSettings:
                             top_k=sampling.top_k, seed=sampling.seed or 0)
 
 
+def row_on_the_wire(row: Row) -> Row:
+    return Row(row.slot, row.position, on_the_wire(row.sampling), bool(row.sample))
+
+
 def assert_same(received, sent) -> None:
     assert type(received) is type(sent)
     if not isinstance(sent, Forward):
         assert received == dataclasses.replace(sent, **_f32_ms(sent))
         return
-    assert (received.request_id, received.position, received.stage_ms) == \
-        (sent.request_id, sent.position, as_f32(sent.stage_ms))
-    assert received.sampling == on_the_wire(sent.sampling)
+    assert (received.step_id, received.stage_ms) == (sent.step_id, as_f32(sent.stage_ms))
+    assert received.rows == tuple(row_on_the_wire(row) for row in sent.rows)
+    assert all(type(row.sample) is bool for row in received.rows)
     assert received.tensor.dtype == sent.tensor.dtype
     assert received.tensor.shape == sent.tensor.shape
     assert received.tensor.device.type == "cpu"
@@ -82,7 +98,7 @@ def assert_same(received, sent) -> None:
 
 
 def _f32_ms(msg) -> dict:
-    return {"stage_ms": as_f32(msg.stage_ms)} if isinstance(msg, Token) else {}
+    return {"stage_ms": as_f32(msg.stage_ms)} if isinstance(msg, Sampled) else {}
 
 
 @pytest.fixture
@@ -100,20 +116,34 @@ def free_port() -> int:
 
 # ------------------------------------------------------------------------ round trips
 
+BATCH_ROWS = (   # a continuous-batching step: decodes, a prefill chunk that does not sample yet
+    Row(0, 17, GREEDY),
+    Row(5, 3, SAMPLED),
+    Row(U16, U32, SamplingSettings(temperature=2.0, top_p=0.5, top_k=U32, seed=U64)),
+    Row(9, 0, SamplingSettings(temperature=1.0), sample=False),
+)
+
 ROUND_TRIPS = {
     "forward-minimal": fwd(torch.tensor([[1, 2, 3]])),
-    "forward-full": fwd(make_tensor((1, 2, 8)), request_id=U64, position=U32,
-                        sampling=SamplingSettings(temperature=2.0, top_p=0.5, top_k=U32, seed=U64),
+    "forward-full": fwd(make_tensor((1, 2, 8)), step_id=U64,
+                        rows=(Row(U16, U32, SamplingSettings(temperature=2.0, top_p=0.5, top_k=U32,
+                                                             seed=U64)),),
                         stage_ms=(1.5, 0.25, 1e-3)),
-    "forward-id-0-seed-0": fwd(torch.tensor([5]), request_id=0,
+    "forward-id-0-seed-0": fwd(torch.tensor([5]), step_id=0,
                                sampling=SamplingSettings(temperature=1.0, seed=0)),
     "forward-seed-none": fwd(torch.tensor([5]), sampling=SamplingSettings(temperature=1.0)),
+    "forward-no-sample": fwd(torch.tensor([[5, 6]]), position=40, sample=False),
     "forward-max-stages": fwd(torch.tensor([5]), stage_ms=[float(i) for i in range(MAX_STAGES)]),
-    "token-minimal": Token(0, 0),
-    "token-full": Token(U64, U32, (1.5, 2.25, 0.0, 0.1)),
-    "token-max-stages": Token(3, 7, tuple(float(i) for i in range(MAX_STAGES))),
-    "free-0": Free(0),
-    "free-max": Free(U64),
+    "forward-batch": fwd(make_tensor((4, 1, 16)), step_id=77, rows=BATCH_ROWS, stage_ms=(0.5,)),
+    "forward-batch-token-ids": fwd(torch.tensor([[1], [2], [3], [4]]), step_id=78, rows=BATCH_ROWS),
+    "sampled-minimal": Sampled(0, (0,)),
+    "sampled-full": Sampled(U64, (NO_TOKEN - 1, NO_TOKEN, 0), (1.5, 2.25, 0.0, 0.1)),
+    "sampled-no-token": Sampled(5, (NO_TOKEN,)),
+    "sampled-batch": Sampled(6, (11, NO_TOKEN, 12, NO_TOKEN, 13)),
+    "sampled-max-stages": Sampled(3, (7,), tuple(float(i) for i in range(MAX_STAGES))),
+    "sampled-max-rows": Sampled(4, tuple(range(MAX_ROWS))),
+    "free-0": Free(0, 0),
+    "free-max": Free(U64, U16),
     "error": Error(3, "stage 1 ran out of memory"),
     "error-empty": Error(U64, ""),
     "error-unicode": Error(0, "ü ∑ 日本 🎉"),
@@ -128,7 +158,17 @@ ROUND_TRIPS = {
 def test_every_message_type_round_trips(msg):
     frames = encode(msg)
     assert len(frames) == (2 if isinstance(msg, Forward) else 1)
-    assert_same(round_trip(msg), msg)
+    received = round_trip(msg)
+    assert_same(received, msg)
+    assert msg_id(received) == msg_id(msg)
+
+
+def test_msg_id_is_the_header_id_of_every_kind():
+    assert [msg_id(m) for m in (fwd(torch.ones(1), step_id=3), Sampled(4, (1,)), Error(5, "x"),
+                                Free(6, 9), Ping(7), Shutdown(8), Shutdown())] == [3, 4, 5, 6, 7, 8, 0]
+    for msg in ROUND_TRIPS.values():
+        (_, _, _, header_id) = HEADER.unpack_from(bytes(encode(msg)[0]))
+        assert header_id == msg_id(msg)
 
 
 @pytest.mark.parametrize("sampling", [
@@ -139,66 +179,90 @@ def test_every_message_type_round_trips(msg):
     SamplingSettings(temperature=-0.0, top_p=0.3333333333333333),
 ], ids=["defaults", "tiny", "typical", "max", "odd-floats"])
 def test_sampling_settings_travel_exactly(sampling):
-    received = round_trip(fwd(torch.tensor([1]), sampling=sampling)).sampling
+    received = round_trip(fwd(torch.tensor([1]), sampling=sampling)).rows[0].sampling
     assert received == on_the_wire(sampling)
     assert isinstance(received.top_k, int) and isinstance(received.seed, int)
 
 
 def test_seed_none_travels_as_zero_and_samples_the_same_tokens():
     unseeded = SamplingSettings(temperature=1.0)
-    received = round_trip(fwd(torch.tensor([1]), sampling=unseeded)).sampling
+    received = round_trip(fwd(torch.tensor([1]), sampling=unseeded)).rows[0].sampling
     assert received.seed == 0
     logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0))
     for position in range(5):
         assert sample_token(logits, received, position) == sample_token(logits, unseeded, position)
 
 
-def test_stage_ms_travel_as_float32():
-    received = round_trip(Token(1, 2, (0.1, 1e30, float("inf")))).stage_ms
+@pytest.mark.parametrize("make", [lambda ms: Sampled(1, (2,), ms),
+                                  lambda ms: fwd(torch.ones(1), stage_ms=ms)], ids=["sampled", "forward"])
+def test_stage_ms_travel_as_float32(make):
+    received = round_trip(make((0.1, 1e30, float("inf")))).stage_ms
     assert received == as_f32((0.1, 1e30, float("inf"))) and received[0] != 0.1
-    assert math.isnan(round_trip(Token(1, 2, (float("nan"),))).stage_ms[0])
+    assert math.isnan(round_trip(make((float("nan"),))).stage_ms[0])
 
 
 def test_kind_codes_and_byte_layout_are_stable():
     # other PCs may run another build: the wire codes and sizes must never move
+    assert VERSION == 3
     assert {kind.name: kind.value for kind in Kind} == {
-        "FORWARD": 1, "TOKEN": 2, "FREE": 3, "ERROR": 4, "PING": 5, "SHUTDOWN": 7}
-    assert (HEADER.size, FORWARD_BODY.size, TOKEN_BODY.size, DIM.size, MS.size) == (12, 35, 5, 4, 4)
-    assert encode(Ping(0x0102030405060708)) == [b"EX\x02\x05\x08\x07\x06\x05\x04\x03\x02\x01"]
-    assert encode(Free(1)) == [b"EX\x02\x03" + (1).to_bytes(8, "little")]
-    assert encode(Token(1, 258, (1.0,))) == [
-        b"EX\x02\x02" + (1).to_bytes(8, "little") + b"\x02\x01\x00\x00\x01" + struct.pack("<f", 1.0)]
-    assert encode(Error(1, "ü")) == [b"EX\x02\x04" + (1).to_bytes(8, "little") + "ü".encode()]
-    msg = fwd(torch.ones(2, 3), request_id=42, position=1, stage_ms=(0.5,))
+        "FORWARD": 1, "SAMPLED": 2, "FREE": 3, "ERROR": 4, "PING": 5, "SHUTDOWN": 7}
+    assert (HEADER.size, FORWARD_BODY.size, ROW.size, SAMPLED_BODY.size, SLOT.size, DIM.size,
+            MS.size) == (12, 5, 35, 3, 2, 4, 4)
+    assert NO_TOKEN == 0xFFFFFFFF and MAX_ROWS == 0xFFFF
+    assert encode(Ping(0x0102030405060708)) == [b"EX\x03\x05\x08\x07\x06\x05\x04\x03\x02\x01"]
+    assert encode(Shutdown()) == [b"EX\x03\x07" + bytes(8)]
+    assert encode(Free(1, 258)) == [b"EX\x03\x03" + (1).to_bytes(8, "little") + b"\x02\x01"]
+    assert encode(Sampled(1, (258, NO_TOKEN), (1.0,))) == [
+        b"EX\x03\x02" + (1).to_bytes(8, "little") + b"\x02\x00\x01"
+        + b"\x02\x01\x00\x00" + b"\xff\xff\xff\xff" + struct.pack("<f", 1.0)]
+    assert encode(Error(1, "ü")) == [b"EX\x03\x04" + (1).to_bytes(8, "little") + "ü".encode()]
+    rows = (Row(1, 7, GREEDY), Row(0x0302, 0x07060504, SAMPLED, sample=False))
+    msg = fwd(torch.ones(2, 3), step_id=42, rows=rows, stage_ms=(0.5,))
     header, payload = encode(msg)
-    assert bytes(header) == forward_header(stage_ms=(0.5,))
+    # the layout spelled out byte by byte, independent of the struct constants
+    assert bytes(header) == (
+        b"EX\x03\x01" + (42).to_bytes(8, "little")
+        + b"\x02\x00" + b"\x01" + b"\x02" + b"\x01"                            # rows, dtype, ndim, stages
+        + (2).to_bytes(4, "little") + (3).to_bytes(4, "little")                 # dims
+        + b"\x01\x00" + b"\x07\x00\x00\x00" + b"\x01"                           # slot, position, sample
+        + struct.pack("<d", 0.0) + struct.pack("<d", 1.0) + bytes(4) + bytes(8)   # greedy, seed 0
+        + b"\x02\x03" + b"\x04\x05\x06\x07" + b"\x00"
+        + struct.pack("<d", 0.7) + struct.pack("<d", 0.9) + (40).to_bytes(4, "little")
+        + (1234).to_bytes(8, "little")
+        + struct.pack("<f", 0.5))
+    assert bytes(header) == forward_header(rows=(raw_row(slot=1, position=7),
+                                                 raw_row(slot=0x0302, position=0x07060504, flags=0,
+                                                         temperature=0.7, top_p=0.9, top_k=40,
+                                                         seed=1234)),
+                                           stage_ms=(0.5,))
     assert bytes(payload) == struct.pack("<6f", *[1.0] * 6)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_every_dtype_and_shape_round_trips_bit_exact(dtype, shape):
-    msg = fwd(make_tensor(shape, dtype), request_id=17, position=4)
+    msg = fwd(make_tensor(shape, dtype), step_id=17, position=4)
     header, payload = encode(msg)
     assert len(payload) == math.prod(shape) * msg.tensor.element_size()   # raw bytes only
     # the dtype codes are part of the wire format: append, never renumber
-    assert bytes(header) == forward_header(shape=shape, dtype_code=DTYPE_CODES[dtype],
-                                           request_id=17, position=4)
+    assert bytes(header) == forward_header(shape=shape, dtype_code=DTYPE_CODES[dtype], message_id=17,
+                                           rows=tuple(raw_row(slot=i, position=4) for i in range(shape[0])))
     assert_same(round_trip(msg), msg)
 
 
 def test_bfloat16_bytes_travel_unchanged():
     # bfloat16 has no numpy dtype; the wire must carry its exact bit patterns
-    values = torch.tensor([1.0, -2.5, 3.0e38, float("inf"), float("-inf"), 1e-40, -0.0],
+    values = torch.tensor([[1.0, -2.5, 3.0e38, float("inf"), float("-inf"), 1e-40, -0.0]],
                           dtype=torch.bfloat16)
     received = round_trip(fwd(values)).tensor
     assert received.dtype is torch.bfloat16
     assert torch.equal(received.view(torch.int16), values.view(torch.int16))
 
 
-@pytest.mark.parametrize("shape", [(0,), (0, 896), (1, 0, 896), (3, 4, 0)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 0), (1, 0, 896), (3, 4, 0), (2, 0, 0)], ids=str)
 def test_empty_tensors_round_trip(shape):
     msg = fwd(torch.zeros(shape))
+    assert len(msg.rows) == shape[0]
     assert bytes(encode(msg)[1]) == b""
     assert_same(round_trip(msg), msg)
 
@@ -230,16 +294,139 @@ def test_grad_tracking_tensors_round_trip_detached():
 
 def test_one_megabyte_prefill_round_trips():
     prefill = torch.randn(1, 300, 896)   # 1.07 MB of activations
-    msg = fwd(prefill, request_id=2, stage_ms=(3.5,))
+    msg = fwd(prefill, step_id=2, stage_ms=(3.5,), sample=False)
     assert len(encode(msg)[1]) == prefill.nbytes
     assert_same(round_trip(msg), msg)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_tensor_is_moved_to_cpu_on_encode():
-    sent = torch.randn(1, 3, 896, device="cuda", dtype=torch.bfloat16)
+    sent = torch.randn(2, 3, 896, device="cuda", dtype=torch.bfloat16)
     received = round_trip(fwd(sent)).tensor
     assert received.device.type == "cpu" and torch.equal(received, sent.cpu())
+
+
+# ------------------------------------------------------------------------ rows and batches
+
+@pytest.mark.parametrize("slot", [0, 1, 258, U16 - 1, U16])
+@pytest.mark.parametrize("position", [0, 1, 2**16, 2**31, U32 - 1, U32])
+@pytest.mark.parametrize("sample", [True, False])
+def test_row_fields_round_trip_at_their_limits(slot, position, sample):
+    sent = Row(slot, position, SAMPLED, sample)
+    (received,) = round_trip(fwd(torch.ones(1, 1), rows=(sent,))).rows
+    assert received == row_on_the_wire(sent)
+    assert (received.slot, received.position, received.sample) == (slot, position, sample)
+
+
+@pytest.mark.parametrize("sampling", [
+    GREEDY, SAMPLED, SamplingSettings(temperature=1.0), SamplingSettings(temperature=2.0, top_p=1e-9),
+    SamplingSettings(temperature=0.3, top_k=U32, seed=U64), SamplingSettings(top_k=1, seed=0),
+], ids=["greedy", "sampled", "seed-none", "extreme-floats", "max-ints", "seed-0"])
+def test_each_row_keeps_its_own_sampling_settings(sampling):
+    rows = (Row(0, 0, GREEDY), Row(1, 5, sampling), Row(2, 9, SAMPLED, sample=False))
+    received = round_trip(fwd(torch.zeros(3, 2, 4), rows=rows)).rows
+    assert received == tuple(row_on_the_wire(row) for row in rows)
+    assert received[1].sampling == on_the_wire(sampling)
+
+
+def test_many_rows_stay_in_order_and_match_their_tensor_rows():
+    rng = random.Random(5)
+    rows = tuple(Row(rng.randrange(U16 + 1), rng.randrange(U32 + 1),
+                     SamplingSettings(temperature=rng.choice((0.0, 0.5, 2.0)), top_p=rng.choice((1.0, 0.25)),
+                                      top_k=rng.randrange(100), seed=rng.randrange(2**64)),
+                     rng.random() < 0.5) for _ in range(200))
+    tensor = torch.arange(200 * 3, dtype=torch.int64).reshape(200, 3)
+    msg = fwd(tensor, step_id=9, rows=rows, stage_ms=(1.0, 2.0))
+    header, _ = encode(msg)
+    assert len(header) == HEADER.size + FORWARD_BODY.size + 2 * DIM.size + 200 * ROW.size + 2 * MS.size
+    received = round_trip(msg)
+    assert_same(received, msg)
+    for index, row in enumerate(received.rows):   # row b of the tensor is rows[b]
+        assert row == row_on_the_wire(rows[index])
+        assert received.tensor[index, 0] == 3 * index
+
+
+def test_the_largest_batch_round_trips():
+    rows = tuple(Row(slot, slot * 3, SAMPLED, slot % 2 == 0) for slot in range(MAX_ROWS))
+    tensor = torch.arange(MAX_ROWS, dtype=torch.int32).reshape(MAX_ROWS, 1)
+    received = round_trip(fwd(tensor, rows=rows))
+    assert received.rows == rows   # SAMPLED has a seed, so it travels unchanged
+    assert received.rows[-1] == Row(U16 - 1, (U16 - 1) * 3, SAMPLED, True)
+    assert torch.equal(received.tensor, tensor)
+
+
+@pytest.mark.parametrize("rows, shape", [(1, (2, 3)), (3, (2, 3)), (2, (1, 4, 8)), (1, (7,)), (4, (3,))],
+                         ids=["1-for-2", "3-for-2", "2-for-1", "1-for-7", "4-for-3"])
+def test_encode_refuses_a_row_count_that_is_not_the_tensor_s(rows, shape):
+    msg = Forward(5, tuple(Row(i, 0, GREEDY) for i in range(rows)), torch.zeros(shape))
+    with pytest.raises(FrameError, match=rf"needs one Row per tensor row .* got {rows} rows for a tensor "
+                                         rf"of shape {re_tuple(shape)}") as info:
+        encode(msg)
+    assert info.value.message_id == 5
+
+
+def re_tuple(shape) -> str:
+    return str(tuple(shape)).replace("(", r"\(").replace(")", r"\)")
+
+
+@pytest.mark.parametrize("count, shape", [(1, (2, 3)), (3, (2, 3)), (2, (1, 6)), (U16, (2, 3))],
+                         ids=["1-for-2", "3-for-2", "2-for-1", "max-for-2"])
+def test_decode_refuses_a_header_whose_row_count_disagrees_with_the_tensor(count, shape):
+    head = forward_header(shape=shape, rows=tuple(raw_row(slot=i) for i in range(count)))
+    with pytest.raises(FrameError, match=f"FORWARD of step 42 has {count} rows but a tensor of {shape[0]}") as info:
+        decode([head, bytes(4 * math.prod(shape))])
+    assert info.value.message_id == 42
+
+
+@pytest.mark.parametrize("tensor", [torch.zeros(0), torch.zeros(0, 896), torch.zeros(0, 1, 4)], ids=str)
+def test_a_forward_without_rows_is_refused_both_ways(tensor):
+    with pytest.raises(FrameError, match="needs one Row per tensor row"):
+        encode(Forward(1, (), tensor))
+    shape = tuple(tensor.shape)
+    with pytest.raises(FrameError, match="0 rows is not a batch"):
+        decode([forward_header(shape=shape, rows=()), b""])
+
+
+@pytest.mark.parametrize("flags", [2, 3, 0x80, 255])
+@pytest.mark.parametrize("which", [0, 1])
+def test_row_flags_other_than_0_or_1_are_refused(flags, which):
+    rows = [raw_row(slot=0), raw_row(slot=1)]
+    rows[which] = raw_row(slot=which, flags=flags)
+    with pytest.raises(FrameError, match=f"FORWARD of step 42: unknown row flags {flags}") as info:
+        decode([forward_header(rows=tuple(rows)), bytes(24)])
+    assert info.value.message_id == 42
+
+
+def test_row_flags_0_and_1_are_sample_false_and_true():
+    received = decode([forward_header(rows=(raw_row(flags=0), raw_row(slot=1, flags=1))), bytes(24)])
+    assert [row.sample for row in received.rows] == [False, True]
+    header = bytes(encode(fwd(torch.ones(2, 1), rows=(Row(0, 0, GREEDY, True), Row(1, 0, GREEDY, False))))[0])
+    first_flags = HEADER.size + FORWARD_BODY.size + 2 * DIM.size + 6
+    assert header[first_flags] == 1 and header[first_flags + ROW.size] == 0
+
+
+def test_sampled_carries_no_token_for_rows_that_did_not_sample():
+    received = round_trip(Sampled(8, (NO_TOKEN, 0, NO_TOKEN, U32 - 1), (0.25,)))
+    assert received.token_ids == (NO_TOKEN, 0, NO_TOKEN, U32 - 1)
+    assert all(isinstance(token, int) for token in received.token_ids)
+    raw = header(Kind.SAMPLED, 8) + SAMPLED_BODY.pack(2, 0) + struct.pack("<2I", NO_TOKEN, 17)
+    assert decode([raw]) == Sampled(8, (NO_TOKEN, 17))
+
+
+@pytest.mark.parametrize("slot", [0, 1, 258, U16])
+def test_free_carries_its_slot(slot):
+    (frame,) = encode(Free(11, slot))
+    assert bytes(frame) == header(Kind.FREE, 11) + slot.to_bytes(2, "little")
+    assert round_trip(Free(11, slot)) == Free(11, slot)
+    assert decode([header(Kind.FREE, 11) + SLOT.pack(slot)]) == Free(11, slot)
+
+
+@pytest.mark.parametrize("body", [b"", b"\x01", b"\x01\x00\x00", b"\x01\x00\x00\x00", bytes(64)],
+                         ids=["missing", "half", "one-stray", "two-stray", "many-stray"])
+def test_free_without_exactly_one_slot_is_refused(body):
+    with pytest.raises(FrameError, match=f"FREE 42 has {len(body)} body bytes, not 2") as info:
+        decode([header(Kind.FREE) + body])
+    assert info.value.message_id == 42
 
 
 # ------------------------------------------------------------------------ tensor memory
@@ -258,15 +445,15 @@ def test_decoded_tensor_is_writable_and_never_writes_into_immutable_bytes(as_fra
 
 
 def test_writable_buffer_is_shared_not_copied():
-    header, payload = encode(fwd(torch.arange(4.0)))
+    header, payload = encode(fwd(torch.arange(4.0).reshape(1, 4)))
     backing = bytearray(payload)
     received = decode([header, backing]).tensor
-    received[0] = 9.0
+    received[0, 0] = 9.0
     assert backing[:4] == struct.pack("<f", 9.0)
 
 
 def test_unaligned_payload_decodes_to_an_aligned_tensor():
-    sent = torch.arange(6, dtype=torch.int64)
+    sent = torch.arange(6, dtype=torch.int64).reshape(2, 3)
     header, payload = encode(fwd(sent))
     backing = bytearray(1 + len(payload))
     shifted = memoryview(backing)[1:]   # libzmq may hand out odd offsets
@@ -274,24 +461,24 @@ def test_unaligned_payload_decodes_to_an_aligned_tensor():
     assert torch.frombuffer(shifted, dtype=torch.uint8).data_ptr() % 8   # really unaligned
     received = decode([header, shifted]).tensor
     assert received.data_ptr() % 8 == 0 and torch.equal(received, sent)
-    received[0] = 99
+    received[0, 0] = 99
     assert bytes(shifted) == bytes(payload)   # the copy is the tensor's own
 
 
 def test_aligned_zmq_frame_is_shared_not_copied():
-    header, payload = encode(fwd(torch.arange(4.0)))
+    header, payload = encode(fwd(torch.arange(4.0).reshape(1, 4)))
     frame = zmq.Frame(bytes(payload))   # small: zmq copies it into a message it owns
     received = decode([header, frame]).tensor
     if received.data_ptr() % 4:
         pytest.skip("zmq placed this frame unaligned, so decode had to copy")
-    received[0] = 9.0
+    received[0, 0] = 9.0
     assert bytes(frame.buffer[:4]) == struct.pack("<f", 9.0)
 
 
 def test_payload_is_a_view_not_a_copy():
-    tensor = torch.zeros(4)
+    tensor = torch.zeros(2, 2)
     payload = encode(fwd(tensor))[1]
-    tensor[0] = 1.0
+    tensor[0, 0] = 1.0
     assert bytes(payload[:4]) == struct.pack("<f", 1.0)
 
 
@@ -304,15 +491,21 @@ def with_seed(seed) -> SamplingSettings:
     return settings
 
 
+def one_row(**fields) -> tuple[Row, ...]:
+    return (Row(**{"slot": 0, "position": 0, "sampling": GREEDY, **fields}),)
+
+
 @pytest.mark.parametrize("make, message", [
-    (lambda: object(), "cannot send a object; send one of Forward, Token"),
+    (lambda: object(), "cannot send a object; send one of Forward, Sampled, Free, Error, Ping, Shutdown"),
     (lambda: "PING", "cannot send a str"),
     (lambda: Kind.PING, "cannot send a Kind"),
-    (lambda: Ping(-1), r"request_id must be an int in \[0, 2\*\*64\), got -1"),
-    (lambda: Ping(2**64), "request_id must be an int"),
-    (lambda: Free(True), "got True"),
-    (lambda: Token(1.0, 2), "request_id must be an int"),
-    (lambda: fwd(torch.ones(1), request_id=-1), "request_id"),
+    (lambda: Row(0, 0, GREEDY), "cannot send a Row"),
+    (lambda: Ping(-1), r"message id must be an int in \[0, 2\*\*64\), got -1"),
+    (lambda: Ping(2**64), "message id must be an int"),
+    (lambda: Free(True, 0), "got True"),
+    (lambda: Sampled(1.0, (2,)), "message id must be an int"),
+    (lambda: Error(None, "x"), "message id must be an int"),
+    (lambda: fwd(torch.ones(1), step_id=-1), "message id"),
     (lambda: fwd([1, 2, 3]), "Forward.tensor must be a torch.Tensor, got list"),
     (lambda: fwd(torch.zeros(2, dtype=torch.complex64)), "complex64 cannot travel"),
     (lambda: fwd(torch.zeros(2, dtype=torch.float64)), "float64 cannot travel"),
@@ -323,44 +516,76 @@ def with_seed(seed) -> SamplingSettings:
     (lambda: fwd(torch.ones(1), position=-1), r"position must be an int in \[0, 4294967295\]"),
     (lambda: fwd(torch.ones(1), position=2**32), "position"),
     (lambda: fwd(torch.ones(1), position=1.0), "position"),
-    (lambda: Token(1, -1), "token_id"),
-    (lambda: Token(1, 2**32), "token_id"),
+    (lambda: fwd(torch.ones(1), rows=one_row(slot=-1)), r"slot must be an int in \[0, 65535\], got -1"),
+    (lambda: fwd(torch.ones(1), rows=one_row(slot=2**16)), "slot must be an int"),
+    (lambda: fwd(torch.ones(1), rows=one_row(slot=False)), "slot .* got False"),
+    (lambda: fwd(torch.ones(1), rows=one_row(slot="0")), "slot"),
+    (lambda: Forward(1, [Row(0, 0, GREEDY)], torch.ones(1)), "needs one Row per tensor row"),
+    (lambda: Forward(1, Row(0, 0, GREEDY), torch.ones(1)), "needs one Row per tensor row"),
+    (lambda: Forward(1, (), torch.ones(1)), r"\(1 to 65535\), got 0 rows"),
+    (lambda: Forward(1, ((0, 0, GREEDY, True),), torch.ones(1)), "must hold Rows"),
+    (lambda: Forward(1, (None,), torch.ones(1)), "must hold Rows"),
+    (lambda: Forward(1, tuple(Row(0, 0, GREEDY) for _ in range(MAX_ROWS + 1)), torch.ones(MAX_ROWS + 1)),
+     "1 to 65535"),
+    (lambda: Sampled(1, (-1,)), "token_id"),
+    (lambda: Sampled(1, (2**32,)), "token_id"),
+    (lambda: Sampled(1, (1.0,)), "token_id"),
+    (lambda: Sampled(1, (5, True)), "token_id"),
+    (lambda: Sampled(1, [5]), "token_ids must be a tuple"),
+    (lambda: Sampled(1, 5), "token_ids must be a tuple"),
+    (lambda: Sampled(1, tuple(range(MAX_ROWS + 1))), "at most 65535 ids"),
+    (lambda: Free(1, -1), r"slot must be an int in \[0, 65535\]"),
+    (lambda: Free(1, 2**16), "slot"),
+    (lambda: Free(1, None), "slot"),
     (lambda: fwd(torch.ones(1), sampling=with_seed(-1)), "sampling.seed"),
     (lambda: fwd(torch.ones(1), sampling=with_seed(2**64)), "sampling.seed"),
-], ids=["object", "str", "kind", "id-negative", "id-too-big", "id-bool", "id-float",
-        "forward-id", "tensor-type", "complex", "float64", "bool", "0-dims", "4-dims", "sparse",
-        "position-negative", "position-too-big", "position-float", "token-negative",
-        "token-too-big", "seed-negative", "seed-too-big"])
+], ids=["object", "str", "kind", "row", "id-negative", "id-too-big", "id-bool", "id-float",
+        "id-none", "forward-id", "tensor-type", "complex", "float64", "bool", "0-dims", "4-dims",
+        "sparse", "position-negative", "position-too-big", "position-float", "slot-negative",
+        "slot-too-big", "slot-bool", "slot-str", "rows-list", "rows-bare-row", "rows-empty",
+        "rows-tuples", "rows-none", "rows-too-many", "token-negative", "token-too-big",
+        "token-float", "token-bool", "token-ids-list", "token-ids-int", "token-ids-too-many",
+        "free-slot-negative", "free-slot-too-big", "free-slot-none", "seed-negative",
+        "seed-too-big"])
 def test_encode_rejects_what_the_wire_cannot_carry(make, message):
     with pytest.raises(FrameError, match=message):
         encode(make())
 
 
-def test_encode_errors_carry_a_valid_request_id():
+def test_encode_errors_carry_a_valid_message_id():
+    for msg in (fwd(torch.ones(1), step_id=7, position=-1), fwd(torch.ones(2), step_id=7, rows=one_row()),
+                Sampled(7, (-1,)), Free(7, -1), fwd(torch.ones(1), step_id=7, stage_ms=(None,))):
+        with pytest.raises(FrameError) as info:
+            encode(msg)
+        assert info.value.message_id == 7
+        assert isinstance(info.value, ClusterError) and isinstance(info.value, ValueError)
     with pytest.raises(FrameError) as info:
-        encode(fwd(torch.ones(1), request_id=7, position=-1))
-    assert info.value.request_id == 7
-    assert isinstance(info.value, ClusterError) and isinstance(info.value, ValueError)
+        encode(Ping(-1))
+    assert info.value.message_id is None   # no valid id to name
 
 
-@pytest.mark.parametrize("msg", [Token(1, 2, (0.0,) * (MAX_STAGES + 1)),
+@pytest.mark.parametrize("msg", [Sampled(1, (2,), (0.0,) * (MAX_STAGES + 1)),
                                  fwd(torch.ones(1), stage_ms=(0.0,) * (MAX_STAGES + 1))],
-                         ids=["token", "forward"])
+                         ids=["sampled", "forward"])
 def test_too_many_stage_timings_is_a_frame_error(msg):
     with pytest.raises(FrameError, match="at most 255"):
         encode(msg)
 
 
-@pytest.mark.parametrize("stage_ms", [(1e40,), ("1.5",), (None,)], ids=["over-f32", "str", "none"])
+@pytest.mark.parametrize("stage_ms", [(1e40,), ("1.5",), (None,), [1.0]], ids=["over-f32", "str", "none", "list"])
 def test_stage_timings_the_wire_cannot_carry_are_a_frame_error(stage_ms):
     with pytest.raises(FrameError):
-        encode(Token(1, 2, stage_ms))
+        encode(Sampled(1, (2,), stage_ms))
+    with pytest.raises(FrameError):
+        encode(Forward(1, one_row(), torch.ones(1), stage_ms))
 
 
 @pytest.mark.parametrize("sampling", [None, {"temperature": 0.0}], ids=["none", "dict"])
 def test_forward_without_sampling_settings_is_a_frame_error(sampling):
-    with pytest.raises(FrameError):
+    with pytest.raises(FrameError, match="SamplingSettings"):
         encode(fwd(torch.ones(1), sampling=sampling))
+    with pytest.raises(FrameError, match="SamplingSettings"):   # in any row, not just the first
+        encode(fwd(torch.ones(2), rows=(Row(0, 0, GREEDY), Row(1, 0, sampling))))
 
 
 def test_long_error_text_is_truncated_to_valid_utf8():
@@ -380,36 +605,58 @@ def test_unencodable_error_text_is_replaced_not_refused():
 
 # ------------------------------------------------------------------------ decode refusals
 
-def header(kind=Kind.FORWARD, request_id=42, *, magic=MAGIC, version=VERSION) -> bytes:
-    return HEADER.pack(magic, version, kind, request_id)
+def header(kind=Kind.FORWARD, message_id=42, *, magic=MAGIC, version=VERSION) -> bytes:
+    return HEADER.pack(magic, version, kind, message_id)
 
 
-def forward_header(*, shape=(2, 3), dtype_code=1, ndim=None, stage_ms=(), stages=None,
-                   position=1, temperature=0.0, top_p=1.0, top_k=0, seed=0, **head) -> bytes:
-    """A FORWARD header frame built by hand from the documented layout (42, float32 (2, 3))."""
+def raw_row(slot=0, position=1, flags=1, temperature=0.0, top_p=1.0, top_k=0, seed=0) -> tuple:
+    """One ROW's fields as the wire holds them (any values: the hostile tests need bad ones)."""
+    return (slot, position, flags, temperature, top_p, top_k, seed)
+
+
+def forward_header(*, shape=(2, 3), dtype_code=1, ndim=None, rows=None, count=None, stage_ms=(),
+                   stages=None, **head) -> bytes:
+    """A FORWARD header frame built by hand from the documented layout (step 42, float32 (2, 3),
+    one greedy sampling row at position 1 per tensor row, slots 0, 1, ...)."""
     ndim = len(shape) if ndim is None else ndim
+    if rows is None:
+        rows = tuple(raw_row(slot=i) for i in range(shape[0] if shape else 1))
+    count = len(rows) if count is None else count
     stages = len(stage_ms) if stages is None else stages
-    return (header(Kind.FORWARD, **head)
-            + FORWARD_BODY.pack(position, temperature, top_p, top_k, seed, dtype_code, ndim, stages)
-            + b"".join(DIM.pack(d) for d in shape) + b"".join(MS.pack(ms) for ms in stage_ms))
+    return (header(Kind.FORWARD, **head) + FORWARD_BODY.pack(count, dtype_code, ndim, stages)
+            + b"".join(DIM.pack(d) for d in shape) + b"".join(ROW.pack(*row) for row in rows)
+            + b"".join(MS.pack(ms) for ms in stage_ms))
 
 
 def good_forward(**fields) -> list[bytes]:
     return [forward_header(**fields), bytes(24)]
 
 
-def token_frame(token_id=5, stage_ms=(), stages=None) -> bytes:
+def bad_row(**fields) -> list[bytes]:
+    """A (2, 3) FORWARD whose second row has ``fields``: decode checks every row, not the first."""
+    return good_forward(rows=(raw_row(), raw_row(slot=1, **fields)))
+
+
+def sampled_frame(token_ids=(5,), stage_ms=(), count=None, stages=None, **head) -> bytes:
+    count = len(token_ids) if count is None else count
     stages = len(stage_ms) if stages is None else stages
-    return header(Kind.TOKEN) + TOKEN_BODY.pack(token_id, stages) + b"".join(MS.pack(m) for m in stage_ms)
+    return (header(Kind.SAMPLED, **head) + SAMPLED_BODY.pack(count, stages)
+            + b"".join(struct.pack("<I", t) for t in token_ids) + b"".join(MS.pack(m) for m in stage_ms))
 
 
 def test_hand_built_frames_decode():
     assert_same(decode(good_forward(stage_ms=(2.0,))),
-                fwd(torch.zeros(2, 3), request_id=42, position=1, stage_ms=(2.0,)))
-    assert decode([token_frame(stage_ms=(1.0, 2.0))]) == Token(42, 5, (1.0, 2.0))
+                fwd(torch.zeros(2, 3), step_id=42, position=1, stage_ms=(2.0,)))
+    assert_same(decode([forward_header(rows=(raw_row(slot=9, position=U32, flags=0, temperature=0.7,
+                                                     top_p=0.9, top_k=40, seed=1234), raw_row(slot=U16))),
+                        bytes(24)]),
+                fwd(torch.zeros(2, 3), step_id=42, rows=(Row(9, U32, SAMPLED, False), Row(U16, 1, GREEDY))))
+    assert decode([sampled_frame((5, NO_TOKEN), stage_ms=(1.0, 2.0))]) == Sampled(42, (5, NO_TOKEN), (1.0, 2.0))
+    assert decode([header(Kind.FREE) + SLOT.pack(7)]) == Free(42, 7)
+    assert decode([header(Kind.PING)]) == Ping(42) and decode([header(Kind.SHUTDOWN)]) == Shutdown(42)
 
 
-MALFORMED = {   # id: (frames, message regex, request_id the error carries)
+MALFORMED = {   # id: (frames, message regex, message_id the error carries)
     "no-frames": ([], "1 or 2 frames, got 0", None),
     "three-frames": (good_forward() + [b""], "1 or 2 frames, got 3", None),
     "not-a-list": (b"".join(good_forward()), "1 or 2 frames, got bytes", None),
@@ -417,58 +664,73 @@ MALFORMED = {   # id: (frames, message regex, request_id the error carries)
     "frame-str": (["EX"], "bytes-like, got str", None),
     "bad-magic": ([b"XX" + forward_header()[2:], bytes(24)], "bad magic b'XX'", None),
     "json-magic": ([b'{"kind": 1}' + bytes(8)], "bad magic", None),
-    "newer-version": ([forward_header(version=VERSION + 1), bytes(24)], "wire version 3", 42),
-    "old-version": ([forward_header(version=1), bytes(24)], "run the same exo-lab version", 42),
-    "kind-0": ([header(0)], "unknown message kind 0 for request 42", 42),
+    "newer-version": ([forward_header(version=VERSION + 1), bytes(24)], "wire version 4, this exo-lab speaks 3", 42),
+    "old-version": ([forward_header(version=2), bytes(24)], "run the same exo-lab version", 42),
+    "old-version-sampled": ([header(Kind.SAMPLED, version=2) + b"\0" * 5], "wire version 2", 42),
+    "kind-0": ([header(0)], "unknown message kind 0 for message 42", 42),
     "kind-6": ([header(6)], "unknown message kind 6", 42),
     "kind-255": ([header(255)], "unknown message kind 255", 42),
     "empty-header": ([b""], "header is 0 bytes", None),
     "short-header": ([header(Kind.PING)[:-1]], "header is 11 bytes, shorter than the 12", None),
     "short-forward-body": ([forward_header()[:HEADER.size + FORWARD_BODY.size - 1], bytes(24)],
-                           "FORWARD header of request 42 is truncated", 42),
-    "short-dims": ([forward_header()[:-1], bytes(24)], "is 42 bytes, its fields need 43", 42),
-    "missing-stage-ms": ([forward_header(stages=2), bytes(24)], "is 43 bytes, its fields need 51", 42),
-    "extra-header-bytes": ([forward_header() + b"\0", bytes(24)], "is 44 bytes, its fields need 43", 42),
-    "short-token": ([header(Kind.TOKEN) + b"\0" * 4], "TOKEN of request 42 is truncated", 42),
-    "token-ms-missing": ([token_frame(stages=1)], "wrong length", 42),
-    "token-ms-extra": ([token_frame() + b"\0"], "wrong length", 42),
-    "free-stray": ([header(Kind.FREE) + b"\0"], "FREE for request 42 has 1 stray bytes", 42),
-    "ping-stray": ([header(Kind.PING) + b"ab"], "PING for request 42 has 2 stray", 42),
+                           "FORWARD header of step 42 is truncated", 42),
+    "short-rows": ([forward_header()[:-1], bytes(24)], "is 82 bytes, its fields need 83", 42),
+    "short-dims": ([forward_header()[:HEADER.size + FORWARD_BODY.size + 3], bytes(24)],
+                   "is 8 bytes, its fields need 83", 42),
+    "missing-row": ([forward_header(rows=(raw_row(),), count=2), bytes(24)], "is 48 bytes, its fields need 83", 42),
+    "extra-row": ([forward_header(rows=(raw_row(),) * 3, count=2), bytes(24)], "is 118 bytes, its fields need 83", 42),
+    "missing-stage-ms": ([forward_header(stages=2), bytes(24)], "is 83 bytes, its fields need 91", 42),
+    "extra-header-bytes": ([forward_header() + b"\0", bytes(24)], "is 84 bytes, its fields need 83", 42),
+    "rows-0": ([forward_header(shape=(0, 3), rows=()), b""], "with 2 dims and 0 rows is not a batch", 42),
+    "rows-more-than-tensor": ([forward_header(rows=(raw_row(),) * 3), bytes(24)], "has 3 rows but a tensor of 2", 42),
+    "rows-fewer-than-tensor": ([forward_header(rows=(raw_row(),)), bytes(24)], "has 1 rows but a tensor of 2", 42),
+    "row-flags-2": (bad_row(flags=2), "FORWARD of step 42: unknown row flags 2", 42),
+    "row-flags-255": (bad_row(flags=255), "unknown row flags 255", 42),
+    "short-sampled": ([header(Kind.SAMPLED) + b"\0" * 2], "SAMPLED of step 42 is truncated", 42),
+    "sampled-ms-missing": ([sampled_frame(stages=1)], "SAMPLED of step 42 has the wrong length", 42),
+    "sampled-ms-extra": ([sampled_frame() + b"\0"], "wrong length", 42),
+    "sampled-ids-missing": ([sampled_frame((5,), count=2)], "wrong length", 42),
+    "sampled-ids-extra": ([sampled_frame((5, 6), count=1)], "wrong length", 42),
+    "sampled-id-half": ([sampled_frame((5,))[:-2]], "wrong length", 42),
+    "free-missing-slot": ([header(Kind.FREE)], "FREE 42 has 0 body bytes, not 2", 42),
+    "free-stray": ([header(Kind.FREE) + SLOT.pack(1) + b"\0"], "FREE 42 has 3 body bytes, not 2", 42),
+    "ping-stray": ([header(Kind.PING) + b"ab"], "PING 42 has 2 stray bytes", 42),
     "shutdown-stray": ([header(Kind.SHUTDOWN) + b"x"], "SHUTDOWN .* stray", 42),
-    "forward-no-payload": ([forward_header()], "FORWARD for request 42 has no payload frame", 42),
-    "ping-payload": ([header(Kind.PING), b""], "PING for request 42 carries a payload frame", 42),
-    "token-payload": ([token_frame(), b"\0" * 8], "TOKEN .* carries a payload frame", 42),
+    "forward-no-payload": ([forward_header()], "FORWARD of step 42 has no payload frame", 42),
+    "ping-payload": ([header(Kind.PING), b""], "PING 42 carries a payload frame", 42),
+    "sampled-payload": ([sampled_frame(), b"\0" * 8], "SAMPLED .* carries a payload frame", 42),
+    "free-payload": ([header(Kind.FREE) + SLOT.pack(1), b"\0\0"], "FREE .* carries a payload frame", 42),
     "error-payload": ([header(Kind.ERROR) + b"boom", b"x"], "ERROR .* carries a payload", 42),
     "payload-short": (good_forward()[:1] + [bytes(23)],
-                      r"has 23 bytes, but shape \[2, 3\] x torch.float32 needs 24", 42),
+                      r"payload of message 42 has 23 bytes, but shape \[2, 3\] x torch.float32 needs 24", 42),
     "payload-long": (good_forward()[:1] + [bytes(28)], "has 28 bytes", 42),
     "payload-empty": (good_forward()[:1] + [b""], "has 0 bytes", 42),
     "payload-dtype": ([forward_header(dtype_code=4), bytes(24)], "torch.int64 needs 48", 42),
-    "payload-huge-shape": ([forward_header(shape=(U32, U32, U32)), bytes(24)], "over 268435456 bytes", 42),
-    "ndim-0": ([forward_header(shape=(), ndim=0), bytes(4)], "with 0 dims is not a tensor", 42),
-    "ndim-4": ([forward_header(shape=(1, 1, 2, 3)), bytes(24)], "with 4 dims", 42),
+    "payload-huge-shape": ([forward_header(shape=(2, U32, U32)), bytes(24)], "over 268435456 bytes", 42),
+    "ndim-0": ([forward_header(shape=(), ndim=0), bytes(4)], "with 0 dims and 1 rows is not a batch", 42),
+    "ndim-4": ([forward_header(shape=(2, 1, 1, 3)), bytes(24)], "with 4 dims", 42),
     "ndim-255": ([forward_header(shape=(), ndim=255), bytes(24)], "with 255 dims", 42),
     "dtype-0": ([forward_header(dtype_code=0), bytes(24)], "dtype code 0", 42),
     "dtype-6": ([forward_header(dtype_code=6), bytes(24)], "dtype code 6", 42),
     "dtype-200": ([forward_header(dtype_code=200), bytes(24)], "dtype code 200", 42),
     "error-too-long": ([header(Kind.ERROR) + b"x" * (MAX_ERROR_BYTES + 1)],
-                       "ERROR text of request 42 is over 2048 bytes", 42),
-    "temperature-nan": (good_forward(temperature=math.nan), "FORWARD of request 42: temperature", 42),
-    "temperature-inf": (good_forward(temperature=math.inf), "temperature", 42),
-    "temperature-5": (good_forward(temperature=5.0), "temperature must be a number between 0 and 2", 42),
-    "temperature-negative": (good_forward(temperature=-1e-9), "temperature", 42),
-    "top-p-0": (good_forward(top_p=0.0), r"top_p must be in \(0, 1\]", 42),
-    "top-p-negative": (good_forward(top_p=-0.5), "top_p", 42),
-    "top-p-over-1": (good_forward(top_p=1.5), "top_p", 42),
-    "top-p-nan": (good_forward(top_p=math.nan), "top_p", 42),
+                       "ERROR text of step 42 is over 2048 bytes", 42),
+    "temperature-nan": (bad_row(temperature=math.nan), "FORWARD of step 42: temperature", 42),
+    "temperature-inf": (bad_row(temperature=math.inf), "temperature", 42),
+    "temperature-5": (bad_row(temperature=5.0), "temperature must be a number between 0 and 2", 42),
+    "temperature-negative": (bad_row(temperature=-1e-9), "temperature", 42),
+    "top-p-0": (bad_row(top_p=0.0), r"top_p must be in \(0, 1\]", 42),
+    "top-p-negative": (bad_row(top_p=-0.5), "top_p", 42),
+    "top-p-over-1": (bad_row(top_p=1.5), "top_p", 42),
+    "top-p-nan": (bad_row(top_p=math.nan), "top_p", 42),
 }
 
 
-@pytest.mark.parametrize("frames, message, request_id", MALFORMED.values(), ids=MALFORMED.keys())
-def test_malformed_frames_are_rejected_with_a_clear_error(frames, message, request_id):
+@pytest.mark.parametrize("frames, message, message_id", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_frames_are_rejected_with_a_clear_error(frames, message, message_id):
     with pytest.raises(FrameError, match=message) as info:
         decode(frames)
-    assert info.value.request_id == request_id
+    assert info.value.message_id == message_id
     assert isinstance(info.value, ClusterError) and isinstance(info.value, ValueError)
 
 
@@ -477,9 +739,9 @@ def test_error_text_of_exactly_the_limit_decodes_and_bad_utf8_is_replaced():
     assert decode([header(Kind.ERROR) + b"a\xffb"]).message == "a\ufffdb"
 
 
-@pytest.mark.parametrize("shape", [(0, U32, U32), (0, 2**32 - 1, 2**31 + 3)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 0, U32), (1, U32, 0), (2, 0, 2**31 + 3)], ids=str)
 def test_empty_tensor_with_overflowing_dims_is_a_frame_error(shape):
-    with pytest.raises(FrameError):
+    with pytest.raises(FrameError, match="over 268435456 bytes even where a dimension is 0"):
         decode([forward_header(shape=shape), b""])
 
 
@@ -492,17 +754,28 @@ def assert_decodes_or_frame_error(frames) -> None:
         msg = decode(frames)
     except FrameError:
         return
-    assert isinstance(msg, MESSAGE_TYPES) and 0 <= msg.request_id <= U64
+    assert isinstance(msg, MESSAGE_TYPES) and 0 <= msg_id(msg) <= U64
     if isinstance(msg, Forward):
         assert msg.tensor.dtype in DTYPES and 1 <= msg.tensor.ndim <= 3
-        assert isinstance(msg.sampling, SamplingSettings)
+        assert isinstance(msg.rows, tuple) and 1 <= len(msg.rows) == msg.tensor.shape[0] <= MAX_ROWS
+        for row in msg.rows:
+            assert isinstance(row, Row) and isinstance(row.sampling, SamplingSettings)
+            assert 0 <= row.slot <= U16 and 0 <= row.position <= U32 and type(row.sample) is bool
+    elif isinstance(msg, Sampled):
+        assert len(msg.token_ids) <= MAX_ROWS and all(0 <= t <= NO_TOKEN for t in msg.token_ids)
+    elif isinstance(msg, Free):
+        assert 0 <= msg.slot <= U16
+    if isinstance(msg, (Forward, Sampled)):
+        assert len(msg.stage_ms) <= MAX_STAGES
     assert type(round_trip(msg)) is type(msg)
 
 
 def valid_encodings() -> list[list[bytes]]:
-    msgs = list(ROUND_TRIPS.values()) + [
+    msgs = [msg for name, msg in ROUND_TRIPS.items() if name != "sampled-max-rows"] + [
         fwd(make_tensor((1, 3, 4), dtype), sampling=SAMPLED, stage_ms=(1.0, 2.0)) for dtype in DTYPES]
-    msgs += [fwd(torch.zeros(0, 4)), fwd(torch.zeros(1, 0, 4)), Error(9, "x" * MAX_ERROR_BYTES)]
+    msgs += [fwd(make_tensor((3, 2, 4), dtype), rows=BATCH_ROWS[:3], stage_ms=(1.0,)) for dtype in DTYPES]
+    msgs += [fwd(torch.zeros(1, 0, 4)), fwd(torch.zeros(2, 0)), Error(9, "x" * MAX_ERROR_BYTES),
+             Sampled(1, (NO_TOKEN,) * 4, (0.5,)), Free(3, U16)]
     return [[bytes(frame) for frame in encode(msg)] for msg in msgs]
 
 
@@ -515,15 +788,35 @@ def test_random_garbage_decodes_or_raises_frame_error():
         assert_decodes_or_frame_error(frames)
 
 
+def test_random_garbage_after_a_valid_header_decodes_or_raises_frame_error():
+    # past the header, every kind's body is random: FORWARD bodies get random row counts
+    rng = random.Random(11)
+    for _ in range(3000):
+        kind = rng.choice(list(Kind))
+        body = rng.randbytes(rng.choice((0, 1, 2, 3, 5, 8, 40, 83, 200)))
+        frames = [header(kind) + body] + [rng.randbytes(rng.randrange(0, 64)) for _ in range(rng.choice((0, 1)))]
+        assert_decodes_or_frame_error(frames)
+
+
 def test_single_byte_mutations_decode_or_raise_frame_error():
     rng = random.Random(7)
     encodings = valid_encodings()
-    for _ in range(3000):
+    for _ in range(4000):
         frames = [bytearray(frame) for frame in rng.choice(encodings)]
         index = rng.randrange(len(frames)) if len(frames[-1]) else 0
         frame = frames[index]
         frame[rng.randrange(len(frame))] = rng.randrange(256)
         assert_decodes_or_frame_error([bytes(f) for f in frames])
+
+
+def test_every_single_header_byte_of_a_batch_forward_mutated_decodes_or_raises_frame_error():
+    # exhaustive for one multi-row FORWARD: every header byte, a few values each
+    head, payload = (bytes(f) for f in encode(fwd(make_tensor((4, 1, 16)), rows=BATCH_ROWS, stage_ms=(0.5,))))
+    for index in range(len(head)):
+        for value in (0, 1, 2, 0x7F, 0x80, 0xFF, head[index] ^ 1):
+            mutated = bytearray(head)
+            mutated[index] = value
+            assert_decodes_or_frame_error([bytes(mutated), payload])
 
 
 def test_every_truncation_and_extension_decodes_or_raises_frame_error():
@@ -532,28 +825,50 @@ def test_every_truncation_and_extension_decodes_or_raises_frame_error():
         for cut in range(len(head)):
             assert_decodes_or_frame_error([head[:cut], *frames[1:]])
         assert_decodes_or_frame_error([head + b"\0", *frames[1:]])
+        assert_decodes_or_frame_error([head + bytes(ROW.size), *frames[1:]])
         assert_decodes_or_frame_error([head])
         assert_decodes_or_frame_error([head, b"\0" * 4])
 
 
-def test_random_forward_fields_decode_or_raise_frame_error():
+def test_random_forward_headers_decode_or_raise_frame_error():
     rng = random.Random(99)
-    floats = [0.0, -0.0, 1e-300, 1e-5, 0.5, 1.0, 2.0, 2.0000001, 5.0, -1.0, math.inf, -math.inf,
-              math.nan, 5e-324]
-    dims = [0, 1, 2, 3, 896, 2**16, 2**31, U32]
-    for _ in range(2000):
-        ndim = rng.choice((0, 1, 2, 3, 3, 4))
-        shape = tuple(rng.choice(dims) for _ in range(ndim))
-        code = rng.choice((0, 1, 2, 3, 4, 5, 6, 255))
-        numel = math.prod(shape) if ndim else 0
-        size = numel * {1: 4, 2: 2, 3: 2, 4: 8, 5: 4}.get(code, 1)
-        payload = bytes(size) if size <= 4096 and rng.random() < 0.7 else rng.randbytes(rng.randrange(64))
-        head = forward_header(shape=shape, dtype_code=code, position=rng.choice((0, U32)),
-                              temperature=rng.choice(floats), top_p=rng.choice(floats),
-                              top_k=rng.choice((0, U32)), seed=rng.choice((0, U64)),
-                              stage_ms=[rng.choice(floats) for _ in range(rng.choice((0, 1, 3)))],
-                              request_id=rng.choice((0, U64)))
+
+    def pick(valid, hostile):   # mostly valid fields, so that decoding gets past the first check
+        return rng.choice(hostile if rng.random() < 0.1 else valid)
+
+    temperatures = ([0.0, -0.0, 5e-324, 1e-300, 1e-5, 0.5, 1.0, 2.0],
+                    [2.0000001, 5.0, -1.0, math.inf, -math.inf, math.nan])
+    top_ps = ([5e-324, 1e-300, 1e-5, 0.5, 1.0], [0.0, -0.0, 1.0000001, 5.0, -1.0, math.inf, math.nan])
+    small, huge = [0, 1, 2, 3, 8], [896, 2**16, 2**31, U32]
+    outcomes = {"decoded": 0, "refused": 0}
+    for _ in range(3000):
+        ndim = pick((1, 2, 3), (0, 4, 255))
+        count = pick((1, 1, 2, 3, 4, 7, 255), (0, U16))
+        first = count if rng.random() < 0.8 else pick(small, huge)   # mostly consistent
+        shape = tuple([first] + [pick(small, huge) for _ in range(ndim - 1)])[:ndim] if ndim <= 4 else ()
+        code = pick((1, 2, 3, 4, 5), (0, 6, 255))
+        size = math.prod(shape) * {1: 4, 2: 2, 3: 2, 4: 8, 5: 4}.get(code, 1) if shape else 0
+        payload = (bytes(size) if size <= 2**16 and rng.random() < 0.8
+                   else rng.randbytes(rng.randrange(64)))
+        # the rows present: mostly `count` of them, sometimes one more or fewer; a full U16 of
+        # rows is test_the_largest_batch_round_trips' (2.3 MB of rows per try would be slow)
+        present = count if count <= 255 else rng.randrange(4)
+        present = max(0, present + pick((0,), (-1, 1)))
+        rows = tuple(raw_row(slot=pick((0, 1, U16), (2,)), position=pick((0, 1, U32), (2**31,)),
+                             flags=pick((0, 1), (2, 3, 0x80, 255)), temperature=pick(*temperatures),
+                             top_p=pick(*top_ps), top_k=pick((0, 1, 40, U32), (2**31,)),
+                             seed=pick((0, 1, U64), (2**63,))) for _ in range(present))
+        stage_ms = [pick((0.0, 0.5, 1e30), (math.nan, math.inf, -1.0)) for _ in range(rng.choice((0, 1, 3)))]
+        head = forward_header(shape=shape, dtype_code=code, ndim=ndim, rows=rows, count=count,
+                              stage_ms=stage_ms, stages=pick((None,), (0, 1, 2, 255)),
+                              message_id=rng.choice((0, 1, U64)))
+        try:
+            decode([head, payload])
+            outcomes["decoded"] += 1
+        except FrameError:
+            outcomes["refused"] += 1
         assert_decodes_or_frame_error([head, payload])
+    assert outcomes["decoded"] > 300 and outcomes["refused"] > 300   # both paths really ran
 
 
 @pytest.mark.parametrize("size", [2048, 2049])
@@ -582,6 +897,7 @@ def test_one_mebibyte_garbage_header_is_a_frame_error():
 def test_inbox_binds_an_os_chosen_port_and_reports_a_connectable_address(context):
     with Inbox(context) as inbox, Outbox(context, inbox.address) as outbox:
         assert inbox.port > 0 and inbox.address == f"tcp://127.0.0.1:{inbox.port}"
+        assert not inbox.authenticated and inbox.refused_peers == 0
         outbox.send(Ping(1))
         assert inbox.recv(timeout_ms=5000) == Ping(1)
 
@@ -590,8 +906,8 @@ def test_inbox_on_every_interface_advertises_the_given_host(context):
     with Inbox(context, host="0.0.0.0", advertise_host="127.0.0.1") as inbox:
         assert inbox.address == tcp_address("127.0.0.1", inbox.port)
         with Outbox(context, inbox.address) as outbox:
-            outbox.send(Token(4, 11))
-            assert inbox.recv(timeout_ms=5000) == Token(4, 11)
+            outbox.send(Sampled(4, (11,)))
+            assert inbox.recv(timeout_ms=5000) == Sampled(4, (11,))
 
 
 def test_tcp_address_brackets_ipv6_literals():
@@ -657,6 +973,8 @@ def test_unsendable_message_is_a_frame_error_before_anything_is_sent(context):
     with Inbox(context) as inbox, Outbox(context, inbox.address) as outbox:
         with pytest.raises(FrameError):
             outbox.send(fwd(torch.zeros(2, dtype=torch.float64)))
+        with pytest.raises(FrameError, match="needs one Row per tensor row"):
+            outbox.send(fwd(torch.zeros(2, 4), rows=one_row()))
         outbox.send(Ping(2))
         assert inbox.recv(timeout_ms=5000) == Ping(2)
 
@@ -673,16 +991,18 @@ def test_recv_timeout_returns_none(context):
         assert inbox.recv(timeout_ms=10) is None
 
 
-def test_order_is_preserved_across_kinds_and_interleaved_requests(context):
+def test_order_is_preserved_across_kinds_and_interleaved_steps(context):
     sent = []
     for step in range(200):
-        request_id = step % 3
-        sent.append(fwd(torch.full((1, 1, 8), float(step)), request_id=request_id, position=step,
-                        sampling=SAMPLED, stage_ms=(0.5,) * (step % 4)))
-        sent.append(Token(request_id, step, (1.0, 2.0)))
+        batch = 1 + step % 3
+        rows = tuple(Row(slot, step, SAMPLED, sample=(step + slot) % 4 != 0) for slot in range(batch))
+        sent.append(fwd(torch.full((batch, 1, 8), float(step)), step_id=step, rows=rows,
+                        stage_ms=(0.5,) * (step % 4)))
+        sent.append(Sampled(step, tuple(NO_TOKEN if not row.sample else step + row.slot for row in rows),
+                            (1.0, 2.0)))
         if step % 50 == 49:
-            sent += [Free(request_id), Error(request_id, f"step {step}"), Ping(step)]
-    sent.append(fwd(torch.randn(1, 300, 896), request_id=9))   # a 1 MB prefill
+            sent += [Free(step, step % 3), Error(step, f"step {step}"), Ping(step)]
+    sent.append(fwd(torch.randn(1, 300, 896), step_id=9, sample=False))   # a 1 MB prefill chunk
     sent.append(Shutdown())
     with Inbox(context) as inbox, Outbox(context, inbox.address) as outbox:
         for msg in sent:
@@ -695,23 +1015,31 @@ def test_malformed_message_raises_and_the_inbox_keeps_working(context):
     with Inbox(context) as inbox, context.socket(zmq.PUSH) as raw, \
             Outbox(context, inbox.address) as outbox:
         raw.connect(inbox.address)
-        raw.send_multipart([MAGIC + b"\x02", b"junk"])
+        raw.send_multipart([MAGIC + bytes([VERSION]), b"junk"])
         raw.send_multipart([header(Kind.PING, 8), b"x", b"y"])
-        raw.send_multipart([forward_header(request_id=9), bytes(23)])
+        raw.send_multipart([forward_header(message_id=9), bytes(23)])
+        raw.send_multipart([forward_header(message_id=10, rows=(raw_row(),) * 3), bytes(24)])
+        raw.send_multipart([header(Kind.FREE, 11)])
         with pytest.raises(FrameError, match="shorter than"):
             inbox.recv(timeout_ms=5000)
         with pytest.raises(FrameError, match="1 or 2 frames, got 3"):
             inbox.recv(timeout_ms=5000)
         with pytest.raises(FrameError, match="has 23 bytes") as info:
             inbox.recv(timeout_ms=5000)
-        assert info.value.request_id == 9   # a receiver can still answer request 9
+        assert info.value.message_id == 9   # a receiver can still answer step 9
+        with pytest.raises(FrameError, match="3 rows but a tensor of 2") as info:
+            inbox.recv(timeout_ms=5000)
+        assert info.value.message_id == 10
+        with pytest.raises(FrameError, match="FREE 11 has 0 body bytes") as info:
+            inbox.recv(timeout_ms=5000)
+        assert info.value.message_id == 11
         outbox.send(Ping(3))
         assert inbox.recv(timeout_ms=5000) == Ping(3)
 
 
 def test_message_over_the_size_limit_is_dropped_and_the_inbox_keeps_working(context):
     # libzmq drops the connection of a peer that sends more than MAXMSGSIZE in one frame
-    too_big = torch.empty(MAX_MESSAGE_BYTES // 4 + 1)   # uninitialised: cheap to allocate
+    too_big = torch.empty(1, MAX_MESSAGE_BYTES // 4 + 1)   # uninitialised: cheap to allocate
     with Inbox(context) as inbox:
         with Outbox(context, inbox.address, send_timeout_ms=5000) as outbox:
             outbox.send(fwd(too_big))
@@ -723,34 +1051,42 @@ def test_message_over_the_size_limit_is_dropped_and_the_inbox_keeps_working(cont
 
 
 def stage_worker(inbox: Inbox, outbox: Outbox, scale: float, last: bool) -> None:
-    """A toy stage: scales activations and records its time; the last one sends a Token (the
-    argmax); control messages pass on; it stops after SHUTDOWN."""
+    """A toy stage: scales activations and records its time; the last one sends a Sampled (each
+    sampling row's argmax, NO_TOKEN for the others); control messages pass on; it stops after
+    SHUTDOWN."""
     while (msg := inbox.recv(timeout_ms=5000)) is not None:
         if isinstance(msg, Forward):
             hidden = msg.tensor * scale
             stage_ms = msg.stage_ms + (float(scale),)
-            msg = (Token(msg.request_id, int(hidden.argmax()), stage_ms) if last else
-                   Forward(msg.request_id, msg.position, hidden, msg.sampling, stage_ms))
+            if last:
+                token_ids = tuple(int(hidden[b].argmax()) if row.sample else NO_TOKEN
+                                  for b, row in enumerate(msg.rows))
+                msg = Sampled(msg.step_id, token_ids, stage_ms)
+            else:
+                msg = Forward(msg.step_id, msg.rows, hidden, stage_ms)
         outbox.send(msg)
         if isinstance(msg, Shutdown):
             return
 
 
-def test_two_stage_pipeline_over_threads(context):
-    back, stage1_in, stage0_in = Inbox(context), Inbox(context), Inbox(context)
-    stage0_out = Outbox(context, stage1_in.address)
-    stage1_out = Outbox(context, back.address)
-    to_stage0 = Outbox(context, stage0_in.address)
+def run_two_stage_pipeline(context, key: bytes | None) -> list:
+    back, stage1_in, stage0_in = (Inbox(context, key=key) for _ in range(3))
+    stage0_out = Outbox(context, stage1_in.address, key=key)
+    stage1_out = Outbox(context, back.address, key=key)
+    to_stage0 = Outbox(context, stage0_in.address, key=key)
     workers = [threading.Thread(target=stage_worker, args=(stage0_in, stage0_out, 2.0, False)),
                threading.Thread(target=stage_worker, args=(stage1_in, stage1_out, 3.0, True))]
     for worker in workers:
         worker.start()
     try:
-        for request_id in (1, 2, 1, 2):
-            hidden = torch.zeros(1, 1, 4)
-            hidden[0, 0, request_id] = 1.0
-            to_stage0.send(fwd(hidden, request_id=request_id, sampling=SAMPLED))
-        to_stage0.send(Free(1))
+        for step, slots in enumerate(((1,), (2,), (1, 2), (3, 1, 2))):
+            hidden = torch.zeros(len(slots), 1, 4)
+            for b, slot in enumerate(slots):
+                hidden[b, 0, slot] = 1.0
+            # slot 3 is a prefill chunk before its prompt's end: it does not sample yet
+            rows = tuple(Row(slot, step, SAMPLED, sample=slot != 3) for slot in slots)
+            to_stage0.send(fwd(hidden, step_id=step, rows=rows))
+        to_stage0.send(Free(10, 1))
         to_stage0.send(Shutdown())
         received = [back.recv(timeout_ms=5000) for _ in range(6)]
     finally:
@@ -758,8 +1094,21 @@ def test_two_stage_pipeline_over_threads(context):
             worker.join(timeout=10)
         for sock in (back, stage1_in, stage0_in, stage0_out, stage1_out, to_stage0):
             sock.close()
-    assert received == [Token(1, 1, (2.0, 3.0)), Token(2, 2, (2.0, 3.0)), Token(1, 1, (2.0, 3.0)),
-                        Token(2, 2, (2.0, 3.0)), Free(1), Shutdown()]
+    return received
+
+
+def test_two_stage_pipeline_over_threads(context):
+    assert run_two_stage_pipeline(context, key=None) == [
+        Sampled(0, (1,), (2.0, 3.0)), Sampled(1, (2,), (2.0, 3.0)), Sampled(2, (1, 2), (2.0, 3.0)),
+        Sampled(3, (NO_TOKEN, 1, 2), (2.0, 3.0)), Free(10, 1), Shutdown()]
+
+
+def test_two_stage_pipeline_with_authenticated_sockets(context):
+    # as exo-lab runs it: every socket holds the data-plane key derived from the cluster secret
+    key = derive_key(new_secret().encode(), "data-plane")
+    assert run_two_stage_pipeline(context, key=key) == [
+        Sampled(0, (1,), (2.0, 3.0)), Sampled(1, (2,), (2.0, 3.0)), Sampled(2, (1, 2), (2.0, 3.0)),
+        Sampled(3, (NO_TOKEN, 1, 2), (2.0, 3.0)), Free(10, 1), Shutdown()]
 
 
 # ------------------------------------------------------------------------ async sockets
@@ -781,9 +1130,10 @@ def test_async_inbox_and_outbox_round_trip_in_order():
         with AsyncInbox(ctx) as inbox, AsyncOutbox(ctx, inbox.address) as outbox:
             assert inbox.address == f"tcp://127.0.0.1:{inbox.port}"
             assert await inbox.recv(timeout_ms=20) is None
-            sent = [Token(i % 4, i, (float(i),)) for i in range(50)]
-            sent += [fwd(torch.randn(1, 300, 896), request_id=5, sampling=SAMPLED, stage_ms=(1.0,)),
-                     Error(1, "boom"), Free(2), Ping(3), Shutdown()]
+            sent = [Sampled(i, (i, NO_TOKEN)[: 1 + i % 2], (float(i),)) for i in range(50)]
+            sent += [fwd(torch.randn(1, 300, 896), step_id=5, sampling=SAMPLED, stage_ms=(1.0,)),
+                     fwd(torch.randn(3, 1, 896), step_id=6, rows=BATCH_ROWS[:3]),
+                     Error(1, "boom"), Free(2, 7), Ping(3), Shutdown()]
             for msg in sent:
                 await outbox.send(msg)
             for msg in sent:
@@ -801,17 +1151,32 @@ def test_async_and_sync_ends_interoperate_on_a_sync_context(context):
             def stage():
                 msg = stage_in.recv(timeout_ms=5000)
                 with Outbox(context, tokens_in.address) as out:
-                    out.send(Token(msg.request_id, int(msg.tensor.item()) + 1, (0.5,)))
+                    out.send(Sampled(msg.step_id, tuple(int(t) + 1 for t in msg.tensor[:, -1]), (0.5,)))
                     out.close(linger_ms=1000)
 
             worker = threading.Thread(target=stage)
             worker.start()
-            await to_stage.send(fwd(torch.tensor([[41]]), request_id=7))
+            await to_stage.send(fwd(torch.tensor([[41], [9]]), step_id=7))
             reply = await tokens_in.recv(timeout_ms=5000)
             await asyncio.to_thread(worker.join, 10)
             return reply
 
-    assert asyncio.run(main()) == Token(7, 42, (0.5,))
+    assert asyncio.run(main()) == Sampled(7, (42, 10), (0.5,))
+
+
+def test_async_authenticated_ends_round_trip():
+    async def main(ctx):
+        key = derive_key(new_secret().encode(), "data-plane")
+        with AsyncInbox(ctx, key=key) as inbox, AsyncOutbox(ctx, inbox.address, key=key) as outbox:
+            assert inbox.authenticated
+            sent = [fwd(torch.randn(2, 1, 896), step_id=1, rows=BATCH_ROWS[:2]),
+                    Sampled(1, (4, NO_TOKEN)), Free(2, 5)]
+            for msg in sent:
+                await outbox.send(msg)
+            for msg in sent:
+                assert_same(await inbox.recv(timeout_ms=5000), msg)
+
+    run_async(main)
 
 
 def test_async_send_to_nobody_times_out_with_a_cluster_error():
@@ -832,8 +1197,12 @@ def test_async_malformed_message_raises_frame_error_and_the_inbox_keeps_working(
             await raw.send_multipart([b"NOPE" + bytes(20)])
             with pytest.raises(FrameError, match="bad magic"):
                 await inbox.recv(timeout_ms=5000)
-            await outbox.send(Free(5))
-            assert await inbox.recv(timeout_ms=5000) == Free(5)
+            await raw.send_multipart([header(Kind.SAMPLED, 6) + SAMPLED_BODY.pack(2, 0) + bytes(4)])
+            with pytest.raises(FrameError, match="wrong length") as info:
+                await inbox.recv(timeout_ms=5000)
+            assert info.value.message_id == 6
+            await outbox.send(Free(5, 1))
+            assert await inbox.recv(timeout_ms=5000) == Free(5, 1)
 
     run_async(main)
 
@@ -844,10 +1213,11 @@ def test_async_malformed_message_raises_frame_error_and_the_inbox_keeps_working(
 def test_measure_hop_overhead_returns_sane_numbers(payload_bytes):
     result = measure_hop_overhead(n=50, payload_bytes=payload_bytes, warmup=5)
     assert result["n"] == 50 and result["payload_bytes"] == payload_bytes
-    for name in ("hop", "pair"):
+    for name in ("hop", "auth_hop", "pair"):
         median, p90 = result[f"{name}_median_ms"], result[f"{name}_p90_ms"]
         # positive, finite, p90 at or above the median, and below a second (a loopback hop)
         assert 0 < median <= p90 < 1000
+    assert result["auth_added_ms"] == result["auth_hop_median_ms"] - result["hop_median_ms"]
 
 
 @pytest.mark.parametrize("kwargs", [{"n": 0}, {"n": -5}, {"payload_bytes": -1}], ids=str)

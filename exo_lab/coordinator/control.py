@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_START_TIMEOUT_S = 120.0
 DEFAULT_CALL_TIMEOUT_S = 60.0
+SURVIVOR_PROBE_S = 5.0      # after a failure, an engine that does not answer this fast is left out
 
 
 @dataclass(frozen=True)
@@ -156,10 +157,7 @@ class EngineControl:
             on_controller()
         own = self.local_engines if self.is_local else (coordinator.engines if coordinator.is_compute else 0)
         if own:
-            env = engine_environment(threads=self._threads_for(None if self.is_local else coordinator),
-                                     device_name=None if self.is_local else coordinator.hostname,
-                                     secret=self.runtime_secret)
-            self._ipp.start_engines_sync(own, environment=env)
+            self._ipp.start_engines_sync(own, environment=self._own_engine_environment())
         if self.launches_workers:
             from .launchers import start_launched_workers   # stopped with the cluster (stop())
             start_launched_workers(self._ipp, self.config, self.secret)
@@ -258,11 +256,20 @@ class EngineControl:
             return ClusterError(f"engine {engine_id} died while {what}: {exc}")
 
     # ------------------------------------------------------------ engines
-    def probe(self) -> list[EngineInfo]:
+    def probe(self, *, survivors_only: bool = False, exclude: set[int] = frozenset()) -> list[EngineInfo]:
         """Probe every live engine, apply the config's limits (memory, cores, gpu) and set each
-        engine's torch threads. Engines of PCs the config does not use are left out."""
+        engine's torch threads. Engines of PCs the config does not use are left out.
+        ``survivors_only`` (after a failure): engines that do not answer within
+        SURVIVOR_PROBE_S (dead, or hung) are left out instead of failing the probe; so are the
+        engines in ``exclude`` (known lost)."""
         self.require_started()
-        probes = self.call_all(engine_probe.probe_resources, True)
+        if survivors_only:
+            alive = [eid for eid in self.ids if eid not in exclude]
+            answers = self.gather(alive, engine_probe.probe_resources, True, timeout_s=SURVIVOR_PROBE_S,
+                                  what="probing the survivors")
+            probes = {eid: a for eid, a in answers.items() if not isinstance(a, ExoLabError)}
+        else:
+            probes = self.call_all(engine_probe.probe_resources, True)
         counts: dict[str, int] = {}
         infos = [info for eid in sorted(probes) if (info := self._engine_info(eid, probes[eid], counts))]
         for info in infos:
@@ -304,6 +311,26 @@ class EngineControl:
         cores = (probe or {}).get("cores") or os.cpu_count() or 1
         limits = [c for c in (self.max_cores, device.max_cores if device else None) if c]
         return max(1, min([cores, *limits]))
+
+    def start_engines(self, count: int) -> None:
+        """Start ``count`` more engines on this PC (they join as spares; a local cluster uses
+        this to replace a lost engine)."""
+        self.require_started()
+        before = set(self.ids)
+        self._ipp.start_engines_sync(count, environment=self._own_engine_environment())
+        # not wait_for_engines: it gives up when another (lost) engine unregisters meanwhile
+        deadline = time.monotonic() + self.start_timeout_s
+        while len(set(self.ids) - before) < count:
+            if time.monotonic() > deadline:
+                raise ClusterError(self._missing_engines_message(len(before) + count))
+            time.sleep(0.1)
+
+    def _own_engine_environment(self) -> dict[str, str]:
+        """The environment of the engines this PC starts (threads, device name, the secret)."""
+        coordinator = self.config.coordinator
+        return engine_environment(threads=self._threads_for(None if self.is_local else coordinator),
+                                  device_name=None if self.is_local else coordinator.hostname,
+                                  secret=self.runtime_secret)
 
     def is_gone(self, info: EngineInfo) -> bool:
         """The engine left the controller, or (on this machine) its process no longer exists:

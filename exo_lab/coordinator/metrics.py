@@ -20,6 +20,9 @@ class Metrics:
     prefix_hits_total: int = 0                              # requests that reused a slot's KV prefix
     prefix_tokens_total: int = 0                            # prompt tokens not prefilled thanks to it
     steps_total: int = 0                                    # micro-batches sent down the pipe
+    failovers_total: int = 0                                # pipelines lost and re-planned
+    replayed_total: int = 0                                 # requests replayed after one
+    last_pause_s: float | None = None                       # failure detected -> pipeline back
     step_rows_total: int = 0                                # rows in them (mean batch = rows / steps)
     tokens_total: int = 0
     in_flight: int = 0
@@ -48,6 +51,13 @@ class Metrics:
     def prefix_hit(self, tokens: int) -> None:
         self.prefix_hits_total += 1
         self.prefix_tokens_total += tokens
+
+    def failover(self, replayed: int) -> None:
+        self.failovers_total += 1
+        self.replayed_total += replayed
+
+    def resumed(self, pause_s: float) -> None:
+        self.last_pause_s = pause_s
 
     def step(self, rows: int) -> None:
         self.steps_total += 1
@@ -91,6 +101,9 @@ class Metrics:
             "prefix_hits_total": self.prefix_hits_total,
             "prefix_tokens_total": self.prefix_tokens_total,
             "mean_batch_rows": self.step_rows_total / self.steps_total if self.steps_total else None,
+            "failovers_total": self.failovers_total,
+            "replayed_requests_total": self.replayed_total,
+            "last_failover_pause_s": self.last_pause_s,
             "tokens_total": self.tokens_total,
             "tokens_per_s": self.tokens_per_s(),
             "mean_time_to_first_token_s": self.ttft_sum_s / self.ttft_count if self.ttft_count else None,
@@ -135,6 +148,12 @@ class MetricsCollector:
         yield _family(CounterMetricFamily, "exo_lab_steps", "Micro-batches sent down the pipeline.", m.steps_total, model)
         yield _family(CounterMetricFamily, "exo_lab_step_rows", "Rows (sequences) in those micro-batches.",
                       m.step_rows_total, model)
+        yield _family(CounterMetricFamily, "exo_lab_failovers", "Pipelines lost and re-planned on the survivors.",
+                      m.failovers_total, model)
+        yield _family(CounterMetricFamily, "exo_lab_replayed_requests", "Requests replayed after a failover.",
+                      m.replayed_total, model)
+        yield _family(GaugeMetricFamily, "exo_lab_failover_pause_seconds",
+                      "From the last failure's detection to the pipeline serving again.", m.last_pause_s or 0.0, model)
         yield _family(GaugeMetricFamily, "exo_lab_tokens_per_second", "Tokens generated per second over the last 2 s.",
                       m.tokens_per_s(), model)
         ttft = SummaryMetricFamily("exo_lab_time_to_first_token_seconds", "Time from request to first token.",

@@ -7,6 +7,7 @@ unloaded again, so a failed load leaves the engines as they were: empty and usab
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import time
@@ -47,15 +48,17 @@ class Pipeline:
         """The stage index an engine runs, or None."""
         return next((i for i, e in enumerate(self.engines) if e.engine_id == engine_id), None)
 
+    def dead_engines(self, control: EngineControl) -> list[EngineInfo]:
+        """The stage engines that are gone (left the controller, or their process died)."""
+        return [info for info in self.engines if control.is_gone(info)]
+
     def dead_stage_message(self, control: EngineControl) -> str | None:
         """A message naming the first stage whose engine is gone, or None when all are up."""
         for index, info in enumerate(self.engines):
             if control.is_gone(info):
                 stage = self.plan.stages[index]
-                left = max(len(control.ids) - 1, 0)
                 return (f"engine {info.engine_id} ({info.node}, stage {index}, layers "
-                        f"[{stage.start_layer}, {stage.stop_layer})) stopped; call cluster.load(...) "
-                        f"again to re-plan on the {left} engines left, or restart it")
+                        f"[{stage.start_layer}, {stage.stop_layer})) stopped")
         return None
 
     def close(self, control: EngineControl, loop: LoopThread | None) -> None:
@@ -69,17 +72,26 @@ class Pipeline:
 
 
 def load_pipeline(control: EngineControl, loop: LoopThread, options: LoadOptions, *,
-                  check_alive, progress: bool, timeout_s: float) -> Pipeline:
+                  check_alive, progress: bool, timeout_s: float, on_failure=None,
+                  failover_from: Pipeline | None = None) -> Pipeline:
     """Plan ``options.model`` over the live engines and load one shard per stage.
+
+    ``failover_from``: the pipeline that lost an engine. The plan then uses the engines that
+    answer (the survivors and any spares), a stage whose layers stay on the same engine keeps
+    its weights, and the old pipeline's scheduler, with the requests it holds, goes on over the
+    new stages. ``on_failure(reason)`` is what the scheduler calls when this pipeline is lost.
     Raises ModelError, PlanError or ClusterError; on error nothing stays loaded."""
     started = time.perf_counter()
     model_id = _portable_model_id(options.model)
     model_dir = resolve_model(model_id, need_weights=False)
     config = read_model_config(model_dir)
     profile = profile_from_config(config, dtype=options.dtype, model_id=model_id)
-    engines = control.probe()
+    lost = {e.engine_id for e in failover_from.dead_engines(control)} if failover_from is not None else set()
+    engines = control.probe(survivors_only=failover_from is not None, exclude=lost)
     if not engines:
         raise ClusterError("no compute engine is available: start workers or Cluster.local(engines=N)")
+    if failover_from is not None:   # a spread asked for cannot outnumber the survivors
+        options = dataclasses.replace(options, min_stages=min(options.min_stages, len(engines)))
     plan = options.plan(profile, [e.node_spec() for e in engines])
     by_node = {e.node: e for e in engines}
     stage_engines = [by_node[stage.node] for stage in plan.stages]
@@ -88,8 +100,10 @@ def load_pipeline(control: EngineControl, loop: LoopThread, options: LoadOptions
     try:
         addresses = _load_shards(control, model_id, profile.num_layers, options, context_length,
                                  plan, stage_engines, progress, timeout_s)
+        settings = _scheduler_settings(tokenizer, config, context_length, options, len(plan.stages))
         scheduler = _connect(control, loop, addresses, stage_engines, check_alive,
-                             _scheduler_settings(tokenizer, config, context_length, options, len(plan.stages)))
+                             {**settings, "on_failure": on_failure},
+                             failover_from.scheduler if failover_from is not None else None)
     except BaseException:
         _unload(control, stage_engines)
         raise
@@ -204,33 +218,39 @@ def _scheduler_settings(tokenizer, config, context_length, options: LoadOptions,
 
 
 def _connect(control: EngineControl, loop: LoopThread, addresses, stage_engines, check_alive,
-             settings: dict) -> Scheduler:
-    """Chain coordinator -> stage 0 -> ... -> last stage -> coordinator and start serving.
+             settings: dict, scheduler: Scheduler | None = None) -> Scheduler:
+    """Chain coordinator -> stage 0 -> ... -> last stage -> coordinator and start serving: a
+    new scheduler, or ``scheduler`` (after a failover) rewired to the new stages.
 
     The coordinator's sockets live on the loop; the ipyparallel calls that start the stage
     workers run here, in the caller's thread, so the loop (and an API server on it) never
     waits on the control plane."""
     bind, advertise = control.coordinator_inbox_hosts(stage_engines)
-    scheduler = loop.run(_make_scheduler(bind, advertise, addresses[0], check_alive, settings,
-                                         key=control.data_plane_key))
+    inbox, outbox = loop.run(_make_sockets(bind, advertise, addresses[0], control.data_plane_key))
     try:
-        for info, next_address in zip(stage_engines, addresses[1:] + [scheduler.inbox.address]):
+        for info, next_address in zip(stage_engines, addresses[1:] + [inbox.address]):
             control.call(info.engine_id, engine_worker.start_worker, next_address,
                          what="starting the stage worker")
-        loop.run(_start(scheduler))
     except BaseException:
-        loop.run(scheduler.close())
+        inbox.close()
+        outbox.close()
         raise
+    if scheduler is not None:
+        loop.run(scheduler.rewire(inbox, outbox))
+        return scheduler
+    scheduler = loop.run(_make_scheduler(inbox, outbox, check_alive, settings))
+    loop.run(_start(scheduler))
     return scheduler
 
 
-async def _make_scheduler(bind, advertise, first_address, check_alive, settings: dict, *,
-                          key: bytes) -> Scheduler:
+async def _make_sockets(bind, advertise, first_address, key: bytes):
     from ..wire import AsyncInbox, AsyncOutbox
 
-    inbox = AsyncInbox(host=bind, port=0, advertise_host=advertise, key=key)
-    return Scheduler(inbox=inbox, outbox=AsyncOutbox(None, first_address, key=key), check_alive=check_alive,
-                     **settings)
+    return AsyncInbox(host=bind, port=0, advertise_host=advertise, key=key), AsyncOutbox(None, first_address, key=key)
+
+
+async def _make_scheduler(inbox, outbox, check_alive, settings: dict) -> Scheduler:
+    return Scheduler(inbox=inbox, outbox=outbox, check_alive=check_alive, **settings)
 
 
 async def _start(scheduler: Scheduler) -> None:

@@ -23,6 +23,15 @@ batch they are given):
 
 However a request ends (finished, error, client gone, task cancelled) its slot is freed at once,
 or when its step in flight comes back, and a FREE goes down the pipe for the stages' books.
+
+- **Failover.** When a stage's engine is lost (gone from the controller, its process dead, or a
+  step in flight past ``step_timeout_s``: hung), the scheduler calls ``on_failure(reason)`` and
+  :meth:`suspend`\ s: every running request goes back to the head of the queue with its KV
+  forgotten and its tokens kept. The cluster re-plans on the survivors and :meth:`rewire`\ s the
+  scheduler to the new pipeline; each request then replays its prompt and the tokens generated
+  so far as a prefill and goes on. Sampling draws depend only on (seed, position), so the tokens
+  do not depend on whether a failure happened. Without ``on_failure``, or when the survivors
+  cannot hold the model, every request ends with the error.
 """
 from __future__ import annotations
 
@@ -92,7 +101,8 @@ class Scheduler:
 
     def __init__(self, *, inbox, outbox, tokenizer, eos_token_ids: set[int], context_length: int,
                  check_alive: Callable[[], str | None], max_batch: int = 1, micro_batches: int = 1,
-                 prefill_chunk: int = 256, max_queued: int = 64, step_timeout_s: float = 300.0):
+                 prefill_chunk: int = 256, max_queued: int = 64, step_timeout_s: float = 60.0,
+                 on_failure: Callable[[str], None] | None = None):
         self.inbox = inbox
         self.outbox = outbox
         self.tokenizer = tokenizer
@@ -104,6 +114,8 @@ class Scheduler:
         self.prefill_chunk = max(1, prefill_chunk)
         self.max_queued = max_queued
         self.step_timeout_s = step_timeout_s
+        self.on_failure = on_failure
+        self.suspended_since: float | None = None      # a failover is under way since then
         self.metrics = Metrics(kv_slots=max_batch)
         self.failure: str | None = None
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -122,6 +134,49 @@ class Scheduler:
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
         self._tasks = [asyncio.ensure_future(self._receive_loop()), asyncio.ensure_future(self._step_loop())]
+
+    def suspend(self, reason: str) -> None:
+        """Stop sending steps; put every running request back at the head of the queue with its
+        KV forgotten (its prompt and generated tokens are replayed after :meth:`rewire`)."""
+        if self.suspended_since is not None:
+            return
+        logger.warning("pipeline lost (%s): %d request(s) will be replayed", reason, len(self._running))
+        self.suspended_since = time.perf_counter()
+        self.metrics.failover(len([r for r in self._running if not r.done]))
+        for request in reversed(self._running):
+            request.in_flight, request.kv_len, request.slot = False, 0, None
+            if not request.done:
+                self._waiting.appendleft(request)
+        self._running.clear()
+        self._in_flight.clear()
+        self._free_slots = collections.OrderedDict((slot, []) for slot in range(self.max_batch))
+        for event in self._freed.values():
+            event.set()
+        self._freed.clear()
+
+    async def rewire(self, inbox, outbox) -> None:
+        """Go on over a new pipeline (after :meth:`suspend`): its sockets replace the old ones,
+        and the queued requests are admitted and replayed."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self.inbox.close()
+        self.outbox.close()
+        self.inbox, self.outbox = inbox, outbox
+        self.failure = None
+        self.metrics.resumed(time.perf_counter() - self.suspended_since if self.suspended_since else 0.0)
+        self.suspended_since = None
+        self.start()
+        self._wake.set()
+
+    def abort(self, error: BaseException) -> None:
+        """End every request with ``error`` (the survivors cannot hold the model)."""
+        self.failure = str(error)
+        self._fail_all(error)
 
     async def close(self) -> None:
         self._fail_all(ClusterError("the cluster is shutting down"))
@@ -258,6 +313,8 @@ class Scheduler:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if self.suspended_since is not None:
+                continue
             self._admit()
             self.metrics.set_load(len(self._running), len(self._waiting))
             for step in self._next_steps():
@@ -397,19 +454,33 @@ class Scheduler:
             self._pings.pop(message_id, None)
 
     def _check_stalled(self, waited_s: float) -> None:
+        if self.suspended_since is not None:
+            return                          # a failover is under way: the request waits in the queue
+        if self.failure:
+            raise ClusterError(self.failure)
         if any(task.done() for task in self._tasks):
             task = next(t for t in self._tasks if t.done())
             error = None if task.cancelled() else task.exception()
-            self.failure = f"the coordinator's scheduler stopped ({error!r}); reload the model"
-        problem = self.failure or self.check_alive()
+            self.lost(f"the coordinator's scheduler stopped ({error!r}); reload the model")
+        problem = self.check_alive()
+        if problem is None and waited_s >= self.step_timeout_s:
+            problem = (f"no token arrived from the pipeline within {self.step_timeout_s:.0f} s although "
+                       f"every engine is registered: a stage is hung")
         if problem:
-            self.failure = problem
-            self._fail_all(ClusterError(problem))
-            raise ClusterError(problem)
-        if waited_s >= self.step_timeout_s:
-            raise ClusterError(
-                f"no token arrived from the pipeline within {self.step_timeout_s:.0f} s although every "
-                f"engine is alive; a stage may be stuck. Check `cluster.status()` and reload the model")
+            self.lost(problem)
+        if self.failure:
+            raise ClusterError(self.failure)
+
+    def lost(self, problem: str) -> None:
+        """The pipeline is lost: fail over when someone re-plans (``on_failure``), else end
+        every request with ``problem``."""
+        if self.suspended_since is not None or self.failure:
+            return
+        if self.on_failure is None:
+            self.abort(ClusterError(problem))
+            return
+        self.suspend(problem)
+        self.on_failure(problem)
 
 
 def _average(current: float | None, sample: float) -> float:

@@ -206,19 +206,24 @@ def load_stage(spec_fields: dict, stage_index: int, num_stages: int, bind_host: 
     from ..wire import Inbox
     from .fetch import open_model
 
-    unload_stage()
     spec_fields = dict(spec_fields)
     # a PC without the model fetches exactly this stage's tensors from the storage PC
     model_dir, ensure_tensors = open_model(spec_fields.pop("model_id"))
     spec_fields["model_dir"] = str(model_dir)
+    spec = ShardSpec(**spec_fields)
+    # the same layers again (a re-plan that left this stage as it was): keep the weights; the
+    # requests replayed after a failover write their KV slots afresh from position 0
+    previous = current_worker()
+    kept = previous.stage if previous is not None and previous.stage.spec == spec else None
+    unload_stage()
     started = time.perf_counter()
-    stage = build_stage(ShardSpec(**spec_fields), ensure_tensors=ensure_tensors)
+    stage = kept if kept is not None else build_stage(spec, ensure_tensors=ensure_tensors)
     inbox = Inbox(zmq.Context.instance(), host=bind_host, port=0, advertise_host=advertise_host,
                   key=data_plane_key())
     global _worker
     _worker = StageWorker(stage, inbox, stage_index, num_stages)
     _publish(_worker)
-    return {"address": inbox.address, "load_s": time.perf_counter() - started,
+    return {"address": inbox.address, "load_s": time.perf_counter() - started, "reused": kept is not None,
             "parameter_bytes": stage.parameter_bytes(), **memory()}
 
 

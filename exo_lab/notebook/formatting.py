@@ -123,6 +123,9 @@ def metrics_line(metrics: dict | None) -> str:
     in_flight = metrics.get("requests_in_flight", 0)
     slots = (f"; {metrics['running']}/{metrics['kv_slots']} KV slots, {metrics['queued']} queued"
              if "kv_slots" in metrics else "")
+    if metrics.get("failovers_total"):
+        slots += (f"; {metrics['failovers_total']} failover(s), {metrics['replayed_requests_total']} replayed, "
+                  f"last pause {metrics['last_failover_pause_s'] or 0:.1f} s")
     return (f"{metrics.get('tokens_per_s', 0.0):.1f} tokens/s, {_count(in_flight, 'request')} in flight "
             f"({_count(metrics.get('tokens_total', 0), 'token')}, "
             f"{_count(metrics.get('requests_total', 0), 'request')}, "

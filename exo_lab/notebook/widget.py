@@ -212,8 +212,10 @@ class ClusterWidget(widgets.VBox):
         self.throughput.max = self._peak_tokens_per_s
         self.throughput.value = tokens_per_s
         self.throughput_label.value = f"{tokens_per_s:.1f} tokens/s"
+        failovers = (f"; {metrics.failovers_total} failover(s), {metrics.replayed_total} replayed, last pause "
+                     f"{metrics.last_pause_s or 0:.1f} s" if metrics.failovers_total else "")
         self.in_flight.value = (f"{in_flight} request{'' if in_flight == 1 else 's'} in flight; "
-                                f"{metrics.running}/{metrics.kv_slots} KV slots, {metrics.queued} queued")
+                                f"{metrics.running}/{metrics.kv_slots} KV slots, {metrics.queued} queued{failovers}")
 
     def _ensure_rows(self, engine_ids: list[int]) -> None:
         missing = [eid for eid in engine_ids if eid not in self._rows_by_id]
