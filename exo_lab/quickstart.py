@@ -60,6 +60,7 @@ def run(args) -> int:
     started = time.perf_counter()
     since_launch_s = time.time() - _launched_at()   # imports before this line count too
     model = choose_model(args.model)
+    prepared = time.perf_counter()
     print(f"starting a local cluster of {args.engines} engines ...", flush=True)
     with Cluster.local(engines=args.engines) as cluster:
         plan = cluster.load(model, min_stages=args.engines)
@@ -75,7 +76,8 @@ def run(args) -> int:
         done = time.perf_counter()
     print(f"\n\n{tokens} tokens in {done - asked:.2f} s ({tokens / max(done - asked, 1e-9):.1f} tokens/s) over "
           f"{len(plan.stages)} stages; the answer began {since_launch_s + (first or done) - started:.1f} s "
-          f"after the command started (cluster start and model load {asked - started:.1f} s).")
+          f"after the command started (model files ready in {prepared - started:.1f} s, cluster start and "
+          f"load {asked - prepared:.1f} s).")
     if model == DEMO_MODEL_ID:
         print("(The demo model has random weights: its words are noise.)")
     print(f"Next: exo-lab serve --model {model} --engines {args.engines}, then open http://127.0.0.1:8000/ "
