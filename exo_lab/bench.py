@@ -20,6 +20,8 @@ import statistics
 import threading
 import time
 
+from .cli import positive_int
+
 logger = logging.getLogger(__name__)
 
 PRESETS = {
@@ -41,32 +43,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engines", type=_counts, default="1,2,3", help="engine counts to measure, e.g. 1,2,3")
     parser.add_argument("--concurrency", type=_counts, default="1",
                         help="concurrent requests to measure, e.g. 1,4,8 (transformers gets the same batch)")
-    parser.add_argument("--max-cores", type=_positive, default=None, help="torch threads per engine (default: all)")
-    parser.add_argument("--micro-batches", type=_positive, default=None,
+    parser.add_argument("--max-cores", type=positive_int, default=None, help="torch threads per engine (default: all)")
+    parser.add_argument("--micro-batches", type=positive_int, default=None,
                         help="steps in flight at once (default: one per stage)")
-    parser.add_argument("--prompt-tokens", type=_positive, default=32)
-    parser.add_argument("--new-tokens", type=_positive, default=32)
+    parser.add_argument("--prompt-tokens", type=positive_int, default=32)
+    parser.add_argument("--new-tokens", type=positive_int, default=32)
     parser.add_argument("--dtype", type=_dtypes, default=["float32"],
                         help="stage dtype(s), e.g. int8 or float32,bfloat16,int8 (several: with --compare)")
     parser.add_argument("--compare", action="store_true",
                         help="one stream per --dtype and --engines against transformers and llama.cpp "
                              "(pip install 'exo-lab[bench]'), with greedy agreement and perplexity")
-    parser.add_argument("--quality-tokens", type=_positive, default=64,
+    parser.add_argument("--quality-tokens", type=positive_int, default=64,
                         help="--compare: greedy tokens compared with float32")
-    parser.add_argument("--ppl-tokens", type=_positive, default=256,
+    parser.add_argument("--ppl-tokens", type=positive_int, default=256,
                         help="--compare: tokens of exo_lab/data/corpus.txt for perplexity")
-    parser.add_argument("--rounds", type=_positive, default=3, help="alternating single/cluster rounds")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="alternating single/cluster rounds")
     parser.add_argument("--json-out", default=None, help="also write the results as JSON to this file")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return value
 
 
 def _dtypes(text: str) -> list[str]:
@@ -80,7 +72,7 @@ def _dtypes(text: str) -> list[str]:
 
 
 def _counts(text: str) -> list[int]:
-    return [_positive(part) for part in str(text).split(",") if part.strip()] or [_positive(text)]
+    return [positive_int(part) for part in str(text).split(",") if part.strip()] or [positive_int(text)]
 
 
 def bench_model_dir(preset: str):

@@ -16,7 +16,8 @@ from .units import DTYPES
 EXIT_USER_ERROR = 2
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
     try:
         value = int(text)
     except ValueError:
@@ -42,20 +43,20 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="a local model folder, a Hugging Face hub id in the local cache, 'smollm2' or 'demo' "
                              "(default: the config's model, else demo)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default float32; int8 = weight-only int8, bfloat16 activations)")
-    parser.add_argument("--max-context", type=_positive_int, default=None,
+    parser.add_argument("--max-context", type=positive_int, default=None,
                         help="tokens per request the KV cache is sized for (default min(model max, 4096))")
-    parser.add_argument("--max-batch", type=_positive_int, default=None, help="concurrent requests to size for")
+    parser.add_argument("--max-batch", type=positive_int, default=None, help="concurrent requests to size for")
     parser.add_argument("--objective", choices=OBJECTIVES, default=None,
                         help="latency (default): fastest single stream; throughput: fastest slowest stage")
-    parser.add_argument("--min-stages", type=_positive_int, default=None,
+    parser.add_argument("--min-stages", type=positive_int, default=None,
                         help="spread over at least this many engines (experiments)")
 
 
 def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--config", help="config.yaml describing the cluster")
-    where.add_argument("--engines", type=_positive_int, help="a local cluster of N engines on this machine")
-    parser.add_argument("--max-cores", type=_positive_int, default=None,
+    where.add_argument("--engines", type=positive_int, help="a local cluster of N engines on this machine")
+    parser.add_argument("--max-cores", type=positive_int, default=None,
                         help="torch threads per engine (local cluster; default: every core)")
 
 
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="start a local cluster, load SmolLM2 and ask it a question")
     from .quickstart import add_arguments as add_demo_arguments
 
-    add_demo_arguments(demo, _positive_int)
+    add_demo_arguments(demo, positive_int)
 
     check = commands.add_parser("check-config", help="validate a config.yaml and summarise it")
     check.add_argument("file")

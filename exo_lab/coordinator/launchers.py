@@ -242,8 +242,13 @@ def start_launched_workers(ipp_cluster, config: ClusterConfig, secret: bytes, pr
         else:
             ipp_cluster.engine_launcher_class = SlurmEngineSetLauncher
             slurm_launcher_config(config, ipp_cluster.config)
-            # no secret here: sbatch would store it with the job; the nodes read secret_file
-            set_id = ipp_cluster.start_engines_sync(config.launcher.nodes, engine_set_id="exo-lab-slurm")
+            # no secret here: sbatch would store it with the job; the nodes read secret_file.
+            # The batch script and the job's output go to the profile folder, not the caller's.
+            work_dir, ipp_cluster.work_dir = ipp_cluster.work_dir, str(ipp_cluster.profile_dir)
+            try:
+                set_id = ipp_cluster.start_engines_sync(config.launcher.nodes, engine_set_id="exo-lab-slurm")
+            finally:
+                ipp_cluster.work_dir = work_dir
             job = getattr(ipp_cluster.engines.get(set_id), "job_id", "?")
             progress(f"slurm: job {job} submitted ({config.launcher.nodes} node(s)); its workers join when it runs")
     finally:

@@ -157,15 +157,7 @@ class Scheduler:
     async def rewire(self, inbox, outbox) -> None:
         """Go on over a new pipeline (after :meth:`suspend`): its sockets replace the old ones,
         and the queued requests are admitted and replayed."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-        self.inbox.close()
-        self.outbox.close()
+        await self._stop_tasks()
         self.inbox, self.outbox = inbox, outbox
         self.failure = None
         self.metrics.resumed(time.perf_counter() - self.suspended_since if self.suspended_since else 0.0)
@@ -186,6 +178,10 @@ class Scheduler:
             await asyncio.wait(waits, timeout=2.0)
             for wait in waits:
                 wait.cancel()
+        await self._stop_tasks()
+
+    async def _stop_tasks(self) -> None:
+        """End the receive and step loops and close this pipeline's sockets."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
