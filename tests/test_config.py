@@ -438,7 +438,7 @@ def test_devices_empty(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, allowed", [
-    ("dtype", "fp16", "float32, bfloat16, float16"),
+    ("dtype", "fp16", "float32, bfloat16, float16, int8"),
     ("objective", "speed", "latency, throughput"),
 ])
 def test_bad_choice_at_top_level(tmp_path, key, value, allowed):
