@@ -278,3 +278,15 @@ def test_unexpected_exceptions_become_a_500_openai_body():
     assert api_error_from(own) is own
     assert own.body() == {"error": {"message": "teapot", "type": "invalid_request_error", "param": None,
                                     "code": "teapot"}}
+
+
+def test_a_full_queue_is_429_with_retry_after_and_hosts_are_redacted():
+    from exo_lab.api.errors import redact
+    from exo_lab.errors import QueueFull
+
+    error = api_error_from(QueueFull("all 8 KV slots are busy", retry_after_s=2.5))
+    assert (error.status, error.code, error.retry_after_s) == (429, "queue_full", 2.5)
+    message = ("engine 1 (System-B.local, stage 0) stopped; inbox tcp://10.0.0.7:5555 and "
+               "192.168.1.20:10101 unreachable")
+    assert redact(message, {"system-b.local"}) == ("engine 1 (<host>, stage 0) stopped; inbox <address> "
+                                                   "and <address> unreachable")

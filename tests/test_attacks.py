@@ -375,6 +375,41 @@ def test_lone_surrogates_are_400(server, references, raw):
     assert_healthy(server)
 
 
+def test_requests_past_the_queue_get_429_not_memory(server, references, long_answer_body):
+    """More long requests at once than KV slots + queue: the surplus is refused with 429 and
+    Retry-After at once, nothing else is allocated, and hanging up frees everything."""
+    body = json.dumps(long_answer_body).encode()
+    head = (f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    slots, queue = metric(server, "exo_lab_kv_slots") or 8, 64
+    sockets = []
+    try:
+        for _ in range(int(slots) + queue + 8):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(head + body)
+            sockets.append(sock)
+        refused = 0
+        for sock in sockets[-16:]:      # the last ones found the queue full
+            sock.settimeout(0.5)
+            try:
+                answer = sock.recv(65536)
+            except socket.timeout:
+                continue
+            if answer.startswith(b"HTTP/1.1 429"):
+                assert b"Retry-After:" in answer and b"queue_full" in answer
+                refused += 1
+        assert refused >= 1
+        assert metric(server, "exo_lab_requests_queued") <= queue
+    finally:
+        for sock in sockets:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while metric(server, "exo_lab_requests_in_flight") > 0:
+        assert time.monotonic() < deadline, "requests of clients that left are still generating"
+        time.sleep(0.1)
+    assert_victims_untouched(server, references)
+
+
 def test_tiny_temperature_is_greedy(server):
     greedy = answer_of(server, CHAT, VICTIMS[0][1])
     assert answer_of(server, CHAT, {**VICTIMS[0][1], "temperature": 1e-38}) == greedy

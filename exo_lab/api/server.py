@@ -95,9 +95,9 @@ class ApiServer:
     def private_names(self) -> set[str]:
         """Host names and addresses of the cluster's PCs: never shown in an error body."""
         names = {socket.gethostname(), socket.getfqdn()}
-        for device in getattr(self.cluster.config, "devices", ()):
+        for device in getattr(getattr(self.cluster, "config", None), "devices", ()):
             names.update(name for name in (device.hostname, device.address) if name)
-        for info in getattr(self.cluster.control, "infos", {}).values():
+        for info in getattr(getattr(self.cluster, "control", None), "infos", {}).values():
             names.update((info.hostname, info.device_name))
         return {name for name in names if len(name) > 3 and name != "localhost"}
 
