@@ -106,7 +106,8 @@ def test_the_batch_script_runs_one_worker_per_node_and_holds_no_secret(tmp_path)
     script = slurm_batch_script(load_config(config_path), tmp_path)
     assert script.splitlines() == [
         "#!/bin/sh", "#SBATCH --nodes=3", "#SBATCH --ntasks-per-node=1", "#SBATCH --job-name=exo-lab-hpc-site",
-        "#SBATCH --export=EXO_LAB_HOME,EXO_LAB_CACHE", "#SBATCH --partition=cpu", "#SBATCH --account=lab42",
+        "#SBATCH --export=EXO_LAB_HOME,EXO_LAB_CACHE", f"#SBATCH --output={tmp_path}/slurm-%j.out",
+        "#SBATCH --partition=cpu", "#SBATCH --account=lab42",
         "#SBATCH --time=4:00:00",
         f"srun {sys.executable} -m exo_lab.worker --config {config_path}"]
     assert (tmp_path / "secret").read_text().strip() not in script

@@ -243,12 +243,10 @@ def start_launched_workers(ipp_cluster, config: ClusterConfig, secret: bytes, pr
             ipp_cluster.engine_launcher_class = SlurmEngineSetLauncher
             slurm_launcher_config(config, ipp_cluster.config)
             # no secret here: sbatch would store it with the job; the nodes read secret_file.
-            # The batch script and the job's output go to the profile folder, not the caller's.
-            work_dir, ipp_cluster.work_dir = ipp_cluster.work_dir, str(ipp_cluster.profile_dir)
-            try:
-                set_id = ipp_cluster.start_engines_sync(config.launcher.nodes, engine_set_id="exo-lab-slurm")
-            finally:
-                ipp_cluster.work_dir = work_dir
+            # The batch script goes to the profile folder, not the caller's working directory.
+            ipp_cluster.config.SlurmEngineSetLauncher.batch_file_name = str(
+                Path(ipp_cluster.profile_dir) / "slurm_engine.sbatch")
+            set_id = ipp_cluster.start_engines_sync(config.launcher.nodes, engine_set_id="exo-lab-slurm")
             job = getattr(ipp_cluster.engines.get(set_id), "job_id", "?")
             progress(f"slurm: job {job} submitted ({config.launcher.nodes} node(s)); its workers join when it runs")
     finally:
@@ -275,7 +273,8 @@ def slurm_batch_template(config: ClusterConfig) -> str:
     (Slurm stores it), so never a ``$EXO_LAB_SECRET``; the workers read network.secret_file."""
     launcher = config.launcher
     lines = ["#!/bin/sh", f"#SBATCH --nodes={launcher.nodes}", "#SBATCH --ntasks-per-node=1",
-             "#SBATCH --job-name=exo-lab-" + config.cluster_name, "#SBATCH --export=EXO_LAB_HOME,EXO_LAB_CACHE"]
+             "#SBATCH --job-name=exo-lab-" + config.cluster_name, "#SBATCH --export=EXO_LAB_HOME,EXO_LAB_CACHE",
+             "#SBATCH --output={profile_dir}/slurm-%j.out"]
     for option, value in (("partition", launcher.partition), ("account", launcher.account),
                           ("time", launcher.time)):
         if value:
