@@ -160,36 +160,25 @@ def test_bad_requests_and_models_leave_the_cluster_usable(cluster, tiny_model_di
     assert cluster.generate("Hi", max_new_tokens=3, ignore_eos=True).completion_tokens == 3
 
 
-def test_engine_death_gives_a_clear_error_and_survivors_reload(tiny_model_dir):
+def test_engine_death_mid_generation_fails_over_to_the_survivors(tiny_model_dir):
+    """A stage's engine SIGKILLed mid-generation: the request goes on on the two survivors with
+    the tokens it would have had, and every process still ends with the cluster."""
     model_dir = str(tiny_model_dir("llama", num_layers=6))
     with exo_lab.Cluster.local(engines=3, max_cores=1) as cluster:
         cluster.load(model_dir, min_stages=3, progress=False)
+        expected = cluster.generate("Hello", max_new_tokens=300, ignore_eos=True).token_ids
         victim = cluster.pipeline.engines[1]
         outcome = {}
-
-        def generate():
-            try:
-                cluster.generate("Hello", max_new_tokens=100_000 // 100, ignore_eos=True)
-                outcome["error"] = None
-            except ClusterError as exc:
-                outcome["error"] = exc
-                outcome["at"] = time.monotonic()
-
-        thread = threading.Thread(target=generate)
+        thread = threading.Thread(target=lambda: outcome.update(
+            tokens=cluster.generate("Hello", max_new_tokens=300, ignore_eos=True).token_ids))
         thread.start()
-        time.sleep(0.5)
-        killed_at = time.monotonic()
+        time.sleep(0.3)
         os.kill(victim.pid, signal.SIGKILL)
-        thread.join(30)
+        thread.join(60)
         assert not thread.is_alive()
-        assert isinstance(outcome["error"], ClusterError)
-        assert f"engine {victim.engine_id}" in str(outcome["error"]) and "load" in str(outcome["error"])
-        assert outcome["at"] - killed_at < 10
-        with pytest.raises(ClusterError, match="stopped"):
-            cluster.generate("Hi", max_new_tokens=2)
-        plan = cluster.load(model_dir, min_stages=2, progress=False)
-        assert victim.node not in [s.node for s in plan.stages]
-        assert cluster.generate("Hi", max_new_tokens=3, ignore_eos=True).completion_tokens == 3
+        assert outcome["tokens"] == expected
+        assert cluster.metrics.failovers_total == 1
+        assert victim.node not in [s.node for s in cluster.plan.stages] and len(cluster.plan.stages) == 2
         pids = [p["pid"] for p in cluster.control.call_all(engine_probe.probe_resources, False).values()]
     time.sleep(0.5)
     assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]

@@ -24,6 +24,7 @@ class Metrics:
     replayed_total: int = 0                                 # requests replayed after one
     last_pause_s: float | None = None                       # failure detected -> pipeline back
     step_rows_total: int = 0                                # rows in them (mean batch = rows / steps)
+    step_rows_max: int = 0                                  # the most rows one step carried
     tokens_total: int = 0
     in_flight: int = 0
     ttft_sum_s: float = 0.0
@@ -62,6 +63,7 @@ class Metrics:
     def step(self, rows: int) -> None:
         self.steps_total += 1
         self.step_rows_total += rows
+        self.step_rows_max = max(self.step_rows_max, rows)
 
     def set_load(self, running: int, queued: int) -> None:
         self.running, self.queued = running, queued

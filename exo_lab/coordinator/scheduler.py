@@ -25,10 +25,10 @@ However a request ends (finished, error, client gone, task cancelled) its slot i
 or when its step in flight comes back, and a FREE goes down the pipe for the stages' books.
 
 - **Failover.** When a stage's engine is lost (gone from the controller, its process dead, or a
-  step in flight past ``step_timeout_s``: hung), the scheduler calls ``on_failure(reason)`` and
-  :meth:`suspend`\ s: every running request goes back to the head of the queue with its KV
-  forgotten and its tokens kept. The cluster re-plans on the survivors and :meth:`rewire`\ s the
-  scheduler to the new pipeline; each request then replays its prompt and the tokens generated
+  step in flight past ``step_timeout_s``: hung), the scheduler suspends (:meth:`suspend`) and
+  calls ``on_failure(reason)``: every running request goes back to the head of the queue with its
+  KV forgotten and its tokens kept. The cluster re-plans on the survivors and rewires the
+  scheduler to the new pipeline (:meth:`rewire`); each request then replays its prompt and the tokens generated
   so far as a prefill and goes on. Sampling draws depend only on (seed, position), so the tokens
   do not depend on whether a failure happened. Without ``on_failure``, or when the survivors
   cannot hold the model, every request ends with the error.
