@@ -284,7 +284,7 @@ class Cluster:
         replay its requests there. When the survivors cannot hold the model, every request
         ends with the reason, /health says it, and the cluster loads again by itself once
         enough engines are back."""
-        from .coordinator.pipeline import load_pipeline
+        from .coordinator.pipeline import load_pipeline, unload_engines
 
         with self._reload_lock:
             old = self.pipeline
@@ -301,7 +301,8 @@ class Cluster:
             finally:
                 self.recovering = None
             moved = {e.engine_id for e in old.engines} - {e.engine_id for e in self.pipeline.engines}
-            self._unload_engines([e for e in old.engines if e.engine_id in moved and not self.control.is_gone(e)])
+            unload_engines(self.control, [e for e in old.engines
+                                          if e.engine_id in moved and not self.control.is_gone(e)])
             logger.warning("failed over to %d stage(s) after: %s", len(self.pipeline.plan.stages), reason)
 
     def _give_up(self, old: Pipeline, message: str) -> None:
@@ -325,12 +326,6 @@ class Cluster:
                 return
             except ExoLabError as exc:
                 logger.warning("still cannot load %s: %s", options.model, exc)
-
-    def _unload_engines(self, engines: list[EngineInfo]) -> None:
-        from .engine import worker as engine_worker
-
-        self.control.gather([e.engine_id for e in engines], engine_worker.unload_stage, timeout_s=30,
-                            what="unloading")
 
     # ------------------------------------------------------------ generation
     def encode(self, prompt) -> list[int]:

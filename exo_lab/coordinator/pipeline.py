@@ -68,7 +68,7 @@ class Pipeline:
                 loop.run(self.scheduler.close(), timeout_s=10)
             except Exception:
                 logger.exception("closing the scheduler failed")
-        _unload(control, self.engines)
+        unload_engines(control, self.engines)
 
 
 def load_pipeline(control: EngineControl, loop: LoopThread, options: LoadOptions, *,
@@ -105,7 +105,7 @@ def load_pipeline(control: EngineControl, loop: LoopThread, options: LoadOptions
                              {**settings, "on_failure": on_failure},
                              failover_from.scheduler if failover_from is not None else None)
     except BaseException:
-        _unload(control, stage_engines)
+        unload_engines(control, stage_engines)
         raise
     logger.info("loaded %s in %.1f s over %d stage(s)", model_id, time.perf_counter() - started,
                 len(plan.stages))
@@ -203,7 +203,8 @@ def _check_engines_alive(control: EngineControl, stage_engines: list[EngineInfo]
                                f"call load() again to re-plan on the engines left")
 
 
-def _unload(control: EngineControl, engines: list[EngineInfo]) -> None:
+def unload_engines(control: EngineControl, engines: list[EngineInfo]) -> None:
+    """Free the stages of those of ``engines`` still registered (a failure is logged, not raised)."""
     alive = [info.engine_id for info in engines if info.engine_id in set(control.ids)]
     results = control.gather(alive, engine_worker.unload_stage, timeout_s=30, what="unloading")
     for engine_id, result in results.items():

@@ -66,7 +66,6 @@ _EMA = 0.3                  # weight of the newest timing in the running average
 
 @dataclass(eq=False)
 class _Request:
-    request_id: int
     prompt: list[int]
     params: SamplingParams
     settings: SamplingSettings
@@ -93,7 +92,6 @@ class _Step:
     fed: int                    # tokens per row
     sample: list[bool]
     prefill: bool
-    sent_at: float
 
 
 class Scheduler:
@@ -219,7 +217,7 @@ class Scheduler:
         self.check_request(prompt_ids, params)
         # every step carries the same settings; an unseeded request gets its own random seed
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        request = _Request(secrets.randbits(63), list(prompt_ids), params, params.settings(seed))
+        request = _Request(list(prompt_ids), params, params.settings(seed))
         started = time.perf_counter()
         assembler = TextAssembler(self.tokenizer, params.stop)
         self.metrics.request_started()
@@ -330,13 +328,13 @@ class Scheduler:
         in_flight = sum(not step.prefill for step in self._in_flight.values())
         while decode and in_flight < self.micro_batches:
             group, decode = decode[:size], decode[size:]
-            steps.append(_Step(group, 1, [True] * len(group), False, time.perf_counter()))
+            steps.append(_Step(group, 1, [True] * len(group), False))
             in_flight += 1
         return steps
 
     def _prefill_step(self, request: _Request) -> _Step:
         fed = min(self._chunk_size(), request.to_feed)
-        return _Step([request], fed, [fed == request.to_feed], True, time.perf_counter())
+        return _Step([request], fed, [fed == request.to_feed], True)
 
     def _chunk_size(self) -> int:
         decoding = any(r.generated and not r.done for r in self._running)
