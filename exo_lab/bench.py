@@ -177,7 +177,8 @@ def engine_run(single: SingleProcess, model: str, engines: int, batches: dict, a
         bare = cluster.control.call_all(engine_probe.bare_runtime_rss, model)
         plan = cluster.load(model, dtype=args.dtype, min_stages=engines, max_batch=max(batches),
                             micro_batches=args.micro_batches, progress=False)
-        measure_cluster(cluster, batches[1] if 1 in batches else [batches[max(batches)][0]], 2)   # warm-up
+        for prompts in batches.values():   # warm-up at every batch size (first-use costs of its shapes)
+            measure_cluster(cluster, prompts, 2)
         rows = [concurrency_run(single, cluster, prompts, args) for prompts in batches.values()]
         memory = memory_rows(cluster, plan, bare)
     return {"engines": engines, "stages": len(plan.stages), "rows": rows, "memory": memory}
@@ -227,6 +228,8 @@ def run(args) -> int:
     print(f"model {model_dir} ({args.dtype}), prompts of {args.prompt_tokens} tokens, {args.new_tokens} new "
           f"tokens each, greedy, {args.rounds} alternating rounds", flush=True)
     single = SingleProcess(model_dir, args.dtype)
+    for prompts in batches.values():
+        single.measure(prompts, 2)
     try:
         clusters = [engine_run(single, model, n, batches, args) for n in args.engines]
     finally:

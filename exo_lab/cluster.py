@@ -164,7 +164,8 @@ class Cluster:
         ``exo-lab plan`` resolves them): model "demo", dtype "float32", max_context min(the
         model's max positions, 4096), max_batch 8 (KV slots: requests decoded together),
         objective "latency", min_stages 1, prefill_chunk 256 (prompt tokens per step),
-        micro_batches one per stage, max_queued 64, and the config's network.hop_latency_ms.
+        micro_batches one per stage (1 when stages sharing a PC oversubscribe its cores),
+        max_queued 64, and the config's network.hop_latency_ms.
         Raises ConfigError, ModelError, PlanError or ClusterError; on error nothing stays loaded.
         """
         from .planning.options import resolve_load_options

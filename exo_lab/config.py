@@ -47,7 +47,8 @@ key                             required  default      meaning
 ``prefill_chunk``               no        256          prompt tokens fed per step, between decode
                                                        steps (the planner's workspace follows it)
 ``micro_batches``               no        stages       steps in flight at once (one per stage keeps
-                                                       every PC busy)
+                                                       every PC busy; 1 when stages sharing a PC
+                                                       have more threads than it has cores)
 ``max_queued``                  no        64           requests waiting for a KV slot; past it the
                                                        API answers 429
 ``replan``                      no        ``manual``   ``manual``: a worker that joins after load

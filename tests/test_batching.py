@@ -168,3 +168,25 @@ def test_a_chats_next_turn_reuses_the_kv_of_the_turn_before(small_batch):
     cold = small_batch.generate(turn, max_new_tokens=8, ignore_eos=True)
     assert small_batch.metrics.prefix_tokens_total - before < len(history)
     assert warm.token_ids == cold.token_ids
+
+
+def _engine(engine_id: int, host: str, threads: int, cores: int, kind: str = "cpu"):
+    from exo_lab.coordinator.control import EngineInfo
+
+    return EngineInfo(engine_id=engine_id, node=f"{host}#{engine_id}", hostname=host, pid=100 + engine_id,
+                      device="cpu" if kind == "cpu" else "cuda:0", kind=kind, budget_bytes=2**30,
+                      bandwidth_bytes_per_s=1e10, threads=threads, local=False, device_name=host,
+                      probe={"cores": cores})
+
+
+def test_stages_sharing_a_pc_take_turns_only_when_they_would_oversubscribe_its_cores():
+    from exo_lab.coordinator.pipeline import default_micro_batches
+
+    # one stage per PC: every PC busy at once
+    assert default_micro_batches([_engine(0, "a", 16, 16), _engine(1, "b", 16, 16), _engine(2, "c", 8, 8)]) == 3
+    # two engines on one 2-core PC, one thread each: they fit side by side
+    assert default_micro_batches([_engine(0, "a", 1, 2), _engine(1, "a", 1, 2)]) == 2
+    # two engines with all of its 2 cores each: they take turns
+    assert default_micro_batches([_engine(0, "a", 2, 2), _engine(1, "a", 2, 2)]) == 1
+    # a GPU stage uses no CPU threads to speak of
+    assert default_micro_batches([_engine(0, "a", 2, 2), _engine(1, "a", 2, 2, kind="cuda")]) == 2

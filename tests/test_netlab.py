@@ -279,3 +279,56 @@ def test_an_other_cluster_name_on_the_same_lan_is_never_seen(lab):
     result = lab.net.run("pc-d", [sys.executable, "-c", script, name], env={"EXO_LAB_SECRET": lab.secret},
                          timeout_s=60)
     assert result.stdout.split()[-3:] == ["1", "True", "0"], result.stdout
+
+
+def test_a_pc_whose_link_goes_down_is_replaced_and_its_stream_goes_on(lab):
+    """`ip link set eth0 down` on a stage's PC mid-stream: the heartbeat drops its engine, the
+    coordinator re-plans on the spare and the other survivor, the stream replays and goes on,
+    token for token the uninterrupted answer. Prints the times to detect and to resume."""
+    import threading
+
+    from openai import OpenAI
+
+    from exo_lab.coordinator.launch import HEARTBEAT_MISSES, HEARTBEAT_PERIOD_MS
+
+    max_tokens = 400
+    uninterrupted = lab.complete(max_tokens=max_tokens).choices[0].text
+    stages = {r["node"]: r["stage_index"] for r in lab.status()["engines"] if r.get("stage_index") is not None}
+    spare = next(r["node"] for r in lab.status()["engines"] if r.get("stage_index") is None)
+    victim = min(stages, key=stages.get)          # the first stage's PC
+    client = OpenAI(base_url=lab.api + "/v1", api_key="unused", max_retries=0, timeout=120)
+    arrivals: list[tuple[float, str]] = []
+    started = threading.Event()
+
+    def stream():
+        for chunk in client.completions.create(model=str(lab.model), prompt=PROMPT, max_tokens=max_tokens,
+                                               temperature=0, stream=True):
+            arrivals.append((time.monotonic(), chunk.choices[0].text if chunk.choices else ""))
+            if len(arrivals) == 20:
+                started.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    namespace = lab.net.pcs[victim].namespace
+    try:
+        assert started.wait(60), "the stream never started"
+        down_at = time.monotonic()
+        subprocess.run(["ip", "-n", namespace, "link", "set", "eth0", "down"], check=True)
+        read_until(lab.server, "pipeline lost", 60, lab.server_lines)
+        detected_s = time.monotonic() - down_at
+        read_until(lab.server, "failed over", 120, lab.server_lines)
+        reader.join(180)
+    finally:
+        subprocess.run(["ip", "-n", namespace, "link", "set", "eth0", "up"], check=False)
+    assert not reader.is_alive()
+    times = [t for t, _ in arrivals]
+    stall = max(range(1, len(times)), key=lambda i: times[i] - times[i - 1])   # the pause
+    assert times[-1] > down_at + detected_s, "the stream ended before the failover: it was too short"
+    resumed_s, pause_s = times[stall] - down_at, times[stall] - times[stall - 1]
+    assert "".join(text for _, text in arrivals) == uninterrupted
+    heartbeat_s = HEARTBEAT_PERIOD_MS * HEARTBEAT_MISSES / 1000
+    print(f"\nlink down on {victim} (stage 0): detected in {detected_s:.1f} s (heartbeat {heartbeat_s:.0f} s), "
+          f"next token {resumed_s:.1f} s after it went down (the stream paused {pause_s:.1f} s)")
+    assert detected_s <= heartbeat_s + 3.0, (detected_s, heartbeat_s)
+    status = lab.status()
+    assert {r["node"] for r in status["engines"] if r.get("stage_index") is not None} == set(stages) - {victim} | {spare}

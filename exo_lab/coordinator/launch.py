@@ -34,15 +34,17 @@ def engine_environment(*, threads: int | None, device_name: str | None = None,
                        secret: bytes | None = None) -> dict[str, str]:
     """Environment for an engine process, set before torch is imported there.
 
-    OMP_WAIT_POLICY=PASSIVE keeps a stage that waits for its next message from spinning on
-    cores the neighbouring stage on the same machine is computing with. ``secret``: the cluster
-    secret the engine's data plane authenticates with (through the environment, never argv).
+    OpenMP keeps its default wait policy: PASSIVE (workers sleep in the kernel between parallel
+    regions) made SmolLM2's decode step 2x slower (79 against 43 ms on 2 threads); stages that
+    share a PC take turns instead (:func:`~exo_lab.coordinator.pipeline.default_micro_batches`).
+    ``secret``: the cluster secret the engine's data plane authenticates with (through the
+    environment, never argv).
     The engine also watches this process and ends with it (:mod:`exo_lab.lifeline`).
     """
     from ..lifeline import watch_environment
     from ..security import secret_environment
 
-    env = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false", "PYTHONFAULTHANDLER": "1",
+    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONFAULTHANDLER": "1",
            "PYTHONUNBUFFERED": "1", **watch_environment()}
     if secret is not None:
         env.update(secret_environment(secret))

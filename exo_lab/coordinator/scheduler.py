@@ -15,8 +15,9 @@ batch they are given):
   least MIN_PREFILL_CHUNK and at most ``prefill_chunk`` tokens; with nobody decoding, a chunk
   is ``prefill_chunk`` tokens.
 - **Micro-batches.** Up to ``micro_batches`` steps are in flight at once (default: one per
-  stage), so with K stages on K PCs every PC works at once; the decoding requests are split
-  into that many groups.
+  stage, or one when stages sharing a PC would oversubscribe its cores, see
+  :func:`~exo_lab.coordinator.pipeline.default_micro_batches`), so with K stages on K PCs every
+  PC works at once; the decoding requests are split into that many groups.
 - **Prefix reuse.** A finished request leaves its tokens' KV in its slot. A new request takes
   the free slot sharing the longest token prefix with its prompt and prefills only the rest (a
   chat's next turn); otherwise the least recently used free slot.
@@ -152,11 +153,13 @@ class Scheduler:
             event.set()
         self._freed.clear()
 
-    async def rewire(self, inbox, outbox) -> None:
-        """Go on over a new pipeline (after :meth:`suspend`): its sockets replace the old ones,
-        and the queued requests are admitted and replayed."""
+    async def rewire(self, inbox, outbox, micro_batches: int | None = None) -> None:
+        """Go on over a new pipeline (after :meth:`suspend`): its sockets (and its number of
+        micro-batches) replace the old ones, and the queued requests are admitted and replayed."""
         await self._stop_tasks()
         self.inbox, self.outbox = inbox, outbox
+        if micro_batches is not None:
+            self.micro_batches = max(1, micro_batches)
         self.failure = None
         self.metrics.resumed(time.perf_counter() - self.suspended_since if self.suspended_since else 0.0)
         self.suspended_since = None
