@@ -130,3 +130,35 @@ def test_when_the_survivors_cannot_hold_the_model_requests_end_clearly_and_it_re
             time.sleep(0.2)
         assert cluster.failure is None, errors
         assert cluster.generate(prompt, max_new_tokens=3, ignore_eos=True).completion_tokens == 3
+
+
+def test_an_engine_that_dies_while_its_shard_loads_is_left_out_and_the_load_goes_on():
+    """SIGKILL an engine the moment its shard starts loading: load() plans again on the two
+    engines left and returns, and the answers are those of a load nobody disturbed."""
+    import threading
+
+    prompt_text = "Engines that die while loading."
+    with exo_lab.Cluster.local(engines=2, max_cores=1) as reference:
+        reference.load("demo", min_stages=2, progress=False)
+        expected = reference.generate(prompt_text, max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids
+    with exo_lab.Cluster.local(engines=3, max_cores=1) as cluster:
+        killed: list[int] = []
+
+        def kill_the_first_that_loads():
+            deadline = time.monotonic() + 60
+            while not killed and time.monotonic() < deadline:
+                for engine_id, info in list(cluster.control.infos.items()):
+                    if cluster.control.state(engine_id) == "loading":
+                        os.kill(info.pid, signal.SIGKILL)
+                        killed.append(engine_id)
+                        return
+                time.sleep(0.001)
+
+        watcher = threading.Thread(target=kill_the_first_that_loads, daemon=True)
+        watcher.start()
+        plan = cluster.load("demo", min_stages=3, progress=False)
+        watcher.join(5)
+        assert killed and killed[0] not in {e.engine_id for e in cluster.pipeline.engines}
+        assert len(plan.stages) == 2
+        got = cluster.generate(prompt_text, max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids
+        assert got == expected

@@ -27,6 +27,7 @@ from .scheduler import Scheduler
 logger = logging.getLogger(__name__)
 
 LIVENESS_CHECK_S = 0.5     # how often a long load checks that its engines are still alive
+LOAD_ATTEMPTS = 3          # plans tried when engines die while their shards load
 
 
 @dataclass
@@ -80,17 +81,43 @@ def load_pipeline(control: EngineControl, loop: LoopThread, options: LoadOptions
     answer (the survivors and any spares), a stage whose layers stay on the same engine keeps
     its weights, and the old pipeline's scheduler, with the requests it holds, goes on over the
     new stages. ``on_failure(reason)`` is what the scheduler calls when this pipeline is lost.
+    An engine that dies while the shards load is left out and the model is planned again on
+    the engines left, up to LOAD_ATTEMPTS times.
     Raises ModelError, PlanError or ClusterError; on error nothing stays loaded."""
+    lost = {e.engine_id for e in failover_from.dead_engines(control)} if failover_from is not None else set()
+    for attempt in range(1, LOAD_ATTEMPTS + 1):
+        try:
+            return _load_once(control, loop, options, check_alive=check_alive, progress=progress,
+                              timeout_s=timeout_s, on_failure=on_failure, failover_from=failover_from,
+                              lost=lost, survivors_only=failover_from is not None or attempt > 1)
+        except EngineLost as exc:
+            if attempt == LOAD_ATTEMPTS:
+                raise
+            lost.add(exc.engine_id)
+            logger.warning("%s; planning again on the engines left", exc)
+    raise AssertionError("unreachable")
+
+
+class EngineLost(ClusterError):
+    """An engine died while its shard loaded (``engine_id``)."""
+
+    def __init__(self, message: str, engine_id: int):
+        super().__init__(message)
+        self.engine_id = engine_id
+
+
+def _load_once(control: EngineControl, loop: LoopThread, options: LoadOptions, *, check_alive, progress: bool,
+               timeout_s: float, on_failure, failover_from: Pipeline | None, lost: set[int],
+               survivors_only: bool) -> Pipeline:
     started = time.perf_counter()
     model_id = _portable_model_id(options.model)
     model_dir = resolve_model(model_id, need_weights=False)
     config = read_model_config(model_dir)
     profile = profile_from_config(config, dtype=options.dtype, model_id=model_id)
-    lost = {e.engine_id for e in failover_from.dead_engines(control)} if failover_from is not None else set()
-    engines = control.probe(survivors_only=failover_from is not None, exclude=lost)
+    engines = control.probe(survivors_only=survivors_only, exclude=lost)
     if not engines:
         raise ClusterError("no compute engine is available: start workers or Cluster.local(engines=N)")
-    if failover_from is not None:   # a spread asked for cannot outnumber the survivors
+    if survivors_only:   # a spread asked for cannot outnumber the survivors
         options = dataclasses.replace(options, min_stages=min(options.min_stages, len(engines)))
     plan = options.plan(profile, [e.node_spec() for e in engines])
     by_node = {e.node: e for e in engines}
@@ -188,8 +215,11 @@ def _load_shards(control: EngineControl, model_id, num_layers, options: LoadOpti
 def _stage_loaded(control: EngineControl, future, info: EngineInfo) -> dict:
     try:
         result = control.result(info.engine_id, future, f"loading its shard on {info.node}")
-    except ExoLabError:
+    except ExoLabError as exc:
         control.set_state(info.engine_id, "failed")
+        if control.is_gone(info):
+            raise EngineLost(f"engine {info.engine_id} ({info.node}) died while loading its shard",
+                             info.engine_id) from exc
         raise
     control.set_state(info.engine_id, "idle")
     return result
@@ -199,8 +229,8 @@ def _check_engines_alive(control: EngineControl, stage_engines: list[EngineInfo]
     for info in stage_engines:
         if control.is_gone(info):
             control.set_state(info.engine_id, "failed")
-            raise ClusterError(f"engine {info.engine_id} ({info.node}) died while loading its shard; "
-                               f"call load() again to re-plan on the engines left")
+            raise EngineLost(f"engine {info.engine_id} ({info.node}) died while loading its shard",
+                             info.engine_id)
 
 
 def unload_engines(control: EngineControl, engines: list[EngineInfo]) -> None:
