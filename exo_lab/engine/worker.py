@@ -50,10 +50,16 @@ class TorchThread:
         return future
 
     def _run(self) -> None:
+        import torch
+
         while True:
             future, function, args, kwargs = self._calls.get()
             if not future.set_running_or_notify_cancel():
                 continue
+            # torch.set_num_threads() reaches OpenMP only on the thread that calls it (the
+            # engine's main thread, where the coordinator's set_threads runs) although
+            # get_num_threads() reports it everywhere: apply it on this thread too
+            torch.set_num_threads(torch.get_num_threads())
             try:
                 future.set_result(function(*args, **kwargs))
             except BaseException as exc:  # handed to whoever waits on the future
