@@ -13,7 +13,7 @@ from exo_lab.model.quant import Int8Linear, dequantize_weight, quantize_weight
 from exo_lab.model.shard import ShardSpec, load_stage
 from exo_lab.units import check_dtype
 
-from test_shard import NEW_TOKENS, SPLITS, generate, load_split, make_prompt
+from test_shard import NEW_TOKENS, SPLITS, generate, load_split, make_prompt, run_chain_rows
 
 NUM_LAYERS = 4
 
@@ -139,3 +139,27 @@ def test_plan_int8_fits_the_70b_on_one_seed_pc(capsys):
     import json
     plan = json.loads(capsys.readouterr().out)
     assert plan["dtype"] == "int8" and len(plan["stages"]) == 1
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_packed_bfloat16_products_give_the_same_logits_and_count_every_byte(tiny_model_dir, monkeypatch, dtype):
+    """bfloat16 decoder products (and an int8 stage's untied bfloat16 head) run on weights
+    packed for oneDNN: bit-identical logits to F.linear's, and every byte still counted."""
+    import exo_lab.model.shard as shard_module
+    from exo_lab.model.packed import PackedLinear, can_pack
+
+    if not can_pack(torch.device("cpu")):
+        pytest.skip("this CPU has no oneDNN bfloat16 kernels")
+    model_dir = tiny_model_dir("qwen2")            # q/k/v carry biases
+    packed = load_split(model_dir, SPLITS["2-stage"], dtype=dtype, max_batch=2)
+    monkeypatch.setattr(shard_module, "can_pack", lambda device: False)
+    plain = load_split(model_dir, SPLITS["2-stage"], dtype=dtype, max_batch=2)
+    kinds = {type(m) for m in packed[0].layers.modules()}
+    assert (PackedLinear in kinds) == (dtype == "bfloat16")
+    assert isinstance(packed[1].lm_head, PackedLinear)     # the last stage holds no embedding to share
+    assert not any(isinstance(m, PackedLinear) for s in plain for m in s.modules())
+    assert [s.parameter_bytes() for s in packed] == [s.parameter_bytes() for s in plain]
+    prompt = make_prompt(model_dir, 40)
+    rows = torch.cat([prompt, make_prompt(model_dir, 40, seed=1)])
+    assert torch.equal(run_chain_rows(packed, [0, 1], rows, [0, 0]), run_chain_rows(plain, [0, 1], rows, [0, 0]))
+    assert generate(packed, prompt) == generate(plain, prompt)

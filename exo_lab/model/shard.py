@@ -55,6 +55,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ..errors import ModelError, RequestError
 from ..units import COMPUTE_DTYPES, DTYPES
 from .kv_slots import SlotCache
+from .packed import can_pack, pack_linears, packed_bytes
 from .quant import quantize_linears
 
 logger = logging.getLogger(__name__)
@@ -191,9 +192,10 @@ class Stage(nn.Module):
         return self.kv.nbytes() if self.kv is not None else 0
 
     def parameter_bytes(self) -> int:
-        """Bytes of this stage's parameters (a tensor shared by two modules counts once)."""
+        """Bytes of this stage's weights (a tensor shared by two modules counts once), packed
+        ones (exo_lab.model.packed) included."""
         unique = {p.data_ptr(): p.numel() * p.element_size() for p in self.parameters()}
-        return sum(unique.values())
+        return sum(unique.values()) + packed_bytes(self)
 
     def checkpoint_names(self) -> dict[str, list[str]]:
         """Stage-local parameter name -> checkpoint names to try, in order of preference."""
@@ -284,6 +286,8 @@ def load_stage(spec: ShardSpec, ensure_tensors=None) -> Stage:
     stage.load_weights({local: by_checkpoint_name[name] for local, name in wanted.items()})
     if spec.dtype == "int8":   # weight-only: quantized from the loaded bfloat16 weights
         quantize_linears(stage)
+    if stage.dtype == torch.bfloat16 and can_pack(stage.device):   # same results, less time
+        pack_linears(stage, layers=spec.dtype == "bfloat16")
     stage.allocate_kv()
     logger.info("loaded layers [%d, %d) of %s: %.1f MB on %s", spec.start_layer, spec.stop_layer,
                 spec.model_dir, stage.parameter_bytes() / 1e6, spec.device)
