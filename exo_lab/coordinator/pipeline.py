@@ -101,9 +101,9 @@ def load_pipeline(control: EngineControl, loop: LoopThread, options: LoadOptions
 class EngineLost(ClusterError):
     """An engine died while its shard loaded (``engine_id``)."""
 
-    def __init__(self, message: str, engine_id: int):
-        super().__init__(message)
-        self.engine_id = engine_id
+    def __init__(self, info: EngineInfo):
+        super().__init__(f"engine {info.engine_id} ({info.node}) died while loading its shard")
+        self.engine_id = info.engine_id
 
 
 def _load_once(control: EngineControl, loop: LoopThread, options: LoadOptions, *, check_alive, progress: bool,
@@ -218,8 +218,7 @@ def _stage_loaded(control: EngineControl, future, info: EngineInfo) -> dict:
     except ExoLabError as exc:
         control.set_state(info.engine_id, "failed")
         if control.is_gone(info):
-            raise EngineLost(f"engine {info.engine_id} ({info.node}) died while loading its shard",
-                             info.engine_id) from exc
+            raise EngineLost(info) from exc
         raise
     control.set_state(info.engine_id, "idle")
     return result
@@ -229,8 +228,7 @@ def _check_engines_alive(control: EngineControl, stage_engines: list[EngineInfo]
     for info in stage_engines:
         if control.is_gone(info):
             control.set_state(info.engine_id, "failed")
-            raise EngineLost(f"engine {info.engine_id} ({info.node}) died while loading its shard",
-                             info.engine_id)
+            raise EngineLost(info)
 
 
 def unload_engines(control: EngineControl, engines: list[EngineInfo]) -> None:

@@ -137,7 +137,6 @@ class StageWorker:
         from ..wire import FrameError
 
         try:
-            self.stats.state = "idle"
             while not self._stop.is_set():
                 try:
                     message = self.inbox.recv(timeout_ms=100)

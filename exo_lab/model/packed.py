@@ -10,12 +10,10 @@ bfloat16 ``lm_head``), where oneDNN has bfloat16 kernels for this CPU.
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
-logger = logging.getLogger(__name__)
+from .quant import replace_layer_linears
 
 
 class PackedLinear(nn.Module):
@@ -50,16 +48,16 @@ def pack_linears(stage: nn.Module, *, layers: bool = True) -> nn.Module:
     ``lm_head`` for :class:`PackedLinear`, in place. A head tied to the stage's own embedding
     stays as it is (packing would hold the matrix twice). Returns ``stage``."""
     if layers:
-        for layer in stage.layers:
-            for module in list(layer.modules()):
-                for name, child in list(module.named_children()):
-                    if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16:
-                        setattr(module, name, PackedLinear(child))
+        replace_layer_linears(stage, lambda linear: PackedLinear(linear) if _packable(linear) else None)
     head, embedding = stage.lm_head, stage.embed_tokens
     tied = embedding is not None and head is not None and head.weight.data_ptr() == embedding.weight.data_ptr()
-    if type(head) is nn.Linear and head.weight.dtype == torch.bfloat16 and not tied:
+    if head is not None and _packable(head) and not tied:
         stage.lm_head = PackedLinear(head)
     return stage
+
+
+def _packable(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and module.weight.dtype == torch.bfloat16
 
 
 def packed_bytes(stage: nn.Module) -> int:

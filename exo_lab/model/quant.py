@@ -66,12 +66,19 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
 
 
-def quantize_linears(stage: nn.Module) -> nn.Module:
-    """Replace each ``nn.Linear`` inside ``stage.layers`` by an :class:`Int8Linear`, in place,
-    one at a time (the float matrix is freed as its int8 copy takes its place). Returns ``stage``."""
+def replace_layer_linears(stage: nn.Module, replace) -> nn.Module:
+    """Swap every ``nn.Linear`` inside ``stage.layers`` for ``replace(linear)``, in place, one at
+    a time (the old matrix is freed as its replacement takes its place); ``replace`` returning
+    None keeps that one. Returns ``stage``."""
     for layer in stage.layers:
-        for name, module in list(layer.named_modules()):
-            for child_name, child in list(module.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(module, child_name, Int8Linear.from_linear(child))
+        for module in list(layer.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear) and (new := replace(child)) is not None:
+                    setattr(module, name, new)
     return stage
+
+
+def quantize_linears(stage: nn.Module) -> nn.Module:
+    """Replace each ``nn.Linear`` inside ``stage.layers`` by an :class:`Int8Linear`, in place.
+    Returns ``stage``."""
+    return replace_layer_linears(stage, Int8Linear.from_linear)
