@@ -59,18 +59,26 @@ def _alive(pid: int, started: float | None) -> bool:
 def _end_descendants() -> None:
     import psutil
 
-    children = psutil.Process().children(recursive=True)
-    for child in children:
+    end_processes(psutil.Process().children(recursive=True), TERMINATE_GRACE_S)
+
+
+def end_processes(processes, timeout_s: float) -> None:
+    """SIGTERM each of ``processes`` (psutil.Process) still alive, then SIGKILL whatever is
+    left after ``timeout_s``, and wait up to ``timeout_s`` more for those."""
+    import psutil
+
+    for process in processes:
         try:
-            child.terminate()
+            process.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(children, timeout=TERMINATE_GRACE_S)
-    for child in alive:
+    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
+    for process in alive:
         try:
-            child.kill()
+            process.kill()
         except psutil.NoSuchProcess:
             pass
+    psutil.wait_procs(alive, timeout=timeout_s)
 
 
 def _watch(pid: int, started: float | None) -> None:

@@ -17,6 +17,8 @@ import shutil
 import psutil
 import pytest
 
+from exo_lab import lifeline
+
 REQUIRE_ENV = "EXO_LAB_REQUIRE_BROWSER"
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
 LAUNCH_ARGS = [
@@ -68,18 +70,10 @@ def end_processes(pids, timeout_s: float = 10.0) -> None:
     processes = []
     for pid in pids:
         try:
-            process = psutil.Process(pid)
-            process.terminate()
-            processes.append(process)
+            processes.append(psutil.Process(pid))
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
-    for process in alive:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=timeout_s)
+    lifeline.end_processes(processes, timeout_s)
 
 
 @pytest.fixture(scope="module")
