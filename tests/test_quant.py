@@ -142,12 +142,15 @@ def test_plan_int8_fits_the_70b_on_one_seed_pc(capsys):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
-def test_packed_bfloat16_products_give_the_same_logits_and_count_every_byte(tiny_model_dir, monkeypatch, dtype):
-    """bfloat16 decoder products (and an int8 stage's untied bfloat16 head) run on weights
-    packed for oneDNN: bit-identical logits to F.linear's, and every byte still counted."""
+def test_onednn_packed_products_give_the_same_logits_and_count_every_byte(tiny_model_dir, monkeypatch, dtype):
+    """Without exo-lab's CPU kernels, bfloat16 decoder products (and an int8 stage's untied
+    bfloat16 head) run on weights packed for oneDNN: bit-identical logits to F.linear's, and every
+    byte still counted."""
     import exo_lab.model.shard as shard_module
+    from exo_lab.model import cpu_kernels
     from exo_lab.model.packed import PackedLinear, can_pack
 
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     if not can_pack(torch.device("cpu")):
         pytest.skip("this CPU has no oneDNN bfloat16 kernels")
     model_dir = tiny_model_dir("qwen2")            # q/k/v carry biases
@@ -163,3 +166,47 @@ def test_packed_bfloat16_products_give_the_same_logits_and_count_every_byte(tiny
     rows = torch.cat([prompt, make_prompt(model_dir, 40, seed=1)])
     assert torch.equal(run_chain_rows(packed, [0, 1], rows, [0, 0]), run_chain_rows(plain, [0, 1], rows, [0, 0]))
     assert generate(packed, prompt) == generate(plain, prompt)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_kernel_stages_decode_what_torch_products_decode(tiny_model_dir, monkeypatch, dtype, tied):
+    """With exo-lab's CPU kernels, a stage's decode products (bfloat16 Linears, int8 Linears, the
+    bfloat16 head) run on them: the logits of every decode step agree with torch's own products
+    to bfloat16 rounding, the greedy tokens are the same, no byte is added (a tied head still
+    shares the embedding's matrix) and prefill keeps torch's products (but for the head, which
+    sees only each row's last position)."""
+    import exo_lab.model.shard as shard_module
+    from exo_lab.model import cpu_kernels
+    from exo_lab.model.packed import KernelLinear
+
+    if not cpu_kernels.available():
+        pytest.skip("exo-lab's CPU kernels do not run here (no C compiler or no AVX2)")
+    model_dir = tiny_model_dir("qwen2", tie_word_embeddings=tied)
+    split = SPLITS["1-stage" if tied else "2-stage"]
+    fast = load_split(model_dir, split, dtype=dtype, max_batch=3)
+    calls = []
+    for name in ("gemv_int8", "gemv_bf16"):
+        real = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    assert isinstance(fast[-1].lm_head, KernelLinear)
+    if tied:
+        assert fast[0].lm_head.weight.data_ptr() == fast[0].embed_tokens.weight.data_ptr()
+    assert all(isinstance(m, KernelLinear) == (dtype == "bfloat16") for m in fast[0].layers.modules()
+               if isinstance(m, (KernelLinear, nn.Linear)))
+    monkeypatch.setattr(shard_module, "can_pack", lambda device: False)
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    plain = load_split(model_dir, split, dtype=dtype, max_batch=3)
+    assert [s.parameter_bytes() for s in fast] == [s.parameter_bytes() for s in plain]
+
+    prompts = torch.cat([make_prompt(model_dir, 24, seed=seed) for seed in range(3)])
+    logits = [run_chain_rows(stages, [0, 1, 2], prompts, [0, 0, 0]) for stages in (fast, plain)]
+    assert calls == ["gemv_bf16"]                          # prefill (72 rows): only the head's 3 rows
+    for step in range(8):
+        scale = logits[1].abs().max().item()
+        assert torch.allclose(logits[0], logits[1], rtol=0, atol=0.02 * scale), f"step {step}"
+        tokens = [lg.argmax(-1, keepdim=True) for lg in logits]
+        assert torch.equal(*tokens), f"step {step}: the kernels picked other tokens"
+        logits = [run_chain_rows(stages, [0, 1, 2], tokens[0], [24 + step] * 3) for stages in (fast, plain)]
+    kinds = set(calls)
+    assert kinds == ({"gemv_int8", "gemv_bf16"} if dtype == "int8" else {"gemv_bf16"})

@@ -388,3 +388,38 @@ def test_spec_that_disagrees_with_config_is_a_model_error(tiny_model_dir, tmp_pa
 def test_spec_flags_first_and_last():
     specs = [ShardSpec("m", a, b, NUM_LAYERS) for a, b in SPLITS["3-stage"]]
     assert [(s.is_first, s.is_last) for s in specs] == [(True, False), (False, False), (False, True)]
+
+
+# ----------------------------------------------------------------------------- lean layers
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_lean_layers_compute_what_the_layers_own_forward_computes(tiny_model_dir, architecture, dtype):
+    """The Llama family runs exo_lab.model.lean: q/k/v and gate/up fused into one matrix each,
+    held once (the layer's modules keep views of it, so transformers' forward runs on the same
+    memory); prefill and decode logits equal those of the layers' own forward."""
+    from exo_lab.model.profile import profile_from_config
+
+    model_dir = tiny_model_dir(architecture)
+    stages = load_split(model_dir, SPLITS["2-stage"], dtype=dtype, max_batch=2)
+    assert all(stage.lean is not None for stage in stages)
+    attention = stages[0].layers[0].self_attn
+    fused = stages[0].lean.qkv[0].weight
+    assert attention.q_proj.weight.data_ptr() == fused.data_ptr()
+    assert attention.v_proj.weight.data_ptr() + attention.v_proj.weight.nbytes == fused.data_ptr() + fused.nbytes
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    layer_bytes = profile_from_config(config, dtype=dtype).layer_bytes
+    assert sum(p.nbytes for p in stages[0].layers[0].parameters()) == layer_bytes
+
+    prompts = torch.cat([make_prompt(model_dir, 12, seed=seed) for seed in range(2)])
+    lean = [run_chain_rows(stages, [0, 1], prompts, [0, 0])]
+    for stage in stages:
+        stage.lean, stage.saved_lean = None, stage.lean
+    own = [run_chain_rows(stages, [0, 1], prompts, [0, 0])]
+    token = own[0].argmax(-1, keepdim=True)
+    own.append(run_chain_rows(stages, [0, 1], token, [12, 12]))
+    for stage in stages:
+        stage.lean = stage.saved_lean
+    lean.append(run_chain_rows(stages, [0, 1], token, [12, 12]))
+    for a, b in zip(lean, own):
+        assert torch.allclose(a, b, rtol=0, atol=1e-3 * b.abs().max().item()), (a - b).abs().max()

@@ -32,7 +32,9 @@ model's own modules: embed (first stage) -> one causal mask per attention kind i
 built from the cache *before* the layers append to it -> rotary cos/sin -> the decoder layers ->
 final norm and ``lm_head`` on the last position only (last stage). Running the loop here rather
 than calling the base model with ``inputs_embeds`` keeps embedding and norm explicit: a base
-model that rescales ``inputs_embeds`` (Gemma does) would silently corrupt later stages.
+model that rescales ``inputs_embeds`` (Gemma does) would silently corrupt later stages. For the
+Llama family the decoder layers run through :mod:`exo_lab.model.lean` (the same arithmetic with
+fused q/k/v and gate/up products and fewer calls); other layers run their own ``forward``.
 
 Supported: architectures whose decoder layers take ``(hidden, attention_mask, position_ids,
 cache, use_cache, position_embeddings)`` and whose layers are full or sliding-window attention:
@@ -55,6 +57,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ..errors import ModelError, RequestError
 from ..units import COMPUTE_DTYPES, DTYPES
 from .kv_slots import SlotCache
+from .lean import LeanLayers, lean_layers
 from .packed import can_pack, pack_linears, packed_bytes
 from .quant import quantize_linears
 
@@ -145,6 +148,7 @@ class Stage(nn.Module):
         self.max_context = min(spec.max_context or DEFAULT_MAX_CONTEXT,
                                getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT)
         self.kv: SlotCache | None = None
+        self.lean: LeanLayers | None = None      # set by load_stage where it applies
 
     def allocate_kv(self) -> None:
         """Allocate the KV slots the plan reserved: max_batch sequences x max_context positions."""
@@ -177,9 +181,12 @@ class Stage(nn.Module):
         masks = {kind: cache.mask(position_ids, self.sliding_window if kind == "sliding_attention" else None)
                  for kind in set(self.layer_types)}                       # (B, 1, T, L) each
         cos_sin = self.rotary_emb(hidden, position_ids=position_ids)      # 2 x (B, T, head_dim)
-        for layer, layer_type in zip(self.layers, self.layer_types):
-            hidden = layer(hidden, attention_mask=masks[layer_type], position_ids=position_ids,
-                           cache=cache, use_cache=True, position_embeddings=cos_sin)
+        for index, (layer, layer_type) in enumerate(zip(self.layers, self.layer_types)):
+            if self.lean is not None:   # same arithmetic, fewer calls (exo_lab.model.lean)
+                hidden = self.lean.forward(index, hidden, masks[layer_type], cos_sin, cache)
+            else:
+                hidden = layer(hidden, attention_mask=masks[layer_type], position_ids=position_ids,
+                               cache=cache, use_cache=True, position_embeddings=cos_sin)
         if not self.spec.is_last:
             return hidden
         # Only the last position's logits are needed to pick the next token (nanoGPT, HF
@@ -288,6 +295,7 @@ def load_stage(spec: ShardSpec, ensure_tensors=None) -> Stage:
         quantize_linears(stage)
     if stage.dtype == torch.bfloat16 and can_pack(stage.device):   # same results, less time
         pack_linears(stage, layers=spec.dtype == "bfloat16")
+    stage.lean = lean_layers(stage.layers, stage.stage_config)
     stage.allocate_kv()
     logger.info("loaded layers [%d, %d) of %s: %.1f MB on %s", spec.start_layer, spec.stop_layer,
                 spec.model_dir, stage.parameter_bytes() / 1e6, spec.device)

@@ -1,0 +1,162 @@
+"""exo-lab's own CPU products for decode (``cpu_gemv.c``), built on the PC that runs them.
+
+``gemv_int8(x, q, scales)`` and ``gemv_bf16(x, w)`` compute ``x @ W.T`` for up to
+:data:`MAX_ROWS` rows of bfloat16 activations, streaming int8 (per-row scales) or bfloat16
+weights at close to the memory's speed; the C file says how and what was measured.
+:func:`available` says whether they can run here; when they cannot, the stage keeps torch's own
+kernels (same results up to summation order, slower at decode).
+
+How they get here: the first call compiles ``cpu_gemv.c`` with the C compiler (``$CC``, else
+``cc``; flags ``-O3 -march=native -fopenmp``, so each PC builds for its own CPU: AVX-512 or
+AVX2) into ``$EXO_LAB_CACHE/kernels/`` (default ``~/.cache/exo_lab``), once per source, compiler
+and CPU, in about a second; ctypes loads it. They are left out, with one log line saying why,
+when:
+- ``EXO_LAB_KERNELS=0`` is set (to compare against torch's kernels: ``exo-lab bench``);
+- there is no C compiler, or the CPU has neither AVX-512 nor AVX2 with FMA;
+- torch does not run on GNU OpenMP (libgomp): the kernels' threads must be torch's threads,
+  or the two pools would fight over the cores (torch's Linux wheels use libgomp).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .demo import cache_dir
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_gemv.c")
+MAX_ROWS = 16          # rows of activations the kernels take (beyond: prefill, torch's GEMMs win)
+ENV_SWITCH = "EXO_LAB_KERNELS"
+_BUILD_TIMEOUT_S = 120
+
+
+def available() -> bool:
+    """Whether exo-lab's CPU kernels run in this process (builds them on first call)."""
+    return _library() is not None
+
+
+def gemv_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x (M, K) bf16 @ (q (N, K) int8 * scales (N,) bf16).T`` -> (M, N) bf16, M <= MAX_ROWS.
+    Call only when :func:`available`."""
+    return _call(_library().exo_gemv_int8, x, q, scales)
+
+
+def gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x (M, K) bf16 @ w (N, K) bf16 .T`` -> (M, N) bf16, M <= MAX_ROWS. Call only when
+    :func:`available`."""
+    return _call(_library().exo_gemv_bf16, x, w, None)
+
+
+def team_size() -> int:
+    """The number of threads a kernel call from this thread uses (torch's, on this thread)."""
+    return int(_library().exo_gemv_threads())
+
+
+def _call(function, x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    rows, inner = x.shape
+    if not (0 < rows <= MAX_ROWS) or w.shape[1] != inner or not (x.is_contiguous() and w.is_contiguous()):
+        raise ValueError(f"gemv takes 1-{MAX_ROWS} contiguous rows of {w.shape[1]} values, got "
+                         f"{tuple(x.shape)}")
+    y = torch.empty(rows, w.shape[0], dtype=torch.bfloat16)
+    status = function(x.data_ptr(), rows, inner, w.data_ptr(),
+                      None if scales is None else scales.data_ptr(), w.shape[0], y.data_ptr())
+    if status != 0:
+        raise MemoryError(f"exo-lab's CPU kernel failed (status {status}) on {tuple(x.shape)} x {tuple(w.shape)}")
+    return y
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    reason = _unavailable_reason()
+    if reason is None:
+        try:
+            library = _load(_build())
+        except (OSError, subprocess.SubprocessError, RuntimeError) as error:
+            reason = f"building {SOURCE.name} failed: {error}"
+        else:
+            if library.exo_gemv_isa() == 0:
+                reason = "the CPU has neither AVX-512 nor AVX2 with FMA"
+            else:
+                logger.info("exo-lab CPU kernels: %s (%d-bit vectors)", library._name,
+                            library.exo_gemv_isa())
+                return library
+    logger.warning("exo-lab's CPU kernels are off (%s); decode uses torch's slower kernels", reason)
+    return None
+
+
+def _unavailable_reason() -> str | None:
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "off", "false", "no"):
+        return f"{ENV_SWITCH}={os.environ[ENV_SWITCH]}"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"they are written for x86-64 CPUs, this is {platform.machine()}"
+    if _compiler() is None:
+        return "no C compiler: install gcc (or set CC)"
+    if not _torch_uses_libgomp():
+        return "torch does not run on GNU OpenMP here"
+    return None
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC") or "cc")
+
+
+def _torch_uses_libgomp() -> bool:
+    try:
+        return "libgomp" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
+def _build() -> Path:
+    """The shared library for this source, compiler and CPU, compiled once into the cache."""
+    compiler = _compiler()
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *flags, _cpu_flags()])
+                         .encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"cpu_gemv-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:   # engines may build at once
+        built = Path(scratch) / target.name
+        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"],
+                                capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} exited {result.returncode}: {result.stderr.strip()[-400:]}")
+        os.replace(built, target)
+    return target
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    library = ctypes.CDLL(str(path))
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    for name in ("exo_gemv_int8", "exo_gemv_bf16"):
+        function = getattr(library, name, None)
+        if function is not None:
+            function.argtypes = [pointer, size, size, pointer, pointer, size, pointer]
+            function.restype = ctypes.c_int
+    library.exo_gemv_isa.restype = ctypes.c_int
+    library.exo_gemv_threads.restype = ctypes.c_int
+    return library

@@ -1,0 +1,108 @@
+"""A lean forward for the decoder layers of the Llama family (Llama, Mistral, Qwen2, Qwen3).
+
+A decode step of a small model is thousands of tiny torch calls; on CPUs their Python and
+dispatch cost is as large as the weight stream (SmolLM2-135M int8: ~15 ms of a ~30 ms step).
+:class:`LeanLayers` runs the same arithmetic as transformers' layer code with fewer calls:
+- q, k and v are one product, and gate and up another: their weights are concatenated once at
+  load into one matrix, and the layer's own q/k/v/gate/up modules keep *views* of it, so nothing
+  is held twice and transformers' forward still works on the same memory;
+- attention calls ``F.scaled_dot_product_attention`` directly (GQA in the kernel) with the mask
+  the stage built once per step, instead of transformers' attention dispatch.
+Norms, rotary embedding (the architecture's own ``apply_rotary_pos_emb``), activation and the
+KV slots are the layer's own modules and functions. The stage tests check every supported
+architecture token-exact against transformers, through this path.
+
+Where the layers are not of this family, or their products cannot be concatenated (oneDNN-packed
+weights), :func:`lean_layers` returns None and the stage runs transformers' layer forward.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .packed import KernelLinear
+from .quant import Int8Linear
+
+LEAN_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
+
+
+class LeanLayers:
+    """The stage's decoder layers with fused q/k/v and gate/up products. Not an ``nn.Module``:
+    the fused matrices it holds are the same memory as the layers' parameters, counted there."""
+
+    def __init__(self, layers: nn.ModuleList, config):
+        self.layers = layers
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        attention = layers[0].self_attn
+        self.rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        self.qk_norm = hasattr(attention, "q_norm")          # Qwen3: RMSNorm per head on q and k
+        self.qkv = [fuse([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in layers]
+        self.gate_up = [fuse([l.mlp.gate_proj, l.mlp.up_proj]) for l in layers]
+
+    def forward(self, index: int, hidden: torch.Tensor, mask: torch.Tensor, cos_sin, cache) -> torch.Tensor:
+        """Decoder layer ``index`` on ``hidden`` (B, T, hidden), as transformers' layer computes it."""
+        layer = self.layers[index]
+        attention, mlp = layer.self_attn, layer.mlp
+        B, T, _ = hidden.shape
+        H, Hk, D = self.heads, self.kv_heads, self.head_dim
+        q, k, v = self.qkv[index](layer.input_layernorm(hidden)).split([H * D, Hk * D, Hk * D], dim=-1)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, Hk, D), v.view(B, T, Hk, D)
+        if self.qk_norm:
+            q, k = attention.q_norm(q), attention.k_norm(k)
+        q, k = self.rotary(q.transpose(1, 2), k.transpose(1, 2), *cos_sin)
+        k, v = cache.update(k, v.transpose(1, 2), index)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attention.scaling,
+                                             enable_gqa=H != Hk)
+        hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
+        gate, up = self.gate_up[index](layer.post_attention_layernorm(hidden)).chunk(2, dim=-1)
+        return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+
+
+def lean_layers(layers: nn.ModuleList, config) -> LeanLayers | None:
+    """:class:`LeanLayers` over ``layers`` (their q/k/v and gate/up weights become views of one
+    matrix each), or None where the lean forward does not apply."""
+    if not len(layers) or any(type(layer).__name__ not in LEAN_LAYERS for layer in layers):
+        return None
+    for layer in layers:
+        a, m = layer.self_attn, layer.mlp
+        if not (_fusable([a.q_proj, a.k_proj, a.v_proj]) and _fusable([m.gate_proj, m.up_proj])):
+            return None
+    return LeanLayers(layers, config)
+
+
+def _fusable(modules: list[nn.Module]) -> bool:
+    kind = type(modules[0])
+    if kind not in (nn.Linear, KernelLinear, Int8Linear) or any(type(m) is not kind for m in modules):
+        return False
+    return len({m.in_features for m in modules}) == 1 and len({m.bias is None for m in modules}) == 1
+
+
+def fuse(modules: list[nn.Module]) -> nn.Module:
+    """One module computing ``cat([m(x) for m in modules], -1)``; each of ``modules`` is left
+    holding views of the fused tensors (so the memory is held once)."""
+    kind = type(modules[0])
+    names = ("weight", "scales", "bias") if kind is Int8Linear else ("weight", "bias")
+    fused = {name: None if getattr(modules[0], name) is None
+             else torch.cat([getattr(m, name).data for m in modules]) for name in names}
+    if kind is Int8Linear:
+        one = Int8Linear(fused["weight"], fused["scales"], fused["bias"])
+    else:
+        linear = nn.Linear(fused["weight"].shape[1], fused["weight"].shape[0], bias=fused["bias"] is not None,
+                           device="meta")
+        linear.weight = nn.Parameter(fused["weight"], requires_grad=False)
+        if fused["bias"] is not None:
+            linear.bias = nn.Parameter(fused["bias"], requires_grad=False)
+        one = KernelLinear(linear) if kind is KernelLinear else linear
+    offset = 0
+    for m in modules:
+        rows = m.weight.shape[0]
+        for name in names:
+            if fused[name] is not None:
+                setattr(m, name, nn.Parameter(fused[name][offset:offset + rows], requires_grad=False))
+        offset += rows
+    return one
