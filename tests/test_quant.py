@@ -210,3 +210,13 @@ def test_kernel_stages_decode_what_torch_products_decode(tiny_model_dir, monkeyp
         logits = [run_chain_rows(stages, [0, 1, 2], tokens[0], [24 + step] * 3) for stages in (fast, plain)]
     kinds = set(calls)
     assert kinds == ({"gemv_int8", "gemv_bf16"} if dtype == "int8" else {"gemv_bf16"})
+
+
+def test_int8_prefill_of_a_width_torchs_kernel_cannot_take_runs(tiny_model_dir):
+    """torch._weight_int8pack_mm kills the process (SIGSEGV) when in_features is not a multiple
+    of 16; such layers dequantize instead, and prefill and decode still match transformers."""
+    model_dir = tiny_model_dir("llama", hidden_size=72, intermediate_size=136, num_attention_heads=4,
+                               num_key_value_heads=2)
+    stages = load_split(model_dir, SPLITS["2-stage"], dtype="int8")
+    prompt = make_prompt(model_dir, 30)
+    assert generate(stages, prompt) == hf_tokens(dequantized_reference(model_dir, stages), prompt)

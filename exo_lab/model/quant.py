@@ -63,9 +63,10 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features).to(self.scales.dtype)            # (B*T, in)
         if self.kernel and rows.shape[0] <= kernels.MAX_ROWS:
             y = kernels.gemv_int8(rows.contiguous(), self.weight, self.scales)   # decode
-        elif rows.device.type == "cpu":
+        elif rows.device.type == "cpu" and self.in_features % 16 == 0:
+            # torch's kernel (torch 2.13) crashes the process on other widths: measured at 577-584
             y = torch._weight_int8pack_mm(rows, self.weight, self.scales)        # (B*T, out)
-        else:   # no packed kernel here: dequantize on the fly (still a quarter of the bytes held)
+        else:   # no usable kernel: dequantize on the fly (still a quarter of the bytes held)
             y = F.linear(rows, self.weight.to(rows.dtype)) * self.scales
         if self.bias is not None:
             y = y + self.bias
