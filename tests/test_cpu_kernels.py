@@ -91,3 +91,34 @@ def test_a_build_failure_is_reported_not_raised(monkeypatch, caplog, tmp_path):
     finally:
         monkeypatch.undo()
         cpu_kernels._library.cache_clear()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_rounds_exactly_as_transformers_rotary(dtype):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    generator = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, 5, heads, 64, generator=generator).to(dtype) for heads in (9, 3))
+    cos, sin = (torch.randn(2, 5, 64, generator=generator).to(dtype) for _ in range(2))
+    want_q, want_k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    assert torch.equal(cpu_kernels.rotary_(q.clone(), cos, sin).transpose(1, 2), want_q)
+    assert torch.equal(cpu_kernels.rotary_(k.clone(), cos, sin).transpose(1, 2), want_k)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_transformers_rms_norm(dtype):
+    """Same formula and roundings; only the order of the sum of squares differs."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    generator = torch.Generator().manual_seed(4)
+    norm = LlamaRMSNorm(576, eps=1e-5).to(dtype)
+    norm.weight.data = torch.randn(576, generator=generator).to(dtype)
+    x = (torch.randn(7, 3, 576, generator=generator) * 3).to(dtype)
+    got, want = cpu_kernels.rms_norm(x, norm.weight, norm.variance_epsilon), norm(x)
+    assert got.dtype == dtype and got.shape == want.shape
+    step = 2**-7 if dtype == torch.bfloat16 else 1e-6     # one bfloat16 rounding step, or float32 sums
+    assert ((got.float() - want.float()).abs() <= want.float().abs() * step + 1e-6).all()
+    if dtype == torch.bfloat16:   # the rounding hides the sums' order almost everywhere
+        assert (got == want).float().mean() > 0.9

@@ -1,12 +1,14 @@
-"""exo-lab's own CPU products for decode (``cpu_gemv.c``), built on the PC that runs them.
+"""exo-lab's own CPU kernels (``cpu_kernels.c``), built on the PC that runs them.
 
 ``gemv_int8(x, q, scales)`` and ``gemv_bf16(x, w)`` compute ``x @ W.T`` for up to
 :data:`MAX_ROWS` rows of bfloat16 activations, streaming int8 (per-row scales) or bfloat16
 weights at close to the memory's speed; the C file says how and what was measured.
+``rms_norm(x, weight, eps)`` and ``rotary_(x, cos, sin)`` do in one call what transformers'
+Llama-family code does in 8 and 16 small torch calls, rounding as it rounds (float32, bfloat16).
 :func:`available` says whether they can run here; when they cannot, the stage keeps torch's own
 kernels (same results up to summation order, slower at decode).
 
-How they get here: the first call compiles ``cpu_gemv.c`` with the C compiler (``$CC``, else
+How they get here: the first call compiles ``cpu_kernels.c`` with the C compiler (``$CC``, else
 ``cc``; flags ``-O3 -march=native -fopenmp``, so each PC builds for its own CPU: AVX-512 or
 AVX2) into ``$EXO_LAB_CACHE/kernels/`` (default ``~/.cache/exo_lab``), once per source, compiler
 and CPU, in about a second; ctypes loads it. They are left out, with one log line saying why,
@@ -35,7 +37,7 @@ from .demo import cache_dir
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_gemv.c")
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
 MAX_ROWS = 16          # rows of activations the kernels take (beyond: prefill, torch's GEMMs win)
 ENV_SWITCH = "EXO_LAB_KERNELS"
 _BUILD_TIMEOUT_S = 120
@@ -56,6 +58,31 @@ def gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``x (M, K) bf16 @ w (N, K) bf16 .T`` -> (M, N) bf16, M <= MAX_ROWS. Call only when
     :func:`available`."""
     return _call(_library().exo_gemv_bf16, x, w, None)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm over the last dim of contiguous ``x`` (float32 or bfloat16,
+    the dtype of ``weight``). Call only when :func:`available`."""
+    function = _library().exo_rms_norm_bf16 if x.dtype == torch.bfloat16 else _library().exo_rms_norm_f32
+    y = torch.empty_like(x)
+    function(x.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], weight.data_ptr(), eps, y.data_ptr())
+    return y
+
+
+def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate contiguous ``x`` (B, T, heads, dim) in place by ``cos``/``sin`` (B, T, dim) as
+    transformers' ``apply_rotary_pos_emb`` does; returns ``x``. Call only when :func:`available`."""
+    function = _library().exo_rotary_bf16 if x.dtype == torch.bfloat16 else _library().exo_rotary_f32
+    function(x.data_ptr(), x.shape[0] * x.shape[1], x.shape[2], x.shape[3], cos.data_ptr(), sin.data_ptr())
+    return x
+
+
+def takes(*tensors: torch.Tensor) -> bool:
+    """Whether ``rms_norm``/``rotary_`` take these tensors: contiguous, on the CPU, all float32
+    or all bfloat16 (and the kernels run here)."""
+    dtype = tensors[0].dtype
+    return (dtype in (torch.float32, torch.bfloat16) and available()
+            and all(t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous() for t in tensors))
 
 
 def team_size() -> int:
@@ -125,7 +152,7 @@ def _build() -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *flags, _cpu_flags()])
                          .encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"cpu_gemv-{key}.so"
+    target = cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -156,6 +183,16 @@ def _load(path: Path) -> ctypes.CDLL:
         function = getattr(library, name, None)
         if function is not None:
             function.argtypes = [pointer, size, size, pointer, pointer, size, pointer]
+            function.restype = ctypes.c_int
+    for name in ("exo_rms_norm_bf16", "exo_rms_norm_f32"):
+        function = getattr(library, name, None)
+        if function is not None:
+            function.argtypes = [pointer, size, size, pointer, ctypes.c_float, pointer]
+            function.restype = ctypes.c_int
+    for name in ("exo_rotary_bf16", "exo_rotary_f32"):
+        function = getattr(library, name, None)
+        if function is not None:
+            function.argtypes = [pointer, size, size, size, pointer, pointer]
             function.restype = ctypes.c_int
     library.exo_gemv_isa.restype = ctypes.c_int
     library.exo_gemv_threads.restype = ctypes.c_int

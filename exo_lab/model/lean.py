@@ -7,9 +7,12 @@ dispatch cost is as large as the weight stream (SmolLM2-135M int8: ~15 ms of a ~
   load into one matrix, and the layer's own q/k/v/gate/up modules keep *views* of it, so nothing
   is held twice and transformers' forward still works on the same memory;
 - attention calls ``F.scaled_dot_product_attention`` directly (GQA in the kernel) with the mask
-  the stage built once per step, instead of transformers' attention dispatch.
-Norms, rotary embedding (the architecture's own ``apply_rotary_pos_emb``), activation and the
-KV slots are the layer's own modules and functions. The stage tests check every supported
+  the stage built once per step, instead of transformers' attention dispatch;
+- where exo-lab's CPU kernels run (on CPUs; RMSNorm for bfloat16 only), each RMSNorm and each
+  rotary embedding is one call (:func:`exo_lab.model.cpu_kernels.rms_norm`, ``rotary_``) rounding as
+  transformers' 8 and 16 torch calls round; elsewhere they are the layer's own norm modules and
+  the architecture's own ``apply_rotary_pos_emb``.
+Activation, o/down products and the KV slots are the layer's own. The stage tests check every supported
 architecture token-exact against transformers, through this path.
 
 Where the layers are not of this family, or their products cannot be concatenated (oneDNN-packed
@@ -23,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 from .packed import KernelLinear
 from .quant import Int8Linear
 
 LEAN_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
+LEAN_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}   # w * x / rms(x)
 
 
 class LeanLayers:
@@ -50,17 +55,33 @@ class LeanLayers:
         attention, mlp = layer.self_attn, layer.mlp
         B, T, _ = hidden.shape
         H, Hk, D = self.heads, self.kv_heads, self.head_dim
-        q, k, v = self.qkv[index](layer.input_layernorm(hidden)).split([H * D, Hk * D, Hk * D], dim=-1)
+        q, k, v = self.qkv[index](self._norm(layer.input_layernorm, hidden)).split([H * D, Hk * D, Hk * D], dim=-1)
         q, k, v = q.view(B, T, H, D), k.view(B, T, Hk, D), v.view(B, T, Hk, D)
-        if self.qk_norm:
-            q, k = attention.q_norm(q), attention.k_norm(k)
-        q, k = self.rotary(q.transpose(1, 2), k.transpose(1, 2), *cos_sin)
+        if cpu_kernels.takes(*cos_sin):        # one call per rotary (and q/k norm) instead of ~16
+            q, k = q.contiguous(), k.contiguous()
+            if self.qk_norm:
+                q, k = self._norm(attention.q_norm, q), self._norm(attention.k_norm, k)
+            q = cpu_kernels.rotary_(q, *cos_sin).transpose(1, 2)
+            k = cpu_kernels.rotary_(k, *cos_sin).transpose(1, 2)
+        else:
+            if self.qk_norm:
+                q, k = attention.q_norm(q), attention.k_norm(k)
+            q, k = self.rotary(q.transpose(1, 2), k.transpose(1, 2), *cos_sin)
         k, v = cache.update(k, v.transpose(1, 2), index)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attention.scaling,
                                              enable_gqa=H != Hk)
         hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
-        gate, up = self.gate_up[index](layer.post_attention_layernorm(hidden)).chunk(2, dim=-1)
+        gate, up = self.gate_up[index](self._norm(layer.post_attention_layernorm, hidden)).chunk(2, dim=-1)
         return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+
+    @staticmethod
+    def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The RMSNorm module ``norm`` on ``x``: one kernel call where exo-lab's CPU kernels take it
+        and x is bfloat16. float32 keeps transformers' norm: the kernel's sums run in another
+        order, ~1e-6 apart, and float32 stages are the reference that matches transformers to 1e-5."""
+        if x.dtype == torch.bfloat16 and cpu_kernels.takes(x, norm.weight):
+            return cpu_kernels.rms_norm(x, norm.weight, norm.variance_epsilon)
+        return norm(x)
 
 
 def lean_layers(layers: nn.ModuleList, config) -> LeanLayers | None:
@@ -70,6 +91,9 @@ def lean_layers(layers: nn.ModuleList, config) -> LeanLayers | None:
         return None
     for layer in layers:
         a, m = layer.self_attn, layer.mlp
+        norms = [layer.input_layernorm, layer.post_attention_layernorm, *([a.q_norm, a.k_norm] if hasattr(a, "q_norm") else [])]
+        if not all(type(n).__name__ in LEAN_NORMS for n in norms):
+            return None
         if not (_fusable([a.q_proj, a.k_proj, a.v_proj]) and _fusable([m.gate_proj, m.up_proj])):
             return None
     return LeanLayers(layers, config)

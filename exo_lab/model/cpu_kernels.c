@@ -1,4 +1,5 @@
-/* Decode-time matrix products for CPU stages: y = x @ W^T for a few rows of activations.
+/* exo-lab's CPU kernels: decode-time matrix products (y = x @ W^T for a few rows), RMSNorm and
+ * rotary embedding (exo_rms_norm_*, exo_rotary_*, at the end of this file).
  *
  * Built on the PC that runs it by exo_lab.model.kernels (cc -O3 -march=native -fopenmp) and
  * called through ctypes with the tensors' data pointers. Why it exists: at decode a stage
@@ -24,6 +25,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 #include <immintrin.h>
 #include <omp.h>
 
@@ -220,5 +222,81 @@ DEFINE_GEMV(exo_gemv_bf16, uint16_t, rows_bf16, float, to_f32)
 #endif
 
 int exo_gemv_max_rows(void) { return MAX_ROWS; }
+
+
+/* ------------------------------------------------------------------------------------------
+ * RMSNorm and rotary embedding, one call each where transformers' layer code makes 8 and 16
+ * small torch calls (a SmolLM2 decode step makes ~60 norms and 30 rotaries). Each reproduces
+ * transformers' arithmetic rounding for rounding: float32 math, bfloat16 results rounded where
+ * torch rounds them. Built with -std=c11, so the compiler does not fuse a*b+c into an FMA.
+ */
+
+/* y = w * bf16(x * r), r = 1 / sqrt(mean(x^2) + eps), per row of `width` (LlamaRMSNorm). */
+int exo_rms_norm_bf16(const uint16_t *x, int64_t rows, int64_t width, const uint16_t *w, float eps,
+                      uint16_t *y) {
+    #pragma omp parallel for schedule(static) if (rows * width >= SERIAL_WEIGHTS)
+    for (int64_t i = 0; i < rows; i++) {
+        const uint16_t *xr = x + i * width;
+        float sum = 0.0f;
+        for (int64_t j = 0; j < width; j++) { float v = bf16_to_f32(xr[j]); sum += v * v; }
+        float r = 1.0f / sqrtf(sum / (float)width + eps);
+        for (int64_t j = 0; j < width; j++) {
+            float h = bf16_to_f32(f32_to_bf16(bf16_to_f32(xr[j]) * r));
+            y[i * width + j] = f32_to_bf16(bf16_to_f32(w[j]) * h);
+        }
+    }
+    return 0;
+}
+
+int exo_rms_norm_f32(const float *x, int64_t rows, int64_t width, const float *w, float eps, float *y) {
+    #pragma omp parallel for schedule(static) if (rows * width >= SERIAL_WEIGHTS)
+    for (int64_t i = 0; i < rows; i++) {
+        const float *xr = x + i * width;
+        float sum = 0.0f;
+        for (int64_t j = 0; j < width; j++) sum += xr[j] * xr[j];
+        float r = 1.0f / sqrtf(sum / (float)width + eps);
+        for (int64_t j = 0; j < width; j++) y[i * width + j] = w[j] * (xr[j] * r);
+    }
+    return 0;
+}
+
+/* x (positions, heads, dim) rotated in place by cos/sin (positions, dim): transformers'
+ * x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[half:], x[:half]). */
+int exo_rotary_bf16(uint16_t *x, int64_t positions, int64_t heads, int64_t dim, const uint16_t *cos,
+                    const uint16_t *sin) {
+    const int64_t half = dim / 2;
+    for (int64_t p = 0; p < positions; p++)
+        for (int64_t h = 0; h < heads; h++) {
+            uint16_t *v = x + (p * heads + h) * dim;
+            const uint16_t *c = cos + p * dim, *s = sin + p * dim;
+            for (int64_t j = 0; j < half; j++) {
+                float a = bf16_to_f32(v[j]), b = bf16_to_f32(v[j + half]);
+                float lo = bf16_to_f32(f32_to_bf16(a * bf16_to_f32(c[j])))
+                         + bf16_to_f32(f32_to_bf16(-b * bf16_to_f32(s[j])));
+                float hi = bf16_to_f32(f32_to_bf16(b * bf16_to_f32(c[j + half])))
+                         + bf16_to_f32(f32_to_bf16(a * bf16_to_f32(s[j + half])));
+                v[j] = f32_to_bf16(lo);
+                v[j + half] = f32_to_bf16(hi);
+            }
+        }
+    return 0;
+}
+
+int exo_rotary_f32(float *x, int64_t positions, int64_t heads, int64_t dim, const float *cos,
+                   const float *sin) {
+    const int64_t half = dim / 2;
+    for (int64_t p = 0; p < positions; p++)
+        for (int64_t h = 0; h < heads; h++) {
+            float *v = x + (p * heads + h) * dim;
+            const float *c = cos + p * dim, *s = sin + p * dim;
+            for (int64_t j = 0; j < half; j++) {
+                float a = v[j], b = v[j + half];
+                float lo1 = a * c[j], lo2 = -b * s[j], hi1 = b * c[j + half], hi2 = a * s[j + half];
+                v[j] = lo1 + lo2;
+                v[j + half] = hi1 + hi2;
+            }
+        }
+    return 0;
+}
 
 #endif
