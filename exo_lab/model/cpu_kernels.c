@@ -261,42 +261,30 @@ int exo_rms_norm_f32(const float *x, int64_t rows, int64_t width, const float *w
 }
 
 /* x (positions, heads, dim) rotated in place by cos/sin (positions, dim): transformers'
- * x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[half:], x[:half]). */
-int exo_rotary_bf16(uint16_t *x, int64_t positions, int64_t heads, int64_t dim, const uint16_t *cos,
-                    const uint16_t *sin) {
-    const int64_t half = dim / 2;
-    for (int64_t p = 0; p < positions; p++)
-        for (int64_t h = 0; h < heads; h++) {
-            uint16_t *v = x + (p * heads + h) * dim;
-            const uint16_t *c = cos + p * dim, *s = sin + p * dim;
-            for (int64_t j = 0; j < half; j++) {
-                float a = bf16_to_f32(v[j]), b = bf16_to_f32(v[j + half]);
-                float lo = bf16_to_f32(f32_to_bf16(a * bf16_to_f32(c[j])))
-                         + bf16_to_f32(f32_to_bf16(-b * bf16_to_f32(s[j])));
-                float hi = bf16_to_f32(f32_to_bf16(b * bf16_to_f32(c[j + half])))
-                         + bf16_to_f32(f32_to_bf16(a * bf16_to_f32(s[j + half])));
-                v[j] = f32_to_bf16(lo);
-                v[j + half] = f32_to_bf16(hi);
-            }
-        }
-    return 0;
+ * x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[half:], x[:half]); every product and
+ * the sum rounded to T as torch rounds them (ROUND: float32 -> T -> float32). */
+static inline float same(float v) { return v; }
+static inline float bf16_round(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+
+#define DEFINE_ROTARY(NAME, T, TO_F32, ROUND, FROM_F32)                                               \
+int NAME(T *x, int64_t positions, int64_t heads, int64_t dim, const T *cos, const T *sin) {         \
+    const int64_t half = dim / 2;                                                                    \
+    for (int64_t p = 0; p < positions; p++)                                                          \
+        for (int64_t h = 0; h < heads; h++) {                                                        \
+            T *v = x + (p * heads + h) * dim;                                                        \
+            const T *c = cos + p * dim, *s = sin + p * dim;                                          \
+            for (int64_t j = 0; j < half; j++) {                                                     \
+                float a = TO_F32(v[j]), b = TO_F32(v[j + half]);                                     \
+                float lo = ROUND(a * TO_F32(c[j])) + ROUND(-b * TO_F32(s[j]));                       \
+                float hi = ROUND(b * TO_F32(c[j + half])) + ROUND(a * TO_F32(s[j + half]));          \
+                v[j] = FROM_F32(lo);                                                                 \
+                v[j + half] = FROM_F32(hi);                                                          \
+            }                                                                                        \
+        }                                                                                            \
+    return 0;                                                                                        \
 }
 
-int exo_rotary_f32(float *x, int64_t positions, int64_t heads, int64_t dim, const float *cos,
-                   const float *sin) {
-    const int64_t half = dim / 2;
-    for (int64_t p = 0; p < positions; p++)
-        for (int64_t h = 0; h < heads; h++) {
-            float *v = x + (p * heads + h) * dim;
-            const float *c = cos + p * dim, *s = sin + p * dim;
-            for (int64_t j = 0; j < half; j++) {
-                float a = v[j], b = v[j + half];
-                float lo1 = a * c[j], lo2 = -b * s[j], hi1 = b * c[j + half], hi2 = a * s[j + half];
-                v[j] = lo1 + lo2;
-                v[j + half] = hi1 + hi2;
-            }
-        }
-    return 0;
-}
+DEFINE_ROTARY(exo_rotary_bf16, uint16_t, bf16_to_f32, bf16_round, f32_to_bf16)
+DEFINE_ROTARY(exo_rotary_f32, float, same, same, same)
 
 #endif
