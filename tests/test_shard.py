@@ -423,3 +423,17 @@ def test_lean_layers_compute_what_the_layers_own_forward_computes(tiny_model_dir
     lean.append(run_chain_rows(stages, [0, 1], token, [12, 12]))
     for a, b in zip(lean, own):
         assert torch.allclose(a, b, rtol=0, atol=1e-3 * b.abs().max().item()), (a - b).abs().max()
+
+
+def test_a_forward_hook_on_any_layer_module_runs_the_layers_own_forward(tiny_model_dir):
+    """Experiments hook the layers (exo_lab.notebook); the lean forward skips module calls, so
+    any hook switches it off for as long as it is registered."""
+    model_dir = tiny_model_dir("llama")
+    (stage,) = load_split(model_dir, SPLITS["1-stage"])
+    seen = []
+    handle = stage.layers[2].mlp.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    prompt = make_prompt(model_dir, 6)
+    hooked = stage.forward(prompt, [0], [0])
+    handle.remove()
+    assert seen == [torch.Size([1, 6, 64])]
+    assert torch.allclose(stage.forward(prompt, [0], [0]), hooked, rtol=0, atol=1e-5) and seen == [torch.Size([1, 6, 64])]
