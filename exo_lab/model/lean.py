@@ -40,6 +40,7 @@ class LeanLayers:
 
     def __init__(self, layers: nn.ModuleList, config):
         self.layers = layers
+        self._modules = list(layers.modules())   # for hooked(): walking the tree costs ~0.5 ms
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -78,6 +79,15 @@ class LeanLayers:
         gate_up = self.gate_up[index]
         gate, up = gate_up(x).chunk(2, dim=-1) if gate_up is not None else (mlp.gate_proj(x), mlp.up_proj(x))
         return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+
+    def hooked(self) -> bool:
+        """Whether a forward hook or pre-hook is registered on the layers, any module in them, or
+        globally (this forward skips module calls, so a hook must switch it off)."""
+        from torch.nn.modules import module as torch_module
+
+        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self._modules)
 
     @staticmethod
     def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -183,7 +183,7 @@ class Stage(nn.Module):
         cos_sin = self.rotary_emb(hidden, position_ids=position_ids)      # 2 x (B, T, head_dim)
         # The lean forward (exo_lab.model.lean: same arithmetic, fewer calls) skips the layers'
         # module calls, so a forward hook (an experiment's, exo_lab.notebook) switches it off.
-        lean = self.lean if self.lean is not None and not _hooked(self.layers) else None
+        lean = self.lean if self.lean is not None and not self.lean.hooked() else None
         for index, (layer, layer_type) in enumerate(zip(self.layers, self.layer_types)):
             if lean is not None:
                 hidden = lean.forward(index, hidden, masks[layer_type], cos_sin, cache)
@@ -264,16 +264,6 @@ class Stage(nn.Module):
             raise ValueError(f"stage {self.spec.start_layer} takes hidden states (B, T, "
                              f"{self.stage_config.hidden_size}), got {tuple(inputs.shape)}")
         return inputs.to(self.device, self.dtype)
-
-
-def _hooked(layers: nn.Module) -> bool:
-    """Whether a forward hook or pre-hook is registered on ``layers``, any module in them, or
-    globally."""
-    from torch.nn.modules import module as torch_module
-
-    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in layers.modules())
 
 
 def stage_skeleton(spec: ShardSpec) -> Stage:
