@@ -185,11 +185,7 @@ DEFINE_ROWS(rows_bf16, uint16_t, block_bf16dp, uint16_t)
 DEFINE_ROWS(rows_bf16, uint16_t, block_bf16, float)
 #endif
 
-static uint16_t *as_bf16(const uint16_t *x, int64_t count) {   /* a copy: freed like to_f32's */
-    uint16_t *out = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)count);
-    if (out) memcpy(out, x, sizeof(uint16_t) * (size_t)count);
-    return out;
-}
+static const uint16_t *as_is(const uint16_t *x, int64_t count) { (void)count; return x; }
 
 static float *to_f32(const uint16_t *x, int64_t count) {
     float *out = (float *)malloc(sizeof(float) * (size_t)count);
@@ -202,13 +198,13 @@ static float *to_f32(const uint16_t *x, int64_t count) {
 int NAME(const uint16_t *xb, int64_t M, int64_t K, const WT *w, const uint16_t *scales,            \
          int64_t N, uint16_t *y) {                                                                   \
     if (M < 1 || M > MAX_ROWS || K < 1 || N < 1) return -1;                                          \
-    XT *x = TO_X(xb, M * K);                                                                         \
+    const XT *x = TO_X(xb, M * K);                                                                   \
     if (!x) return -2;                                                                               \
     const int64_t blocks = N / NR;                                                                   \
     _Pragma("omp parallel for schedule(static) if (N * K >= SERIAL_WEIGHTS)")                       \
     for (int64_t b = 0; b < blocks; b++) ROWS(x, M, K, w, b * NR, NR, scales, N, y);                 \
     for (int64_t n = blocks * NR; n < N; n++) ROWS(x, M, K, w, n, 1, scales, N, y);                  \
-    free(x);                                                                                         \
+    if ((const void *)x != (const void *)xb) free((void *)x);    /* to_f32's copy */                \
     return 0;                                                                                        \
 }
 
@@ -216,16 +212,15 @@ int NAME(const uint16_t *xb, int64_t M, int64_t K, const WT *w, const uint16_t *
 DEFINE_GEMV(exo_gemv_int8, int8_t, rows_int8, float, to_f32)
 /* y (M, N) bf16 = x (M, K) bf16 @ w (N, K) bf16 ^T (scales: NULL). 0 on success. */
 #if defined(__AVX512BF16__)
-DEFINE_GEMV(exo_gemv_bf16, uint16_t, rows_bf16, uint16_t, as_bf16)
+DEFINE_GEMV(exo_gemv_bf16, uint16_t, rows_bf16, uint16_t, as_is)
 #else
 DEFINE_GEMV(exo_gemv_bf16, uint16_t, rows_bf16, float, to_f32)
 #endif
 
-int exo_gemv_max_rows(void) { return MAX_ROWS; }
 
 
 /* ------------------------------------------------------------------------------------------
- * RMSNorm and rotary embedding, one call each where transformers' layer code makes 8 and 16
+ * RMSNorm (bfloat16) and rotary embedding, one call each where transformers' layer code makes 8 and 16
  * small torch calls (a SmolLM2 decode step makes ~60 norms and 30 rotaries). Each reproduces
  * transformers' arithmetic rounding for rounding: float32 math, bfloat16 results rounded where
  * torch rounds them. Built with -std=c11, so the compiler does not fuse a*b+c into an FMA.
@@ -244,18 +239,6 @@ int exo_rms_norm_bf16(const uint16_t *x, int64_t rows, int64_t width, const uint
             float h = bf16_to_f32(f32_to_bf16(bf16_to_f32(xr[j]) * r));
             y[i * width + j] = f32_to_bf16(bf16_to_f32(w[j]) * h);
         }
-    }
-    return 0;
-}
-
-int exo_rms_norm_f32(const float *x, int64_t rows, int64_t width, const float *w, float eps, float *y) {
-    #pragma omp parallel for schedule(static) if (rows * width >= SERIAL_WEIGHTS)
-    for (int64_t i = 0; i < rows; i++) {
-        const float *xr = x + i * width;
-        float sum = 0.0f;
-        for (int64_t j = 0; j < width; j++) sum += xr[j] * xr[j];
-        float r = 1.0f / sqrtf(sum / (float)width + eps);
-        for (int64_t j = 0; j < width; j++) y[i * width + j] = w[j] * (xr[j] * r);
     }
     return 0;
 }

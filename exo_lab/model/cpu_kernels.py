@@ -3,8 +3,9 @@
 ``gemv_int8(x, q, scales)`` and ``gemv_bf16(x, w)`` compute ``x @ W.T`` for up to
 :data:`MAX_ROWS` rows of bfloat16 activations, streaming int8 (per-row scales) or bfloat16
 weights at close to the memory's speed; the C file says how and what was measured.
-``rms_norm(x, weight, eps)`` and ``rotary_(x, cos, sin)`` do in one call what transformers'
-Llama-family code does in 8 and 16 small torch calls, rounding as it rounds (float32, bfloat16).
+``rms_norm(x, weight, eps)`` (bfloat16) and ``rotary_(x, cos, sin)`` (float32, bfloat16) do in
+one call what transformers' Llama-family code does in 8 and 16 small torch calls, rounding as it
+rounds.
 :func:`available` says whether they can run here; when they cannot, the stage keeps torch's own
 kernels (same results up to summation order, slower at decode).
 
@@ -61,11 +62,13 @@ def gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm over the last dim of contiguous ``x`` (float32 or bfloat16,
-    the dtype of ``weight``). Call only when :func:`available`."""
-    function = _library().exo_rms_norm_bf16 if x.dtype == torch.bfloat16 else _library().exo_rms_norm_f32
+    """transformers' LlamaRMSNorm over the last dim of contiguous bfloat16 ``x`` and ``weight``
+    (float32 stages keep transformers' norm: see exo_lab.model.lean). Call only when
+    :func:`available`."""
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
+        raise ValueError(f"rms_norm takes bfloat16, got {x.dtype} and {weight.dtype}")
     y = torch.empty_like(x)
-    function(x.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], weight.data_ptr(), eps, y.data_ptr())
+    _library().exo_rms_norm_bf16(x.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], weight.data_ptr(), eps, y.data_ptr())
     return y
 
 
@@ -78,8 +81,8 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def takes(*tensors: torch.Tensor) -> bool:
-    """Whether ``rms_norm``/``rotary_`` take these tensors: contiguous, on the CPU, all float32
-    or all bfloat16 (and the kernels run here)."""
+    """Whether ``rotary_`` takes these tensors (``rms_norm`` too, when bfloat16): contiguous, on
+    the CPU, all float32 or all bfloat16 (and the kernels run here)."""
     dtype = tensors[0].dtype
     return (dtype in (torch.float32, torch.bfloat16) and available()
             and all(t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous() for t in tensors))
@@ -184,11 +187,9 @@ def _load(path: Path) -> ctypes.CDLL:
         if function is not None:
             function.argtypes = [pointer, size, size, pointer, pointer, size, pointer]
             function.restype = ctypes.c_int
-    for name in ("exo_rms_norm_bf16", "exo_rms_norm_f32"):
-        function = getattr(library, name, None)
-        if function is not None:
-            function.argtypes = [pointer, size, size, pointer, ctypes.c_float, pointer]
-            function.restype = ctypes.c_int
+    if hasattr(library, "exo_rms_norm_bf16"):
+        library.exo_rms_norm_bf16.argtypes = [pointer, size, size, pointer, ctypes.c_float, pointer]
+        library.exo_rms_norm_bf16.restype = ctypes.c_int
     for name in ("exo_rotary_bf16", "exo_rotary_f32"):
         function = getattr(library, name, None)
         if function is not None:
