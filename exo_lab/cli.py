@@ -1,4 +1,4 @@
-"""`exo-lab` command line: demo, check-config, plan, serve, bench.
+"""`exo-lab` command line: demo, init, secret, check-config, plan, serve, bench.
 
 User errors (bad config, model, flags) print one ``error: ...`` line and exit 2, no traceback.
 """
@@ -10,46 +10,9 @@ import logging
 import sys
 
 from .errors import ExoLabError
-from .planning.options import OBJECTIVES
-from .units import DTYPES
+from .server import add_model_options, add_server_arguments, positive_int, server_arguments
 
 EXIT_USER_ERROR = 2
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535; 0 picks a free one)")
-    return value
-
-
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    # Every option left out comes from config.yaml, else the default (planning/options.py).
-    parser.add_argument("--model", default=None,
-                        help="a local model folder, a Hugging Face hub id in the local cache, 'smollm2' or 'demo' "
-                             "(default: the config's model, else demo)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default float32; int8 = weight-only int8, bfloat16 activations)")
-    parser.add_argument("--max-context", type=positive_int, default=None,
-                        help="tokens per request the KV cache is sized for (default min(model max, 4096))")
-    parser.add_argument("--max-batch", type=positive_int, default=None, help="concurrent requests to size for")
-    parser.add_argument("--objective", choices=OBJECTIVES, default=None,
-                        help="latency (default): fastest single stream; throughput: fastest slowest stage")
-    parser.add_argument("--min-stages", type=positive_int, default=None,
-                        help="spread over at least this many engines (experiments)")
 
 
 def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
@@ -74,22 +37,24 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config.yaml and summarise it")
     check.add_argument("file")
 
-    secret = commands.add_parser("secret", help="write a new random cluster secret file (owner-only, mode 600)")
+    init = commands.add_parser("init", help="write a starter config.yaml for this PC (and its secret file)")
+    init.add_argument("--output", default="config.yaml", help="where to write it (default config.yaml)")
+    init.add_argument("--cluster-name", default=None, help="the cluster's name (default: <this PC>-cluster)")
+    init.add_argument("--force", action="store_true", help="replace an existing config file")
+
+    secret = commands.add_parser("secret", help="write a new random cluster secret file, readable by you only (mode 600; on Windows restricted with icacls)")
     secret.add_argument("file", help="where to write it; name it in network.secret_file on every PC")
     secret.add_argument("--force", action="store_true", help="replace an existing file (every PC needs the new one)")
 
     plan = commands.add_parser("plan", help="show how a model would be split, before loading anything")
     plan.add_argument("--config", required=True, help="config.yaml describing the cluster")
-    _add_model_options(plan)
+    add_model_options(plan)
     plan.add_argument("--json", action="store_true", help="print exactly one JSON object")
 
-    serve = commands.add_parser("serve", help="run the cluster and its OpenAI-compatible API")
+    serve = commands.add_parser("serve", help="run the cluster and its OpenAI-compatible API "
+                                              "(the flags of python -m exo_lab.server, plus --engines)")
     _add_cluster_options(serve)
-    _add_model_options(serve)
-    serve.add_argument("--host", default=None, help="interface to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=_port, default=None, help="port (default 8000)")
-    serve.add_argument("--api-key", default=None,
-                       help="require this Bearer key (default: config api.api_key_env/api_key_file, or $EXO_LAB_API_KEY)")
+    add_server_arguments(serve)
 
     bench = commands.add_parser("bench", help="measure single-process vs cluster tokens/s, hops, memory")
     from .bench import add_arguments
@@ -113,36 +78,33 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_secret(args) -> int:
-    from pathlib import Path
+    from .quickstart import write_cluster_secret
 
-    from .errors import ConfigError
-    from .security import new_secret, write_secret_file
-
-    path = Path(args.file).expanduser()
-    if path.exists() and not args.force:
-        raise ConfigError(f"{path} exists; a cluster's PCs must share one secret, so it is not replaced "
-                          f"(pass --force to make a new one, then give it to every PC)")
-    write_secret_file(path, new_secret())
-    print(f"wrote a new cluster secret to {path} (mode 600). Give the same file to every PC of the "
-          f"cluster once, by a private channel, and set network.secret_file: {path.absolute()}")
-    return 0
+    return write_cluster_secret(args.file, force=args.force)
 
 
 def cmd_check_config(args) -> int:
     from .config import format_config_summary, load_config
+    from .planning.nodes import format_device_budgets
+    from .security import require_shared_secret
 
-    print(format_config_summary(load_config(args.file)))
+    config = load_config(args.file)
+    require_shared_secret(config)
+    print(format_config_summary(config))
+    print("memory per compute PC:\n" + format_device_budgets(config))
     return 0
 
 
 def cmd_plan(args) -> int:
     from .config import load_config
     from .model.profile import profile_model
-    from .planning.nodes import nodes_from_config
+    from .planning.nodes import format_device_budgets, nodes_from_config
     from .planning.planner import format_plan
 
     config = load_config(args.config)
     options = _load_options(args, config)
+    if not args.json:     # first, so the budgets show even when the model does not fit
+        print("memory per compute PC:\n" + format_device_budgets(config), flush=True)
     plan = options.plan(profile_model(options.model, dtype=options.dtype), nodes_from_config(config))
     print(json.dumps(plan.to_json()) if args.json else format_plan(plan))
     return 0
@@ -165,10 +127,13 @@ def cmd_serve(args) -> int:
     from .server import run_server
 
     return run_server(config_path=args.config, engines=args.engines, max_cores=args.max_cores,
-                      load_args={"model": args.model, "dtype": args.dtype, "max_context": args.max_context,
-                                 "max_batch": args.max_batch, "objective": args.objective,
-                                 "min_stages": args.min_stages},
-                      host=args.host, port=args.port, api_key=args.api_key)
+                      **server_arguments(args))
+
+
+def cmd_init(args) -> int:
+    from .quickstart import write_starter_config
+
+    return write_starter_config(args.output, cluster_name=args.cluster_name, force=args.force)
 
 
 def cmd_bench(args) -> int:
@@ -177,7 +142,7 @@ def cmd_bench(args) -> int:
     return run(args)
 
 
-COMMANDS = {"check-config": cmd_check_config, "secret": cmd_secret, "plan": cmd_plan, "demo": cmd_demo, "serve": cmd_serve,
+COMMANDS = {"check-config": cmd_check_config, "init": cmd_init, "secret": cmd_secret, "plan": cmd_plan, "demo": cmd_demo, "serve": cmd_serve,
             "bench": cmd_bench}
 
 if __name__ == "__main__":

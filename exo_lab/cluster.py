@@ -391,11 +391,15 @@ class Cluster:
         return self.generate(prompt_ids, **sampling)
 
     # ------------------------------------------------------------ API server
-    def serve(self, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, limits=None):
+    def serve(self, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, limits=None,
+              served_model_names=None):
         """Serve the OpenAI-compatible API from this process; returns at once (the server runs on
         the cluster's loop thread, so a notebook stays usable). Returns the server handle
         (``.url``, ``.stop()``). ``limits``: an :class:`exo_lab.api.ApiLimits` (connections,
-        timeouts, extra Host names); default: the config's api section, else ApiLimits()."""
+        timeouts, extra Host names); default: the config's api section, else ApiLimits().
+        ``served_model_names``: names clients may call the model by, the first the primary
+        (default: the config's ``served_model_names``, else the model id). Raises ConfigError for
+        a bad key or name."""
         from .api import start_server
         from .api.guard import limits_from_config
 
@@ -404,7 +408,10 @@ class Cluster:
             self._server.stop()
             self._server = None
         limits = limits if limits is not None else limits_from_config(self.config)
-        self._server = self._loop.run(start_server(self, host=host, port=port, api_key=api_key, limits=limits))
+        if served_model_names is None:
+            served_model_names = self.config.served_model_names
+        self._server = self._loop.run(start_server(self, host=host, port=port, api_key=api_key, limits=limits,
+                                                   served_model_names=served_model_names))
         return self._server
 
     async def ahealth(self) -> tuple[bool, str]:

@@ -36,6 +36,8 @@ key                             required  default      meaning
 ``api``                         no        see below    mapping, keys below
 ``model``                       no        none         model to load: local folder, hub id or
                                                        ``demo``
+``served_model_names``          no        the model    names the API answers to (``/v1/models``
+                                          id           lists them; any is accepted as ``model``)
 ``dtype``                       no        none         ``float32`` | ``bfloat16`` | ``float16`` | ``int8``
 ``max_context``                 no        none         tokens per sequence the KV cache is sized
                                                        for (positive whole number)
@@ -62,19 +64,27 @@ key                             required  default      meaning
                                                        ``storage``; exactly one device in the
                                                        cluster is the coordinator and at least one
                                                        is compute
-``max_memory``                  no        none (no     cap on the memory the planner gives this PC:
-                                          cap)         a size, see below
+``max_memory``                  no        none (no     cap on the RAM the planner gives this PC
+                                          cap)         (shared by its CPU stages): a size, see below
 ``max_cores``                   no        none (no     cap on the CPU threads torch uses here
                                           cap)         (positive whole number)
 ``gpu``                         no        ``false``    use this PC's GPU: ``true`` | ``false``
                                                        (a real boolean, not the string "yes")
+``gpu_memory``                  no        probed free  cap on the GPU memory (VRAM) a GPU stage of
+                                          VRAM         this PC gets: a size; ``max_memory`` caps
+                                                       its RAM (a CPU stage there)
 ``memory_bandwidth``            no        none         speed hint for the planner: effective
                                                        memory bandwidth, a size with an optional
                                                        ``/s``, e.g. ``20GB/s`` (decode is
-                                                       memory-bound); none = 20 GB/s (CPU),
-                                                       500 GB/s (GPU): planner.DEFAULT_BANDWIDTH
-``engines``                     no        ``1``        ipyparallel engines (pipeline stages) this
-                                                       PC runs; only on compute devices
+                                                       memory-bound) of this PC's RAM (its CPU
+                                                       stages); none = 20 GB/s; a GPU stage is
+                                                       planned at 500 GB/s
+``engines``                     no        1; 2 with    ipyparallel engines (pipeline stages) this
+                                          ``gpu:       PC runs; only on compute devices. A GPU PC
+                                          true``       gives one to each GPU and the rest are CPU
+                                                       stages in its RAM, so by default it holds a
+                                                       GPU stage and a CPU stage (the planner uses
+                                                       the CPU one only where it pays)
 ``address``                     no        hostname     host name or IP to connect to, when
                                                        ``hostname`` does not resolve
 **network**
@@ -86,21 +96,32 @@ key                             required  default      meaning
                                                        join the coordinator's ``address`` (or
                                                        hostname) and only the devices listed are
                                                        used
-``controller_port``             no        ``10101``    ipyparallel registration port on the
-                                                       coordinator (1-65535)
+``port_range``                  no        ``10100-     every TCP port exo-lab listens on, on every
+                                          10199``      PC, lies in it (one firewall rule per PC):
+                                                       the service port, the controller's 30 ports
+                                                       and the data-plane inboxes; only
+                                                       ``api.port`` is outside it, and discovery
+                                                       is UDP 5353 (at least 35 ports)
+``controller_port``             no        range + 1    the first of the controller's 30 ports on the
+                                                       coordinator (inside ``port_range``)
 ``hop_latency_ms``              no        none         planner hint: milliseconds one stage-to-
                                                        stage hop costs (>= 0); none = 0.5
 ``secret_file``                 no        none         file holding the cluster secret, the same
                                                        on every PC (``$EXO_LAB_SECRET`` wins over
                                                        it); a relative path is relative to
                                                        config.yaml's folder; the file must be
-                                                       private to its owner (``chmod 600``).
+                                                       private to its owner (``chmod 600``; on
+                                                       Windows ``exo-lab secret`` restricts it
+                                                       with icacls and its ACL is not checked
+                                                       when read).
                                                        None = no shared secret: the controller
                                                        and the data plane bind 127.0.0.1 only
-                                                       (see exo_lab.security)
-``service_port``                no        ``10100``    the coordinator's HTTP port where workers
+                                                       (see exo_lab.security), so a config that
+                                                       lists other PCs is refused without one
+                                                       (``exo-lab secret secret.txt`` makes one)
+``service_port``                no        range start  the coordinator's HTTP port where workers
                                                        join, and the storage PC's port where it
-                                                       serves model files (1-65535)
+                                                       serves model files (inside ``port_range``)
 **api**
 ``host``                        no        127.0.0.1    address the OpenAI-compatible API binds
 ``port``                        no        ``8000``     its port (1-65535)
@@ -134,6 +155,8 @@ key                             required  default      meaning
                                                        the compute PCs; default: this process's
                                                        interpreter path
 ``identity_file``               no        ssh's own    ssh: private key file (``ssh -i``)
+``shell``                       no        ``posix``    ssh: the PC's login shell, ``posix`` (sh,
+                                                       bash) or ``powershell`` (Windows OpenSSH)
 ``options``                     no        none         ssh: list of extra ``ssh -o`` settings,
                                                        e.g. ``[StrictHostKeyChecking=accept-new]``
 ``config``                      no        this file    the config.yaml path on the compute PCs
@@ -141,7 +164,7 @@ key                             required  default      meaning
                                                        a shared folder)
 ``devices``                     no        none         ssh: per-PC overrides, a mapping from a
                                                        compute hostname to ``user``, ``port``,
-                                                       ``python``, ``identity_file``
+                                                       ``python``, ``identity_file``, ``shell``
 ``partition``                   no        site's       slurm: ``#SBATCH --partition``
 ``time``                        no        site's       slurm: ``#SBATCH --time`` (e.g. ``4:00:00``)
 ``account``                     no        none         slurm: ``#SBATCH --account``
@@ -149,7 +172,7 @@ key                             required  default      meaning
 ==============================  ========  ===========  ============================================
 
 Optional keys written with no value (``max_memory:``) are errors: delete the line to get the
-default. Sizes (``max_memory``, ``memory_bandwidth``) are a whole byte count (``137438953472``
+default. Sizes (``max_memory``, ``gpu_memory``, ``memory_bandwidth``) are a whole byte count (``137438953472``
 or ``"137438953472"``) or a number and a unit, with or without a space: ``128GB``, ``128 GiB``,
 ``512MB``, ``1.5TB``, ``64KiB``. As in accelerate's ``max_memory``, ``KB MB GB TB`` are powers
 of 1000 and ``KiB MiB GiB TiB`` powers of 1024; ``B`` is bytes; units ignore case. Fractions
@@ -174,14 +197,15 @@ ROLES = ("coordinator", "compute", "storage")
 DISCOVERY_MODES = ("auto", "manual")
 REPLAN_MODES = ("manual", "auto")
 
-_TOP_KEYS = ("cluster_name", "devices", "network", "api", "model", "dtype", "max_context",
+_TOP_KEYS = ("cluster_name", "devices", "network", "api", "model", "served_model_names", "dtype", "max_context",
              "max_batch", "objective", "replan", "prefill_chunk", "micro_batches", "max_queued", "launcher")
-_DEVICE_KEYS = ("hostname", "roles", "max_memory", "max_cores", "gpu", "memory_bandwidth",
+_DEVICE_KEYS = ("hostname", "roles", "max_memory", "max_cores", "gpu", "gpu_memory", "memory_bandwidth",
                 "engines", "address")
-_NETWORK_KEYS = ("discovery", "controller_port", "hop_latency_ms", "service_port", "secret_file")
+_NETWORK_KEYS = ("discovery", "port_range", "controller_port", "hop_latency_ms", "service_port", "secret_file")
 _API_KEYS = ("host", "port", "api_key_env", "api_key_file", "max_connections", "allowed_hosts")
 LAUNCHER_KINDS = ("manual", "ssh", "slurm")
-_SSH_HOST_KEYS = ("user", "port", "python", "identity_file")
+SSH_SHELLS = ("posix", "powershell")
+_SSH_HOST_KEYS = ("user", "port", "python", "identity_file", "shell")
 _LAUNCHER_KEYS = ("kind", *_SSH_HOST_KEYS, "options", "config", "devices", "partition", "time", "account", "nodes")
 _LAUNCHER_ONLY = {"ssh": ("user", "port", "identity_file", "options", "devices"), "slurm": ("partition", "time", "account", "nodes")}
 
@@ -203,6 +227,7 @@ class DeviceConfig:
     memory_bandwidth_bytes_per_s: float | None   # planner speed hint; None: measure or estimate
     engines: int = 1                    # ipyparallel engines (pipeline stages) on this PC
     address: str | None = None          # where to connect when hostname does not resolve
+    gpu_memory_bytes: int | None = None  # cap on the VRAM a GPU stage of this PC gets; None: probed free VRAM
 
     @property
     def is_coordinator(self) -> bool:
@@ -217,13 +242,40 @@ class DeviceConfig:
         return "storage" in self.roles
 
 
+DEFAULT_PORT_RANGE = (10100, 10199)
+CONTROLLER_PORT_SPAN = 30   # the ipyparallel controller listens on [controller_port, controller_port + span)
+MIN_PORT_RANGE = CONTROLLER_PORT_SPAN + 1 + 4   # controller, service, and a few data-plane inboxes
+
+
 @dataclass(frozen=True)
 class NetworkConfig:
+    """How the PCs reach each other. Every TCP port exo-lab listens on, on every PC, lies in
+    ``port_range`` (inclusive), so one firewall rule per PC is enough: ``service_port`` (join and
+    model files), the controller's ``[controller_port, controller_port + CONTROLLER_PORT_SPAN)``
+    on the coordinator, and the data-plane inboxes in the rest (:attr:`data_ports`). Only the
+    API's ``api.port`` lies outside it; discovery is UDP 5353."""
+
     discovery: str = "manual"           # "auto" | "manual"
-    controller_port: int = 10101        # ipyparallel registration port on the coordinator
+    controller_port: int = DEFAULT_PORT_RANGE[0] + 1    # ipyparallel's first port on the coordinator
     hop_latency_ms: float | None = None  # planner hint per stage-to-stage hop; None: estimate
     secret_file: str | None = None      # cluster secret file (absolute once loaded from a file)
-    service_port: int = 10100           # HTTP: workers join here; the storage PC serves files here
+    service_port: int = DEFAULT_PORT_RANGE[0]   # HTTP: workers join here; the storage PC serves files here
+    port_range: tuple[int, int] = DEFAULT_PORT_RANGE   # (first, last), both included
+
+    @property
+    def controller_ports(self) -> range:
+        return range(self.controller_port, self.controller_port + CONTROLLER_PORT_SPAN)
+
+    @property
+    def data_ports(self) -> tuple[int, ...]:
+        """The ports of the range left for data-plane inboxes, in the order they are tried."""
+        first, last = self.port_range
+        taken = set(self.controller_ports) | {self.service_port}
+        return tuple(port for port in range(first, last + 1) if port not in taken)
+
+    @property
+    def port_range_text(self) -> str:
+        return f"{self.port_range[0]}-{self.port_range[1]}"
 
 
 @dataclass(frozen=True)
@@ -244,6 +296,7 @@ class SSHHostConfig:
     port: int | None = None
     python: str | None = None           # the remote interpreter; None: this process's path
     identity_file: str | None = None    # absolute once loaded from a file
+    shell: str | None = None            # the login shell on that PC: "posix" | "powershell"; None: posix
 
 
 @dataclass(frozen=True)
@@ -279,6 +332,7 @@ class ClusterConfig:
     api: ApiConfig = field(default_factory=ApiConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     model: str | None = None
+    served_model_names: tuple[str, ...] = ()   # names the API answers to; () = the model id
     dtype: str | None = None            # "float32" | "bfloat16" | "float16" | "int8" | None
     max_context: int | None = None
     max_batch: int | None = None
@@ -369,6 +423,7 @@ def config_from_dict(data: object, *, source: str = "<dict>") -> ClusterConfig:
         api=_parse_api(top, mapping),
         launcher=_parse_launcher(top, mapping, devices),
         model=_optional(top, mapping, "model", _nonblank_string),
+        served_model_names=_optional(top, mapping, "served_model_names", _name_list, default=()),
         dtype=_optional(top, mapping, "dtype", _choice(DTYPES)),
         max_context=_optional(top, mapping, "max_context", _positive_int),
         max_batch=_optional(top, mapping, "max_batch", _positive_int),
@@ -421,7 +476,8 @@ def _api_key_text(api: ApiConfig) -> str:
 
 
 def _network_line(network: NetworkConfig) -> str:
-    line = f"discovery: {network.discovery}, controller port {network.controller_port}"
+    line = (f"discovery: {network.discovery}, ports {network.port_range_text} (service {network.service_port}, "
+            f"controller {network.controller_ports.start}-{network.controller_ports.stop - 1})")
     if network.hop_latency_ms is not None:
         line += f", hop latency {network.hop_latency_ms:g} ms"
     line += f", secret from {network.secret_file}" if network.secret_file else ", no shared secret"
@@ -689,7 +745,9 @@ def _parse_device(source: str, index: int, entry: object) -> DeviceConfig:
     _require_keys(scope, mapping, ("hostname", "roles"))
     hostname = _single_word(scope, "hostname", mapping["hostname"])
     roles = _parse_roles(scope, mapping["roles"])
-    engines = _optional(scope, mapping, "engines", _positive_int, default=1)
+    gpu = _optional(scope, mapping, "gpu", _boolean, default=False)
+    # a GPU PC's second engine is a CPU stage in its RAM (planning/nodes.py: GPU first, then RAM)
+    engines = _optional(scope, mapping, "engines", _positive_int, default=2 if gpu and "compute" in roles else 1)
     if "engines" in mapping and "compute" not in roles:
         raise scope.error("'engines' is set but the device has no 'compute' role; engines run "
                           "only on compute devices: add compute to roles or delete engines")
@@ -698,10 +756,11 @@ def _parse_device(source: str, index: int, entry: object) -> DeviceConfig:
         roles=roles,
         max_memory_bytes=_optional(scope, mapping, "max_memory", _size),
         max_cores=_optional(scope, mapping, "max_cores", _positive_int),
-        gpu=_optional(scope, mapping, "gpu", _boolean, default=False),
+        gpu=gpu,
         memory_bandwidth_bytes_per_s=_optional(scope, mapping, "memory_bandwidth", _bandwidth),
         engines=engines,
         address=_optional(scope, mapping, "address", _single_word),
+        gpu_memory_bytes=_optional(scope, mapping, "gpu_memory", _size),
     )
 
 
@@ -757,16 +816,52 @@ def _parse_network(top: _Scope, mapping: dict) -> NetworkConfig:
     section = _require_mapping(top, mapping["network"], "'network'",
                                "write e.g. 'network:' then '  discovery: manual' below it")
     _reject_unknown_keys(scope, section, _NETWORK_KEYS)
-    defaults = NetworkConfig()
-    return NetworkConfig(
+    first, last = _optional(scope, section, "port_range", _port_range, default=DEFAULT_PORT_RANGE)
+    network = NetworkConfig(
         discovery=_optional(scope, section, "discovery", _choice(DISCOVERY_MODES),
-                            default=defaults.discovery),
-        controller_port=_optional(scope, section, "controller_port", _port,
-                                  default=defaults.controller_port),
+                            default=NetworkConfig.discovery),
+        port_range=(first, last),
+        service_port=_optional(scope, section, "service_port", _port, default=first),
+        controller_port=_optional(scope, section, "controller_port", _port, default=first + 1),
         hop_latency_ms=_optional(scope, section, "hop_latency_ms", _non_negative_float),
         secret_file=_optional(scope, section, "secret_file", _nonblank_string),
-        service_port=_optional(scope, section, "service_port", _port, default=defaults.service_port),
     )
+    _check_ports_in_range(scope, network)
+    return network
+
+
+def _port_range(scope: _Scope, key: str, value: object) -> tuple[int, int]:
+    text = value if isinstance(value, str) else None
+    found = re.fullmatch(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*", text or "")
+    if found is None:
+        raise scope.error(f"'{key}' must be two TCP ports joined by '-', like 10100-10199, got "
+                          f"{describe_value(value)}")
+    first, last = int(found.group(1)), int(found.group(2))
+    if not 1 <= first <= last <= 65535:
+        raise scope.error(f"'{key}' must run from a lower to a higher port within 1-65535, got {text.strip()}")
+    if last - first + 1 < MIN_PORT_RANGE:
+        raise scope.error(f"'{key}' {first}-{last} holds {last - first + 1} ports; exo-lab needs at least "
+                          f"{MIN_PORT_RANGE} (the controller takes {CONTROLLER_PORT_SPAN}), e.g. "
+                          f"{first}-{first + 99}")
+    return first, last
+
+
+def _check_ports_in_range(scope: _Scope, network: NetworkConfig) -> None:
+    first, last = network.port_range
+    where = f"network.port_range {network.port_range_text}"
+    if not first <= network.service_port <= last:
+        raise scope.error(f"'service_port' {network.service_port} is outside {where}; every port exo-lab "
+                          f"listens on lies in the range (delete service_port to use {first})")
+    controller = network.controller_ports
+    if controller.start < first or controller.stop - 1 > last:
+        raise scope.error(f"'controller_port' {network.controller_port} puts the controller's "
+                          f"{CONTROLLER_PORT_SPAN} ports ({controller.start}-{controller.stop - 1}) outside "
+                          f"{where} (delete controller_port to use {first + 1})")
+    if network.service_port in controller:
+        raise scope.error(f"'service_port' {network.service_port} is one of the controller's ports "
+                          f"{controller.start}-{controller.stop - 1}; pick one outside them")
+    if len(network.data_ports) < 2:
+        raise scope.error(f"{where} leaves no ports for the data plane; widen it (e.g. {first}-{first + 99})")
 
 
 def _parse_api(top: _Scope, mapping: dict) -> ApiConfig:
@@ -788,6 +883,18 @@ def _parse_api(top: _Scope, mapping: dict) -> ApiConfig:
                                   default=defaults.max_connections),
         allowed_hosts=_optional(scope, section, "allowed_hosts", _host_list, default=()),
     )
+
+
+def _name_list(scope: _Scope, key: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise scope.error(f"'{key}' must be a list of names like [llama-70b, gpt-4o], got "
+                          f"{describe_value(value)}")
+    names = tuple(_single_word(scope, f"{key}[{index}]", name) for index, name in enumerate(value))
+    if len(set(names)) != len(names):
+        raise scope.error(f"'{key}' lists a name twice: {', '.join(names)}")
+    return names
 
 
 def _host_list(scope: _Scope, key: str, value: object) -> tuple[str, ...]:
@@ -841,6 +948,7 @@ def _parse_ssh_host(scope: _Scope, section: dict) -> SSHHostConfig:
         port=_optional(scope, section, "port", _port),
         python=_optional(scope, section, "python", _nonblank_string),
         identity_file=_optional(scope, section, "identity_file", _nonblank_string),
+        shell=_optional(scope, section, "shell", _choice(SSH_SHELLS)),
     )
 
 

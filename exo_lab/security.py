@@ -22,10 +22,13 @@ Never log or print a secret or a derived key.
 """
 from __future__ import annotations
 
+import getpass
 import hashlib
 import os
 import secrets
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 from .errors import ConfigError
@@ -35,8 +38,7 @@ SECRET_ENV = "EXO_LAB_SECRET"
 MIN_SECRET_CHARS = 16
 PURPOSES = ("data-plane", "ipyparallel", "shard-server", "discovery-proof")
 KEY_BYTES = 32
-_MAKE_ONE = ("python -c \"import exo_lab.security as s; s.write_secret_file('secret.txt', "
-             "s.new_secret())\"")
+_MAKE_ONE = "`exo-lab secret secret.txt`"
 
 
 def load_secret(config=None) -> bytes | None:
@@ -57,10 +59,12 @@ def load_secret(config=None) -> bytes | None:
 
 
 def read_secret_file(path: Path) -> bytes:
-    """A secret file's bytes without surrounding whitespace; refuses a file other users may read."""
+    """A secret file's bytes without surrounding whitespace. On Linux and macOS it refuses a file
+    that other users may read (mode bits). On Windows the file's ACL is not checked (nothing in
+    Python's standard library reads one): :func:`write_secret_file` made it private there."""
     try:
         mode = path.stat().st_mode
-        if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
+        if sys.platform != "win32" and mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise ConfigError(f"the secret file {path} may be read by other users (mode "
                               f"{stat.S_IMODE(mode):o}); make it private with `chmod 600 {path}`")
         return path.read_bytes().strip()
@@ -89,16 +93,54 @@ def new_secret() -> str:
 
 
 def write_secret_file(path: str | os.PathLike, secret: str | bytes) -> Path:
-    """Write ``secret`` to ``path``, readable by its owner only (mode 600 from the start, so it is
-    never briefly readable by others). Returns the path."""
+    """Write ``secret`` to ``path``, readable by its owner only, and never briefly readable by
+    others: mode 600 from the start on Linux and macOS; on Windows the empty file is restricted
+    first (:func:`icacls_private_command`), then written. Returns the path.
+
+    Raises ConfigError on Windows when ``icacls`` fails (with the command to run by hand)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = secret.encode() if isinstance(secret, str) else secret
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "wb") as file:
-        file.write(data + b"\n")
-    os.chmod(path, 0o600)   # an existing file keeps its old mode through O_CREAT
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))   # empty until private
+    if sys.platform == "win32":
+        _make_private_on_windows(path)
+    else:
+        os.chmod(path, 0o600)   # an existing file keeps its old mode through O_CREAT
+    path.write_bytes(data + b"\n")
     return path
+
+
+def secret_file_protection() -> str:
+    """How :func:`write_secret_file` protects the file on this OS, for messages to the user."""
+    if sys.platform == "win32":
+        return "only your Windows account may read it (icacls)"
+    return "mode 600: only you may read it"
+
+
+def icacls_private_command(path: str | os.PathLike, account: str) -> list[str]:
+    """icacls arguments that leave ``account`` the only one with access to ``path``: drop the
+    permissions inherited from the folder, then grant full control to ``account`` alone."""
+    return ["icacls", str(path), "/inheritance:r", "/grant:r", f"{account}:F"]
+
+
+def _windows_account() -> str:
+    user = os.environ.get("USERNAME") or getpass.getuser()
+    domain = os.environ.get("USERDOMAIN")
+    return f"{domain}\\{user}" if domain else user
+
+
+def _make_private_on_windows(path: Path) -> None:
+    command = icacls_private_command(path, _windows_account())
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        failure = str(exc)
+    else:
+        failure = (result.stderr.strip() or result.stdout.strip() or "no output") if result.returncode else None
+    if failure is not None:
+        raise ConfigError(f"cannot make the secret file {path} private ({failure}), so no secret was "
+                          f"written into it; run `{subprocess.list2cmdline(command)}` in a terminal, "
+                          f"then write the secret again")
 
 
 def derive_key(secret: bytes, purpose: str) -> bytes:
@@ -135,3 +177,17 @@ def secret_environment(secret: bytes) -> dict[str, str]:
     """Environment entries that hand ``secret`` to a process this one starts (never argv: other
     users can read a command line, not another user's environment)."""
     return {SECRET_ENV: secret.decode()}
+
+
+def require_shared_secret(config) -> bytes | None:
+    """The cluster secret of a config (:func:`load_secret`); refuses, with the one-line fix, a
+    config that lists PCs besides the coordinator and has no secret: without one everything
+    binds loopback only, so those PCs could never join. A one-PC config needs none."""
+    secret = load_secret(config)
+    others = [d.hostname for d in config.devices if not d.is_coordinator]
+    if secret is None and others:
+        raise ConfigError(
+            f"{config.source} lists other PCs ({', '.join(others)}) but no cluster secret, so they could "
+            f"never join; run `exo-lab secret secret.txt` next to it, add `secret_file: secret.txt` under "
+            f"network:, and copy both files to every PC (or set ${SECRET_ENV})")
+    return secret

@@ -3,6 +3,10 @@
 Starts the ipyparallel controller (and this PC's engines when it also has the compute role),
 waits for the compute PCs' workers to join, loads the model and serves the OpenAI-compatible
 API until Ctrl-C / SIGTERM. `exo-lab serve` is the same with --engines for a local cluster.
+
+Both take the same flags: :func:`add_server_arguments` declares them once (model, dtype,
+context, batch, objective, host, port, key, served model names); `exo-lab serve` adds only
+--engines / --max-cores for a local cluster.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import threading
 from pathlib import Path
 
 from .errors import ConfigError, ExoLabError
+from .planning.options import OBJECTIVES
+from .units import DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +47,10 @@ def resolve_api_key(flag: str | None, config) -> str | None:
 
 
 def run_server(*, config_path=None, engines=None, max_cores=None, load_args: dict | None = None,
-               host=None, port=None, api_key=None) -> int:
+               host=None, port=None, api_key=None, served_model_names=None) -> int:
     """Start the cluster, load the model, serve until interrupted. Returns the exit code.
-    ``load_args``: model, dtype, max_context, ... as flags give them (None: config, then default)."""
+    ``load_args``: model, dtype, max_context, ... as flags give them (None: config, then default).
+    ``served_model_names``: the flags' names; none given: the config's, else the model id."""
     from .cluster import Cluster
     from .planning.options import resolve_load_options
     from .planning.planner import format_plan
@@ -55,6 +62,7 @@ def run_server(*, config_path=None, engines=None, max_cores=None, load_args: dic
     config = cluster.config if config_path else None
     options = resolve_load_options(config, **(load_args or {}))   # bad flags fail before anything starts
     key = resolve_api_key(api_key, config)
+    names = choose_served_model_names(served_model_names, cluster.config)
     host = host or (config.api.host if config else "127.0.0.1")
     port = port if port is not None else (config.api.port if config else 8000)
     stop = threading.Event()
@@ -70,9 +78,8 @@ def run_server(*, config_path=None, engines=None, max_cores=None, load_args: dic
                             max_batch=options.max_batch, objective=options.objective,
                             min_stages=options.min_stages)
         print(format_plan(plan), flush=True)
-        server = cluster.serve(host=host, port=port, api_key=key)
-        print(f"serving {cluster.model_id} at {server.url}/v1 (OpenAI-compatible"
-              f"{', API key required' if key else ''}); Ctrl-C stops", flush=True)
+        server = cluster.serve(host=host, port=port, api_key=key, served_model_names=names)
+        print(serving_line(server, key), flush=True)
         stop.wait()
         print("stopping ...", flush=True)
     return 0
@@ -82,20 +89,101 @@ def _interrupt(*_) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
+def choose_served_model_names(flags, config) -> tuple[str, ...]:
+    """The names the API answers to: ``flags`` (--served-model-name) win over the config's
+    ``served_model_names``; () = the model id. Raises ConfigError for a bad name."""
+    from .api.server import check_served_model_names
+
+    return check_served_model_names(flags or config.served_model_names)
+
+
+def serving_line(server, key) -> str:
+    """What a user reads once the API is up: where, and the model names a client may send."""
+    names = ", ".join(f"'{name}'" for name in server.model_names())
+    return (f"serving {server.cluster.model_id} as {names} at {server.url}/v1 (OpenAI-compatible"
+            f"{', API key required' if key else ''}); Ctrl-C stops")
+
+
+# ------------------------------------------------------------------ the command line
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0-65535 (0 picks a free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535; 0 picks a free one)")
+    return value
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """What to load and how (`exo-lab plan` too). Every option left out comes from config.yaml,
+    else the default (planning/options.py)."""
+    parser.add_argument("--model", default=None,
+                        help="a local model folder, a Hugging Face hub id in the local cache, 'smollm2' or 'demo' "
+                             "(default: the config's model, else demo)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="weights dtype (default float32; int8 = weight-only int8, bfloat16 activations)")
+    parser.add_argument("--max-context", type=positive_int, default=None,
+                        help="tokens per request the KV cache is sized for (default min(model max, 4096))")
+    parser.add_argument("--max-batch", type=positive_int, default=None, help="concurrent requests to size for")
+    parser.add_argument("--objective", choices=OBJECTIVES, default=None,
+                        help="latency (default): fastest single stream; throughput: fastest slowest stage")
+    parser.add_argument("--min-stages", type=positive_int, default=None,
+                        help="spread over at least this many engines (experiments)")
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every flag of the server command line but where the cluster comes from (--config /
+    --engines): `python -m exo_lab.server` and `exo-lab serve` both declare theirs here."""
+    add_model_options(parser)
+    parser.add_argument("--host", default=None, help="interface the API binds (default: the config's api.host, "
+                                                     "else 127.0.0.1; 0.0.0.0 for every PC of the LAN)")
+    parser.add_argument("--port", type=port_number, default=None, help="the API's port (default: api.port, else 8000)")
+    parser.add_argument("--api-key", default=None,
+                        help="require this Bearer key (default: config api.api_key_env/api_key_file, or $EXO_LAB_API_KEY)")
+    parser.add_argument("--served-model-name", dest="served_model_names", action="extend", nargs="+",
+                        metavar="NAME", default=None,
+                        help="a name clients send as 'model' (repeatable, or several after one flag); the first is "
+                             "the primary /v1/models lists first (default: the config's served_model_names, else "
+                             "the model id)")
+    # SUPPRESS: `exo-lab -v serve` sets it before the subcommand; a default here would undo that
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`python -m exo_lab.server`'s parser: --config (required) and :func:`add_server_arguments`."""
     parser = argparse.ArgumentParser(prog="python -m exo_lab.server", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="config.yaml describing the cluster")
-    parser.add_argument("--model", default=None, help="model to load (default: the config's model, else demo)")
-    parser.add_argument("--min-stages", type=int, default=None, help="spread over at least this many engines")
-    parser.add_argument("--host", default=None)
-    parser.add_argument("--port", type=int, default=None)
-    parser.add_argument("--api-key", default=None)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    add_server_arguments(parser)
+    return parser
+
+
+def server_arguments(args: argparse.Namespace) -> dict:
+    """:func:`run_server`'s keyword arguments from parsed flags (both command lines)."""
+    load_args = {name: getattr(args, name) for name in
+                 ("model", "dtype", "max_context", "max_batch", "objective", "min_stages")}
+    return {"load_args": load_args, "host": args.host, "port": args.port, "api_key": args.api_key,
+            "served_model_names": args.served_model_names}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
-        return run_server(config_path=args.config, load_args={"model": args.model, "min_stages": args.min_stages},
-                          host=args.host, port=args.port, api_key=args.api_key)
+        return run_server(config_path=args.config, **server_arguments(args))
     except ExoLabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -117,13 +117,13 @@ def _start_storage(config, secret: bytes):
 
 def run_worker(config_path, device_name=None, connection_file=None, profile_dir=None) -> int:
     from .coordinator.launch import read_local_secret
-    from .security import load_secret, secret_environment
+    from .security import require_shared_secret, secret_environment
 
     config = load_config(config_path)
+    secret = require_shared_secret(config)     # other PCs and no secret: refused at once
     device = find_device(config, device_name)
     profile = Path(profile_dir) if profile_dir else default_profile_dir(config.cluster_name)
     profile.mkdir(parents=True, exist_ok=True)
-    secret = load_secret(config)
     storage_loop = _start_storage(config, secret) if secret and device.is_storage and not device.is_coordinator else None
     if connection_file or secret is None:
         coordinator = config.coordinator

@@ -24,11 +24,16 @@ def server(cluster):
 
 @pytest.fixture(scope="module")
 def client(server):
+    """The official openai client for ``server``."""
+    with openai_client(server) as made:
+        yield made
+
+
+def openai_client(server):
     """The official openai client for ``server`` (no retries: a failure must show at once)."""
     import openai
 
-    with openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60) as made:
-        yield made
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
 
 class Response:

@@ -12,7 +12,13 @@ test, Ctrl-C), :meth:`Netlab.close` ends the processes by pid, then the namespac
 bridge; it also runs at interpreter exit. Nothing here ever sends to an address outside this
 machine: every address used is on the lab's own bridge.
 
-Needs root (or CAP_NET_ADMIN + CAP_SYS_ADMIN) and iproute2; :func:`unavailable` says why not.
+Host names are what real PCs have: short (``system-b``), while configs may say ``system-b.local``,
+which nothing here resolves (no mDNS resolver in the namespaces' libc). :meth:`Netlab.firewall`
+puts a PC behind an nftables input policy of drop, as an office PC's firewall: only established
+traffic, loopback and the ports given get in.
+
+Needs root (or CAP_NET_ADMIN + CAP_SYS_ADMIN) and iproute2; :func:`unavailable` says why not;
+:func:`firewall_unavailable` says why the firewall cannot be used (nftables missing).
 """
 from __future__ import annotations
 
@@ -52,6 +58,29 @@ def unavailable() -> str | None:
         return f"`ip netns add` is not allowed here: {made.stderr.strip()}"
     _ip("netns", "del", probe, check=False)
     return None
+
+
+def firewall_unavailable() -> str | None:
+    """Why :meth:`Netlab.firewall` cannot run here, or None when it can."""
+    if shutil.which("nft") is None:
+        return "the firewall tests need nftables (`apt-get install nftables`; .ci/run installs it)"
+    return None
+
+
+def firewall_rules(tcp_ports: list[str], udp_ports: list[str]) -> str:
+    """An nftables ruleset: input dropped unless established, loopback, or one of the ports
+    (each a port or a range ``a-b``)."""
+    accept = [f"        tcp dport {{ {', '.join(tcp_ports)} }} accept"] if tcp_ports else []
+    accept += [f"        udp dport {{ {', '.join(udp_ports)} }} accept"] if udp_ports else []
+    return "\n".join([
+        "table inet exolab_firewall {",
+        "    chain input {",
+        "        type filter hook input priority 0; policy drop;",
+        "        ct state established,related accept",
+        '        iif "lo" accept',
+        *accept,
+        "    }",
+        "}", ""])
 
 
 @dataclass
@@ -128,6 +157,14 @@ class Netlab:
         _ip("addr", "add", f"{pc.address}/{self.subnet.prefixlen}", "dev", "eth0", namespace=ns)
         _ip("link", "set", "eth0", "multicast", "on", "up", namespace=ns)
         _ip("route", "add", "224.0.0.0/4", "dev", "eth0", namespace=ns)
+
+    def firewall(self, name: str, *, tcp_ports: list[str], udp_ports: list[str] = ()) -> None:
+        """Put PC ``name`` behind a default-drop input policy that lets in only ``tcp_ports`` and
+        ``udp_ports`` (and established traffic, loopback). Replaces an earlier one."""
+        namespace = self.pcs[name].namespace
+        subprocess.run(["ip", "netns", "exec", namespace, "nft", "flush", "ruleset"], check=True, timeout=30)
+        subprocess.run(["ip", "netns", "exec", namespace, "nft", "-f", "-"], check=True, timeout=30,
+                       input=firewall_rules(list(tcp_ports), list(udp_ports)), text=True, capture_output=True)
 
     # ------------------------------------------------------------ processes
     def start(self, name: str, argv: list[str], *, env: dict | None = None, hide: tuple = (),

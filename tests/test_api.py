@@ -10,7 +10,7 @@ import time
 import openai
 import pytest
 
-from fixtures_api import API_KEY, call, client, server, wait_until  # noqa: F401 (fixtures)
+from fixtures_api import API_KEY, call, client, openai_client, server, wait_until  # noqa: F401 (fixtures)
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
 
@@ -311,3 +311,53 @@ def test_health_and_metrics(server, client):
     assert values['exo_lab_stage_forward_milliseconds_count{model="demo",stage="1"}'] >= 3
     assert values['exo_lab_http_responses_total{code="200"}'] >= 1
     assert call(server, "GET", "/metrics", key=None).status == 401
+
+
+# ---------------------------------------------------------------- served model names
+SERVED_NAMES = ("llama-70b", "gpt-4o")
+
+
+@pytest.fixture(scope="module")
+def named(cluster):
+    """(server, openai client) of a second server on the module's cluster that answers to
+    SERVED_NAMES, as `--served-model-name llama-70b --served-model-name gpt-4o` makes it."""
+    from exo_lab.api import start_server
+
+    served = cluster._loop.run(start_server(cluster, host="127.0.0.1", port=0, api_key=API_KEY,
+                                            served_model_names=SERVED_NAMES))
+    with openai_client(served) as made:
+        yield served, made
+    served.stop()
+
+
+@pytest.fixture(scope="module")
+def named_client(named):
+    return named[1]
+
+
+def test_models_lists_the_served_names_primary_first(named_client):
+    models = list(named_client.models.list())
+    assert [m.id for m in models] == list(SERVED_NAMES)
+    assert named_client.models.retrieve("gpt-4o").id == "gpt-4o"
+    with pytest.raises(openai.NotFoundError):
+        named_client.models.retrieve("demo")        # as vLLM: the names replace the model id
+
+
+@pytest.mark.parametrize("name", SERVED_NAMES)
+def test_an_openai_app_calls_the_model_by_a_served_name(named_client, cluster, name):
+    result = named_client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=6, temperature=0)
+    assert result.model == name                     # the reply echoes the name the client sent
+    assert result.choices[0].message.content == cluster.generate(cluster.encode_chat(MESSAGES), max_new_tokens=6).text
+
+
+def test_served_names_stream_and_complete(named_client):
+    chunks = list(named_client.completions.create(model="llama-70b", prompt="Once upon", max_tokens=3, stream=True))
+    assert chunks and {c.model for c in chunks} == {"llama-70b"}
+
+
+def test_an_unknown_name_is_404_naming_the_served_ones(named_client, named):
+    with pytest.raises(openai.NotFoundError) as refused:
+        named_client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=2)
+    message = refused.value.body["message"]
+    assert "'demo'" in message and "'llama-70b', 'gpt-4o'" in message
+    assert call(named[0], "GET", "/health", key=None).json == {"status": "ok", "model": "llama-70b"}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,9 @@ MODELS = ROOT / "examples" / "models"
 BAD_CONFIGS = ROOT / "tests" / "data" / "configs"
 
 
-def exo_lab(*args: str) -> subprocess.CompletedProcess:
+def exo_lab(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "exo_lab.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT)
+                          text=True, timeout=120, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -28,7 +29,8 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> N
 
 
 def test_check_config_accepts_the_users_example():
-    result = exo_lab("check-config", EXAMPLE)
+    # its secret_file is written by `exo-lab secret` (tests/test_init.py); $EXO_LAB_SECRET wins over it
+    result = exo_lab("check-config", EXAMPLE, env={"EXO_LAB_SECRET": "a-secret-for-this-test-0123456789"})
     assert result.returncode == 0, result.stderr
     assert "engineering_cluster" in result.stdout
     assert "system-a.local" in result.stdout and "system-b.local" in result.stdout
@@ -57,34 +59,41 @@ def test_plan_70b_fits_on_two_compute_pcs_as_json():
     plan = json.loads(result.stdout)
     assert plan["dtype"] == "bfloat16" and plan["objective"] == "latency"
     stages = plan["stages"]
-    assert [s["node"] for s in stages] == ["system-a.local", "system-b.local"]
-    assert stages[0]["start_layer"] == 0 and stages[-1]["stop_layer"] == 80
-    assert stages[0]["stop_layer"] == stages[1]["start_layer"]
-    assert all(s["total_bytes"] <= s["budget_bytes"] == 128 * 10**9 for s in stages)
+    # system-b's GPU (gpu_memory 24GB) takes what fits; system-a's RAM the rest; system-b's RAM
+    # (its second engine, a CPU stage) does not pay: slower than both
+    assert [(s["node"], s["kind"], s["start_layer"], s["stop_layer"]) for s in stages] == [
+        ("system-a.local", "cpu", 0, 69), ("system-b.local", "cuda", 69, 80)]
+    assert [s["budget_bytes"] for s in stages] == [128 * 10**9, 24 * 10**9]
+    assert all(s["total_bytes"] <= s["budget_bytes"] for s in stages)
     assert sum(s["weights_bytes"] for s in stages) >= 141 * 10**9
-    assert plan["predicted_ms_per_token"] > 0 and plan["unused_nodes"] == []
+    assert plan["predicted_ms_per_token"] > 0
+    assert [u["node"] for u in plan["unused_nodes"]] == ["system-b.local/cpu"]
 
 
 def test_plan_70b_bfloat16_fits_on_the_seed_example():
+    """The seed's GPU PCs hold a GPU stage (VRAM; `plan` says it assumed 24 GB without gpu_memory)
+    and a CPU stage in their 128 GB of RAM (their second engine, the default for gpu: true)."""
     result = exo_lab("plan", "--config", EXAMPLE, "--model", MODELS / "llama-3.1-70b", "--dtype", "bfloat16",
                      "--json")
     assert result.returncode == 0, result.stderr
     stages = json.loads(result.stdout)["stages"]
-    assert [(s["node"], s["start_layer"], s["stop_layer"]) for s in stages] == [
-        ("system-b.local", 0, 40), ("system-c.local", 40, 80)]
-    assert all(s["total_bytes"] <= s["budget_bytes"] == 128 * 10**9 for s in stages)
+    assert [(s["node"], s["kind"], s["start_layer"], s["stop_layer"]) for s in stages] == [
+        ("system-b.local", "cuda", 0, 10), ("system-c.local", "cuda", 10, 22), ("system-c.local/cpu", "cpu", 22, 80)]
+    assert [s["budget_bytes"] for s in stages] == [24 * 10**9, 24 * 10**9, 128 * 10**9]
+    assert all(s["total_bytes"] <= s["budget_bytes"] for s in stages)
+    assert result.stderr.count("assumed one GPU with 24 GB of free VRAM") == 2
 
 
 def test_plan_70b_float32_does_not_fit_the_seed_example():
     result = exo_lab("plan", "--config", EXAMPLE, "--model", MODELS / "llama-3.1-70b", "--dtype", "float32")
-    assert_user_error(result, "does not fit", "282.2 GB", "256 GB", "system-b.local 128 GB",
-                      "system-c.local 128 GB", "bfloat16")
+    assert_user_error(result, "does not fit", "282.2 GB", "304 GB", "system-b.local 24 GB",
+                      "system-b.local/cpu 128 GB", "system-c.local/cpu 128 GB", "bfloat16")
 
 
 def test_plan_405b_fails_with_the_numbers():
     result = exo_lab("plan", "--config", TWO_COMPUTE, "--model", MODELS / "llama-3.1-405b", "--dtype",
                      "bfloat16")
-    assert_user_error(result, "does not fit", "811.7 GB", "256 GB", "add compute nodes")
+    assert_user_error(result, "does not fit", "811.7 GB", "280 GB", "add compute nodes")
 
 
 def test_plan_table_for_the_demo_model():
@@ -111,4 +120,6 @@ def test_plan_bad_model_ids(args, fragment):
     (["no-such-command"], "invalid choice"),
 ])
 def test_bad_flags_exit_2_with_usage(args, fragment):
-    assert_user_error(exo_lab(*args), fragment)
+    result = exo_lab(*args)
+    assert_user_error(result, fragment)
+    assert len([line for line in result.stderr.splitlines() if "error:" in line]) == 1, result.stderr

@@ -212,11 +212,11 @@ devices:
     roles: [coordinator, compute]
     address: 127.0.0.1
     engines: 2
-    max_memory: 1GB
+    max_memory: 2GB
     max_cores: 1
 network:
   discovery: manual
-  controller_port: {port}
+  port_range: {port}-{last}
   hop_latency_ms: 7
 model: demo
 max_context: 512
@@ -228,15 +228,14 @@ def test_the_plan_printed_is_the_plan_loaded(tmp_path):
     """`exo-lab plan` and Cluster.load resolve options (flags, config.yaml, defaults) and nodes
     the same way: hop latency, context, objective and budgets from the config included."""
     import json
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from ports import free_port_range
+
+    first = free_port_range()
     config = tmp_path / "config.yaml"
-    config.write_text(PLAN_CONFIG.format(port=port))
+    config.write_text(PLAN_CONFIG.format(port=first, last=first + 99))
     printed = subprocess.run([sys.executable, "-m", "exo_lab.cli", "plan", "--config", str(config), "--json"],
                              capture_output=True, text=True, timeout=120)
     assert printed.returncode == 0, printed.stderr

@@ -169,22 +169,26 @@ def test_format_bytes(n, text):
 
 # --------------------------------------------------------------------------- good configs
 
-def test_example_file_is_the_issue_example_verbatim():
-    assert (EXAMPLES / "config.yaml").read_text(encoding="utf-8") == USER_EXAMPLE
+SECRET_LINE = "  secret_file: secret.txt    # made once with `exo-lab secret secret.txt`; the same file on every PC\n"
+
+
+def test_example_file_is_the_issue_example_verbatim_plus_its_secret_line():
+    assert (EXAMPLES / "config.yaml").read_text(encoding="utf-8") == USER_EXAMPLE + SECRET_LINE
 
 
 def test_user_example_loads_as_written():
     cfg = load_config(EXAMPLES / "config.yaml")
     assert cfg.cluster_name == "engineering_cluster"
     assert cfg.source == str(EXAMPLES / "config.yaml")
-    assert cfg.network == NetworkConfig(discovery="auto", controller_port=10101,
-                                        hop_latency_ms=None)
+    assert cfg.network == NetworkConfig(discovery="auto", controller_port=10101, hop_latency_ms=None,
+                                        secret_file=str((EXAMPLES / "secret.txt").absolute()))
+    assert (cfg.network.port_range, cfg.network.service_port) == ((10100, 10199), 10100)
     assert cfg.api == ApiConfig()
     assert (cfg.model, cfg.dtype, cfg.max_context, cfg.max_batch, cfg.objective) == (None,) * 5
     assert cfg.devices == (
         DeviceConfig("system-a.local", ("coordinator", "storage"), 128 * 10**9, 16, False, None),
-        DeviceConfig("system-b.local", ("compute",), 128 * 10**9, 16, True, None),
-        DeviceConfig("system-c.local", ("compute",), 128 * 10**9, 16, True, None),
+        DeviceConfig("system-b.local", ("compute",), 128 * 10**9, 16, True, None, engines=2),
+        DeviceConfig("system-c.local", ("compute",), 128 * 10**9, 16, True, None, engines=2),
     )
     assert cfg.coordinator.hostname == "system-a.local"
     assert [d.hostname for d in cfg.compute_devices] == ["system-b.local", "system-c.local"]
@@ -192,7 +196,7 @@ def test_user_example_loads_as_written():
     a, b, c = cfg.devices
     assert (a.is_coordinator, a.is_compute, a.is_storage) == (True, False, True)
     assert (b.is_coordinator, b.is_compute, b.is_storage) == (False, True, False)
-    assert (b.engines, b.address) == (1, None)
+    assert (b.engines, b.address) == (2, None)    # gpu: true: a GPU stage and a CPU stage
     assert c == replace(b, hostname="system-c.local")
 
 
@@ -206,7 +210,10 @@ def test_two_compute_example_uses_every_optional_key():
     assert a.memory_bandwidth_bytes_per_s == 60e9
     assert b.memory_bandwidth_bytes_per_s is None   # a GPU PC: the planner default for its kind
     assert (a.engines, a.address, b.address) == (1, "192.168.1.10", None)
-    assert cfg.network == NetworkConfig("manual", 10101, 0.5)
+    assert cfg.network == NetworkConfig("manual", 10101, 0.5, str((EXAMPLES / "secret.txt").absolute()),
+                                        10100, (10100, 10199))
+    assert cfg.served_model_names == ("demo", "exo-demo")
+    assert (a.gpu_memory_bytes, b.gpu_memory_bytes) == (None, 24 * 10**9)
     assert cfg.api == ApiConfig("0.0.0.0", 8000, "EXO_LAB_API_KEY", None)
     assert (cfg.model, cfg.dtype, cfg.max_context, cfg.max_batch, cfg.objective) == (
         "demo", "float32", 4096, 1, "latency")
@@ -217,7 +224,8 @@ def test_two_compute_example_documents_every_key():
     keys = ("cluster_name", "devices", "hostname", "roles", "max_memory", "max_cores", "gpu",
             "memory_bandwidth", "engines", "address", "network", "discovery",
             "controller_port", "hop_latency_ms", "service_port", "api", "host", "port", "api_key_env",
-            "api_key_file", "model", "dtype", "max_context", "max_batch", "objective", "replan")
+            "api_key_file", "model", "dtype", "max_context", "max_batch", "objective", "replan",
+            "port_range", "secret_file", "gpu_memory", "served_model_names")
     for key in keys:
         assert re.search(rf"^\s*(- |# )?{key}:.*#", text, re.MULTILINE), f"{key} not commented"
 
@@ -228,7 +236,7 @@ def test_module_docstring_documents_every_key():
                 "max_batch", "objective", "hostname", "roles", "max_memory", "max_cores",
                 "gpu", "memory_bandwidth", "engines", "address", "discovery",
                 "controller_port", "hop_latency_ms", "service_port", "host", "port", "api_key_env",
-                "api_key_file", "replan"):
+                "api_key_file", "replan", "port_range", "gpu_memory", "served_model_names", "shell"):
         assert f"``{key}``" in config_module.__doc__, key
 
 
@@ -675,7 +683,7 @@ def test_bad_discovery(tmp_path):
 def test_unknown_network_key_suggests(tmp_path):
     expect_error(tmp_path, variant("discovery: auto", "discovry: auto"),
                  r"unknown key 'discovry' in network; did you mean 'discovery'\? "
-                 r"Allowed keys: discovery, controller_port, hop_latency_ms, service_port")
+                 r"Allowed keys: discovery, port_range, controller_port, hop_latency_ms, service_port")
 
 
 def test_controller_port_zero(tmp_path):
@@ -753,3 +761,44 @@ def test_cluster_config_can_be_built_directly():
     cfg = ClusterConfig("lab", (device,))
     assert cfg.coordinator is device and cfg.compute_devices == (device,)
     assert cfg.storage_devices == ()
+
+
+# --------------------------------------------------------------------------- ports
+
+def network_config(tmp_path, lines: str):
+    return load_config(write(tmp_path, variant("  discovery: auto\n", "  discovery: auto\n" + lines)))
+
+
+def test_every_port_lies_in_the_port_range(tmp_path):
+    network = network_config(tmp_path, "  port_range: 20000-20099\n").network
+    assert (network.service_port, network.controller_ports) == (20000, range(20001, 20031))
+    assert network.data_ports == tuple(range(20031, 20100))
+    listening = {network.service_port, *network.controller_ports, *network.data_ports}
+    assert listening == set(range(20000, 20100))
+
+
+def test_data_ports_skip_a_service_port_set_inside_the_range(tmp_path):
+    network = network_config(tmp_path, "  port_range: 20000-20099\n  service_port: 20050\n").network
+    assert 20050 not in network.data_ports and 20000 in network.data_ports
+    assert network.controller_ports == range(20001, 20031)
+
+
+@pytest.mark.parametrize("lines, pattern", [
+    ("  port_range: 10100\n", r"'port_range' must be two TCP ports joined by '-', like 10100-10199, got 10100"),
+    ("  port_range: 10199-10100\n", r"'port_range' must run from a lower to a higher port"),
+    ("  port_range: 10100-70000\n", r"'port_range' must run from a lower to a higher port within 1-65535, got 10100-70000"),
+    ("  port_range: 10100-10120\n", r"'port_range' 10100-10120 holds 21 ports; exo-lab needs at least 35"),
+    ("  service_port: 9000\n", r"'service_port' 9000 is outside network.port_range 10100-10199"),
+    ("  controller_port: 10180\n", r"'controller_port' 10180 puts the controller's 30 ports \(10180-10209\) outside"),
+    ("  service_port: 10105\n", r"'service_port' 10105 is one of the controller's ports 10101-10130"),
+])
+def test_ports_outside_the_range_are_refused(tmp_path, lines, pattern):
+    expect_error(tmp_path, variant("  discovery: auto\n", "  discovery: auto\n" + lines), "network: " + pattern)
+
+
+def test_served_model_names_and_gpu_memory(tmp_path):
+    cfg = load_config(write(tmp_path, USER_EXAMPLE.replace("    gpu: true\n", "    gpu: true\n    gpu_memory: 80GB\n", 1)
+                            + "served_model_names: [llama-70b, gpt-4o]\n"))
+    assert cfg.served_model_names == ("llama-70b", "gpt-4o")
+    assert [d.gpu_memory_bytes for d in cfg.devices] == [None, 80 * 10**9, None]
+    expect_error(tmp_path, USER_EXAMPLE + "served_model_names: [a, a]\n", r"'served_model_names' lists a name twice")

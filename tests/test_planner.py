@@ -316,9 +316,9 @@ def test_to_json_has_the_documented_shape_and_is_serialisable():
     assert required <= set(data) <= required | {"max_context", "max_batch", "bottleneck_ms"}
     assert data["model"] == "toy" and data["objective"] == "latency"
     assert data["predicted_ms_per_token"] == pytest.approx(4.25)
-    assert data["stages"][0] == {"node": "slow", "start_layer": 0, "stop_layer": 2, "weights_bytes": 250,
+    assert data["stages"][0] == {"node": "slow", "kind": "cpu", "start_layer": 0, "stop_layer": 2, "weights_bytes": 250,
                                  "kv_cache_bytes": 0, "total_bytes": 250, "budget_bytes": 10**6,
-                                 "ms_per_token": 2.0}
+                                 "ms_per_token": 2.0, "note": None}
     assert data["unused_nodes"] == []
     # numpy integers (e.g. from a probe) come out as plain ints.
     plan = plan_layers(toy_profile(), [node("a", 10**6)], max_context=np.int64(2), max_batch=np.int64(1))
@@ -330,10 +330,10 @@ def test_format_plan_is_a_readable_table():
     text = format_plan(plan)
     lines = text.splitlines()
     header = next(line for line in lines if line.startswith("stage"))
-    for column in ("node", "layers", "weights", "KV cache", "total / budget", "ms/token"):
+    for column in ("node", "device", "layers", "weights", "KV cache", "total / budget", "ms/token"):
         assert column in header
-    assert any(line.split()[:3] == ["0", "slow", "0-1"] for line in lines)
-    assert any(line.split()[:3] == ["1", "fast", "2-3"] for line in lines)
+    assert any(line.split()[:4] == ["0", "slow", "cpu", "0-1"] for line in lines)
+    assert any(line.split()[:4] == ["1", "fast", "cpu", "2-3"] for line in lines)
     assert "0-39 is [0, 40)" in text
     assert "predicted: 4.250 ms/token (235.3 tokens/s)" in text
     assert "tiny: too little memory" in text

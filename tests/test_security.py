@@ -57,6 +57,7 @@ def test_relative_secret_file_is_relative_to_the_config(tmp_path):
     assert config.network.secret_file == str((folder / "secrets" / "cluster.secret").absolute())
 
 
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX (Windows: test_windows.py)")
 def test_written_secret_file_is_private_and_round_trips(tmp_path):
     path = write_secret_file(tmp_path / "deep" / "s", "x" * MIN_SECRET_CHARS)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -72,6 +73,18 @@ def test_secret_file_readable_by_others_is_refused_with_the_fix(tmp_path, mode):
     path.chmod(mode)
     with pytest.raises(ConfigError, match=rf"chmod 600 {path}"):
         load_secret(config)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+def test_an_existing_loose_file_is_made_private_before_the_secret_goes_in(tmp_path, monkeypatch):
+    path = tmp_path / "secret.txt"
+    path.write_text("old\n")
+    path.chmod(0o644)
+    sizes = []
+    chmod = os.chmod
+    monkeypatch.setattr(os, "chmod", lambda p, mode: (sizes.append(os.path.getsize(p)), chmod(p, mode)))
+    write_secret_file(path, "s" * 32)
+    assert sizes == [0] and stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 def test_missing_secret_file_is_a_config_error(tmp_path):

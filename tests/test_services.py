@@ -1,11 +1,11 @@
 """`python -m exo_lab.server` and `python -m exo_lab.worker` as two processes on this machine,
-joined through the controller's connection file, serving the OpenAI API."""
+joined with the cluster secret (manual discovery, the coordinator's address), serving the OpenAI
+API; and both refusing, at once, a config that lists other PCs but has no secret."""
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +13,7 @@ import urllib.request
 
 import psutil
 import pytest
+from ports import free_port, free_port_range
 
 CONFIG = """\
 cluster_name: services_test
@@ -27,16 +28,11 @@ devices:
     engines: 2
 network:
   discovery: manual
-  controller_port: {controller_port}
+  port_range: {first_port}-{last_port}
+  secret_file: secret.txt
 api:
   port: {api_port}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_line(process, text: str, timeout_s: float) -> list[str]:
@@ -65,10 +61,30 @@ def stop(process) -> None:
 
 @pytest.fixture
 def config_file(tmp_path):
-    controller_port = free_port()
+    from exo_lab.security import new_secret, write_secret_file
+
+    first = free_port_range()
     path = tmp_path / "config.yaml"
-    path.write_text(CONFIG.format(controller_port=controller_port, api_port=free_port()))
+    path.write_text(CONFIG.format(first_port=first, last_port=first + 99, api_port=free_port()))
+    write_secret_file(tmp_path / "secret.txt", new_secret())
     return path
+
+
+@pytest.mark.parametrize("service", ["exo_lab.server", "exo_lab.worker"])
+def test_other_pcs_and_no_secret_are_refused_at_once(config_file, tmp_path, service):
+    """Without a secret everything binds loopback only, so the PCs listed could never join:
+    both services say so in one line with the fix, before starting anything."""
+    config_file.write_text(config_file.read_text().replace("  secret_file: secret.txt\n", ""))
+    env = {**os.environ, "EXO_LAB_HOME": str(tmp_path / "home")}
+    env.pop("EXO_LAB_SECRET", None)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", service, "--config", str(config_file)], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert done.returncode == 2 and time.monotonic() - started < 20
+    assert done.stdout == "" and len(done.stderr.splitlines()) == 1, done.stderr
+    assert "worker-a.test" in done.stderr and "exo-lab secret secret.txt" in done.stderr
+    assert "secret_file: secret.txt" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "home").exists()       # nothing was started
 
 
 def test_server_and_worker_processes_serve_a_split_model(config_file, tmp_path):

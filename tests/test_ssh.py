@@ -330,3 +330,88 @@ def test_the_command_stream_with_the_environment_is_never_logged():
                                ("...",), None)
     assert not hide.filter(record)
     assert hide.filter(logging.LogRecord("x", logging.DEBUG, __file__, 1, "check_output %s", ("ssh",), None))
+
+
+# ---------------------------------------------------------------- command lines for the PC's shell
+
+WINDOWS_PYTHON = r"C:\Program Files\Python311\python.exe"
+AWKWARD = ["it's", "a b", "$HOME", "%PATH%", "`whoami`", r"C:\exo lab\config.yaml", r"\\server\share\x", "‘quoted’"]
+
+
+def _powershell_script(command: str) -> str:
+    import base64
+
+    head, encoded = command.rsplit(" ", 1)
+    assert head == "powershell -NoProfile -NonInteractive -EncodedCommand"
+    assert re.fullmatch(r"[A-Za-z0-9+/=]+", encoded)     # nothing for cmd.exe or PowerShell to expand
+    return base64.b64decode(encoded).decode("utf-16-le")
+
+
+def test_posix_command_lines_survive_a_posix_shell():
+    from exo_lab.coordinator.launchers import remote_command
+
+    args = ["/opt/py thon/bin/python", "-c", "print(1)", *AWKWARD]
+    line = remote_command(args, "posix")
+    echoed = subprocess.run(["sh", "-c", f"printf '%s\\n' {line}"], capture_output=True, text=True, check=True)
+    assert echoed.stdout.splitlines() == args
+
+
+def test_powershell_command_lines_quote_every_argument_literally():
+    from exo_lab.coordinator.launchers import powershell_quote, remote_command
+
+    script = _powershell_script(remote_command([WINDOWS_PYTHON, "-c", "print('hi')", *AWKWARD], "powershell"))
+    assert script == ("& 'C:\\Program Files\\Python311\\python.exe' '-c' 'print(''hi'')' 'it''s' 'a b' '$HOME' "
+                      "'%PATH%' '`whoami`' 'C:\\exo lab\\config.yaml' '\\\\server\\share\\x' '‘‘quoted’’'"
+                      "; if ($null -eq $LASTEXITCODE) { exit 127 }; exit $LASTEXITCODE")
+    assert powershell_quote("") == "''"
+
+
+def test_powershell_refuses_a_double_quote_it_would_split():
+    from exo_lab.coordinator.launchers import powershell_quote
+    from exo_lab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="double quote"):
+        powershell_quote('say "hi"')
+
+
+def test_the_probe_is_built_for_each_pcs_shell_and_never_carries_the_secret(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import exo_lab
+    from exo_lab.config import load_config
+    from exo_lab.coordinator import launchers
+
+    monkeypatch.setenv("EXO_LAB_SECRET", "the-secret-never-on-a-command-line")
+    path = tmp_path / "config.yaml"
+    path.write_text("cluster_name: c\nnetwork: {secret_file: s}\ndevices:\n"
+                    "  - {hostname: a, roles: [coordinator]}\n  - {hostname: b, roles: [compute]}\n"
+                    "  - {hostname: win, roles: [compute]}\n"
+                    "launcher:\n  kind: ssh\n  devices:\n"
+                    f"    win: {{shell: powershell, python: '{WINDOWS_PYTHON}'}}\n")
+    seen = {}
+
+    def ssh(command, **kwargs):     # every PC answers the probe: fine
+        seen[command[-2]] = command
+        return SimpleNamespace(returncode=0, stdout=f"exo-lab-probe {exo_lab.__version__} True", stderr="")
+
+    monkeypatch.setattr(launchers.subprocess, "run", ssh)
+    config = load_config(path)
+    for target in launchers.ssh_targets(config):
+        assert launchers.probe_target(target, config_path=r"C:\lab\config.yaml") is None
+    posix, windows = seen["b"][-1], seen["win"][-1]
+    assert posix.startswith(f"{sys.executable} -c ") and posix.endswith(r"'C:\lab\config.yaml'")
+    assert _powershell_script(windows).startswith(f"& '{WINDOWS_PYTHON}' '-c' 'import exo_lab")
+    everything = " ".join([*seen["b"], *seen["win"], _powershell_script(windows),
+                           repr(launchers.ssh_engine_map(config))])
+    assert "the-secret" not in everything and "EXO_LAB_SECRET" not in everything
+
+
+@pytest.mark.parametrize("output", [
+    "& : The term 'C:\\Python311\\python.exe' is not recognized as the name of a cmdlet, function, script file",
+    "'C:\\Python311\\python.exe' is not recognized as an internal or external command,"])
+def test_a_missing_python_on_windows_is_named(output):
+    from exo_lab.config import SSHHostConfig
+    from exo_lab.coordinator.launchers import SSHTarget, classify_probe
+
+    target = SSHTarget("win", "win", SSHHostConfig(python=r"C:\Python311\python.exe", shell="powershell"))
+    assert "is missing there" in classify_probe(target, 127, output)

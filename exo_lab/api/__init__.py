@@ -4,8 +4,13 @@ Routes: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions
 ``POST /v1/completions`` (both stream as server-sent events with ``"stream": true``),
 ``GET /health`` and ``GET /metrics`` (Prometheus text format).
 
+- Model names: ``served_model_names`` (``--served-model-name``, config ``served_model_names``) are
+  what /v1/models lists, the first the primary, and what ``model`` may be in a request; as in
+  vLLM the model id is then not one of them. Without names, the model id is the one name (for a
+  folder, its absolute path). A reply's ``model`` echoes the name the request sent, as vLLM's
+  does, so a client that checks it finds its own name.
 - API key: optional. When set, every route but /health needs ``Authorization: Bearer <key>``
-  (/health stays open for probes; it reveals only the model id or why the cluster is unhealthy).
+  (/health stays open for probes; it reveals only the primary model name or why the cluster is unhealthy).
 - Request bodies: at most ``MAX_BODY_BYTES`` (1 MiB); larger ones get a 413. POST bodies must be
   ``application/json`` (415 otherwise).
 - Limits (:class:`ApiLimits`): connections, header/body timeouts, and on a loopback bind only

@@ -45,6 +45,17 @@ def unsupported(param: str, allowed: str) -> ApiError:
                     param=param, code="unsupported_parameter")
 
 
+def model_not_found(model: str, names: tuple[str, ...]) -> ApiError:
+    """The 404 for a model name this server does not serve, naming the ones it does."""
+    if not names:
+        served = "no model is loaded yet"
+    else:
+        served = "this server answers to " + ", ".join(f"'{name}'" for name in names)
+    shown = model if len(model) <= 200 else model[:197] + "..."
+    return ApiError(404, f"the model '{shown}' does not exist here; {served} (GET /v1/models lists them)",
+                    param="model", code="model_not_found")
+
+
 def api_error_from(exc: BaseException | None, status: int = 500) -> ApiError:
     """The ApiError a client sees for any exception a handler let escape."""
     if isinstance(exc, ApiError):

@@ -108,7 +108,7 @@ class GenerationHandler(JsonBodyHandler):
         return event
 
     async def respond(self, request: GenerationRequest) -> None:
-        reply = Reply(f"{self.id_prefix}-{uuid.uuid4().hex}", int(time.time()), self.cluster.model_id,
+        reply = Reply(f"{self.id_prefix}-{uuid.uuid4().hex}", int(time.time()), request.model,
                       len(request.prompt_ids))
         started = time.perf_counter()
         async with aclosing(self.cluster.astream(list(request.prompt_ids), request.params)) as events:
@@ -223,7 +223,7 @@ class ChatCompletionsHandler(GenerationHandler):
     chunk_object_name = "chat.completion.chunk"
 
     async def parse(self, body: dict) -> GenerationRequest:
-        return await parse_chat_request(body, self.cluster)
+        return await parse_chat_request(body, self.cluster, self.server.model_names)
 
     def choice(self, text: str, finish_reason: str | None) -> dict:
         return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
@@ -242,7 +242,7 @@ class CompletionsHandler(GenerationHandler):
     """POST /v1/completions."""
 
     async def parse(self, body: dict) -> GenerationRequest:
-        return await parse_completion_request(body, self.cluster)
+        return await parse_completion_request(body, self.cluster, self.server.model_names)
 
     def choice(self, text: str, finish_reason: str | None) -> dict:
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}

@@ -2,31 +2,33 @@
 from __future__ import annotations
 
 from .base import ApiHandler
-from .errors import ApiError, redact
+from .errors import model_not_found, redact
+
 
 class ModelsHandler(ApiHandler):
-    """GET /v1/models: the loaded model (an empty list while none is loaded)."""
+    """GET /v1/models: one entry per name the loaded model is served by, the primary first (an
+    empty list while none is loaded)."""
 
     def get(self) -> None:
-        data = [self.server.model_card()] if self.cluster.loaded else []
-        self.write_json({"object": "list", "data": data})
+        names = self.server.model_names() if self.cluster.loaded else ()
+        self.write_json({"object": "list", "data": [self.server.model_card(name) for name in names]})
 
 
 class ModelHandler(ApiHandler):
     """GET /v1/models/{id} (ids may hold slashes: "Qwen/Qwen2.5-0.5B-Instruct")."""
 
     def get(self, model_id: str) -> None:
-        if not self.cluster.loaded or model_id != self.cluster.model_id:
-            raise ApiError(404, f"the model '{model_id}' does not exist here; GET /v1/models lists the "
-                           "loaded one", param="model", code="model_not_found")
-        self.write_json(self.server.model_card())
+        names = self.server.model_names() if self.cluster.loaded else ()
+        if model_id not in names:
+            raise model_not_found(model_id, names)
+        self.write_json(self.server.model_card(model_id))
 
 
 class HealthHandler(ApiHandler):
     """GET /health: 200 when a model is loaded and every stage answers a ping, else 503 and why.
 
     Open without the API key, so probes and load balancers need no secret; it tells only the
-    model id and, when unhealthy, the reason.
+    model's primary served name (its id when none is given) and, when unhealthy, the reason.
     """
 
     requires_key = False
@@ -34,7 +36,7 @@ class HealthHandler(ApiHandler):
     async def get(self) -> None:
         ok, reason = await self.cluster.ahealth()
         if ok:
-            self.write_json({"status": "ok", "model": self.cluster.model_id})
+            self.write_json({"status": "ok", "model": self.server.model_names()[0]})
         else:
             self.write_json({"status": "unavailable", "reason": redact(reason, self.server.private_names())},
                             status=503)

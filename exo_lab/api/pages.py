@@ -7,7 +7,8 @@ step). They hold no secret: they are served without the API key, and every call 
 
 ``/v1/cluster/status`` is ``cluster.status()`` - the very dict the notebook widget shows - plus
 ``display``: the same title, model and metrics lines and engine rows the widget derives from it
-(exo_lab.notebook.formatting), so the dashboard and the widget cannot drift apart.
+(exo_lab.notebook.formatting), so the dashboard and the widget cannot drift apart; and
+``served_model_names``: the names an API client may send as ``model`` (the dashboard shows them).
 """
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ class SharedStatus:
 
 
 class ClusterStatusHandler(ApiHandler):
-    """GET /v1/cluster/status: ``cluster.status()`` plus ``display`` (needs the API key when set)."""
+    """GET /v1/cluster/status: ``cluster.status()`` plus ``display`` and ``served_model_names``
+    (needs the API key when set)."""
 
     def initialize(self, server, status: SharedStatus) -> None:
         super().initialize(server)
@@ -86,7 +88,8 @@ class ClusterStatusHandler(ApiHandler):
 
     async def get(self) -> None:
         status = await self.shared_status.get()
-        self.write_json({**status, "display": status_display(status)})
+        names = list(self.server.model_names()) if self.cluster.loaded else []
+        self.write_json({**status, "display": status_display(status), "served_model_names": names})
 
 
 def status_display(status: dict) -> dict:

@@ -1,8 +1,9 @@
 """Request bodies -> :class:`GenerationRequest`, one OpenAI field at a time.
 
 Every field of OpenAI's chat and completions requests is in one of three groups:
-- honoured: model, messages / prompt, max_tokens (max_completion_tokens for chat), temperature,
-  top_p, top_k (an extension), seed, stop, stream, stream_options.include_usage, user (logged);
+- honoured: model (any name GET /v1/models lists), messages / prompt, max_tokens
+  (max_completion_tokens for chat), temperature, top_p, top_k (an extension), seed, stop, stream,
+  stream_options.include_usage, user (logged);
 - accepted only at its default, refused otherwise (``DEFAULT_ONLY``): n=1, logprobs off,
   penalties 0, no logit_bias, no tools, text output, nothing stored...;
 - anything else is refused with a 400 that names it, never ignored.
@@ -20,12 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..coordinator.chat import normalize_messages
 from ..errors import ClusterError
 from ..sampling import SamplingParams
-from .errors import ApiError, bad_request, unsupported
+from .errors import bad_request, model_not_found, unsupported
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
 MAX_STOP_STRINGS = 4                  # as OpenAI
@@ -66,12 +68,14 @@ COMPLETION_DEFAULT_ONLY = {
     "best_of": ((None, 1), "1"),
 }
 MESSAGE_FIELDS = ("role", "content")
+ModelNames = Callable[[], tuple[str, ...]]      # the names a request's model may take, primary first
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
     """A validated generation request, ready for ``cluster.astream``."""
 
+    model: str               # the name the client sent (one the server serves); echoed in the reply
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     stream: bool
@@ -79,10 +83,11 @@ class GenerationRequest:
     user: str | None         # the caller's end-user id; logged with the request
 
 
-async def parse_chat_request(body: dict, cluster) -> GenerationRequest:
-    """Validate a /v1/chat/completions body; raises ApiError (or RequestError for bad messages)."""
+async def parse_chat_request(body: dict, cluster, model_names: ModelNames) -> GenerationRequest:
+    """Validate a /v1/chat/completions body; ``model_names()``: the names ``model`` may take
+    (ApiServer.model_names). Raises ApiError (or RequestError for bad messages)."""
     check_fields(body, CHAT_FIELDS, CHAT_DEFAULT_ONLY)
-    check_model(body, cluster)
+    model = check_model(body, cluster, model_names)
     messages = chat_messages(body)
     check_prompt_chars(sum(len(m["content"]) for m in messages), cluster, "messages")
     prompt_ids = await off_loop(cluster.encode_chat, messages)
@@ -90,20 +95,20 @@ async def parse_chat_request(body: dict, cluster) -> GenerationRequest:
     if max_tokens is None:
         # OpenAI's default: whatever the context has left after the prompt.
         max_tokens = max(cluster.context_length - len(prompt_ids), 1)
-    return generation_request(body, prompt_ids, max_tokens)
+    return generation_request(body, model, prompt_ids, max_tokens)
 
 
-async def parse_completion_request(body: dict, cluster) -> GenerationRequest:
-    """Validate a /v1/completions body; raises ApiError."""
+async def parse_completion_request(body: dict, cluster, model_names: ModelNames) -> GenerationRequest:
+    """Validate a /v1/completions body; ``model_names()``: the names ``model`` may take. Raises ApiError."""
     check_fields(body, COMPLETION_FIELDS, COMPLETION_DEFAULT_ONLY)
-    check_model(body, cluster)
+    model = check_model(body, cluster, model_names)
     prompt_ids = await completion_prompt(body, cluster)
     max_tokens = integer(body, "max_tokens", minimum=1)
-    return generation_request(body, prompt_ids,
+    return generation_request(body, model, prompt_ids,
                               COMPLETIONS_DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens)
 
 
-def generation_request(body: dict, prompt_ids: list[int], max_tokens: int) -> GenerationRequest:
+def generation_request(body: dict, model: str, prompt_ids: list[int], max_tokens: int) -> GenerationRequest:
     stream = boolean(body, "stream", default=False)
     params = SamplingParams(
         max_new_tokens=max_tokens,
@@ -112,7 +117,7 @@ def generation_request(body: dict, prompt_ids: list[int], max_tokens: int) -> Ge
         top_k=integer(body, "top_k", minimum=0) or 0,
         seed=seed(body),
         stop=stop_strings(body))
-    return GenerationRequest(prompt_ids=tuple(prompt_ids), params=params, stream=stream,
+    return GenerationRequest(model=model, prompt_ids=tuple(prompt_ids), params=params, stream=stream,
                              include_usage=include_usage(body, stream), user=string(body, "user"))
 
 
@@ -138,15 +143,17 @@ def _same(value, default) -> bool:
     return value == default
 
 
-def check_model(body: dict, cluster) -> None:
+def check_model(body: dict, cluster, model_names: ModelNames) -> str:
+    """The ``model`` field, which must be one of ``model_names()`` (404 naming them otherwise)."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise bad_request("'model' is required: the id of the loaded model (see GET /v1/models)", param="model")
+        raise bad_request("'model' is required: a name GET /v1/models lists", param="model")
     if not cluster.loaded:
         raise ClusterError("no model is loaded; load one with cluster.load(...)")
-    if model != cluster.model_id:
-        raise ApiError(404, f"the model '{model}' does not exist here; this server runs "
-                       f"'{cluster.model_id}'", param="model", code="model_not_found")
+    names = model_names()       # asked only now: the model id exists only once a model is loaded
+    if model not in names:
+        raise model_not_found(model, names)
+    return model
 
 
 def chat_messages(body: dict) -> list[dict]:

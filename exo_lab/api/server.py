@@ -27,13 +27,16 @@ WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 class ApiServer:
     """A running API server. ``url`` is where clients reach it (the real port when 0 was asked for);
     :meth:`stop` may be called from any thread but the loop's own. ``limits``: connection cap,
-    timeouts and the Host allow-list (:class:`~exo_lab.api.guard.ApiLimits`)."""
+    timeouts and the Host allow-list (:class:`~exo_lab.api.guard.ApiLimits`).
+    ``served_model_names``: the names clients call the model by (see :meth:`model_names`)."""
 
-    def __init__(self, cluster, *, host: str, api_key: str | None, limits: ApiLimits | None = None):
+    def __init__(self, cluster, *, host: str, api_key: str | None, limits: ApiLimits | None = None,
+                 served_model_names: tuple[str, ...] = ()):
         self.cluster = cluster
         self.host = host
         self.api_key = api_key
         self.limits = limits or ApiLimits()
+        self.served_model_names = check_served_model_names(served_model_names)
         self.port: int | None = None
         self.started = int(time.time())
         self._http: tornado.httpserver.HTTPServer | None = None
@@ -86,8 +89,15 @@ class ApiServer:
         future.result(STOP_TIMEOUT_S + 1)
 
     # ------------------------------------------------------------------ shared with handlers
-    def model_card(self) -> dict:
-        return {"id": self.cluster.model_id, "object": "model", "created": self.started, "owned_by": "exo-lab"}
+    def model_names(self) -> tuple[str, ...]:
+        """The names ``model`` may take in a request, the primary first: the served names when
+        given (as vLLM, the model id is then not one of them), else the loaded model's id."""
+        return self.served_model_names or (self.cluster.model_id,)
+
+    def model_card(self, name: str) -> dict:
+        """/v1/models' entry for ``name``; ``root`` is what it serves (vLLM's field)."""
+        return {"id": name, "object": "model", "created": self.started, "owned_by": "exo-lab",
+                "root": self.cluster.model_id}
 
     def count_response(self, status: int) -> None:
         self._responses[status] = self._responses.get(status, 0) + 1
@@ -141,16 +151,19 @@ def make_app(server: ApiServer) -> tornado.web.Application:
 
 
 async def start_server(cluster, *, host: str = "127.0.0.1", port: int = 8000,
-                       api_key: str | None = None, limits: ApiLimits | None = None) -> ApiServer:
+                       api_key: str | None = None, limits: ApiLimits | None = None,
+                       served_model_names: tuple[str, ...] = ()) -> ApiServer:
     """Start serving ``cluster`` on the running loop (the cluster's loop thread); returns at once.
 
     port 0 lets the OS pick (``server.port`` tells which). With ``api_key`` set, every route but
     /health needs ``Authorization: Bearer <api_key>``. ``limits``: connections, timeouts, Host
-    names (:class:`~exo_lab.api.guard.ApiLimits`; default ApiLimits()). Raises ConfigError for an
-    empty or unsendable key, OSError when the port is taken.
+    names (:class:`~exo_lab.api.guard.ApiLimits`; default ApiLimits()). ``served_model_names``:
+    the names /v1/models lists and requests may use, the first the primary (default: the model
+    id). Raises ConfigError for an empty or unsendable key or a bad name, OSError when the port
+    is taken.
     """
     check_api_key(api_key)
-    server = ApiServer(cluster, host=host, api_key=api_key, limits=limits)
+    server = ApiServer(cluster, host=host, api_key=api_key, limits=limits, served_model_names=served_model_names)
     await server.astart(port)
     return server
 
@@ -164,6 +177,20 @@ def check_api_key(api_key: str | None) -> None:
         raise ConfigError("the API key must be a non-empty string of printable ASCII characters without "
                           "spaces (it travels in the header 'Authorization: Bearer <key>'); pass "
                           "api_key=None to serve without a key")
+
+
+def check_served_model_names(names) -> tuple[str, ...]:
+    """``names`` (one string is one name) as a tuple; ConfigError unless each is a word a client
+    can send (printable, no spaces) and none repeats."""
+    names = (names,) if isinstance(names, str) else tuple(names or ())
+    for name in names:
+        if not isinstance(name, str) or not name or not name.isprintable() or any(c.isspace() for c in name):
+            raise ConfigError(f"served model name {name!r} is not a word a client can send: use a non-empty "
+                              "name without spaces, like llama-70b")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"served model name {repeated[0]!r} is given twice; list each name once")
+    return names
 
 
 def _running_in(loop: asyncio.AbstractEventLoop) -> bool:

@@ -13,13 +13,14 @@ import os
 import shutil
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ClusterConfig, DeviceConfig
 from ..engine import probe as engine_probe
 from ..errors import ClusterError, ExoLabError
-from ..planning.nodes import device_bandwidth, node_budget, node_name
+from ..planning.nodes import PcResources, engine_slots
 from ..planning.planner import NodeSpec
 from .launch import (default_profile_dir, engine_environment, make_ipp_cluster, session_key, temporary_profile_dir,
                      write_local_secret)
@@ -36,7 +37,7 @@ class EngineInfo:
     """One ipyparallel engine as the planner sees it."""
 
     engine_id: int
-    node: str              # the name in plans: the device hostname (+ "#k" for a second engine there)
+    node: str              # the name in plans: "system-b.local", "system-b.local/cpu" (planning.nodes)
     hostname: str
     pid: int
     device: str            # torch device the stage runs on: "cpu", "cuda:0", "mps"
@@ -47,10 +48,12 @@ class EngineInfo:
     local: bool            # runs on this machine (its pid can be checked)
     device_name: str       # the config hostname of its PC
     probe: dict
+    gpu_name: str | None = None       # the GPU's name, for a GPU stage
+    device_note: str | None = None    # why a gpu: true PC runs as a CPU ("gpu: true but torch has no CUDA")
 
     def node_spec(self) -> NodeSpec:
         return NodeSpec(name=self.node, budget_bytes=self.budget_bytes,
-                        bandwidth_bytes_per_s=self.bandwidth_bytes_per_s, kind=self.kind)
+                        bandwidth_bytes_per_s=self.bandwidth_bytes_per_s, kind=self.kind, note=self.device_note)
 
 
 class EngineControl:
@@ -133,10 +136,10 @@ class EngineControl:
         """Start the controller and this PC's engines; wait for every expected engine.
         ``on_controller()`` runs once the controller is up, before the wait (the cluster starts
         the service remote workers join through there)."""
-        from ..security import load_secret, new_secret
+        from ..security import new_secret, require_shared_secret
 
         coordinator = self.config.coordinator
-        self.secret = None if self.is_local else load_secret(self.config)
+        self.secret = None if self.is_local else require_shared_secret(self.config)
         self.runtime_secret = self.secret or new_secret().encode()
         if self._profile_dir is None and self.is_local:
             self._temporary_profile = temporary_profile_dir()   # removed again by stop()
@@ -147,9 +150,12 @@ class EngineControl:
         if self.launches_workers:
             from .launchers import prepare_launch   # probe every PC before anything starts
             prepare_launch(self.config, self.secret)
+        # This PC's own client and engines reach the controller on loopback, never by the
+        # configured host name (`system-a.local` need not resolve, not even here); other PCs
+        # connect to the address they joined at (exo_lab.worker).
         self._ipp = make_ipp_cluster(
             profile_dir=profile_dir, controller_ip="0.0.0.0" if self.binds_lan else "127.0.0.1",
-            controller_location=(coordinator.address or coordinator.hostname) if self.binds_lan else None,
+            controller_location=None,
             port=None if self.is_local else self.config.network.controller_port,
             session_key=session_key(self.secret) if self.secret else None)
         self._ipp.start_controller_sync()
@@ -270,27 +276,36 @@ class EngineControl:
             probes = {eid: a for eid, a in answers.items() if not isinstance(a, ExoLabError)}
         else:
             probes = self.call_all(engine_probe.probe_resources, True)
-        counts: dict[str, int] = {}
-        infos = [info for eid in sorted(probes) if (info := self._engine_info(eid, probes[eid], counts))]
+        infos = self.engine_infos(probes)
         for info in infos:
             self.call(info.engine_id, engine_probe.set_threads, info.threads, what="setting threads")
         self.infos = {info.engine_id: info for info in infos}
         return infos
 
-    def _engine_info(self, engine_id: int, probe: dict, counts: dict[str, int]) -> EngineInfo | None:
-        device = self._device_for(engine_id, probe)
-        if device is None:
-            return None
-        index = counts[device.hostname] = counts.get(device.hostname, -1) + 1
-        same_host = self.local_engines if self.is_local else device.engines
-        kind, torch_device, free_bytes = _accelerator(probe, device.gpu, index)
-        budget = node_budget(free_bytes, same_host, kind, [device.max_memory_bytes, self.max_memory_bytes])
-        node = f"engine-{engine_id}" if self.is_local else node_name(device.hostname, index, same_host)
-        return EngineInfo(engine_id=engine_id, node=node, hostname=probe["hostname"], pid=probe["pid"],
-                          device=torch_device, kind=kind, budget_bytes=int(budget),
-                          bandwidth_bytes_per_s=device_bandwidth(device, kind),
+    def engine_infos(self, probes: dict[int, dict]) -> list[EngineInfo]:
+        """Each probed engine as the planner sees it, in engine id order: placed on a slot of its
+        PC (GPU stages first, then CPU stages: planning.nodes.engine_slots, the rule
+        ``exo-lab plan`` follows too), budgets capped by the config. Engines of PCs the config
+        does not use are left out."""
+        devices = {eid: device for eid in sorted(probes) if (device := self._device_for(eid, probes[eid]))}
+        registered = Counter(device.hostname for device in devices.values())
+        placed: Counter[str] = Counter()
+        infos = []
+        for eid, device in devices.items():
+            # the configured engines, so a PC whose second engine is late plans as `exo-lab plan` does
+            configured = self.local_engines if self.is_local else device.engines
+            engines = max(configured, registered[device.hostname])
+            infos.append(self._engine_info(eid, probes[eid], device, placed[device.hostname], engines))
+            placed[device.hostname] += 1
+        return infos
+
+    def _engine_info(self, engine_id: int, probe: dict, device: DeviceConfig, index: int, engines: int) -> EngineInfo:
+        slot = engine_slots(device, PcResources.from_probe(probe), engines, (self.max_memory_bytes,))[index]
+        return EngineInfo(engine_id=engine_id, node=f"engine-{engine_id}" if self.is_local else slot.node,
+                          hostname=probe["hostname"], pid=probe["pid"], device=slot.torch_device, kind=slot.kind,
+                          budget_bytes=slot.budget_bytes, bandwidth_bytes_per_s=slot.bandwidth_bytes_per_s,
                           threads=self._threads_for(device, probe), local=probe["hostname"] == socket.gethostname(),
-                          device_name=device.hostname, probe=probe)
+                          device_name=device.hostname, probe=probe, gpu_name=slot.gpu_name, device_note=slot.note)
 
     def _device_for(self, engine_id: int, probe: dict) -> DeviceConfig | None:
         if self.is_local:
@@ -346,10 +361,19 @@ class EngineControl:
         self._states[engine_id] = state
 
     # ------------------------------------------------------------ addresses
-    def inbox_hosts(self, info: EngineInfo) -> tuple[str, str]:
-        """(bind host, advertised host) for an engine's data-plane inbox."""
-        if info.local or not self.binds_lan:
+    @property
+    def inbox_ports(self) -> tuple[int, ...] | None:
+        """The ports a data-plane inbox may take: ``network.port_range``'s data ports when the
+        cluster listens on the LAN (firewalls allow that range); None (the OS picks) on loopback."""
+        return self.config.network.data_ports if self.binds_lan else None
+
+    def inbox_hosts(self, info: EngineInfo, stage_engines: list[EngineInfo]) -> tuple[str, str]:
+        """(bind host, advertised host) for an engine's data-plane inbox in a pipeline of
+        ``stage_engines``: loopback when every stage runs on this PC."""
+        if not self.binds_lan or all(e.local for e in stage_engines):
             return "127.0.0.1", "127.0.0.1"
+        if info.local:     # a remote stage sends to this PC's stage
+            return "0.0.0.0", self._own_lan_host()
         device = self.config.device_named(info.device_name)
         # a discovered worker learnt its LAN address when it joined (probe "advertise_host")
         return "0.0.0.0", ((device.address if device else None) or info.probe.get("advertise_host")
@@ -359,8 +383,15 @@ class EngineControl:
         """(bind host, advertised host) for the coordinator's own inbox (the last stage sends there)."""
         if not self.binds_lan or all(e.local for e in stage_engines):
             return "127.0.0.1", "127.0.0.1"
+        return "0.0.0.0", self._own_lan_host()
+
+    def _own_lan_host(self) -> str:
+        """How other PCs reach this one: the config's address, else the address a joining
+        worker reached it at, else its first LAN address (never a name that may not resolve)."""
+        from .discovery import lan_addresses
+
         coordinator = self.config.coordinator
-        return "0.0.0.0", coordinator.address or self.lan_address or coordinator.hostname
+        return coordinator.address or self.lan_address or next(iter(lan_addresses()), coordinator.hostname)
 
     # ------------------------------------------------------------ notebook access
     def view(self, engine_ids: list[int] | None = None):
@@ -387,13 +418,3 @@ def remote_error(engine_id: int, what: str, exc) -> ExoLabError:
         cls = ClusterError
     return cls(f"engine {engine_id} failed while {what}: {exc.ename}: {exc.evalue}")
 
-
-def _accelerator(probe: dict, use_gpu: bool, index: int) -> tuple[str, str, int]:
-    """(kind, torch device, free bytes) for the engine at ``index`` on its host."""
-    gpus = probe.get("gpus") or []
-    if use_gpu and gpus:
-        gpu = gpus[index % len(gpus)]
-        return "cuda", f"cuda:{gpu['index']}", int(gpu["free_bytes"])
-    if use_gpu and probe.get("mps"):
-        return "mps", "mps", int(probe["memory_free_bytes"])
-    return "cpu", "cpu", int(probe["memory_free_bytes"])

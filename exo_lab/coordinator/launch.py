@@ -11,6 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..config import CONTROLLER_PORT_SPAN
 from ..errors import ClusterError
 
 logger = logging.getLogger(__name__)
@@ -18,7 +19,6 @@ logger = logging.getLogger(__name__)
 # A dead engine is noticed after HEARTBEAT_PERIOD_MS x (HEARTBEAT_MISSES + 1) at most.
 HEARTBEAT_PERIOD_MS = 1000
 HEARTBEAT_MISSES = 4
-CONTROLLER_PORT_SPAN = 30   # the controller uses ports [controller_port, controller_port + span)
 
 
 def controller_args(port: int | None = None) -> list[str]:
@@ -57,9 +57,11 @@ def engine_environment(*, threads: int | None, device_name: str | None = None,
 
 
 def default_profile_dir(cluster_name: str) -> Path:
-    """Where a named cluster keeps its ipyparallel profile (connection files, logs)."""
-    base = Path(os.environ.get("EXO_LAB_HOME", Path.home() / ".exo_lab"))
-    return base / "profiles" / f"profile_{cluster_name}"
+    """Where a named cluster keeps its ipyparallel profile (connection files, logs): under
+    :func:`exo_lab.paths.state_dir` (``$EXO_LAB_HOME``, else ``~/.exo_lab`` on Linux)."""
+    from ..paths import state_dir
+
+    return state_dir() / "profiles" / f"profile_{cluster_name}"
 
 
 def temporary_profile_dir() -> Path:

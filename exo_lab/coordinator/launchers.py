@@ -17,12 +17,17 @@ folder (the batch script, which Slurm stores, never holds it).
 
 Before anything starts, each PC is probed with one short ``ssh ... python -c`` so that a PC that
 cannot come up is named with its reason: unreachable, auth failed, python missing, exo-lab
-missing or a different version.
+missing or a different version. ssh hands that command to the PC's login shell as one string,
+quoted for it (:func:`remote_command`): a POSIX shell, or with ``shell: powershell`` a Windows PC
+(OpenSSH for Windows, whose default shell is cmd.exe or PowerShell). ipyparallel's own launcher
+finds out the remote shell by itself.
 """
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import logging
+import re
 import shlex
 import subprocess
 import sys
@@ -58,6 +63,11 @@ class SSHTarget:
     @property
     def python(self) -> str:
         return self.settings.python or sys.executable
+
+    @property
+    def shell(self) -> str:
+        """The PC's login shell as ``launcher.shell`` names it: "posix" (default) or "powershell"."""
+        return getattr(self.settings, "shell", None) or "posix"
 
     def ssh_options(self, extra: tuple[str, ...] = ()) -> list[str]:
         """Options shared by ssh and scp: never prompt, fail fast, the configured key."""
@@ -97,6 +107,39 @@ def worker_command(python: str, config_path: str, device: str | None) -> list[st
     return command + (["--device", device] if device else [])
 
 
+# ------------------------------------------------------------------ remote command lines
+
+def remote_command(args: list[str], shell: str = "posix") -> str:
+    """The one string ssh hands to the PC's login shell to run ``args`` as they are."""
+    if shell == "powershell":
+        return powershell_command(args)
+    if shell != "posix":
+        raise ConfigError(f"unknown launcher shell {shell!r}; use posix or powershell")
+    return shlex.join(args)
+
+
+def powershell_command(args: list[str]) -> str:
+    """``powershell -EncodedCommand ...`` running ``args``: Windows PowerShell runs it the same
+    whether OpenSSH's default shell is cmd.exe or PowerShell, since the script travels as base64
+    (nothing in it for cmd's ``%`` or PowerShell's ``$`` to expand). The script exits with the
+    program's status, or 127 (as POSIX shells do) when there is no such program."""
+    script = ("& " + " ".join(powershell_quote(a) for a in args)
+              + "; if ($null -eq $LASTEXITCODE) { exit 127 }; exit $LASTEXITCODE")
+    encoded = base64.b64encode(script.encode("utf-16-le")).decode("ascii")
+    return f"powershell -NoProfile -NonInteractive -EncodedCommand {encoded}"
+
+
+def powershell_quote(arg: str) -> str:
+    """``arg`` as a PowerShell single-quoted string: literal (no ``$``, backtick or ``%``
+    expansion; backslashes stay); its single quotes, typographic ones included, are doubled."""
+    if '"' in arg:
+        # Windows PowerShell 5.1 passes a double quote inside an argument on to the program
+        # unescaped, which splits the argument; no Windows path holds one
+        raise ConfigError(f"cannot pass {arg!r} to a program through Windows PowerShell: it holds a "
+                          f"double quote; remove it (Windows paths cannot contain one)")
+    return "'" + re.sub("(['\u2018\u2019\u201a\u201b])", r"\1\1", arg) + "'"
+
+
 # ------------------------------------------------------------------ the SSH probe
 
 def classify_probe(target: SSHTarget, returncode: int, output: str, config_path: str = "config.yaml") -> str | None:
@@ -126,7 +169,8 @@ def classify_probe(target: SSHTarget, returncode: int, output: str, config_path:
                     f"to check and accept it")
         return (f"unreachable over SSH at {target.address}:{target.settings.port or 22} ({last or 'no answer'}); "
                 f"check that the PC is on, sshd runs and launcher.port is right")
-    if returncode == 127 or "no such file or directory" in lowered or "command not found" in lowered:
+    if (returncode == 127 or "no such file or directory" in lowered or "command not found" in lowered
+            or "is not recognized as" in lowered):     # cmd.exe and PowerShell
         return (f"python {target.python!r} is missing there ({last}); set launcher.python (or "
                 f"launcher.devices.{target.hostname}.python) to the interpreter that has exo-lab")
     if "modulenotfounderror" in lowered or "no module named" in lowered:
@@ -139,7 +183,8 @@ def probe_target(target: SSHTarget, extra_options: tuple[str, ...] = (), config_
                  timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     """One ``ssh PC python -c 'import exo_lab'`` (and is config.yaml there?): None when the PC
     can run a worker, else why not."""
-    command = [*target.ssh_command(extra_options), shlex.join([target.python, "-c", _PROBE_CODE, config_path])]
+    remote = remote_command([target.python, "-c", _PROBE_CODE, config_path], target.shell)
+    command = [*target.ssh_command(extra_options), remote]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
                               stdin=subprocess.DEVNULL)

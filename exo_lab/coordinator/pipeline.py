@@ -193,7 +193,7 @@ def _load_shards(control: EngineControl, model_id, num_layers, options: LoadOpti
                 "max_context": context_length, "max_batch": options.max_batch}
         control.set_state(info.engine_id, "loading")
         future = control.submit(info.engine_id, engine_worker.load_stage, spec, index, len(plan.stages),
-                                *control.inbox_hosts(info))
+                                *control.inbox_hosts(info, stage_engines), ports=control.inbox_ports)
         pending[future] = index
     results = {}
     deadline = time.monotonic() + timeout_s
@@ -274,7 +274,8 @@ def _connect(control: EngineControl, loop: LoopThread, addresses, stage_engines,
     workers run here, in the caller's thread, so the loop (and an API server on it) never
     waits on the control plane."""
     bind, advertise = control.coordinator_inbox_hosts(stage_engines)
-    inbox, outbox = loop.run(_make_sockets(bind, advertise, addresses[0], control.data_plane_key))
+    inbox, outbox = loop.run(_make_sockets(bind, advertise, control.inbox_ports, addresses[0],
+                                           control.data_plane_key))
     try:
         for info, next_address in zip(stage_engines, addresses[1:] + [inbox.address]):
             control.call(info.engine_id, engine_worker.start_worker, next_address,
@@ -291,10 +292,11 @@ def _connect(control: EngineControl, loop: LoopThread, addresses, stage_engines,
     return scheduler
 
 
-async def _make_sockets(bind, advertise, first_address, key: bytes):
+async def _make_sockets(bind, advertise, ports, first_address, key: bytes):
     from ..wire import AsyncInbox, AsyncOutbox
 
-    return AsyncInbox(host=bind, port=0, advertise_host=advertise, key=key), AsyncOutbox(None, first_address, key=key)
+    return (AsyncInbox(host=bind, port=ports or 0, advertise_host=advertise, key=key),
+            AsyncOutbox(None, first_address, key=key))
 
 
 async def _make_scheduler(inbox, outbox, check_alive, settings: dict) -> Scheduler:

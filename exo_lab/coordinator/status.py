@@ -46,7 +46,8 @@ def _engine_row(control: EngineControl, pipeline, engine_id: int, answer) -> dic
     info = pipeline.engines[index] if index is not None else control.infos.get(engine_id)
     if info is not None:
         row.update(node=info.node, hostname=info.hostname, device=info.device, kind=info.kind,
-                   budget_bytes=info.budget_bytes, threads=info.threads)
+                   budget_bytes=info.budget_bytes, threads=info.threads, gpu_name=info.gpu_name,
+                   device_note=info.device_note)
     if index is not None:
         stage = pipeline.plan.stages[index]
         row.update(stage_index=index, start_layer=stage.start_layer, stop_layer=stage.stop_layer,

@@ -5,7 +5,8 @@ without a fresh ``X-Exo-Lab-Auth`` made with the secret (:func:`exo_lab.engine.f
 
 - ``manifest?model=ID``: every servable file of the model with its size and sha256; for a
   safetensors file the sha256 of its header and of each tensor. Computed once per model file
-  set and cached on disk (``$EXO_LAB_CACHE/storage/``) until a file's size or mtime changes.
+  set and cached on disk (``<cache>/storage/``, :func:`exo_lab.paths.cache_dir`) until a file's
+  size or mtime changes.
 - ``file?model=ID&name=NAME``: one file, with single HTTP ranges (``Range: bytes=a-b``), which
   is how compute PCs fetch a safetensors header and then only their stage's tensors.
 - ``stats``: bytes served per client address (what the tests and benchmarks read).
@@ -71,7 +72,7 @@ def _stamp(folder: Path) -> dict:
 
 def load_or_build_manifest(folder: Path) -> dict:
     """The folder's manifest, from the on-disk cache when its files did not change."""
-    from ..model.demo import cache_dir
+    from ..paths import cache_dir
 
     key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
     path = cache_dir() / "storage" / f"manifest-{key}.json"

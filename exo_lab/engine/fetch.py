@@ -10,14 +10,17 @@ Flow (the server is :mod:`exo_lab.coordinator.storage`):
    it needs): the byte ranges of only those tensors, adjacent ones merged into one request,
    each tensor checked against the manifest.
 
-The cache (``$EXO_LAB_CACHE/fetched/<model>/``, default ``~/.cache/exo_lab``) looks like a model
-folder: the small files as they are, and for each original safetensors file a *partial* one
-with the same name holding only the tensors fetched so far, with its own header; so the loader
-reads it like any checkpoint. Bookkeeping lives in ``.exo_lab_fetch/``: the manifest (used when
-the storage PC cannot be reached), the original headers, and the ranges of an interrupted
-fetch, which the next try continues with HTTP Range from where it stopped. Every start checks
-the cached tensors it needs against the manifest: a corrupt one is fetched again; a start with
-everything cached fetches nothing.
+The cache (``<cache>/fetched/<model>/``, :func:`exo_lab.paths.cache_dir`) looks like a model
+folder: the small files as they are, each fetched tensor in its own safetensors file under
+``tensors/``, and an index (``model.safetensors.index.json``) naming every tensor's file; so the
+loader reads it like any sharded checkpoint. A file there, once written, is never replaced or
+rewritten (another engine may have it memory-mapped, which Windows locks): it is written under a
+temporary name and renamed into a path that does not exist yet; a corrupt one is removed first.
+Bookkeeping lives in ``.exo_lab_fetch/``: the manifest (used when the storage PC cannot be
+reached), the original headers, the temporaries, and the ranges of an interrupted fetch, which
+the next try continues with HTTP Range from where it stopped. Every start checks the cached
+tensors it needs against the manifest: a corrupt one is fetched again; a start with everything
+cached fetches nothing.
 
 Requests carry ``X-Exo-Lab-Auth``: a timestamp, a nonce and an HMAC under
 ``derive_key(secret, "shard-server")`` of both and the request line; the server refuses stale
@@ -34,6 +37,7 @@ import os
 import re
 import secrets
 import struct
+import sys
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -49,6 +53,7 @@ AUTH_PURPOSE = "shard-server"
 MAX_AUTH_AGE_S = 300
 PREFIX = "/exo-lab/storage"
 BOOKKEEPING = ".exo_lab_fetch"
+TENSORS = "tensors"
 INDEX_FILE = "model.safetensors.index.json"
 CHUNK_BYTES = 1 << 20
 HEADER_LENGTH = struct.Struct("<Q")
@@ -107,8 +112,9 @@ def tensor_entries(header: dict) -> dict[str, dict]:
 
 
 def write_safetensors(path: Path, header: dict, sources: list) -> None:
-    """Write a safetensors file: ``header`` (name -> dtype, shape; offsets are set here) and,
-    in the same order, ``sources``: callables each writing one tensor's bytes to a file."""
+    """Write a safetensors file at ``path`` (a new name: see :func:`_publish`): ``header`` (name ->
+    dtype, shape; offsets are set here) and, in the same order, ``sources``: callables each
+    writing one tensor's bytes to a file."""
     offset, entries = 0, {}
     for name, entry in header.items():
         if name == "__metadata__":
@@ -119,13 +125,11 @@ def write_safetensors(path: Path, header: dict, sources: list) -> None:
         offset += size
     raw = json.dumps(entries, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)    # the data starts 8-byte aligned, as safetensors writes it
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as out:
+    with open(path, "wb") as out:
         out.write(HEADER_LENGTH.pack(len(raw)))
         out.write(raw)
         for write in sources:
             write(out)
-    os.replace(tmp, path)
 
 
 def read_local_header(path: Path) -> tuple[dict, int] | None:
@@ -235,10 +239,18 @@ def storage_client() -> StorageClient | None:
 
 
 def fetched_model_dir(model_id: str) -> Path:
-    from ..model.demo import cache_dir
+    from ..paths import cache_dir
 
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id).strip("_")[-60:] or "model"
     return cache_dir() / "fetched" / f"{slug}-{hashlib.sha256(model_id.encode()).hexdigest()[:10]}"
+
+
+def tensor_file(name: str) -> str:
+    """Where a fetched folder keeps one tensor, relative to the folder (what its index names)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    if safe != name or safe != safe.lower():    # Windows' file names ignore case
+        safe += "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{TENSORS}/{safe}.safetensors"
 
 
 # ----------------------------------------------------------------------------- model files
@@ -262,22 +274,24 @@ def open_model(model_id: str):
 
 def fetch_model_files(model_id: str, client: StorageClient) -> Path:
     """Bring the model's small files and safetensors headers into its cache folder (each checked
-    against the manifest; what is already there and intact is not fetched). Returns the folder."""
+    against the manifest; what is already there and intact is not fetched) and write its index
+    (each tensor in its own file). Returns the folder."""
     folder = fetched_model_dir(model_id)
     books = folder / BOOKKEEPING
-    books.mkdir(parents=True, exist_ok=True)
+    (folder / TENSORS).mkdir(parents=True, exist_ok=True)
+    (books / "tmp").mkdir(parents=True, exist_ok=True)
+    _sweep_temps(books / "tmp")
     manifest = _current_manifest(model_id, client, books / "manifest.json")
     for name, entry in manifest["files"].items():
         if "tensors" in entry:
             _ensure_header(model_id, client, books, name, entry)
-        elif not _intact(folder / name, entry["sha256"]):
+        elif name != INDEX_FILE and not _intact(folder / name, entry["sha256"]):
             data = client.read(client.file_uri(model_id, name))
             _check(hashlib.sha256(data).hexdigest() == entry["sha256"], f"{name} from {client.url}")
-            _write_atomic(folder / name, data)
-    if INDEX_FILE not in manifest["files"]:     # a single-file model: an index makes the weight map
-        weight_map = {tensor: name for name, entry in manifest["files"].items() if "tensors" in entry
-                      for tensor in entry["tensors"]}
-        _write_atomic(folder / INDEX_FILE, json.dumps({"metadata": {}, "weight_map": weight_map}).encode())
+            _publish_bytes(folder, folder / name, data, entry["sha256"])
+    weight_map = {tensor: tensor_file(tensor) for entry in manifest["files"].values()
+                  for tensor in entry.get("tensors", ())}
+    _write_if_changed(folder, folder / INDEX_FILE, json.dumps({"metadata": {}, "weight_map": weight_map}).encode())
     return folder
 
 
@@ -289,7 +303,7 @@ def _current_manifest(model_id: str, client: StorageClient, path: Path) -> dict:
             raise
         logger.warning("storage unreachable (%s); using the cached manifest of %s", exc, model_id)
         return json.loads(path.read_text())
-    _write_atomic(path, json.dumps(manifest).encode())
+    _write_if_changed(path.parent.parent, path, json.dumps(manifest).encode())
     return manifest
 
 
@@ -302,7 +316,7 @@ def _ensure_header(model_id: str, client: StorageClient, books: Path, name: str,
     _check(length <= MAX_HEADER_BYTES, f"the header length of {name}")
     raw = client.read(uri, (8, 8 + length))
     _check(hashlib.sha256(raw).hexdigest() == entry["header_sha256"], f"the header of {name}")
-    _write_atomic(path, raw)
+    _publish_bytes(books.parent, path, raw, entry["header_sha256"])
 
 
 def _intact(path: Path, sha256: str) -> bool:
@@ -315,24 +329,116 @@ def _check(ok: bool, what: str) -> None:
                          f"corrupted or the model changed on the storage PC meanwhile: try again")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+# ----------------------------------------------------------------------------- writing the cache
+# A file the cache holds is never replaced: another engine on this PC may have it memory-mapped
+# (safetensors maps what a stage loads), and Windows refuses to replace or delete a mapped file
+# (WinError 32). So each file is written under a temporary name and then renamed into a path that
+# does not exist yet; where an intact copy is there already, it is kept and the temporary dropped.
+
+def _temp_path(folder: Path, name: str) -> Path:
+    """A temporary name in the fetched folder's ``tmp/`` (same disk: the rename is atomic), own
+    to this process so that engines writing at once never share one."""
+    return folder / BOOKKEEPING / "tmp" / f"{name}.{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _sweep_temps(tmp: Path, max_age_s: float = 3600) -> None:
+    """Drop temporaries that a crashed writer left (none takes an hour to write)."""
+    for path in tmp.iterdir():
+        try:
+            if time.time() - path.stat().st_mtime > max_age_s:
+                path.unlink()
+        except OSError:     # gone meanwhile, or still open on Windows
+            pass
+
+
+def _publish(tmp: Path, path: Path, intact) -> None:
+    """Move the finished temporary ``tmp`` to ``path``, never over a file there: one that
+    ``intact(path)`` approves is kept (and ``tmp`` dropped), a corrupt or stale one is removed."""
+    if path.exists():
+        if intact(path):
+            tmp.unlink()
+            return
+        _remove_stale(path)
+    try:
+        _rename_new(tmp, path)
+    except FileExistsError:     # another engine on this PC published it meanwhile (checked, too)
+        tmp.unlink()
+
+
+def _rename_new(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` to ``path``, which must not exist: raises FileExistsError, never replaces."""
+    if sys.platform == "win32":
+        os.rename(tmp, path)        # Windows' rename refuses an existing target
+        return
+    try:
+        os.link(tmp, path)          # POSIX rename would replace; a hard link refuses instead
+    except FileExistsError:
+        raise
+    except OSError:                 # a file system without hard links
+        if path.exists():
+            raise FileExistsError(path) from None
+        os.rename(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def _remove_stale(path: Path) -> None:
+    logger.warning("%s is corrupt or stale; replacing it", path)
+    try:
+        path.unlink()
+    except PermissionError as exc:
+        raise ModelError(f"{path} is corrupt or stale, but it cannot be removed ({exc}); another "
+                         f"exo-lab engine on this PC may have it open (Windows keeps a loaded file "
+                         f"locked): stop the engines on this PC, delete the file, and load again") from exc
+
+
+def _publish_bytes(folder: Path, path: Path, data: bytes, sha256: str) -> None:
+    tmp = _temp_path(folder, path.name)
+    tmp.write_bytes(data)
+    _publish(tmp, path, lambda existing: _intact(existing, sha256))
+
+
+def _write_if_changed(folder: Path, path: Path, data: bytes) -> None:
+    """Bookkeeping that exo-lab itself rewrites (the manifest, the index): replaced only when its
+    content changes. Such a file is read whole and closed at once, never mapped."""
+    try:
+        if path.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    tmp = _temp_path(folder, path.name)
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _write_tensor(folder: Path, name: str, entry: dict, source: tuple[Path, int, int], sha256: str) -> None:
+    """One tensor (bytes ``source``: path, start, stop, already checked) into its own file."""
+    path = folder / tensor_file(name)
+    tmp = _temp_path(folder, path.name)
+    write_safetensors(tmp, {name: entry}, [_copier(*source)])
+    _publish(tmp, path, lambda existing: _tensor_intact(existing, name, sha256))
+
+
+def _tensor_intact(path: Path, name: str, sha256: str) -> bool:
+    local = read_local_header(path)
+    if local is None or name not in local[0]:
+        return False
+    a, b = local[0][name]["data_offsets"]
+    return hash_range(path, local[1] + a, local[1] + b) == sha256
 
 
 # ----------------------------------------------------------------------------- tensors
 
 def fetch_tensors(model_id: str, folder: Path, client: StorageClient, names) -> int:
-    """Make sure every tensor in ``names`` is in the folder's partial files, intact; fetch the
+    """Make sure every tensor in ``names`` is in the folder's tensor files, intact; fetch the
     missing or corrupt ones by byte range. Returns the bytes fetched."""
     from tqdm.auto import tqdm
 
     manifest = json.loads((folder / BOOKKEEPING / "manifest.json").read_text())
-    weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+    origin = {tensor: file for file, entry in manifest["files"].items() for tensor in entry.get("tensors", ())}
     by_file: dict[str, list[str]] = {}
     for name in dict.fromkeys(names):
-        by_file.setdefault(weight_map[name], []).append(name)
+        by_file.setdefault(origin[name], []).append(name)
     plans = [_FilePlan.make(model_id, folder, manifest["files"][file], file, wanted)
              for file, wanted in by_file.items()]
     total = sum(plan.missing_bytes for plan in plans)
@@ -349,32 +455,30 @@ def fetch_tensors(model_id: str, folder: Path, client: StorageClient, names) -> 
 
 @dataclass
 class _FilePlan:
-    """One original safetensors file: what its partial copy holds intact, what to fetch."""
+    """The wanted tensors of one original safetensors file: which to fetch, in file order."""
 
     model_id: str
-    path: Path                      # the partial file in the cache folder
+    folder: Path
+    file: str                       # the original file's name on the storage PC
     remote: dict                    # name -> header entry in the original file
     data_start: int                 # where the original file's data begins
     sha256: dict                    # name -> manifest sha256
-    keep: dict                      # name -> (local path, start, stop): intact tensors already here
     missing: list                   # names to fetch, in file order
 
     @classmethod
     def make(cls, model_id: str, folder: Path, entry: dict, file: str, wanted: list[str]) -> "_FilePlan":
         raw = (folder / BOOKKEEPING / f"{file}.header").read_bytes()
         remote = tensor_entries(parse_header(raw))
-        keep = {}
-        local = read_local_header(folder / file)
-        if local is not None:
-            header, start = local
-            for name, item in tensor_entries(header).items():
-                a, b = (start + item["data_offsets"][0], start + item["data_offsets"][1])
-                if name in remote and hash_range(folder / file, a, b) == entry["tensors"].get(name):
-                    keep[name] = (folder / file, a, b)
-                else:
-                    logger.warning("cached tensor %s in %s is corrupt or stale; fetching it again", name, file)
-        missing = sorted((n for n in wanted if n not in keep), key=lambda n: remote[n]["data_offsets"][0])
-        return cls(model_id, folder / file, remote, 8 + len(raw), entry["tensors"], keep, missing)
+        _adopt_legacy(folder, file, remote, entry["tensors"])
+        missing = []
+        for name in wanted:
+            path = folder / tensor_file(name)
+            if not _tensor_intact(path, name, entry["tensors"][name]):
+                if path.exists():
+                    logger.warning("cached tensor %s of %s is corrupt or stale; fetching it again", name, file)
+                missing.append(name)
+        missing.sort(key=lambda n: remote[n]["data_offsets"][0])
+        return cls(model_id, folder, file, remote, 8 + len(raw), entry["tensors"], missing)
 
     @property
     def missing_bytes(self) -> int:
@@ -383,24 +487,29 @@ class _FilePlan:
     def fetch(self, client: StorageClient, bar) -> None:
         if not self.missing:
             return
-        staging = self.path.parent / BOOKKEEPING / f"{self.path.name}.ranges"
+        staging = self.folder / BOOKKEEPING / f"{self.file}.ranges"
         staging.mkdir(exist_ok=True)
-        fetched = {}
         for start, stop, names in self._ranges():
             part = staging / f"{start}-{stop}"
-            for attempt in (0, 1):
-                _download(client, client.file_uri(self.model_id, self.path.name), part, start, stop, bar)
-                bad = [n for n in names if hash_range(part, *self._within(n, start)) != self.sha256[n]]
-                if not bad:
-                    break
-                part.unlink()
-                if attempt:
-                    _check(False, f"tensor {bad[0]} of {self.path.name}")
-            fetched.update({n: (part, *self._within(n, start)) for n in names})
-        self._rewrite({**self.keep, **fetched})
-        for part in staging.iterdir():
+            self._download_checked(client, part, start, stop, names, bar)
+            for name in names:
+                _write_tensor(self.folder, name, self.remote[name], (part, *self._within(name, start)),
+                              self.sha256[name])
             part.unlink()
-        staging.rmdir()
+        try:
+            staging.rmdir()
+        except OSError:         # another engine on this PC is fetching into it
+            pass
+
+    def _download_checked(self, client: StorageClient, part: Path, start: int, stop: int, names, bar) -> None:
+        for attempt in (0, 1):
+            _download(client, client.file_uri(self.model_id, self.file), part, start, stop, bar)
+            bad = [n for n in names if hash_range(part, *self._within(n, start)) != self.sha256[n]]
+            if not bad:
+                return
+            part.unlink()
+            if attempt:
+                _check(False, f"tensor {bad[0]} of {self.file}")
 
     def _ranges(self) -> list[tuple[int, int, list[str]]]:
         """Absolute [start, stop) byte ranges of the missing tensors, adjacent ones merged."""
@@ -417,10 +526,23 @@ class _FilePlan:
         a, b = (self.data_start + o - range_start for o in self.remote[name]["data_offsets"])
         return a, b
 
-    def _rewrite(self, sources: dict) -> None:
-        order = sorted(sources, key=lambda n: self.remote[n]["data_offsets"][0])
-        header = {n: self.remote[n] for n in order}
-        write_safetensors(self.path, header, [_copier(*sources[n]) for n in order])
+
+def _adopt_legacy(folder: Path, file: str, remote: dict, sha256: dict) -> None:
+    """An earlier exo-lab kept one partial file per original file (``folder/<file>``) and
+    rewrote it as it grew; its intact tensors move to their own files, then it goes."""
+    legacy = folder / file
+    local = read_local_header(legacy)
+    if local is None:
+        return
+    header, start = local
+    for name, item in tensor_entries(header).items():
+        a, b = start + item["data_offsets"][0], start + item["data_offsets"][1]
+        if name in remote and hash_range(legacy, a, b) == sha256.get(name):
+            _write_tensor(folder, name, remote[name], (legacy, a, b), sha256[name])
+    try:
+        legacy.unlink()
+    except OSError as exc:      # still mapped by an engine of the earlier layout (Windows)
+        logger.info("kept %s (%s); it is no longer used and may be deleted", legacy, exc)
 
 
 def _download(client: StorageClient, uri: str, part: Path, start: int, stop: int, bar) -> None:

@@ -29,6 +29,8 @@ def probe_resources(use_gpu: bool = True) -> dict:
         "torch_threads": torch.get_num_threads(),
         "gpus": gpus,
         "mps": mps,
+        "torch_version": torch.__version__,
+        "torch_cuda": torch.version.cuda,   # None: a CPU-only torch build (gpu: true cannot use a GPU)
         "rss_bytes": int(psutil.Process().memory_info().rss),
     }
 

@@ -249,7 +249,7 @@ def _publish(namespace_value) -> None:
 
 
 def load_stage(spec_fields: dict, stage_index: int, num_stages: int, bind_host: str,
-               advertise_host: str) -> dict:
+               advertise_host: str, ports: tuple[int, ...] | None = None) -> dict:
     """Load this engine's shard and bind its data-plane inbox. Returns the inbox address."""
     import zmq
 
@@ -272,7 +272,7 @@ def load_stage(spec_fields: dict, stage_index: int, num_stages: int, bind_host: 
     started = time.perf_counter()
     stage = kept if kept is not None else torch_thread().submit(
         build_stage, spec, ensure_tensors=ensure_tensors).result()
-    inbox = Inbox(zmq.Context.instance(), host=bind_host, port=0, advertise_host=advertise_host,
+    inbox = Inbox(zmq.Context.instance(), host=bind_host, port=ports or 0, advertise_host=advertise_host,
                   key=data_plane_key())
     global _worker
     _worker = StageWorker(stage, inbox, stage_index, num_stages)

@@ -11,10 +11,12 @@ kernels (same results up to summation order, slower at decode).
 
 How they get here: the first call compiles ``cpu_kernels.c`` with the C compiler (``$CC``, else
 ``cc``; flags ``-O3 -march=native -fopenmp``, so each PC builds for its own CPU: AVX-512 or
-AVX2) into ``$EXO_LAB_CACHE/kernels/`` (default ``~/.cache/exo_lab``), once per source, compiler
-and CPU, in about a second; ctypes loads it. They are left out, with one log line saying why,
-when:
+AVX2) into ``<cache>/kernels/`` (:func:`exo_lab.paths.cache_dir`), once per source, compiler
+and CPU, in about a second; ctypes loads it. They are left out, with one log line saying why
+and how to get them, when:
 - ``EXO_LAB_KERNELS=0`` is set (to compare against torch's kernels: ``exo-lab bench``);
+- the PC runs Windows: they are not built there (no ``cc``, and torch's Windows wheels run on
+  another OpenMP than the GNU one whose threads the kernels share);
 - there is no C compiler, or the CPU has neither AVX-512 nor AVX2 with FMA;
 - torch does not run on GNU OpenMP (libgomp): the kernels' threads must be torch's threads,
   or the two pools would fight over the cores (torch's Linux wheels use libgomp).
@@ -29,12 +31,13 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from .demo import cache_dir
+from ..paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -128,12 +131,16 @@ def _library() -> ctypes.CDLL | None:
 def _unavailable_reason() -> str | None:
     if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "off", "false", "no"):
         return f"{ENV_SWITCH}={os.environ[ENV_SWITCH]}"
+    if sys.platform == "win32":
+        return ("they are not built on Windows (torch's Windows wheels do not run on GNU OpenMP); "
+                "a Linux PC with gcc or clang has the fast path")
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"they are written for x86-64 CPUs, this is {platform.machine()}"
     if _compiler() is None:
-        return "no C compiler: install gcc (or set CC)"
+        return (f"no C compiler ({os.environ.get('CC') or 'cc'}) was found: install gcc or clang (e.g. "
+                f"`sudo apt install gcc`), or set CC, for the fast path")
     if not _torch_uses_libgomp():
-        return "torch does not run on GNU OpenMP here"
+        return "torch does not run on GNU OpenMP (libgomp) here; torch's Linux wheels from PyPI do"
     return None
 
 

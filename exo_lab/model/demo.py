@@ -272,9 +272,7 @@ def _move_into_place(staging: pathlib.Path, target: pathlib.Path) -> None:
         logger.debug("%s was built by another process meanwhile; using it", target)
 
 
-def cache_dir() -> pathlib.Path:
-    """exo-lab's cache folder: ``$EXO_LAB_CACHE``, else ``~/.cache/exo_lab``."""
-    return pathlib.Path(os.environ.get("EXO_LAB_CACHE") or "~/.cache/exo_lab").expanduser()
+from ..paths import cache_dir  # noqa: E402  (kept importable here: exo_lab.model.demo.cache_dir)
 
 
 def demo_model_dir() -> pathlib.Path:

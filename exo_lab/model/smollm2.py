@@ -31,7 +31,7 @@ import time
 import zipfile
 
 from exo_lab.errors import ModelError
-from exo_lab.model.demo import cache_dir
+from exo_lab.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +68,11 @@ def smollm2_is_built() -> bool:
 def smollm2_model_dir(*, progress: bool = True) -> pathlib.Path:
     """The float32 SmolLM2-135M-Instruct folder, ``<cache>/models/smollm2-135m-instruct-f32``.
 
-    ``<cache>`` is ``$EXO_LAB_CACHE``, else ``~/.cache/exo_lab``. A complete folder (its build
-    record matches this recipe) is returned at once, with no network. Otherwise the GGUF is
-    fetched (see :func:`fetch_gguf`) and converted in a staging folder next to the target,
-    which is then renamed into place; a concurrent builder that finishes first wins.
+    ``<cache>`` is :func:`exo_lab.paths.cache_dir` (``$EXO_LAB_CACHE``, else ``~/.cache/exo_lab``
+    on Linux). A complete folder (its build record matches this recipe) is returned at once, with
+    no network. Otherwise the GGUF is fetched (see :func:`fetch_gguf`) and converted in a staging
+    folder next to the target, which is then renamed into place; a concurrent builder that
+    finishes first wins.
     ``progress`` shows a progress bar while converting.
 
     Raises:

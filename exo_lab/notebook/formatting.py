@@ -23,7 +23,7 @@ class EngineView:
     engine_id: int
     node: str                       # the plan's name for it ("engine-0", "gpu-box"); "-" with no stage
     hostname: str
-    device: str                     # "CPU", "NVIDIA H200 (cuda:0)", "-" when unknown
+    device: str                     # "CPU", "NVIDIA H200 (cuda:0)", "CPU (gpu: true but torch has no CUDA)", "-"
     roles: str                      # what its stage holds: "embeddings + layers", "layers + head", ...
     layers: str                     # inclusive "0-2", "-" with no stage
     start_layer: int | None         # half-open [start_layer, stop_layer)
@@ -73,15 +73,20 @@ def _engine_view(row: dict, num_layers: int | None, *, model_loaded: bool) -> En
 
 
 def device_label(row: dict) -> str:
-    """"CPU", a GPU's name when the row carries one (``device_name``), else the torch device."""
-    if row.get("device_name"):
-        return row["device_name"]
-    device = row.get("device")
+    """"CPU", "NVIDIA H200 (cuda:0)" (``gpu_name``), "GPU (cuda:0)", "MPS"; with the row's
+    ``device_note`` after it: "CPU (gpu: true but torch has no CUDA)"."""
+    label = _device_name(row.get("device"), row.get("gpu_name"))
+    return f"{label} ({row['device_note']})" if row.get("device_note") else label
+
+
+def _device_name(device: str | None, gpu_name: str | None) -> str:
     if not device:
         return "-"
     if device == "cpu":
         return "CPU"
-    return f"GPU ({device})" if device.startswith("cuda") else device.upper()
+    if device.startswith("cuda"):
+        return f"{gpu_name or 'GPU'} ({device})"
+    return device.upper()
 
 
 def display_state(row: dict) -> str:

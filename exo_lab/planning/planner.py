@@ -78,11 +78,12 @@ _INF = np.int64(2**62)              # "unreachable"; stays far from int64 overfl
 class NodeSpec:
     """One place a stage can run (one engine)."""
 
-    name: str                       # hostname from config, or "engine-3" for a local cluster
-    budget_bytes: int               # min(config max_memory, what the machine reports free)
+    name: str                       # "system-b.local", "system-b.local/cpu" (planning.nodes), "engine-3" (local)
+    budget_bytes: int               # free RAM or VRAM, capped by max_memory or gpu_memory (planning.nodes)
     bandwidth_bytes_per_s: float    # effective memory bandwidth: the speed figure (decode is memory-bound)
     kind: str = "cpu"               # "cpu" | "cuda" | "mps"
     overhead_bytes: int | None = None   # engine runtime overhead; None -> default for kind
+    note: str | None = None         # shown with the kind, e.g. "gpu: true but torch has no CUDA"
 
     @property
     def runtime_overhead_bytes(self) -> int:
@@ -106,6 +107,8 @@ class StagePlan:
     total_bytes: int
     budget_bytes: int
     ms_per_token: float             # this stage alone, without hops
+    kind: str = "cpu"               # the node's kind: "cpu" | "cuda" | "mps"
+    note: str | None = None         # the node's note (why a gpu: true PC runs as a CPU)
 
 
 @dataclass(frozen=True)
@@ -146,8 +149,8 @@ class Plan:
 
 
 def _stage_json(stage: StagePlan) -> dict:
-    keys = ("node", "start_layer", "stop_layer", "weights_bytes", "kv_cache_bytes",
-            "total_bytes", "budget_bytes", "ms_per_token")
+    keys = ("node", "kind", "start_layer", "stop_layer", "weights_bytes", "kv_cache_bytes",
+            "total_bytes", "budget_bytes", "ms_per_token", "note")
     return {key: getattr(stage, key) for key in keys}
 
 
@@ -373,6 +376,7 @@ def _stage_plan(sizes: _Sizes, node: NodeSpec, start: int, stop: int) -> StagePl
         total_bytes=weights + kv_cache + workspace + overhead, budget_bytes=node.budget_bytes,
         ms_per_token=int(_stage_ps(_read_bytes_e12(sizes, start, stop), node.bandwidth_bytes_per_s))
         / _PS_PER_MS,
+        kind=node.kind, note=node.note,
     )
 
 
@@ -477,7 +481,7 @@ def _no_fit_message(profile, sizes, nodes, max_context, max_batch, min_stages) -
         detail = (f"the nodes offer {format_bytes(offered)} in total, but no split into contiguous "
                   f"stages fits{_min_stages_note(min_stages)}: "
                   + "; ".join(_capacity_note(sizes, n) for n in nodes) + ".")
-    return head + detail + " " + _help(profile, max_context, max_batch)
+    return head + detail + " " + _help(profile, nodes, max_context, max_batch)
 
 
 def _min_stages_note(min_stages: int) -> str:
@@ -498,13 +502,23 @@ def _capacity_note(sizes: _Sizes, node: NodeSpec) -> str:
             f"{int(layers[0].max())} with the embeddings, {int(layers[:, -1].max())} with the head")
 
 
+def _device_text(stage: StagePlan) -> str:
+    return f"{stage.kind} ({stage.note})" if stage.note else stage.kind
+
+
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
-def _help(profile: ModelProfile, max_context: int, max_batch: int) -> str:
-    tips = ["add compute nodes", "raise max_memory",
-            f"lower max_context ({max_context}) or max_batch ({max_batch})"]
+def _help(profile: ModelProfile, nodes: list[NodeSpec], max_context: int, max_batch: int) -> str:
+    tips = ["add compute nodes", "raise max_memory"]
+    names = {node.name for node in nodes}
+    if any(node.kind == "cuda" and f"{node.name.split('#')[0]}/cpu" not in names for node in nodes):
+        tips.append("give a GPU PC one more engine than it has GPUs (engines:) so its RAM holds a CPU "
+                    "stage too (and set gpu_memory to its GPU's free memory, for exo-lab plan)")
+    elif any(node.kind == "cuda" for node in nodes):
+        tips.append("set gpu_memory to each GPU's real free memory where exo-lab plan assumed it")
+    tips.append(f"lower max_context ({max_context}) or max_batch ({max_batch})")
     if profile.dtype == "float32":
         tips.append("use a smaller dtype such as bfloat16 (half the bytes of float32)")
     if profile.dtype in ("bfloat16", "float16"):
@@ -516,9 +530,9 @@ def _help(profile: ModelProfile, max_context: int, max_batch: int) -> str:
 
 def format_plan(plan: Plan) -> str:
     """A readable table of the plan: one row per stage, the prediction, and unused nodes."""
-    rows = [("stage", "node", "layers", "weights", "KV cache", "total / budget", "ms/token")]
+    rows = [("stage", "node", "device", "layers", "weights", "KV cache", "total / budget", "ms/token")]
     for index, stage in enumerate(plan.stages):
-        rows.append((str(index), stage.node, f"{stage.start_layer}-{stage.stop_layer - 1}",
+        rows.append((str(index), stage.node, _device_text(stage), f"{stage.start_layer}-{stage.stop_layer - 1}",
                      format_bytes(stage.weights_bytes), format_bytes(stage.kv_cache_bytes),
                      f"{format_bytes(stage.total_bytes)} / {format_bytes(stage.budget_bytes)}",
                      f"{stage.ms_per_token:.3f}"))

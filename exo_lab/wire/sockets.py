@@ -5,7 +5,9 @@ Each hop is one PUSH socket (:class:`Outbox`) connected to the next stage's PULL
 
 Addresses: an :class:`Inbox` binds ``host`` (``"0.0.0.0"`` for every interface, needed for
 remote PCs) and reports ``address`` for peers to connect to. A wildcard is not connectable, so
-binding one requires ``advertise_host``: the name or IP other PCs reach this one by.
+binding one requires ``advertise_host``: the name or IP other PCs reach this one by. Its
+``port`` is one port, 0 (the OS picks: loopback-only clusters), or the ports it may take, tried
+in order (``network.port_range``'s data ports, so a PC's firewall needs one rule).
 
 Authentication: every socket takes ``key`` = ``exo_lab.security.derive_key(secret, "data-plane")``.
 With it, each connection is CurveZMQ-encrypted and mutually authenticated (:mod:`.auth` says why
@@ -17,7 +19,9 @@ only; exo-lab's own pipelines always pass a key.
 """
 from __future__ import annotations
 
+import errno
 import logging
+from collections.abc import Sequence
 
 import zmq
 import zmq.asyncio
@@ -73,8 +77,23 @@ def _async_context(context: zmq.Context | None) -> zmq.asyncio.Context:
     return zmq.asyncio.Context.shadow(context.underlying)
 
 
+def _bind_first_free(sock: zmq.Socket, host: str, ports: int | Sequence[int]) -> None:
+    """Bind ``sock`` on the first port of ``ports`` that is free (an int: that one, 0: any)."""
+    candidates = (ports,) if isinstance(ports, int) else tuple(ports)
+    for port in candidates:
+        try:
+            sock.bind(tcp_address(host, port or "*"))
+            return
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EADDRINUSE or len(candidates) == 1:
+                raise
+    raise zmq.ZMQError(errno.EADDRINUSE, f"every one of the {len(candidates)} ports "
+                                         f"{candidates[0]}-{candidates[-1]} is in use")
+
+
 class _Inbox:
-    def __init__(self, context, host: str, port: int, advertise_host: str | None, key: bytes | None):
+    def __init__(self, context, host: str, port: int | Sequence[int], advertise_host: str | None,
+                 key: bytes | None):
         if host in _WILDCARD_HOSTS and not advertise_host:
             raise ConfigError(f"inbox binds the wildcard host {host!r}, which peers cannot "
                               "connect to; pass advertise_host= the hostname or LAN IP other "
@@ -92,9 +111,13 @@ class _Inbox:
             self._handshakes = auth.HandshakeMonitor(self._socket)
         bind_host = "*" if host in _WILDCARD_HOSTS else host
         try:
-            self._socket.bind(tcp_address(bind_host, port or "*"))
+            _bind_first_free(self._socket, bind_host, port)
         except zmq.ZMQError as exc:
             self.close()
+            if not isinstance(port, int):
+                raise ClusterError(f"no free port for a data-plane inbox on {host} ({exc}); free some of "
+                                   "network.port_range on this PC (other programs, or more engines than "
+                                   "ports) or widen port_range in config.yaml, on every PC") from exc
             raise ClusterError(f"cannot bind a data-plane inbox on {host}:{port} ({exc}); use "
                                "an address of this PC and a free port, or port 0 to let the OS "
                                "choose") from exc
@@ -144,7 +167,8 @@ class _Inbox:
 
 
 class Inbox(_Inbox):
-    """A PULL socket bound on ``host:port`` (port 0: the OS picks) that receives Messages.
+    """A PULL socket bound on ``host:port`` (port 0: the OS picks; a sequence: the first free
+    one of them) that receives Messages.
 
     ``address`` is what peers connect to: ``tcp://{advertise_host or host}:{port}``.
     ``key``: the data-plane key; only outboxes with the same key can connect (None: anyone).
@@ -153,7 +177,8 @@ class Inbox(_Inbox):
     """
 
     def __init__(self, context: zmq.Context | None = None, host: str = "127.0.0.1",
-                 port: int = 0, *, advertise_host: str | None = None, key: bytes | None = None):
+                 port: int | Sequence[int] = 0, *, advertise_host: str | None = None,
+                 key: bytes | None = None):
         super().__init__(_sync_context(context), host, port, advertise_host, key)
 
     def recv(self, timeout_ms: int | None = None) -> Message | None:
@@ -175,7 +200,8 @@ class AsyncInbox(_Inbox):
     """:class:`Inbox` for an asyncio event loop (the coordinator's scheduler)."""
 
     def __init__(self, context: zmq.Context | None = None, host: str = "127.0.0.1",
-                 port: int = 0, *, advertise_host: str | None = None, key: bytes | None = None):
+                 port: int | Sequence[int] = 0, *, advertise_host: str | None = None,
+                 key: bytes | None = None):
         super().__init__(_async_context(context), host, port, advertise_host, key)
 
     async def recv(self, timeout_ms: int | None = None) -> Message | None:

@@ -127,11 +127,19 @@ function drawSparkline(value) {
   byId("sparkline").replaceChildren(svgElement("polyline", { points: points.join(" "), class: "spark" }));
 }
 
+// The widget's model line, plus the names an OpenAI client sends as "model" unless that is the id.
+function modelLine(status) {
+  const names = status.served_model_names ?? [];
+  const line = status.display.model;
+  if (!names.length || (names.length === 1 && names[0] === status.model)) return line;
+  return `${line} · API model name${names.length > 1 ? "s" : ""}: ${names.join(", ")}`;
+}
+
 function render(status) {
   const display = status.display;
   byId("title").textContent = display.title;
   byId("title").className = `title state-${status.state.replace(" ", "-")}`;
-  byId("model-line").textContent = display.model;
+  byId("model-line").textContent = modelLine(status);
   byId("metrics-line").textContent = display.metrics;
   const metrics = status.metrics;
   byId("tokens-per-s").textContent = metrics ? metrics.tokens_per_s.toFixed(1) : "–";
