@@ -98,13 +98,11 @@ def cmd_check_config(args) -> int:
 def cmd_plan(args) -> int:
     from .config import load_config
     from .model.profile import profile_model
-    from .planning.nodes import format_device_budgets, nodes_from_config
+    from .planning.nodes import nodes_from_config
     from .planning.planner import format_plan
 
     config = load_config(args.config)
     options = _load_options(args, config)
-    if not args.json:     # first, so the budgets show even when the model does not fit
-        print("memory per compute PC:\n" + format_device_budgets(config), flush=True)
     plan = options.plan(profile_model(options.model, dtype=options.dtype), nodes_from_config(config))
     print(json.dumps(plan.to_json()) if args.json else format_plan(plan))
     return 0

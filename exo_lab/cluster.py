@@ -28,7 +28,7 @@ _SAMPLING_ARGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "st
 
 
 class Cluster:
-    """A pipeline of ipyparallel engines that runs one causal LM. See the README for a tour.
+    """A pipeline of ipyparallel engines that runs one causal LM. docs/usage.md gives a tour.
 
     Use :meth:`local` for engines on this machine or :meth:`from_config` for a config.yaml
     cluster; then :meth:`start` (or ``with``), :meth:`load`, :meth:`generate` / :meth:`chat`,
@@ -78,7 +78,7 @@ class Cluster:
 
     @classmethod
     def from_config(cls, config: str | os.PathLike | ClusterConfig, **kwargs) -> "Cluster":
-        """A cluster described by a config.yaml (see the README's config section)."""
+        """A cluster described by a config.yaml (every key: docs/config.md)."""
         if not isinstance(config, ClusterConfig):
             config = load_config(config)
         return cls(config, **kwargs)

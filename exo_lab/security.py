@@ -1,7 +1,7 @@
 """The cluster secret: where it comes from, and the independent keys derived from it.
 
-One secret per cluster authenticates everything that crosses the network (see the README's
-"Security" section for the threat model). It never crosses the network itself: every PC reads it
+One secret per cluster authenticates everything that crosses the network (see
+docs/security.md for the threat model). It never crosses the network itself: every PC reads it
 from ``$EXO_LAB_SECRET`` or the config's ``network.secret_file``, and each use gets its own key
 through :func:`derive_key`, so a key that leaks from one use (say, a proof broadcast by discovery)
 reveals nothing about another (the data plane's CurveZMQ keys).

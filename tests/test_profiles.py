@@ -23,3 +23,17 @@ def test_engine_environment_limits_threads_and_keeps_openmp_spinning():
     assert env["OMP_NUM_THREADS"] == "3" and "OMP_WAIT_POLICY" not in env   # PASSIVE: 2x slower steps
     assert env["EXO_LAB_DEVICE"] == "system-b.local"
     assert "OMP_NUM_THREADS" not in launch.engine_environment(threads=None)
+
+
+def test_engine_profile_matches_the_workers_engine_command(tmp_path, monkeypatch):
+    from exo_lab import worker
+    from exo_lab.config import DeviceConfig
+
+    config = PyFileConfigLoader("ipengine_config.py", path=str(PROFILE)).load_config()
+    started = []
+    monkeypatch.setattr(worker.subprocess, "Popen", lambda command, env: started.append(command))
+    device = DeviceConfig(hostname="system-b.local", roles=("compute",), max_memory_bytes=None, max_cores=2,
+                          gpu=False, memory_bandwidth_bytes_per_s=None, engines=2)
+    worker.start_engines(device, {}, tmp_path)
+    assert len(started) == 2
+    assert all(f"--log-level={config.IPEngine.log_level}" in command for command in started)

@@ -1,7 +1,11 @@
-# ipyparallel engine settings for exo-lab stages. Thread limits come from the environment that
-# exo-lab sets per engine (OMP_NUM_THREADS = the device's max_cores; OMP_WAIT_POLICY=PASSIVE so
-# a waiting stage does not spin on the cores its neighbour computes with).
+# ipyparallel engine settings exo-lab runs with: `python -m exo_lab.worker` starts each engine
+# with --log-level=WARN (tests/test_profiles.py checks that the two agree).
+#
+# Thread limits are not engine settings: exo-lab puts them in each engine's environment before
+# torch is imported there (exo_lab/coordinator/launch.py, engine_environment):
+# OMP_NUM_THREADS and MKL_NUM_THREADS = the device's max_cores. OpenMP keeps its default wait
+# policy: PASSIVE made decode steps about 2x slower. For your own ipcluster, export them yourself.
+# An engine that holds a pipeline stage keeps it in its namespace as `exo_stage`, for %%px.
 c = get_config()  # noqa: F821
 
-# Engines keep their live stage in the namespace as `exo_stage` for %%px experiments.
 c.IPEngine.log_level = "WARN"
