@@ -480,7 +480,10 @@ def _network_line(network: NetworkConfig) -> str:
             f"controller {network.controller_ports.start}-{network.controller_ports.stop - 1})")
     if network.hop_latency_ms is not None:
         line += f", hop latency {network.hop_latency_ms:g} ms"
-    line += f", secret from {network.secret_file}" if network.secret_file else ", no shared secret"
+    if os.environ.get("EXO_LAB_SECRET"):     # exo_lab.security.load_secret: the environment wins
+        line += ", secret from $EXO_LAB_SECRET"
+    else:
+        line += f", secret from {network.secret_file}" if network.secret_file else ", no shared secret"
     return line
 
 

@@ -128,17 +128,24 @@ def test_bad_dtypes_are_errors_naming_the_choices():
         profile_from_config({}, dtype="q4")
 
 
-def test_plan_int8_fits_the_70b_on_one_seed_pc(capsys):
+def test_plan_int8_fits_the_70b_in_one_seed_pcs_ram(capsys, tmp_path):
+    """int8 halves the bytes: the 70B fits in one seed PC's 128 GB of RAM (the seed's PCs as CPUs,
+    gpu: false), where bfloat16 needs two."""
+    import json
     from pathlib import Path
 
     from exo_lab.cli import main
 
     root = Path(__file__).resolve().parent.parent
-    assert main(["plan", "--config", str(root / "examples/config.yaml"), "--model",
-                 str(root / "examples/models/llama-3.1-70b"), "--dtype", "int8", "--json"]) == 0
-    import json
-    plan = json.loads(capsys.readouterr().out)
-    assert plan["dtype"] == "int8" and len(plan["stages"]) == 1
+    config = tmp_path / "config.yaml"
+    config.write_text((root / "examples/config.yaml").read_text().replace("gpu: true", "gpu: false"))
+    stages = {}
+    for dtype in ("int8", "bfloat16"):
+        assert main(["plan", "--config", str(config), "--model", str(root / "examples/models/llama-3.1-70b"),
+                     "--dtype", dtype, "--json"]) == 0
+        stages[dtype] = json.loads(capsys.readouterr().out)["stages"]
+    assert [s["node"] for s in stages["int8"]] == ["system-b.local"]
+    assert [s["node"] for s in stages["bfloat16"]] == ["system-b.local", "system-c.local"]
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])

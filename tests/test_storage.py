@@ -320,3 +320,30 @@ def test_a_cache_of_the_earlier_layout_is_adopted_without_fetching(client, model
     assert not any((folder / file).exists() for file in by_file)
     assert all((folder / fetch.tensor_file(n)).is_file() for n in names)
     assert load_stage(ShardSpec(str(folder), 1, 3, 4)).parameter_bytes() == sum(_sizes(folder, names))
+
+
+def test_a_storage_pc_named_by_hostname_is_reached_where_its_worker_joined_from():
+    """The storage PC is `system-s.local` in the config and nothing resolves that name: once its
+    own worker has joined, later workers are sent to the address it joined from."""
+    from ports import free_port_range
+
+    from exo_lab.coordinator.discovery import join
+    from exo_lab.coordinator.service import start_coordinator_service
+
+    first = free_port_range(40)
+    config = config_from_dict({
+        "cluster_name": "storage-join", "network": {"port_range": f"{first}-{first + 39}"},
+        "devices": [{"hostname": "system-a.local", "roles": ["coordinator"]},
+                    {"hostname": "system-s.local", "roles": ["storage", "compute"]},
+                    {"hostname": "system-b.local", "roles": ["compute"]}]})
+    loop = LoopThread()
+    try:
+        service = loop.run(start_coordinator_service(config, SECRET, {}, on_address=lambda _: None))
+        before = join("127.0.0.1", first, "storage-join", "system-b.local", SECRET)
+        join("127.0.0.1", first, "storage-join", "system-s", SECRET)     # its own short name
+        after = join("127.0.0.1", first, "storage-join", "system-b.local", SECRET)
+        loop.run(service.close())
+    finally:
+        loop.stop()
+    assert before.storage_url == f"http://system-s.local:{first}"    # not joined yet: only its name
+    assert after.storage_url == f"http://127.0.0.1:{first}"

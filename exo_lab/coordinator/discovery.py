@@ -27,7 +27,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import ClusterError, ExoLabError
 
@@ -162,10 +162,23 @@ class JoinState:
     secret: bytes
     cluster_name: str
     connection: dict                  # launch.public_connection_info: ports, no key
-    storage: dict | None              # {"host": str | None (= the coordinator), "port": int}
+    storage: dict | None              # service.storage_location: {"host", "device", "port"}
     on_address: object = None         # callback(local address a worker reached us at)
     refused: int = 0
     joined: int = 0
+    joined_from: dict = field(default_factory=dict)   # device name -> the address it joined from
+
+    def storage_reply(self) -> dict | None:
+        """Where a joining worker fetches model files: the coordinator (host None), the storage
+        PC's configured address, else the address its own worker joined from, else its name
+        (which must then resolve: the storage PC's worker was not up yet)."""
+        if self.storage is None or self.storage["host"] is not None or self.storage["device"] is None:
+            return self.storage
+        from ..config import same_host
+
+        device = self.storage["device"]
+        seen = next((ip for name, ip in self.joined_from.items() if same_host(name, device)), None)
+        return {**self.storage, "host": seen or device}
 
 
 def join_handler_class():
@@ -213,12 +226,13 @@ def join_handler_class():
                 return
             self._remember(fields["nonce"])
             self.state.joined += 1
+            self.state.joined_from[fields.get("device", "")] = self.request.remote_ip
             local = self.request.connection.stream.socket.getsockname()[0]
             if self.state.on_address is not None:
                 self.state.on_address(local)
             logger.info("worker %s joined", who)
             reply = {"cluster": self.state.cluster_name, "connection": json.dumps(self.state.connection),
-                     "storage": json.dumps(self.state.storage), "your_address": self.request.remote_ip,
+                     "storage": json.dumps(self.state.storage_reply()), "your_address": self.request.remote_ip,
                      "coordinator_address": local, "request_nonce": fields["nonce"], **_stamp()}
             self.set_header(PROOF_HEADER, sign(self.state.secret, "welcome", reply))
             self.finish(reply)

@@ -67,13 +67,16 @@ class PeerService:
 
 
 def storage_location(config: ClusterConfig) -> dict | None:
-    """Where compute PCs fetch model files: {"host": None (the coordinator) or a PC, "port"}."""
+    """Where compute PCs fetch model files: {"host": None (the coordinator) or the storage PC's
+    configured address, "device": its hostname (None: the coordinator), "port"}. A storage PC
+    named only by hostname is reached at the address its worker joined from (JoinState)."""
     devices = config.storage_devices
     if not devices:
         return None
     device: DeviceConfig = next((d for d in devices if d.is_coordinator), devices[0])
-    host = None if device.is_coordinator else (device.address or device.hostname)
-    return {"host": host, "port": config.network.service_port}
+    if device.is_coordinator:
+        return {"host": None, "device": None, "port": config.network.service_port}
+    return {"host": device.address, "device": device.hostname, "port": config.network.service_port}
 
 
 async def start_coordinator_service(config: ClusterConfig, secret: bytes, connection: dict,
