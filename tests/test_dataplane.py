@@ -1224,3 +1224,25 @@ def test_measure_hop_overhead_returns_sane_numbers(payload_bytes):
 def test_measure_hop_overhead_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError, match="need n >= 1 and payload_bytes >= 0"):
         measure_hop_overhead(**kwargs)
+
+
+def test_inboxes_take_the_first_free_ports_of_the_range_and_say_when_it_is_used_up():
+    """network.port_range's data ports, tried in order: a port another program holds is skipped;
+    when every one is taken, the error names port_range and the fix."""
+    from ports import free_port_range
+
+    first = free_port_range(3)
+    ports = (first, first + 1, first + 2)
+    held = socket.socket()
+    held.bind(("127.0.0.1", first))
+    held.listen()
+    inboxes = []
+    try:
+        inboxes = [Inbox(host="127.0.0.1", port=ports) for _ in range(2)]
+        assert [inbox.port for inbox in inboxes] == [first + 1, first + 2]
+        with pytest.raises(ClusterError, match=r"no free port for a data-plane inbox.*widen port_range"):
+            Inbox(host="127.0.0.1", port=ports)
+    finally:
+        for inbox in inboxes:
+            inbox.close()
+        held.close()
