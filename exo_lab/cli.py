@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from .limits import bound_logging, raise_descriptor_limit
+
+    bound_logging()                 # repeated errors once, with a count
+    raise_descriptor_limit()        # engines and the controller inherit it
     try:
         return COMMANDS[args.command](args) or 0
     except ExoLabError as exc:

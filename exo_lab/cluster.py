@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_LOAD_TIMEOUT_S = 1800.0
 MEMBERSHIP_CHECK_S = 2.0     # replan: auto looks at the registered engines this often
+STOP_UNLOAD_S = 1.0          # stop(): how long other processes' engines get to free their stages
 _SAMPLING_ARGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
 
 
@@ -132,7 +133,7 @@ class Cluster:
             except Exception:  # stopping must go on whatever the server says
                 logger.exception("stopping the API server failed")
             self._server = None
-        self.unload()
+        self._close_pipeline()
         if self._peer_service is not None:
             try:
                 self._loop.run(self._peer_service.close(), timeout_s=10)
@@ -143,6 +144,26 @@ class Cluster:
         if self._loop is not None:
             self._loop.stop()
             self._loop = None
+
+    def _close_pipeline(self) -> None:
+        """stop()'s unload: end the scheduler; engines that control.stop() ends are not asked to
+        unload (that only delays their exit), the others (a worker's) get STOP_UNLOAD_S for it."""
+        from .engine import worker as engine_worker
+
+        pipeline, self.pipeline = self.pipeline, None
+        if pipeline is None:
+            return
+        try:
+            self._loop.run(pipeline.scheduler.close(), timeout_s=10)
+        except Exception:
+            logger.exception("closing the scheduler failed")
+        registered = set(self.control.ids)
+        others = [info.engine_id for info in pipeline.engines
+                  if info.engine_id in registered and not self.control.ends_on_stop(info)]
+        results = self.control.gather(others, engine_worker.unload_stage, timeout_s=STOP_UNLOAD_S, what="unloading")
+        for result in results.values():
+            if isinstance(result, ExoLabError):
+                logger.info("on stop, an engine did not unload: %s", result)
 
     @property
     def profile_dir(self):
@@ -341,10 +362,14 @@ class Cluster:
 
         return apply_chat_template(self.tokenizer, messages)
 
-    def astream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StreamEvent]:
+    def astream(self, prompt_ids: list[int], params: SamplingParams, tenant=None) -> AsyncIterator[StreamEvent]:
         """Async generation on the cluster's loop (the HTTP server uses this). Closing the
-        returned generator (``aclose()``) cancels the request and frees its KV caches."""
-        return self._require_pipeline().scheduler.stream(prompt_ids, params)
+        returned generator (``aclose()``) cancels the request and frees its KV caches.
+        ``tenant``: who asks (:class:`exo_lab.coordinator.tenants.Tenant`: fair share, caps,
+        prefix isolation); None: this process's own requests."""
+        from .coordinator.tenants import LOCAL
+
+        return self._require_pipeline().scheduler.stream(prompt_ids, params, tenant or LOCAL)
 
     async def _collect(self, prompt_ids: list[int], params: SamplingParams) -> GenerationResult:
         started = time.perf_counter()

@@ -133,6 +133,26 @@ key                             required  default      meaning
                                                        no key required
 ``max_connections``             no        ``256``      open connections the API accepts; past
                                                        it a new one gets a 503 and is closed
+``max_connections_per_client``  no        ``64``       open connections one client address may
+                                                       hold (at most ``max_connections``; the
+                                                       default is a quarter of it); past it the
+                                                       client's new ones get a 429 while other
+                                                       clients still get in
+``max_running_per_client``      no        none (all    KV slots one client's requests may hold at
+                                          slots)       once; without a cap a client may use every
+                                                       free slot, and when another client waits
+                                                       the scheduler takes slots back until they
+                                                       hold about as many each (fair share)
+``max_queued_per_client``       no        ``16``       requests one client may have waiting for a
+                                                       KV slot; past it that client gets a 429
+                                                       naming this limit (``max_queued`` caps all
+                                                       clients together, but a client's first
+                                                       waiting request always fits). A client is
+                                                       its address plus the API key it sent;
+                                                       prompts are reused as cached prefixes only
+                                                       within one client (and its ``user`` /
+                                                       ``X-Exo-Lab-Isolation``, see
+                                                       exo_lab.api.tenants)
 ``allowed_hosts``               no        none         list of extra names the API answers to in
                                                        the ``Host`` header; on a loopback
                                                        ``host`` only localhost, 127.0.0.1 and
@@ -202,7 +222,8 @@ _TOP_KEYS = ("cluster_name", "devices", "network", "api", "model", "served_model
 _DEVICE_KEYS = ("hostname", "roles", "max_memory", "max_cores", "gpu", "gpu_memory", "memory_bandwidth",
                 "engines", "address")
 _NETWORK_KEYS = ("discovery", "port_range", "controller_port", "hop_latency_ms", "service_port", "secret_file")
-_API_KEYS = ("host", "port", "api_key_env", "api_key_file", "max_connections", "allowed_hosts")
+_API_KEYS = ("host", "port", "api_key_env", "api_key_file", "max_connections", "allowed_hosts",
+             "max_connections_per_client", "max_running_per_client", "max_queued_per_client")
 LAUNCHER_KINDS = ("manual", "ssh", "slurm")
 SSH_SHELLS = ("posix", "powershell")
 _SSH_HOST_KEYS = ("user", "port", "python", "identity_file", "shell")
@@ -286,6 +307,9 @@ class ApiConfig:
     api_key_file: str | None = None     # file holding the key (absolute once loaded from a file)
     max_connections: int = 256          # open connections; past it a new one gets a 503
     allowed_hosts: tuple[str, ...] = ()  # extra names the API answers to in the Host header
+    max_connections_per_client: int = 64    # per client address; default max_connections // 4
+    max_running_per_client: int | None = None  # KV slots one client holds; None: fair share only
+    max_queued_per_client: int = 16     # requests one client has waiting for a slot
 
 
 @dataclass(frozen=True)
@@ -877,15 +901,31 @@ def _parse_api(top: _Scope, mapping: dict) -> ApiConfig:
     if "api_key_env" in section and "api_key_file" in section:
         raise scope.error("set only one of 'api_key_env' and 'api_key_file', not both")
     defaults = ApiConfig()
+    max_connections = _optional(scope, section, "max_connections", _positive_int, default=defaults.max_connections)
     return ApiConfig(
         host=_optional(scope, section, "host", _single_word, default=defaults.host),
         port=_optional(scope, section, "port", _port, default=defaults.port),
         api_key_env=_optional(scope, section, "api_key_env", _env_name),
         api_key_file=_optional(scope, section, "api_key_file", _nonblank_string),
-        max_connections=_optional(scope, section, "max_connections", _positive_int,
-                                  default=defaults.max_connections),
+        max_connections=max_connections,
         allowed_hosts=_optional(scope, section, "allowed_hosts", _host_list, default=()),
+        max_connections_per_client=_connections_per_client(scope, section, max_connections),
+        max_running_per_client=_optional(scope, section, "max_running_per_client", _positive_int),
+        max_queued_per_client=_optional(scope, section, "max_queued_per_client", _positive_int,
+                                        default=defaults.max_queued_per_client),
     )
+
+
+def _connections_per_client(scope: _Scope, section: dict, max_connections: int) -> int:
+    """``max_connections_per_client``: at most ``max_connections``; default a quarter of it, so
+    one client cannot fill the server's cap."""
+    value = _optional(scope, section, "max_connections_per_client", _positive_int,
+                      default=max(1, max_connections // 4))
+    if value > max_connections:
+        raise scope.error(f"'max_connections_per_client' is {value} but 'max_connections' is {max_connections}: "
+                          f"one client cannot hold more than the server accepts; set it to at most "
+                          f"{max_connections} (leave room for other clients, e.g. {max(1, max_connections // 4)})")
+    return value
 
 
 def _name_list(scope: _Scope, key: str, value: object) -> tuple[str, ...]:

@@ -16,19 +16,31 @@ this process. The module then runs the given module as ``__main__``, in this sam
 Polling rather than Linux's PR_SET_PDEATHSIG: that signal fires when the parent *thread* that
 started the child ends (ipyparallel starts processes from a helper thread), it exists only on
 Linux, and it reaches only direct children, not the forked schedulers.
+
+**Exit.** When the module ends (an engine or controller told to stop with SIGTERM), this process
+ends at once (:func:`exit_now`): its children, then ``os._exit``. Neither atexit functions nor
+the interpreter's teardown run: they took an engine 1-2 s (IPython clearing its namespace and
+closing its history, torch) and save nothing an engine or controller needs. An engine's nanny
+first gets ``NANNY_GRACE_S`` to tell a controller that is still up that its engine left (left to
+itself, it waits up to 3 s for one that is gone).
 """
 from __future__ import annotations
 
+import logging
 import os
 import runpy
+import subprocess
 import sys
 import threading
 import time
+import traceback
 
 WATCH_PID_ENV = "EXO_LAB_WATCH_PID"
 WATCH_START_ENV = "EXO_LAB_WATCH_START"
 POLL_S = 0.5
 TERMINATE_GRACE_S = 2.0
+NANNY_GRACE_S = 0.3         # an engine's nanny tells the controller the engine left (fast when it is up)
+EXIT_GRACE_S = 0.5          # children left at exit: SIGTERM, then SIGKILL after this long
 
 
 def command(module: str) -> list[str]:
@@ -102,13 +114,77 @@ def start_watch() -> bool:
     return True
 
 
+def run_module(module: str) -> int:
+    """Run ``module`` as ``__main__`` in this process; its exit status."""
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        return _exit_status(exc.code)
+    except BaseException as exc:
+        if not _stopped_by_signal(module, exc):
+            traceback.print_exc()
+            return 1
+    return 0
+
+
+def _exit_status(code) -> int:
+    if code is None or isinstance(code, int):
+        return code or 0
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _stopped_by_signal(module: str, exc: BaseException) -> bool:
+    # An ipyparallel engine stops on SIGTERM by stopping the tornado loop that run_sync waits on:
+    # tornado then raises this, which is the engine's normal way out, not a failure to report.
+    return (module == "ipyparallel.engine" and isinstance(exc, RuntimeError)
+            and "Event loop stopped before Future completed" in str(exc))
+
+
+def exit_now(status: int) -> None:
+    """End this process: its children (an engine's nanny gets NANNY_GRACE_S first), then
+    ``os._exit(status)`` after flushing logs and output; no atexit functions, no teardown."""
+    import psutil
+
+    try:
+        _release_nanny()
+        end_processes(psutil.Process().children(recursive=True), EXIT_GRACE_S)
+        logging.shutdown()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:   # a closed or broken stream: nothing left to say
+                pass
+        os._exit(status)
+
+
+def _release_nanny() -> None:
+    """Close the pipe an ipyparallel engine's nanny watches: it takes that as its engine's exit,
+    tells the controller (when that is still up) and ends; wait NANNY_GRACE_S for that."""
+    app = sys.modules.get("ipyparallel.engine.app")
+    if app is None or not app.IPEngine.initialized():
+        return
+    nanny = getattr(app.IPEngine.instance(), "nanny_pipe", None)
+    if not isinstance(nanny, subprocess.Popen):
+        return
+    try:
+        nanny.stdout.close()
+        nanny.wait(NANNY_GRACE_S)
+    except (OSError, subprocess.TimeoutExpired):
+        pass   # end_processes ends it
+
+
 def main() -> None:
     if len(sys.argv) < 2:
         sys.exit("usage: python -m exo_lab.lifeline MODULE [ARGS...]")
     module = sys.argv[1]
     start_watch()
+    from .limits import bound_process
+
+    bound_process()      # descriptor limit, short ZeroMQ handshakes (engines, the controller)
     sys.argv = [module, *sys.argv[2:]]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    exit_now(run_module(module))
 
 
 if __name__ == "__main__":

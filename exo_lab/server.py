@@ -18,7 +18,9 @@ import sys
 import threading
 from pathlib import Path
 
+from . import lifeline
 from .errors import ConfigError, ExoLabError
+from .limits import bound_logging, raise_descriptor_limit
 from .planning.options import OBJECTIVES
 from .units import DTYPES
 
@@ -48,7 +50,9 @@ def resolve_api_key(flag: str | None, config) -> str | None:
 
 def run_server(*, config_path=None, engines=None, max_cores=None, load_args: dict | None = None,
                host=None, port=None, api_key=None, served_model_names=None) -> int:
-    """Start the cluster, load the model, serve until interrupted. Returns the exit code.
+    """Start the cluster, load the model, serve until interrupted (Ctrl-C, SIGTERM); then stop
+    everything it started and end this process (status 0) at once, without the interpreter's
+    teardown, which takes about a second once torch is loaded: so it does not return then.
     ``load_args``: model, dtype, max_context, ... as flags give them (None: config, then default).
     ``served_model_names``: the flags' names; none given: the config's, else the model id."""
     from .cluster import Cluster
@@ -82,6 +86,7 @@ def run_server(*, config_path=None, engines=None, max_cores=None, load_args: dic
         print(serving_line(server, key), flush=True)
         stop.wait()
         print("stopping ...", flush=True)
+    lifeline.exit_now(0)
     return 0
 
 
@@ -182,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    bound_logging()
+    raise_descriptor_limit()      # engines and the controller inherit it
     try:
         return run_server(config_path=args.config, **server_arguments(args))
     except ExoLabError as exc:

@@ -28,12 +28,15 @@ from pathlib import Path
 from . import lifeline
 from .config import DeviceConfig, load_config
 from .errors import ClusterError, ConfigError, ExoLabError
+from .limits import bound_logging, raise_descriptor_limit
 from .coordinator.launch import (default_profile_dir, engine_environment, joined_connection_info,
                                  read_connection_info, session_key, wait_for_connection_file)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_JOIN_TIMEOUT_S = 120.0
+ENGINE_STOP_S = 2.0         # on stop: SIGTERM to SIGKILL for an engine that does not exit
+LEFTOVER_GRACE_S = 0.5      # on stop: an engine's child left behind, SIGTERM to SIGKILL
 
 
 def find_device(config, name: str | None):
@@ -146,17 +149,30 @@ def run_worker(config_path, device_name=None, connection_file=None, profile_dir=
         while not stopping and any(p.poll() is None for p in processes):
             time.sleep(0.2)
     finally:
-        for p in processes:
-            if p.poll() is None:
-                p.terminate()
-        for p in processes:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_engines(processes)
         if storage_loop is not None:
             storage_loop.stop()
     return 0 if stopping else 1
+
+
+def stop_engines(processes: list[subprocess.Popen]) -> None:
+    """SIGTERM every engine (each ends in well under a second, its nanny with it: see
+    exo_lab.lifeline), SIGKILL those left after ENGINE_STOP_S, then end whatever of their
+    children is left (a killed engine's nanny)."""
+    import psutil
+
+    engines, children = [], []
+    for process in processes:
+        if process.poll() is not None:
+            continue        # ended and reaped: its pid may be another process's by now
+        try:
+            engine = psutil.Process(process.pid)
+            engines.append(engine)
+            children += engine.children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    lifeline.end_processes(engines, ENGINE_STOP_S)
+    lifeline.end_processes([child for child in children if child.is_running()], LEFTOVER_GRACE_S)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    bound_logging()
+    raise_descriptor_limit()      # the engines inherit it
     try:
         return run_worker(args.config, args.device, args.connection_file, args.profile_dir)
     except ExoLabError as exc:

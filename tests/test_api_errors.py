@@ -34,8 +34,9 @@ def refused(server, method, path, body=None, *, status, param=None, code=None, k
 # ---------------------------------------------------------------- 400: malformed bodies and types
 @pytest.mark.parametrize("raw", [b'{"model": "demo", "messages": [', b"not json at all", b"\xff\xfe{}",
                                  b'{"model": "demo", "temperature": NaN}', b"",
-                                 b"[" * 200_000 + b"]" * 200_000],
-                         ids=["truncated", "not-json", "not-utf8", "nan", "empty", "deep-nesting"])
+                                 b"[" * 200_000 + b"]" * 200_000,
+                                 b'{"model": "demo", "messages": ' + b"[" * 983 + b"]" * 983 + b"}"],
+                         ids=["truncated", "not-json", "not-utf8", "nan", "empty", "deep-nesting", "983-deep"])
 def test_malformed_json_is_400(server, raw):
     refused(server, "POST", CHAT, raw, status=400, code="invalid_json")
 

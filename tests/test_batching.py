@@ -5,7 +5,7 @@ architecture; each one's greedy tokens are compared with the same request run al
 differ, the alone run's top-two logits at the first difference must be a near-tie (closer than
 1e-3, from the reference transformers model): batched float sums may round differently there
 and nowhere else. Also: the waiting queue and its limit, cancellation inside a batch, a bad
-request next to a batch, and prefix reuse.
+request next to a batch, prefix reuse, and a request preempted for another client's.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import exo_lab
+from exo_lab.coordinator.tenants import Tenant
 from exo_lab.errors import QueueFull, RequestError
 from exo_lab.sampling import SamplingParams
 
@@ -114,9 +115,9 @@ def test_past_the_queue_limit_a_request_is_refused_with_queue_full(small_batch):
     assert small_batch.generate(prompts[0], max_new_tokens=3, ignore_eos=True).completion_tokens == 3
 
 
-async def _drain(cluster, prompt, count):
+async def _drain(cluster, prompt, count, tenant=None):
     tokens = []
-    async for event in cluster.astream(prompt, SamplingParams(max_new_tokens=count, ignore_eos=True)):
+    async for event in cluster.astream(prompt, SamplingParams(max_new_tokens=count, ignore_eos=True), tenant):
         tokens.extend(event.token_ids)
     return tokens
 
@@ -168,6 +169,26 @@ def test_a_chats_next_turn_reuses_the_kv_of_the_turn_before(small_batch):
     cold = small_batch.generate(turn, max_new_tokens=8, ignore_eos=True)
     assert small_batch.metrics.prefix_tokens_total - before < len(history)
     assert warm.token_ids == cold.token_ids
+
+
+def test_a_preempted_request_replays_and_gets_the_tokens_it_gets_alone(small_batch):
+    """Client A holds both slots; client B's request takes one back (fair share), and the A
+    request that gave it up replays its prompt and tokens so far when a slot frees."""
+    prompts = demo_prompts(small_batch, 3)
+    counts = [60, 60, 10]
+    alone = [small_batch.generate(p, max_new_tokens=n, ignore_eos=True).token_ids for p, n in zip(prompts, counts)]
+    preempted = small_batch.metrics.preempted_total
+
+    async def contended():
+        first = small_batch.metrics.tokens_total
+        hog = [asyncio.ensure_future(_drain(small_batch, p, n, Tenant("a"))) for p, n in zip(prompts, counts[:2])]
+        while small_batch.metrics.tokens_total < first + 10:        # both of A's are decoding
+            await asyncio.sleep(0.005)
+        other = await _drain(small_batch, prompts[2], counts[2], Tenant("b"))
+        return [*(await asyncio.gather(*hog)), other]
+
+    assert small_batch._loop.run(contended()) == alone
+    assert small_batch.metrics.preempted_total == preempted + 1
 
 
 def _engine(engine_id: int, host: str, threads: int, cores: int, kind: str = "cpu"):

@@ -736,6 +736,30 @@ def test_api_without_value(tmp_path):
                  r"'api' must be a mapping of keys to values, got no value")
 
 
+def test_per_client_caps(tmp_path):
+    cfg = load_config(write(tmp_path, USER_EXAMPLE + "api:\n  max_connections: 100\n  max_running_per_client: 4\n"
+                                                     "  max_queued_per_client: 8\n"))
+    assert (cfg.api.max_connections_per_client, cfg.api.max_running_per_client, cfg.api.max_queued_per_client) \
+        == (25, 4, 8)       # a quarter of max_connections unless given
+    assert ApiConfig().max_connections_per_client == ApiConfig().max_connections // 4
+
+
+def test_per_client_connections_above_the_servers(tmp_path):
+    expect_error(tmp_path, USER_EXAMPLE + "api:\n  max_connections: 100\n  max_connections_per_client: 200\n",
+                 r"api: 'max_connections_per_client' is 200 but 'max_connections' is 100: one client cannot "
+                 r"hold more than the server accepts; set it to at most 100 \(leave room for other clients, e.g. 25\)")
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("max_connections_per_client", "0", r"a positive whole number \(1 or more\), got 0"),
+    ("max_running_per_client", "all", r"a positive whole number, got 'all' \(a string\)"),
+    ("max_queued_per_client", "-3", r"a positive whole number \(1 or more\), got -3"),
+    ("max_queued_per_client", "2.5", r"a positive whole number, got 2.5 \(float\)"),
+])
+def test_bad_per_client_cap(tmp_path, key, value, says):
+    expect_error(tmp_path, USER_EXAMPLE + f"api:\n  {key}: {value}\n", rf"api: '{key}' must be {says}")
+
+
 # --------------------------------------------------------------------------- fixture files
 
 @pytest.mark.parametrize("name, pattern", [

@@ -288,6 +288,47 @@ def test_a_rogue_frame_into_a_stage_inbox_is_dropped_and_counted(lab, reference)
                                for r in s["engines"]), 20, "counting the rogue frames")
 
 
+FLOODER = """
+import resource, socket, sys, time
+host, port, count, hold_s, payload = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), bytes.fromhex(sys.argv[5])
+resource.setrlimit(resource.RLIMIT_NOFILE, (count + 100, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+held = []
+for _ in range(count):
+    sock = socket.socket()
+    sock.settimeout(2)
+    try:
+        sock.connect((host, port))
+        sock.send(payload)
+        held.append(sock)
+    except OSError:
+        sock.close()
+print("ready", len(held), flush=True)
+time.sleep(hold_s)
+"""
+
+
+def test_a_hostile_pc_flooding_a_stage_inbox_does_not_stop_the_pipeline(lab, reference):
+    """system-d (on the LAN, inside the firewall's range) holds 1,100 connections to system-c's
+    stage inbox, each stuck after 11 bytes of ZMTP's greeting: the pipeline still answers token
+    for token and /health stays 200."""
+    port = listening_ports(lab, "system-c")[0]      # a compute PC listens only on its stage inbox
+    zmtp_start = (b"\xff" + bytes(8) + b"\x7f" + b"\x03").hex()
+    flooder = lab.net.start("system-d", [sys.executable, "-c", FLOODER, lab.net.pcs["system-c"].address, str(port),
+                                         "1100", "20", zmtp_start], stdout=subprocess.PIPE, text=True)
+    try:
+        ready = read_until(flooder, "ready", 60)[-1].split()
+        assert int(ready[1]) > 0, ready
+        started = time.monotonic()
+        assert lab.complete().choices[0].text == reference
+        answered_s = time.monotonic() - started
+        with urllib.request.urlopen(lab.api + "/health", timeout=30) as response:
+            assert response.status == 200
+    finally:
+        lab.net.stop(flooder, timeout_s=5)
+    print(f"\nflood of {ready[1]} connections on system-c's inbox: a {MAX_TOKENS}-token answer in {answered_s:.2f} s")
+    assert lab.complete().choices[0].text == reference
+
+
 def listening_ports(lab, name: str) -> list[int]:
     """TCP ports a PC listens on from outside (not loopback-only sockets)."""
     out = lab.net.run(name, ["ss", "-ltnH"]).stdout

@@ -14,7 +14,7 @@ Routes: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions
 - Request bodies: at most ``MAX_BODY_BYTES`` (1 MiB); larger ones get a 413. POST bodies must be
   ``application/json`` (415 otherwise).
 - Limits (:class:`ApiLimits`): connections, header/body timeouts, and on a loopback bind only
-  requests for ``localhost`` / ``127.0.0.1`` / ``[::1]`` (DNS rebinding); see exo_lab.api.guard.
+  requests for ``localhost`` / ``127.0.0.1`` / ``[::1]`` (DNS rebinding); see exo_lab.httpguard.
   Stop strings, prompt length and token ids are bounded before any work (exo_lab.api.params).
 - Errors: OpenAI's body ``{"error": {"message", "type", "param", "code"}}``. A request field this
   server cannot honour is refused with a 400 naming it (see exo_lab.api.params), never ignored.

@@ -13,8 +13,9 @@ import logging
 
 import tornado.web
 
-from ..errors import ClusterError, RequestError
+from ..errors import ClusterError, QueueFull, RequestError
 from .errors import ApiError, api_error_from, bad_request, redact
+from .params import check_json_nesting, may_hold_surrogates
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +73,10 @@ class ApiHandler(tornado.web.RequestHandler):
         return error
 
     def log_exception(self, typ, value, tb) -> None:
-        # A client's mistake is one info line; a broken cluster a warning; anything else a traceback.
+        # A client's mistake (or its own limit reached) is one info line; a broken cluster a warning;
+        # anything else a traceback.
         where = f"{self.request.method} {self.request.path}"
-        if isinstance(value, (ApiError, RequestError, tornado.web.HTTPError)):
+        if isinstance(value, (ApiError, RequestError, QueueFull, tornado.web.HTTPError)):
             logger.info("%s refused: %s", where, value)
         elif isinstance(value, ClusterError):
             logger.warning("%s failed: %s", where, value)
@@ -131,14 +133,17 @@ class JsonBodyHandler(ApiHandler):
     def json_body(self) -> dict:
         if self._body_bytes > MAX_BODY_BYTES:
             raise body_too_large(self._body_bytes)
+        raw = bytes(self._body)
+        check_json_nesting(raw)     # [[[[...]]]] 983 deep parsed, then failed deeper in: a 500
         try:
-            body = json.loads(bytes(self._body).decode("utf-8"), parse_constant=_refuse_constant)
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:   # RecursionError: [[[[...]]]]
+            body = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object", code="invalid_json")
         try:
-            dumps(body)     # one C-speed pass: every string (keys too) must be encodable
+            if may_hold_surrogates(raw):
+                dumps(body)     # one C-speed pass: every string (keys too) must be encodable
         except UnicodeEncodeError:
             raise bad_request("the request body holds a lone surrogate escape such as \"\\ud800\" in a "
                               "string: that is not Unicode text; send UTF-8 text",

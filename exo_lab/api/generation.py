@@ -8,6 +8,11 @@ against the handler's own abort flag (:meth:`GenerationHandler.next_event`).
 
 When the server stops (``ApiServer.astop``, SIGTERM of ``exo-lab serve``) every generation in
 flight ends cleanly: a stream with an error event and ``[DONE]``, a whole completion with a 503.
+
+Each request runs as its client's tenant (:mod:`exo_lab.api.tenants`: the TCP peer's address and
+the accepted API key, narrowed by ``user`` and ``X-Exo-Lab-Isolation`` for prefix reuse), under
+the config's ``api.max_running_per_client`` and ``api.max_queued_per_client``; past them the
+scheduler's QueueFull is a 429 naming the client's own limit, with Retry-After.
 """
 from __future__ import annotations
 
@@ -19,10 +24,12 @@ from contextlib import aclosing
 
 from tornado.iostream import StreamClosedError
 
+from ..coordinator.tenants import Tenant
 from ..errors import ClusterError, RequestError
 from .base import JsonBodyHandler, dumps
 from .errors import bad_request
 from .params import GenerationRequest, parse_chat_request, parse_completion_request
+from .tenants import ISOLATION_HEADER, client_address, request_tenant, tenant_limits
 
 logger = logging.getLogger(__name__)
 
@@ -111,15 +118,23 @@ class GenerationHandler(JsonBodyHandler):
         reply = Reply(f"{self.id_prefix}-{uuid.uuid4().hex}", int(time.time()), request.model,
                       len(request.prompt_ids))
         started = time.perf_counter()
-        async with aclosing(self.cluster.astream(list(request.prompt_ids), request.params)) as events:
+        tenant = self.tenant(request)
+        async with aclosing(self.cluster.astream(list(request.prompt_ids), request.params, tenant)) as events:
             first = await self.first_event(events, request)
             if request.stream:
                 await self.stream(reply, request, first, events)
             else:
                 await self.complete(reply, first, events)
-        logger.info("%s %s: %d prompt + %d completion tokens, finish %s, %.2f s%s", self.request.path,
-                    reply.response_id, reply.prompt_tokens, reply.completion_tokens, reply.finish_reason,
-                    time.perf_counter() - started, f", user {request.user!r}" if request.user else "")
+        logger.info("%s %s: %d prompt + %d completion tokens, finish %s, %.2f s, client %s (%s)%s",
+                    self.request.path, reply.response_id, reply.prompt_tokens, reply.completion_tokens,
+                    reply.finish_reason, time.perf_counter() - started, tenant.label, self.request.remote_ip,
+                    f", user {request.user!r}" if request.user else "")
+
+    def tenant(self, request: GenerationRequest) -> Tenant:
+        """Who asks: the TCP peer (``remote_ip``: tornado is not told to trust forwarding headers)
+        with the key it passed, under the config's per-client caps."""
+        return request_tenant(self.request.remote_ip, self.server.api_key, request.user,
+                              self.request.headers.get(ISOLATION_HEADER), tenant_limits(self.cluster.config))
 
     async def first_event(self, events, request: GenerationRequest):
         """The first event, awaited before any header is sent so refusals keep their status."""
@@ -223,7 +238,8 @@ class ChatCompletionsHandler(GenerationHandler):
     chunk_object_name = "chat.completion.chunk"
 
     async def parse(self, body: dict) -> GenerationRequest:
-        return await parse_chat_request(body, self.cluster, self.server.model_names)
+        return await parse_chat_request(body, self.cluster, self.server.model_names,
+                                        client=client_address(self.request.remote_ip))
 
     def choice(self, text: str, finish_reason: str | None) -> dict:
         return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
@@ -242,7 +258,8 @@ class CompletionsHandler(GenerationHandler):
     """POST /v1/completions."""
 
     async def parse(self, body: dict) -> GenerationRequest:
-        return await parse_completion_request(body, self.cluster, self.server.model_names)
+        return await parse_completion_request(body, self.cluster, self.server.model_names,
+                                              client=client_address(self.request.remote_ip))
 
     def choice(self, text: str, finish_reason: str | None) -> dict:
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}

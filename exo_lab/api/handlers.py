@@ -1,6 +1,10 @@
 """The small routes: models, health, metrics."""
 from __future__ import annotations
 
+import asyncio
+import time
+import weakref
+
 from .base import ApiHandler
 from .errors import model_not_found, redact
 
@@ -28,18 +32,72 @@ class HealthHandler(ApiHandler):
     """GET /health: 200 when a model is loaded and every stage answers a ping, else 503 and why.
 
     Open without the API key, so probes and load balancers need no secret; it tells only the
-    model's primary served name (its id when none is given) and, when unhealthy, the reason.
+    model's primary served name (its id when none is given) and, when unhealthy, the reason (about
+    the cluster's engines, never a request). Cheap, whatever the rate: :class:`SharedHealth`.
     """
 
     requires_key = False
 
     async def get(self) -> None:
-        ok, reason = await self.cluster.ahealth()
+        ok, reason = await shared_health(self.server).get()
         if ok:
             self.write_json({"status": "ok", "model": self.server.model_names()[0]})
         else:
             self.write_json({"status": "unavailable", "reason": redact(reason, self.server.private_names())},
                             status=503)
+
+
+HEALTH_TTL_S = 2.0      # /health sends a ping through the stages at most this often
+
+
+class SharedHealth:
+    """The cluster's health as /health reports it. What the coordinator already knows (no model,
+    a failure, a failover under way) is read on every call; the costly check, ``cluster.ahealth()``
+    (a ping through every stage), runs at most once per HEALTH_TTL_S and pipeline, one call at a
+    time shared by every caller. So a flood of /health never reaches the stages, and how long
+    /health takes does not follow what the stages are busy with."""
+
+    def __init__(self, cluster):
+        self.cluster = cluster
+        self._checked: tuple[object, float, tuple[bool, str]] | None = None   # (pipeline, when, result)
+        self._pending: asyncio.Future | None = None
+
+    async def get(self) -> tuple[bool, str]:
+        problem = known_problem(self.cluster)
+        if problem:
+            return False, problem
+        pipeline, now = self.cluster.pipeline, time.monotonic()
+        if self._checked is not None and self._checked[0] is pipeline and now - self._checked[1] < HEALTH_TTL_S:
+            return self._checked[2]
+        if self._pending is None or self._pending.done():
+            self._pending = asyncio.ensure_future(self._check(pipeline))
+        # shield: a caller that hangs up must not cancel the check the others wait for
+        return await asyncio.shield(self._pending)
+
+    async def _check(self, pipeline) -> tuple[bool, str]:
+        result = await self.cluster.ahealth()
+        self._checked = (pipeline, time.monotonic(), result)
+        return result
+
+
+def known_problem(cluster) -> str | None:
+    """Why the cluster cannot serve, from what it already knows (no call to any engine), or None."""
+    if cluster.failure:
+        return cluster.failure
+    if not cluster.loaded:
+        return "no model is loaded"
+    return f"recovering: {cluster.recovering}" if cluster.recovering else None
+
+
+_HEALTH = weakref.WeakKeyDictionary()     # ApiServer -> its SharedHealth
+
+
+def shared_health(server) -> SharedHealth:
+    """The one SharedHealth of ``server`` (an ApiServer)."""
+    health = _HEALTH.get(server)
+    if health is None:
+        health = _HEALTH[server] = SharedHealth(server.cluster)
+    return health
 
 
 class MetricsHandler(ApiHandler):

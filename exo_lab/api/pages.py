@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 from pathlib import Path
 
 import tornado.web
@@ -22,6 +23,7 @@ from ..notebook.formatting import engine_views, metrics_line, model_line, title_
 from .base import ApiHandler
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+STATIC_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")      # the files under STATIC_DIR
 PAGES = {"chat": "chat.html", "dashboard": "dashboard.html"}
 # Everything a page loads comes from this server; nothing may reach any other address.
 CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
@@ -56,7 +58,14 @@ class PageHandler(ApiHandler):
 
 
 class StaticHandler(tornado.web.StaticFileHandler):
-    """The pages' scripts and styles; revalidated on every load so an upgrade shows at once."""
+    """The pages' scripts and styles; revalidated on every load so an upgrade shows at once.
+    A name that is not a plain file name (``..``, a NUL byte, a dot file) is a 404 before any
+    file-system call: ``/static/a%00`` made os.stat raise, a 500 with a traceback in the log."""
+
+    def parse_url_path(self, url_path: str) -> str:
+        if not STATIC_NAME.fullmatch(url_path):
+            raise tornado.web.HTTPError(404)
+        return super().parse_url_path(url_path)
 
     def set_extra_headers(self, path: str) -> None:
         self.set_header("Cache-Control", "no-cache")

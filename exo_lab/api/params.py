@@ -11,28 +11,40 @@ Every field of OpenAI's chat and completions requests is in one of three groups:
 Defaults follow OpenAI: temperature 1, top_p 1; max_tokens is what is left of the context for
 chat and 16 for completions.
 
-Bounds, checked before any work: at most ``MAX_STOP_STRINGS`` stop strings (OpenAI's 4) of at
-most ``MAX_STOP_CHARS`` characters each; a prompt of at most ``MAX_CHARS_PER_CONTEXT_TOKEN``
-characters per token of context (a longer one cannot fit, whatever the tokenizer makes of it)
-and, as token ids, at most the context. Tokenizing runs on a worker thread, never on the
-event loop that serves every other client.
+Bounds, checked before any work (each refusal is a 400 that names the limit and the fix):
+- the body: at most ``MAX_BODY_BYTES`` (exo_lab.api.base, 413) and nested at most
+  ``MAX_JSON_DEPTH`` deep (:func:`check_json_nesting`, before it is parsed);
+- at most ``MAX_MESSAGES`` messages (OpenAI's 2,048) with at most ``MAX_CONTENT_PARTS`` content
+  parts in all; at most ``MAX_STOP_STRINGS`` stop strings (OpenAI's 4) of at most
+  ``MAX_STOP_CHARS`` characters each;
+- a prompt of at most ``MAX_CHARS_PER_CONTEXT_TOKEN`` characters per token of context (a
+  longer one cannot fit, whatever the tokenizer makes of it), where each chat message also
+  counts that many (its role markers take at least a token: 30,000 empty messages are not a
+  short prompt); as token ids, at most the context.
+Tokenizing runs on the API's tokenizer thread, never on the event loop that serves every other
+client, with the clients taking turns (:mod:`exo_lab.api.tokenizing`).
 """
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from ..coordinator.chat import normalize_messages
 from ..errors import ClusterError
 from ..sampling import SamplingParams
 from .errors import bad_request, model_not_found, unsupported
+from .tokenizing import TOKENIZER
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
 MAX_STOP_STRINGS = 4                  # as OpenAI
 MAX_STOP_CHARS = 256                  # per stop string: matching costs its length squared per token
 MAX_CHARS_PER_CONTEXT_TOKEN = 16      # prompt characters allowed per token of context
+MAX_MESSAGES = 2048                   # as OpenAI
+MAX_CONTENT_PARTS = 2048              # text parts of all messages together
+MAX_JSON_DEPTH = 64                   # an OpenAI body nests 5 deep; Python's parser fails near 1,000
 SEED_RANGE = (-2**63, 2**64)          # what torch.Generator.manual_seed takes (half-open)
 
 SHARED_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
@@ -83,14 +95,15 @@ class GenerationRequest:
     user: str | None         # the caller's end-user id; logged with the request
 
 
-async def parse_chat_request(body: dict, cluster, model_names: ModelNames) -> GenerationRequest:
+async def parse_chat_request(body: dict, cluster, model_names: ModelNames, client: str = "") -> GenerationRequest:
     """Validate a /v1/chat/completions body; ``model_names()``: the names ``model`` may take
-    (ApiServer.model_names). Raises ApiError (or RequestError for bad messages)."""
+    (ApiServer.model_names); ``client``: who asks, for the tokenizer's turns. Raises ApiError
+    (or RequestError for bad messages)."""
     check_fields(body, CHAT_FIELDS, CHAT_DEFAULT_ONLY)
     model = check_model(body, cluster, model_names)
     messages = chat_messages(body)
-    check_prompt_chars(sum(len(m["content"]) for m in messages), cluster, "messages")
-    prompt_ids = await off_loop(cluster.encode_chat, messages)
+    check_prompt_chars(sum(len(m["content"]) for m in messages), cluster, "messages", messages=len(messages))
+    prompt_ids = await off_loop(client, cluster.encode_chat, messages)
     max_tokens = chat_max_tokens(body)
     if max_tokens is None:
         # OpenAI's default: whatever the context has left after the prompt.
@@ -98,11 +111,13 @@ async def parse_chat_request(body: dict, cluster, model_names: ModelNames) -> Ge
     return generation_request(body, model, prompt_ids, max_tokens)
 
 
-async def parse_completion_request(body: dict, cluster, model_names: ModelNames) -> GenerationRequest:
-    """Validate a /v1/completions body; ``model_names()``: the names ``model`` may take. Raises ApiError."""
+async def parse_completion_request(body: dict, cluster, model_names: ModelNames,
+                                   client: str = "") -> GenerationRequest:
+    """Validate a /v1/completions body; ``model_names()``: the names ``model`` may take;
+    ``client``: who asks, for the tokenizer's turns. Raises ApiError."""
     check_fields(body, COMPLETION_FIELDS, COMPLETION_DEFAULT_ONLY)
     model = check_model(body, cluster, model_names)
-    prompt_ids = await completion_prompt(body, cluster)
+    prompt_ids = await completion_prompt(body, cluster, client)
     max_tokens = integer(body, "max_tokens", minimum=1)
     return generation_request(body, model, prompt_ids,
                               COMPLETIONS_DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens)
@@ -159,11 +174,24 @@ def check_model(body: dict, cluster, model_names: ModelNames) -> str:
 def chat_messages(body: dict) -> list[dict]:
     messages = body.get("messages")
     if isinstance(messages, list):
+        check_message_counts(messages)
         for index, message in enumerate(messages):
             extra = sorted(set(message) - set(MESSAGE_FIELDS)) if isinstance(message, dict) else []
             if extra:
                 raise unsupported(f"messages[{index}].{extra[0]}", "nothing (only role and content are used)")
     return normalize_messages(messages)
+
+
+def check_message_counts(messages: list) -> None:
+    """At most MAX_MESSAGES messages and MAX_CONTENT_PARTS content parts, before any other work."""
+    if len(messages) > MAX_MESSAGES:
+        raise bad_request(f"'messages' holds {len(messages)} messages; at most {MAX_MESSAGES} are allowed: "
+                          "drop or merge older turns", param="messages", code="too_many_messages")
+    parts = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list))
+    if parts > MAX_CONTENT_PARTS:
+        raise bad_request(f"the messages hold {parts} content parts; at most {MAX_CONTENT_PARTS} are allowed "
+                          "in all: join the texts of a message into one string", param="messages",
+                          code="too_many_content_parts")
 
 
 def chat_max_tokens(body: dict) -> int | None:
@@ -175,14 +203,14 @@ def chat_max_tokens(body: dict) -> int | None:
     return current if current is not None else legacy
 
 
-async def completion_prompt(body: dict, cluster) -> list[int]:
+async def completion_prompt(body: dict, cluster, client: str = "") -> list[int]:
     """A string or a list of token ids (a batch of exactly one of those is unwrapped)."""
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
         check_prompt_chars(len(prompt), cluster, "prompt")
-        ids = await off_loop(cluster.encode, prompt)
+        ids = await off_loop(client, cluster.encode, prompt)
     elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
         if len(prompt) > cluster.context_length:
             raise bad_request(f"'prompt' holds {len(prompt)} token ids; this model's context is "
@@ -196,26 +224,64 @@ async def completion_prompt(body: dict, cluster) -> list[int]:
     return ids
 
 
-def check_prompt_chars(chars: int, cluster, param: str) -> None:
-    """Refuse, before tokenizing, a prompt too long for the context whatever its tokens."""
+def check_prompt_chars(chars: int, cluster, param: str, messages: int = 0) -> None:
+    """Refuse, before tokenizing, a prompt too long for the context whatever its tokens; each of
+    ``messages`` counts MAX_CHARS_PER_CONTEXT_TOKEN characters more (its role markers)."""
     limit = MAX_CHARS_PER_CONTEXT_TOKEN * cluster.context_length
-    if chars > limit:
-        raise bad_request(f"the prompt has {chars} characters; this model's context of "
-                          f"{cluster.context_length} tokens takes at most {limit} "
-                          f"({MAX_CHARS_PER_CONTEXT_TOKEN} per token): shorten it", param=param,
-                          code="context_length_exceeded")
+    counted = chars + MAX_CHARS_PER_CONTEXT_TOKEN * messages
+    if counted > limit:
+        held = (f"{chars} characters in {messages} messages, which count as {counted} (each message "
+                f"counts {MAX_CHARS_PER_CONTEXT_TOKEN} more)" if messages else f"{chars} characters")
+        raise bad_request(f"the prompt has {held}; this model's context of {cluster.context_length} tokens "
+                          f"takes at most {limit} ({MAX_CHARS_PER_CONTEXT_TOKEN} per token): shorten it",
+                          param=param, code="context_length_exceeded")
 
 
-_tokenizer_thread: concurrent.futures.ThreadPoolExecutor | None = None
+def check_json_nesting(raw: bytes, limit: int = MAX_JSON_DEPTH) -> None:
+    """Refuse, before parsing, a body whose arrays and objects nest more than ``limit`` deep:
+    Python's parser recurses and fails near 1,000 levels."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return
+    depth = json_depth(raw)
+    if depth > limit:
+        raise bad_request(f"the request body nests arrays and objects {depth} levels deep; at most {limit} "
+                          "are allowed (an OpenAI request needs 5): flatten it", code="invalid_json")
 
 
-async def off_loop(function, *args):
-    """``function(*args)`` on the tokenizer thread. One thread: tokenizers are not safe to call
-    from several threads at once, and the character cap bounds each call."""
-    global _tokenizer_thread
-    if _tokenizer_thread is None:
-        _tokenizer_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="exo-lab-tokenizer")
-    return await asyncio.get_running_loop().run_in_executor(_tokenizer_thread, function, *args)
+def json_depth(raw: bytes) -> int:
+    """How deep the arrays and objects of a JSON text nest, brackets inside strings left out;
+    linear, without recursion and without a Python object per character (about 10 ms a mebibyte).
+    Escaped backslashes, then escaped quotes, are dropped first, so each quote left opens or
+    closes a string."""
+    plain = np.frombuffer(raw.replace(b"\\\\", b"").replace(b'\\"', b""), dtype=np.uint8)
+    outside = (np.cumsum(plain == ord('"'), dtype=np.int32) & 1) == 0
+    steps = _BRACKET_STEPS[plain] * outside
+    return int(np.cumsum(steps, dtype=np.int32).max(initial=0))
+
+
+def may_hold_surrogates(raw: bytes) -> bool:
+    """Whether a UTF-8 JSON text may hold a lone surrogate ("\\ud800"): only a \\u escape can
+    put one in. False spares the parsed body a costly check."""
+    return _SURROGATE_ESCAPE.search(raw) is not None
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _bracket_steps() -> np.ndarray:
+    steps = np.zeros(256, dtype=np.int8)       # byte -> +1 opens, -1 closes, 0 anything else
+    steps[[ord("["), ord("{")]] = 1
+    steps[[ord("]"), ord("}")]] = -1
+    return steps
+
+
+_BRACKET_STEPS = _bracket_steps()
+
+
+async def off_loop(client: str, function, *args):
+    """``function(*args)`` on the API's tokenizer thread, in ``client``'s turn
+    (:mod:`exo_lab.api.tokenizing`); the caps above bound each call."""
+    return await TOKENIZER.run(client, function, *args)
 
 
 def _checked_token_ids(ids: list[int], vocab_size: int) -> list[int]:

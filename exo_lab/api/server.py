@@ -7,15 +7,16 @@ import socket
 import time
 
 import tornado.httpserver
-import tornado.netutil
 import tornado.web
 
 from ..errors import ConfigError
+from ..httpguard import GuardedHTTPServer, HostCheck, bind_sockets
 from .base import MAX_BODY_BYTES, NotFoundHandler
-from .guard import ApiLimits, GuardedHTTPServer, HostCheck
 from .generation import ChatCompletionsHandler, CompletionsHandler
+from .guard import ApiLimits
 from .handlers import HealthHandler, MetricsHandler, ModelHandler, ModelsHandler
 from .pages import page_routes
+from .tenants import ConnectionCounter
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +27,8 @@ WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 
 class ApiServer:
     """A running API server. ``url`` is where clients reach it (the real port when 0 was asked for);
-    :meth:`stop` may be called from any thread but the loop's own. ``limits``: connection cap,
-    timeouts and the Host allow-list (:class:`~exo_lab.api.guard.ApiLimits`).
+    :meth:`stop` may be called from any thread but the loop's own. ``limits``: connection caps
+    (in all and per client), timeouts and the Host allow-list (:class:`~exo_lab.api.guard.ApiLimits`).
     ``served_model_names``: the names clients call the model by (see :meth:`model_names`)."""
 
     def __init__(self, cluster, *, host: str, api_key: str | None, limits: ApiLimits | None = None,
@@ -36,6 +37,8 @@ class ApiServer:
         self.host = host
         self.api_key = api_key
         self.limits = limits or ApiLimits()
+        per_client = self.limits.max_connections_per_client
+        self.connections = ConnectionCounter(per_client) if per_client else None   # per client
         self.served_model_names = check_served_model_names(served_model_names)
         self.port: int | None = None
         self.started = int(time.time())
@@ -55,12 +58,13 @@ class ApiServer:
         return f"http://{host}:{self.port}"
 
     async def astart(self, port: int) -> None:
-        sockets = tornado.netutil.bind_sockets(port, address=self.host or None)
+        sockets = bind_sockets(port, self.host)
         self.port = sockets[0].getsockname()[1]
         self._loop = asyncio.get_running_loop()
         self._http = GuardedHTTPServer(make_app(self), max_body_size=MAX_BODY_BYTES, limits=self.limits,
                                        host_check=HostCheck(self.host, self.limits.allowed_hosts),
-                                       count_response=self.count_response)
+                                       count_response=self.count_response, name="the API",
+                                       per_client=self.connections)
         self._http.add_sockets(sockets)
         logger.info("serving the OpenAI-compatible API at %s/v1 (API key %s)", self.url,
                     "required" if self.api_key else "not required")

@@ -19,6 +19,9 @@ logger = logging.getLogger(__name__)
 # A dead engine is noticed after HEARTBEAT_PERIOD_MS x (HEARTBEAT_MISSES + 1) at most.
 HEARTBEAT_PERIOD_MS = 1000
 HEARTBEAT_MISSES = 4
+# A SIGTERMed controller or engine exits in well under a second (exo_lab.lifeline); one stuck in
+# a long native call (a big matmul, a load) is killed after this instead of ipyparallel's 5 s.
+STOP_SECONDS_UNTIL_KILL = 1
 
 
 def controller_args(port: int | None = None) -> list[str]:
@@ -99,7 +102,8 @@ def make_ipp_cluster(*, profile_dir: Path, controller_ip: str, controller_locati
 
 def lifeline_config():
     """ipyparallel launcher settings that start the controller and the engines under
-    :mod:`exo_lab.lifeline`: they end when this process dies, even by SIGKILL."""
+    :mod:`exo_lab.lifeline`: they end when this process dies, even by SIGKILL, and soon after a
+    SIGTERM (STOP_SECONDS_UNTIL_KILL)."""
     from traitlets.config import Config
 
     from .. import lifeline
@@ -108,6 +112,8 @@ def lifeline_config():
     config.LocalControllerLauncher.controller_cmd = lifeline.command("ipyparallel.controller")
     config.LocalControllerLauncher.environment = lifeline.watch_environment()
     config.LocalEngineSetLauncher.engine_cmd = lifeline.command("ipyparallel.engine")
+    for launcher in ("LocalControllerLauncher", "LocalEngineLauncher", "LocalEngineSetLauncher"):
+        config[launcher].stop_seconds_until_kill = STOP_SECONDS_UNTIL_KILL
     return config
 
 

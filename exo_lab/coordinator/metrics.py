@@ -1,4 +1,11 @@
-"""The cluster's own counters: what /metrics exports, what the widget and plots read."""
+"""The cluster's own counters: what /metrics exports, what the widget and plots read.
+
+Shared by every client, so nothing here may tell one client about another's prompts or outputs:
+counts of requests, tokens and steps, and timings, are exported; how many prompt tokens a
+request reused from a cached prefix (which measures how far it matched a cached prompt) stays in
+this process (``prefix_tokens_total``, for the notebook) and is neither on /metrics nor in the
+status. Per-client load is shown by opaque labels only (``clients``).
+"""
 from __future__ import annotations
 
 import time
@@ -18,7 +25,9 @@ class Metrics:
     running: int = 0                                        # requests holding a KV slot
     queued: int = 0                                         # requests waiting for one
     prefix_hits_total: int = 0                              # requests that reused a slot's KV prefix
-    prefix_tokens_total: int = 0                            # prompt tokens not prefilled thanks to it
+    prefix_tokens_total: int = 0                            # prompt tokens not prefilled thanks to it (not exported)
+    preempted_total: int = 0                                # requests whose slot went to a client with fewer
+    clients: list = field(default_factory=list)             # [{"client": label, "running", "queued"}]
     steps_total: int = 0                                    # micro-batches sent down the pipe
     failovers_total: int = 0                                # pipelines lost and re-planned
     replayed_total: int = 0                                 # requests replayed after one
@@ -53,6 +62,9 @@ class Metrics:
         self.prefix_hits_total += 1
         self.prefix_tokens_total += tokens
 
+    def preempted(self) -> None:
+        self.preempted_total += 1
+
     def failover(self, replayed: int) -> None:
         self.failovers_total += 1
         self.replayed_total += replayed
@@ -65,8 +77,11 @@ class Metrics:
         self.step_rows_total += rows
         self.step_rows_max = max(self.step_rows_max, rows)
 
-    def set_load(self, running: int, queued: int) -> None:
+    def set_load(self, running: int, queued: int, clients: list | None = None) -> None:
+        """Requests running and waiting now; ``clients``: the same per client (opaque labels)."""
         self.running, self.queued = running, queued
+        if clients is not None:
+            self.clients = clients
 
     def first_token(self, elapsed_s: float) -> None:
         self.ttft_sum_s += elapsed_s
@@ -101,7 +116,7 @@ class Metrics:
             "queued": self.queued,
             "kv_slots": self.kv_slots,
             "prefix_hits_total": self.prefix_hits_total,
-            "prefix_tokens_total": self.prefix_tokens_total,
+            "preempted_total": self.preempted_total,
             "mean_batch_rows": self.step_rows_total / self.steps_total if self.steps_total else None,
             "failovers_total": self.failovers_total,
             "replayed_requests_total": self.replayed_total,
@@ -145,8 +160,9 @@ class MetricsCollector:
         yield _family(GaugeMetricFamily, "exo_lab_kv_slots", "KV slots per stage (max_batch).", m.kv_slots, model)
         yield _family(CounterMetricFamily, "exo_lab_prefix_cache_hits",
                       "Requests that reused the KV of an earlier request's token prefix.", m.prefix_hits_total, model)
-        yield _family(CounterMetricFamily, "exo_lab_prefix_cache_tokens",
-                      "Prompt tokens not prefilled because their KV was reused.", m.prefix_tokens_total, model)
+        yield _family(CounterMetricFamily, "exo_lab_preempted_requests",
+                      "Requests whose KV slot was taken back for a client holding fewer (they replay).",
+                      m.preempted_total, model)
         yield _family(CounterMetricFamily, "exo_lab_steps", "Micro-batches sent down the pipeline.", m.steps_total, model)
         yield _family(CounterMetricFamily, "exo_lab_step_rows", "Rows (sequences) in those micro-batches.",
                       m.step_rows_total, model)

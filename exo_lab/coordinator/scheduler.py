@@ -4,8 +4,17 @@ One loop decides, step by step, what runs (as vLLM's scheduler does; the stages 
 batch they are given):
 
 - **KV slots.** Every stage holds ``max_batch`` KV slots (allocated at load). A request owns a
-  slot from admission to its end; beyond ``max_batch`` running requests, new ones wait in a FIFO
-  queue, and past ``max_queued`` waiting ones :class:`~exo_lab.errors.QueueFull` (the API: 429).
+  slot from admission to its end; beyond ``max_batch`` running requests, new ones wait, and past
+  ``max_queued`` waiting ones :class:`~exo_lab.errors.QueueFull` (the API: 429).
+- **Tenants** (:mod:`~exo_lab.coordinator.tenants`). Every request belongs to one (an API
+  client; :data:`~exo_lab.coordinator.tenants.LOCAL` in a notebook). A tenant has at most its
+  ``max_queued`` requests waiting (QueueFull naming its own limit) and holds at most its
+  ``max_running`` slots; a tenant's first waiting request fits even when ``max_queued`` others
+  wait, so no one client's queue shuts the rest out. Free slots go to the waiting tenant that
+  holds the fewest (first come first served within a tenant); and while a tenant waits holding
+  two or more slots fewer than another, one of that other's requests is **preempted**: its slot
+  is taken back, and it waits at the head of its tenant's queue to replay its tokens, as after a
+  failover (the same tokens: draws depend only on seed and position).
 - **Steps.** Running requests with one token to feed (decoding) go down the pipe together as one
   batch of rows (per-row slots, positions and sampling settings); new requests join at the next
   step, finished or cancelled ones leave at once.
@@ -19,8 +28,10 @@ batch they are given):
   :func:`~exo_lab.coordinator.pipeline.default_micro_batches`), so with K stages on K PCs every
   PC works at once; the decoding requests are split into that many groups.
 - **Prefix reuse.** A finished request leaves its tokens' KV in its slot. A new request takes
-  the free slot sharing the longest token prefix with its prompt and prefills only the rest (a
-  chat's next turn); otherwise the least recently used free slot.
+  the free slot of its own tenant scope (tenant and isolation key) sharing the longest token
+  prefix with its prompt and prefills only the rest (a chat's next turn); otherwise the least
+  recently used free slot. Never another scope's: what it cached would show in the time to first
+  token (a secret in one user's prompt could be guessed token by token by another).
 
 However a request ends (finished, error, client gone, task cancelled) its slot is freed at once,
 or when its step in flight comes back, and a FREE goes down the pipe for the stages' books.
@@ -51,12 +62,16 @@ from ..errors import ClusterError, QueueFull, RequestError
 from ..sampling import SamplingParams, SamplingSettings, StreamEvent
 from ..wire import Error, Forward, FrameError, Free, Ping, Row, Sampled
 from .metrics import Metrics
+from .tenants import LOCAL, FairQueue, Tenant
 from .text import TextAssembler
 
 logger = logging.getLogger(__name__)
 
 # How long a request may wait for its next token before the engines' liveness is checked.
 STALL_CHECK_S = 0.5
+# Bounds of the Retry-After a refused request is told (its tenant's next request end, estimated).
+RETRY_AFTER_S = (1.0, 60.0)
+CLIENTS_SHOWN = 16          # the most loaded tenants listed in the status
 # A prefill chunk next to decoding streams costs about this many decode steps: their gap
 # between tokens stays within a small multiple of the usual one while a long prompt prefills.
 PREFILL_GAP_RATIO = 1.0
@@ -70,12 +85,14 @@ class _Request:
     prompt: list[int]
     params: SamplingParams
     settings: SamplingSettings
+    tenant: Tenant = LOCAL
     events: asyncio.Queue = field(default_factory=asyncio.Queue)   # token ids, or an exception
     generated: list[int] = field(default_factory=list)
     slot: int | None = None
     kv_len: int = 0             # positions whose keys and values its slot holds
     in_flight: bool = False
     done: bool = False          # no more steps: finished, cancelled or failed
+    preempting: bool = False    # gives its slot back when its step in flight returns
 
     @property
     def tokens(self) -> list[int]:
@@ -117,12 +134,11 @@ class Scheduler:
         self.suspended_since: float | None = None      # a failover is under way since then
         self.metrics = Metrics(kv_slots=max_batch)
         self.failure: str | None = None
-        self._waiting: collections.deque[_Request] = collections.deque()
+        self._waiting = FairQueue()
         self._running: list[_Request] = []
         self._in_flight: dict[int, _Step] = {}
-        # free slot -> the tokens whose KV it still holds, least recently freed first
-        self._free_slots: collections.OrderedDict[int, list[int]] = collections.OrderedDict(
-            (slot, []) for slot in range(max_batch))
+        # free slot -> (tenant scope, the tokens whose KV it still holds), least recently freed first
+        self._free_slots: collections.OrderedDict[int, tuple[tuple, list[int]]] = _empty_slots(max_batch)
         self._pings: dict[int, asyncio.Future] = {}
         self._freed: dict[int, asyncio.Event] = {}
         self._wake = asyncio.Event()
@@ -143,12 +159,12 @@ class Scheduler:
         self.suspended_since = time.perf_counter()
         self.metrics.failover(len([r for r in self._running if not r.done]))
         for request in reversed(self._running):
-            request.in_flight, request.kv_len, request.slot = False, 0, None
+            request.in_flight, request.kv_len, request.slot, request.preempting = False, 0, None, False
             if not request.done:
                 self._waiting.appendleft(request)
         self._running.clear()
         self._in_flight.clear()
-        self._free_slots = collections.OrderedDict((slot, []) for slot in range(self.max_batch))
+        self._free_slots = _empty_slots(self.max_batch)
         for event in self._freed.values():
             event.set()
         self._freed.clear()
@@ -198,8 +214,9 @@ class Scheduler:
         return len(self._running) + len(self._waiting)
 
     # ----------------------------------------------------------------- requests
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise RequestError when the request cannot run (before anything is sent)."""
+    def check_request(self, prompt_ids: list[int], params: SamplingParams, tenant: Tenant = LOCAL) -> None:
+        """Raise RequestError when the request cannot run, QueueFull when it may not wait (before
+        anything is sent)."""
         if self.failure:
             raise ClusterError(self.failure)
         if not prompt_ids:
@@ -211,16 +228,39 @@ class Scheduler:
                 f"{needed} ({len(prompt_ids)} in the prompt + {params.max_new_tokens} to generate); "
                 f"shorten the prompt or lower max_tokens to at most "
                 f"{max(self.context_length - len(prompt_ids), 0)}", param="max_tokens")
-        if len(self._waiting) >= self.max_queued:
-            raise QueueFull(f"all {self.max_batch} KV slots are busy and {len(self._waiting)} requests "
-                            f"are already waiting (max_queued {self.max_queued}); retry shortly")
+        self._check_queue(tenant)
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StreamEvent]:
-        """Generate for one request, yielding text deltas; the last event has finish_reason."""
-        self.check_request(prompt_ids, params)
+    def _check_queue(self, tenant: Tenant) -> None:
+        """QueueFull when ``tenant`` may not have one more request waiting (module docstring)."""
+        mine = self._waiting.waiting(tenant.client_id)
+        cap = tenant.limits.max_queued
+        if cap is not None and mine >= cap:
+            raise QueueFull(f"your client has {mine} requests queued, its limit "
+                            f"(api.max_queued_per_client) is {cap}, and {self._held_by(tenant.client_id)} "
+                            f"running; send the next one when one of them has ended",
+                            self._retry_after_s(tenant))
+        if len(self._waiting) >= self.max_queued and (mine or not self.max_queued):
+            raise QueueFull(f"all {self.max_batch} KV slots are busy and {len(self._waiting)} requests "
+                            f"are already waiting (max_queued {self.max_queued}); retry shortly",
+                            self._retry_after_s(tenant))
+
+    def _retry_after_s(self, tenant: Tenant) -> float:
+        """About when a slot frees for ``tenant``: the end of its (else anyone's) running request
+        with the fewest tokens left, at the measured decode pace."""
+        running = [r for r in self._running if not r.done]
+        mine = [r for r in running if r.tenant.client_id == tenant.client_id] or running
+        tokens_left = min((r.params.max_new_tokens - len(r.generated) for r in mine), default=1)
+        seconds = tokens_left * (self._decode_step_ms or 100.0) / 1000
+        return min(max(seconds, RETRY_AFTER_S[0]), RETRY_AFTER_S[1])
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams,
+                     tenant: Tenant = LOCAL) -> AsyncIterator[StreamEvent]:
+        """Generate for one request of ``tenant``, yielding text deltas; the last event has
+        finish_reason. Raises RequestError, or QueueFull (past the queue caps), at the first event."""
+        self.check_request(prompt_ids, params, tenant)
         # every step carries the same settings; an unseeded request gets its own random seed
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        request = _Request(list(prompt_ids), params, params.settings(seed))
+        request = _Request(list(prompt_ids), params, params.settings(seed), tenant)
         started = time.perf_counter()
         assembler = TextAssembler(self.tokenizer, params.stop)
         self.metrics.request_started()
@@ -276,19 +316,82 @@ class Scheduler:
 
     # ----------------------------------------------------------------- slots
     def _admit(self) -> None:
-        while self._waiting and self._free_slots:
-            request = self._waiting.popleft()
-            request.slot, request.kv_len = self._take_slot(request.prompt)
-            if request.kv_len:
-                self.metrics.prefix_hit(request.kv_len)
-            self._running.append(request)
+        """Free slots to waiting requests, fairly across tenants; then, while a tenant waits with
+        far fewer slots than another holds, one slot taken back from that other (preemption)."""
+        while True:
+            while self._free_slots:
+                request = self._waiting.pop(self._held())
+                if request is None:
+                    return
+                self._start(request)
+            if not self._preempt_one():
+                return
 
-    def _take_slot(self, prompt: list[int]) -> tuple[int, int]:
-        """(slot, reusable positions): the free slot whose KV shares the longest prefix with the
-        prompt (at least one prompt token is always fed), else the least recently freed one."""
+    def _start(self, request: _Request) -> None:
+        request.slot, request.kv_len = self._take_slot(request)
+        if request.kv_len:
+            self.metrics.prefix_hit(request.kv_len)
+        self._running.append(request)
+
+    def _held(self) -> dict[str, int]:
+        """client_id -> KV slots its live requests hold."""
+        return collections.Counter(r.tenant.client_id for r in self._running if not r.done)
+
+    def _held_by(self, client_id: str) -> int:
+        return sum(1 for r in self._running if not r.done and r.tenant.client_id == client_id)
+
+    def _preempt_one(self) -> bool:
+        """Preempt the cheapest request (fewest positions in its KV, not in flight first) of the
+        tenant holding the most slots, when a waiting tenant holds at least two fewer; one at a
+        time. True when its slot is free now (else when its step in flight returns)."""
+        if not self._waiting or any(r.preempting for r in self._running):
+            return False
+        held = self._held()
+        waiter = self._waiting.next_tenant(held)
+        if waiter is None or not held:
+            return False
+        hog = max(held, key=held.get)
+        if held[hog] - held.get(waiter, 0) < 2:
+            return False
+        victim = min((r for r in self._running if not r.done and r.tenant.client_id == hog),
+                     key=lambda r: (r.in_flight, r.kv_len))
+        victim.preempting = True
+        self.metrics.preempted()
+        if victim.in_flight:
+            return False
+        self._requeue(victim)
+        return True
+
+    def _requeue(self, request: _Request) -> None:
+        """A preempted request gives its slot back (the KV stays there for its own scope) and waits
+        at the head of its tenant's queue; it replays its tokens when admitted again."""
+        request.preempting = False
+        self._release(request)
+        request.kv_len = 0
+        self._waiting.appendleft(request)
+
+    def _client_load(self) -> list[dict]:
+        """Per tenant with requests: its label, KV slots held and requests waiting; the most
+        loaded CLIENTS_SHOWN, for the status (no prompt, no address, no key)."""
+        load: dict[str, list[int]] = {}
+        for request in self._running:
+            if not request.done:
+                load.setdefault(request.tenant.label, [0, 0])[0] += 1
+        for tenant, waiting in self._waiting.tenants():
+            load.setdefault(tenant.label, [0, 0])[1] += waiting
+        rows = sorted(load.items(), key=lambda item: (-sum(item[1]), item[0]))[:CLIENTS_SHOWN]
+        return [{"client": label, "running": running, "queued": queued} for label, (running, queued) in rows]
+
+    def _take_slot(self, request: _Request) -> tuple[int, int]:
+        """(slot, reusable positions): the free slot of the request's own scope whose KV shares the
+        longest prefix with its tokens (at least one token is always fed), else the least recently
+        freed one."""
         best_slot, best = next(iter(self._free_slots)), 0
-        for slot, cached in self._free_slots.items():
-            shared = _common_prefix(cached, prompt, len(prompt) - 1)
+        tokens = request.tokens
+        for slot, (scope, cached) in self._free_slots.items():
+            if scope != request.tenant.scope:
+                continue
+            shared = _common_prefix(cached, tokens, len(tokens) - 1)
             if shared > best:
                 best_slot, best = slot, shared
         del self._free_slots[best_slot]
@@ -300,7 +403,8 @@ class Scheduler:
             return
         if request in self._running:
             self._running.remove(request)
-        self._free_slots[slot] = request.tokens[:request.kv_len]     # most recently freed last
+        # most recently freed last
+        self._free_slots[slot] = (request.tenant.scope, request.tokens[:request.kv_len])
         message_id = secrets.randbits(63)
         self._freed[message_id] = asyncio.Event()
         asyncio.ensure_future(self._send(Free(message_id, slot)))
@@ -313,7 +417,7 @@ class Scheduler:
             if self.suspended_since is not None:
                 continue
             self._admit()
-            self.metrics.set_load(len(self._running), len(self._waiting))
+            self.metrics.set_load(len(self._running), len(self._waiting), self._client_load())
             for step in self._next_steps():
                 await self._launch(step)
 
@@ -383,8 +487,11 @@ class Scheduler:
             request.kv_len += step.fed
             if request.done:
                 self._release(request)
-            elif sample:
+                continue
+            if sample:
                 self._deliver(request, token_id, message.stage_ms)
+            if request.preempting and not request.done:
+                self._requeue(request)
         self._wake.set()
 
     def _deliver(self, request: _Request, token_id: int, stage_ms: tuple[float, ...]) -> None:
@@ -478,6 +585,10 @@ class Scheduler:
             return
         self.suspend(problem)
         self.on_failure(problem)
+
+
+def _empty_slots(count: int) -> collections.OrderedDict:
+    return collections.OrderedDict((slot, (None, [])) for slot in range(count))
 
 
 def _average(current: float | None, sample: float) -> float:

@@ -4,6 +4,10 @@ On the coordinator: ``/exo-lab/join`` (:mod:`.discovery`), the model files when 
 storage role (:mod:`.storage`), and with ``discovery: auto`` the mDNS advert. On a storage PC
 that is not the coordinator (its worker runs it): the model files only. Both listen on
 ``network.service_port`` on every interface, so they run only with a cluster secret.
+
+Bounded as every exo-lab HTTP server is (:mod:`exo_lab.httpguard`): ``SERVICE_LIMITS``. Few
+PCs talk to it (a join each, one keep-alive file connection per engine), and a join's body is
+small, so its cap and timeouts are tighter than the API's.
 """
 from __future__ import annotations
 
@@ -11,10 +15,14 @@ import logging
 
 from ..config import ClusterConfig, DeviceConfig
 from ..errors import ClusterError
+from ..httpguard import GuardedHTTPServer, HttpLimits, bind_sockets
 from .discovery import AdvertPorts, Advertiser, JoinState, join_handler_class
 from .storage import ModelStore, storage_handlers
 
 logger = logging.getLogger(__name__)
+
+SERVICE_LIMITS = HttpLimits(max_connections=64, header_timeout_s=10.0, body_timeout_s=10.0)
+MAX_SERVICE_BODY_BYTES = 1 << 16
 
 
 class PeerService:
@@ -32,7 +40,6 @@ class PeerService:
         self._advertiser: Advertiser | None = None
 
     async def start(self, advertise: AdvertPorts | None = None) -> "PeerService":
-        import tornado.httpserver
         import tornado.web
 
         routes = []
@@ -41,9 +48,10 @@ class PeerService:
         if self.store is not None:
             routes += storage_handlers(self.store)
         app = tornado.web.Application(routes)
-        self._server = tornado.httpserver.HTTPServer(app, max_body_size=1 << 16, idle_connection_timeout=60)
+        self._server = GuardedHTTPServer(app, limits=SERVICE_LIMITS, max_body_size=MAX_SERVICE_BODY_BYTES,
+                                         name=f"the join/model-file service on port {self.port}")
         try:
-            self._server.listen(self.port, self.host)
+            self._server.add_sockets(bind_sockets(self.port, self.host))
         except OSError as exc:
             self._server = None
             raise ClusterError(f"cannot listen on {self.host}:{self.port} for joining workers and model "

@@ -12,10 +12,12 @@ STATUS_TIMEOUT_S = 3.0
 def cluster_status(control: EngineControl, pipeline, failure: str | None, cluster_name: str) -> dict:
     """A JSON-able snapshot. An engine that does not answer within STATUS_TIMEOUT_S shows
     "busy" while still registered (a long %%px cell), "failed" otherwise; an idle engine that
-    holds no stage of the loaded model is a "spare" (it joined after load: cluster.replan())."""
+    holds no stage of the loaded model is a "spare" (it joined after load: cluster.replan()).
+    ``clients``: the API clients with requests now, by opaque label, with their KV slots held
+    ("running") and requests waiting ("queued"); never a prompt, an address or a key."""
     if not control.started:
         return {"cluster_name": cluster_name, "state": "stopped", "engines": [], "model": None,
-                "plan": None, "metrics": None}
+                "plan": None, "metrics": None, "clients": []}
     ids = sorted(control.ids)
     answers = control.gather(ids, engine_worker.worker_status, timeout_s=STATUS_TIMEOUT_S,
                              what="reporting status")
@@ -29,6 +31,7 @@ def cluster_status(control: EngineControl, pipeline, failure: str | None, cluste
         "load_s": pipeline.load_s if pipeline else None,
         "plan": pipeline.plan.to_json() if pipeline else None,
         "metrics": pipeline.scheduler.metrics.snapshot() if pipeline else None,
+        "clients": list(pipeline.scheduler.metrics.clients) if pipeline else [],
     }
 
 

@@ -19,16 +19,23 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
 
 import zmq
 from zmq.utils import z85
+from zmq.utils.monitor import parse_monitor_message
+
+from ..limits import REPEATS, LogOnce
 
 logger = logging.getLogger(__name__)
+logger.addFilter(REPEATS)
+flood_log = LogOnce(logger)    # events a flood repeats thousands of times a second
 
 KEY_BYTES = 32
+MAX_INBOX_CONNECTIONS = 64   # a stage's inbox has one peer (two during a re-plan)
 
 
 @dataclass(frozen=True)
@@ -76,35 +83,130 @@ def make_client(sock: zmq.Socket, keys: CurveKeys) -> None:
 
 
 class HandshakeMonitor:
-    """Counts the failed CurveZMQ handshakes of one inbox socket (a peer without the secret, a
-    plain ZeroMQ socket, garbage), read without blocking from the socket's monitor events."""
+    """Watches one inbox socket's TCP connections from a thread of its own (libzmq's monitor
+    events), for two jobs:
 
-    EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    - counts failed handshakes: a peer without the secret, a plain ZeroMQ socket, garbage, or
+      nothing at all within the handshake interval (:attr:`failed`, read without blocking);
+    - holds the socket to ``max_connections`` open connections, which libzmq cannot: past it, a
+      newly accepted connection is shut down at once (libzmq then closes it), so a flood of idle
+      connections cannot take the process's descriptors. Connections already open, the
+      pipeline's own among them, are kept. A peer refused so reconnects (ZeroMQ's own retry).
+    """
+
+    FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
               | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+    EVENTS = FAILED | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED
+    POLL_MS = 100
+    PRUNE_EVERY_S = 1.0
 
-    def __init__(self, sock: zmq.Socket):
+    def __init__(self, sock: zmq.Socket, max_connections: int = MAX_INBOX_CONNECTIONS):
+        """Watch ``sock`` (before it binds: set :attr:`port` once it has)."""
         self.failed = 0
+        self.shut_down = 0                          # connections closed for the cap
+        self.max_connections = max_connections
+        self._open: dict[int, tuple] = {}           # fd -> (local, peer address) of accepted ones
+        self.port: int | None = None                # the socket's TCP port, once bound
+        self._pruned = 0.0
         self._watched = sock
         address = f"inproc://exo-lab-handshakes-{id(self):x}"
         sock.monitor(address, self.EVENTS)
         self._events = zmq.Context.shadow(sock.context.underlying).socket(zmq.PAIR)
         self._events.linger = 0
+        self._events.rcvhwm = 0    # a dropped event would lose track of a connection
         self._events.connect(address)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="exo-lab-inbox-monitor", daemon=True)
+        self._thread.start()
 
     def count(self) -> int:
-        """Failed handshakes so far (drains the events that arrived since the last call)."""
-        # EVENTS costs well under a microsecond: cheap enough to check before every receive
-        while self._events.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            self._events.recv_multipart(zmq.NOBLOCK)
-            self.failed += 1
+        """Failed handshakes so far."""
         return self.failed
 
     def close(self) -> None:
+        self._stopping.set()
         try:
             self._watched.disable_monitor()
         except zmq.ZMQError:
             pass   # the socket is closed already
-        self._events.close(linger=0)
+        self._thread.join(5.0)
+
+    def _watch(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                if self._events.poll(self.POLL_MS) and self._handle(self._drain()):
+                    return
+        finally:
+            self._events.close(linger=0)
+
+    def _drain(self) -> list[dict]:
+        batch = []
+        while True:
+            try:
+                batch.append(parse_monitor_message(self._events.recv_multipart(zmq.NOBLOCK)))
+            except zmq.Again:
+                return batch
+
+    def _handle(self, batch: list[dict]) -> bool:
+        """Apply a batch of events in order; True once the monitor has stopped."""
+        # a connection that came and went within the batch is skipped whole: its fd may be reused
+        gone_at = {event["value"]: i for i, event in enumerate(batch) if event["event"] == zmq.EVENT_DISCONNECTED}
+        for i, event in enumerate(batch):
+            kind, value = event["event"], event["value"]
+            if kind & self.FAILED:
+                self.failed += 1
+            elif kind == zmq.EVENT_ACCEPTED and gone_at.get(value, -1) < i:
+                self._accepted(value)
+            elif kind == zmq.EVENT_DISCONNECTED:
+                self._open.pop(value, None)
+            elif kind == zmq.EVENT_MONITOR_STOPPED:
+                return True
+        return False
+
+    def _accepted(self, fd: int) -> None:
+        identity = _identity(fd)
+        if identity is None or identity[0][1] != self.port:
+            return      # closed already, and the descriptor may hold another socket now
+        if len(self._open) >= self.max_connections and time.monotonic() > self._pruned + self.PRUNE_EVERY_S:
+            self._prune()
+        if len(self._open) < self.max_connections:
+            self._open[fd] = identity
+            return
+        self.shut_down += 1
+        _fd_call(fd, lambda sock: _identity_of(sock) == identity and sock.shutdown(socket.SHUT_RDWR))
+        flood_log.warning("a data-plane inbox holds its maximum of %d connections: closed a new one at "
+                       "once (a flood of connections that never authenticate?)", self.max_connections)
+
+    def _prune(self) -> None:
+        """Forget entries whose descriptor holds another connection now (a DISCONNECTED missed:
+        none should be, the event queue is unbounded; checked at most every PRUNE_EVERY_S)."""
+        self._pruned = time.monotonic()
+        self._open = {fd: identity for fd, identity in self._open.items() if _identity(fd) == identity}
+
+
+def _identity(fd: int) -> tuple | None:
+    """(local, peer address) of the connection on ``fd``: checked again before acting on a
+    descriptor, since libzmq may have closed it and the number now be another socket's."""
+    return _fd_call(fd, _identity_of)
+
+
+def _identity_of(sock: socket.socket) -> tuple:
+    return sock.getsockname(), sock.getpeername()
+
+
+def _fd_call(fd: int, call):
+    """``call(socket)`` on a descriptor libzmq owns, without taking it over (never closes it);
+    None when it is no socket now."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        return call(sock)
+    except OSError:
+        return None
+    finally:
+        sock.detach()
 
 
 class _Domain:

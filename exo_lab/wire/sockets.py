@@ -16,6 +16,11 @@ what travels. An inbox reports refused peers through ``recv``, which raises
 :class:`~exo_lab.wire.frames.FrameError` once for them, like a malformed message, so receivers
 drop and count both the same way. ``key=None`` is unauthenticated, for tests and benchmarks
 only; exo-lab's own pipelines always pass a key.
+
+Bounds: a connection that has not finished its handshake within ``ZMQ_HANDSHAKE_IVL_MS`` (2 s;
+libzmq's default is 30 s) is dropped, and an inbox holds at most
+``auth.MAX_INBOX_CONNECTIONS`` connections (:class:`~exo_lab.wire.auth.HandshakeMonitor`), so
+idle connections cannot take a process's descriptors or stall its pipeline.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import zmq
 import zmq.asyncio
 
 from ..errors import ClusterError, ConfigError
+from ..limits import ZMQ_HANDSHAKE_IVL_MS
 from . import auth
 from .frames import FrameError, Message, decode, encode
 
@@ -57,6 +63,7 @@ def _configure(sock: zmq.Socket, *, ipv6: bool) -> None:
     sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
     sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 10)
     sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, ZMQ_HANDSHAKE_IVL_MS)
     if ipv6:
         sock.setsockopt(zmq.IPV6, 1)
 
@@ -108,7 +115,7 @@ class _Inbox:
         _configure(self._socket, ipv6=":" in host)
         if self._keys is not None:
             auth.make_server(self._socket, self._keys)
-            self._handshakes = auth.HandshakeMonitor(self._socket)
+        self._handshakes = auth.HandshakeMonitor(self._socket)
         bind_host = "*" if host in _WILDCARD_HOSTS else host
         try:
             _bind_first_free(self._socket, bind_host, port)
@@ -122,7 +129,7 @@ class _Inbox:
                                "an address of this PC and a free port, or port 0 to let the OS "
                                "choose") from exc
         endpoint = self._socket.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self.port = int(endpoint.rsplit(":", 1)[1])
+        self.port = self._handshakes.port = int(endpoint.rsplit(":", 1)[1])
         self.address = tcp_address(advertise_host or host, self.port)
         logger.debug("inbox bound on %s, advertised as %s", endpoint, self.address)
         self._timeout_ms = -1
@@ -141,7 +148,7 @@ class _Inbox:
     @property
     def refused_peers(self) -> int:
         """Connection attempts refused because the peer did not prove the cluster secret."""
-        return self._handshakes.count() if self._handshakes is not None else 0
+        return self._handshakes.count() if self._handshakes is not None and self.authenticated else 0
 
     def _report_refused(self) -> None:
         refused = self.refused_peers

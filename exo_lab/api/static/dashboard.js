@@ -1,6 +1,6 @@
 // The dashboard: polls GET /v1/cluster/status (cluster.status(), what the notebook widget
 // shows, with the widget's own lines and rows under "display") and draws it, with the plan's
-// placement as an SVG picture like exo_lab.notebook.plot_placement.
+// placement as an SVG picture like exo_lab.notebook.plot_placement, and the load per client.
 import { apiFetch, byId, errorMessage, formatBytes } from "./common.js";
 
 const POLL_INTERVAL_MS = 1000;
@@ -46,6 +46,46 @@ function engineRow(engine) {
   row.append(cell(String(engine.engine_id)), cell(engine.node), cell(engine.hostname), cell(engine.device),
     cell(engine.roles), cell(engine.layers, "layers"), memoryCell(engine), state);
   return row;
+}
+
+// The "clients" section (made here, below the engines): each client's KV slots held and
+// requests queued, under the opaque label the status gives (never an address, a key or a prompt).
+function clientsBody() {
+  const existing = byId("clients");
+  if (existing) return existing.tBodies[0];
+  const table = document.createElement("table");
+  table.id = "clients";
+  const head = table.createTHead().insertRow();
+  for (const name of ["client", "running (KV slots)", "queued"]) {
+    const th = document.createElement("th");
+    th.textContent = name;
+    head.append(th);
+  }
+  const wrap = document.createElement("div");
+  wrap.className = "table-wrap";
+  wrap.append(table);
+  const heading = document.createElement("h2");
+  heading.textContent = "clients";
+  const section = document.createElement("section");
+  section.append(heading, wrap);
+  byId("engines").closest("section").after(section);
+  return table.createTBody();
+}
+
+function drawClients(clients) {
+  const rows = clients.map((client) => {
+    const row = document.createElement("tr");
+    row.append(cell(client.client), cell(String(client.running)), cell(String(client.queued)));
+    return row;
+  });
+  if (!rows.length) {
+    const row = document.createElement("tr");
+    const empty = cell("no requests now", "muted");
+    empty.colSpan = 3;
+    row.append(empty);
+    rows.push(row);
+  }
+  clientsBody().replaceChildren(...rows);
 }
 
 function svgElement(name, attributes, text) {
@@ -148,6 +188,7 @@ function render(status) {
   byId("tokens").textContent = metrics ? metrics.tokens_total : "–";
   drawSparkline(metrics ? metrics.tokens_per_s : 0);
   byId("engines").tBodies[0].replaceChildren(...display.engines.map(engineRow));
+  drawClients(status.clients ?? []);
   drawPlacement(status.plan);
 }
 
