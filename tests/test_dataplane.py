@@ -20,6 +20,7 @@ import threading
 import time
 
 import pytest
+from ports import free_port
 import torch
 import zmq
 import zmq.asyncio
@@ -106,12 +107,6 @@ def context():
     ctx = zmq.Context()
     yield ctx
     ctx.destroy(linger=0)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # ------------------------------------------------------------------------ round trips

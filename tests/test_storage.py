@@ -7,12 +7,12 @@ import json
 import mmap
 import os
 import shutil
-import socket
 import sys
 import urllib.error
 import urllib.request
 
 import pytest
+from ports import free_port
 import torch
 
 from exo_lab.config import config_from_dict
@@ -22,12 +22,6 @@ from exo_lab.engine import fetch
 from exo_lab.model.shard import ShardSpec, load_stage
 
 SECRET = b"storage-test-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
