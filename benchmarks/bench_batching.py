@@ -49,7 +49,7 @@ async def collect(cluster, prompt: list[int], new_tokens: int, stamps: list[floa
 
 
 def run(cluster, coroutine):
-    return cluster._loop.run(coroutine)
+    return cluster.run_coroutine(coroutine)
 
 
 async def together(*coroutines):

@@ -55,7 +55,7 @@ def main() -> int:
             await asyncio.gather(*tasks)
             return killed
 
-        killed = cluster._loop.run(scenario())
+        killed = cluster.run_coroutine(scenario())
         # tokens already in flight still arrive just after the kill: the pause is the stall
         gaps = [(b - a, b) for a, b in zip(stamps, stamps[1:]) if b > killed]
         stall_s, resumed = max(gaps)

@@ -158,7 +158,7 @@ def measure_cluster(cluster, prompts: list[list[int]], new_tokens: int) -> dict:
         return await asyncio.gather(*[one(p) for p in prompts])
 
     started = time.perf_counter()
-    rows = cluster._loop.run(batch())
+    rows = cluster.run_coroutine(batch())
     ended = time.perf_counter()
     return _figures(len(prompts) * new_tokens, started, ended, min(stamps), max(stamps), rows)
 

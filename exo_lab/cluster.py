@@ -415,6 +415,14 @@ class Cluster:
             return self.stream(prompt_ids, **sampling)
         return self.generate(prompt_ids, **sampling)
 
+    def run_coroutine(self, coroutine, timeout_s: float | None = None):
+        """Run ``coroutine`` on the cluster's event loop (where its requests and server live)
+        and return its result; from a notebook, e.g. several :meth:`astream` calls gathered at
+        once. ``timeout_s``: give up waiting (TimeoutError). Raises ClusterError when the cluster
+        is not started."""
+        self.control.require_started()
+        return self._loop.run(coroutine, timeout_s=timeout_s)
+
     # ------------------------------------------------------------ API server
     def serve(self, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, limits=None,
               served_model_names=None):

@@ -343,22 +343,23 @@ class _Waiting:
     real client's request that has arrived is never cut, however busy the loop."""
 
     def __init__(self):
-        self.new: dict = {}
-        self.kept: dict = {}
+        self.new: dict = {}      # connection -> whether its request loop has started
+        self.kept: dict = {}     # connection -> True
 
     def accepted(self, connection) -> None:
-        self.new[connection] = None
+        self.new[connection] = False
 
     def request_started(self, connection) -> None:
-        if connection not in self.new:
-            self.kept[connection] = None
+        if connection in self.new:
+            self.new[connection] = True
+        else:
+            self.kept[connection] = True
 
     def touch(self, connection) -> None:
         """Bytes of its request arrived: it goes to the back."""
         for waiting in (self.new, self.kept):
             if connection in waiting:
-                del waiting[connection]
-                waiting[connection] = None
+                waiting[connection] = waiting.pop(connection)
 
     def forget(self, connection) -> None:
         self.new.pop(connection, None)
@@ -367,17 +368,19 @@ class _Waiting:
     def pick(self):
         """The connection to close, taken out of this list; None when none may go."""
         for waiting in (self.new, self.kept):
-            for connection in waiting:
-                if _waits_on_client(connection.stream):
+            for connection, started in waiting.items():
+                if _waits_on_client(connection.stream, started):
                     del waiting[connection]
                     return connection
         return None
 
 
-def _waits_on_client(stream) -> bool:
-    """Whether the server waits on the peer: a read pending, and no bytes in the kernel that
-    the loop has not read yet."""
-    return stream.reading() and stream.socket is not None and not _has_bytes(stream.socket)
+def _waits_on_client(stream, started: bool) -> bool:
+    """Whether the server waits on the peer: a read pending (or, on a connection accepted in
+    this loop turn whose request loop has not started yet, nothing read at all), and no bytes in
+    the kernel that the loop has not read yet."""
+    return ((stream.reading() or not started) and stream.socket is not None
+            and not _has_bytes(stream.socket))
 
 
 def _request_arrived(sock: socket.socket, buffer: bytearray) -> bool:

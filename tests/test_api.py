@@ -262,7 +262,7 @@ def test_stopping_a_server_cancels_its_streams(cluster, long_messages):
     from exo_lab.api import start_server
 
     # A second server on the same cluster (Cluster.serve would replace the module's one).
-    extra = cluster._loop.run(start_server(cluster, host="127.0.0.1", port=0, api_key=API_KEY))
+    extra = cluster.run_coroutine(start_server(cluster, host="127.0.0.1", port=0, api_key=API_KEY))
     aborted_before = cluster.metrics.requests_finished.get("aborted", 0)
     sock = _send_raw_chat(extra.port, long_messages, max_tokens=1500, stream=True)
     _read_events(sock, 2)
@@ -323,7 +323,7 @@ def named(cluster):
     SERVED_NAMES, as `--served-model-name llama-70b --served-model-name gpt-4o` makes it."""
     from exo_lab.api import start_server
 
-    served = cluster._loop.run(start_server(cluster, host="127.0.0.1", port=0, api_key=API_KEY,
+    served = cluster.run_coroutine(start_server(cluster, host="127.0.0.1", port=0, api_key=API_KEY,
                                             served_model_names=SERVED_NAMES))
     with openai_client(served) as made:
         yield served, made

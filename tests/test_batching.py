@@ -47,7 +47,7 @@ def run_together(cluster, prompts, new_tokens, **sampling) -> list[list[int]]:
     async def all_of_them():
         return await asyncio.gather(*[one(p, n) for p, n in zip(prompts, new_tokens)])
 
-    return cluster._loop.run(all_of_them())
+    return cluster.run_coroutine(all_of_them())
 
 
 def first_difference_is_a_near_tie(model_dir, prompt, alone, together) -> bool:
@@ -111,7 +111,7 @@ def test_past_the_queue_limit_a_request_is_refused_with_queue_full(small_batch):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    small_batch._loop.run(six())
+    small_batch.run_coroutine(six())
     assert small_batch.generate(prompts[0], max_new_tokens=3, ignore_eos=True).completion_tokens == 3
 
 
@@ -135,7 +135,7 @@ def test_cancelling_one_request_frees_its_slot_and_changes_no_other(small_batch)
         running_after_cancel = small_batch.metrics.running
         return await kept, running_after_cancel
 
-    tokens, _ = small_batch._loop.run(both())
+    tokens, _ = small_batch.run_coroutine(both())
     assert tokens == expected
     assert small_batch.pipeline.scheduler.active_requests == 0
 
@@ -151,7 +151,7 @@ def test_a_bad_request_never_disturbs_the_batch_it_would_join(small_batch):
             await _drain(small_batch, prompt * 200, 5)          # longer than the context
         return await good
 
-    assert small_batch._loop.run(with_a_bad_neighbour()) == expected
+    assert small_batch.run_coroutine(with_a_bad_neighbour()) == expected
 
 
 def test_a_chats_next_turn_reuses_the_kv_of_the_turn_before(small_batch):
@@ -187,7 +187,7 @@ def test_a_preempted_request_replays_and_gets_the_tokens_it_gets_alone(small_bat
         other = await _drain(small_batch, prompts[2], counts[2], Tenant("b"))
         return [*(await asyncio.gather(*hog)), other]
 
-    assert small_batch._loop.run(contended()) == alone
+    assert small_batch.run_coroutine(contended()) == alone
     assert small_batch.metrics.preempted_total == preempted + 1
 
 

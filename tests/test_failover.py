@@ -53,7 +53,7 @@ def run_with_failures(cluster, prompts, strike, *, after_tokens: list[int]) -> t
             pauses.append(time.perf_counter() - struck)
         await asyncio.gather(*tasks)
 
-    cluster._loop.run(scenario())
+    cluster.run_coroutine(scenario())
     return out, pauses
 
 
@@ -81,7 +81,7 @@ def test_streams_survive_two_stage_engines_killed_in_a_row():
         assert metrics["failovers_total"] == 2 and metrics["replayed_requests_total"] >= 8
         assert len(set(victims)) == 2 and not {e.pid for e in cluster.pipeline.engines} & set(victims)
         assert max(pauses) < 30, pauses
-        assert cluster._loop.run(cluster.ahealth()) == (True, "ok")
+        assert cluster.run_coroutine(cluster.ahealth()) == (True, "ok")
 
 
 def test_a_hung_engine_is_dropped_and_the_streams_go_on():
@@ -120,7 +120,7 @@ def test_when_the_survivors_cannot_hold_the_model_requests_end_clearly_and_it_re
         with pytest.raises(ClusterError, match="cannot serve the model"):
             run_with_failures(cluster, [prompt], kill, after_tokens=[5])
         assert time.perf_counter() - started < 15
-        ok, reason = cluster._loop.run(cluster.ahealth())
+        ok, reason = cluster.run_coroutine(cluster.ahealth())
         assert not ok and "cannot serve the model" in reason and "stopped" in reason
         with pytest.raises(ClusterError, match="cannot serve the model"):
             cluster.generate(prompt, max_new_tokens=3)
