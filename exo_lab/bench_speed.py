@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import pathlib
 import statistics
 import time
@@ -25,7 +26,7 @@ CORPUS = pathlib.Path(__file__).parent / "data" / "corpus.txt"
 
 def run_compare(args, model: str, model_dir, tokenizer, prompt: list[int]) -> dict:
     """Every row of the comparison; see the module docstring."""
-    from .bench import SingleProcess
+    from .bench_measure import SingleProcess
 
     rows, tokens_by_dtype = [], {}
     for dtype in args.dtype:
@@ -52,7 +53,7 @@ def run_compare(args, model: str, model_dir, tokenizer, prompt: list[int]) -> di
 
 
 def _exo_lab_row(model: str, dtype: str, engines: int, prompt: list[int], args) -> tuple[dict, list[int]]:
-    from .bench import measure_cluster
+    from .bench_measure import measure_cluster
     from .cluster import Cluster
 
     with Cluster.local(engines=engines, max_cores=args.max_cores) as cluster:
@@ -124,7 +125,6 @@ def llama_cpp_rows(model_dir, prompt: list[int], args) -> list[dict]:
 
 
 def _cores() -> int:
-    import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
@@ -168,7 +168,9 @@ def write_f32_gguf(source: pathlib.Path, dest: pathlib.Path) -> None:
 
     reader = GGUFReader(str(source))
     arch = reader.fields["general.architecture"].contents()
-    partial = dest.with_suffix(".partial")
+    from .paths import temp_name
+
+    partial = temp_name(dest)
     writer = GGUFWriter(str(partial), arch)
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
@@ -184,7 +186,7 @@ def write_f32_gguf(source: pathlib.Path, dest: pathlib.Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    partial.rename(dest)
+    os.replace(partial, dest)
 
 
 def format_compare(report: dict) -> str:

@@ -35,8 +35,10 @@ import threading
 import time
 import traceback
 
-WATCH_PID_ENV = "EXO_LAB_WATCH_PID"
-WATCH_START_ENV = "EXO_LAB_WATCH_START"
+from . import envvars
+
+WATCH_PID_ENV = envvars.WATCH_PID
+WATCH_START_ENV = envvars.WATCH_START
 POLL_S = 0.5
 TERMINATE_GRACE_S = 2.0
 NANNY_GRACE_S = 0.3         # an engine's nanny tells the controller the engine left (fast when it is up)

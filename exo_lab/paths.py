@@ -17,9 +17,11 @@ import os
 import sys
 from pathlib import Path
 
+from . import envvars
+
 APP_NAME = "exo-lab"
-CACHE_ENV = "EXO_LAB_CACHE"
-STATE_ENV = "EXO_LAB_HOME"
+CACHE_ENV = envvars.CACHE
+STATE_ENV = envvars.HOME
 LEGACY_CACHE = "~/.cache/exo_lab"
 LEGACY_STATE = "~/.exo_lab"
 
@@ -54,3 +56,59 @@ def _platform_dirs():
     else:
         return None
     return Dirs(APP_NAME, appauthor=False)
+
+
+# ---------------------------------------------------------------------------- atomic writes
+# Every file and folder exo-lab puts in its cache appears whole or not at all: written under a
+# name of this process's own beside its target (same disk: the rename is atomic), then renamed.
+# Engines on one PC share the cache and may write the same thing at once.
+
+def temp_name(target: Path, folder: Path | None = None) -> Path:
+    """A temporary path for ``target``, own to this process and call, in ``folder`` (default:
+    beside ``target``)."""
+    import secrets
+
+    return (folder or target.parent) / f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+
+
+def write_atomic(path: Path, data: bytes | str, temp_folder: Path | None = None) -> None:
+    """Write ``data`` to ``path`` whole or not at all (a reader never sees a part); replaces
+    what was there. ``temp_folder``: where the temporary goes (same disk as ``path``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path, temp_folder)
+    try:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def move_folder_into_place(staging: Path, target: Path, is_complete) -> None:
+    """Rename the finished folder ``staging`` to ``target``. A complete ``target``
+    (``is_complete(target)``) that another builder put there meanwhile is kept; an incomplete or
+    empty one is moved aside first and removed."""
+    import logging
+    import shutil
+    import tempfile
+
+    logger = logging.getLogger(__name__)
+    if is_complete(target):
+        logger.debug("%s was built by another process meanwhile; using it", target)
+        return
+    stale = None
+    if target.exists():
+        stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
+        logger.info("replacing the incomplete folder %s", target)
+        os.replace(target, stale / "old")
+    try:
+        os.replace(staging, target)
+    except OSError:
+        if not is_complete(target):
+            raise
+        logger.debug("%s was built by another process meanwhile; using it", target)
+    if stale is not None:
+        shutil.rmtree(stale, ignore_errors=True)

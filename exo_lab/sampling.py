@@ -17,7 +17,19 @@ MAX_TEMPERATURE = 2.0
 # Below this a temperature is greedy: dividing logits by 1e-38 overflows float32 to inf, and
 # no sampler can tell such a distribution from argmax anyway.
 GREEDY_BELOW_TEMPERATURE = 1e-4
-MAX_SEED = 2**64 - 1
+# The one seed rule (the API, the wire and the sampler all use it): any integer torch's
+# Generator.manual_seed takes, [-2**63, 2**64); a negative one stands for its two's complement
+# (as torch maps it), so it is carried as the unsigned 64-bit value with the same draws.
+SEED_RANGE = (-2**63, 2**64)       # half-open
+MAX_SEED = 2**64 - 1               # after normalize_seed
+
+
+def normalize_seed(seed, param: str = "seed") -> int:
+    """``seed`` as the unsigned 64-bit value the sampler uses; RequestError outside SEED_RANGE."""
+    low, high = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed < high:
+        raise RequestError(f"'{param}' must be an integer in [{low}, {high}), got {seed!r}", param=param)
+    return seed % 2**64
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,7 +53,7 @@ class SamplingSettings:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}", param="top_p")
         _check_int(self.top_k, "top_k", 0, 2**32 - 1)
         if self.seed is not None:
-            _check_int(self.seed, "seed", 0, MAX_SEED)
+            object.__setattr__(self, "seed", normalize_seed(self.seed))
 
     @property
     def greedy(self) -> bool:

@@ -19,25 +19,34 @@ In local mode (``Cluster.local``, ``exo-lab serve --engines``) the coordinator m
 secret per cluster with :func:`new_secret` and hands it to the engines it starts through their
 environment (:func:`secret_environment`); engines read it back with :func:`load_secret`.
 Never log or print a secret or a derived key.
+
+**Signed requests** (the join service, the storage PC's file service) all go through
+:func:`sign` / :func:`signature_ok` and carry a stamp (:func:`new_stamp`: time and a random
+nonce); a server accepts each stamp once and only within ``MAX_STAMP_AGE_S`` of its own clock
+(:class:`Nonces`), so a recorded request cannot be replayed.
 """
 from __future__ import annotations
 
 import getpass
 import hashlib
+import hmac
 import os
 import secrets
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+from . import envvars
 from .errors import ConfigError
 
-SECRET_ENV = "EXO_LAB_SECRET"
+SECRET_ENV = envvars.SECRET
 # A shorter secret could be guessed offline from a derived value (e.g. the discovery proof).
 MIN_SECRET_CHARS = 16
 PURPOSES = ("data-plane", "ipyparallel", "shard-server", "discovery-proof")
 KEY_BYTES = 32
+MAX_STAMP_AGE_S = 300      # PCs' clocks may differ this much; older signed requests are refused
 _MAKE_ONE = "`exo-lab secret secret.txt`"
 
 
@@ -191,3 +200,49 @@ def require_shared_secret(config) -> bytes | None:
             f"never join; run `exo-lab secret secret.txt` next to it, add `secret_file: secret.txt` under "
             f"network:, and copy both files to every PC (or set ${SECRET_ENV})")
     return secret
+
+
+# ---------------------------------------------------------------------------- signed requests
+
+def sign(secret: bytes, purpose: str, message: bytes) -> str:
+    """HMAC-SHA256 of ``message`` (hex) under the secret's key for ``purpose``."""
+    return hmac.new(derive_key(secret, purpose), message, hashlib.sha256).hexdigest()
+
+
+def signature_ok(secret: bytes, purpose: str, message: bytes, signature) -> bool:
+    """Whether ``signature`` is :func:`sign`'s for ``message`` (in constant time)."""
+    return hmac.compare_digest(sign(secret, purpose, message), str(signature))
+
+
+def new_stamp() -> tuple[str, str]:
+    """(time, nonce) for one signed request: the seconds now, and 24 random hex digits."""
+    return str(int(time.time())), secrets.token_hex(12)
+
+
+def stamp_fresh(timestamp, now: float | None = None) -> bool:
+    """Whether ``timestamp`` (seconds) lies within MAX_STAMP_AGE_S of this PC's clock."""
+    try:
+        return abs((now or time.time()) - float(timestamp)) <= MAX_STAMP_AGE_S
+    except (TypeError, ValueError):
+        return False
+
+
+class Nonces:
+    """The stamps a server has accepted: each once, and only while fresh (older ones are
+    forgotten, since their age refuses them anyway; the book stays bounded)."""
+
+    def __init__(self):
+        self._seen: dict[str, float] = {}
+
+    def accept(self, timestamp, nonce) -> bool:
+        """True, and remembered, for a fresh stamp not seen before; False for a stale or replayed one."""
+        if not stamp_fresh(timestamp) or not isinstance(nonce, str) or nonce in self._seen:
+            return False
+        now = time.time()
+        for old in [n for n, at in self._seen.items() if now - at > 2 * MAX_STAMP_AGE_S]:
+            del self._seen[old]
+        self._seen[nonce] = now
+        return True
+
+    def __len__(self) -> int:
+        return len(self._seen)

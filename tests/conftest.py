@@ -36,3 +36,38 @@ def cluster():
     with exo_lab.Cluster.local(engines=2, max_cores=1) as started:
         started.load("demo", min_stages=2, progress=False)
         yield started
+
+
+TWO_PROCESS_CONFIG = """\
+cluster_name: services_test
+devices:
+  - hostname: coordinator.test
+    roles: [coordinator]
+    address: 127.0.0.1
+  - hostname: worker-a.test
+    roles: [compute]
+    max_memory: 4GB
+    max_cores: 1
+    engines: 2
+network:
+  discovery: manual
+  port_range: {first_port}-{last_port}
+  secret_file: secret.txt
+api:
+  port: {api_port}
+"""
+
+
+@pytest.fixture
+def two_process_config(tmp_path):
+    """A config.yaml (and its secret.txt beside it) for `python -m exo_lab.server` and one
+    `python -m exo_lab.worker` on this machine: a coordinator and a compute PC of 2 engines,
+    manual discovery at 127.0.0.1, free ports. Returns its path."""
+    from exo_lab.security import new_secret, write_secret_file
+    from ports import free_port, free_port_range
+
+    first = free_port_range()
+    path = tmp_path / "config.yaml"
+    path.write_text(TWO_PROCESS_CONFIG.format(first_port=first, last_port=first + 99, api_port=free_port()))
+    write_secret_file(tmp_path / "secret.txt", new_secret())
+    return path

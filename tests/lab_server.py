@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import nbformat
 import psutil
 from browser import end_processes
+from ports import free_port
 
 START_TIMEOUT_S = 90.0
 NOTEBOOK_NAME = "dashboard.ipynb"
@@ -61,12 +61,6 @@ class Lab:
         return f"{self.url}/lab/tree/{name}?token={self.token}"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _write_config(root: Path) -> Path:
     config = root / ".jupyter"
     (config / "labconfig").mkdir(parents=True)
@@ -93,7 +87,7 @@ def running_lab(root: Path, notebook: nbformat.NotebookNode):
     """JupyterLab serving ``root`` (which gets ``notebook`` as dashboard.ipynb); yields a :class:`Lab`."""
     nbformat.write(notebook, root / NOTEBOOK_NAME)
     config = _write_config(root)
-    port, token = _free_port(), secrets.token_hex(16)
+    port, token = free_port(), secrets.token_hex(16)
     (root / ".tmp").mkdir()
     # TMPDIR: what the kernel's cluster leaves in temporary folders stays inside root.
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(config), "JUPYTER_RUNTIME_DIR": str(root / ".runtime"),

@@ -31,7 +31,7 @@ import time
 import psutil
 import pytest
 from ports import free_port, free_port_range
-from test_services import stop as stop_process
+from procs import stop as stop_process
 
 FLOOD_CONNECTIONS = 1100
 DESCRIPTOR_LIMIT = 1024

@@ -26,6 +26,7 @@ import urllib.request
 import pytest
 
 import netlab
+from procs import read_until
 
 REASON = netlab.unavailable() or netlab.firewall_unavailable()
 REQUIRED = os.environ.get("EXO_LAB_REQUIRE_NETLAB") == "1"    # CI: a missing netlab fails, not skips
@@ -65,27 +66,6 @@ api:
   host: 0.0.0.0
   port: {api_port}
 """
-
-
-def read_until(process, text: str, timeout_s: float, lines: list | None = None) -> list[str]:
-    """Lines of a process's output up to one containing ``text`` (AssertionError otherwise)."""
-    import selectors
-
-    lines = [] if lines is None else lines
-    selector = selectors.DefaultSelector()
-    selector.register(process.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if selector.select(timeout=0.5):
-            line = process.stdout.readline()
-            if line:
-                lines.append(line)
-                if text in line:
-                    return lines
-                continue
-        if process.poll() is not None:
-            break
-    raise AssertionError(f"never saw {text!r}; output:\n{''.join(lines)}")
 
 
 class Lab:

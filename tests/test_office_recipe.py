@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 import netlab
-from test_netlab import read_until
+from procs import read_until
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -43,7 +43,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -57,6 +56,7 @@ import yaml
 from browser import end_processes
 from kernels import kernel_manager
 from nbclient import NotebookClient
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -321,12 +321,6 @@ def test_office_python_lines_use_only_flags_that_exist():
 
 
 # ------------------------------------------------------------------ one laptop, JupyterLab, OpenAI
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class LaptopServer:
     """The README's `test: serve` line, started as written on a free port."""
 
@@ -335,7 +329,7 @@ class LaptopServer:
         (line,) = [line for line in block.text.splitlines() if line.strip()]
         words = command_words(line)
         assert words[:2] == [str(EXO_LAB), "serve"] and "--port" not in words, line
-        self.port = _free_port()
+        self.port = free_port()
         self.lines: list[str] = []
         self.ready = threading.Event()
         self.process = subprocess.Popen(words + ["--port", str(self.port)], cwd=ROOT, env=environment(),

@@ -68,8 +68,8 @@ def test_draws_come_only_from_the_hf_filtered_set(top_k, top_p):
 @pytest.mark.parametrize("kwargs, param", [
     (dict(temperature=-0.1), "temperature"), (dict(temperature=2.5), "temperature"),
     (dict(temperature=float("nan")), "temperature"), (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"), (dict(seed=-1), "seed"),
-    (dict(top_k=1.5), "top_k")])
+    (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"), (dict(seed=-2**63 - 1), "seed"),
+    (dict(seed=2**64), "seed"), (dict(seed=1.0), "seed"), (dict(top_k=1.5), "top_k")])
 def test_one_validation_for_every_caller(kwargs, param):
     with pytest.raises(RequestError) as info:
         SamplingSettings(**kwargs)
@@ -177,3 +177,18 @@ def test_the_api_default_temperature_samples_every_step(sampling_cluster):
     greedy_rest = sampling_cluster.generate(prompt + at_one.token_ids[:1], max_new_tokens=15).token_ids
     assert len(at_one.token_ids) > 4
     assert at_one.token_ids[1:] != greedy_rest[:len(at_one.token_ids) - 1]
+
+
+def test_one_seed_rule_a_negative_seed_draws_as_its_twos_complement():
+    """The API, the wire and the sampler share sampling.normalize_seed: -1 is accepted (OpenAI
+    clients send any int64) and draws exactly what 2**64 - 1 draws, on the wire as that value."""
+    from exo_lab.api.params import seed as api_seed
+    from exo_lab.wire import Forward, Row, decode, encode
+
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(3))
+    negative = SamplingSettings(temperature=1.0, seed=-1)
+    assert negative.seed == 2**64 - 1 and api_seed({"seed": -1}) == 2**64 - 1
+    assert [sample_token(logits, negative, p) for p in range(64)] == \
+        [sample_token(logits, SamplingSettings(temperature=1.0, seed=2**64 - 1), p) for p in range(64)]
+    frame = decode(encode(Forward(1, (Row(0, 0, negative, True),), torch.ones(1, 1, dtype=torch.int64))))
+    assert frame.rows[0].sampling.seed == 2**64 - 1

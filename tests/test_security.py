@@ -122,3 +122,36 @@ def test_secret_environment_round_trips_through_load_secret(monkeypatch):
     for name, value in secret_environment(secret).items():
         monkeypatch.setenv(name, value)
     assert load_secret() == secret
+
+
+# ------------------------------------------------------------------ signed requests (one scheme)
+def test_a_signed_request_is_accepted_once_fresh_and_never_replayed_or_altered(monkeypatch):
+    """The join service and the storage PC's file service share security.sign / Nonces: a
+    stamp is accepted once, a stale one never, a signature over other bytes never."""
+    import time
+
+    from exo_lab import security
+    from exo_lab.engine.fetch import auth_header, check_auth
+
+    secret, nonces = new_secret().encode(), security.Nonces()
+    header = auth_header(secret, "GET", "/exo-lab/storage/m/file")
+    assert check_auth(secret, "GET", "/exo-lab/storage/m/file", header, nonces)
+    assert not check_auth(secret, "GET", "/exo-lab/storage/m/file", header, nonces)        # replayed
+    assert not check_auth(secret, "GET", "/exo-lab/storage/m/other", auth_header(secret, "GET", "/x"), nonces)
+    assert not check_auth(new_secret().encode(), "GET", "/x", auth_header(secret, "GET", "/x"), nonces)
+    ts, nonce = security.new_stamp()
+    assert not nonces.accept(str(int(ts) - security.MAX_STAMP_AGE_S - 5), nonce)             # stale
+    monkeypatch.setattr(time, "time", lambda: float(ts) + 3 * security.MAX_STAMP_AGE_S)
+    assert nonces.accept(str(int(time.time())), "a-new-nonce") and len(nonces) == 1         # old ones forgotten
+
+
+def test_the_join_proof_binds_its_label_and_fields():
+    from exo_lab.coordinator.discovery import sign, verify
+
+    secret = new_secret().encode()
+    fields = {"cluster": "c", "device": "system-b", "ts": "1", "nonce": "n"}
+    proof = sign(secret, "join", fields)
+    assert verify(secret, "join", fields, proof)
+    assert not verify(secret, "welcome", fields, proof)              # made for another message
+    assert not verify(secret, "join", {**fields, "device": "system-c"}, proof)
+    assert not verify(new_secret().encode(), "join", fields, proof)

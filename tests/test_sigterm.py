@@ -20,7 +20,7 @@ import threading
 import time
 
 import psutil
-from test_services import config_file, running, wait_for_line  # noqa: F401 (fixture)
+from procs import read_until, running
 
 SIGTERM_BUDGET_S = 3.0
 
@@ -67,19 +67,19 @@ def open_stream(port: int) -> threading.Thread:
     return reader
 
 
-def test_worker_and_server_exit_on_sigterm_with_every_child_within_3_s(config_file, tmp_path):  # noqa: F811
+def test_worker_and_server_exit_on_sigterm_with_every_child_within_3_s(two_process_config, tmp_path):
     # the coordinator PC computes too: its own engine (and nanny) must end with it
-    config_file.write_text(config_file.read_text().replace(
+    two_process_config.write_text(two_process_config.read_text().replace(
         "roles: [coordinator]\n", "roles: [coordinator, compute]\n    engines: 1\n    max_cores: 1\n"))
     env = {**os.environ, "EXO_LAB_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
-    api_port = int(config_file.read_text().split("port: ")[-1])
-    server = subprocess.Popen([sys.executable, "-m", "exo_lab.server", "--config", str(config_file), "--model",
+    api_port = int(two_process_config.read_text().split("port: ")[-1])
+    server = subprocess.Popen([sys.executable, "-m", "exo_lab.server", "--config", str(two_process_config), "--model",
                                "demo"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    worker = subprocess.Popen([sys.executable, "-m", "exo_lab.worker", "--config", str(config_file), "--device",
+    worker = subprocess.Popen([sys.executable, "-m", "exo_lab.worker", "--config", str(two_process_config), "--device",
                                "worker-a.test"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        wait_for_line(worker, "joining", 60)
-        wait_for_line(server, "serving", 120)
+        read_until(worker, "joining", 60)
+        read_until(server, "serving", 120)
         stream = open_stream(api_port)
         worker_exit, worker_all, worker_left = sigterm_and_time(worker)
         server_exit, server_all, server_left = sigterm_and_time(server)

@@ -132,17 +132,19 @@ def _link_copy(source, target):
 
 @pytest.mark.slow
 def test_move_into_place_replaces_incomplete_and_keeps_a_winner(smollm2_dir, tmp_path):
+    from exo_lab.paths import move_folder_into_place
+
     incomplete = tmp_path / "target"
     incomplete.mkdir()
     (incomplete / "config.json").write_text("{}")
     staging = tmp_path / "staging"
     _link_copy(smollm2_dir, staging)
-    smollm2._move_into_place(staging, incomplete)
+    move_folder_into_place(staging, incomplete, smollm2._is_complete)
     assert smollm2._is_complete(incomplete) and not staging.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]   # stale copy removed
     loser = tmp_path / "loser"
     _link_copy(smollm2_dir, loser)
-    smollm2._move_into_place(loser, incomplete)   # another builder won: keep its folder
+    move_folder_into_place(loser, incomplete, smollm2._is_complete)   # another builder won: keep its folder
     assert smollm2._is_complete(incomplete) and loser.exists()
 
 

@@ -21,7 +21,7 @@ import time
 import pytest
 
 import netlab
-from test_netlab import read_until
+from procs import read_until
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 

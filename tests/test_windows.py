@@ -241,3 +241,20 @@ def test_without_a_compiler_one_line_says_which_to_install(monkeypatch, caplog):
     assert len(lines) == 1, lines
     assert "no C compiler (no-such-compiler-here) was found: install gcc or clang" in lines[0]
 
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    """paths.write_atomic, the one way exo-lab writes into its cache: all or nothing."""
+    import os
+
+    target = tmp_path / "cache" / "manifest.json"
+    paths.write_atomic(target, "old")
+    assert target.read_text() == "old"
+
+    def broken_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        paths.write_atomic(target, "new")
+    assert target.read_text() == "old" and [p.name for p in target.parent.iterdir()] == ["manifest.json"]

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..coordinator.chat import normalize_messages
-from ..errors import ClusterError
-from ..sampling import SamplingParams
+from ..errors import ClusterError, RequestError
+from ..sampling import SamplingParams, normalize_seed
 from .errors import bad_request, model_not_found, unsupported
 from .tokenizing import TOKENIZER
 
@@ -45,7 +45,6 @@ MAX_CHARS_PER_CONTEXT_TOKEN = 16      # prompt characters allowed per token of c
 MAX_MESSAGES = 2048                   # as OpenAI
 MAX_CONTENT_PARTS = 2048              # text parts of all messages together
 MAX_JSON_DEPTH = 64                   # an OpenAI body nests 5 deep; Python's parser fails near 1,000
-SEED_RANGE = (-2**63, 2**64)          # what torch.Generator.manual_seed takes (half-open)
 
 SHARED_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
                            "stream", "stream_options", "user"})
@@ -326,11 +325,14 @@ def include_usage(body: dict, stream: bool) -> bool:
 
 
 def seed(body: dict) -> int | None:
+    """The seed (the one rule: :func:`exo_lab.sampling.normalize_seed`)."""
     value = integer(body, "seed")
-    low, high = SEED_RANGE
-    if value is not None and not low <= value < high:
-        raise bad_request(f"'seed' must be in [{low}, {high}), got {value}", param="seed")
-    return value
+    if value is None:
+        return None
+    try:
+        return normalize_seed(value)
+    except RequestError as exc:
+        raise bad_request(str(exc), param="seed") from None
 
 
 # ---------------------------------------------------------------- JSON types

@@ -18,8 +18,6 @@ adverts of other clusters (and impostors) before it asks; the join is what admit
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 import secrets
@@ -29,6 +27,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+from .. import security
 from ..errors import ClusterError, ExoLabError
 
 logger = logging.getLogger(__name__)
@@ -37,7 +36,6 @@ SERVICE_TYPE = "_exo-lab._tcp.local."
 JOIN_PATH = "/exo-lab/join"
 PROOF_PURPOSE = "discovery-proof"
 PROOF_HEADER = "X-Exo-Lab-Proof"
-MAX_CLOCK_SKEW_S = 300          # PCs' clocks may differ this much; older requests are refused
 MAX_JOIN_BODY_BYTES = 4096
 ADVERT_REFRESH_S = 60.0         # the advert's timestamp is renewed this often
 
@@ -53,26 +51,19 @@ def _canonical(label: str, fields: dict) -> bytes:
 
 
 def sign(secret: bytes, label: str, fields: dict) -> str:
-    """HMAC-SHA256 of ``fields`` under the secret's discovery key; ``label`` ("advert", "join",
-    "welcome") keeps a proof made for one message from being reused as another."""
-    from ..security import derive_key
-
-    return hmac.new(derive_key(secret, PROOF_PURPOSE), _canonical(label, fields), hashlib.sha256).hexdigest()
+    """The proof of ``fields`` under the secret's discovery key (:func:`exo_lab.security.sign`);
+    ``label`` ("advert", "join", "welcome") keeps a proof made for one message from being
+    reused as another."""
+    return security.sign(secret, PROOF_PURPOSE, _canonical(label, fields))
 
 
 def verify(secret: bytes, label: str, fields: dict, proof: str) -> bool:
-    return hmac.compare_digest(sign(secret, label, fields), str(proof))
-
-
-def fresh(timestamp, now: float | None = None) -> bool:
-    try:
-        return abs((now or time.time()) - float(timestamp)) <= MAX_CLOCK_SKEW_S
-    except (TypeError, ValueError):
-        return False
+    return security.signature_ok(secret, PROOF_PURPOSE, _canonical(label, fields), proof)
 
 
 def _stamp() -> dict:
-    return {"ts": str(int(time.time())), "nonce": secrets.token_hex(12)}
+    ts, nonce = security.new_stamp()
+    return {"ts": ts, "nonce": nonce}
 
 
 # ----------------------------------------------------------------------------- coordinator: advert
@@ -187,9 +178,9 @@ def join_handler_class():
     class JoinHandler(tornado.web.RequestHandler):
         """POST /exo-lab/join: admit a worker that proves it holds the cluster secret."""
 
-        def initialize(self, state: JoinState, seen_nonces: dict):
+        def initialize(self, state: JoinState, nonces: security.Nonces):
             self.state = state
-            self.seen = seen_nonces
+            self.nonces = nonces
 
         def check_xsrf_cookie(self):   # not a browser endpoint: the HMAC is the check
             pass
@@ -219,12 +210,11 @@ def join_handler_class():
                 self.set_status(403)
                 self.finish({"error": "secret", "message": "this PC's cluster secret differs from the coordinator's"})
                 return
-            if not fresh(fields.get("ts")) or fields.get("nonce") in self.seen:
+            if not self.nonces.accept(fields.get("ts"), fields.get("nonce")):
                 logger.warning("refused a replayed or stale join request (device %s)", who)
                 self.set_status(403)
                 self.finish({"error": "stale", "message": "a join request must be fresh: check the clocks"})
                 return
-            self._remember(fields["nonce"])
             self.state.joined += 1
             self.state.joined_from[fields.get("device", "")] = self.request.remote_ip
             local = self.request.connection.stream.socket.getsockname()[0]
@@ -236,12 +226,6 @@ def join_handler_class():
                      "coordinator_address": local, "request_nonce": fields["nonce"], **_stamp()}
             self.set_header(PROOF_HEADER, sign(self.state.secret, "welcome", reply))
             self.finish(reply)
-
-        def _remember(self, nonce: str) -> None:
-            now = time.time()
-            for old in [n for n, at in self.seen.items() if now - at > 2 * MAX_CLOCK_SKEW_S]:
-                del self.seen[old]
-            self.seen[nonce] = now
 
     return JoinHandler
 
@@ -349,7 +333,7 @@ def join(host: str, port: int, cluster_name: str, device: str, secret: bytes,
     except (OSError, ValueError) as exc:
         raise ClusterError(f"cannot join the coordinator at {host}:{port}: {exc}") from exc
     if not (isinstance(reply, dict) and verify(secret, "welcome", reply, proof)
-            and reply.get("request_nonce") == fields["nonce"] and fresh(reply.get("ts"))):
+            and reply.get("request_nonce") == fields["nonce"] and security.stamp_fresh(reply.get("ts"))):
         raise ClusterError(f"the answer of {host}:{port} does not carry this cluster's proof; "
                            f"another service answers there")
     storage = json.loads(reply["storage"])

@@ -11,6 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from .. import envvars
 from ..config import CONTROLLER_PORT_SPAN
 from ..errors import ClusterError
 
@@ -55,7 +56,7 @@ def engine_environment(*, threads: int | None, device_name: str | None = None,
         env["OMP_NUM_THREADS"] = str(threads)
         env["MKL_NUM_THREADS"] = str(threads)
     if device_name:
-        env["EXO_LAB_DEVICE"] = device_name
+        env[envvars.DEVICE] = device_name
     return env
 
 

@@ -34,6 +34,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import envvars
 from ..config import ClusterConfig, SSHHostConfig
 from ..errors import ClusterError, ConfigError
 
@@ -318,7 +319,7 @@ def slurm_batch_template(config: ClusterConfig) -> str:
     (Slurm stores it), so never a ``$EXO_LAB_SECRET``; the workers read network.secret_file."""
     launcher = config.launcher
     lines = ["#!/bin/sh", f"#SBATCH --nodes={launcher.nodes}", "#SBATCH --ntasks-per-node=1",
-             "#SBATCH --job-name=exo-lab-" + config.cluster_name, "#SBATCH --export=EXO_LAB_HOME,EXO_LAB_CACHE",
+             "#SBATCH --job-name=exo-lab-" + config.cluster_name, f"#SBATCH --export={envvars.HOME},{envvars.CACHE}",
              "#SBATCH --output={profile_dir}/slurm-%j.out"]
     for option, value in (("partition", launcher.partition), ("account", launcher.account),
                           ("time", launcher.time)):

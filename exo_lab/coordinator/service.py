@@ -16,6 +16,7 @@ import logging
 from ..config import ClusterConfig, DeviceConfig
 from ..errors import ClusterError
 from ..httpguard import GuardedHTTPServer, HttpLimits, bind_sockets
+from ..security import Nonces
 from .discovery import AdvertPorts, Advertiser, JoinState, join_handler_class
 from .storage import ModelStore, storage_handlers
 
@@ -44,7 +45,7 @@ class PeerService:
 
         routes = []
         if self.join is not None:
-            routes.append((r"/exo-lab/join", join_handler_class(), {"state": self.join, "seen_nonces": {}}))
+            routes.append((r"/exo-lab/join", join_handler_class(), {"state": self.join, "nonces": Nonces()}))
         if self.store is not None:
             routes += storage_handlers(self.store)
         app = tornado.web.Application(routes)

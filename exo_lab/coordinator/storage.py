@@ -21,7 +21,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import re
 import threading
 from pathlib import Path
@@ -30,6 +29,7 @@ import tornado.web
 
 from ..engine.fetch import AUTH_HEADER, CHUNK_BYTES, HEADER_LENGTH, MAX_HEADER_BYTES, PREFIX, check_auth, hash_range, parse_header, tensor_entries
 from ..errors import ExoLabError
+from ..security import Nonces
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class ModelStore:
 
     def __init__(self, secret: bytes):
         self.secret = secret
-        self.seen_nonces: dict[str, float] = {}
+        self.nonces = Nonces()
         self.bytes_served: dict[str, int] = {}
         self._manifests: dict[str, tuple[Path, dict]] = {}
         self._lock = threading.Lock()
@@ -72,7 +72,7 @@ def _stamp(folder: Path) -> dict:
 
 def load_or_build_manifest(folder: Path) -> dict:
     """The folder's manifest, from the on-disk cache when its files did not change."""
-    from ..paths import cache_dir
+    from ..paths import cache_dir, write_atomic
 
     key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
     path = cache_dir() / "storage" / f"manifest-{key}.json"
@@ -85,10 +85,7 @@ def load_or_build_manifest(folder: Path) -> dict:
         pass
     logger.info("computing the sha256 manifest of %s (once; cached in %s)", folder, path)
     manifest = {"stamp": stamp, "files": {name: _describe(folder / name) for name in stamp}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(manifest))
     return manifest
 
 
@@ -113,7 +110,7 @@ class _StorageHandler(tornado.web.RequestHandler):
 
     def prepare(self):
         header = self.request.headers.get(AUTH_HEADER, "")
-        if not check_auth(self.store.secret, self.request.method, self.request.uri, header, self.store.seen_nonces):
+        if not check_auth(self.store.secret, self.request.method, self.request.uri, header, self.store.nonces):
             logger.warning("refused a storage request from %s without a valid %s", self.request.remote_ip,
                            AUTH_HEADER)
             raise tornado.web.HTTPError(403, reason="cluster secret required")

@@ -29,13 +29,11 @@ or repeated ones. Engine-side code: it never imports the coordinator.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import http.client
 import json
 import logging
 import os
 import re
-import secrets
 import struct
 import sys
 import time
@@ -43,14 +41,16 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import envvars
 from ..errors import ModelError
+from ..paths import temp_name, write_atomic
+from ..security import Nonces, new_stamp, sign, signature_ok
 
 logger = logging.getLogger(__name__)
 
-STORAGE_URL_ENV = "EXO_LAB_STORAGE_URL"
+STORAGE_URL_ENV = envvars.STORAGE_URL
 AUTH_HEADER = "X-Exo-Lab-Auth"
 AUTH_PURPOSE = "shard-server"
-MAX_AUTH_AGE_S = 300
 PREFIX = "/exo-lab/storage"
 BOOKKEEPING = ".exo_lab_fetch"
 TENSORS = "tensors"
@@ -64,34 +64,23 @@ MAX_HEADER_BYTES = 100 * 2**20      # safetensors' own limit
 
 def auth_header(secret: bytes, method: str, uri: str) -> str:
     """``ts.nonce.hmac`` for one request (``uri``: path and query as sent)."""
-    ts, nonce = str(int(time.time())), secrets.token_hex(12)
-    return f"{ts}.{nonce}.{_mac(secret, ts, nonce, method, uri)}"
+    ts, nonce = new_stamp()
+    return f"{ts}.{nonce}.{sign(secret, AUTH_PURPOSE, _message(ts, nonce, method, uri))}"
 
 
-def check_auth(secret: bytes, method: str, uri: str, header: str, seen: dict[str, float]) -> bool:
+def check_auth(secret: bytes, method: str, uri: str, header: str, nonces: Nonces) -> bool:
     """Whether ``header`` was made with ``secret`` for this request, recently and only once
-    (``seen`` remembers nonces; the caller keeps it for the server's lifetime)."""
+    (``nonces``: the server's book of accepted stamps, kept for its lifetime)."""
     try:
         ts, nonce, mac = header.split(".")
-        age = abs(time.time() - int(ts))
     except ValueError:
         return False
-    if age > MAX_AUTH_AGE_S or nonce in seen:
-        return False
-    if not hmac.compare_digest(_mac(secret, ts, nonce, method, uri), mac):
-        return False
-    now = time.time()
-    for old in [n for n, at in seen.items() if now - at > 2 * MAX_AUTH_AGE_S]:
-        del seen[old]
-    seen[nonce] = now
-    return True
+    return (signature_ok(secret, AUTH_PURPOSE, _message(ts, nonce, method, uri), mac)
+            and nonces.accept(ts, nonce))
 
 
-def _mac(secret: bytes, ts: str, nonce: str, method: str, uri: str) -> str:
-    from ..security import derive_key
-
-    message = f"{ts}\n{nonce}\n{method}\n{uri}".encode()
-    return hmac.new(derive_key(secret, AUTH_PURPOSE), message, hashlib.sha256).hexdigest()
+def _message(ts: str, nonce: str, method: str, uri: str) -> bytes:
+    return f"{ts}\n{nonce}\n{method}\n{uri}".encode()
 
 
 # ----------------------------------------------------------------------------- safetensors bytes
@@ -338,7 +327,7 @@ def _check(ok: bool, what: str) -> None:
 def _temp_path(folder: Path, name: str) -> Path:
     """A temporary name in the fetched folder's ``tmp/`` (same disk: the rename is atomic), own
     to this process so that engines writing at once never share one."""
-    return folder / BOOKKEEPING / "tmp" / f"{name}.{os.getpid()}-{secrets.token_hex(4)}"
+    return temp_name(Path(name), folder / BOOKKEEPING / "tmp")
 
 
 def _sweep_temps(tmp: Path, max_age_s: float = 3600) -> None:
@@ -406,9 +395,7 @@ def _write_if_changed(folder: Path, path: Path, data: bytes) -> None:
             return
     except OSError:
         pass
-    tmp = _temp_path(folder, path.name)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomic(path, data, temp_folder=folder / BOOKKEEPING / "tmp")
 
 
 def _write_tensor(folder: Path, name: str, entry: dict, source: tuple[Path, int, int], sha256: str) -> None:

@@ -32,18 +32,18 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from ..paths import cache_dir
+from .. import envvars
+from ..paths import cache_dir, temp_name
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 MAX_ROWS = 16          # rows of activations the kernels take (beyond: prefill, torch's GEMMs win)
-ENV_SWITCH = "EXO_LAB_KERNELS"
+ENV_SWITCH = envvars.KERNELS
 _BUILD_TIMEOUT_S = 120
 
 
@@ -166,13 +166,15 @@ def _build() -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:   # engines may build at once
-        built = Path(scratch) / target.name
+    built = temp_name(target)            # engines on one PC may build at once
+    try:
         result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"],
                                 capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} exited {result.returncode}: {result.stderr.strip()[-400:]}")
         os.replace(built, target)
+    finally:
+        built.unlink(missing_ok=True)
     return target
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pathlib
 import shutil
 import tempfile
@@ -253,26 +252,14 @@ def build_random_model(path, *, architecture="llama", num_layers=4, hidden_size=
         logger.info("building random %s model (%d layers, hidden %d) into %s",
                     architecture, num_layers, hidden_size, target)
         _write_model(staging, settings)
-        _move_into_place(staging, target)
+        move_folder_into_place(staging, target, _is_complete)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _check_cached(target, settings)
     return target
 
 
-def _move_into_place(staging: pathlib.Path, target: pathlib.Path) -> None:
-    """Atomically rename ``staging`` to ``target``; losing the race to another builder is fine."""
-    if target.exists() and not any(target.iterdir()):
-        target.rmdir()   # an empty folder (e.g. made by mkdir) may be replaced
-    try:
-        os.replace(staging, target)
-    except OSError:
-        if not _is_complete(target):
-            raise
-        logger.debug("%s was built by another process meanwhile; using it", target)
-
-
-from ..paths import cache_dir  # noqa: E402  (kept importable here: exo_lab.model.demo.cache_dir)
+from ..paths import cache_dir, move_folder_into_place  # noqa: E402  (cache_dir kept importable here)
 
 
 def demo_model_dir() -> pathlib.Path:

