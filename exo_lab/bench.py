@@ -19,7 +19,7 @@ import threading
 import time
 
 from .bench_measure import SingleProcess, measure_cluster
-from .cli import positive_int
+from .settings_values import positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _counts(text: str) -> list[int]:
 
 def bench_model_dir(preset: str):
     """The preset's random-weight model folder, built on first use (cached)."""
-    from .model.demo import build_random_model, cache_dir
+    from .weights.demo import build_random_model, cache_dir
 
     target = cache_dir() / "models" / f"bench-{preset}-v1"
     return build_random_model(target, seed=0, **PRESETS[preset])
@@ -131,15 +131,15 @@ def memory_rows(cluster, plan, bare: dict) -> list[dict]:
     for info, stage in zip(cluster.pipeline.engines, plan.stages):
         status = cluster.control.call(info.engine_id, engine_worker.worker_status)
         rows.append({"engine": info.engine_id, "layers": [stage.start_layer, stage.stop_layer],
-                     "shard_bytes": status["parameter_bytes"], "kv_bytes": status["kv_cache_bytes"],
-                     "bare_rss_bytes": bare[info.engine_id], "peak_rss_bytes": status["peak_rss_bytes"]})
+                     "shard_bytes": status.stage.parameter_bytes, "kv_bytes": status.stage.kv_cache_bytes,
+                     "bare_rss_bytes": bare[info.engine_id], "peak_rss_bytes": status.peak_rss_bytes})
     return rows
 
 
 def run(args) -> int:
     from transformers import AutoTokenizer
 
-    from .model.resolve import resolve_model
+    from .weights.resolve import resolve_model
 
     logging.getLogger("exo_lab").setLevel(logging.WARNING)
     model_dir = resolve_model(args.model) if args.model else bench_model_dir(args.preset)

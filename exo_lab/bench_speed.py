@@ -83,8 +83,9 @@ def perplexity(model_dir, dtype: str, tokenizer, num_tokens: int) -> float:
     one whole-model stage of ``dtype`` (the decode path, KV slots included)."""
     import torch
 
-    from .model.shard import ShardSpec, load_stage
-    from .model.resolve import read_model_config
+    from .control_types import ShardSpec
+    from .weights.checkpoint import load_stage
+    from .weights.resolve import read_model_config
 
     ids = tokenizer(CORPUS.read_text(), add_special_tokens=False)["input_ids"][:num_tokens + 1]
     layers = read_model_config(model_dir)["num_hidden_layers"]
@@ -130,7 +131,7 @@ def _cores() -> int:
 
 
 def _quantized_gguf(model_dir) -> pathlib.Path | None:
-    from .model import smollm2
+    from .weights import smollm2
 
     if not smollm2.smollm2_is_built():
         return None

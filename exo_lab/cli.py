@@ -114,9 +114,9 @@ def cmd_plan(args) -> int:
 
 def _load_options(args, config):
     from .planning.options import resolve_load_options
+    from .settings import read_flags
 
-    return resolve_load_options(config, model=args.model, dtype=args.dtype, max_context=args.max_context,
-                                max_batch=args.max_batch, objective=args.objective, min_stages=args.min_stages)
+    return resolve_load_options(config, **read_flags(args, "plan"))
 
 
 def cmd_demo(args) -> int:

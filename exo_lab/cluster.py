@@ -1,30 +1,32 @@
 """Cluster: the one object users hold. A thin facade over the coordinator's parts.
 
-``EngineControl`` (coordinator/control.py) owns the ipyparallel control plane, ``load_pipeline``
-(coordinator/pipeline.py) plans and loads a model into a :class:`Pipeline`, and its
-``Scheduler`` drives requests over the data plane on the cluster's event-loop thread.
+``EngineControl`` (coordinator/control.py) owns the ipyparallel control plane; the
+``Supervisor`` (coordinator/supervisor.py) owns the cluster's life: load, re-plan, failover,
+membership and stop, on a thread of its own; each loaded pipeline's ``Scheduler`` drives
+requests over the data plane on the cluster's event-loop thread.
 """
 from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
-from .config import ClusterConfig, load_config
+from .config import ClusterConfig, config_from_dict, load_config
 from .coordinator.control import DEFAULT_START_TIMEOUT_S, EngineControl, EngineInfo
 from .coordinator.loop import LoopThread
-from .coordinator.pipeline import Pipeline
-from .errors import ClusterError, ExoLabError
-from .planning.planner import Plan
+from .coordinator.supervisor import DEFAULT_LOAD_TIMEOUT_S, EngineRuntime, Load, Replan, Supervisor, Unload
+from .errors import ClusterError
 from .sampling import GenerationResult, SamplingParams, StreamEvent
+
+if TYPE_CHECKING:
+    from .coordinator.pipeline import Pipeline
+    from .planning.planner import Plan
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LOAD_TIMEOUT_S = 1800.0
-MEMBERSHIP_CHECK_S = 2.0     # replan: auto looks at the registered engines this often
-STOP_UNLOAD_S = 1.0          # stop(): how long other processes' engines get to free their stages
+STOP_JOIN_S = 5.0     # stop(): how long a load or failover under way gets to end with the engines
 _SAMPLING_ARGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
 
 
@@ -44,15 +46,10 @@ class Cluster:
         self.control = EngineControl(config, local_engines=local_engines, max_cores=max_cores,
                                      max_memory_bytes=max_memory_bytes, profile_dir=profile_dir,
                                      start_timeout_s=start_timeout_s)
-        self.pipeline: Pipeline | None = None
-        self.failure: str | None = None
-        self._loop: LoopThread | None = None
+        self._runtime = EngineRuntime(self.control)
+        self.supervisor = Supervisor(self._runtime, replan_auto=config.replan == "auto")
         self._server = None
         self._peer_service = None        # join / model files / advert (config clusters with a secret)
-        self._reload_lock = threading.RLock()
-        self.recovering: str | None = None      # a failover is under way, after this failure
-        self._watcher: threading.Thread | None = None
-        self._stop_watching = threading.Event()
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -64,7 +61,6 @@ class Cluster:
         after another, so they do not compete; lower it when serving many requests at once).
         max_memory: cap on each engine's memory budget (default: free memory / engines).
         """
-        from .config import config_from_dict
         from .units import parse_size
 
         if not isinstance(engines, int) or isinstance(engines, bool) or engines < 1:
@@ -101,18 +97,22 @@ class Cluster:
         if self.control.started:
             return self
         try:
-            self._loop = LoopThread()
+            self._runtime.loop = LoopThread()
             self._started_at = time.time() - 1.0    # file mtimes may be a little coarse
-            self.control.start(on_controller=self._start_peer_service)
+            self.supervisor.start(lambda: self.control.start(on_controller=self._start_peer_service))
         except BaseException:
             self.stop()
             raise
         return self
 
+    @property
+    def _loop(self) -> LoopThread | None:
+        return self._runtime.loop
+
     def _start_peer_service(self) -> None:
         """With a cluster secret, other PCs join (and fetch model files) through this service."""
-        from .coordinator.launch import public_connection_info
-        from .coordinator.service import start_coordinator_service
+        from .membership.launch import public_connection_info
+        from .membership.service import start_coordinator_service
 
         if self.control.is_local or self.control.secret is None:
             return
@@ -123,17 +123,8 @@ class Cluster:
 
     def stop(self) -> None:
         """Stop serving, unload the model and end every process this cluster started."""
-        self._stop_watching.set()
-        if self._watcher is not None:
-            self._watcher.join(60)
-            self._watcher = None
-        if self._server is not None:
-            try:
-                self._server.stop()
-            except Exception:  # stopping must go on whatever the server says
-                logger.exception("stopping the API server failed")
-            self._server = None
-        self._close_pipeline()
+        self._stop_server()
+        stopped = self.supervisor.stop()      # closes the pipeline, unless a load or failover runs
         if self._peer_service is not None:
             try:
                 self._loop.run(self._peer_service.close(), timeout_s=10)
@@ -141,29 +132,19 @@ class Cluster:
                 logger.exception("stopping the join/storage service failed")
             self._peer_service = None
         self.control.stop()
-        if self._loop is not None:
-            self._loop.stop()
-            self._loop = None
+        if not stopped and not self.supervisor.join(STOP_JOIN_S):   # that work ends with the engines
+            logger.warning("the cluster's supervisor did not finish within %.0f s of the stop", STOP_JOIN_S)
+        loop, self._runtime.loop = self._runtime.loop, None
+        if loop is not None:
+            loop.stop()
 
-    def _close_pipeline(self) -> None:
-        """stop()'s unload: end the scheduler; engines that control.stop() ends are not asked to
-        unload (that only delays their exit), the others (a worker's) get STOP_UNLOAD_S for it."""
-        from .engine import worker as engine_worker
-
-        pipeline, self.pipeline = self.pipeline, None
-        if pipeline is None:
-            return
-        try:
-            self._loop.run(pipeline.scheduler.close(), timeout_s=10)
-        except Exception:
-            logger.exception("closing the scheduler failed")
-        registered = set(self.control.ids)
-        others = [info.engine_id for info in pipeline.engines
-                  if info.engine_id in registered and not self.control.ends_on_stop(info)]
-        results = self.control.gather(others, engine_worker.unload_stage, timeout_s=STOP_UNLOAD_S, what="unloading")
-        for result in results.values():
-            if isinstance(result, ExoLabError):
-                logger.info("on stop, an engine did not unload: %s", result)
+    def _stop_server(self) -> None:
+        if self._server is not None:
+            try:
+                self._server.stop()
+            except Exception:  # stopping must go on whatever the server says
+                logger.exception("stopping the API server failed")
+            self._server = None
 
     @property
     def profile_dir(self):
@@ -196,21 +177,7 @@ class Cluster:
                                        max_batch=max_batch, objective=objective, min_stages=min_stages,
                                        prefill_chunk=prefill_chunk, micro_batches=micro_batches,
                                        max_queued=max_queued)
-        return self._load(options, progress, timeout_s)
-
-    def _load(self, options, progress: bool, timeout_s: float) -> Plan:
-        from .coordinator.pipeline import load_pipeline
-
-        with self._reload_lock:
-            self.unload()
-            # a failure stays in force (and /health says it) until the new pipeline is up
-            pipeline = load_pipeline(self.control, self._loop, options, check_alive=self._check_alive,
-                                     progress=progress, timeout_s=timeout_s, on_failure=self._pipeline_lost)
-            self.pipeline, self.failure = pipeline, None
-        if self.config.replan == "auto" and self._watcher is None:
-            self._watcher = threading.Thread(target=self._watch_membership, name="exo-lab-replan", daemon=True)
-            self._watcher.start()
-        return self.pipeline.plan
+        return self._ask(Load(options, progress=progress, timeout_s=timeout_s))
 
     def replan(self, *, progress: bool = True, timeout_s: float = DEFAULT_LOAD_TIMEOUT_S) -> Plan:
         """Plan the loaded model again over the engines registered now (a PC that joined after
@@ -219,45 +186,46 @@ class Cluster:
         engines stay up and only the stages are loaded again; requests running at that moment
         end with an error (``replan: auto`` waits for none to run). Returns the plan in force.
         Raises PlanError when the engines cannot hold the model, ClusterError without a model."""
-        from .coordinator.pipeline import is_better, propose_plan
-
-        with self._reload_lock:
-            pipeline = self.pipeline
-            if pipeline is None:
-                raise ClusterError("no model is loaded: call cluster.load(...) first; replan() re-plans "
-                                   "the loaded one")
-            self.failure = self.failure or pipeline.dead_stage_message(self.control)
-            candidate = propose_plan(self.control, pipeline.options)
-            if self.failure is None and not is_better(candidate, pipeline.plan):
-                return pipeline.plan
-            logger.info("re-planning %s: %.2f -> %.2f ms/token predicted%s", pipeline.model_id,
-                        pipeline.plan.predicted_ms_per_token, candidate.predicted_ms_per_token,
-                        " (after a failure)" if self.failure else "")
-            return self._load(pipeline.options, progress, timeout_s)
-
-    def _watch_membership(self) -> None:
-        """replan: auto. When engines join or leave (or the pipeline failed), re-plan at a
-        moment no request runs."""
-        known, tried = set(self.control.ids), None
-        while not self._stop_watching.wait(MEMBERSHIP_CHECK_S):
-            pipeline, ids, failure = self.pipeline, set(self.control.ids), self.failure
-            if pipeline is None or (ids == known and failure in (None, tried)):
-                continue
-            if failure is None and _busy(pipeline.scheduler):
-                continue
-            known, tried = ids, failure     # after an error: again when the engines change
-            try:
-                self.replan(progress=False)
-            except ExoLabError as exc:
-                logger.warning("automatic re-plan failed: %s", exc)
-            except Exception:      # the watcher must outlive any surprise
-                logger.exception("automatic re-plan failed")
+        return self._ask(Replan(progress=progress, timeout_s=timeout_s))
 
     def unload(self) -> None:
-        """Free every stage (the engines stay up)."""
-        pipeline, self.pipeline = self.pipeline, None
-        if pipeline is not None:
-            pipeline.close(self.control, self._loop)
+        """Free every stage (the engines stay up); after a failure, the model no longer loads
+        again by itself."""
+        if self.control.started:
+            self._ask(Unload())
+
+    def _ask(self, command):
+        """Hand a command to the supervisor and wait for its result (the errors it raises)."""
+        self.control.require_started()
+        if self._loop.in_loop:     # the work needs the loop: waiting on it there would hang
+            raise RuntimeError("blocking cluster call made from the cluster's loop thread; call it from "
+                               "another thread")
+        return self.supervisor.ask(command)
+
+    @property
+    def state(self) -> str:
+        """Where the cluster is in its life: stopped, starting, idle (no model), loading,
+        serving, suspended, replanning (a failover or re-plan), failed or stopping."""
+        return self.supervisor.state.value
+
+    @property
+    def pipeline(self) -> Pipeline | None:
+        """The loaded model's pipeline (after a failure, the one that failed), or None."""
+        return self.supervisor.pipeline
+
+    @property
+    def failure(self) -> str | None:
+        """Why the model cannot be served (the survivors of a failure cannot hold it), or None."""
+        return self.supervisor.failure
+
+    @property
+    def recovering(self) -> str | None:
+        """The failure a failover under way recovers from, or None."""
+        return self.supervisor.recovering
+
+    @recovering.setter
+    def recovering(self, reason: str | None) -> None:    # tests stand in for a reported failure
+        self.supervisor.recovering = reason
 
     @property
     def plan(self) -> Plan:
@@ -285,69 +253,6 @@ class Cluster:
         if self.pipeline is None:
             raise ClusterError("no model is loaded: call cluster.load('demo') (or a model folder / hub id)")
         return self.pipeline
-
-    def _check_alive(self) -> str | None:
-        """A message naming the dead stage engine, or None when every stage engine is up.
-        Called from the loop thread: it only reads engine ids and pids, never sends."""
-        pipeline = self.pipeline
-        if pipeline is None or not self.control.started:
-            return "the cluster was stopped"
-        return pipeline.dead_stage_message(self.control)
-
-    # ------------------------------------------------------------ failover
-    def _pipeline_lost(self, reason: str) -> None:
-        """The scheduler lost its pipeline (called on the loop thread): fail over in a thread
-        of its own, since re-planning and loading make blocking control-plane calls."""
-        self.recovering = reason
-        threading.Thread(target=self._failover, args=(reason,), name="exo-lab-failover", daemon=True).start()
-
-    def _failover(self, reason: str) -> None:
-        """Re-plan on the survivors (spares included), load what moved, and let the scheduler
-        replay its requests there. When the survivors cannot hold the model, every request
-        ends with the reason, /health says it, and the cluster loads again by itself once
-        enough engines are back."""
-        from .coordinator.pipeline import load_pipeline, unload_engines
-
-        with self._reload_lock:
-            old = self.pipeline
-            if old is None or not self.control.started:
-                return
-            try:
-                self.pipeline = load_pipeline(self.control, self._loop, old.options, check_alive=self._check_alive,
-                                              progress=False, timeout_s=DEFAULT_LOAD_TIMEOUT_S,
-                                              on_failure=self._pipeline_lost, failover_from=old)
-            except ExoLabError as exc:
-                self._give_up(old, f"{reason}; the engines left cannot serve the model ({exc}); it loads "
-                                   f"again by itself once enough engines are back")
-                return
-            finally:
-                self.recovering = None
-            moved = {e.engine_id for e in old.engines} - {e.engine_id for e in self.pipeline.engines}
-            unload_engines(self.control, [e for e in old.engines
-                                          if e.engine_id in moved and not self.control.is_gone(e)])
-            logger.warning("failed over to %d stage(s) after: %s", len(self.pipeline.plan.stages), reason)
-
-    def _give_up(self, old: Pipeline, message: str) -> None:
-        logger.error("%s", message)
-        self.failure = message
-        self._loop.run(_call(old.scheduler.abort, ClusterError(message)))
-        threading.Thread(target=self._reload_when_engines_return, args=(old.options, message),
-                         name="exo-lab-reload", daemon=True).start()
-
-    def _reload_when_engines_return(self, options, message: str) -> None:
-        known = set(self.control.ids)
-        while not self._stop_watching.wait(MEMBERSHIP_CHECK_S):
-            if self.failure != message or not self.control.started:
-                return                   # loaded again meanwhile, or stopped
-            if set(self.control.ids) == known:
-                continue
-            known = set(self.control.ids)
-            try:
-                self._load(options, progress=False, timeout_s=DEFAULT_LOAD_TIMEOUT_S)
-                logger.warning("engines are back: %s loaded again", options.model)
-                return
-            except ExoLabError as exc:
-                logger.warning("still cannot load %s: %s", options.model, exc)
 
     # ------------------------------------------------------------ generation
     def encode(self, prompt) -> list[int]:
@@ -448,15 +353,9 @@ class Cluster:
         return self._server
 
     async def ahealth(self) -> tuple[bool, str]:
-        """(True, "ok") when a model is loaded and every stage answers a ping through the pipe."""
-        if self.pipeline is None or self.failure:
-            return False, self.failure or "no model is loaded"
-        problem = self.recovering or self._check_alive()
-        if problem:
-            self.pipeline.scheduler.lost(problem)       # no request may have noticed yet
-            return False, f"recovering: {problem}"
-        ok = await self.pipeline.scheduler.ping(timeout_s=5.0)
-        return (True, "ok") if ok else (False, "a stage did not answer a data-plane ping within 5 s")
+        """(True, "ok") when a model is loaded and every stage answers a ping through the pipe,
+        else (False, why): no model, the failure in force, or the failover under way."""
+        return await self.supervisor.health()
 
     @property
     def metrics(self):
@@ -476,7 +375,8 @@ class Cluster:
         Every engine is asked at once; the call takes at most about 3 s however many hang."""
         from .coordinator.status import cluster_status
 
-        return cluster_status(self.control, self.pipeline, self.failure, self.config.cluster_name)
+        status = cluster_status(self.control, self.pipeline, self.failure, self.config.cluster_name)
+        return {**status, "lifecycle": self.state}
 
     def widget(self, **options):
         """An ipywidgets dashboard of this cluster (updates live; close() stops it). Options go
@@ -485,13 +385,3 @@ class Cluster:
 
         return ClusterWidget(self, **options)
 
-
-def _busy(scheduler) -> bool:
-    """Whether requests are running (the scheduler's count: a property or, formerly, a method)."""
-    count = scheduler.active_requests
-    return bool(count() if callable(count) else count)
-
-
-async def _call(function, *args):
-    """Run a plain function on the cluster's loop (for state the loop owns)."""
-    return function(*args)

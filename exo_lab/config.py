@@ -7,6 +7,11 @@ what is wrong and what is allowed. Bad input is never replaced by a default: a t
 an error with the closest valid key suggested, a wrong type is an error, a size with an unknown
 unit is an error.
 
+Every key, its kind, default and meaning is declared once, in :mod:`exo_lab.settings`; the
+table of keys is docs/config.md (generated from it). This module adds the rules that tie keys
+together (exactly one coordinator, unique host names, ports inside ``port_range``, ...) and
+builds the frozen value types.
+
 The smallest valid file (``examples/config.yaml``)::
 
     cluster_name: engineering_cluster
@@ -23,216 +28,40 @@ The smallest valid file (``examples/config.yaml``)::
         gpu: true
     network:
       discovery: auto        # or manual: use the devices listed
-
-Keys (every other key is an error):
-
-==============================  ========  ===========  ============================================
-key                             required  default      meaning
-==============================  ========  ===========  ============================================
-``cluster_name``                yes                    name of the cluster: letters, digits, ``.``,
-                                                       ``_``, ``-`` (it may end up in file names)
-``devices``                     yes                    list of the PCs, one mapping each (below)
-``network``                     no        see below    mapping, keys below
-``api``                         no        see below    mapping, keys below
-``model``                       no        none         model to load: local folder, hub id or
-                                                       ``demo``
-``served_model_names``          no        the model    names the API answers to (``/v1/models``
-                                          id           lists them; any is accepted as ``model``)
-``dtype``                       no        none         ``float32`` | ``bfloat16`` | ``float16`` | ``int8``
-``max_context``                 no        none         tokens per sequence the KV cache is sized
-                                                       for (positive whole number)
-``max_batch``                   no        8            KV slots: sequences decoded at once; the
-                                                       KV cache is sized for them
-``objective``                   no        none         planner objective: ``latency`` (fastest
-                                                       single stream) | ``throughput`` (balance
-                                                       the slowest stage)
-``prefill_chunk``               no        256          prompt tokens fed per step, between decode
-                                                       steps (the planner's workspace follows it)
-``micro_batches``               no        stages       steps in flight at once (one per stage keeps
-                                                       every PC busy; 1 when stages sharing a PC
-                                                       have more threads than it has cores)
-``max_queued``                  no        64           requests waiting for a KV slot; past it the
-                                                       API answers 429
-``replan``                      no        ``manual``   ``manual``: a worker that joins after load
-                                                       stays a spare until ``cluster.replan()``;
-                                                       ``auto``: the coordinator re-plans by itself
-                                                       when engines join (or after a failure) and
-                                                       loads the better plan
-**devices[i]**
-``hostname``                    yes                    the PC's host name; unique (case-insensitive)
-``roles``                       yes                    list of ``coordinator`` | ``compute`` |
-                                                       ``storage``; exactly one device in the
-                                                       cluster is the coordinator and at least one
-                                                       is compute
-``max_memory``                  no        none (no     cap on the RAM the planner gives this PC
-                                          cap)         (shared by its CPU stages): a size, see below
-``max_cores``                   no        none (no     cap on the CPU threads torch uses here
-                                          cap)         (positive whole number)
-``gpu``                         no        ``false``    use this PC's GPU: ``true`` | ``false``
-                                                       (a real boolean, not the string "yes")
-``gpu_memory``                  no        probed free  cap on the GPU memory (VRAM) a GPU stage of
-                                          VRAM         this PC gets: a size; ``max_memory`` caps
-                                                       its RAM (a CPU stage there)
-``memory_bandwidth``            no        none         speed hint for the planner: effective
-                                                       memory bandwidth, a size with an optional
-                                                       ``/s``, e.g. ``20GB/s`` (decode is
-                                                       memory-bound) of this PC's RAM (its CPU
-                                                       stages); none = 20 GB/s; a GPU stage is
-                                                       planned at 500 GB/s
-``engines``                     no        1; 2 with    ipyparallel engines (pipeline stages) this
-                                          ``gpu:       PC runs; only on compute devices. A GPU PC
-                                          true``       gives one to each GPU and the rest are CPU
-                                                       stages in its RAM, so by default it holds a
-                                                       GPU stage and a CPU stage (the planner uses
-                                                       the CPU one only where it pays)
-``address``                     no        hostname     host name or IP to connect to, when
-                                                       ``hostname`` does not resolve
-**network**
-``discovery``                   no        ``manual``   ``auto``: the coordinator advertises the
-                                                       cluster on the LAN (mDNS, with a proof of
-                                                       the secret), workers find it with nothing
-                                                       but this file, and engines of PCs not
-                                                       listed are used too; ``manual``: workers
-                                                       join the coordinator's ``address`` (or
-                                                       hostname) and only the devices listed are
-                                                       used
-``port_range``                  no        ``10100-     every TCP port exo-lab listens on, on every
-                                          10199``      PC, lies in it (one firewall rule per PC):
-                                                       the service port, the controller's 30 ports
-                                                       and the data-plane inboxes; only
-                                                       ``api.port`` is outside it, and discovery
-                                                       is UDP 5353 (at least 35 ports)
-``controller_port``             no        range + 1    the first of the controller's 30 ports on the
-                                                       coordinator (inside ``port_range``)
-``hop_latency_ms``              no        none         planner hint: milliseconds one stage-to-
-                                                       stage hop costs (>= 0); none = 0.5
-``secret_file``                 no        none         file holding the cluster secret, the same
-                                                       on every PC (``$EXO_LAB_SECRET`` wins over
-                                                       it); a relative path is relative to
-                                                       config.yaml's folder; the file must be
-                                                       private to its owner (``chmod 600``; on
-                                                       Windows ``exo-lab secret`` restricts it
-                                                       with icacls and its ACL is not checked
-                                                       when read).
-                                                       None = no shared secret: the controller
-                                                       and the data plane bind 127.0.0.1 only
-                                                       (see exo_lab.security), so a config that
-                                                       lists other PCs is refused without one
-                                                       (``exo-lab secret secret.txt`` makes one)
-``service_port``                no        range start  the coordinator's HTTP port where workers
-                                                       join, and the storage PC's port where it
-                                                       serves model files (inside ``port_range``)
-**api**
-``host``                        no        127.0.0.1    address the OpenAI-compatible API binds
-``port``                        no        ``8000``     its port (1-65535)
-``api_key_env``                 no        none         name of the environment variable holding
-                                                       the API key (the name, never the key)
-``api_key_file``                no        none         file holding the API key; a relative path
-                                                       is relative to config.yaml's folder.
-                                                       Set at most one of the two; none of them =
-                                                       no key required
-``max_connections``             no        ``256``      open connections the API accepts; past
-                                                       it a new one gets a 503 and is closed
-``max_connections_per_client``  no        ``64``       open connections one client address may
-                                                       hold (at most ``max_connections``; the
-                                                       default is a quarter of it); past it the
-                                                       client's new ones get a 429 while other
-                                                       clients still get in
-``max_running_per_client``      no        none (all    KV slots one client's requests may hold at
-                                          slots)       once; without a cap a client may use every
-                                                       free slot, and when another client waits
-                                                       the scheduler takes slots back until they
-                                                       hold about as many each (fair share)
-``max_queued_per_client``       no        ``16``       requests one client may have waiting for a
-                                                       KV slot; past it that client gets a 429
-                                                       naming this limit (``max_queued`` caps all
-                                                       clients together, but a client's first
-                                                       waiting request always fits). A client is
-                                                       its address plus the API key it sent;
-                                                       prompts are reused as cached prefixes only
-                                                       within one client (and its ``user`` /
-                                                       ``X-Exo-Lab-Isolation``, see
-                                                       exo_lab.api.tenants)
-``allowed_hosts``               no        none         list of extra names the API answers to in
-                                                       the ``Host`` header; on a loopback
-                                                       ``host`` only localhost, 127.0.0.1 and
-                                                       [::1] are answered otherwise (DNS
-                                                       rebinding defence)
-**launcher** (``launcher: manual`` | a mapping; see exo_lab.coordinator.launchers)
-``kind``                        no        ``manual``   ``manual``: workers are started by hand or
-                                                       as a service; ``ssh``: the coordinator
-                                                       starts ``python -m exo_lab.worker`` on each
-                                                       compute PC over SSH (ipyparallel's
-                                                       SSHEngineSetLauncher); ``slurm``: the
-                                                       workers run as one Slurm job
-                                                       (SlurmEngineSetLauncher). ssh and slurm
-                                                       need a shared secret; slurm reads it from
-                                                       ``network.secret_file`` and needs
-                                                       ``discovery: auto``
-``user``                        no        yours        ssh: login name on the compute PCs
-``port``                        no        ``22``       ssh: sshd port (1-65535)
-``python``                      no        this one     ssh, slurm: the Python (with exo-lab) on
-                                                       the compute PCs; default: this process's
-                                                       interpreter path
-``identity_file``               no        ssh's own    ssh: private key file (``ssh -i``)
-``shell``                       no        ``posix``    ssh: the PC's login shell, ``posix`` (sh,
-                                                       bash) or ``powershell`` (Windows OpenSSH)
-``options``                     no        none         ssh: list of extra ``ssh -o`` settings,
-                                                       e.g. ``[StrictHostKeyChecking=accept-new]``
-``config``                      no        this file    the config.yaml path on the compute PCs
-                                                       (default: this file's absolute path, as on
-                                                       a shared folder)
-``devices``                     no        none         ssh: per-PC overrides, a mapping from a
-                                                       compute hostname to ``user``, ``port``,
-                                                       ``python``, ``identity_file``, ``shell``
-``partition``                   no        site's       slurm: ``#SBATCH --partition``
-``time``                        no        site's       slurm: ``#SBATCH --time`` (e.g. ``4:00:00``)
-``account``                     no        none         slurm: ``#SBATCH --account``
-``nodes``                       no        ``1``        slurm: nodes (one worker, one engine each)
-==============================  ========  ===========  ============================================
-
-Optional keys written with no value (``max_memory:``) are errors: delete the line to get the
-default. Sizes (``max_memory``, ``gpu_memory``, ``memory_bandwidth``) are a whole byte count (``137438953472``
-or ``"137438953472"``) or a number and a unit, with or without a space: ``128GB``, ``128 GiB``,
-``512MB``, ``1.5TB``, ``64KiB``. As in accelerate's ``max_memory``, ``KB MB GB TB`` are powers
-of 1000 and ``KiB MiB GiB TiB`` powers of 1024; ``B`` is bytes; units ignore case. Fractions
-round down to whole bytes.
 """
 from __future__ import annotations
 
-import difflib
-import math
 import os
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
 
+from . import envvars
 from .errors import ConfigError
-from .planning.options import OBJECTIVES
-from .units import DTYPES, describe_value, format_bytes, parse_bandwidth, parse_size
+from .settings import (API, CONTROLLER_PORT_SPAN, DEFAULT_PORT_RANGE, DEVICE, DISCOVERY_MODES,  # noqa: F401
+                       LAUNCHER, LAUNCHER_KINDS, MIN_PORT_RANGE, NETWORK, REPLAN_MODES, ROLES, SSH_HOST,
+                       SSH_SHELLS, TOP, read_section)
+from .settings_values import Where, require_mapping
+from .units import describe_value, format_bytes
 
-ROLES = ("coordinator", "compute", "storage")
-DISCOVERY_MODES = ("auto", "manual")
-REPLAN_MODES = ("manual", "auto")
+_SSH_HOST_KEYS = SSH_HOST.keys
+# keys of one launcher kind only: set with another kind, they are an error rather than ignored
+_LAUNCHER_ONLY = {"ssh": ("user", "port", "identity_file", "options", "devices"),
+                  "slurm": ("partition", "time", "account", "nodes")}
+# DeviceConfig names sizes with their unit
+_DEVICE_FIELDS = {"max_memory": "max_memory_bytes", "memory_bandwidth": "memory_bandwidth_bytes_per_s",
+                  "gpu_memory": "gpu_memory_bytes"}
 
-_TOP_KEYS = ("cluster_name", "devices", "network", "api", "model", "served_model_names", "dtype", "max_context",
-             "max_batch", "objective", "replan", "prefill_chunk", "micro_batches", "max_queued", "launcher")
-_DEVICE_KEYS = ("hostname", "roles", "max_memory", "max_cores", "gpu", "gpu_memory", "memory_bandwidth",
-                "engines", "address")
-_NETWORK_KEYS = ("discovery", "port_range", "controller_port", "hop_latency_ms", "service_port", "secret_file")
-_API_KEYS = ("host", "port", "api_key_env", "api_key_file", "max_connections", "allowed_hosts",
-             "max_connections_per_client", "max_running_per_client", "max_queued_per_client")
-LAUNCHER_KINDS = ("manual", "ssh", "slurm")
-SSH_SHELLS = ("posix", "powershell")
-_SSH_HOST_KEYS = ("user", "port", "python", "identity_file", "shell")
-_LAUNCHER_KEYS = ("kind", *_SSH_HOST_KEYS, "options", "config", "devices", "partition", "time", "account", "nodes")
-_LAUNCHER_ONLY = {"ssh": ("user", "port", "identity_file", "options", "devices"), "slurm": ("partition", "time", "account", "nodes")}
 
-_CLUSTER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+def _defaults(section) -> dict:
+    """The section's values when config.yaml leaves every key out."""
+    return read_section(Where("<defaults>", None, section.name), {}, section)
 
+
+_NETWORK = _defaults(NETWORK)
+_API = _defaults(API)
+_LAUNCHER = _defaults(LAUNCHER)
 
 # --------------------------------------------------------------------------- value types
 
@@ -263,11 +92,6 @@ class DeviceConfig:
         return "storage" in self.roles
 
 
-DEFAULT_PORT_RANGE = (10100, 10199)
-CONTROLLER_PORT_SPAN = 30   # the ipyparallel controller listens on [controller_port, controller_port + span)
-MIN_PORT_RANGE = CONTROLLER_PORT_SPAN + 1 + 4   # controller, service, and a few data-plane inboxes
-
-
 @dataclass(frozen=True)
 class NetworkConfig:
     """How the PCs reach each other. Every TCP port exo-lab listens on, on every PC, lies in
@@ -276,12 +100,12 @@ class NetworkConfig:
     on the coordinator, and the data-plane inboxes in the rest (:attr:`data_ports`). Only the
     API's ``api.port`` lies outside it; discovery is UDP 5353."""
 
-    discovery: str = "manual"           # "auto" | "manual"
-    controller_port: int = DEFAULT_PORT_RANGE[0] + 1    # ipyparallel's first port on the coordinator
-    hop_latency_ms: float | None = None  # planner hint per stage-to-stage hop; None: estimate
+    discovery: str = _NETWORK["discovery"]              # "auto" | "manual"
+    controller_port: int = _NETWORK["controller_port"]  # ipyparallel's first port on the coordinator
+    hop_latency_ms: float | None = None  # planner hint per stage-to-stage hop; None: the default
     secret_file: str | None = None      # cluster secret file (absolute once loaded from a file)
-    service_port: int = DEFAULT_PORT_RANGE[0]   # HTTP: workers join here; the storage PC serves files here
-    port_range: tuple[int, int] = DEFAULT_PORT_RANGE   # (first, last), both included
+    service_port: int = _NETWORK["service_port"]   # HTTP: workers join here; the storage PC serves files here
+    port_range: tuple[int, int] = _NETWORK["port_range"]   # (first, last), both included
 
     @property
     def controller_ports(self) -> range:
@@ -301,15 +125,17 @@ class NetworkConfig:
 
 @dataclass(frozen=True)
 class ApiConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
+    """The OpenAI-compatible API: where it listens, its key, and its caps (exo_lab.settings.API)."""
+
+    host: str = _API["host"]
+    port: int = _API["port"]
     api_key_env: str | None = None      # environment variable NAME holding the key
     api_key_file: str | None = None     # file holding the key (absolute once loaded from a file)
-    max_connections: int = 256          # open connections; past it a new one gets a 503
+    max_connections: int = _API["max_connections"]  # open connections; past it a new one gets a 503
     allowed_hosts: tuple[str, ...] = ()  # extra names the API answers to in the Host header
-    max_connections_per_client: int = 64    # per client address; default max_connections // 4
+    max_connections_per_client: int = _API["max_connections_per_client"]   # per client address
     max_running_per_client: int | None = None  # KV slots one client holds; None: fair share only
-    max_queued_per_client: int = 16     # requests one client has waiting for a slot
+    max_queued_per_client: int = _API["max_queued_per_client"]   # requests one client has waiting
 
 
 @dataclass(frozen=True)
@@ -327,7 +153,7 @@ class SSHHostConfig:
 class LauncherConfig:
     """Who starts the compute PCs' workers: by hand (``manual``), over SSH, or as a Slurm job."""
 
-    kind: str = "manual"                # "manual" | "ssh" | "slurm"
+    kind: str = _LAUNCHER["kind"]       # "manual" | "ssh" | "slurm"
     ssh: SSHHostConfig = field(default_factory=SSHHostConfig)      # defaults for every PC
     hosts: tuple[tuple[str, SSHHostConfig], ...] = ()                # per-PC overrides
     options: tuple[str, ...] = ()       # extra `ssh -o` settings, e.g. StrictHostKeyChecking=accept-new
@@ -335,15 +161,13 @@ class LauncherConfig:
     partition: str | None = None        # slurm
     time: str | None = None             # slurm, e.g. "4:00:00"
     account: str | None = None          # slurm
-    nodes: int = 1                      # slurm: one worker (one engine) per node
+    nodes: int = _LAUNCHER["nodes"]     # slurm: one worker (one engine) per node
 
     def ssh_for(self, hostname: str) -> SSHHostConfig:
         """The SSH settings of one PC: its overrides on top of the defaults."""
         own = next((c for name, c in self.hosts if same_host(name, hostname)), SSHHostConfig())
         return SSHHostConfig(**{key: getattr(own, key) if getattr(own, key) is not None
                                 else getattr(self.ssh, key) for key in _SSH_HOST_KEYS})
-
-
 
 
 @dataclass(frozen=True)
@@ -364,7 +188,7 @@ class ClusterConfig:
     micro_batches: int | None = None
     max_queued: int | None = None
     objective: str | None = None        # "latency" | "throughput" | None
-    replan: str = "manual"              # "manual" | "auto": re-plan by itself when engines join
+    replan: str = TOP["replan"].default  # "manual" | "auto": re-plan by itself when engines join
     source: str = "<dict>"              # the file it came from, for messages
 
     @property
@@ -432,32 +256,15 @@ def load_config(path: str | os.PathLike) -> ClusterConfig:
 def config_from_dict(data: object, *, source: str = "<dict>") -> ClusterConfig:
     """Check an already-parsed config (a dict as yaml.safe_load returns it) and build the
     :class:`ClusterConfig`. ``source`` names the origin in messages. Raises ConfigError."""
-    top = _Scope(source, None, "the top level of the file")
-    mapping = _require_mapping(top, data, "the configuration",
-                               "start the file with 'cluster_name: ...' and 'devices:'")
-    _reject_unknown_keys(top, mapping, _TOP_KEYS)
-    _require_keys(top, mapping, ("cluster_name", "devices"))
-    cluster_name = _parse_cluster_name(top, mapping["cluster_name"])
+    top = Where(source, None, TOP.in_phrase)
+    mapping = require_mapping(top, data, "the configuration",
+                              "start the file with 'cluster_name: ...' and 'devices:'")
+    values = read_section(top, mapping, TOP)
     devices = _parse_devices(top, mapping["devices"])
     _check_cluster(top, devices)
-    return ClusterConfig(
-        cluster_name=cluster_name,
-        devices=devices,
-        network=_parse_network(top, mapping),
-        api=_parse_api(top, mapping),
-        launcher=_parse_launcher(top, mapping, devices),
-        model=_optional(top, mapping, "model", _nonblank_string),
-        served_model_names=_optional(top, mapping, "served_model_names", _name_list, default=()),
-        dtype=_optional(top, mapping, "dtype", _choice(DTYPES)),
-        max_context=_optional(top, mapping, "max_context", _positive_int),
-        max_batch=_optional(top, mapping, "max_batch", _positive_int),
-        objective=_optional(top, mapping, "objective", _choice(OBJECTIVES)),
-        prefill_chunk=_optional(top, mapping, "prefill_chunk", _positive_int),
-        micro_batches=_optional(top, mapping, "micro_batches", _positive_int),
-        max_queued=_optional(top, mapping, "max_queued", _positive_int),
-        replan=_optional(top, mapping, "replan", _choice(REPLAN_MODES), default="manual"),
-        source=source,
-    )
+    return ClusterConfig(**values, devices=devices, network=_parse_network(top, mapping),
+                         api=_parse_api(top, mapping), launcher=_parse_launcher(top, mapping, devices),
+                         source=source)
 
 
 def format_config_summary(cfg: ClusterConfig) -> str:
@@ -504,7 +311,7 @@ def _network_line(network: NetworkConfig) -> str:
             f"controller {network.controller_ports.start}-{network.controller_ports.stop - 1})")
     if network.hop_latency_ms is not None:
         line += f", hop latency {network.hop_latency_ms:g} ms"
-    if os.environ.get("EXO_LAB_SECRET"):     # exo_lab.security.load_secret: the environment wins
+    if os.environ.get(envvars.SECRET):     # exo_lab.security.load_secret: the environment wins
         line += ", secret from $EXO_LAB_SECRET"
     else:
         line += f", secret from {network.secret_file}" if network.secret_file else ", no shared secret"
@@ -610,143 +417,17 @@ def _absolute(name: str, base: Path) -> str:
 
 # --------------------------------------------------------------------------- checking helpers
 
-@dataclass(frozen=True)
-class _Scope:
-    """Where a value sits, for messages: the file, and the device or section."""
-
-    source: str
-    label: str | None          # "device 'system-b.local'", "devices[2]", "network", or None
-    in_phrase: str             # used in "unknown key 'x' in <in_phrase>"
-
-    def error(self, message: str) -> ConfigError:
-        prefix = f"{self.source}: {self.label}: " if self.label else f"{self.source}: "
-        return ConfigError(prefix + message)
-
-
-def _require_mapping(scope: _Scope, value: object, name: str, fix: str) -> dict:
-    if not isinstance(value, dict):
-        raise scope.error(f"{name} must be a mapping of keys to values, got {describe_value(value)}; "
-                          f"{fix}")
-    return value
-
-
-def _reject_unknown_keys(scope: _Scope, mapping: dict, allowed: tuple[str, ...]) -> None:
-    for key in mapping:
-        if key in allowed:
-            continue
-        close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
-        hint = f"did you mean '{close[0]}'?" if close else "it is not a config key."
-        raise ConfigError(f"{scope.source}: unknown key '{key}' in {scope.in_phrase}; {hint} "
-                          f"Allowed keys: {', '.join(allowed)}")
-
-
-def _require_keys(scope: _Scope, mapping: dict, required: tuple[str, ...]) -> None:
-    for key in required:
-        if key not in mapping:
-            raise scope.error(f"missing required key '{key}' (required: {', '.join(required)})")
-
-
-def _optional(scope: _Scope, mapping: dict, key: str, check, default=None):
-    """The checked value of an optional key, or ``default`` when the key is absent."""
-    if key not in mapping:
-        return default
-    value = mapping[key]
-    if value is None:
-        raise scope.error(f"'{key}' has no value; give one or delete the line to use the "
-                          f"default")
-    return check(scope, key, value)
-
-
-def _positive_int(scope: _Scope, key: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise scope.error(f"'{key}' must be a positive whole number, got {describe_value(value)}")
-    if value <= 0:
-        raise scope.error(f"'{key}' must be a positive whole number (1 or more), got {value}")
-    return value
-
-
-def _port(scope: _Scope, key: str, value: object) -> int:
-    port = _positive_int(scope, key, value)
-    if port > 65535:
-        raise scope.error(f"'{key}' must be a TCP port from 1 to 65535, got {port}")
-    return port
-
-
-def _boolean(scope: _Scope, key: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise scope.error(f"'{key}' must be true or false, got {describe_value(value)}; write "
-                          f"{key}: true or {key}: false without quotes")
-    return value
-
-
-def _non_negative_float(scope: _Scope, key: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise scope.error(f"'{key}' must be a number, got {describe_value(value)}")
-    if not math.isfinite(value) or value < 0:
-        raise scope.error(f"'{key}' must be a finite number, 0 or more, got {value}")
-    return float(value)
-
-
-def _nonblank_string(scope: _Scope, key: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise scope.error(f"'{key}' must be a string, got {describe_value(value)}; put it in quotes")
-    if not value.strip() or value != value.strip():
-        raise scope.error(f"'{key}' must be a non-empty string without leading or trailing "
-                          f"spaces, got {value!r}")
-    return value
-
-
-def _single_word(scope: _Scope, key: str, value: object) -> str:
-    text = _nonblank_string(scope, key, value)
-    if any(ch.isspace() for ch in text):
-        raise scope.error(f"'{key}' must not contain spaces, got {text!r}")
-    return text
-
-
-def _choice(allowed: tuple[str, ...]):
-    def check(scope: _Scope, key: str, value: object) -> str:
-        if not isinstance(value, str) or value not in allowed:
-            close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.6)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise scope.error(f"'{key}' must be one of {', '.join(allowed)}; got "
-                              f"{describe_value(value)}{hint}")
-        return value
-    return check
-
-
-def _size(scope: _Scope, key: str, value: object) -> int:
-    try:
-        size = parse_size(value, what=key)
-    except ConfigError as exc:
-        raise scope.error(str(exc)) from exc
-    if size == 0:
-        raise scope.error(f"'{key}' must be more than zero, got {value!r}; delete the line "
-                          f"for no cap")
-    return size
-
-
-def _bandwidth(scope: _Scope, key: str, value: object) -> float:
-    try:
-        rate = parse_bandwidth(value, what=key)
-    except ConfigError as exc:
-        raise scope.error(f"{exc} (bytes per second, e.g. '20GB/s')") from exc
-    if rate <= 0:
-        raise scope.error(f"'{key}' must be more than zero, got {value!r}")
-    return rate
-
-
 # --------------------------------------------------------------------------- sections
 
-def _parse_cluster_name(scope: _Scope, value: object) -> str:
-    name = _nonblank_string(scope, "cluster_name", value)
-    if not _CLUSTER_NAME_PATTERN.match(name):
-        raise scope.error(f"'cluster_name' may contain only letters, digits, '.', '_' and '-' "
-                          f"and must start with a letter or digit, got {name!r} "
-                          f"(e.g. engineering_cluster)")
-    return name
+def _section(top: Where, mapping: dict, key: str, example: str) -> tuple[Where, dict] | None:
+    """The mapping under ``key`` and where it sits; None when the key is absent."""
+    if key not in mapping:
+        return None
+    section = require_mapping(top, mapping[key], f"'{key}'", f"write e.g. '{key}:' then '  {example}' below it")
+    return Where(top.source, key, key), section
 
 
-def _parse_devices(top: _Scope, value: object) -> tuple[DeviceConfig, ...]:
+def _parse_devices(top: Where, value: object) -> tuple[DeviceConfig, ...]:
     if value is None or not isinstance(value, list):
         raise top.error(f"'devices' must be a list of devices (lines starting with '- "
                         f"hostname: ...'), got {describe_value(value)}")
@@ -755,62 +436,23 @@ def _parse_devices(top: _Scope, value: object) -> tuple[DeviceConfig, ...]:
     return tuple(_parse_device(top.source, index, entry) for index, entry in enumerate(value))
 
 
-def _device_scope(source: str, index: int, entry: object) -> _Scope:
+def _device_where(source: str, index: int, entry: object) -> Where:
     hostname = entry.get("hostname") if isinstance(entry, dict) else None
-    if isinstance(hostname, str) and hostname.strip():
-        label = f"device '{hostname}'"
-    else:
-        label = f"devices[{index}]"
-    return _Scope(source, label, label)
+    label = f"device '{hostname}'" if isinstance(hostname, str) and hostname.strip() else f"devices[{index}]"
+    return Where(source, label, label)
 
 
 def _parse_device(source: str, index: int, entry: object) -> DeviceConfig:
-    scope = _device_scope(source, index, entry)
-    mapping = _require_mapping(scope, entry, "a device",
-                               "write each device as '- hostname: ...' with roles below it")
-    _reject_unknown_keys(scope, mapping, _DEVICE_KEYS)
-    _require_keys(scope, mapping, ("hostname", "roles"))
-    hostname = _single_word(scope, "hostname", mapping["hostname"])
-    roles = _parse_roles(scope, mapping["roles"])
-    gpu = _optional(scope, mapping, "gpu", _boolean, default=False)
-    # a GPU PC's second engine is a CPU stage in its RAM (planning/nodes.py: GPU first, then RAM)
-    engines = _optional(scope, mapping, "engines", _positive_int, default=2 if gpu and "compute" in roles else 1)
-    if "engines" in mapping and "compute" not in roles:
-        raise scope.error("'engines' is set but the device has no 'compute' role; engines run "
+    where = _device_where(source, index, entry)
+    mapping = require_mapping(where, entry, "a device", "write each device as '- hostname: ...' with roles below it")
+    values = read_section(where, mapping, DEVICE)
+    if "engines" in mapping and "compute" not in values["roles"]:
+        raise where.error("'engines' is set but the device has no 'compute' role; engines run "
                           "only on compute devices: add compute to roles or delete engines")
-    return DeviceConfig(
-        hostname=hostname,
-        roles=roles,
-        max_memory_bytes=_optional(scope, mapping, "max_memory", _size),
-        max_cores=_optional(scope, mapping, "max_cores", _positive_int),
-        gpu=gpu,
-        memory_bandwidth_bytes_per_s=_optional(scope, mapping, "memory_bandwidth", _bandwidth),
-        engines=engines,
-        address=_optional(scope, mapping, "address", _single_word),
-        gpu_memory_bytes=_optional(scope, mapping, "gpu_memory", _size),
-    )
+    return DeviceConfig(**{_DEVICE_FIELDS.get(key, key): value for key, value in values.items()})
 
 
-def _parse_roles(scope: _Scope, value: object) -> tuple[str, ...]:
-    if not isinstance(value, list):
-        raise scope.error(f"'roles' must be a list like [compute] or [coordinator, storage], "
-                          f"got {describe_value(value)}")
-    if not value:
-        raise scope.error(f"'roles' is empty; give at least one of {', '.join(ROLES)}")
-    roles: list[str] = []
-    for role in value:
-        if role not in ROLES:
-            close = difflib.get_close_matches(str(role), ROLES, n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else "."
-            raise scope.error(f"unknown role {role!r} in 'roles'{hint} Allowed roles: "
-                              f"{', '.join(ROLES)}")
-        if role in roles:
-            raise scope.error(f"'roles' lists {role!r} twice; list each role once")
-        roles.append(role)
-    return tuple(roles)
-
-
-def _check_cluster(top: _Scope, devices: tuple[DeviceConfig, ...]) -> None:
+def _check_cluster(top: Where, devices: tuple[DeviceConfig, ...]) -> None:
     _check_unique_hostnames(top, devices)
     coordinators = [d.hostname for d in devices if d.is_coordinator]
     if not coordinators:
@@ -824,214 +466,94 @@ def _check_cluster(top: _Scope, devices: tuple[DeviceConfig, ...]) -> None:
                         "least one PC (the coordinator may also be a compute device)")
 
 
-def _check_unique_hostnames(top: _Scope, devices: tuple[DeviceConfig, ...]) -> None:
-    # Host names are case-insensitive, so System-A.local and system-a.local are one PC.
-    first_index: dict[str, int] = {}
+def _check_unique_hostnames(top: Where, devices: tuple[DeviceConfig, ...]) -> None:
+    # same_host: System-A.local, system-a.local and system-a are one PC
     for index, device in enumerate(devices):
-        key = device.hostname.lower()
-        if key in first_index:
-            raise top.error(f"duplicate hostname '{device.hostname}': devices[{first_index[key]}] "
-                            f"and devices[{index}] name the same PC; list each PC once (use "
-                            f"'engines' for several stages on one PC)")
-        first_index[key] = index
+        first = next(i for i, other in enumerate(devices) if same_host(other.hostname, device.hostname))
+        if first != index:
+            raise top.error(f"duplicate hostname '{device.hostname}': devices[{first}] and devices[{index}] "
+                            f"name the same PC; list each PC once (use 'engines' for several stages on one PC)")
 
 
-def _parse_network(top: _Scope, mapping: dict) -> NetworkConfig:
-    if "network" not in mapping:
+def _parse_network(top: Where, mapping: dict) -> NetworkConfig:
+    found = _section(top, mapping, "network", "discovery: manual")
+    if found is None:
         return NetworkConfig()
-    scope = _Scope(top.source, "network", "network")
-    section = _require_mapping(top, mapping["network"], "'network'",
-                               "write e.g. 'network:' then '  discovery: manual' below it")
-    _reject_unknown_keys(scope, section, _NETWORK_KEYS)
-    first, last = _optional(scope, section, "port_range", _port_range, default=DEFAULT_PORT_RANGE)
-    network = NetworkConfig(
-        discovery=_optional(scope, section, "discovery", _choice(DISCOVERY_MODES),
-                            default=NetworkConfig.discovery),
-        port_range=(first, last),
-        service_port=_optional(scope, section, "service_port", _port, default=first),
-        controller_port=_optional(scope, section, "controller_port", _port, default=first + 1),
-        hop_latency_ms=_optional(scope, section, "hop_latency_ms", _non_negative_float),
-        secret_file=_optional(scope, section, "secret_file", _nonblank_string),
-    )
-    _check_ports_in_range(scope, network)
+    where, section = found
+    network = NetworkConfig(**read_section(where, section, NETWORK))
+    _check_ports_in_range(where, network)
     return network
 
 
-def _port_range(scope: _Scope, key: str, value: object) -> tuple[int, int]:
-    text = value if isinstance(value, str) else None
-    found = re.fullmatch(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*", text or "")
-    if found is None:
-        raise scope.error(f"'{key}' must be two TCP ports joined by '-', like 10100-10199, got "
-                          f"{describe_value(value)}")
-    first, last = int(found.group(1)), int(found.group(2))
-    if not 1 <= first <= last <= 65535:
-        raise scope.error(f"'{key}' must run from a lower to a higher port within 1-65535, got {text.strip()}")
-    if last - first + 1 < MIN_PORT_RANGE:
-        raise scope.error(f"'{key}' {first}-{last} holds {last - first + 1} ports; exo-lab needs at least "
-                          f"{MIN_PORT_RANGE} (the controller takes {CONTROLLER_PORT_SPAN}), e.g. "
-                          f"{first}-{first + 99}")
-    return first, last
-
-
-def _check_ports_in_range(scope: _Scope, network: NetworkConfig) -> None:
+def _check_ports_in_range(where: Where, network: NetworkConfig) -> None:
     first, last = network.port_range
-    where = f"network.port_range {network.port_range_text}"
+    span = f"network.port_range {network.port_range_text}"
     if not first <= network.service_port <= last:
-        raise scope.error(f"'service_port' {network.service_port} is outside {where}; every port exo-lab "
+        raise where.error(f"'service_port' {network.service_port} is outside {span}; every port exo-lab "
                           f"listens on lies in the range (delete service_port to use {first})")
     controller = network.controller_ports
     if controller.start < first or controller.stop - 1 > last:
-        raise scope.error(f"'controller_port' {network.controller_port} puts the controller's "
+        raise where.error(f"'controller_port' {network.controller_port} puts the controller's "
                           f"{CONTROLLER_PORT_SPAN} ports ({controller.start}-{controller.stop - 1}) outside "
-                          f"{where} (delete controller_port to use {first + 1})")
+                          f"{span} (delete controller_port to use {first + 1})")
     if network.service_port in controller:
-        raise scope.error(f"'service_port' {network.service_port} is one of the controller's ports "
+        raise where.error(f"'service_port' {network.service_port} is one of the controller's ports "
                           f"{controller.start}-{controller.stop - 1}; pick one outside them")
     if len(network.data_ports) < 2:
-        raise scope.error(f"{where} leaves no ports for the data plane; widen it (e.g. {first}-{first + 99})")
+        raise where.error(f"{span} leaves no ports for the data plane; widen it (e.g. {first}-{first + 99})")
 
 
-def _parse_api(top: _Scope, mapping: dict) -> ApiConfig:
-    if "api" not in mapping:
+
+def _parse_api(top: Where, mapping: dict) -> ApiConfig:
+    found = _section(top, mapping, "api", "port: 8000")
+    if found is None:
         return ApiConfig()
-    scope = _Scope(top.source, "api", "api")
-    section = _require_mapping(top, mapping["api"], "'api'",
-                               "write e.g. 'api:' then '  port: 8000' below it")
-    _reject_unknown_keys(scope, section, _API_KEYS)
-    if "api_key_env" in section and "api_key_file" in section:
-        raise scope.error("set only one of 'api_key_env' and 'api_key_file', not both")
-    defaults = ApiConfig()
-    max_connections = _optional(scope, section, "max_connections", _positive_int, default=defaults.max_connections)
-    return ApiConfig(
-        host=_optional(scope, section, "host", _single_word, default=defaults.host),
-        port=_optional(scope, section, "port", _port, default=defaults.port),
-        api_key_env=_optional(scope, section, "api_key_env", _env_name),
-        api_key_file=_optional(scope, section, "api_key_file", _nonblank_string),
-        max_connections=max_connections,
-        allowed_hosts=_optional(scope, section, "allowed_hosts", _host_list, default=()),
-        max_connections_per_client=_connections_per_client(scope, section, max_connections),
-        max_running_per_client=_optional(scope, section, "max_running_per_client", _positive_int),
-        max_queued_per_client=_optional(scope, section, "max_queued_per_client", _positive_int,
-                                        default=defaults.max_queued_per_client),
-    )
-
-
-def _connections_per_client(scope: _Scope, section: dict, max_connections: int) -> int:
-    """``max_connections_per_client``: at most ``max_connections``; default a quarter of it, so
-    one client cannot fill the server's cap."""
-    value = _optional(scope, section, "max_connections_per_client", _positive_int,
-                      default=max(1, max_connections // 4))
-    if value > max_connections:
-        raise scope.error(f"'max_connections_per_client' is {value} but 'max_connections' is {max_connections}: "
+    where, section = found
+    values = read_section(where, section, API)
+    if values["api_key_env"] is not None and values["api_key_file"] is not None:
+        raise where.error("set only one of 'api_key_env' and 'api_key_file', not both")
+    value, most = values["max_connections_per_client"], values["max_connections"]
+    if value > most:
+        # one client must not fill the server's cap
+        raise where.error(f"'max_connections_per_client' is {value} but 'max_connections' is {most}: "
                           f"one client cannot hold more than the server accepts; set it to at most "
-                          f"{max_connections} (leave room for other clients, e.g. {max(1, max_connections // 4)})")
-    return value
+                          f"{most} (leave room for other clients, e.g. {max(1, most // 4)})")
+    return ApiConfig(**values)
 
 
-def _name_list(scope: _Scope, key: str, value: object) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        raise scope.error(f"'{key}' must be a list of names like [llama-70b, gpt-4o], got "
-                          f"{describe_value(value)}")
-    names = tuple(_single_word(scope, f"{key}[{index}]", name) for index, name in enumerate(value))
-    if len(set(names)) != len(names):
-        raise scope.error(f"'{key}' lists a name twice: {', '.join(names)}")
-    return names
-
-
-def _host_list(scope: _Scope, key: str, value: object) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value:
-        raise scope.error(f"'{key}' must be a list of host names like [llm.example.lan], got "
-                          f"{describe_value(value)}")
-    return tuple(_single_word(scope, f"{key}[{index}]", name) for index, name in enumerate(value))
-
-
-def _env_name(scope: _Scope, key: str, value: object) -> str:
-    name = _nonblank_string(scope, key, value)
-    if not _ENV_NAME_PATTERN.match(name):
-        # Usually the key itself was pasted here; it must not live in config.yaml.
-        raise scope.error(f"'{key}' must be the NAME of an environment variable (letters, "
-                          f"digits, '_'), e.g. EXO_LAB_API_KEY, not the key itself")
-    return name
-
-
-def _parse_launcher(top: _Scope, mapping: dict, devices: tuple[DeviceConfig, ...]) -> LauncherConfig:
+def _parse_launcher(top: Where, mapping: dict, devices: tuple[DeviceConfig, ...]) -> LauncherConfig:
     if "launcher" not in mapping:
         return LauncherConfig()
-    scope = _Scope(top.source, "launcher", "launcher")
+    where = Where(top.source, "launcher", "launcher")
     section = mapping["launcher"]
     if isinstance(section, str):
         section = {"kind": section}          # `launcher: ssh` is `launcher: {kind: ssh}`
-    section = _require_mapping(top, section, "'launcher'",
-                               "write 'launcher: manual', or 'launcher:' then '  kind: ssh' below it")
-    _reject_unknown_keys(scope, section, _LAUNCHER_KEYS)
-    kind = _optional(scope, section, "kind", _choice(LAUNCHER_KINDS), default="manual")
+    section = require_mapping(top, section, "'launcher'",
+                              "write 'launcher: manual', or 'launcher:' then '  kind: ssh' below it")
+    values = read_section(where, section, LAUNCHER)
+    kind = values["kind"]
     for other, keys in _LAUNCHER_ONLY.items():
         misplaced = [key for key in keys if key in section and kind != other]
         if misplaced:
-            raise scope.error(f"'{misplaced[0]}' is a setting of the {other} launcher, but kind is "
+            raise where.error(f"'{misplaced[0]}' is a setting of the {other} launcher, but kind is "
                               f"{kind!r}; set kind: {other} or delete the line")
-    return LauncherConfig(
-        kind=kind,
-        ssh=_parse_ssh_host(scope, section),
-        hosts=_parse_ssh_hosts(scope, section, devices),
-        options=_optional(scope, section, "options", _ssh_options, default=()),
-        config=_optional(scope, section, "config", _nonblank_string),
-        partition=_optional(scope, section, "partition", _single_word),
-        time=_optional(scope, section, "time", _slurm_time),
-        account=_optional(scope, section, "account", _single_word),
-        nodes=_optional(scope, section, "nodes", _positive_int, default=1),
-    )
+    ssh = SSHHostConfig(**{key: values.pop(key) for key in _SSH_HOST_KEYS})
+    return LauncherConfig(**values, ssh=ssh, hosts=_parse_ssh_hosts(where, section, devices))
 
 
-def _parse_ssh_host(scope: _Scope, section: dict) -> SSHHostConfig:
-    return SSHHostConfig(
-        user=_optional(scope, section, "user", _single_word),
-        port=_optional(scope, section, "port", _port),
-        python=_optional(scope, section, "python", _nonblank_string),
-        identity_file=_optional(scope, section, "identity_file", _nonblank_string),
-        shell=_optional(scope, section, "shell", _choice(SSH_SHELLS)),
-    )
-
-
-def _parse_ssh_hosts(scope: _Scope, section: dict, devices) -> tuple[tuple[str, SSHHostConfig], ...]:
+def _parse_ssh_hosts(where: Where, section: dict, devices) -> tuple[tuple[str, SSHHostConfig], ...]:
     if "devices" not in section:
         return ()
-    hosts = _require_mapping(scope, section["devices"], "'launcher.devices'",
-                             "write a compute hostname, then its user/port/python/identity_file below it")
+    hosts = require_mapping(where, section["devices"], "'launcher.devices'",
+                            "write a compute hostname, then its user/port/python/identity_file below it")
     compute = [d.hostname for d in devices if d.is_compute and not d.is_coordinator]
     found = []
     for name, entry in hosts.items():
         if not any(same_host(str(name), host) for host in compute):
-            raise scope.error(f"launcher.devices names {name!r}, which is not a compute PC of this "
+            raise where.error(f"launcher.devices names {name!r}, which is not a compute PC of this "
                               f"file; use one of: {', '.join(compute) or '(none)'}")
-        host_scope = _Scope(scope.source, f"launcher.devices.{name}", f"launcher.devices.{name}")
-        entry = _require_mapping(host_scope, entry, f"launcher.devices.{name}",
-                                 "give user, port, python or identity_file below it")
-        _reject_unknown_keys(host_scope, entry, _SSH_HOST_KEYS)
-        found.append((str(name), _parse_ssh_host(host_scope, entry)))
+        host_where = Where(where.source, f"launcher.devices.{name}", f"launcher.devices.{name}")
+        entry = require_mapping(host_where, entry, f"launcher.devices.{name}",
+                                "give user, port, python or identity_file below it")
+        found.append((str(name), SSHHostConfig(**read_section(host_where, entry, SSH_HOST))))
     return tuple(found)
-
-
-def _ssh_options(scope: _Scope, key: str, value: object) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value:
-        raise scope.error(f"'{key}' must be a list of ssh -o settings like [StrictHostKeyChecking=accept-new], "
-                          f"got {describe_value(value)}")
-    options = tuple(_single_word(scope, f"{key}[{index}]", item) for index, item in enumerate(value))
-    for option in options:
-        if "=" not in option:
-            raise scope.error(f"'{key}' entries are Name=value (as after `ssh -o`), got {option!r}")
-    return options
-
-
-_SLURM_TIME_PATTERN = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
-
-
-def _slurm_time(scope: _Scope, key: str, value: object) -> str:
-    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-    text = _single_word(scope, key, text)
-    if not _SLURM_TIME_PATTERN.match(text):
-        raise scope.error(f"'{key}' must be a Slurm time limit like 30, 4:00:00 or 1-12:00:00 "
-                          f"(minutes, hours:minutes:seconds, days-hours...), got {text!r}")
-    return text

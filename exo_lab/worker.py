@@ -25,11 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-from . import lifeline
+from . import envvars, lifeline
 from .config import DeviceConfig, load_config
 from .errors import ClusterError, ConfigError, ExoLabError
 from .limits import bound_logging, raise_descriptor_limit
-from .coordinator.launch import (default_profile_dir, engine_environment, joined_connection_info,
+from .membership.launch import (default_profile_dir, engine_environment, joined_connection_info,
                                  read_connection_info, session_key, wait_for_connection_file)
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def find_device(config, name: str | None):
 def join_cluster(config, device, secret: bytes, timeout_s: float = DEFAULT_JOIN_TIMEOUT_S):
     """Find the coordinator (mDNS or the config's address) and join it. Returns (connection info
     for the engines, extra engine environment, seconds it took)."""
-    from .coordinator.discovery import discover, join
+    from .membership.discovery import discover, join
     from .security import secret_environment
 
     started = time.monotonic()
@@ -79,9 +79,9 @@ def join_cluster(config, device, secret: bytes, timeout_s: float = DEFAULT_JOIN_
                 raise
             time.sleep(1.0)       # the coordinator is not up yet
     info = joined_connection_info(welcome.connection, welcome.coordinator, session_key(secret))
-    env = {**secret_environment(secret), "EXO_LAB_ADVERTISE_HOST": welcome.your_address}
+    env = {**secret_environment(secret), envvars.ADVERTISE_HOST: welcome.your_address}
     if welcome.storage_url:
-        env["EXO_LAB_STORAGE_URL"] = welcome.storage_url
+        env[envvars.STORAGE_URL] = welcome.storage_url
     return info, env, time.monotonic() - started
 
 
@@ -107,7 +107,7 @@ def start_engines(device, info: dict, profile_dir: Path, extra_env: dict | None 
 def _start_storage(config, secret: bytes):
     """A storage PC that is not the coordinator serves the model files from its worker."""
     from .coordinator.loop import LoopThread
-    from .coordinator.service import PeerService
+    from .membership.service import PeerService
 
     loop = LoopThread(name="exo-lab-storage")
     try:
@@ -119,7 +119,7 @@ def _start_storage(config, secret: bytes):
 
 
 def run_worker(config_path, device_name=None, connection_file=None, profile_dir=None) -> int:
-    from .coordinator.launch import read_local_secret
+    from .membership.launch import read_local_secret
     from .security import require_shared_secret, secret_environment
 
     config = load_config(config_path)
@@ -177,7 +177,7 @@ def stop_engines(processes: list[subprocess.Popen]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m exo_lab.worker", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", required=True, help="config.yaml describing the cluster (the same on every PC)")
     parser.add_argument("--device", default=None, help="this PC's hostname in the config (default: match)")
     parser.add_argument("--connection-file", default=None,
                         help="a copy of the coordinator's ipcontroller-*-engine.json (only without a secret)")

@@ -267,7 +267,7 @@ import statistics
 
 import exo_lab
 from exo_lab.bench import SingleProcess, measure_cluster, prompt_batch
-from exo_lab.model.smollm2 import smollm2_model_dir
+from exo_lab.weights.smollm2 import smollm2_model_dir
 from exo_lab.notebook import plot_throughput, record_throughput
 from transformers import AutoTokenizer
 

@@ -7,9 +7,9 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A function ``make(architecture="llama", tie_word_embeddings=False, num_layers=4, **kw)``
-    that builds a tiny random model (see ``exo_lab.model.demo.build_random_model``) and returns its
+    that builds a tiny random model (see ``exo_lab.weights.demo.build_random_model``) and returns its
     folder. Each argument set is built once per session."""
-    from exo_lab.model.demo import build_random_model
+    from exo_lab.weights.demo import build_random_model
 
     built = {}
 

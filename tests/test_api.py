@@ -297,7 +297,7 @@ def assert_serving_openai(server) -> None:
 def test_health_and_metrics(server, client):
     chat(client, max_tokens=3)
     health = call(server, "GET", "/health", key=None)         # open without the key
-    assert (health.status, health.json) == (200, {"status": "ok", "model": "demo"})
+    assert (health.status, health.json) == (200, {"status": "ok", "state": "serving", "model": "demo"})
     metrics = call(server, "GET", "/metrics")
     assert metrics.status == 200
     assert metrics.headers["Content-Type"].startswith("text/plain; version=")
@@ -360,4 +360,4 @@ def test_an_unknown_name_is_404_naming_the_served_ones(named_client, named):
         named_client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=2)
     message = refused.value.body["message"]
     assert "'demo'" in message and "'llama-70b', 'gpt-4o'" in message
-    assert call(named[0], "GET", "/health", key=None).json == {"status": "ok", "model": "llama-70b"}
+    assert call(named[0], "GET", "/health", key=None).json == {"status": "ok", "state": "serving", "model": "llama-70b"}

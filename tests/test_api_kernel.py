@@ -104,7 +104,7 @@ def test_serve_from_a_kernel_then_keep_using_it(kernel):
     assert status == 503 and body["status"] == "unavailable" and "no model" in body["reason"]
 
     kernel.run("cluster.load('demo', min_stages=2, progress=False)")
-    assert _get(url + "/health") == (200, {"status": "ok", "model": "demo"})
+    assert _get(url + "/health") == (200, {"status": "ok", "state": "serving", "model": "demo"})
     assert [m["id"] for m in _get(url + "/v1/models")[1]["data"]] == ["demo"]   # no key needed: none set
     with openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as client:
         answer = client.chat.completions.create(

@@ -145,13 +145,19 @@ def test_a_bad_request_never_disturbs_the_batch_it_would_join(small_batch):
     expected = small_batch.generate(prompt, max_new_tokens=20, ignore_eos=True).token_ids
 
     async def with_a_bad_neighbour():
-        good = asyncio.ensure_future(_drain(small_batch, prompt, 20))
-        await asyncio.sleep(0.02)
+        good = small_batch.astream(prompt, SamplingParams(max_new_tokens=20, ignore_eos=True))
+        tokens = list((await good.__anext__()).token_ids)      # it is decoding: the batch is under way
+        # no await yields to the loop between its first token and the refusal: it is still running
         with pytest.raises(RequestError, match="context"):
             await _drain(small_batch, prompt * 200, 5)          # longer than the context
-        return await good
+        running_at_refusal = small_batch.pipeline.scheduler.active_requests
+        async for event in good:
+            tokens.extend(event.token_ids)
+        return tokens, running_at_refusal
 
-    assert small_batch.run_coroutine(with_a_bad_neighbour()) == expected
+    tokens, running_at_refusal = small_batch.run_coroutine(with_a_bad_neighbour())
+    assert running_at_refusal == 1, "the good request was not in the pipeline when the bad one came"
+    assert tokens == expected
 
 
 def test_a_chats_next_turn_reuses_the_kv_of_the_turn_before(small_batch):
@@ -192,12 +198,16 @@ def test_a_preempted_request_replays_and_gets_the_tokens_it_gets_alone(small_bat
 
 
 def _engine(engine_id: int, host: str, threads: int, cores: int, kind: str = "cpu"):
+    from exo_lab.control_types import Probe
     from exo_lab.coordinator.control import EngineInfo
 
+    probe = Probe(hostname=host, device_name=host, advertise_host=None, pid=100 + engine_id,
+                  memory_total_bytes=2**34, memory_free_bytes=2**33, cores=cores, torch_threads=threads,
+                  gpus=(), mps=False, torch_version="2", torch_cuda=None, rss_bytes=2**28)
     return EngineInfo(engine_id=engine_id, node=f"{host}#{engine_id}", hostname=host, pid=100 + engine_id,
                       device="cpu" if kind == "cpu" else "cuda:0", kind=kind, budget_bytes=2**30,
                       bandwidth_bytes_per_s=1e10, threads=threads, local=False, device_name=host,
-                      probe={"cores": cores})
+                      probe=probe)
 
 
 def test_stages_sharing_a_pc_take_turns_only_when_they_would_oversubscribe_its_cores():

@@ -438,7 +438,7 @@ class Client:
         assert reply.usage.completion_tokens >= 1
 
     def join(self) -> None:
-        from exo_lab.coordinator.discovery import join
+        from exo_lab.membership.discovery import join
 
         join("127.0.0.1", self.server.service_port, "bounded_test", "probe.test", self.server.secret, timeout_s=15)
 

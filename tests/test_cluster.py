@@ -15,7 +15,8 @@ import exo_lab
 import exo_lab.model.profile
 from exo_lab.engine import probe as engine_probe
 from exo_lab.engine import worker as engine_worker
-from exo_lab.errors import ClusterError, ModelError, PlanError, RequestError
+from exo_lab.errors import ModelError, PlanError, RequestError
+from stages import hf_greedy
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 NEW_TOKENS = 12
@@ -27,18 +28,6 @@ def cluster():
         yield c
     # stop() ended every process it started
     assert not c.control.started
-
-
-def reference_tokens(model_dir, prompt_ids, n):
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
-    inputs = torch.tensor([prompt_ids])
-    with torch.inference_mode():
-        out = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt_ids):].tolist()
 
 
 def prompts(tokenizer):
@@ -55,7 +44,7 @@ def test_greedy_equals_transformers_on_1_2_3_engines(cluster, tiny_model_dir, ar
     tied = architecture in ("qwen2", "qwen3")   # cover tied and untied heads across the set
     model_dir = tiny_model_dir(architecture, tie_word_embeddings=tied, num_layers=6)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    expected = {name: reference_tokens(model_dir, ids, NEW_TOKENS) for name, ids in prompts(tokenizer).items()}
+    expected = {name: hf_greedy(model_dir, ids, NEW_TOKENS) for name, ids in prompts(tokenizer).items()}
     for stages in (1, 2, 3):
         plan = cluster.load(str(model_dir), min_stages=stages, progress=False)
         assert len(plan.stages) == stages
@@ -69,7 +58,7 @@ def test_greedy_equals_transformers_on_1_2_3_engines(cluster, tiny_model_dir, ar
 def test_no_process_holds_the_whole_model(cluster, tiny_model_dir):
     model_dir = tiny_model_dir("llama", num_layers=6)
     plan = cluster.load(str(model_dir), min_stages=3, progress=False)
-    shard_bytes = [cluster.control.call(e.engine_id, engine_worker.worker_status)["parameter_bytes"]
+    shard_bytes = [cluster.control.call(e.engine_id, engine_worker.worker_status).stage.parameter_bytes
                    for e in cluster.pipeline.engines]
     assert shard_bytes == [s.weights_bytes for s in plan.stages]
     total = exo_lab.model.profile.profile_model(str(model_dir)).total_parameter_bytes
@@ -160,6 +149,9 @@ def test_bad_requests_and_models_leave_the_cluster_usable(cluster, tiny_model_di
     assert cluster.generate("Hi", max_new_tokens=3, ignore_eos=True).completion_tokens == 3
 
 
+KILL_AFTER_TOKENS = 20
+
+
 def test_engine_death_mid_generation_fails_over_to_the_survivors(tiny_model_dir):
     """A stage's engine SIGKILLed mid-generation: the request goes on on the two survivors with
     the tokens it would have had, and every process still ends with the cluster."""
@@ -168,18 +160,29 @@ def test_engine_death_mid_generation_fails_over_to_the_survivors(tiny_model_dir)
         cluster.load(model_dir, min_stages=3, progress=False)
         expected = cluster.generate("Hello", max_new_tokens=300, ignore_eos=True).token_ids
         victim = cluster.pipeline.engines[1]
-        outcome = {}
-        thread = threading.Thread(target=lambda: outcome.update(
-            tokens=cluster.generate("Hello", max_new_tokens=300, ignore_eos=True).token_ids))
+        streamed, errors, under_way = [], [], threading.Event()
+
+        def consume():
+            try:
+                for event in cluster.stream("Hello", max_new_tokens=300, ignore_eos=True):
+                    streamed.extend(event.token_ids)
+                    if len(streamed) >= KILL_AFTER_TOKENS:
+                        under_way.set()
+            except Exception as exc:  # noqa: BLE001 (reported below)
+                errors.append(exc)
+            under_way.set()
+
+        thread = threading.Thread(target=consume)
         thread.start()
-        time.sleep(0.3)
-        os.kill(victim.pid, signal.SIGKILL)
+        assert under_way.wait(60) and not errors, errors
+        os.kill(victim.pid, signal.SIGKILL)       # at least KILL_AFTER_TOKENS of 300 streamed: mid-generation
         thread.join(60)
-        assert not thread.is_alive()
-        assert outcome["tokens"] == expected
+        assert not thread.is_alive() and not errors, errors
+        assert streamed == expected
         assert cluster.metrics.failovers_total == 1
+        assert cluster.metrics.replayed_total == 1, "the generation ended before the engine was killed"
         assert victim.node not in [s.node for s in cluster.plan.stages] and len(cluster.plan.stages) == 2
-        pids = [p["pid"] for p in cluster.control.call_all(engine_probe.probe_resources, False).values()]
+        pids = [p.pid for p in cluster.control.call_all(engine_probe.probe_resources, False).values()]
     time.sleep(0.5)
     assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
 

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from exo_lab.model.demo import (
+from exo_lab.weights.demo import (
     ARCHITECTURES, BUILD_RECORD, build_random_model, build_tokenizer, demo_model_dir,
 )
 from exo_lab.errors import ModelError
@@ -139,7 +139,7 @@ def test_bad_settings_are_errors(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
-BUILD_SCRIPT = "import sys; from exo_lab.model.demo import build_random_model; print(build_random_model(sys.argv[1]))"
+BUILD_SCRIPT = "import sys; from exo_lab.weights.demo import build_random_model; print(build_random_model(sys.argv[1]))"
 
 
 def test_concurrent_builders_all_get_the_one_finished_folder(tmp_path):

@@ -11,8 +11,8 @@ import torch
 from exo_lab.errors import ClusterError
 from exo_lab.notebook import (plot_activations, plot_placement, plot_throughput, record_throughput,
                               stage_activations, stage_engines)
-from exo_lab.model.demo import demo_model_dir
-from exo_lab.model.resolve import read_model_config
+from exo_lab.weights.demo import demo_model_dir
+from exo_lab.weights.resolve import read_model_config
 from exo_lab.notebook.remote import tensor_stats
 
 matplotlib.use("Agg")

@@ -2,7 +2,7 @@
 each engine probed) turn a device into the same planner nodes, a GPU PC with a second engine
 also holds a CPU stage in its RAM, and `gpu: true` without a CUDA torch runs as the CPU it is.
 
-The probes are dicts as exo_lab.engine.probe.probe_resources returns them, written by hand: the
+The probes are Probes as exo_lab.engine.probe.probe_resources returns them, written by hand: the
 policy is pure, so no torch (and no GPU) is needed."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import logging
 import pytest
 
 from exo_lab.config import config_from_dict
+from exo_lab.control_types import EngineState, EngineStatus, Probe
 from exo_lab.coordinator.control import EngineControl
 from exo_lab.coordinator.status import cluster_status
 from exo_lab.model.profile import ModelProfile
@@ -34,12 +35,13 @@ def office(gpu_engines: int = 2, *, cpu_pc: bool = True, **gpu_pc) -> dict:
         {key: value for key, value in gpu.items() if value is not None}, *cpu]}   # None: key left out
 
 
-def probe(device: str, *, ram_bytes: int, gpus=(), torch_cuda: str | None = "12.4", pid: int = 1) -> dict:
+def probe(device: str, *, ram_bytes: int, gpus=(), torch_cuda: str | None = "12.4", pid: int = 1) -> Probe:
     """A probe as a worker's engine on ``device`` answers it (its own name is the short one)."""
-    return {"hostname": device.split(".")[0], "device_name": device, "advertise_host": None, "pid": pid,
-            "memory_total_bytes": ram_bytes, "memory_free_bytes": ram_bytes, "cores": 16, "torch_threads": 16,
-            "gpus": [dict(gpu) for gpu in gpus], "mps": False, "torch_version": "2.5.1",
-            "torch_cuda": torch_cuda, "rss_bytes": 400_000_000}
+    return Probe.from_dict({
+        "hostname": device.split(".")[0], "device_name": device, "advertise_host": None, "pid": pid,
+        "memory_total_bytes": ram_bytes, "memory_free_bytes": ram_bytes, "cores": 16, "torch_threads": 16,
+        "gpus": [dict(gpu) for gpu in gpus], "mps": False, "torch_version": "2.5.1",
+        "torch_cuda": torch_cuda, "rss_bytes": 400_000_000})
 
 
 def toy_70b() -> ModelProfile:
@@ -126,7 +128,7 @@ def test_two_gpus_take_the_first_engines_and_the_rest_share_the_ram():
     device = config_from_dict(office(gpu_engines=3, max_memory="100GB")).devices[1]
     second = dict(H100, index=1, free_bytes=70 * GB)
     slots = engine_slots(device, PcResources.from_probe(probe(device.hostname, ram_bytes=512 * GB,
-                                                                gpus=[H100, second])), 4)
+                                                                gpus=[H100, second]).to_dict()), 4)
     assert [(s.node, s.torch_device, s.budget_bytes) for s in slots] == [
         ("system-b.local#0", "cuda:0", 80 * GB), ("system-b.local#1", "cuda:1", 70 * GB),
         ("system-b.local/cpu#0", "cpu", 50 * GB), ("system-b.local/cpu#1", "cpu", 50 * GB)]
@@ -142,10 +144,10 @@ class _Control:
         self.infos = {info.engine_id: info for info in infos}
 
     def gather(self, engine_ids, func, *args, timeout_s, what):
-        return {eid: {"loaded": False, "rss_bytes": 500_000_000} for eid in engine_ids}
+        return {eid: EngineStatus(rss_bytes=500_000_000, peak_rss_bytes=500_000_000) for eid in engine_ids}
 
     def state(self, engine_id):
-        return "idle"
+        return EngineState.IDLE
 
 
 def test_gpu_true_without_a_cuda_torch_warns_once_and_runs_as_the_cpu_it_is(caplog):

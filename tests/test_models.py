@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from exo_lab.errors import ModelError
-from exo_lab.model.resolve import read_model_config, resolve_model
+from exo_lab.weights.resolve import read_model_config, resolve_model
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "models")
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -138,7 +138,7 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    from exo_lab.model.demo import demo_model_dir
+    from exo_lab.weights.demo import demo_model_dir
     from exo_lab.security import new_secret, write_secret_file
 
     root = tmp_path_factory.mktemp("netlab")
@@ -354,7 +354,7 @@ def test_a_late_pc_is_a_spare_and_a_restarted_worker_rejoins(lab, reference):
 
 
 def test_an_other_cluster_name_on_the_same_lan_is_never_seen(lab):
-    script = ("import asyncio, os, sys; from exo_lab.coordinator.discovery import browse; "
+    script = ("import asyncio, os, sys; from exo_lab.membership.discovery import browse; "
               "secret = os.environ['EXO_LAB_SECRET'].encode(); "
               "own = asyncio.run(browse(sys.argv[1], secret, 10)); "
               "other = asyncio.run(browse('other-' + sys.argv[1], secret, 3)); "
@@ -373,7 +373,7 @@ def test_a_pc_whose_link_goes_down_is_replaced_and_its_stream_goes_on(lab):
 
     from openai import OpenAI
 
-    from exo_lab.coordinator.launch import HEARTBEAT_MISSES, HEARTBEAT_PERIOD_MS
+    from exo_lab.membership.launch import HEARTBEAT_MISSES, HEARTBEAT_PERIOD_MS
 
     max_tokens = 400
     uninterrupted = lab.complete(max_tokens=max_tokens).choices[0].text

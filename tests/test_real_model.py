@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import exo_lab
-from exo_lab.model.resolve import resolve_model
-from exo_lab.model.smollm2 import smollm2_model_dir
+from exo_lab.weights.resolve import resolve_model
+from exo_lab.weights.smollm2 import smollm2_model_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

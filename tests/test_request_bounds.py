@@ -180,7 +180,7 @@ def test_a_health_flood_does_not_reach_the_stages(server, cluster, monkeypatch):
     ms = sorted(seconds * 1000 for _, _, seconds in answers)
     print(f"\n{len(answers)} /health in {elapsed:.2f} s (p50 {ms[len(ms) // 2]:.1f} ms, max {ms[-1]:.1f} ms): "
           f"{len(pings)} ping(s) through the stages")
-    assert all(status == 200 and body == {"status": "ok", "model": "demo"} for status, body, _ in answers)
+    assert all(status == 200 and body == {"status": "ok", "state": "serving", "model": "demo"} for status, body, _ in answers)
     assert len(pings) <= 1 + elapsed / HEALTH_TTL_S
 
 
@@ -188,7 +188,7 @@ def test_health_still_notices_a_lost_pipeline_at_once(server, cluster, monkeypat
     assert call(server, "GET", "/health", key=None).status == 200
     monkeypatch.setattr(cluster, "recovering", "engine 1 (stage 1) stopped")
     answer = call(server, "GET", "/health", key=None)
-    assert answer.status == 503 and answer.json == {"status": "unavailable",
+    assert answer.status == 503 and answer.json == {"status": "unavailable", "state": "serving",
                                                       "reason": "recovering: engine 1 (stage 1) stopped"}
 
 

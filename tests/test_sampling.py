@@ -90,7 +90,7 @@ def sampling_cluster(request):
 
 @pytest.fixture(scope="module")
 def reference():
-    from exo_lab.model.demo import demo_model_dir
+    from exo_lab.weights.demo import demo_model_dir
 
     return AutoModelForCausalLM.from_pretrained(str(demo_model_dir()), dtype=torch.float32).eval()
 

@@ -146,7 +146,7 @@ def test_a_signed_request_is_accepted_once_fresh_and_never_replayed_or_altered(m
 
 
 def test_the_join_proof_binds_its_label_and_fields():
-    from exo_lab.coordinator.discovery import sign, verify
+    from exo_lab.membership.discovery import sign, verify
 
     secret = new_secret().encode()
     fields = {"cluster": "c", "device": "system-b", "ts": "1", "nonce": "n"}

@@ -11,17 +11,12 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import exo_lab.model.shard as shard
 from exo_lab.errors import ModelError, RequestError
-from exo_lab.model.shard import ShardSpec, load_stage
+from exo_lab.control_types import ShardSpec
+import exo_lab.weights.checkpoint as checkpoint
+from exo_lab.weights.checkpoint import load_stage
+from stages import NEW_TOKENS, NUM_LAYERS, SPLITS, generate, load_split, make_prompt, run_chain, run_chain_rows
 
-NUM_LAYERS = 4
-NEW_TOKENS = 20
-SPLITS = {
-    "1-stage": [(0, 4)],
-    "2-stage": [(0, 2), (2, 4)],
-    "3-stage": [(0, 1), (1, 3), (3, 4)],
-}
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 PROMPT_LENGTHS = (5, 120)
 
@@ -32,37 +27,6 @@ def _one_thread():
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def load_split(model_dir, split, dtype="float32", **spec):
-    return [load_stage(ShardSpec(str(model_dir), a, b, NUM_LAYERS, dtype=dtype, max_context=256, **spec))
-            for a, b in split]
-
-
-def run_chain(stages, slot, inputs, position):
-    """Pass ``inputs`` (one row) through every stage in KV slot ``slot``; returns the last
-    stage's logits (1, vocab)."""
-    for stage in stages:
-        inputs = stage.forward(inputs, [slot], [position])
-    return inputs
-
-
-def generate(stages, prompt, new_tokens=NEW_TOKENS, slot=0, pick=None):
-    """Prefill ``prompt`` at position 0, then feed one token at a time, as the engines do."""
-    pick = pick or (lambda logits: int(torch.argmax(logits)))
-    tokens, inputs, position = [], prompt, 0
-    for _ in range(new_tokens):
-        token = pick(run_chain(stages, slot, inputs, position))
-        tokens.append(token)
-        position += inputs.shape[1]
-        inputs = torch.tensor([[token]])
-    return tokens
-
-
-def make_prompt(model_dir, length, seed=0):
-    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
-    # ids 0-2 are the demo tokenizer's special tokens; any other id will do
-    return torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
-
 
 _REFERENCE_MODELS: dict[str, torch.nn.Module] = {}
 _REFERENCE_TOKENS: dict[tuple, list[int]] = {}
@@ -253,12 +217,6 @@ def test_a_batch_of_rows_at_different_positions_matches_each_alone(tiny_model_di
         torch.testing.assert_close(batched[row:row + 1], alone, atol=1e-5, rtol=1e-5)
 
 
-def run_chain_rows(stages, slots, inputs, positions):
-    for stage in stages:
-        inputs = stage.forward(inputs, slots, positions)
-    return inputs
-
-
 # ----------------------------------------------------------------------------- loading
 
 def test_stage_reads_only_its_own_files_and_tensors(tiny_model_dir, monkeypatch):
@@ -285,7 +243,7 @@ def test_stage_reads_only_its_own_files_and_tensors(tiny_model_dir, monkeypatch)
             read.append(name)
             return self._handle.get_tensor(name)
 
-    monkeypatch.setattr(shard, "safe_open", Spy)
+    monkeypatch.setattr(checkpoint, "safe_open", Spy)
     stage = load_stage(ShardSpec(str(model_dir), 0, 2, NUM_LAYERS))
 
     want = ["model.embed_tokens.weight"] + [n for n in files if n.startswith(("model.layers.0.",

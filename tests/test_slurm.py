@@ -99,7 +99,7 @@ def write_config(path, name: str, *, coord="198.18.0.1", partition="debug", time
 
 def test_the_batch_script_runs_one_worker_per_node_and_holds_no_secret(tmp_path):
     from exo_lab.config import load_config
-    from exo_lab.coordinator.launchers import slurm_batch_script
+    from exo_lab.membership.launchers import slurm_batch_script
 
     config_path = tmp_path / "config.yaml"
     write_config(config_path, "hpc-site", partition="cpu", time_limit="4:00:00", account="lab42", nodes=3)
@@ -115,7 +115,7 @@ def test_the_batch_script_runs_one_worker_per_node_and_holds_no_secret(tmp_path)
 
 def test_slurm_needs_discovery_and_a_secret_file(tmp_path):
     from exo_lab.config import config_from_dict
-    from exo_lab.coordinator.launchers import check_launchable
+    from exo_lab.membership.launchers import check_launchable
     from exo_lab.errors import ConfigError
 
     devices = [{"hostname": "a", "roles": ["coordinator"]}, {"hostname": "b", "roles": ["compute"]}]

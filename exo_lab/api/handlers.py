@@ -40,11 +40,12 @@ class HealthHandler(ApiHandler):
 
     async def get(self) -> None:
         ok, reason = await shared_health(self.server).get()
+        state = getattr(self.server.cluster, "state", None)     # the supervisor's: serving, replanning, ...
         if ok:
-            self.write_json({"status": "ok", "model": self.server.model_names()[0]})
+            self.write_json({"status": "ok", "state": state, "model": self.server.model_names()[0]})
         else:
-            self.write_json({"status": "unavailable", "reason": redact(reason, self.server.private_names())},
-                            status=503)
+            self.write_json({"status": "unavailable", "state": state,
+                             "reason": redact(reason, self.server.private_names())}, status=503)
 
 
 HEALTH_TTL_S = 2.0      # /health sends a ping through the stages at most this often

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ClusterConfig, DeviceConfig
+from ..control_types import EngineState, Probe, received
 from ..engine import probe as engine_probe
 from ..errors import ClusterError, ExoLabError
 from ..planning.nodes import PcResources, engine_slots
 from ..planning.planner import NodeSpec
-from .launch import (default_profile_dir, engine_environment, make_ipp_cluster, session_key, temporary_profile_dir,
+from ..membership.launch import (default_profile_dir, engine_environment, make_ipp_cluster, session_key, temporary_profile_dir,
                      write_local_secret)
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class EngineInfo:
     threads: int
     local: bool            # runs on this machine (its pid can be checked)
     device_name: str       # the config hostname of its PC
-    probe: dict
+    probe: Probe
     gpu_name: str | None = None       # the GPU's name, for a GPU stage
     device_note: str | None = None    # why a gpu: true PC runs as a CPU ("gpu: true but torch has no CUDA")
 
@@ -79,7 +80,7 @@ class EngineControl:
         self._temporary_profile: Path | None = None
         self._ipp = None
         self._client = None
-        self._states: dict[int, str] = {}
+        self._states: dict[int, EngineState] = {}
         self.infos: dict[int, EngineInfo] = {}        # from the last probe
         self.secret: bytes | None = None              # the cluster secret (config clusters), set by start()
         # what this cluster's engines and data plane authenticate with: the shared secret, else
@@ -151,7 +152,7 @@ class EngineControl:
         if self.secret is None and not self.is_local:
             write_local_secret(profile_dir, self.runtime_secret)   # for workers on this PC
         if self.launches_workers:
-            from .launchers import prepare_launch   # probe every PC before anything starts
+            from ..membership.launchers import prepare_launch   # probe every PC before anything starts
             prepare_launch(self.config, self.secret)
         # This PC's own client and engines reach the controller on loopback, never by the
         # configured host name (`system-a.local` need not resolve, not even here); other PCs
@@ -168,7 +169,7 @@ class EngineControl:
         if own:
             self._ipp.start_engines_sync(own, environment=self._own_engine_environment())
         if self.launches_workers:
-            from .launchers import start_launched_workers   # stopped with the cluster (stop())
+            from ..membership.launchers import start_launched_workers   # stopped with the cluster (stop())
             start_launched_workers(self._ipp, self.config, self.secret)
         self._client = self._ipp.connect_client_sync()
         self._wait_for_engines(self.expected_engines)
@@ -176,7 +177,7 @@ class EngineControl:
     def _wait_for_engines(self, count: int) -> None:
         try:
             if self.launches_workers and self.config.launcher.kind == "ssh":
-                from .launchers import wait_for_launched_engines   # a PC whose worker ended fails at once
+                from ..membership.launchers import wait_for_launched_engines   # a PC whose worker ended fails at once
                 wait_for_launched_engines(self._client, self._ipp, count, self.start_timeout_s)
             else:
                 self._client.wait_for_engines(count, timeout=self.start_timeout_s, interactive=False)
@@ -199,7 +200,7 @@ class EngineControl:
             self._client = None
         if self._ipp is not None:
             if self.launches_workers:
-                from .launchers import stop_launched_workers   # every PC at once
+                from ..membership.launchers import stop_launched_workers   # every PC at once
                 stop_launched_workers(self._ipp)
             engines = _process_trees(self._engine_launchers())
             controller = _process_trees([self._ipp.controller])
@@ -308,13 +309,13 @@ class EngineControl:
             probes = {eid: a for eid, a in answers.items() if not isinstance(a, ExoLabError)}
         else:
             probes = self.call_all(engine_probe.probe_resources, True)
-        infos = self.engine_infos(probes)
+        infos = self.engine_infos({eid: received(probe, Probe, f"engine {eid}") for eid, probe in probes.items()})
         for info in infos:
             self.call(info.engine_id, engine_probe.set_threads, info.threads, what="setting threads")
         self.infos = {info.engine_id: info for info in infos}
         return infos
 
-    def engine_infos(self, probes: dict[int, dict]) -> list[EngineInfo]:
+    def engine_infos(self, probes: dict[int, Probe]) -> list[EngineInfo]:
         """Each probed engine as the planner sees it, in engine id order: placed on a slot of its
         PC (GPU stages first, then CPU stages: planning.nodes.engine_slots, the rule
         ``exo-lab plan`` follows too), budgets capped by the config. Engines of PCs the config
@@ -331,31 +332,32 @@ class EngineControl:
             placed[device.hostname] += 1
         return infos
 
-    def _engine_info(self, engine_id: int, probe: dict, device: DeviceConfig, index: int, engines: int) -> EngineInfo:
-        slot = engine_slots(device, PcResources.from_probe(probe), engines, (self.max_memory_bytes,))[index]
+    def _engine_info(self, engine_id: int, probe: Probe, device: DeviceConfig, index: int, engines: int) -> EngineInfo:
+        # planning.nodes reads the probe as the plain dict it was before it was typed
+        slot = engine_slots(device, PcResources.from_probe(probe.to_dict()), engines, (self.max_memory_bytes,))[index]
         return EngineInfo(engine_id=engine_id, node=f"engine-{engine_id}" if self.is_local else slot.node,
-                          hostname=probe["hostname"], pid=probe["pid"], device=slot.torch_device, kind=slot.kind,
+                          hostname=probe.hostname, pid=probe.pid, device=slot.torch_device, kind=slot.kind,
                           budget_bytes=slot.budget_bytes, bandwidth_bytes_per_s=slot.bandwidth_bytes_per_s,
-                          threads=self._threads_for(device, probe), local=probe["hostname"] == socket.gethostname(),
+                          threads=self._threads_for(device, probe), local=probe.hostname == socket.gethostname(),
                           device_name=device.hostname, probe=probe, gpu_name=slot.gpu_name, device_note=slot.note)
 
-    def _device_for(self, engine_id: int, probe: dict) -> DeviceConfig | None:
+    def _device_for(self, engine_id: int, probe: Probe) -> DeviceConfig | None:
         if self.is_local:
             return self.config.devices[0]
-        name = probe.get("device_name") or probe["hostname"]
+        name = probe.device_name or probe.hostname
         device = self.config.device_named(name)
         if device is not None and device.is_compute:
             return device
         if self.config.network.discovery == "auto":
             return DeviceConfig(hostname=name, roles=("compute",), max_memory_bytes=None, max_cores=None,
-                                gpu=bool(probe["gpus"]), memory_bandwidth_bytes_per_s=None, engines=1,
+                                gpu=bool(probe.gpus), memory_bandwidth_bytes_per_s=None, engines=1,
                                 address=None)
         logger.warning("engine %d on %s is not a compute device in %s (discovery: manual); not used",
                        engine_id, name, self.config.source)
         return None
 
-    def _threads_for(self, device: DeviceConfig | None, probe: dict | None = None) -> int:
-        cores = (probe or {}).get("cores") or os.cpu_count() or 1
+    def _threads_for(self, device: DeviceConfig | None, probe: Probe | None = None) -> int:
+        cores = probe.cores if probe is not None else os.cpu_count() or 1
         limits = [c for c in (self.max_cores, device.max_cores if device else None) if c]
         return max(1, min([cores, *limits]))
 
@@ -386,10 +388,13 @@ class EngineControl:
 
         return info.engine_id not in self.ids or (info.local and not psutil.pid_exists(info.pid))
 
-    def state(self, engine_id: int) -> str:
-        return self._states.get(engine_id, "idle")
+    def state(self, engine_id: int) -> EngineState:
+        """What the coordinator last set for this engine (IDLE when nothing was)."""
+        return self._states.get(engine_id, EngineState.IDLE)
 
-    def set_state(self, engine_id: int, state: str) -> None:
+    def set_state(self, engine_id: int, state: EngineState) -> None:
+        if not isinstance(state, EngineState):
+            raise TypeError(f"set_state takes an EngineState, got {state!r} ({type(state).__name__})")
         self._states[engine_id] = state
 
     # ------------------------------------------------------------ addresses
@@ -408,7 +413,7 @@ class EngineControl:
             return "0.0.0.0", self._own_lan_host()
         device = self.config.device_named(info.device_name)
         # a discovered worker learnt its LAN address when it joined (probe "advertise_host")
-        return "0.0.0.0", ((device.address if device else None) or info.probe.get("advertise_host")
+        return "0.0.0.0", ((device.address if device else None) or info.probe.advertise_host
                            or info.device_name)
 
     def coordinator_inbox_hosts(self, stage_engines: list[EngineInfo]) -> tuple[str, str]:
@@ -420,7 +425,7 @@ class EngineControl:
     def _own_lan_host(self) -> str:
         """How other PCs reach this one: the config's address, else the address a joining
         worker reached it at, else its first LAN address (never a name that may not resolve)."""
-        from .discovery import lan_addresses
+        from ..membership.discovery import lan_addresses
 
         coordinator = self.config.coordinator
         return coordinator.address or self.lan_address or next(iter(lan_addresses()), coordinator.hostname)

@@ -14,10 +14,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..control_types import EngineState, LoadedStage, ShardSpec, received
 from ..engine import worker as engine_worker
 from ..errors import ClusterError, ExoLabError, ModelError
 from ..model.profile import profile_from_config
-from ..model.resolve import read_model_config, resolve_model
+from ..weights.resolve import read_model_config, resolve_model
 from ..planning.options import LoadOptions
 from ..planning.planner import Plan
 from .control import EngineControl, EngineInfo
@@ -183,15 +184,14 @@ def _load_tokenizer(model_dir):
 
 def _load_shards(control: EngineControl, model_id, num_layers, options: LoadOptions, context_length, plan,
                  stage_engines, progress, timeout_s) -> list[str]:
-    """Load every stage in parallel; returns their inbox addresses in pipeline order."""
+    """Load every stage in parallel; returns their inbox addresses in pipeline order. Every
+    stage's ShardSpec is built (and so checked) before the first is sent."""
     from tqdm.auto import tqdm
 
+    specs = shard_specs(model_id, num_layers, options, context_length, plan, stage_engines)
     pending = {}
-    for index, (stage, info) in enumerate(zip(plan.stages, stage_engines)):
-        spec = {"model_id": model_id, "start_layer": stage.start_layer, "stop_layer": stage.stop_layer,
-                "num_layers": num_layers, "dtype": options.dtype, "device": info.device,
-                "max_context": context_length, "max_batch": options.max_batch}
-        control.set_state(info.engine_id, "loading")
+    for index, (spec, info) in enumerate(zip(specs, stage_engines)):
+        control.set_state(info.engine_id, EngineState.LOADING)
         future = control.submit(info.engine_id, engine_worker.load_stage, spec, index, len(plan.stages),
                                 *control.inbox_hosts(info, stage_engines), ports=control.inbox_ports)
         pending[future] = index
@@ -209,25 +209,36 @@ def _load_shards(control: EngineControl, model_id, num_layers, options: LoadOpti
             if time.monotonic() > deadline:
                 raise ClusterError(f"loading did not finish within {timeout_s:.0f} s (stages still loading: "
                                    f"{sorted(pending.values())}); raise timeout_s for very large models")
-    return [results[i]["address"] for i in range(len(plan.stages))]
+    return [results[i].address for i in range(len(plan.stages))]
 
 
-def _stage_loaded(control: EngineControl, future, info: EngineInfo) -> dict:
+def shard_specs(model_id: str, num_layers: int, options: LoadOptions, context_length: int, plan: Plan,
+                stage_engines: list[EngineInfo]) -> list[ShardSpec]:
+    """The ShardSpec of each stage of ``plan`` (pipeline order); ``model_id`` as the engines
+    resolve it. Raises ModelError naming a bad field, before anything is sent."""
+    return [ShardSpec(model_dir=model_id, start_layer=stage.start_layer, stop_layer=stage.stop_layer,
+                      num_layers=num_layers, dtype=options.dtype, device=info.device,
+                      max_context=context_length, max_batch=options.max_batch)
+            for stage, info in zip(plan.stages, stage_engines)]
+
+
+def _stage_loaded(control: EngineControl, future, info: EngineInfo) -> LoadedStage:
     try:
         result = control.result(info.engine_id, future, f"loading its shard on {info.node}")
+        loaded = received(result, LoadedStage, f"engine {info.engine_id}")
     except ExoLabError as exc:
-        control.set_state(info.engine_id, "failed")
+        control.set_state(info.engine_id, EngineState.FAILED)
         if control.is_gone(info):
             raise EngineLost(info) from exc
         raise
-    control.set_state(info.engine_id, "idle")
-    return result
+    control.set_state(info.engine_id, EngineState.IDLE)
+    return loaded
 
 
 def _check_engines_alive(control: EngineControl, stage_engines: list[EngineInfo]) -> None:
     for info in stage_engines:
         if control.is_gone(info):
-            control.set_state(info.engine_id, "failed")
+            control.set_state(info.engine_id, EngineState.FAILED)
             raise EngineLost(info)
 
 
@@ -259,7 +270,7 @@ def default_micro_batches(stage_engines: list[EngineInfo]) -> int:
     for info in stage_engines:
         if info.kind == "cpu":
             threads[info.hostname] = threads.get(info.hostname, 0) + info.threads
-            cores[info.hostname] = int(info.probe.get("cores") or info.threads)
+            cores[info.hostname] = info.probe.cores
     if any(threads[host] > cores[host] for host in threads):
         return 1
     return len(stage_engines)

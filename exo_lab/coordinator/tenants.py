@@ -2,7 +2,7 @@
 
 A tenant is one client of the cluster. The API derives it from the client's address and the
 API key it sent (:mod:`exo_lab.api.tenants`); a notebook's own requests are :data:`LOCAL`. The
-scheduler uses it three ways:
+scheduling core (:mod:`exo_lab.coordinator.schedule`) uses it three ways:
 
 - **Caps.** A tenant holds at most ``limits.max_running`` KV slots and has at most
   ``limits.max_queued`` requests waiting (:class:`TenantLimits`; None: no cap of its own).
@@ -64,7 +64,8 @@ LOCAL = Tenant("local")     # requests made in this process (notebook, CLI), not
 class FairQueue:
     """Requests waiting for a KV slot: one FIFO per tenant, served by :meth:`pop`.
 
-    Items are the scheduler's requests; each has a ``tenant`` (:class:`Tenant`)."""
+    Items are the scheduling core's requests (:class:`~exo_lab.coordinator.schedule.Request`);
+    each has a ``tenant`` (:class:`Tenant`)."""
 
     def __init__(self):
         self._queues: dict[str, collections.deque] = {}     # client_id -> its waiting requests

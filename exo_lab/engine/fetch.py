@@ -1,12 +1,12 @@
 """A compute PC that lacks the model fetches exactly its stage's tensors from the storage PC.
 
-Flow (the server is :mod:`exo_lab.coordinator.storage`):
+Flow (the server is :mod:`exo_lab.membership.storage`):
 
 1. The manifest: every file of the model with its size and sha256, and for each safetensors
    file the sha256 of its header and of each tensor (the storage PC computes it once).
 2. Small files whole (config, generation config, tokenizer, index), each checked.
 3. Each safetensors file's header by byte range (8-byte length, then the JSON).
-4. When the stage is built (:func:`exo_lab.model.shard.load_stage` calls back with the names
+4. When the stage is built (:func:`exo_lab.weights.checkpoint.load_stage` calls back with the names
    it needs): the byte ranges of only those tensors, adjacent ones merged into one request,
    each tensor checked against the manifest.
 
@@ -45,6 +45,7 @@ from .. import envvars
 from ..errors import ModelError
 from ..paths import temp_name, write_atomic
 from ..security import Nonces, new_stamp, sign, signature_ok
+from ..weights import INDEX_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,6 @@ AUTH_PURPOSE = "shard-server"
 PREFIX = "/exo-lab/storage"
 BOOKKEEPING = ".exo_lab_fetch"
 TENSORS = "tensors"
-INDEX_FILE = "model.safetensors.index.json"
 CHUNK_BYTES = 1 << 20
 HEADER_LENGTH = struct.Struct("<Q")
 MAX_HEADER_BYTES = 100 * 2**20      # safetensors' own limit
@@ -248,7 +248,7 @@ def open_model(model_id: str):
     """(folder, ensure_tensors) for a stage: a local folder and None when this PC has the model;
     else the fetched folder (config, tokenizer, index, headers in place) and the callback that
     fetches the tensors the stage needs. Raises ModelError when neither works."""
-    from ..model.resolve import resolve_model
+    from ..weights.resolve import resolve_model
 
     try:
         return resolve_model(model_id, need_weights=True), None

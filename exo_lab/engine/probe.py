@@ -4,8 +4,11 @@ from __future__ import annotations
 import os
 import socket
 
+from .. import envvars
+from ..control_types import GpuProbe, Probe
 
-def probe_resources(use_gpu: bool = True) -> dict:
+
+def probe_resources(use_gpu: bool = True) -> Probe:
     """Describe this engine's machine: memory, cores, accelerators, identity."""
     import psutil
     import torch
@@ -15,24 +18,24 @@ def probe_resources(use_gpu: bool = True) -> dict:
     if use_gpu and torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             free_bytes, total_bytes = torch.cuda.mem_get_info(index)
-            gpus.append({"index": index, "name": torch.cuda.get_device_name(index),
-                         "total_bytes": int(total_bytes), "free_bytes": int(free_bytes)})
+            gpus.append(GpuProbe(index=index, name=torch.cuda.get_device_name(index),
+                                 total_bytes=int(total_bytes), free_bytes=int(free_bytes)))
     mps = bool(use_gpu and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-    return {
-        "hostname": socket.gethostname(),
-        "device_name": os.environ.get("EXO_LAB_DEVICE"),   # the config hostname a worker joined as
-        "advertise_host": os.environ.get("EXO_LAB_ADVERTISE_HOST"),   # its LAN address, learnt on joining
-        "pid": os.getpid(),
-        "memory_total_bytes": int(memory.total),
-        "memory_free_bytes": int(memory.available),
-        "cores": os.cpu_count() or 1,
-        "torch_threads": torch.get_num_threads(),
-        "gpus": gpus,
-        "mps": mps,
-        "torch_version": torch.__version__,
-        "torch_cuda": torch.version.cuda,   # None: a CPU-only torch build (gpu: true cannot use a GPU)
-        "rss_bytes": int(psutil.Process().memory_info().rss),
-    }
+    return Probe(
+        hostname=socket.gethostname(),
+        device_name=os.environ.get(envvars.DEVICE),   # the config hostname a worker joined as
+        advertise_host=os.environ.get(envvars.ADVERTISE_HOST),   # its LAN address, learnt on joining
+        pid=os.getpid(),
+        memory_total_bytes=int(memory.total),
+        memory_free_bytes=int(memory.available),
+        cores=os.cpu_count() or 1,
+        torch_threads=torch.get_num_threads(),
+        gpus=tuple(gpus),
+        mps=mps,
+        torch_version=str(torch.__version__),
+        torch_cuda=torch.version.cuda,   # None: a CPU-only torch build (gpu: true cannot use a GPU)
+        rss_bytes=int(psutil.Process().memory_info().rss),
+    )
 
 
 def set_threads(max_cores: int) -> int:
@@ -57,15 +60,16 @@ def bare_runtime_rss(model_id: str | None = None) -> int:
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401
 
-    from ..model import shard
+    from ..control_types import ShardSpec
+    from ..weights.checkpoint import stage_skeleton
     from ..wire import sockets  # noqa: F401
 
     if model_id is not None:
-        from ..model.resolve import read_model_config, resolve_model
+        from ..weights.resolve import read_model_config, resolve_model
 
         folder = resolve_model(model_id, need_weights=False)
         num_layers = read_model_config(folder)["num_hidden_layers"]
-        shard.stage_skeleton(shard.ShardSpec(str(folder), 0, 1, num_layers))
+        stage_skeleton(ShardSpec(str(folder), 0, 1, num_layers))
     return int(psutil.Process().memory_info().rss)
 
 

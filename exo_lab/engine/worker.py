@@ -23,8 +23,9 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from ..control_types import EngineState, EngineStatus, LoadedStage, ShardSpec, StageStatus, received
 from .probe import memory
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class WorkerStats:
     dropped: int = 0            # malformed messages the inbox refused
     busy_s: float = 0.0
     last_forward_ms: float = 0.0
-    state: str = "idle"
+    state: EngineState = EngineState.IDLE
 
 
 class StageWorker:
@@ -165,12 +166,12 @@ class StageWorker:
             logger.exception("stage %d failed on message %d", self.stage_index, msg_id(message))
             self._send_error_for(msg_id(message), exc)
         finally:
-            self.stats.state = "idle"
+            self.stats.state = EngineState.IDLE
 
     def _forward(self, message) -> None:
         from ..wire import Forward, Sampled
 
-        self.stats.state = "generating"
+        self.stats.state = EngineState.GENERATING
         slots = [row.slot for row in message.rows]
         self.active_slots.update(slots)
         started = time.perf_counter()
@@ -201,26 +202,15 @@ class StageWorker:
         except Exception:  # the next stage is gone too: the coordinator's liveness check reports it
             logger.exception("could not pass an error on from stage %d", self.stage_index)
 
-    def status(self) -> dict:
-        stats = self.stats
-        return {
-            "stage_index": self.stage_index,
-            "start_layer": self.stage.spec.start_layer,
-            "stop_layer": self.stage.spec.stop_layer,
-            "dtype": self.stage.spec.dtype,
-            "device": str(self.stage.device),
-            "state": stats.state,
-            "messages": stats.messages,
-            "tokens": stats.tokens,
-            "errors": stats.errors,
-            "dropped_messages": stats.dropped,
-            "busy_s": stats.busy_s,
-            "last_forward_ms": stats.last_forward_ms,
-            "active_requests": len(self.active_slots),
-            "kv_slots": self.stage.spec.max_batch,
-            "kv_cache_bytes": self.stage.kv_cache_bytes(),
-            "parameter_bytes": self.stage.parameter_bytes(),
-        }
+    def status(self) -> StageStatus:
+        stats, spec = self.stats, self.stage.spec
+        return StageStatus(
+            stage_index=self.stage_index, start_layer=spec.start_layer, stop_layer=spec.stop_layer,
+            dtype=spec.dtype, device=str(self.stage.device), state=stats.state, messages=stats.messages,
+            tokens=stats.tokens, errors=stats.errors, dropped_messages=stats.dropped, busy_s=stats.busy_s,
+            last_forward_ms=stats.last_forward_ms, active_requests=len(self.active_slots),
+            kv_slots=spec.max_batch, kv_cache_bytes=self.stage.kv_cache_bytes(),
+            parameter_bytes=self.stage.parameter_bytes())
 
 
 def sample_rows(logits, rows, steps: int) -> tuple[int, ...]:
@@ -248,22 +238,22 @@ def _publish(namespace_value) -> None:
         shell.user_ns[NAMESPACE_NAME] = namespace_value
 
 
-def load_stage(spec_fields: dict, stage_index: int, num_stages: int, bind_host: str,
-               advertise_host: str, ports: tuple[int, ...] | None = None) -> dict:
-    """Load this engine's shard and bind its data-plane inbox. Returns the inbox address."""
+def load_stage(spec: ShardSpec, stage_index: int, num_stages: int, bind_host: str,
+               advertise_host: str, ports: tuple[int, ...] | None = None) -> LoadedStage:
+    """Load this engine's shard and bind its data-plane inbox. ``spec.model_dir`` is the model
+    as the coordinator names it; this engine resolves it to its own folder. Returns the inbox
+    address and what the load cost. Raises ModelError for anything but a ShardSpec."""
     import zmq
 
-    from ..model.shard import ShardSpec
-    from ..model.shard import load_stage as build_stage
+    from ..weights.checkpoint import load_stage as build_stage
     from ..security import data_plane_key
     from ..wire import Inbox
     from .fetch import open_model
 
-    spec_fields = dict(spec_fields)
+    spec = received(spec, ShardSpec, "the coordinator")
     # a PC without the model fetches exactly this stage's tensors from the storage PC
-    model_dir, ensure_tensors = open_model(spec_fields.pop("model_id"))
-    spec_fields["model_dir"] = str(model_dir)
-    spec = ShardSpec(**spec_fields)
+    model_dir, ensure_tensors = open_model(spec.model_dir)
+    spec = replace(spec, model_dir=str(model_dir))
     # the same layers again (a re-plan that left this stage as it was): keep the weights; the
     # requests replayed after a failover write their KV slots afresh from position 0
     previous = current_worker()
@@ -277,8 +267,8 @@ def load_stage(spec_fields: dict, stage_index: int, num_stages: int, bind_host: 
     global _worker
     _worker = StageWorker(stage, inbox, stage_index, num_stages)
     _publish(_worker)
-    return {"address": inbox.address, "load_s": time.perf_counter() - started, "reused": kept is not None,
-            "parameter_bytes": stage.parameter_bytes(), **memory()}
+    return LoadedStage(address=inbox.address, load_s=time.perf_counter() - started, reused=kept is not None,
+                       parameter_bytes=stage.parameter_bytes(), **memory())
 
 
 def start_worker(next_address: str) -> bool:
@@ -308,9 +298,6 @@ def current_worker() -> "StageWorker | None":
     return _worker
 
 
-def worker_status() -> dict:
-    """Status of this engine's stage (an empty stage dict when none is loaded)."""
-    status = {"loaded": _worker is not None, **memory()}
-    if _worker is not None:
-        status.update(_worker.status())
-    return status
+def worker_status() -> EngineStatus:
+    """This engine's memory, and its stage's status when one is loaded."""
+    return EngineStatus(**memory(), stage=_worker.status() if _worker is not None else None)

@@ -71,7 +71,7 @@ def profile_from_config(config: dict, *, dtype: str = "float32", model_id: str =
         ModelError: unknown dtype (listing the allowed ones), a missing or bad config key, or a
             model type whose layers do not follow the Llama-style decoder pattern.
     """
-    from .resolve import check_config_keys
+    from ..weights.resolve import check_config_keys
 
     _dtype_bytes(dtype)
     # int8 is weight-only: the layers' matrices shrink, the rest stays in the compute dtype.
@@ -106,7 +106,7 @@ def profile_model(model_id: str, *, dtype: str | None = None) -> ModelProfile:
     Raises:
         ModelError: the model cannot be resolved, its config is malformed, or the dtype is unknown.
     """
-    from .resolve import read_model_config, resolve_model
+    from ..weights.resolve import read_model_config, resolve_model
 
     config = read_model_config(resolve_model(model_id, need_weights=False))
     if dtype is None:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 
+from ..control_types import EngineState
 from ..units import format_bytes
 
-# What an engine row's state means. "busy" only comes from the widget, which asks ipyparallel
-# whether an engine that did not answer the status call is working through a queue (%%px).
-STATES = ("idle", "loading", "generating", "busy", "failed", "stopped")
+# Every state an engine row shows (exo_lab.control_types.EngineState says what each means).
+STATES = tuple(state.value for state in EngineState)
 
 
 @dataclass(frozen=True)
@@ -90,16 +90,14 @@ def _device_name(device: str | None, gpu_name: str | None) -> str:
 
 
 def display_state(row: dict) -> str:
-    """idle | loading | generating | failed (or busy, set by the widget).
-
-    A stage counts as generating while it holds a live request's KV cache, not only during the
-    few milliseconds of each forward: a status poll would almost never catch those."""
-    state = row.get("state") or "idle"
-    if state in ("failed", "loading", "busy", "stopped"):
-        return state
-    if state == "generating" or (row.get("active_requests") or 0) > 0:
-        return "generating"
-    return "idle"
+    """One of STATES: the row's state, except that an idle stage holding a live request shows
+    as generating. A stage counts as generating while it holds a live request's KV cache, not
+    only during the few milliseconds of each forward: a status poll would almost never catch those.
+    A row without a state is idle; one whose state is unknown is shown as it is."""
+    state = row.get("state") or EngineState.IDLE
+    if state == EngineState.IDLE and (row.get("active_requests") or 0) > 0:
+        return EngineState.GENERATING.value
+    return str(state)
 
 
 def _memory_used(row: dict) -> tuple[int | None, str]:
@@ -179,8 +177,9 @@ def format_status(status: dict) -> str:
     return "\n".join(lines)
 
 
-STATE_COLORS = {"idle": "#6b7280", "loading": "#b45309", "generating": "#15803d", "busy": "#1d4ed8",
-                "failed": "#b91c1c", "stopped": "#6b7280", "spare": "#7c3aed"}
+STATE_COLORS = {EngineState.IDLE: "#6b7280", EngineState.LOADING: "#b45309", EngineState.GENERATING: "#15803d",
+                EngineState.BUSY: "#1d4ed8", EngineState.FAILED: "#b91c1c", EngineState.STOPPED: "#6b7280",
+                EngineState.SPARE: "#7c3aed"}
 
 
 def memory_bar_color(fraction: float | None) -> str:

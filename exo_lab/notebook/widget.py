@@ -17,6 +17,7 @@ import time
 
 import ipywidgets as widgets
 
+from ..control_types import EngineState, Probe, received
 from ..engine import probe as engine_probe
 from . import remote
 from ..errors import ExoLabError
@@ -227,13 +228,13 @@ class ClusterWidget(widgets.VBox):
         self._table.children = [self._table.children[0], *self.rows]
 
     def _show_stopped(self) -> None:
-        engines = [{**row, "state": "stopped", "error": None} for row in self.status.get("engines", [])]
+        engines = [{**row, "state": EngineState.STOPPED.value, "error": None} for row in self.status.get("engines", [])]
         self.status = {**self.status, "state": "stopped", "engines": engines, "metrics": None}
         self.title.value = f"<b>exo-lab</b> &middot; cluster {self.status.get('cluster_name', '?')}: stopped"
         self.throughput.value, self.throughput_label.value = 0.0, "-"
         self.in_flight.value = "cluster stopped"
         for row in self.rows:
-            row.show_state("stopped")
+            row.show_state(EngineState.STOPPED.value)
 
     # ------------------------------------------------------------------ enrichment
     def _with_engine_info(self, status: dict) -> dict:
@@ -255,7 +256,7 @@ class ClusterWidget(widgets.VBox):
             if device is None:
                 probe = call(engine_id, engine_probe.probe_resources, False, timeout_s=PROBE_TIMEOUT_S,
                              what="probing")
-                info = {"hostname": probe["hostname"]}
+                info = {"hostname": received(probe, Probe, f"engine {engine_id}").hostname}
             else:
                 info = {"device_name": call(engine_id, remote.describe_device, device,
                                             timeout_s=PROBE_TIMEOUT_S, what="describing its device")}
@@ -269,16 +270,17 @@ class ClusterWidget(widgets.VBox):
         """An engine that missed the status call while ipyparallel has work queued for it is
         busy (a long %%px cell), not failed; an engine that left keeps its row, as failed."""
         rows = list(status.get("engines", []))
-        if any(row.get("state") == "failed" for row in rows):
+        if any(row.get("state") == EngineState.FAILED for row in rows):
             queues = self._queue_status()
             for index, row in enumerate(rows):
-                if row.get("state") == "failed" and queues.get(row["engine_id"], {}).get("queue", 0) > 0:
-                    rows[index] = {**row, "state": "busy"}
+                if row.get("state") == EngineState.FAILED and queues.get(row["engine_id"], {}).get("queue", 0) > 0:
+                    rows[index] = {**row, "state": EngineState.BUSY.value}
         present = {row["engine_id"] for row in rows}
         for engine_id, old in self._rows_by_id.items():
             if engine_id not in present and old.view is not None:
                 gone = {"engine_id": engine_id, "node": old.view.node, "hostname": old.view.hostname,
-                        "state": "failed", "error": "this engine is no longer registered with the controller"}
+                        "state": EngineState.FAILED.value,
+                        "error": "this engine is no longer registered with the controller"}
                 rows.append(gone)
         return {**status, "engines": sorted(rows, key=lambda row: row["engine_id"])}
 

@@ -2,23 +2,18 @@
 
 ``exo-lab plan``, ``Cluster.load`` and ``exo-lab serve`` / ``python -m exo_lab.server`` all call
 :func:`resolve_load_options` and plan with :meth:`LoadOptions.plan`, so the plan printed is the
-plan loaded for the same inputs.
+plan loaded for the same inputs. The options, their checks and defaults are those of
+:mod:`exo_lab.settings` (``LOAD_KEYS``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-from ..errors import ConfigError
-from ..units import DEFAULT_DTYPE, check_dtype
+from ..settings import DEFAULT_HOP_MS, DEFAULT_MAX_CONTEXT, LOAD_KEYS, OBJECTIVES, load_default, setting  # noqa: F401
+from ..settings_values import Where
 
-OBJECTIVES = ("latency", "throughput")
-DEFAULT_OBJECTIVE = "latency"
-DEFAULT_MODEL = "demo"
-DEFAULT_MAX_CONTEXT = 4096      # capped by the model's own max_position_embeddings
-DEFAULT_MAX_BATCH = 8           # KV slots: requests decoded together; more wait in the queue
-DEFAULT_MAX_QUEUED = 64         # requests waiting for a slot; past this the API answers 429
-DEFAULT_PREFILL_CHUNK = 256     # prompt tokens fed per step, between decode steps
-DEFAULT_HOP_MS = 0.5            # one stage-to-stage hop: a LAN round trip plus the activations
+_WHERE = Where("load options", None, "the load options")
+_SETTING_OF = {"hop_ms": "network.hop_latency_ms"}
 
 
 @dataclass(frozen=True)
@@ -28,30 +23,24 @@ class LoadOptions:
     ``max_context`` None means min(the model's max positions, DEFAULT_MAX_CONTEXT);
     ``micro_batches`` None means one per stage (every PC busy at once)."""
 
-    model: str = DEFAULT_MODEL
-    dtype: str = DEFAULT_DTYPE
-    max_context: int | None = None
-    max_batch: int = DEFAULT_MAX_BATCH
-    objective: str = DEFAULT_OBJECTIVE
-    min_stages: int = 1
-    hop_ms: float = DEFAULT_HOP_MS
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
-    micro_batches: int | None = None
-    max_queued: int = DEFAULT_MAX_QUEUED
+    model: str = load_default("model")
+    dtype: str = load_default("dtype")
+    max_context: int | None = load_default("max_context")
+    max_batch: int = load_default("max_batch")
+    objective: str = load_default("objective")
+    min_stages: int = load_default("min_stages")
+    hop_ms: float = load_default("hop_ms")
+    prefill_chunk: int = load_default("prefill_chunk")
+    micro_batches: int | None = load_default("micro_batches")
+    max_queued: int = load_default("max_queued")
 
     def __post_init__(self) -> None:
-        check_dtype(self.dtype)
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(f"objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
-        optional = tuple(n for n in ("max_context", "micro_batches") if getattr(self, n) is not None)
-        for name in ("max_batch", "min_stages", "prefill_chunk") + optional:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
-        if not isinstance(self.max_queued, int) or isinstance(self.max_queued, bool) or self.max_queued < 0:
-            raise ConfigError(f"max_queued must be a whole number >= 0, got {self.max_queued!r}")
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise ConfigError(f"model must be a folder, a hub id or 'demo', got {self.model!r}")
+        """Each option checked as its config.yaml key is: a ConfigError naming it."""
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if value is None and load_default(item.name) is None:
+                continue            # max_context, micro_batches: None is settled at load
+            setting(_SETTING_OF.get(item.name, item.name)).kind.check(_WHERE, item.name, value)
 
     def context_length(self, max_position_embeddings: int) -> int:
         """Tokens per request the KV cache is sized for, for a model with this many positions."""
@@ -59,33 +48,25 @@ class LoadOptions:
 
     def plan(self, profile, nodes):
         """The planner's exact plan of ``profile`` over ``nodes`` with these options."""
-        from .planner import plan_layers
+        from .planner import plan_layers        # numpy: loaded only when planning
 
         return plan_layers(profile, nodes, max_context=self.context_length(profile.max_position_embeddings),
                            max_batch=self.max_batch, objective=self.objective,
                            min_stages=self.min_stages, hop_ms=self.hop_ms, prefill_chunk=self.prefill_chunk)
 
 
-def resolve_load_options(config=None, *, model: str | None = None, dtype: str | None = None,
-                         max_context: int | None = None, max_batch: int | None = None,
-                         objective: str | None = None, min_stages: int | None = None,
-                         prefill_chunk: int | None = None, micro_batches: int | None = None,
-                         max_queued: int | None = None) -> LoadOptions:
-    """LoadOptions from explicit values (flags, arguments) first, then ``config`` (a
-    ClusterConfig, or None), then the defaults. Raises ConfigError for a bad value."""
-    def pick(value, key, default):
-        if value is not None:
-            return value
-        from_config = getattr(config, key, None) if config is not None else None
-        return from_config if from_config is not None else default
-
+def resolve_load_options(config=None, **given) -> LoadOptions:
+    """LoadOptions from explicit values (flags, arguments: the keywords of ``LOAD_KEYS``, None =
+    not given) first, then ``config`` (a ClusterConfig, or None), then the defaults of
+    exo_lab.settings. Raises ConfigError for a bad value, TypeError for an unknown keyword."""
+    unknown = set(given) - set(LOAD_KEYS)
+    if unknown:
+        raise TypeError(f"resolve_load_options() got unknown options {sorted(unknown)}; known: {', '.join(LOAD_KEYS)}")
+    picked = {}
+    for key in LOAD_KEYS:
+        value = given.get(key)
+        if value is None and config is not None:
+            value = getattr(config, key, None)
+        picked[key] = load_default(key) if value is None else value
     hop_ms = config.network.hop_latency_ms if config is not None else None
-    return LoadOptions(
-        model=pick(model, "model", DEFAULT_MODEL), dtype=pick(dtype, "dtype", DEFAULT_DTYPE),
-        max_context=pick(max_context, "max_context", None),
-        max_batch=pick(max_batch, "max_batch", DEFAULT_MAX_BATCH),
-        objective=pick(objective, "objective", DEFAULT_OBJECTIVE), min_stages=min_stages or 1,
-        hop_ms=DEFAULT_HOP_MS if hop_ms is None else hop_ms,
-        prefill_chunk=pick(prefill_chunk, "prefill_chunk", DEFAULT_PREFILL_CHUNK),
-        micro_batches=pick(micro_batches, "micro_batches", None),
-        max_queued=pick(max_queued, "max_queued", DEFAULT_MAX_QUEUED))
+    return LoadOptions(**picked, hop_ms=load_default("hop_ms") if hop_ms is None else hop_ms)

@@ -29,7 +29,8 @@ Time of a stage per token (one stream, decode, memory-bound) = bytes it reads pe
 embedding lookup reads one row, so embeddings cost ~0). Stage times are rounded to whole
 picoseconds, so sums and ties are exact integers. Each hop between stages costs ``hop_ms``
 (default ``DEFAULT_HOP_MS`` = 0.5 ms: a loopback/LAN round trip plus the activation transfer).
-``DEFAULT_BANDWIDTH_BYTES_PER_S`` gives per-kind speed figures for callers building nodes.
+``DEFAULT_BANDWIDTH_BYTES_PER_S`` gives per-kind speed figures for callers building nodes (both
+declared in exo_lab.settings, with every other default).
 
     predicted_ms_per_token = sum of stage ms + (stages - 1) x hop_ms      (both objectives)
     bottleneck_ms          = the slowest stage's ms
@@ -62,11 +63,11 @@ import numpy as np
 from ..errors import PlanError
 from ..model.profile import ModelProfile
 from ..units import format_bytes
-from .options import DEFAULT_HOP_MS, DEFAULT_PREFILL_CHUNK, OBJECTIVES
+from ..settings import DEFAULT_BANDWIDTH_BYTES_PER_S, DEFAULT_HOP_MS, OBJECTIVES, load_default  # noqa: F401 - callers take the bandwidths from here
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BANDWIDTH_BYTES_PER_S = {"cpu": 20e9, "cuda": 500e9, "mps": 100e9}
+DEFAULT_PREFILL_CHUNK = load_default("prefill_chunk")
 DEFAULT_OVERHEAD_BYTES = {"cpu": 600_000_000, "cuda": 1_500_000_000, "mps": 1_000_000_000}
 LOGITS_BYTES_PER_VOCAB_ENTRY = 4    # logits are sampled in float32 whatever the weights' dtype
 

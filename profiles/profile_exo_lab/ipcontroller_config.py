@@ -1,4 +1,4 @@
-# ipyparallel controller settings exo-lab runs with: exo_lab/coordinator/launch.py passes the
+# ipyparallel controller settings exo-lab runs with: exo_lab/membership/launch.py passes the
 # same values on the controller's command line (controller_args); tests/test_profiles.py checks
 # that the two agree.
 # Use this profile for your own ipcluster:  ipcluster start --profile-dir=profiles/profile_exo_lab -n 2

@@ -31,6 +31,7 @@ import time
 import zipfile
 
 from exo_lab.errors import ModelError
+from exo_lab.weights import INDEX_FILE, SINGLE_FILE
 from exo_lab.paths import cache_dir, move_folder_into_place, temp_name
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,8 @@ SMOLLM2_DIR_NAME = "smollm2-135m-instruct-f32"
 # Written last into a built folder; a folder without it (or with another recipe) is rebuilt.
 BUILD_RECORD = "exo_lab_build.json"
 RECIPE_VERSION = 1   # bump whenever the conversion changes what lands in the folder
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
+WEIGHTS_FILE = SINGLE_FILE
+WEIGHTS_INDEX = INDEX_FILE
 REQUIRED_FILES = ("config.json", WEIGHTS_FILE, WEIGHTS_INDEX, "tokenizer.json",
                   "tokenizer_config.json", "generation_config.json", BUILD_RECORD)
 

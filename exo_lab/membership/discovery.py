@@ -294,7 +294,7 @@ def _parse_advert(info, cluster_name: str, secret: bytes) -> Found | None:
 def discover(cluster_name: str, secret: bytes, timeout_s: float = 15.0) -> Found:
     """The coordinator of ``cluster_name`` on this LAN. Prefers an advert whose proof checks;
     one whose proof fails is still returned (joining it gets the coordinator's refusal)."""
-    from .loop import run
+    from ..coordinator.loop import run
 
     found = run(browse(cluster_name, secret, timeout_s))
     good = [f for f in found if f.proof_ok]

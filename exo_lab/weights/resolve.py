@@ -3,9 +3,9 @@
 A model id is one of:
 
 * ``"demo"``: the small random-weight demo model, built locally on first use
-  (see :mod:`exo_lab.model.demo`);
+  (see :mod:`exo_lab.weights.demo`);
 * ``"smollm2"``: SmolLM2-135M-Instruct, a real chat model fetched once from the package registry
-  and converted into the exo-lab cache (see :mod:`exo_lab.model.smollm2`);
+  and converted into the exo-lab cache (see :mod:`exo_lab.weights.smollm2`);
 * a local folder (absolute, relative or ``~``) holding ``config.json``, safetensors weights and
   tokenizer files;
 * a Hugging Face hub id (``org/name``), looked up in the local Hugging Face cache only.
@@ -24,6 +24,7 @@ import pathlib
 import re
 
 from ..errors import ModelError
+from ..weights import INDEX_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ REQUIRED_CONFIG_KEYS = (
 )
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-WEIGHTS_INDEX = "model.safetensors.index.json"
+WEIGHTS_INDEX = INDEX_FILE
 
 # The hub's rule for a repository name: letters, digits, '-', '_', '.', at most 96 characters,
 # with an optional "org/" in front (legacy ids like "gpt2" have none).

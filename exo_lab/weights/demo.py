@@ -16,6 +16,7 @@ import shutil
 import tempfile
 
 from ..errors import ModelError
+from ..weights import INDEX_FILE, SINGLE_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def _write_model(folder: pathlib.Path, settings: dict) -> None:
         pad_token_id=ids[END_OF_TEXT],
         do_sample=False,
     ).save_pretrained(str(folder))
-    if not (folder / "model.safetensors.index.json").exists():
+    if not (folder / INDEX_FILE).exists():
         # One shard only: transformers then writes no index. Write one anyway, so every demo
         # folder goes through the same (sharded) loading path.
         _write_single_shard_index(folder)
@@ -179,12 +180,12 @@ def _write_model(folder: pathlib.Path, settings: dict) -> None:
 def _write_single_shard_index(folder: pathlib.Path) -> None:
     from safetensors import safe_open
 
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+    with safe_open(str(folder / SINGLE_FILE), framework="pt") as handle:
         names = sorted(handle.keys())
-    total = (folder / "model.safetensors").stat().st_size
+    total = (folder / SINGLE_FILE).stat().st_size
     index = {"metadata": {"total_size": total},
-             "weight_map": {name: "model.safetensors" for name in names}}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+             "weight_map": {name: SINGLE_FILE for name in names}}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _tokenizer_vocab_size(folder: pathlib.Path) -> int:

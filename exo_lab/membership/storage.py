@@ -11,7 +11,7 @@ without a fresh ``X-Exo-Lab-Auth`` made with the secret (:func:`exo_lab.engine.f
   is how compute PCs fetch a safetensors header and then only their stage's tensors.
 - ``stats``: bytes served per client address (what the tests and benchmarks read).
 
-A model is whatever :func:`exo_lab.model.resolve.resolve_model` resolves on this PC (a folder,
+A model is whatever :func:`exo_lab.weights.resolve.resolve_model` resolves on this PC (a folder,
 a cached hub id, ``demo``); only its top-level model files (weights, configs, tokenizer) are
 served, never anything else on the PC.
 """
@@ -49,7 +49,7 @@ class ModelStore:
 
     def manifest(self, model_id: str) -> tuple[Path, dict]:
         """(folder, manifest) of a model; blocking (run it off the loop)."""
-        from ..model.resolve import resolve_model
+        from ..weights.resolve import resolve_model
 
         with self._lock:
             folder = resolve_model(model_id, need_weights=True)

@@ -1,0 +1,511 @@
+"""The scheduling core: which requests run, step by step, as pure and typed policy.
+
+One loop decides, step by step, what runs (as vLLM's scheduler does; the stages just execute the
+batch they are given). This module is that decision and nothing else: no sockets, no asyncio, no
+clock (timings come in with each step's result), no torch. :class:`SchedulingCore` holds the
+state; :meth:`~SchedulingCore.schedule` returns a :class:`StepPlan` (the steps to send, the
+slots to FREE on the stages) and :meth:`~SchedulingCore.apply` takes a step's
+:class:`StepResult` back and says what to deliver. The runner
+(:class:`~exo_lab.coordinator.scheduler.Scheduler`) owns the sockets and sends what the plan says.
+
+- **KV slots.** Every stage holds ``max_batch`` KV slots (allocated at load). A request owns a
+  slot from admission to its end; beyond ``max_batch`` running requests, new ones wait, and past
+  ``max_queued`` waiting ones :class:`~exo_lab.errors.QueueFull` (the API: 429).
+- **Tenants** (:mod:`~exo_lab.coordinator.tenants`). Every request belongs to one (an API
+  client; :data:`~exo_lab.coordinator.tenants.LOCAL` in a notebook). A tenant has at most its
+  ``max_queued`` requests waiting (QueueFull naming its own limit) and holds at most its
+  ``max_running`` slots; a tenant's first waiting request fits even when ``max_queued`` others
+  wait, so no one client's queue shuts the rest out. Free slots go to the waiting tenant that
+  holds the fewest (first come first served within a tenant); and while a tenant waits holding
+  two or more slots fewer than another, one of that other's requests is **preempted**: its slot
+  is taken back, and it waits at the head of its tenant's queue to replay its tokens, as after a
+  failover (the same tokens: draws depend only on seed and position). A refused request is told
+  to retry after about the time its tenant's (else anyone's) nearest running request ends, at
+  the measured decode pace, within RETRY_AFTER_S.
+- **Steps.** Running requests with one token to feed (decoding) go down the pipe together as one
+  batch of rows (per-row slots, positions and sampling settings); new requests join at the next
+  step, finished or cancelled ones leave at once.
+- **Chunked prefill.** A prompt is fed in chunks, one chunk in flight at a time (a lane of its
+  own), alternating with decode steps, so streams already decoding keep flowing. While others
+  decode, a chunk is sized so it costs about PREFILL_GAP_RATIO decode steps (both measured as the
+  steps come back), at least MIN_PREFILL_CHUNK and at most ``prefill_chunk`` tokens
+  (FIRST_PREFILL_CHUNK before both were measured); with nobody decoding, a chunk is
+  ``prefill_chunk`` tokens.
+- **Micro-batches.** Up to ``micro_batches`` decode steps are in flight at once (default: one
+  per stage, or one when stages sharing a PC would oversubscribe its cores, see
+  :func:`~exo_lab.coordinator.pipeline.default_micro_batches`), so with K stages on K PCs every
+  PC works at once; the running requests are split into that many groups.
+- **Prefix reuse.** A finished request leaves its tokens' KV in its slot. A new request takes
+  the free slot of its own tenant scope (tenant and isolation key) sharing the longest token
+  prefix with its prompt and prefills only the rest (a chat's next turn); otherwise the least
+  recently freed slot. Never another scope's: what it cached would show in the time to first
+  token (a secret in one user's prompt could be guessed token by token by another).
+
+**Slot lifetimes have one owner**, :meth:`SchedulingCore._settle`: however a request ends
+(finished, error, client gone, aborted) or gives its slot up (preempted), its slot comes back
+there, at once or when its step in flight returns, exactly once; and the slot is then listed in
+the next plan's ``free_slots`` so a FREE goes down the pipe for the stages' books.
+
+- **Failover.** When the pipeline is lost, :meth:`SchedulingCore.suspend` puts every running
+  request back at the head of the queue with its KV forgotten and its tokens kept; the runner
+  rewires to a new pipeline, and each request then replays its prompt and the tokens generated so
+  far as a prefill and goes on. Sampling draws depend only on (seed, position), so the tokens do
+  not depend on whether a failure happened.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ..errors import QueueFull, RequestError
+from ..sampling import SamplingParams, SamplingSettings
+from .tenants import LOCAL, FairQueue, Tenant
+
+# Bounds of the Retry-After a refused request is told (its tenant's next request end, estimated).
+RETRY_AFTER_S = (1.0, 60.0)
+DEFAULT_DECODE_STEP_MS = 100.0  # the decode pace assumed for Retry-After before a step was timed
+CLIENTS_SHOWN = 16          # the most loaded tenants listed in the status
+# A prefill chunk next to decoding streams costs about this many decode steps: their gap
+# between tokens stays within a small multiple of the usual one while a long prompt prefills.
+PREFILL_GAP_RATIO = 1.0
+MIN_PREFILL_CHUNK = 16
+FIRST_PREFILL_CHUNK = 64    # before any step was timed
+EMA_WEIGHT = 0.3            # weight of the newest timing in the running averages
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request as the core sees it (compared by identity).
+
+    The runner builds it; :meth:`SchedulingCore.submit` gives it its ``request_id``. The core
+    alone changes the fields below ``tenant``; the runner may read them."""
+
+    prompt: list[int]
+    params: SamplingParams
+    settings: SamplingSettings      # what every row of it carries (the seed fixed)
+    tenant: Tenant = LOCAL
+    request_id: int = 0
+    generated: list[int] = field(default_factory=list)
+    slot: int | None = None
+    kv_len: int = 0             # positions whose keys and values its slot holds
+    in_flight: bool = False
+    done: bool = False          # no more steps: finished, cancelled or failed
+    preempting: bool = False    # gives its slot back when its step in flight returns
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.generated
+
+    @property
+    def to_feed(self) -> int:
+        """Tokens not yet in the KV: the prompt (or its unshared rest), then the last sample."""
+        return len(self.prompt) + len(self.generated) - self.kv_len
+
+
+@dataclass(frozen=True)
+class PlannedRow:
+    """One request's row of a step: its slot, the sequence position of ``token_ids[0]`` (its
+    KV length), the token ids to feed, and whether the last stage samples a token for it."""
+
+    request_id: int
+    slot: int
+    position: int
+    token_ids: tuple[int, ...]
+    sample: bool
+    settings: SamplingSettings
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """One micro-batch to send down the pipe: a prefill chunk (one row) or a decode group."""
+
+    step_id: int
+    rows: tuple[PlannedRow, ...]
+    prefill: bool
+
+    @property
+    def fed(self) -> int:
+        """Tokens per row."""
+        return len(self.rows[0].token_ids)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What to send now: FREE for ``free_slots`` (slots given back since the last plan), then
+    ``steps``. ``reused_positions``: for each request admitted since the last plan into a slot
+    holding a prefix of its tokens, how many positions it reuses; ``preempted``: requests
+    preempted since the last plan (both for the runner's counters)."""
+
+    steps: tuple[PlannedStep, ...] = ()
+    free_slots: tuple[int, ...] = ()
+    reused_positions: tuple[int, ...] = ()
+    preempted: int = 0
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """A step's answer from the last stage: a token id per row (ignored where the row did not
+    sample) and each stage's forward time in ms."""
+
+    step_id: int
+    token_ids: tuple[int, ...]
+    stage_ms: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What :meth:`SchedulingCore.apply` made of a result: the new token of each sampling row,
+    in row order, and the requests that ended with it (end of sequence or max_new_tokens).
+    ``dropped``: the step is unknown (it ended already, or nobody issued it)."""
+
+    tokens: tuple[tuple[Request, int], ...] = ()
+    finished: tuple[Request, ...] = ()
+    dropped: bool = False
+
+
+@dataclass
+class _InFlight:
+    step: PlannedStep
+    requests: list[Request]
+
+
+@dataclass
+class _Pending:
+    """What happened between two plans, reported by the next one."""
+
+    free_slots: list[int] = field(default_factory=list)
+    reused_positions: list[int] = field(default_factory=list)
+    preempted: int = 0
+
+
+class SchedulingCore:
+    """The scheduling policy and its state (module docstring): waiting requests, running ones,
+    steps in flight, free KV slots with their cached prefixes, and timing averages.
+
+    Deterministic: the same calls give the same plans. Not thread-safe; one runner drives it."""
+
+    def __init__(self, *, max_batch: int, context_length: int, eos_token_ids: Iterable[int] = (),
+                 micro_batches: int = 1, prefill_chunk: int = 256, max_queued: int = 64):
+        self.max_batch = max_batch
+        self.context_length = context_length
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.micro_batches = max(1, micro_batches)
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.max_queued = max_queued
+        self.decode_step_ms: float | None = None       # running averages of the pipeline's work
+        self.prefill_token_ms: float | None = None
+        self._waiting = FairQueue()
+        self._running: list[Request] = []
+        self._in_flight: dict[int, _InFlight] = {}
+        # free slot -> (tenant scope, the tokens whose KV it still holds), least recently freed first
+        self._free_slots: collections.OrderedDict[int, tuple[tuple | None, list[int]]] = _empty_slots(max_batch)
+        self._pending = _Pending()
+        self._request_ids = itertools.count(1)
+        self._step_ids = itertools.count(1)
+
+    # ----------------------------------------------------------------- what it holds
+    @property
+    def running(self) -> tuple[Request, ...]:
+        """Requests holding a slot (a finished one until its step in flight returns)."""
+        return tuple(self._running)
+
+    @property
+    def waiting(self) -> tuple[Request, ...]:
+        """Requests waiting for a slot, tenant by tenant."""
+        return tuple(self._waiting)
+
+    @property
+    def free_slots(self) -> tuple[int, ...]:
+        """Free slots, least recently freed first."""
+        return tuple(self._free_slots)
+
+    def client_load(self) -> list[dict]:
+        """Per tenant with requests: its label, KV slots held and requests waiting; the most
+        loaded CLIENTS_SHOWN, for the status (no prompt, no address, no key)."""
+        load: dict[str, list[int]] = {}
+        for request in self._live():
+            load.setdefault(request.tenant.label, [0, 0])[0] += 1
+        for tenant, waiting in self._waiting.tenants():
+            load.setdefault(tenant.label, [0, 0])[1] += waiting
+        rows = sorted(load.items(), key=lambda item: (-sum(item[1]), item[0]))[:CLIENTS_SHOWN]
+        return [{"client": label, "running": running, "queued": queued} for label, (running, queued) in rows]
+
+    # ----------------------------------------------------------------- requests
+    def check(self, prompt_ids: list[int], params: SamplingParams, tenant: Tenant = LOCAL) -> None:
+        """Raise RequestError when the request cannot run, QueueFull when it may not wait."""
+        if not prompt_ids:
+            raise RequestError("the prompt is empty: it must contain at least one token", param="messages")
+        needed = len(prompt_ids) + params.max_new_tokens
+        if needed > self.context_length:
+            raise RequestError(
+                f"this model's context is {self.context_length} tokens, but the request needs "
+                f"{needed} ({len(prompt_ids)} in the prompt + {params.max_new_tokens} to generate); "
+                f"shorten the prompt or lower max_tokens to at most "
+                f"{max(self.context_length - len(prompt_ids), 0)}", param="max_tokens")
+        self._check_queue(tenant)
+
+    def submit(self, request: Request) -> None:
+        """Queue ``request`` and admit what fits at once (so the queue holds only the rest).
+        Raises as :meth:`check` does, before anything changes."""
+        self.check(request.prompt, request.params, request.tenant)
+        request.request_id = next(self._request_ids)
+        self._waiting.append(request)
+        self._admit()
+
+    def cancel(self, request: Request) -> None:
+        """The consumer is done with ``request`` (finished, gone or failed): it leaves the queue,
+        or its slot comes back (now, or when its step in flight returns). Idempotent."""
+        request.done = True
+        self._settle(request)
+
+    def abort(self) -> tuple[Request, ...]:
+        """End every request (the survivors cannot hold the model, or shutdown); returns them,
+        running ones first, so the runner can tell each one why."""
+        ended = (*self._running, *self._waiting)
+        for request in ended:
+            request.done = True
+            self._settle(request)
+        self._waiting.clear()
+        return ended
+
+    def suspend(self) -> int:
+        """The pipeline is lost: every live running request goes back to the head of its queue
+        with its KV forgotten and its tokens kept (it replays them as a prefill when admitted
+        again); steps in flight and the stages' slots are forgotten with the stages. Returns how
+        many requests will replay."""
+        replayed = 0
+        for request in reversed(self._running):
+            request.in_flight, request.kv_len, request.slot, request.preempting = False, 0, None, False
+            if not request.done:
+                self._waiting.appendleft(request)
+                replayed += 1
+        self._running.clear()
+        self._in_flight.clear()
+        self._free_slots = _empty_slots(self.max_batch)
+        self._pending.free_slots.clear()     # the stages that would count them are gone
+        return replayed
+
+    def retry_after_s(self, tenant: Tenant) -> float:
+        """About when a slot frees for ``tenant``: the end of its (else anyone's) running request
+        with the fewest tokens left, at the measured decode pace."""
+        running = self._live()
+        mine = [r for r in running if r.tenant.client_id == tenant.client_id] or running
+        tokens_left = min((r.params.max_new_tokens - len(r.generated) for r in mine), default=1)
+        seconds = tokens_left * (self.decode_step_ms or DEFAULT_DECODE_STEP_MS) / 1000
+        return min(max(seconds, RETRY_AFTER_S[0]), RETRY_AFTER_S[1])
+
+    def _check_queue(self, tenant: Tenant) -> None:
+        """QueueFull when ``tenant`` may not have one more request waiting (module docstring)."""
+        mine = self._waiting.waiting(tenant.client_id)
+        cap = tenant.limits.max_queued
+        if cap is not None and mine >= cap:
+            raise QueueFull(f"your client has {mine} requests queued, its limit "
+                            f"(api.max_queued_per_client) is {cap}, and {self._held().get(tenant.client_id, 0)} "
+                            f"running; send the next one when one of them has ended",
+                            self.retry_after_s(tenant))
+        if len(self._waiting) >= self.max_queued and (mine or not self.max_queued):
+            raise QueueFull(f"all {self.max_batch} KV slots are busy and {len(self._waiting)} requests "
+                            f"are already waiting (max_queued {self.max_queued}); retry shortly",
+                            self.retry_after_s(tenant))
+
+    # ----------------------------------------------------------------- steps
+    def schedule(self) -> StepPlan:
+        """Admit what fits, then plan the steps to send now: a prefill chunk in a lane of its own
+        (one at a time, so decode steps never wait for a second one), and decode groups up to
+        ``micro_batches`` in flight. The planned requests count as in flight from here on."""
+        self._admit()
+        ready = [r for r in self._running if not r.in_flight and not r.done]
+        steps = []
+        prefill = [r for r in ready if r.to_feed > 1]
+        if prefill and not any(flight.step.prefill for flight in self._in_flight.values()):
+            request = prefill[0]
+            fed = min(self._chunk_size(), request.to_feed)
+            steps.append(self._launch([request], fed, fed == request.to_feed, prefill=True))
+        decode = [r for r in ready if r.to_feed == 1]
+        # the decoding requests, split into one group per micro-batch
+        size = max(1, math.ceil(len(self._live()) / self.micro_batches))
+        in_flight = sum(not flight.step.prefill for flight in self._in_flight.values())
+        while decode and in_flight < self.micro_batches:
+            group, decode = decode[:size], decode[size:]
+            steps.append(self._launch(group, 1, True, prefill=False))
+            in_flight += 1
+        return self._plan(tuple(steps))
+
+    def apply(self, result: StepResult) -> Delivery:
+        """A step came back: note its timing, move each row's KV length on, hand out the sampled
+        tokens, and settle the requests that ended or were preempted meanwhile."""
+        flight = self._in_flight.pop(result.step_id, None)
+        if flight is None or len(result.token_ids) != len(flight.requests):
+            return Delivery(dropped=True)
+        self._note_timing(flight.step, result.stage_ms)
+        tokens, finished = [], []
+        for request, row, token_id in zip(flight.requests, flight.step.rows, result.token_ids):
+            request.in_flight = False
+            request.kv_len += flight.step.fed
+            if row.sample and not request.done:
+                tokens.append((request, token_id))
+                if self._add_token(request, token_id):
+                    finished.append(request)
+            self._settle(request)
+        return Delivery(tuple(tokens), tuple(finished))
+
+    def fail_step(self, step_id: int) -> tuple[Request, ...] | None:
+        """A stage failed on this step: its requests end (returned, for the runner to tell them
+        why); None when the step is unknown."""
+        flight = self._in_flight.pop(step_id, None)
+        if flight is None:
+            return None
+        for request in flight.requests:
+            request.in_flight = False
+            request.done = True
+            self._settle(request)
+        return tuple(flight.requests)
+
+    def take_freed(self) -> tuple[int, ...]:
+        """Slots given back since the last plan, for a FREE each (the next plan then has none)."""
+        freed, self._pending.free_slots = tuple(self._pending.free_slots), []
+        return freed
+
+    def _launch(self, requests: list[Request], fed: int, sample: bool, *, prefill: bool) -> PlannedStep:
+        """A step of ``fed`` tokens per row; its requests are in flight from now on."""
+        rows = tuple(PlannedRow(r.request_id, r.slot, r.kv_len, tuple(r.tokens[r.kv_len:r.kv_len + fed]),
+                                sample, r.settings) for r in requests)
+        step = PlannedStep(next(self._step_ids), rows, prefill)
+        for request in requests:
+            request.in_flight = True
+        self._in_flight[step.step_id] = _InFlight(step, list(requests))
+        return step
+
+    def _plan(self, steps: tuple[PlannedStep, ...]) -> StepPlan:
+        pending, self._pending = self._pending, _Pending()
+        return StepPlan(steps, tuple(pending.free_slots), tuple(pending.reused_positions), pending.preempted)
+
+    def _add_token(self, request: Request, token_id: int) -> bool:
+        """Append a sampled token; True when it ends the request (end of sequence or length)."""
+        request.generated.append(token_id)
+        is_eos = token_id in self.eos_token_ids and not request.params.ignore_eos
+        if is_eos or len(request.generated) >= request.params.max_new_tokens:
+            request.done = True
+        return request.done
+
+    def _chunk_size(self) -> int:
+        decoding = any(r.generated for r in self._live())
+        if not decoding:
+            return self.prefill_chunk
+        if self.decode_step_ms is None or self.prefill_token_ms is None:
+            return min(self.prefill_chunk, FIRST_PREFILL_CHUNK)
+        budget = int(PREFILL_GAP_RATIO * self.decode_step_ms / max(self.prefill_token_ms, 1e-6))
+        return max(MIN_PREFILL_CHUNK, min(self.prefill_chunk, budget))
+
+    def _note_timing(self, step: PlannedStep, stage_ms: tuple[float, ...]) -> None:
+        work_ms = sum(stage_ms)
+        if step.prefill:
+            self.prefill_token_ms = _average(self.prefill_token_ms, work_ms / step.fed)
+        else:
+            self.decode_step_ms = _average(self.decode_step_ms, work_ms)
+
+    # ----------------------------------------------------------------- slots
+    def _admit(self) -> None:
+        """Free slots to waiting requests, fairly across tenants; then, while a tenant waits with
+        far fewer slots than another holds, one slot taken back from that other (preemption)."""
+        while True:
+            while self._free_slots:
+                request = self._waiting.pop(self._held())
+                if request is None:
+                    return
+                self._start(request)
+            if not self._preempt_one():
+                return
+
+    def _start(self, request: Request) -> None:
+        request.slot, request.kv_len = self._take_slot(request)
+        if request.kv_len:
+            self._pending.reused_positions.append(request.kv_len)
+        self._running.append(request)
+
+    def _live(self) -> list[Request]:
+        return [r for r in self._running if not r.done]
+
+    def _held(self) -> dict[str, int]:
+        """client_id -> KV slots its live requests hold."""
+        return collections.Counter(r.tenant.client_id for r in self._live())
+
+    def _preempt_one(self) -> bool:
+        """Preempt the cheapest request (fewest positions in its KV, not in flight first) of the
+        tenant holding the most slots, when a waiting tenant holds at least two fewer; one at a
+        time. True when its slot is free now (else when its step in flight returns)."""
+        if not self._waiting or any(r.preempting for r in self._running):
+            return False
+        held = self._held()
+        waiter = self._waiting.next_tenant(held)
+        if waiter is None or not held:
+            return False
+        hog = max(held, key=held.get)
+        if held[hog] - held.get(waiter, 0) < 2:
+            return False
+        victim = min((r for r in self._live() if r.tenant.client_id == hog), key=lambda r: (r.in_flight, r.kv_len))
+        victim.preempting = True
+        self._pending.preempted += 1
+        self._settle(victim)
+        return victim.slot is None
+
+    def _settle(self, request: Request) -> None:
+        """The one owner of slot lifetimes: once ``request`` has no step in flight, a done one
+        gives its slot back (or leaves the queue), and a preempted one gives it back and waits at
+        the head of its tenant's queue to replay its tokens. Safe to call any number of times."""
+        if request.in_flight:
+            return                          # settled again when its step returns
+        if request.slot is None:
+            if request.done and request in self._waiting:
+                self._waiting.remove(request)
+            return
+        if request.done:
+            self._release(request)
+        elif request.preempting:
+            request.preempting = False
+            self._release(request)
+            request.kv_len = 0
+            self._waiting.appendleft(request)
+
+    def _release(self, request: Request) -> None:
+        """Give ``request``'s slot back (its KV stays there for its own scope), for a FREE."""
+        slot, request.slot = request.slot, None
+        self._running.remove(request)
+        # most recently freed last
+        self._free_slots[slot] = (request.tenant.scope, request.tokens[:request.kv_len])
+        self._pending.free_slots.append(slot)
+
+    def _take_slot(self, request: Request) -> tuple[int, int]:
+        """(slot, reusable positions): the free slot of the request's own scope whose KV shares the
+        longest prefix with its tokens (at least one token is always fed), else the least recently
+        freed one."""
+        best_slot, best = next(iter(self._free_slots)), 0
+        tokens = request.tokens
+        for slot, (scope, cached) in self._free_slots.items():
+            if scope != request.tenant.scope:
+                continue
+            shared = _common_prefix(cached, tokens, len(tokens) - 1)
+            if shared > best:
+                best_slot, best = slot, shared
+        del self._free_slots[best_slot]
+        return best_slot, best
+
+
+def _empty_slots(count: int) -> collections.OrderedDict:
+    return collections.OrderedDict((slot, (None, [])) for slot in range(count))
+
+
+def _average(current: float | None, sample: float) -> float:
+    return sample if current is None else (1 - EMA_WEIGHT) * current + EMA_WEIGHT * sample
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y or n >= limit:
+            break
+        n += 1
+    return n

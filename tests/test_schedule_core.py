@@ -1,0 +1,532 @@
+"""The scheduling core's policy, in one process, with a fake pipeline: no engines, no sockets, no
+sleeps, no clock.
+
+The fake pipeline keeps, per KV slot, the token ids whose keys and values the slot holds, and
+the next token of a row is a hash of all of them: a request gets the tokens it gets alone only
+when the core's slots, positions, reused prefixes and replays are right. After every call the
+core's books are checked (every slot either free or held by exactly one running request), and
+every FREE the plans ask for is counted per slot.
+"""
+from __future__ import annotations
+
+import collections
+import zlib
+
+import pytest
+
+from exo_lab.coordinator.schedule import (
+    FIRST_PREFILL_CHUNK,
+    MIN_PREFILL_CHUNK,
+    Delivery,
+    PlannedStep,
+    Request,
+    SchedulingCore,
+    StepPlan,
+    StepResult,
+)
+from exo_lab.coordinator.tenants import LOCAL, Tenant, TenantLimits
+from exo_lab.errors import QueueFull, RequestError
+from exo_lab.sampling import SamplingParams
+
+VOCAB = 512
+NO_TOKEN = -1
+A, B = Tenant("client-a"), Tenant("client-b")
+
+
+def next_token(cache: list[int]) -> int:
+    return zlib.crc32(bytes(str(cache), "ascii")) % VOCAB
+
+
+class FakePipeline:
+    """The stages in one process: what each slot's KV holds, the FREEs received, and a step's
+    cost (``decode_ms`` per decode step, ``prefill_token_ms`` per prefilled token)."""
+
+    def __init__(self, decode_ms: float = 10.0, prefill_token_ms: float = 0.5):
+        self.decode_ms, self.prefill_token_ms = decode_ms, prefill_token_ms
+        self.kv: dict[int, list[int]] = {}
+        self.frees: list[int] = []
+
+    def execute(self, step: PlannedStep) -> StepResult:
+        tokens = []
+        for row in step.rows:
+            cache = self.kv.setdefault(row.slot, [])
+            assert row.position <= len(cache), f"a row starts at {row.position} past what slot {row.slot} holds"
+            cache[row.position:] = row.token_ids
+            tokens.append(next_token(cache) if row.sample else NO_TOKEN)
+        cost_ms = self.prefill_token_ms * step.fed if step.prefill else self.decode_ms
+        return StepResult(step.step_id, tuple(tokens), (cost_ms,))
+
+
+class Run:
+    """Drives a core against a FakePipeline as the runner would: plan, send, answer the oldest
+    step in flight, apply; records plans, steps, FREEs and each request's delivered tokens."""
+
+    def __init__(self, core: SchedulingCore, pipe: FakePipeline | None = None):
+        self.core, self.pipe = core, pipe or FakePipeline()
+        self.in_flight: collections.deque[PlannedStep] = collections.deque()
+        self.plans: list[StepPlan] = []
+        self.steps: list[PlannedStep] = []
+        self.delivered: dict[int, list[int]] = collections.defaultdict(list)   # request_id -> tokens
+        self.finished: list[int] = []
+
+    def submit(self, prompt: list[int], tokens: int, tenant: Tenant = LOCAL, ignore_eos: bool = True) -> Request:
+        params = SamplingParams(max_new_tokens=tokens, ignore_eos=ignore_eos)
+        request = Request(list(prompt), params, params.settings(seed=7), tenant)
+        self.core.submit(request)
+        check_books(self.core)
+        return request
+
+    def plan(self) -> StepPlan:
+        plan = self.core.schedule()
+        check_books(self.core)
+        self.pipe.frees.extend(plan.free_slots)
+        self.in_flight.extend(plan.steps)
+        self.steps.extend(plan.steps)
+        self.plans.append(plan)
+        return plan
+
+    def answer(self, step: PlannedStep | None = None) -> Delivery:
+        """``step`` (default: the oldest in flight) comes back."""
+        step = step or self.in_flight[0]
+        self.in_flight.remove(step)
+        delivery = self.core.apply(self.pipe.execute(step))
+        check_books(self.core)
+        for request, token_id in delivery.tokens:
+            self.delivered[request.request_id].append(token_id)
+        self.finished.extend(r.request_id for r in delivery.finished)
+        return delivery
+
+    def turn(self) -> None:
+        self.plan()
+        if self.in_flight:
+            self.answer()
+
+    def until(self, condition, limit: int = 5000) -> None:
+        for _ in range(limit):
+            if condition():
+                return
+            self.turn()
+        raise AssertionError("the condition never held")
+
+    def until_idle(self, limit: int = 5000) -> None:
+        """Run until nothing is in flight and a plan has nothing to send (its FREEs included)."""
+        for _ in range(limit):
+            plan = self.plan()
+            if not self.in_flight and not plan.steps:
+                return
+            self.answer()
+        raise AssertionError("the core never went idle")
+
+    def rows_of(self, request: Request) -> list[tuple[int, PlannedStep]]:
+        return [(index, step) for index, step in enumerate(self.steps)
+                if any(row.request_id == request.request_id for row in step.rows)]
+
+
+def check_books(core: SchedulingCore) -> None:
+    """Every slot is free or held by exactly one running request, never both."""
+    held = [r.slot for r in core.running if r.slot is not None]
+    assert len(held) == len(set(held)), f"a slot is held twice: {sorted(held)}"
+    assert not set(held) & set(core.free_slots), f"a held slot is also free: {set(held) & set(core.free_slots)}"
+    assert sorted(held + list(core.free_slots)) == list(range(core.max_batch)), "a slot went missing"
+
+
+def make_core(max_batch: int = 4, **settings) -> SchedulingCore:
+    return SchedulingCore(**{"max_batch": max_batch, "context_length": 4096, "prefill_chunk": 64, **settings})
+
+
+def alone(prompt: list[int], tokens: int, **settings) -> list[int]:
+    run = Run(make_core(max_batch=1, **settings))
+    request = run.submit(prompt, tokens)
+    run.until_idle()
+    return run.delivered[request.request_id]
+
+
+def prompt_of(seed: int, length: int) -> list[int]:
+    return [(seed * 31 + i * 7) % VOCAB for i in range(length)]
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def test_requests_join_and_leave_mid_batch_and_get_the_tokens_they_get_alone():
+    run = Run(make_core(max_batch=3))
+    first = run.submit(prompt_of(1, 5), 12)
+    second = run.submit(prompt_of(2, 40), 6)
+    run.until(lambda: len(run.delivered[first.request_id]) >= 4)
+    late = run.submit(prompt_of(3, 3), 8)
+    run.until_idle()
+    for request in (first, second, late):
+        assert run.delivered[request.request_id] == alone(request.prompt, request.params.max_new_tokens)
+    shared = [step for step in run.steps if {first.request_id, late.request_id} <= {r.request_id for r in step.rows}]
+    assert shared, "the late request never joined the running one's batch"
+    # the short one leaves at once: no step after its last token carries it
+    last_of_second = run.rows_of(second)[-1][0]
+    assert all(row.request_id != second.request_id for step in run.steps[last_of_second + 1:] for row in step.rows)
+    assert sorted(run.finished) == sorted(r.request_id for r in (first, second, late))
+
+
+def test_a_finished_request_gives_its_slot_back_once_and_a_later_cancel_frees_nothing():
+    run = Run(make_core(max_batch=2))
+    short = run.submit(prompt_of(4, 3), 3)
+    long = run.submit(prompt_of(5, 3), 20)
+    slot = short.slot
+    run.until(lambda: short.done)
+    assert short.slot is None and run.core.free_slots == (slot,)
+    run.core.cancel(short)                    # the runner's stream ends the request again: harmless
+    assert run.plan().free_slots == (slot,)
+    run.until_idle()
+    assert collections.Counter(run.pipe.frees) == {0: 1, 1: 1}
+    assert len(run.delivered[short.request_id]) == 3 and len(run.delivered[long.request_id]) == 20
+
+
+def test_max_new_tokens_and_end_of_sequence_end_a_request():
+    prompt = prompt_of(6, 4)
+    tokens = alone(prompt, 12)
+    eos = tokens[4]
+    assert eos not in tokens[:4]
+    run = Run(make_core(eos_token_ids={eos}))
+    stops = run.submit(prompt, 12, ignore_eos=False)
+    goes_on = run.submit(prompt, 12, ignore_eos=True)
+    run.until_idle()
+    assert run.delivered[stops.request_id] == tokens[:5]        # the end-of-sequence token is delivered, then done
+    assert run.delivered[goes_on.request_id] == tokens
+    assert run.finished.index(stops.request_id) < run.finished.index(goes_on.request_id)
+
+
+# --------------------------------------------------------------------------- prefix reuse
+
+
+def test_a_chats_next_turn_reuses_the_kv_of_the_turn_before_in_its_slot():
+    run = Run(make_core(max_batch=2))
+    history = prompt_of(7, 30)
+    turn = run.submit(history, 5, A)
+    run.until_idle()
+    cached = 30 + 5 - 1                       # the last sampled token never went through the stages
+    next_turn = run.submit(history + run.delivered[turn.request_id] + [9, 9, 9], 6, A)
+    assert next_turn.slot == run.steps[0].rows[0].slot, "it took a cold slot, not its own warm one"
+    plan = run.plan()
+    assert plan.reused_positions == (cached,)
+    assert plan.steps[0].rows[0].position == cached and plan.steps[0].rows[0].token_ids == tuple(next_turn.tokens[cached:])
+    run.until_idle()
+    assert run.delivered[next_turn.request_id] == alone(next_turn.prompt, 6)
+
+
+def test_a_prompt_equal_to_the_cached_tokens_still_feeds_its_last_token():
+    run = Run(make_core(max_batch=1))
+    first = run.submit(prompt_of(8, 10), 3, A)
+    run.until_idle()
+    again = run.submit(first.tokens[:12], 2, A)
+    plan = run.plan()
+    assert plan.reused_positions == (11,) and plan.steps[0].rows[0].token_ids == (again.prompt[-1],)
+
+
+@pytest.mark.parametrize("other", [B, Tenant(A.client_id, "user-2")], ids=["other client", "other isolation key"])
+def test_a_cached_prefix_is_never_reused_across_tenant_scopes(other):
+    run = Run(make_core(max_batch=2))
+    secret = prompt_of(9, 40)
+    run.submit(secret, 2, A)
+    run.until_idle()
+    probe = run.submit(secret[:30] + [1, 2], 2, other)
+    plan = run.plan()
+    assert plan.reused_positions == ()
+    assert plan.steps[0].rows[0].position == 0 and probe.slot != run.steps[0].rows[0].slot
+    run.until_idle()
+    assert run.delivered[probe.request_id] == alone(probe.prompt, 2)
+
+
+# --------------------------------------------------------------------------- step shapes
+
+
+def prefill_chunks(run: Run, request: Request) -> list[int]:
+    return [step.fed for _, step in run.rows_of(request) if step.prefill]
+
+
+def test_a_prompt_alone_is_prefilled_in_chunks_of_prefill_chunk_sampling_only_the_last():
+    run = Run(make_core(prefill_chunk=256))
+    request = run.submit(prompt_of(10, 300), 2)
+    run.until_idle()
+    steps = [step for _, step in run.rows_of(request) if step.prefill]
+    assert [step.fed for step in steps] == [256, 44]
+    assert [step.rows[0].sample for step in steps] == [False, True]
+    assert [step.rows[0].position for step in steps] == [0, 256]
+
+
+@pytest.mark.parametrize(("decode_ms", "prefill_token_ms", "expected"), [
+    (10.0, 0.5, [20] * 15),                             # a chunk costs one decode step
+    (4.0, 0.5, [MIN_PREFILL_CHUNK] * 18 + [12]),        # never below MIN_PREFILL_CHUNK
+    (1000.0, 0.5, [256, 44]),                           # never above prefill_chunk
+])
+def test_next_to_decoding_streams_a_chunk_costs_about_one_measured_decode_step(decode_ms, prefill_token_ms,
+                                                                                expected):
+    run = Run(make_core(prefill_chunk=256), FakePipeline(decode_ms, prefill_token_ms))
+    decoding = run.submit(prompt_of(11, 20), 200)
+    run.until(lambda: len(run.delivered[decoding.request_id]) >= 3)      # both kinds of step were timed
+    late = run.submit(prompt_of(12, 300), 2)
+    run.until_idle()
+    assert prefill_chunks(run, late) == expected
+
+
+def test_before_a_decode_step_was_timed_a_chunk_is_first_prefill_chunk():
+    run = Run(make_core(prefill_chunk=256))
+    decoding = run.submit(prompt_of(13, 20), 50)
+    run.until(lambda: len(run.delivered[decoding.request_id]) == 1)      # decoding, no decode step timed yet
+    late = run.submit(prompt_of(14, 300), 2)
+    run.until_idle()
+    assert prefill_chunks(run, late)[0] == FIRST_PREFILL_CHUNK
+
+
+def test_decoding_requests_are_split_into_micro_batches_in_flight_at_once():
+    run = Run(make_core(max_batch=4, micro_batches=2))
+    requests = [run.submit([i + 1], 5) for i in range(4)]                 # one-token prompts: decoding at once
+    plan = run.plan()
+    assert [len(step.rows) for step in plan.steps] == [2, 2] and not any(s.prefill for s in plan.steps)
+    assert run.plan().steps == (), "a third step while two micro-batches are in flight"
+    run.answer()
+    again = run.plan()
+    assert [[row.request_id for row in step.rows] for step in again.steps] == \
+        [[row.request_id for row in plan.steps[0].rows]]
+    run.until_idle()
+    assert all(run.delivered[r.request_id] == alone(r.prompt, 5) for r in requests)
+
+
+def test_one_prefill_chunk_is_in_flight_at_a_time_beside_decode_steps():
+    run = Run(make_core(max_batch=3, prefill_chunk=32))
+    decoding = run.submit([5], 30)
+    first, second = run.submit(prompt_of(15, 100), 2), run.submit(prompt_of(16, 100), 2)
+    prefill, decode = run.plan().steps
+    assert (prefill.prefill, [r.request_id for r in prefill.rows]) == (True, [first.request_id])
+    assert (decode.prefill, [r.request_id for r in decode.rows]) == (False, [decoding.request_id])
+    for _ in range(3):                                    # decode steps go on while the chunk is in the stages
+        run.answer(next(step for step in run.in_flight if not step.prefill))
+        plan = run.plan()
+        assert [step.prefill for step in plan.steps] == [False], "a second prefill chunk while one is in flight"
+    run.answer(prefill)
+    assert [step.rows[0].request_id for step in run.plan().steps if step.prefill] == [first.request_id]
+    run.until_idle()
+    lanes = [step.rows[0].request_id for step in run.steps if step.prefill]
+    switch = lanes.index(second.request_id)
+    assert set(lanes[:switch]) == {first.request_id} and set(lanes[switch:]) == {second.request_id}
+
+
+# --------------------------------------------------------------------------- queue limits
+
+
+def test_past_max_queued_a_request_is_refused_and_a_tenants_first_one_still_fits():
+    run = Run(make_core(max_batch=1, max_queued=2))
+    for i in range(3):
+        run.submit([i + 1], 30, A)                                        # one runs, two wait
+    refused = Request([9], SamplingParams(max_new_tokens=3), SamplingParams().settings(1), A)
+    with pytest.raises(QueueFull) as error:
+        run.core.submit(refused)
+    assert str(error.value).startswith("all 1 KV slots are busy and 2 requests are already waiting (max_queued 2)")
+    assert error.value.retry_after_s == 3.0                               # 30 tokens left x 100 ms, untimed
+    assert refused.request_id == 0 and len(run.core.waiting) == 2, "a refused request changed the queue"
+    run.submit([7], 3, B)                                                 # B's first waiting request fits
+    with pytest.raises(QueueFull, match="max_queued 2"):
+        run.submit([8], 3, B)
+
+
+def test_a_tenants_own_caps_refuse_with_its_own_numbers():
+    capped = Tenant("client-capped", limits=TenantLimits(max_running=1, max_queued=2))
+    run = Run(make_core(max_batch=4))
+    for i in range(3):
+        run.submit([i + 1], 50, capped)
+    assert [r.tenant for r in run.core.running] == [capped], "past its max_running"
+    with pytest.raises(QueueFull) as error:
+        run.submit([4], 2, capped)
+    assert str(error.value).startswith("your client has 2 requests queued, its limit (api.max_queued_per_client) "
+                                       "is 2, and 1 running")
+    other = run.submit([5], 2, B)
+    assert other.slot is not None, "a free slot was kept from another client"
+    assert run.core.client_load() == [{"client": capped.label, "running": 1, "queued": 2},
+                                      {"client": B.label, "running": 1, "queued": 0}]
+
+
+def test_retry_after_is_the_nearest_end_at_the_measured_decode_pace_within_bounds():
+    run = Run(make_core(max_batch=2), FakePipeline(decode_ms=40.0))
+    running = run.submit([1], 100, A)
+    run.until(lambda: len(run.delivered[running.request_id]) == 3)       # 97 left, 40 ms each
+    assert run.core.retry_after_s(A) == pytest.approx(97 * 0.040)
+    assert run.core.retry_after_s(B) == pytest.approx(97 * 0.040), "anyone's request when B runs none"
+    nearly_done = run.submit([2], 4, B)
+    run.until(lambda: len(run.delivered[nearly_done.request_id]) == 3)
+    assert run.core.retry_after_s(B) == 1.0                               # 1 token x 40 ms, at least 1 s
+    assert run.core.retry_after_s(A) > 1.0, "another client's request end told to A"
+    run.core.cancel(running)
+    long = run.submit([2], 4000, A)
+    assert long.slot is not None and run.core.retry_after_s(A) == 60.0
+
+
+def test_a_request_that_cannot_run_is_refused_with_its_numbers():
+    core = make_core(context_length=100)
+    with pytest.raises(RequestError, match="empty"):
+        core.check([], SamplingParams())
+    with pytest.raises(RequestError, match=r"context is 100 tokens, but the request needs 110 \(90 in the prompt "
+                                           r"\+ 20 to generate\); .* at most 10"):
+        core.check([1] * 90, SamplingParams(max_new_tokens=20))
+
+
+# --------------------------------------------------------------------------- cancellation
+
+
+def test_cancelling_a_queued_request_takes_it_out_without_a_slot_or_a_free():
+    run = Run(make_core(max_batch=1))
+    run.submit([1], 5)
+    queued = run.submit([2], 5)
+    run.core.cancel(queued)
+    assert run.core.waiting == ()
+    run.until_idle()
+    assert run.rows_of(queued) == [] and run.pipe.frees == [0]
+
+
+def test_cancelling_a_running_request_frees_its_slot_at_once_for_the_next():
+    run = Run(make_core(max_batch=1))
+    gone, waiting = run.submit([1], 50), run.submit([2], 5)
+    run.until(lambda: len(run.delivered[gone.request_id]) == 2 and not run.in_flight)
+    run.core.cancel(gone)
+    plan = run.plan()
+    assert plan.free_slots == (0,) and [r.request_id for r in plan.steps[0].rows] == [waiting.request_id]
+    run.until_idle()
+    assert len(run.delivered[gone.request_id]) == 2 and run.pipe.frees == [0, 0]
+    assert run.delivered[waiting.request_id] == alone([2], 5)
+
+
+def test_cancelling_a_request_in_flight_frees_its_slot_once_when_its_step_returns():
+    run = Run(make_core(max_batch=2))
+    gone, kept = run.submit([1], 50), run.submit([2], 8)
+    slot = gone.slot
+    run.plan()
+    run.core.cancel(gone)
+    run.core.cancel(gone)
+    assert run.plan().free_slots == (), "freed while its step is still in the stages"
+    delivery = run.answer()
+    assert [r.request_id for r, _ in delivery.tokens] == [kept.request_id], "a token for a cancelled request"
+    assert run.plan().free_slots == (slot,)
+    run.until_idle()
+    assert collections.Counter(run.pipe.frees) == {0: 1, 1: 1}
+    assert run.delivered[kept.request_id] == alone([2], 8)
+
+
+def test_a_failed_step_ends_its_requests_and_frees_their_slots_once():
+    run = Run(make_core(max_batch=2))
+    failing, other = run.submit([1], 10), run.submit([2], 10)
+    run.core.micro_batches = 2
+    plan = run.plan()
+    doomed = next(step for step in plan.steps if step.rows[0].request_id == failing.request_id)
+    assert run.core.fail_step(doomed.step_id) == (failing,) and failing.done
+    assert run.core.fail_step(doomed.step_id) is None
+    run.in_flight.remove(doomed)
+    run.until_idle()
+    assert collections.Counter(run.pipe.frees) == {0: 1, 1: 1}
+    assert run.delivered[other.request_id] == alone([2], 10)
+
+
+def test_abort_ends_every_request_and_gives_every_slot_back():
+    run = Run(make_core(max_batch=2))
+    requests = [run.submit([i + 1], 10) for i in range(3)]
+    run.plan()
+    ended = run.core.abort()
+    assert ended == tuple(requests) and all(r.done for r in requests)
+    assert run.core.waiting == () and run.core.take_freed() == ()       # both still in flight
+    while run.in_flight:
+        assert run.answer().tokens == ()
+    assert sorted(run.core.take_freed()) == [0, 1] and run.core.running == ()
+
+
+def test_an_unknown_or_malformed_result_is_dropped():
+    run = Run(make_core())
+    request = run.submit([1], 3)
+    step = run.plan().steps[0]
+    assert run.core.apply(StepResult(step.step_id + 99, (5,))).dropped
+    assert run.core.apply(StepResult(step.step_id, (5, 6))).dropped
+    assert request.generated == []
+
+
+# --------------------------------------------------------------------------- failover
+
+
+def test_suspended_requests_replay_and_get_the_tokens_of_an_uninterrupted_run():
+    prompts = [(prompt_of(17, 30), 25), (prompt_of(18, 5), 20), (prompt_of(19, 70), 15)]
+
+    def start() -> tuple[Run, list[Request]]:
+        run = Run(make_core(max_batch=2, micro_batches=2, prefill_chunk=32))
+        return run, [run.submit(prompt, tokens) for prompt, tokens in prompts]
+
+    steady, requests = start()
+    steady.until_idle()
+    expected = [steady.delivered[r.request_id] for r in requests]
+
+    run, requests = start()
+    run.until(lambda: sum(map(len, run.delivered.values())) >= 12 and run.in_flight)
+    lost = list(run.in_flight)
+    live = [r for r in run.core.running if not r.done]
+    assert run.core.suspend() == len(live) >= 1
+    run.in_flight.clear()
+    old, run.pipe = run.pipe, FakePipeline()                   # new stages: no KV anywhere
+    assert all(run.core.apply(old.execute(step)).dropped for step in lost), "a lost step's answer was used"
+    replay = run.plan()
+    assert replay.free_slots == (), "FREEs for the lost stages' slots"
+    row = replay.steps[0].rows[0]
+    replayed = next(r for r in requests if r.request_id == row.request_id)
+    assert replayed in live and row.position == 0 and list(row.token_ids) == replayed.tokens[:len(row.token_ids)]
+    run.until_idle()
+    assert [run.delivered[r.request_id] for r in requests] == expected
+    assert len(run.pipe.frees) == len(requests)
+
+
+# --------------------------------------------------------------------------- fair share
+
+
+def test_free_slots_go_in_turns_across_tenants_first_come_first_served_within_one():
+    run = Run(make_core(max_batch=1))
+    mine = [run.submit([10 + i], 2, A) for i in range(3)]
+    theirs = [run.submit([20 + i], 2, B) for i in range(3)]
+    run.until_idle()
+    first_steps = sorted((run.rows_of(r)[0][0], r.prompt[0]) for r in mine + theirs)
+    assert [prompt for _, prompt in first_steps] == [10, 20, 11, 21, 12, 22]
+
+
+def test_a_waiting_tenant_preempts_the_cheapest_request_of_the_one_holding_the_most():
+    run = Run(make_core(max_batch=4))
+    hog = [run.submit(prompt_of(20 + i, length), 30, A) for i, length in enumerate((40, 9, 25, 60))]
+    run.until(lambda: all(len(run.delivered[r.request_id]) >= 2 for r in hog) and not run.in_flight)
+    cheapest = min(hog, key=lambda r: r.kv_len)
+    assert cheapest is hog[1]
+    slot = cheapest.slot
+    other = run.submit([3, 4, 5], 5, B)
+    assert other.slot == slot and cheapest.slot is None and run.core.waiting == (cheapest,)
+    plan = run.plan()
+    assert plan.preempted == 1 and plan.free_slots == (slot,)
+    run.until_idle()
+    assert [run.delivered[r.request_id] for r in hog] == [alone(r.prompt, 30) for r in hog]
+    assert run.delivered[other.request_id] == alone([3, 4, 5], 5)
+    assert sum(plan.preempted for plan in run.plans) == 1, "preempted more than the fair share needs"
+
+
+def test_a_request_preempted_in_flight_gives_its_slot_back_when_its_step_returns():
+    run = Run(make_core(max_batch=2))
+    hog = [run.submit([i + 1], 20, A) for i in range(2)]
+    run.until(lambda: all(len(run.delivered[r.request_id]) >= 1 for r in hog))
+    run.plan()
+    assert all(r.in_flight for r in hog)
+    other = run.submit([9], 3, B)
+    assert other.slot is None and sum(r.preempting for r in hog) == 1
+    victim = next(r for r in hog if r.preempting)
+    slot = victim.slot
+    run.answer()
+    assert victim.slot is None and run.core.waiting == (other, victim) or run.core.waiting == (victim, other)
+    assert run.plan().free_slots == (slot,) and other.slot == slot
+    run.until_idle()
+    assert [run.delivered[r.request_id] for r in hog] == [alone(r.prompt, 20) for r in hog]
+    assert sum(plan.preempted for plan in run.plans) == 1
+
+
+def test_slots_freed_just_before_a_failover_are_not_freed_on_the_new_stages():
+    run = Run(make_core(max_batch=2))
+    gone, kept = run.submit([1], 10), run.submit([2], 10)
+    run.until(lambda: len(run.delivered[kept.request_id]) == 2 and not run.in_flight)
+    run.core.cancel(gone)                     # its FREE would go with the next plan
+    assert run.core.suspend() == 1
+    replay = run.plan()
+    assert replay.free_slots == () and [row.request_id for step in replay.steps for row in step.rows] == \
+        [kept.request_id]
