@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import procs
+
 NETLAB_RANGE = ipaddress.ip_network("198.18.0.0/15")
 PREFIX = "exolab"
 
@@ -187,13 +189,7 @@ class Netlab:
 
     def stop(self, process: subprocess.Popen, timeout_s: float = 30) -> None:
         """SIGTERM, then SIGKILL after ``timeout_s``."""
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        procs.stop(process, timeout_s)
 
     def pids(self, name: str) -> list[int]:
         """Every process living in PC ``name``'s network namespace."""

@@ -26,7 +26,8 @@ from exo_lab.coordinator import loop as loops
 from exo_lab.membership.launch import default_profile_dir
 from exo_lab.engine.fetch import fetched_model_dir
 from exo_lab.errors import ConfigError
-from exo_lab.model import cpu_kernels, smollm2   # torch: imported before any test sets win32
+from exo_lab.model import cpu_kernels   # torch: imported before any test sets win32
+from exo_lab.weights import smollm2
 
 
 @pytest.fixture
