@@ -267,14 +267,40 @@ class Cluster:
 
         return apply_chat_template(self.tokenizer, messages)
 
-    def astream(self, prompt_ids: list[int], params: SamplingParams, tenant=None) -> AsyncIterator[StreamEvent]:
+    def astream(self, prompt_ids: list[int], params: SamplingParams, tenant=None,
+                processor=None) -> AsyncIterator[StreamEvent]:
         """Async generation on the cluster's loop (the HTTP server uses this). Closing the
         returned generator (``aclose()``) cancels the request and frees its KV caches.
         ``tenant``: who asks (:class:`exo_lab.coordinator.tenants.Tenant`: fair share, caps,
-        prefix isolation); None: this process's own requests."""
+        prefix isolation); None: this process's own requests. ``processor``: a
+        :class:`exo_lab.sampling.LogitProcessor` (a grammar) shaping each token; the request ends
+        with finish_reason "stop" once it is finished."""
         from .coordinator.tenants import LOCAL
 
-        return self._require_pipeline().scheduler.stream(prompt_ids, params, tenant or LOCAL)
+        return self._require_pipeline().scheduler.stream(prompt_ids, params, tenant or LOCAL, processor)
+
+    def astream_n(self, prompt_ids: list[int], params: SamplingParams, n: int, tenant=None,
+                  processors=None) -> list[AsyncIterator[StreamEvent]]:
+        """``n`` choices of one prompt (1 <= n <= max_batch), its prefill shared: one stream per
+        choice, choice i seeded ``params.seed + i`` when seeded. ``processors``: None or one per
+        choice. Submitted at once; close each stream to cancel its choice. Raises RequestError,
+        QueueFull."""
+        from .coordinator.tenants import LOCAL
+
+        return self._require_pipeline().scheduler.stream_group(prompt_ids, params, n, tenant or LOCAL, processors)
+
+    async def aembed(self, inputs: list[list[int]], pooling: str = "last", tenant=None) -> list:
+        """Embeddings of token-id ``inputs``: one float32 tensor (hidden,) each, the final-norm
+        hidden state of the last token ("last") or the mean over the tokens ("mean"), not
+        normalized; prefill only, batched, no KV slot kept. Raises RequestError (bad pooling,
+        empty input, longer than the context), QueueFull."""
+        from .coordinator.tenants import LOCAL
+
+        return await self._require_pipeline().scheduler.embed(inputs, pooling, tenant or LOCAL)
+
+    def embed(self, inputs, pooling: str = "last") -> list:
+        """:meth:`aembed` from a notebook; ``inputs``: strings or token-id lists."""
+        return self._loop.run(self.aembed([self.encode(item) for item in inputs], pooling))
 
     async def _collect(self, prompt_ids: list[int], params: SamplingParams) -> GenerationResult:
         started = time.perf_counter()

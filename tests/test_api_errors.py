@@ -79,16 +79,97 @@ def test_stream_options_need_stream(server):
 
 
 # ---------------------------------------------------------------- 400: fields not supported
-@pytest.mark.parametrize("field, value", [
-    ("n", 2), ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
-    ("logprobs", True), ("top_logprobs", 2), ("presence_penalty", 0.5), ("frequency_penalty", -1),
-    ("logit_bias", {"42": 5}), ("response_format", {"type": "json_object"}), ("store", True),
-    ("reasoning_effort", "high"), ("n", True),
-])
+@pytest.mark.parametrize("field, value", [("store", True), ("reasoning_effort", "high"), ("modalities", ["audio"]),
+                                          ("functions", [{"name": "f"}])])
 def test_unsupported_fields_are_refused_by_name(server, field, value):
     error = refused(server, "POST", CHAT, chat_body(**{field: value}), status=400, param=field,
                     code="unsupported_parameter")
     assert f"'{field}'" in error["message"]
+
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+# ---------------------------------------------------------------- 400: decoding fields out of bounds
+@pytest.mark.parametrize("extra, param", [
+    ({"n": 0}, "n"), ({"n": 1000}, "n"), ({"n": True}, "n"), ({"n": "2"}, "n"),
+    ({"logprobs": "yes"}, "logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": "x"}, "frequency_penalty"),
+    ({"presence_penalty": True}, "presence_penalty"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias"), ({"logit_bias": {"5": 200}}, "logit_bias"),
+    ({"logit_bias": {"99999999": 1}}, "logit_bias"), ({"logit_bias": [1]}, "logit_bias"),
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"), ({"logit_bias": {"5": "x"}}, "logit_bias"),
+    ({"response_format": {"type": "xml"}}, "response_format"), ({"response_format": "json"}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format.json_schema.name"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": []}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "strict": "yes"}}},
+     "response_format.json_schema.strict"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "description": "d" * (70 << 10)}}}}, "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_object"}, "tools": [TOOL]}, "response_format"),
+    ({"tools": "get_weather"}, "tools"), ({"tools": [{"type": "function"}]}, "tools[0]"),
+    ({"tools": [{"type": "web_search"}]}, "tools[0]"), ({"tools": [TOOL] * 129}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}, "tools[0].function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "extra": 1}}]}, "tools[0].function.extra"),
+    ({"tools": [TOOL, TOOL]}, "tools[1].function.name"),
+    ({"tool_choice": "auto"}, "tool_choice"), ({"tools": [TOOL], "tool_choice": "always"}, "tool_choice"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
+    ({"tools": [TOOL], "parallel_tool_calls": "no"}, "parallel_tool_calls"),
+])
+def test_decoding_fields_out_of_bounds_are_400(server, extra, param):
+    error = refused(server, "POST", CHAT, chat_body(**extra), status=400, param=param)
+    assert param.split("[")[0].split(".")[0] in error["message"]
+
+
+@pytest.mark.parametrize("messages, param", [
+    ([{"role": "tool", "content": "x"}], "messages[0].tool_call_id"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": "f"}], "messages[1].tool_calls"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [{"function": {"name": 5}}]}],
+     "messages[1].tool_calls[0]"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}, {"role": "tool", "content": "x",
+                                                                                  "tool_call_id": 7}],
+     "messages[2].tool_call_id"),
+    ([{"role": "tool", "content": "x", "tool_call_id": "c", "name": "f"}], "messages[0].name"),
+])
+def test_bad_tool_messages_are_400(server, messages, param):
+    body = chat_body()
+    body["messages"] = messages
+    refused(server, "POST", CHAT, body, status=400, param=param)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": []}, "input"), ({"input": [[]]}, "input"), ({"input": 5}, "input"), ({"input": [[10**9]]}, "input"),
+    ({"input": ["x"] * 2049}, "input"), ({"input": "hi", "encoding_format": "hex"}, "encoding_format"),
+    ({"input": "hi", "dimensions": 0}, "dimensions"), ({"input": "hi", "dimensions": 10**6}, "dimensions"),
+    ({"input": "hi", "pooling": "max"}, "pooling"), ({"input": "hi", "truncate": True}, "truncate"),
+    ({"input": ["a", 5]}, "input"), ({"input": "word " * 100_000}, "input"),
+])
+def test_bad_embeddings_requests_are_400(server, body, param):
+    refused(server, "POST", "/v1/embeddings", {"model": "demo", **body}, status=400, param=param)
+
+
+def test_embeddings_unknown_model_is_404(server):
+    refused(server, "POST", "/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi"}, status=404,
+            param="model", code="model_not_found")
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"previous_response_id": "resp_1"}, "previous_response_id"), ({"store": True}, "store"),
+    ({"input": 5}, "input"), ({"input": []}, "input"), ({"input": [{"type": "reasoning"}]}, "input[0]"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input[0].content"),
+    ({"tools": [{"type": "web_search"}]}, "tools[0]"), ({"text": {"format": {"type": "xml"}}}, "text.format"),
+    ({"text": {"format": {"type": "json_schema", "schema": {}}}}, "text.format.name"),
+    ({"max_output_tokens": 0}, "max_output_tokens"), ({"instructions": 5}, "instructions"),
+    ({"reasoning": {"effort": "high"}}, "reasoning"), ({"tool_choice": "auto"}, "tool_choice"),
+    ({"truncation": "auto"}, "truncation"), ({"service_tier": "flex"}, "service_tier"),
+])
+def test_bad_responses_requests_are_400(server, body, param):
+    refused(server, "POST", "/v1/responses", {"model": "demo", "input": "hi", "max_output_tokens": 2, **body},
+            status=400, param=param)
 
 
 @pytest.mark.parametrize("field, value", [("n", 1), ("logprobs", False), ("presence_penalty", 0),
@@ -104,7 +185,8 @@ def test_unknown_field_is_refused_by_name(server):
     assert "temperature" in error["message"]   # the list of fields it takes helps spot the typo
 
 
-@pytest.mark.parametrize("field, value", [("echo", True), ("suffix", "end"), ("best_of", 3), ("logprobs", 2)])
+@pytest.mark.parametrize("field, value", [("echo", True), ("suffix", "end"), ("best_of", 3), ("logprobs", 6),
+                                          ("n", 0), ("logit_bias", {"x": 1}), ("presence_penalty", -3)])
 def test_completions_unsupported_fields(server, field, value):
     body = {"model": "demo", "prompt": "Hi", "max_tokens": 2, field: value}
     refused(server, "POST", "/v1/completions", body, status=400, param=field)
@@ -122,12 +204,15 @@ def test_completions_bad_prompts(server, prompt):
     ("hello", "messages"),
     (None, "messages"),
     (["hello"], "messages[0]"),
-    ([{"role": "tool", "content": "x"}], "messages[0].role"),
+    ([{"role": "critic", "content": "x"}], "messages[0].role"),
     ([{"role": "user"}], "messages[0].content"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}],
      "messages[0].content"),
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}], "messages[1].content"),
     ([{"role": "user", "content": "hi", "name": "bob"}], "messages[0].name"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "refusal": "no"}],
+     "messages[1].refusal"),
+    ([{"role": ["user"], "content": "x"}], "messages[0].role"),
 ])
 def test_bad_messages_are_400(server, messages, param):
     body = chat_body()

@@ -30,12 +30,12 @@ from exo_lab.errors import ClusterError, ConfigError
 from exo_lab.sampling import SamplingSettings, sample_token
 from exo_lab.security import derive_key, new_secret
 from exo_lab.wire import (
-    NO_TOKEN, AsyncInbox, AsyncOutbox, Error, Forward, FrameError, Free, Inbox, Kind, Outbox, Ping,
+    NO_TOKEN, AsyncInbox, AsyncOutbox, Copy, Error, Forward, FrameError, Free, Inbox, Kind, Outbox, Ping,
     Row, Sampled, Shutdown, decode, encode, msg_id,
 )
 from exo_lab.wire.frames import (
-    DIM, FORWARD_BODY, HEADER, MAGIC, MAX_ERROR_BYTES, MAX_ROWS, MAX_STAGES, MS, ROW, SAMPLED_BODY,
-    SLOT, VERSION,
+    BIAS, COPY_BODY, DIM, FORWARD_BODY, HEADER, LOGPROB, MAGIC, MAX_ERROR_BYTES, MAX_ROWS, MAX_STAGES, MS,
+    NO_LOGPROB, ROW, ROW_EXTRA, SAMPLED_BODY, SAMPLED_EXTRA, SLOT, VERSION,
 )
 from exo_lab.wire.sockets import MAX_MESSAGE_BYTES, tcp_address
 
@@ -46,7 +46,7 @@ SAMPLED = SamplingSettings(temperature=0.7, top_p=0.9, top_k=40, seed=1234)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32]
 DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.int64: 4, torch.int32: 5}
 SHAPES = [(7,), (3, 5), (1, 4, 896), (4, 2, 16)]
-MESSAGE_TYPES = (Forward, Sampled, Free, Error, Ping, Shutdown)
+MESSAGE_TYPES = (Forward, Sampled, Free, Error, Ping, Shutdown, Copy)
 U16, U32, U64 = 2**16 - 1, 2**32 - 1, 2**64 - 1
 
 
@@ -81,7 +81,7 @@ def on_the_wire(sampling: SamplingSettings) -> SamplingSettings:
 
 
 def row_on_the_wire(row: Row) -> Row:
-    return Row(row.slot, row.position, on_the_wire(row.sampling), bool(row.sample))
+    return dataclasses.replace(row, sampling=on_the_wire(row.sampling), sample=bool(row.sample))
 
 
 def assert_same(received, sent) -> None:
@@ -198,25 +198,30 @@ def test_stage_ms_travel_as_float32(make):
 
 def test_kind_codes_and_byte_layout_are_stable():
     # other PCs may run another build: the wire codes and sizes must never move
-    assert VERSION == 3
+    assert VERSION == 4
     assert {kind.name: kind.value for kind in Kind} == {
-        "FORWARD": 1, "SAMPLED": 2, "FREE": 3, "ERROR": 4, "PING": 5, "SHUTDOWN": 7}
+        "FORWARD": 1, "SAMPLED": 2, "FREE": 3, "ERROR": 4, "PING": 5, "SHUTDOWN": 7, "COPY": 8}
     assert (HEADER.size, FORWARD_BODY.size, ROW.size, SAMPLED_BODY.size, SLOT.size, DIM.size,
             MS.size) == (12, 5, 35, 3, 2, 4, 4)
+    assert (ROW_EXTRA.size, BIAS.size, SAMPLED_EXTRA.size, LOGPROB.size, COPY_BODY.size, NO_LOGPROB) == (
+        9, 12, 4, 12, 8, 0xFF)
+    assert encode(Copy(1, 258, 3, 0x01020304)) == [
+        b"EX\x04\x08" + (1).to_bytes(8, "little") + b"\x02\x01\x03\x00\x04\x03\x02\x01"]
     assert NO_TOKEN == 0xFFFFFFFF and MAX_ROWS == 0xFFFF
-    assert encode(Ping(0x0102030405060708)) == [b"EX\x03\x05\x08\x07\x06\x05\x04\x03\x02\x01"]
-    assert encode(Shutdown()) == [b"EX\x03\x07" + bytes(8)]
-    assert encode(Free(1, 258)) == [b"EX\x03\x03" + (1).to_bytes(8, "little") + b"\x02\x01"]
+    assert encode(Ping(0x0102030405060708)) == [b"EX\x04\x05\x08\x07\x06\x05\x04\x03\x02\x01"]
+    assert encode(Shutdown()) == [b"EX\x04\x07" + bytes(8)]
+    assert encode(Free(1, 258)) == [b"EX\x04\x03" + (1).to_bytes(8, "little") + b"\x02\x01"]
     assert encode(Sampled(1, (258, NO_TOKEN), (1.0,))) == [
-        b"EX\x03\x02" + (1).to_bytes(8, "little") + b"\x02\x00\x01"
-        + b"\x02\x01\x00\x00" + b"\xff\xff\xff\xff" + struct.pack("<f", 1.0)]
-    assert encode(Error(1, "ü")) == [b"EX\x03\x04" + (1).to_bytes(8, "little") + "ü".encode()]
+        b"EX\x04\x02" + (1).to_bytes(8, "little") + b"\x02\x00\x01"
+        + b"\x02\x01\x00\x00" + b"\xff\xff\xff\xff" + struct.pack("<f", 1.0)
+        + bytes(4) + b"\xff\xff"]                                              # no vectors, no logprobs
+    assert encode(Error(1, "ü")) == [b"EX\x04\x04" + (1).to_bytes(8, "little") + "ü".encode()]
     rows = (Row(1, 7, GREEDY), Row(0x0302, 0x07060504, SAMPLED, sample=False))
     msg = fwd(torch.ones(2, 3), step_id=42, rows=rows, stage_ms=(0.5,))
     header, payload = encode(msg)
     # the layout spelled out byte by byte, independent of the struct constants
     assert bytes(header) == (
-        b"EX\x03\x01" + (42).to_bytes(8, "little")
+        b"EX\x04\x01" + (42).to_bytes(8, "little")
         + b"\x02\x00" + b"\x01" + b"\x02" + b"\x01"                            # rows, dtype, ndim, stages
         + (2).to_bytes(4, "little") + (3).to_bytes(4, "little")                 # dims
         + b"\x01\x00" + b"\x07\x00\x00\x00" + b"\x01"                           # slot, position, sample
@@ -224,7 +229,8 @@ def test_kind_codes_and_byte_layout_are_stable():
         + b"\x02\x03" + b"\x04\x05\x06\x07" + b"\x00"
         + struct.pack("<d", 0.7) + struct.pack("<d", 0.9) + (40).to_bytes(4, "little")
         + (1234).to_bytes(8, "little")
-        + struct.pack("<f", 0.5))
+        + struct.pack("<f", 0.5)
+        + (b"\xff" + b"\x00" + b"\x00" + bytes(4) + bytes(2)) * 2)                 # no logprobs, embed or rule
     assert bytes(header) == forward_header(rows=(raw_row(slot=1, position=7),
                                                  raw_row(slot=0x0302, position=0x07060504, flags=0,
                                                          temperature=0.7, top_p=0.9, top_k=40,
@@ -333,7 +339,8 @@ def test_many_rows_stay_in_order_and_match_their_tensor_rows():
     tensor = torch.arange(200 * 3, dtype=torch.int64).reshape(200, 3)
     msg = fwd(tensor, step_id=9, rows=rows, stage_ms=(1.0, 2.0))
     header, _ = encode(msg)
-    assert len(header) == HEADER.size + FORWARD_BODY.size + 2 * DIM.size + 200 * ROW.size + 2 * MS.size
+    assert len(header) == HEADER.size + FORWARD_BODY.size + 2 * DIM.size + 200 * ROW.size + 2 * MS.size \
+        + 200 * ROW_EXTRA.size
     received = round_trip(msg)
     assert_same(received, msg)
     for index, row in enumerate(received.rows):   # row b of the tensor is rows[b]
@@ -404,7 +411,8 @@ def test_sampled_carries_no_token_for_rows_that_did_not_sample():
     received = round_trip(Sampled(8, (NO_TOKEN, 0, NO_TOKEN, U32 - 1), (0.25,)))
     assert received.token_ids == (NO_TOKEN, 0, NO_TOKEN, U32 - 1)
     assert all(isinstance(token, int) for token in received.token_ids)
-    raw = header(Kind.SAMPLED, 8) + SAMPLED_BODY.pack(2, 0) + struct.pack("<2I", NO_TOKEN, 17)
+    raw = (header(Kind.SAMPLED, 8) + SAMPLED_BODY.pack(2, 0) + struct.pack("<2I", NO_TOKEN, 17)
+           + SAMPLED_EXTRA.pack(0) + bytes([NO_LOGPROB, NO_LOGPROB]))
     assert decode([raw]) == Sampled(8, (NO_TOKEN, 17))
 
 
@@ -610,7 +618,7 @@ def raw_row(slot=0, position=1, flags=1, temperature=0.0, top_p=1.0, top_k=0, se
 
 
 def forward_header(*, shape=(2, 3), dtype_code=1, ndim=None, rows=None, count=None, stage_ms=(),
-                   stages=None, **head) -> bytes:
+                   stages=None, extras=None, rules=b"", **head) -> bytes:
     """A FORWARD header frame built by hand from the documented layout (step 42, float32 (2, 3),
     one greedy sampling row at position 1 per tensor row, slots 0, 1, ...)."""
     ndim = len(shape) if ndim is None else ndim
@@ -618,9 +626,10 @@ def forward_header(*, shape=(2, 3), dtype_code=1, ndim=None, rows=None, count=No
         rows = tuple(raw_row(slot=i) for i in range(shape[0] if shape else 1))
     count = len(rows) if count is None else count
     stages = len(stage_ms) if stages is None else stages
+    extras = [(-1, 0, 0, 0, 0)] * len(rows) if extras is None else extras
     return (header(Kind.FORWARD, **head) + FORWARD_BODY.pack(count, dtype_code, ndim, stages)
             + b"".join(DIM.pack(d) for d in shape) + b"".join(ROW.pack(*row) for row in rows)
-            + b"".join(MS.pack(ms) for ms in stage_ms))
+            + b"".join(MS.pack(ms) for ms in stage_ms) + b"".join(ROW_EXTRA.pack(*e) for e in extras) + rules)
 
 
 def good_forward(**fields) -> list[bytes]:
@@ -632,11 +641,14 @@ def bad_row(**fields) -> list[bytes]:
     return good_forward(rows=(raw_row(), raw_row(slot=1, **fields)))
 
 
-def sampled_frame(token_ids=(5,), stage_ms=(), count=None, stages=None, **head) -> bytes:
+def sampled_frame(token_ids=(5,), stage_ms=(), count=None, stages=None, hidden=0, tail=None, **head) -> bytes:
+    """A SAMPLED frame by hand; ``tail``: the logprobs and vectors (default: no logprob per row)."""
     count = len(token_ids) if count is None else count
     stages = len(stage_ms) if stages is None else stages
+    tail = bytes([NO_LOGPROB]) * len(token_ids) if tail is None else tail
     return (header(Kind.SAMPLED, **head) + SAMPLED_BODY.pack(count, stages)
-            + b"".join(struct.pack("<I", t) for t in token_ids) + b"".join(MS.pack(m) for m in stage_ms))
+            + b"".join(struct.pack("<I", t) for t in token_ids) + b"".join(MS.pack(m) for m in stage_ms)
+            + SAMPLED_EXTRA.pack(hidden) + tail)
 
 
 def test_hand_built_frames_decode():
@@ -659,7 +671,7 @@ MALFORMED = {   # id: (frames, message regex, message_id the error carries)
     "frame-str": (["EX"], "bytes-like, got str", None),
     "bad-magic": ([b"XX" + forward_header()[2:], bytes(24)], "bad magic b'XX'", None),
     "json-magic": ([b'{"kind": 1}' + bytes(8)], "bad magic", None),
-    "newer-version": ([forward_header(version=VERSION + 1), bytes(24)], "wire version 4, this exo-lab speaks 3", 42),
+    "newer-version": ([forward_header(version=VERSION + 1), bytes(24)], "wire version 5, this exo-lab speaks 4", 42),
     "old-version": ([forward_header(version=2), bytes(24)], "run the same exo-lab version", 42),
     "old-version-sampled": ([header(Kind.SAMPLED, version=2) + b"\0" * 5], "wire version 2", 42),
     "kind-0": ([header(0)], "unknown message kind 0 for message 42", 42),
@@ -669,13 +681,13 @@ MALFORMED = {   # id: (frames, message regex, message_id the error carries)
     "short-header": ([header(Kind.PING)[:-1]], "header is 11 bytes, shorter than the 12", None),
     "short-forward-body": ([forward_header()[:HEADER.size + FORWARD_BODY.size - 1], bytes(24)],
                            "FORWARD header of step 42 is truncated", 42),
-    "short-rows": ([forward_header()[:-1], bytes(24)], "is 82 bytes, its fields need 83", 42),
+    "short-rows": ([forward_header()[:-1], bytes(24)], "is 100 bytes, its fields need at least 101", 42),
     "short-dims": ([forward_header()[:HEADER.size + FORWARD_BODY.size + 3], bytes(24)],
-                   "is 8 bytes, its fields need 83", 42),
-    "missing-row": ([forward_header(rows=(raw_row(),), count=2), bytes(24)], "is 48 bytes, its fields need 83", 42),
-    "extra-row": ([forward_header(rows=(raw_row(),) * 3, count=2), bytes(24)], "is 118 bytes, its fields need 83", 42),
-    "missing-stage-ms": ([forward_header(stages=2), bytes(24)], "is 83 bytes, its fields need 91", 42),
-    "extra-header-bytes": ([forward_header() + b"\0", bytes(24)], "is 84 bytes, its fields need 83", 42),
+                   "is 8 bytes, its fields need at least 101", 42),
+    "missing-row": ([forward_header(rows=(raw_row(),), count=2), bytes(24)], "is 57 bytes, its fields need at least 101", 42),
+    "extra-row": ([forward_header(rows=(raw_row(),) * 3, count=2), bytes(24)], "FORWARD .*of step 42", 42),
+    "missing-stage-ms": ([forward_header(stages=2), bytes(24)], "is 101 bytes, its fields need at least 109", 42),
+    "extra-header-bytes": ([forward_header() + b"\0", bytes(24)], "has 1 stray bytes", 42),
     "rows-0": ([forward_header(shape=(0, 3), rows=()), b""], "with 2 dims and 0 rows is not a batch", 42),
     "rows-more-than-tensor": ([forward_header(rows=(raw_row(),) * 3), bytes(24)], "has 3 rows but a tensor of 2", 42),
     "rows-fewer-than-tensor": ([forward_header(rows=(raw_row(),)), bytes(24)], "has 1 rows but a tensor of 2", 42),
@@ -683,9 +695,9 @@ MALFORMED = {   # id: (frames, message regex, message_id the error carries)
     "row-flags-255": (bad_row(flags=255), "unknown row flags 255", 42),
     "short-sampled": ([header(Kind.SAMPLED) + b"\0" * 2], "SAMPLED of step 42 is truncated", 42),
     "sampled-ms-missing": ([sampled_frame(stages=1)], "SAMPLED of step 42 has the wrong length", 42),
-    "sampled-ms-extra": ([sampled_frame() + b"\0"], "wrong length", 42),
+    "sampled-ms-extra": ([sampled_frame() + b"\0"], "SAMPLED of step 42 has 1 stray bytes", 42),
     "sampled-ids-missing": ([sampled_frame((5,), count=2)], "wrong length", 42),
-    "sampled-ids-extra": ([sampled_frame((5, 6), count=1)], "wrong length", 42),
+    "sampled-ids-extra": ([sampled_frame((5, 6), count=1)], "SAMPLED of step 42", 42),
     "sampled-id-half": ([sampled_frame((5,))[:-2]], "wrong length", 42),
     "free-missing-slot": ([header(Kind.FREE)], "FREE 42 has 0 body bytes, not 2", 42),
     "free-stray": ([header(Kind.FREE) + SLOT.pack(1) + b"\0"], "FREE 42 has 3 body bytes, not 2", 42),
@@ -1241,3 +1253,98 @@ def test_inboxes_take_the_first_free_ports_of_the_range_and_say_when_it_is_used_
         for inbox in inboxes:
             inbox.close()
         held.close()
+
+
+# ------------------------------------------------------------------------ logit rules, logprobs, vectors, copy
+
+from exo_lab.sampling import LogitRule, TokenLogprob   # noqa: E402
+
+RULE_ROWS = (Row(0, 3, SAMPLED, rule=LogitRule(b"\x05\x00\x00\x80" * 3, ((2, -1.5), (70, 100.0))), logprobs=20),
+             Row(1, 0, GREEDY, sample=False, embed=2), Row(2, 9, GREEDY, rule=LogitRule(bias=((7, 0.25),)), embed=1),
+             Row(3, 1, GREEDY, rule=LogitRule(allowed=b""), logprobs=0))
+
+
+def test_rules_logprobs_embed_and_copy_round_trip():
+    msg = fwd(torch.tensor([[1], [2], [3], [4]]), rows=RULE_ROWS, stage_ms=(1.0,))
+    received = round_trip(msg)
+    assert received.rows == tuple(row_on_the_wire(row) for row in msg.rows) and received.rows[3].rule.allowed == b""
+    vectors = torch.randn(3, 16)
+    sampled = Sampled(5, (4, NO_TOKEN, 9), (2.0,),
+                      (TokenLogprob(4, -0.25, ((4, -0.25), (8, -2.0))), None, TokenLogprob(9, 0.0)), vectors)
+    back = round_trip(sampled)
+    assert back == sampled and back.vectors.dtype == torch.float32 and torch.equal(back.vectors, vectors)
+    assert round_trip(Sampled(5, (4, 5), logprobs=(None, None))).logprobs == ()   # none asked: ()
+    assert round_trip(Copy(7, 0, U16, U32)) == Copy(7, 0, U16, U32)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: fwd(torch.ones(1, 1), rows=(Row(0, 0, GREEDY, logprobs=21),)), "logprobs must be an int in \\[-1, 20\\]"),
+    (lambda: fwd(torch.ones(1, 1), rows=(Row(0, 0, GREEDY, embed=3),)), "embed must be an int in \\[0, 2\\]"),
+    (lambda: fwd(torch.ones(1, 1), rows=(Row(0, 0, GREEDY, rule="x"),)), "Row.rule must be a LogitRule"),
+    (lambda: Sampled(1, (1,), logprobs=(TokenLogprob(1, 0.5),)), "logprob must be a float <= 0"),
+    (lambda: Sampled(1, (1,), logprobs=(TokenLogprob(1, -1.0, ((2, -1.0),) * 21),)), "at most 20 alternatives"),
+    (lambda: Sampled(1, (1, 2), logprobs=(None,)), "one per row"),
+    (lambda: Sampled(1, (1,), vectors=torch.ones(2, 4)), "float32 tensor \\(rows=1"),
+    (lambda: Sampled(1, (1,), vectors=torch.ones(1, 4, dtype=torch.float16)), "float32"),
+    (lambda: Copy(1, U16 + 1, 0, 1), "src_slot"),
+    (lambda: Copy(1, 0, 0, -1), "length"),
+])
+def test_new_fields_the_wire_cannot_carry_are_refused_at_encode(make, message):
+    with pytest.raises(FrameError, match=message):
+        encode(make())
+
+
+def rule_forward(extras, rules=b"", rows=1) -> list[bytes]:
+    return [forward_header(shape=(rows, 1), rows=tuple(raw_row(slot=i) for i in range(rows)), extras=extras,
+                           rules=rules), bytes(4 * rows)]
+
+
+def logprob_frame(top: int, pairs, hidden=0, vectors=b"") -> bytes:
+    return sampled_frame((5,), hidden=hidden, tail=bytes([top]) + b"".join(LOGPROB.pack(*p) for p in pairs) + vectors)
+
+
+NEW_MALFORMED = {
+    "logprobs-21": (rule_forward([(21, 0, 0, 0, 0)]), "logprobs 21"),
+    "logprobs-minus-2": (rule_forward([(-2, 0, 0, 0, 0)]), "logprobs -2"),
+    "embed-3": (rule_forward([(-1, 3, 0, 0, 0)]), "embed 3"),
+    "rule-flag-3": (rule_forward([(-1, 0, 3, 0, 0)]), "flag 3"),
+    "mask-without-flag": (rule_forward([(-1, 0, 1, 4, 0)], bytes(4)), "4 mask bytes"),
+    "bias-without-rule": (rule_forward([(-1, 0, 0, 0, 1)], BIAS.pack(1, 1.0)), "1 bias entries"),
+    "mask-not-words": (rule_forward([(-1, 0, 2, 3, 0)], bytes(3)), "3 mask bytes"),
+    "mask-too-big": (rule_forward([(-1, 0, 2, 2**20 + 4, 0)]), "1048580 mask bytes"),
+    "bias-too-many": (rule_forward([(-1, 0, 1, 0, 4097)]), "4097 bias entries"),
+    "mask-truncated": (rule_forward([(-1, 0, 2, 8, 0)], bytes(4)), "rules are truncated"),
+    "bias-truncated": (rule_forward([(-1, 0, 1, 0, 2)], BIAS.pack(1, 1.0)), "rules are truncated"),
+    "rule-stray": (rule_forward([(-1, 0, 1, 0, 1)], BIAS.pack(1, 1.0) + b"\0"), "1 stray bytes"),
+    "bias-nan": (rule_forward([(-1, 0, 1, 0, 1)], BIAS.pack(1, math.nan)), "must be a finite number"),
+    "bias-no-token": (rule_forward([(-1, 0, 1, 0, 1)], BIAS.pack(NO_TOKEN, 1.0)), "bias must be an integer"),
+    "bias-twice": (rule_forward([(-1, 0, 1, 0, 2)], BIAS.pack(1, 1.0) * 2), "names token 1 twice"),
+    "extras-missing": (rule_forward([]), "its fields need at least"),
+    "logprob-top-21": ([logprob_frame(21, [(1, -1.0)] * 22)], "21 alternatives"),
+    "logprob-truncated": ([logprob_frame(2, [(1, -1.0)] * 2)], "truncated"),
+    "logprob-positive": ([logprob_frame(0, [(1, 0.5)])], "float <= 0"),
+    "logprob-nan": ([logprob_frame(0, [(1, math.nan)])], "float <= 0"),
+    "logprob-no-token": ([logprob_frame(0, [(NO_TOKEN, -1.0)])], "float <= 0"),
+    "logprobs-missing": ([sampled_frame((5,), tail=b"")], "wrong length"),
+    "vectors-short": ([sampled_frame((5,), hidden=4, tail=b"\xff" + bytes(12))], "has 12 bytes"),
+    "vectors-long": ([sampled_frame((5,), hidden=4, tail=b"\xff" + bytes(20))], "has 20 bytes"),
+    "vectors-huge": ([sampled_frame((5,), hidden=2**31, tail=b"\xff")], "vectors over"),
+    "copy-short": ([header(Kind.COPY) + bytes(7)], "COPY 42 has 7 body bytes, not 8"),
+    "copy-stray": ([header(Kind.COPY) + bytes(9)], "COPY 42 has 9 body bytes"),
+    "copy-payload": ([header(Kind.COPY) + bytes(8), b""], "carries a payload frame"),
+}
+
+
+@pytest.mark.parametrize("frames, message", NEW_MALFORMED.values(), ids=NEW_MALFORMED.keys())
+def test_malformed_rules_logprobs_vectors_and_copies_are_frame_errors(frames, message):
+    with pytest.raises(FrameError, match=message) as info:
+        decode(frames)
+    assert info.value.message_id == 42
+
+
+def test_hand_built_rule_and_logprob_frames_decode():
+    rules = b"\x01\x00\x00\x00" + BIAS.pack(3, -2.0) + BIAS.pack(9, 1.0)
+    row = decode(rule_forward([(5, 2, 2, 4, 2)], rules)).rows[0]
+    assert (row.rule, row.logprobs, row.embed) == (LogitRule(b"\x01\x00\x00\x00", ((3, -2.0), (9, 1.0))), 5, 2)
+    got = decode([logprob_frame(1, [(5, -0.5), (5, -0.5)], hidden=2, vectors=struct.pack("<2f", 1.0, -2.0))])
+    assert got.logprobs == (TokenLogprob(5, -0.5, ((5, -0.5),)),) and got.vectors.tolist() == [[1.0, -2.0]]

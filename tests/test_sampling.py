@@ -10,6 +10,7 @@ gives an argmax rate of 1 and z-scores above 10.
 from __future__ import annotations
 
 import math
+import struct
 
 import pytest
 import torch
@@ -192,3 +193,69 @@ def test_one_seed_rule_a_negative_seed_draws_as_its_twos_complement():
         [sample_token(logits, SamplingSettings(temperature=1.0, seed=2**64 - 1), p) for p in range(64)]
     frame = decode(encode(Forward(1, (Row(0, 0, negative, True),), torch.ones(1, 1, dtype=torch.int64))))
     assert frame.rows[0].sampling.seed == 2**64 - 1
+
+
+# ----------------------------------------------------------------------------- logit rules and logprobs
+
+from exo_lab.sampling import LogitRule, TokenLogprob, allowed_mask, merge_rule, sample_row   # noqa: E402
+
+
+def mask_of(ids, vocab) -> bytes:
+    words = [0] * ((vocab + 31) // 32)
+    for i in ids:
+        words[i // 32] |= 1 << (i % 32)
+    return struct.pack(f"<{len(words)}I", *words)
+
+
+def test_a_mask_restricts_greedy_and_sampled_draws_to_the_allowed_ids():
+    logits = torch.randn(100, generator=torch.Generator().manual_seed(0)) * 3
+    allowed = [5, 37, 64, 99]                       # across words, and bit 31 of none
+    rule = LogitRule(mask_of(allowed, 100))
+    assert allowed_mask(rule.allowed, 100).nonzero().flatten().tolist() == allowed
+    best = max(allowed, key=lambda i: float(logits[i]))
+    assert sample_row(logits, SamplingSettings(), 3, rule)[0] == best != int(logits.argmax())
+    for seed in range(200):
+        settings = SamplingSettings(temperature=1.5, seed=seed, top_k=3)
+        assert sample_row(logits, settings, seed, rule)[0] in allowed
+    with pytest.raises(RequestError, match="allows no token"):
+        sample_row(logits, SamplingSettings(), 0, LogitRule(bytes(16)))
+
+
+def test_bias_and_penalties_match_a_hand_computation_and_logprobs_are_log_softmax_after_them():
+    logits = torch.tensor([1.0, 2.0, 3.0, 0.5])
+    params = SamplingParams(presence_penalty=1.0, frequency_penalty=0.5, logit_bias=((0, 4.0),), logprobs=2)
+    rule = merge_rule(LogitRule(mask_of([0, 1, 2], 4), ((1, 0.25),)), params, [2, 2, 1])
+    # by hand: 0: 1 + 4 = 5; 1: 2 + 0.25 - (1 + 0.5) = 0.75; 2: 3 - (1 + 0.5 * 2) = 1; 3: masked
+    expected = torch.tensor([5.0, 0.75, 1.0, float("-inf")])
+    token, logprob = sample_row(logits, SamplingSettings(temperature=0.3, seed=1), 9, rule, 2)
+    reference = torch.log_softmax(expected, dim=-1)
+    assert token == 0 or token in (1, 2)
+    assert logprob.token_id == token and logprob.logprob == pytest.approx(float(reference[token]), abs=1e-6)
+    assert [i for i, _ in logprob.top] == [0, 2] and logprob.top[0][1] == pytest.approx(float(reference[0]))
+    # temperature does not change logprobs; the draw is still the one of (seed, position)
+    assert sample_row(logits, SamplingSettings(), 9, rule, 0)[1] == TokenLogprob(0, logprob.top[0][1])
+    assert merge_rule(None, SamplingParams(), [1, 2]) is None
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"logprobs": 21}, "logprobs"), ({"logprobs": -1}, "logprobs"), ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": float("nan")}, "frequency_penalty"), ({"logit_bias": ((1, 101.0),)}, "logit_bias"),
+    ({"logit_bias": ((-1, 1.0),)}, "logit_bias"), ({"logit_bias": tuple((i, 1.0) for i in range(301))}, "logit_bias"),
+    ({"logit_bias": ((1, 1.0), (1, 2.0))}, "logit_bias"), ({"logit_bias": {"a": 1.0}}, "logit_bias"),
+])
+def test_new_request_fields_are_validated_naming_the_field(kwargs, param):
+    with pytest.raises(RequestError) as info:
+        SamplingParams(**kwargs)
+    assert info.value.param == param
+
+
+def test_a_logit_rule_is_bounded():
+    with pytest.raises(RequestError, match="whole uint32 words"):
+        LogitRule(b"\0" * 3)
+    with pytest.raises(RequestError, match="at most 1048576"):
+        LogitRule(b"\0" * (2**20 + 4))
+    with pytest.raises(RequestError, match="at most 4096"):
+        LogitRule(bias=tuple((i, 1.0) for i in range(4097)))
+    with pytest.raises(RequestError, match="finite"):
+        LogitRule(bias=((1, float("inf")),))
+    assert SamplingParams(logit_bias={7: 1, 2: -3.5}).logit_bias == ((2, -3.5), (7, 1.0))

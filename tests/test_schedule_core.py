@@ -530,3 +530,137 @@ def test_slots_freed_just_before_a_failover_are_not_freed_on_the_new_stages():
     replay = run.plan()
     assert replay.free_slots == () and [row.request_id for step in replay.steps for row in step.rows] == \
         [kept.request_id]
+
+
+# --------------------------------------------------------------------------- logit rules, embeddings, n choices
+
+from exo_lab.sampling import LogitRule   # noqa: E402
+
+
+class RecordingProcessor:
+    """A processor that allows every token but one it names per step, and finishes after ``length`` tokens."""
+
+    def __init__(self, length: int = 1000):
+        self.length, self.calls, self.accepted = length, [], []
+
+    def next_rule(self):
+        self.calls.append(("next_rule", len(self.accepted)))
+        return LogitRule(bias=((len(self.accepted), -5.0),))
+
+    def accept(self, token_id: int) -> None:
+        self.calls.append(("accept", token_id))
+        self.accepted.append(token_id)
+
+    def finished(self) -> bool:
+        return len(self.accepted) >= self.length
+
+
+def submit_with(run: Run, prompt, tokens, processor=None, **params) -> Request:
+    params = SamplingParams(max_new_tokens=tokens, ignore_eos=True, **params)
+    request = Request(list(prompt), params, params.settings(seed=7), LOCAL, processor)
+    run.core.submit(request)
+    return request
+
+
+def test_a_processor_is_asked_once_per_sampled_row_and_told_each_token_in_order():
+    run = Run(make_core(prefill_chunk=16))
+    processor = RecordingProcessor(length=5)
+    request = submit_with(run, prompt_of(1, 40), 50, processor)
+    run.until_idle()
+    tokens = run.delivered[request.request_id]
+    assert len(tokens) == 5 and request.stopped and run.finished == [request.request_id]
+    # asked only for rows that sample (not for the prompt's first two chunks), each before its token
+    expected = [call for i, token in enumerate(tokens) for call in (("next_rule", i), ("accept", token))]
+    assert processor.calls == expected
+    sampled_rows = [row for step in run.steps for row in step.rows if row.sample]
+    assert [row.rule.bias for row in sampled_rows] == [((i, -5.0),) for i in range(5)]
+    assert all(row.rule is None for step in run.steps for row in step.rows if not row.sample)
+
+
+def test_penalties_and_logit_bias_bias_each_row_by_the_requests_own_tokens():
+    run = Run(make_core())
+    request = submit_with(run, prompt_of(2, 5), 12, presence_penalty=0.5, frequency_penalty=0.25,
+                          logit_bias=((3, 2.0), (9, -1.0)))
+    other = submit_with(run, prompt_of(3, 5), 12)
+    run.until_idle()
+    rows = [row for step in run.steps for row in step.rows if row.request_id == request.request_id and row.sample]
+    tokens = run.delivered[request.request_id]
+    for index, row in enumerate(rows):
+        bias = {3: 2.0, 9: -1.0}
+        for token in set(tokens[:index]):       # OpenAI's formula, by hand
+            bias[token] = bias.get(token, 0.0) - (0.5 + 0.25 * tokens[:index].count(token))
+        assert dict(row.rule.bias) == pytest.approx(bias) and row.rule.allowed is None
+    assert all(row.rule is None for step in run.steps for row in step.rows if row.request_id == other.request_id)
+
+
+def test_embed_requests_prefill_in_batches_sample_nothing_and_free_their_slots():
+    core = make_core(max_batch=4, prefill_chunk=32)
+    run = Run(core)
+    params = SamplingParams(max_new_tokens=1)
+    embeds = [Request(prompt_of(i, length), params, params.settings(0), LOCAL, embed=2) for i, length in
+              enumerate((10, 10, 40))]
+    for request in embeds:
+        core.submit(request)
+    run.until_idle()
+    assert sorted(run.finished) == sorted(r.request_id for r in embeds) and not run.delivered
+    assert all(not row.sample and row.embed == 2 for step in run.steps for row in step.rows)
+    assert [len(step.rows) for step in run.steps][0] == 3 and run.steps[0].fed == 10   # batched, one length
+    fed = collections.Counter()
+    for step in run.steps:
+        for row in step.rows:
+            fed[row.request_id] += len(row.token_ids)
+    assert [fed[r.request_id] for r in embeds] == [10, 10, 40]         # every position, no reuse
+    assert not core.running and sorted(run.pipe.frees) == [0, 1, 2] and all(r.slot is None for r in embeds)
+    with pytest.raises(RequestError, match="context is 4096 tokens, but an input has 4097"):
+        core.check(prompt_of(1, 4097), params, embed=True)
+
+
+def start_group(run: Run, n: int, prompt: list[int], tokens: int) -> list[Request]:
+    params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
+    group = [Request(list(prompt), params, params.settings(seed=7 + i)) for i in range(n)]
+    run.core.submit_group(group)
+    return group
+
+
+def test_n_choices_prefill_the_prompt_once_and_copy_its_kv_to_each_sibling_once():
+    run = Run(make_core(max_batch=4, prefill_chunk=16))
+    prompt = prompt_of(4, 50)
+    group = start_group(run, 3, prompt, 6)
+    copies = []
+    for _ in range(200):
+        plan = run.plan()
+        for src, dst, length in plan.copies:    # the fake stages copy like the real ones
+            run.pipe.kv[dst] = list(run.pipe.kv[src][:length])
+            copies.append((src, dst, length))
+        if not run.in_flight and not plan.steps:
+            break
+        run.answer()
+    leader = group[0]
+    assert sorted(copies) == sorted((0, dst, 49) for dst in (1, 2))     # once per sibling, 49 positions
+    prefilled = [len(row.token_ids) for step in run.steps for row in step.rows if len(row.token_ids) > 1]
+    assert sum(prefilled) == 50 and all(r.request_id == leader.request_id for step in run.steps if step.prefill
+                                          for r in step.rows)
+    # each choice gets the tokens it gets alone (the fake's next token depends on the KV alone)
+    solo = alone(prompt, 6)
+    assert all(run.delivered[r.request_id] == solo for r in group)
+    with pytest.raises(RequestError, match="n must be between 1 and max_batch"):
+        start_group(run, 5, prompt, 2)
+
+
+def test_a_request_with_a_processor_replays_after_a_failover_without_telling_it_twice():
+    def start():
+        run = Run(make_core(prefill_chunk=16))
+        processor = RecordingProcessor()
+        return run, processor, submit_with(run, prompt_of(5, 30), 12, processor)
+
+    clean_run, clean_processor, clean = start()
+    clean_run.until_idle()
+    run, processor, request = start()
+    run.until(lambda: len(run.delivered[request.request_id]) == 5)
+    assert run.core.suspend() == 1
+    run.in_flight.clear()
+    run.pipe = FakePipeline()                                 # new stages, empty KV
+    run.until_idle()
+    assert run.delivered[request.request_id] == clean_run.delivered[clean.request_id]
+    assert processor.accepted == run.delivered[request.request_id] == clean_processor.accepted
+    assert processor.calls == clean_processor.calls           # asked once per token, replay or not

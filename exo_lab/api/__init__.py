@@ -2,6 +2,7 @@
 
 Routes: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``,
 ``POST /v1/completions`` (both stream as server-sent events with ``"stream": true``),
+``POST /v1/embeddings``, ``POST /v1/responses`` (stateless; streams typed events),
 ``GET /health`` and ``GET /metrics`` (Prometheus text format).
 
 - Model names: ``served_model_names`` (``--served-model-name``, config ``served_model_names``) are

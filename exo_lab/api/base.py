@@ -94,7 +94,8 @@ class NotFoundHandler(ApiHandler):
 
     def prepare(self) -> None:
         raise ApiError(404, f"no route {self.request.method} {self.request.path}; this server has "
-                       "/v1/models, /v1/chat/completions, /v1/completions, /health and /metrics",
+                       "/v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses, /health "
+                       "and /metrics",
                        code="unknown_url")
 
 

@@ -17,19 +17,22 @@ scheduler's QueueFull is a 429 naming the client's own limit, with Retry-After.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 import uuid
-from contextlib import aclosing
+from contextlib import AsyncExitStack, aclosing
 
 from tornado.iostream import StreamClosedError
 
 from ..coordinator.tenants import Tenant
 from ..errors import ClusterError, RequestError
 from .base import JsonBodyHandler, dumps
+from .choices import Choice, chat_logprobs, completion_logprobs
 from .errors import bad_request
 from .params import GenerationRequest, parse_chat_request, parse_completion_request
 from .tenants import ISOLATION_HEADER, client_address, request_tenant, tenant_limits
+from .tools import reply_calls
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +53,7 @@ class GenerationHandler(JsonBodyHandler):
     async def parse(self, body: dict) -> GenerationRequest:
         raise NotImplementedError
 
-    def choice(self, text: str, finish_reason: str | None) -> dict:
-        raise NotImplementedError
-
-    def chunk_choice(self, text: str | None, finish_reason: str | None) -> dict:
+    def choice(self, choice: Choice, request: GenerationRequest) -> dict:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ flow
@@ -115,20 +115,38 @@ class GenerationHandler(JsonBodyHandler):
         return event
 
     async def respond(self, request: GenerationRequest) -> None:
-        reply = Reply(f"{self.id_prefix}-{uuid.uuid4().hex}", int(time.time()), request.model,
-                      len(request.prompt_ids))
+        reply = Reply(self.new_response_id(), int(time.time()), request.model,
+                      len(request.prompt_ids), request.decoding.n, request.token_table)
         started = time.perf_counter()
         tenant = self.tenant(request)
-        async with aclosing(self.cluster.astream(list(request.prompt_ids), request.params, tenant)) as events:
-            first = await self.first_event(events, request)
+        async with AsyncExitStack() as stack:
+            streams = [await stack.enter_async_context(aclosing(events))
+                       for events in await self.open_streams(request, tenant)]
+            firsts = [await self.first_event(events, request) for events in streams]
             if request.stream:
-                await self.stream(reply, request, first, events)
+                await self.stream(reply, request, firsts, streams)
             else:
-                await self.complete(reply, first, events)
+                await self.complete(reply, request, firsts, streams)
         logger.info("%s %s: %d prompt + %d completion tokens, finish %s, %.2f s, client %s (%s)%s",
                     self.request.path, reply.response_id, reply.prompt_tokens, reply.completion_tokens,
                     reply.finish_reason, time.perf_counter() - started, tenant.label, self.request.remote_ip,
                     f", user {request.user!r}" if request.user else "")
+
+    def new_response_id(self) -> str:
+        """The reply's id, as OpenAI spells it: ``chatcmpl-<hex>``, ``cmpl-<hex>``."""
+        return f"{self.id_prefix}-{uuid.uuid4().hex}"
+
+    async def open_streams(self, request: GenerationRequest, tenant: Tenant) -> list:
+        """One event stream per choice: ``astream`` for one, ``astream_n`` (one shared prefill) for
+        more; each under its own copy of the grammar's processor."""
+        ids, decoding = list(request.prompt_ids), request.decoding
+        grammar = decoding.grammar
+        if decoding.n == 1:
+            extra = {} if grammar is None else {"processor": grammar.processor()}
+            return [self.cluster.astream(ids, request.params, tenant, **extra)]
+        extra = {} if grammar is None else {"processors": [grammar.processor() for _ in range(decoding.n)]}
+        streams = self.cluster.astream_n(ids, request.params, decoding.n, tenant, **extra)
+        return list(await streams if inspect.isawaitable(streams) else streams)
 
     def tenant(self, request: GenerationRequest) -> Tenant:
         """Who asks: the TCP peer (``remote_ip``: tornado is not told to trust forwarding headers)
@@ -145,33 +163,44 @@ class GenerationHandler(JsonBodyHandler):
             code = "context_length_exceeded" if needed > self.cluster.context_length else None
             raise bad_request(str(exc), param=exc.param, code=code) from None
 
-    async def complete(self, reply: "Reply", first, events) -> None:
-        texts = [reply.add(first)]
+    async def complete(self, reply: Reply, request: GenerationRequest, firsts, streams) -> None:
+        await together(self.drain(choice, first, events)
+                       for choice, first, events in zip(reply.choices, firsts, streams))
+        self.write_json({**reply.header(self.object_name),
+                         "choices": [self.choice(choice, request) for choice in reply.choices],
+                         "usage": reply.usage()})
+
+    async def drain(self, choice: Choice, first, events) -> None:
+        """Add every event of one choice's stream to ``choice``."""
+        async for event in self.events_of(first, events):
+            choice.add(event)
+
+    async def events_of(self, first, events):
+        """``first``, then the stream's events up to the one with a finish reason."""
         event = first
+        yield event
         while event.finish_reason is None:
             try:
                 event = await self.next_event(events)
             except StopAsyncIteration:
-                break
-            texts.append(reply.add(event))
-        self.write_json({**reply.header(self.object_name),
-                         "choices": [self.choice("".join(texts), reply.finish_reason)],
-                         "usage": reply.usage()})
+                return
+            yield event
 
-    async def stream(self, reply: "Reply", request: GenerationRequest, first, events) -> None:
-        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.set_header("Cache-Control", "no-cache")
-        self.set_header("X-Accel-Buffering", "no")   # proxies must not hold the stream back
+    async def stream(self, reply: Reply, request: GenerationRequest, firsts, streams) -> None:
+        self.start_event_stream()
         extra = {"usage": None} if request.include_usage else {}
 
         async def send(choice: dict) -> None:
             await self.send_event({**reply.header(self.chunk_object_name), "choices": [choice], **extra})
 
         try:
-            opening = self.chunk_choice(None, None)
-            if opening is not None:
-                await send(opening)
-            await self.stream_events(reply, send, first, events)
+            for choice in reply.choices:
+                opening = self.opening_chunk(choice)
+                if opening is not None:
+                    await send(opening)
+            async for choice, event in merged(self.events_of, reply.choices, firsts, streams):
+                for chunk in self.chunks(choice, event, request):
+                    await send(chunk)
         except (asyncio.CancelledError, StreamClosedError):
             raise
         except Exception as exc:
@@ -182,16 +211,18 @@ class GenerationHandler(JsonBodyHandler):
         await self.send_raw(b"data: [DONE]\n\n")
         self.finish()
 
-    async def stream_events(self, reply: "Reply", send, first, events) -> None:
-        event = first
-        while True:
-            text = reply.add(event)
-            if text:
-                await send(self.chunk_choice(text, None))
-            if event.finish_reason is not None:
-                await send(self.chunk_choice("", event.finish_reason))
-                return
-            event = await self.next_event(events)
+    def start_event_stream(self) -> None:
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")   # proxies must not hold the stream back
+
+    def opening_chunk(self, choice: Choice) -> dict | None:
+        return None
+
+    def chunks(self, choice: Choice, event, request: GenerationRequest) -> list[dict]:
+        """The chunk choices to send for ``event`` of ``choice`` (None: the stream ended without
+        a finish reason), after adding it to ``choice``."""
+        raise NotImplementedError
 
     async def send_stream_error(self, exc: Exception) -> None:
         """After the headers are out, an error can only travel as an event (then the stream ends)."""
@@ -207,20 +238,23 @@ class GenerationHandler(JsonBodyHandler):
 
 
 class Reply:
-    """What a response accumulates: ids, counts, the finish reason."""
+    """What a response accumulates: ids, counts, one Choice per choice."""
 
-    def __init__(self, response_id: str, created: int, model: str, prompt_tokens: int):
+    def __init__(self, response_id: str, created: int, model: str, prompt_tokens: int, n: int = 1,
+                 table=None):
         self.response_id = response_id
         self.created = created
         self.model = model
-        self.prompt_tokens = prompt_tokens
-        self.completion_tokens = 0
-        self.finish_reason: str | None = None
+        self.prompt_tokens = prompt_tokens          # the prompt is prefilled once for all choices
+        self.choices = [Choice(index, table) for index in range(n)]
 
-    def add(self, event) -> str:
-        self.completion_tokens += len(event.token_ids)
-        self.finish_reason = event.finish_reason or self.finish_reason
-        return event.text
+    @property
+    def completion_tokens(self) -> int:
+        return sum(choice.completion_tokens for choice in self.choices)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return ",".join(str(choice.finish_reason) for choice in self.choices)
 
     def header(self, object_name: str) -> dict:
         return {"id": self.response_id, "object": object_name, "created": self.created, "model": self.model}
@@ -228,6 +262,48 @@ class Reply:
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+async def together(coroutines) -> list:
+    """Run the coroutines at once; the first failure cancels the rest and is raised."""
+    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def merged(events_of, choices: list[Choice], firsts, streams):
+    """(choice, event) pairs from every choice's stream as they come; (choice, None) when a stream
+    ends without a finish reason. The first failure of any stream is raised."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(choice, first, events):
+        try:
+            async for event in events_of(first, events):
+                await queue.put((choice, event, None))
+                if event.finish_reason is not None:
+                    return
+            await queue.put((choice, None, None))
+        except Exception as exc:
+            await queue.put((choice, None, exc))
+
+    tasks = [asyncio.ensure_future(pump(*args)) for args in zip(choices, firsts, streams)]
+    try:
+        for _ in choices:
+            while True:
+                choice, event, error = await queue.get()
+                if error is not None:
+                    raise error
+                yield choice, event
+                if event is None or event.finish_reason is not None:
+                    break
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class ChatCompletionsHandler(GenerationHandler):
@@ -241,17 +317,72 @@ class ChatCompletionsHandler(GenerationHandler):
         return await parse_chat_request(body, self.cluster, self.server.model_names,
                                         client=client_address(self.request.remote_ip))
 
-    def choice(self, text: str, finish_reason: str | None) -> dict:
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+    def choice(self, choice: Choice, request: GenerationRequest) -> dict:
+        content, calls, finish_reason = chat_output(choice, request)
+        message = {"role": "assistant", "content": content, "refusal": None}
+        if calls:
+            message["tool_calls"] = calls
+        return {"index": choice.index, "message": message, "logprobs": self.logprobs(choice.logprobs, request),
                 "finish_reason": finish_reason}
 
-    def chunk_choice(self, text: str | None, finish_reason: str | None) -> dict:
-        # text None: the opening chunk, which carries the role; "" with a reason: the closing one.
-        if text is None:
-            delta = {"role": "assistant", "content": ""}
-        else:
-            delta = {"content": text} if text else {}
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def opening_chunk(self, choice: Choice) -> dict:
+        return self.chunk(choice, {"role": "assistant", "content": ""})
+
+    def chunks(self, choice: Choice, event, request: GenerationRequest) -> list[dict]:
+        if event is not None:
+            choice.add(event)
+        if request.decoding.calls_tools:
+            return [] if event is not None and event.finish_reason is None else self.closing_chunks(choice, request)
+        chunks = []
+        logprobs = self.logprobs(event_logprobs(event), request)
+        if event is not None and (event.text or logprobs):
+            chunks.append(self.chunk(choice, {"content": event.text} if event.text else {}, logprobs))
+        if event is None or event.finish_reason is not None:
+            chunks.append(self.chunk(choice, {}, finish_reason=choice.finish_reason or "stop"))
+        return chunks
+
+    def closing_chunks(self, choice: Choice, request: GenerationRequest) -> list[dict]:
+        """A tools request's whole output at its end, as OpenAI streams it: the content, then per
+        call its index, id, type and name, then its arguments in fragments."""
+        content, calls, finish_reason = chat_output(choice, request)
+        chunks = [self.chunk(choice, {"content": content})] if content else []
+        for index, call in enumerate(calls):
+            function = call["function"]
+            chunks.append(self.chunk(choice, {"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                                              "function": {"name": function["name"], "arguments": ""}}]}))
+            chunks.extend(self.chunk(choice, {"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+                          for piece in fragments(function["arguments"]))
+        chunks.append(self.chunk(choice, {}, self.logprobs(choice.logprobs, request), finish_reason))
+        return chunks
+
+    @staticmethod
+    def chunk(choice: Choice, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> dict:
+        return {"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    @staticmethod
+    def logprobs(entries, request: GenerationRequest) -> dict | None:
+        if request.decoding.logprobs is None or not entries:
+            return None
+        return chat_logprobs(entries, request.token_table)
+
+
+def chat_output(choice: Choice, request: GenerationRequest) -> tuple[str | None, list[dict], str]:
+    """(content, tool calls, finish reason) of a finished chat choice: a tools request's text is
+    parsed for calls (finish reason "tool_calls" when there are some, unless max_tokens cut the
+    output: then "length", as OpenAI, with the cut call left in the content as text)."""
+    finish_reason = choice.finish_reason or "stop"
+    if not request.decoding.calls_tools:
+        return choice.text, [], finish_reason
+    content, calls = reply_calls(choice.text)
+    return content, calls, "tool_calls" if calls and finish_reason != "length" else finish_reason
+
+
+def event_logprobs(event) -> tuple:
+    return (getattr(event, "logprobs", None) or ()) if event is not None else ()
+
+
+def fragments(text: str, size: int = 16) -> list[str]:
+    return [text[start:start + size] for start in range(0, len(text), size)] or [""]
 
 
 class CompletionsHandler(GenerationHandler):
@@ -261,10 +392,23 @@ class CompletionsHandler(GenerationHandler):
         return await parse_completion_request(body, self.cluster, self.server.model_names,
                                               client=client_address(self.request.remote_ip))
 
-    def choice(self, text: str, finish_reason: str | None) -> dict:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def choice(self, choice: Choice, request: GenerationRequest) -> dict:
+        return {"index": choice.index, "text": choice.text, "logprobs": self.logprobs(choice.logprobs, request),
+                "finish_reason": choice.finish_reason or "stop"}
 
-    def chunk_choice(self, text: str | None, finish_reason: str | None) -> dict | None:
-        if text is None:
-            return None     # completions streams have no opening chunk
-        return self.choice(text, finish_reason)
+    def chunks(self, choice: Choice, event, request: GenerationRequest) -> list[dict]:
+        offset = choice.logprob_chars
+        if event is not None:
+            choice.add(event)
+        finish_reason = choice.finish_reason or "stop" if event is None or event.finish_reason else None
+        entries = event_logprobs(event)
+        if event is not None and not event.text and not entries and finish_reason is None:
+            return []
+        return [{"index": choice.index, "text": event.text if event is not None else "",
+                 "logprobs": self.logprobs(entries, request, offset), "finish_reason": finish_reason}]
+
+    @staticmethod
+    def logprobs(entries, request: GenerationRequest, offset: int = 0) -> dict | None:
+        if request.decoding.logprobs is None:
+            return None
+        return completion_logprobs(entries or (), request.token_table, offset)

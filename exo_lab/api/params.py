@@ -3,9 +3,10 @@
 Every field of OpenAI's chat and completions requests is in one of three groups:
 - honoured: model (any name GET /v1/models lists), messages / prompt, max_tokens
   (max_completion_tokens for chat), temperature, top_p, top_k (an extension), seed, stop, stream,
-  stream_options.include_usage, user (logged);
-- accepted only at its default, refused otherwise (``DEFAULT_ONLY``): n=1, logprobs off,
-  penalties 0, no logit_bias, no tools, text output, nothing stored...;
+  stream_options.include_usage, user (logged); n, logprobs / top_logprobs, penalties,
+  logit_bias, response_format and tools (validated in :mod:`exo_lab.api.features`);
+- accepted only at its default, refused otherwise (``DEFAULT_ONLY``): nothing stored, text
+  modality, no audio...;
 - anything else is refused with a 400 that names it, never ignored.
 
 Defaults follow OpenAI: temperature 1, top_p 1; max_tokens is what is left of the context for
@@ -26,17 +27,22 @@ client, with the clients taking turns (:mod:`exo_lab.api.tokenizing`).
 """
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..coordinator.chat import normalize_messages
 from ..errors import ClusterError, RequestError
 from ..sampling import SamplingParams, normalize_seed
+from . import features
+from .choices import token_table
 from .errors import bad_request, model_not_found, unsupported
+from .features import Decoding, is_int, json_type, short_repr
 from .tokenizing import TOKENIZER
+from .tools import chat_messages as tool_messages
+from .tools import render_chat
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
 MAX_STOP_STRINGS = 4                  # as OpenAI
@@ -47,44 +53,36 @@ MAX_CONTENT_PARTS = 2048              # text parts of all messages together
 MAX_JSON_DEPTH = 64                   # an OpenAI body nests 5 deep; Python's parser fails near 1,000
 
 SHARED_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-                           "stream", "stream_options", "user"})
-CHAT_FIELDS = SHARED_FIELDS | {"messages", "max_completion_tokens"}
+                           "stream", "stream_options", "user", "n", "presence_penalty", "frequency_penalty",
+                           "logit_bias", "logprobs"})
+CHAT_FIELDS = SHARED_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
+                               "tool_choice", "parallel_tool_calls"}
 COMPLETION_FIELDS = SHARED_FIELDS | {"prompt"}
 
 # field -> (the values accepted, as the error message writes them)
 SHARED_DEFAULT_ONLY = {
-    "n": ((None, 1), "1"),
-    "presence_penalty": ((None, 0), "0"),
-    "frequency_penalty": ((None, 0), "0"),
-    "logit_bias": ((None, {}), "null"),
     "service_tier": ((None, "auto", "default"), '"auto"'),
 }
 CHAT_DEFAULT_ONLY = {
     **SHARED_DEFAULT_ONLY,
-    "logprobs": ((None, False), "false"),
-    "top_logprobs": ((None,), "null"),
-    "response_format": ((None, {"type": "text"}), '{"type": "text"}'),
     "modalities": ((None, ["text"]), '["text"]'),
     "store": ((None, False), "false"),
     "metadata": ((None, {}), "null"),
-    **{name: ((None,), "null") for name in ("tools", "tool_choice", "parallel_tool_calls", "functions",
-                                            "function_call", "audio", "prediction", "reasoning_effort",
-                                            "web_search_options", "verbosity")},
+    **{name: ((None,), "null") for name in ("functions", "function_call", "audio", "prediction",
+                                            "reasoning_effort", "web_search_options", "verbosity")},
 }
 COMPLETION_DEFAULT_ONLY = {
     **SHARED_DEFAULT_ONLY,
-    "logprobs": ((None,), "null"),
     "echo": ((None, False), "false"),
     "suffix": ((None,), "null"),
     "best_of": ((None, 1), "1"),
 }
-MESSAGE_FIELDS = ("role", "content")
 ModelNames = Callable[[], tuple[str, ...]]      # the names a request's model may take, primary first
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """A validated generation request, ready for ``cluster.astream``."""
+    """A validated generation request, ready for ``cluster.astream`` / ``astream_n``."""
 
     model: str               # the name the client sent (one the server serves); echoed in the reply
     prompt_ids: tuple[int, ...]
@@ -92,6 +90,8 @@ class GenerationRequest:
     stream: bool
     include_usage: bool      # streaming only: send a usage chunk before [DONE]
     user: str | None         # the caller's end-user id; logged with the request
+    decoding: Decoding = field(default_factory=Decoding)   # n, logprobs, penalties, bias, grammar, tools
+    token_table: object = None         # choices.TokenTable when logprobs are asked for
 
 
 async def parse_chat_request(body: dict, cluster, model_names: ModelNames, client: str = "") -> GenerationRequest:
@@ -100,14 +100,24 @@ async def parse_chat_request(body: dict, cluster, model_names: ModelNames, clien
     (or RequestError for bad messages)."""
     check_fields(body, CHAT_FIELDS, CHAT_DEFAULT_ONLY)
     model = check_model(body, cluster, model_names)
-    messages = chat_messages(body)
-    check_prompt_chars(sum(len(m["content"]) for m in messages), cluster, "messages", messages=len(messages))
-    prompt_ids = await off_loop(client, cluster.encode_chat, messages)
+    decoding = chat_decoding(body, cluster)
+    return await chat_request(body, cluster, model, body.get("messages"), decoding, client)
+
+
+async def chat_request(body: dict, cluster, model: str, messages, decoding: Decoding,
+                       client: str) -> GenerationRequest:
+    """The request for chat ``messages`` (OpenAI's shape) under ``decoding``; ``body`` gives the
+    sampling fields. Shared with /v1/responses."""
+    messages = chat_messages(messages)
+    chars = sum(len(m["content"]) + sum(len(c["arguments"]) + len(c["name"]) for c in m.get("tool_calls", ()))
+                for m in messages) + len(json.dumps(decoding.tools)) * bool(decoding.tools)
+    check_prompt_chars(chars, cluster, "messages", messages=len(messages))
+    prompt_ids = await off_loop(client, render_chat, cluster.tokenizer, messages, decoding.tools)
     max_tokens = chat_max_tokens(body)
     if max_tokens is None:
         # OpenAI's default: whatever the context has left after the prompt.
         max_tokens = max(cluster.context_length - len(prompt_ids), 1)
-    return generation_request(body, model, prompt_ids, max_tokens)
+    return await generation_request(body, cluster, model, prompt_ids, max_tokens, decoding, client)
 
 
 async def parse_completion_request(body: dict, cluster, model_names: ModelNames,
@@ -116,13 +126,38 @@ async def parse_completion_request(body: dict, cluster, model_names: ModelNames,
     ``client``: who asks, for the tokenizer's turns. Raises ApiError."""
     check_fields(body, COMPLETION_FIELDS, COMPLETION_DEFAULT_ONLY)
     model = check_model(body, cluster, model_names)
+    decoding = Decoding(logprobs=features.completion_logprobs(body), **sampling_features(body, cluster))
     prompt_ids = await completion_prompt(body, cluster, client)
     max_tokens = integer(body, "max_tokens", minimum=1)
-    return generation_request(body, model, prompt_ids,
-                              COMPLETIONS_DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens)
+    return await generation_request(body, cluster, model, prompt_ids,
+                                    COMPLETIONS_DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
+                                    decoding, client)
 
 
-def generation_request(body: dict, model: str, prompt_ids: list[int], max_tokens: int) -> GenerationRequest:
+def chat_decoding(body: dict, cluster) -> Decoding:
+    """chat's n, logprobs, penalties, bias, response_format and tools, checked (not compiled yet)."""
+    tools = features.tools(body.get("tools"))
+    choice = features.tool_choice(body.get("tool_choice"), tools)
+    fmt = features.response_format(body.get("response_format"))
+    features.check_combination(fmt, tools, choice)
+    return Decoding(logprobs=features.chat_logprobs(body), response_format=fmt, tools=tools, tool_choice=choice,
+                    parallel_tool_calls=features.parallel_tool_calls(body), **sampling_features(body, cluster))
+
+
+def sampling_features(body: dict, cluster) -> dict:
+    return {"n": features.choice_count(body, max_batch(cluster)),
+            "presence_penalty": features.penalty(body, "presence_penalty"),
+            "frequency_penalty": features.penalty(body, "frequency_penalty"),
+            "logit_bias": features.logit_bias(body, len(cluster.tokenizer))}
+
+
+def max_batch(cluster) -> int:
+    """How many requests the loaded model decodes together (its KV slots): the bound on ``n``."""
+    return cluster.pipeline.options.max_batch
+
+
+async def generation_request(body: dict, cluster, model: str, prompt_ids: list[int], max_tokens: int,
+                             decoding: Decoding, client: str) -> GenerationRequest:
     stream = boolean(body, "stream", default=False)
     params = SamplingParams(
         max_new_tokens=max_tokens,
@@ -130,9 +165,13 @@ def generation_request(body: dict, model: str, prompt_ids: list[int], max_tokens
         top_p=number(body, "top_p", default=1.0),
         top_k=integer(body, "top_k", minimum=0) or 0,
         seed=seed(body),
-        stop=stop_strings(body))
+        stop=stop_strings(body),
+        **decoding.sampling_fields())
+    grammar = await off_loop(client, features.compile_grammar, decoding, cluster.tokenizer)
+    table = None if decoding.logprobs is None else await off_loop(client, token_table, cluster.tokenizer)
     return GenerationRequest(model=model, prompt_ids=tuple(prompt_ids), params=params, stream=stream,
-                             include_usage=include_usage(body, stream), user=string(body, "user"))
+                             include_usage=include_usage(body, stream), user=string(body, "user"),
+                             decoding=replace(decoding, grammar=grammar), token_table=table)
 
 
 # ---------------------------------------------------------------- fields
@@ -170,15 +209,10 @@ def check_model(body: dict, cluster, model_names: ModelNames) -> str:
     return model
 
 
-def chat_messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
+def chat_messages(messages) -> list[dict]:
     if isinstance(messages, list):
         check_message_counts(messages)
-        for index, message in enumerate(messages):
-            extra = sorted(set(message) - set(MESSAGE_FIELDS)) if isinstance(message, dict) else []
-            if extra:
-                raise unsupported(f"messages[{index}].{extra[0]}", "nothing (only role and content are used)")
-    return normalize_messages(messages)
+    return tool_messages(messages)
 
 
 def check_message_counts(messages: list) -> None:
@@ -210,7 +244,7 @@ async def completion_prompt(body: dict, cluster, client: str = "") -> list[int]:
     if isinstance(prompt, str):
         check_prompt_chars(len(prompt), cluster, "prompt")
         ids = await off_loop(client, cluster.encode, prompt)
-    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+    elif isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
         if len(prompt) > cluster.context_length:
             raise bad_request(f"'prompt' holds {len(prompt)} token ids; this model's context is "
                               f"{cluster.context_length} tokens", param="prompt", code="context_length_exceeded")
@@ -340,8 +374,8 @@ def integer(body: dict, name: str, *, minimum: int | None = None) -> int | None:
     value = body.get(name)
     if value is None:
         return None
-    if not _is_int(value):
-        raise bad_request(f"'{name}' must be an integer, got {json_type(value)} {_short(value)}", param=name)
+    if not is_int(value):
+        raise bad_request(f"'{name}' must be an integer, got {json_type(value)} {short_repr(value)}", param=name)
     if minimum is not None and value < minimum:
         raise bad_request(f"'{name}' must be >= {minimum}, got {value}", param=name)
     return value
@@ -352,7 +386,7 @@ def number(body: dict, name: str, *, default: float) -> float:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise bad_request(f"'{name}' must be a number, got {json_type(value)} {_short(value)}", param=name)
+        raise bad_request(f"'{name}' must be a number, got {json_type(value)} {short_repr(value)}", param=name)
     return float(value)
 
 
@@ -361,7 +395,7 @@ def boolean(body: dict, name: str, *, default: bool, prefix: str = "") -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise bad_request(f"'{prefix}{name}' must be true or false, got {json_type(value)} {_short(value)}",
+        raise bad_request(f"'{prefix}{name}' must be true or false, got {json_type(value)} {short_repr(value)}",
                           param=prefix + name)
     return value
 
@@ -369,23 +403,5 @@ def boolean(body: dict, name: str, *, default: bool, prefix: str = "") -> bool:
 def string(body: dict, name: str) -> str | None:
     value = body.get(name)
     if value is not None and not isinstance(value, str):
-        raise bad_request(f"'{name}' must be a string, got {json_type(value)} {_short(value)}", param=name)
+        raise bad_request(f"'{name}' must be a string, got {json_type(value)} {short_repr(value)}", param=name)
     return value
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def json_type(value) -> str:
-    """The JSON name of a parsed value's type, for error messages."""
-    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
-                       (list, "an array"), (dict, "an object")):
-        if isinstance(value, kind):
-            return name
-    return "null" if value is None else type(value).__name__
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."

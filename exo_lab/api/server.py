@@ -12,10 +12,12 @@ import tornado.web
 from ..errors import ConfigError
 from ..httpguard import GuardedHTTPServer, HostCheck, bind_sockets
 from .base import MAX_BODY_BYTES, NotFoundHandler
+from .embeddings import EmbeddingsHandler
 from .generation import ChatCompletionsHandler, CompletionsHandler
 from .guard import ApiLimits
 from .handlers import HealthHandler, MetricsHandler, ModelHandler, ModelsHandler
 from .pages import page_routes
+from .responses import ResponsesHandler
 from .tenants import ConnectionCounter
 
 logger = logging.getLogger(__name__)
@@ -146,6 +148,8 @@ def make_app(server: ApiServer) -> tornado.web.Application:
         (r"/v1/models/(.+)", ModelHandler),
         (r"/v1/chat/completions", ChatCompletionsHandler),
         (r"/v1/completions", CompletionsHandler),
+        (r"/v1/embeddings", EmbeddingsHandler),
+        (r"/v1/responses", ResponsesHandler),
         (r"/health", HealthHandler),
         (r"/metrics", MetricsHandler),
     ]

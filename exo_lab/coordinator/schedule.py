@@ -61,7 +61,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ..errors import QueueFull, RequestError
-from ..sampling import SamplingParams, SamplingSettings
+from ..sampling import MAX_RULE_BIAS, LogitProcessor, LogitRule, SamplingParams, SamplingSettings, merge_rule
 from .tenants import LOCAL, FairQueue, Tenant
 
 # Bounds of the Retry-After a refused request is told (its tenant's next request end, estimated).
@@ -87,6 +87,9 @@ class Request:
     params: SamplingParams
     settings: SamplingSettings      # what every row of it carries (the seed fixed)
     tenant: Tenant = LOCAL
+    processor: LogitProcessor | None = None   # asked for each sampled row's rule, told each token
+    embed: int = 0                  # 0: generate; 1, 2: prefill only, pooled last / mean (wire.Row.embed)
+    leader: "Request | None" = None  # n choices: the sibling whose prompt KV this one copies
     request_id: int = 0
     generated: list[int] = field(default_factory=list)
     slot: int | None = None
@@ -94,6 +97,7 @@ class Request:
     in_flight: bool = False
     done: bool = False          # no more steps: finished, cancelled or failed
     preempting: bool = False    # gives its slot back when its step in flight returns
+    stopped: bool = False       # its processor finished: the request ends with "stop"
 
     @property
     def tokens(self) -> list[int]:
@@ -116,6 +120,9 @@ class PlannedRow:
     token_ids: tuple[int, ...]
     sample: bool
     settings: SamplingSettings
+    rule: LogitRule | None = None       # bias and allowed mask for the sampled token
+    logprobs: int = -1                  # -1: none; else the alternatives wanted (wire.Row.logprobs)
+    embed: int = 0                      # wire.Row.embed
 
 
 @dataclass(frozen=True)
@@ -137,33 +144,47 @@ class StepPlan:
     """What to send now: FREE for ``free_slots`` (slots given back since the last plan), then
     ``steps``. ``reused_positions``: for each request admitted since the last plan into a slot
     holding a prefix of its tokens, how many positions it reuses; ``preempted``: requests
-    preempted since the last plan (both for the runner's counters)."""
+    preempted since the last plan (both for the runner's counters). ``copies``: (src slot, dst
+    slot, positions) to copy on every stage after the FREEs and before the steps (n choices
+    sharing one prefill). ``failed``: requests that ended while planning (their processor
+    raised), with why, for the runner to tell."""
 
     steps: tuple[PlannedStep, ...] = ()
     free_slots: tuple[int, ...] = ()
     reused_positions: tuple[int, ...] = ()
     preempted: int = 0
+    copies: tuple[tuple[int, int, int], ...] = ()
+    failed: tuple[tuple["Request", str], ...] = ()
 
 
 @dataclass(frozen=True)
 class StepResult:
     """A step's answer from the last stage: a token id per row (ignored where the row did not
-    sample) and each stage's forward time in ms."""
+    sample) and each stage's forward time in ms; ``logprobs``: one per row or (); ``vectors``:
+    one pooled vector per row (indexable by row, opaque to the core) or None."""
 
     step_id: int
     token_ids: tuple[int, ...]
     stage_ms: tuple[float, ...] = ()
+    logprobs: tuple = ()
+    vectors: object = None
 
 
 @dataclass(frozen=True)
 class Delivery:
     """What :meth:`SchedulingCore.apply` made of a result: the new token of each sampling row,
-    in row order, and the requests that ended with it (end of sequence or max_new_tokens).
+    in row order, and the requests that ended with it (end of sequence, max_new_tokens, its
+    processor finished, or an embedding's last chunk). ``logprobs``: one per token (None where
+    not asked); ``vectors``: (request, pooled vector of this chunk) per embedding row;
+    ``failed``: requests whose processor raised on their token, with why.
     ``dropped``: the step is unknown (it ended already, or nobody issued it)."""
 
     tokens: tuple[tuple[Request, int], ...] = ()
     finished: tuple[Request, ...] = ()
     dropped: bool = False
+    logprobs: tuple = ()
+    vectors: tuple[tuple[Request, object], ...] = ()
+    failed: tuple[tuple[Request, str], ...] = ()
 
 
 @dataclass
@@ -179,6 +200,8 @@ class _Pending:
     free_slots: list[int] = field(default_factory=list)
     reused_positions: list[int] = field(default_factory=list)
     preempted: int = 0
+    copies: list[tuple[int, int, int]] = field(default_factory=list)
+    failed: list[tuple["Request", str]] = field(default_factory=list)
 
 
 class SchedulingCore:
@@ -234,10 +257,21 @@ class SchedulingCore:
         return [{"client": label, "running": running, "queued": queued} for label, (running, queued) in rows]
 
     # ----------------------------------------------------------------- requests
-    def check(self, prompt_ids: list[int], params: SamplingParams, tenant: Tenant = LOCAL) -> None:
+    def check(self, prompt_ids: list[int], params: SamplingParams, tenant: Tenant = LOCAL, *,
+              embed: bool = False) -> None:
         """Raise RequestError when the request cannot run, QueueFull when it may not wait."""
         if not prompt_ids:
-            raise RequestError("the prompt is empty: it must contain at least one token", param="messages")
+            raise RequestError("the prompt is empty: it must contain at least one token",
+                               param="input" if embed else "messages")
+        if embed:
+            if len(prompt_ids) > self.context_length:
+                raise RequestError(f"this model's context is {self.context_length} tokens, but an input has "
+                                   f"{len(prompt_ids)}; shorten it", param="input")
+            self._check_queue(tenant)
+            return
+        if params.penalized and params.max_new_tokens + len(params.logit_bias) > MAX_RULE_BIAS:
+            raise RequestError(f"with presence or frequency penalties, max_tokens plus the logit_bias entries "
+                               f"may be at most {MAX_RULE_BIAS}", param="max_tokens")
         needed = len(prompt_ids) + params.max_new_tokens
         if needed > self.context_length:
             raise RequestError(
@@ -250,10 +284,29 @@ class SchedulingCore:
     def submit(self, request: Request) -> None:
         """Queue ``request`` and admit what fits at once (so the queue holds only the rest).
         Raises as :meth:`check` does, before anything changes."""
-        self.check(request.prompt, request.params, request.tenant)
+        self.check(request.prompt, request.params, request.tenant, embed=bool(request.embed))
         request.request_id = next(self._request_ids)
         self._waiting.append(request)
         self._admit()
+
+    def submit_group(self, requests: list[Request]) -> None:
+        """Submit n choices of one prompt: the first prefills it, and each other one, once its slot
+        is free and the first's KV holds all of the prompt but its last token, gets those
+        positions copied into its slot (a ``copies`` entry of a plan) instead of prefilling them.
+        RequestError unless 1 <= n <= max_batch; on any refusal none of them stays queued."""
+        if not 1 <= len(requests) <= self.max_batch:
+            raise RequestError(f"n must be between 1 and max_batch ({self.max_batch}), got {len(requests)}", param="n")
+        for request in requests[1:]:
+            request.leader = requests[0]
+        submitted = []
+        try:
+            for request in requests:
+                self.submit(request)
+                submitted.append(request)
+        except BaseException:
+            for request in submitted:
+                self.cancel(request)
+            raise
 
     def cancel(self, request: Request) -> None:
         """The consumer is done with ``request`` (finished, gone or failed): it leaves the queue,
@@ -317,14 +370,13 @@ class SchedulingCore:
         (one at a time, so decode steps never wait for a second one), and decode groups up to
         ``micro_batches`` in flight. The planned requests count as in flight from here on."""
         self._admit()
-        ready = [r for r in self._running if not r.in_flight and not r.done]
+        self._copy_prefixes()
+        ready = [r for r in self._running if not r.in_flight and not r.done and not self._awaits_leader(r)]
         steps = []
-        prefill = [r for r in ready if r.to_feed > 1]
+        prefill = [r for r in ready if r.embed or r.to_feed > 1]
         if prefill and not any(flight.step.prefill for flight in self._in_flight.values()):
-            request = prefill[0]
-            fed = min(self._chunk_size(), request.to_feed)
-            steps.append(self._launch([request], fed, fed == request.to_feed, prefill=True))
-        decode = [r for r in ready if r.to_feed == 1]
+            steps.append(self._launch_prefill(prefill))
+        decode = [r for r in ready if not r.embed and r.to_feed == 1]
         # the decoding requests, split into one group per micro-batch
         size = max(1, math.ceil(len(self._live()) / self.micro_batches))
         in_flight = sum(not flight.step.prefill for flight in self._in_flight.values())
@@ -332,7 +384,36 @@ class SchedulingCore:
             group, decode = decode[:size], decode[size:]
             steps.append(self._launch(group, 1, True, prefill=False))
             in_flight += 1
-        return self._plan(tuple(steps))
+        return self._plan(tuple(step for step in steps if step is not None))
+
+    def _launch_prefill(self, prefill: list[Request]) -> PlannedStep | None:
+        """The prefill lane's next step: a chunk of the first request's prompt, or when that one
+        is an embedding, a batch of embeddings' chunks of one length (at most a chunk's tokens)."""
+        first, chunk = prefill[0], self._chunk_size()
+        if not first.embed:
+            fed = min(chunk, first.to_feed)
+            return self._launch([first], fed, fed == first.to_feed, prefill=True)
+        group = [r for r in prefill if r.embed]
+        fed = min(chunk, *(r.to_feed for r in group))
+        group = group[:max(1, chunk // fed)]
+        return self._launch(group, min(fed, *(r.to_feed for r in group)), False, prefill=True)
+
+    def _awaits_leader(self, request: Request) -> bool:
+        """A fresh choice of n waits while its first sibling is still prefilling their prompt."""
+        leader, shared = request.leader, len(request.prompt) - 1
+        return (leader is not None and not request.generated and request.kv_len < shared
+                and leader.slot is not None and not leader.done and leader.kv_len < shared)
+
+    def _copy_prefixes(self) -> None:
+        """Copy the prompt's KV (all but its last token) from a leader's slot into the slots of
+        its siblings that lack it; the stages do it in order, after the leader's steps wrote it."""
+        for request in self._running:
+            leader, shared = request.leader, len(request.prompt) - 1
+            if (leader is None or request.done or request.in_flight or request.kv_len >= shared
+                    or leader.slot is None or leader.kv_len < shared):
+                continue
+            self._pending.copies.append((leader.slot, request.slot, shared))
+            request.kv_len = shared
 
     def apply(self, result: StepResult) -> Delivery:
         """A step came back: note its timing, move each row's KV length on, hand out the sampled
@@ -341,16 +422,27 @@ class SchedulingCore:
         if flight is None or len(result.token_ids) != len(flight.requests):
             return Delivery(dropped=True)
         self._note_timing(flight.step, result.stage_ms)
-        tokens, finished = [], []
-        for request, row, token_id in zip(flight.requests, flight.step.rows, result.token_ids):
+        tokens, finished, logprobs, vectors, failed = [], [], [], [], []
+        for index, (request, row, token_id) in enumerate(zip(flight.requests, flight.step.rows, result.token_ids)):
             request.in_flight = False
             request.kv_len += flight.step.fed
-            if row.sample and not request.done:
-                tokens.append((request, token_id))
-                if self._add_token(request, token_id):
+            if row.embed and not request.done:
+                vectors.append((request, None if result.vectors is None else result.vectors[index]))
+                if request.kv_len >= len(request.prompt):
+                    request.done = True
                     finished.append(request)
+            elif row.sample and not request.done:
+                tokens.append((request, token_id))
+                logprobs.append(result.logprobs[index] if len(result.logprobs) > index else None)
+                try:
+                    if self._add_token(request, token_id):
+                        finished.append(request)
+                except Exception as exc:      # the processor's fault ends its request only
+                    request.done = True
+                    failed.append((request, f"the logit processor failed: {exc!r}"))
             self._settle(request)
-        return Delivery(tuple(tokens), tuple(finished))
+        return Delivery(tuple(tokens), tuple(finished), logprobs=tuple(logprobs), vectors=tuple(vectors),
+                        failed=tuple(failed))
 
     def fail_step(self, step_id: int) -> tuple[Request, ...] | None:
         """A stage failed on this step: its requests end (returned, for the runner to tell them
@@ -369,25 +461,50 @@ class SchedulingCore:
         freed, self._pending.free_slots = tuple(self._pending.free_slots), []
         return freed
 
-    def _launch(self, requests: list[Request], fed: int, sample: bool, *, prefill: bool) -> PlannedStep:
-        """A step of ``fed`` tokens per row; its requests are in flight from now on."""
-        rows = tuple(PlannedRow(r.request_id, r.slot, r.kv_len, tuple(r.tokens[r.kv_len:r.kv_len + fed]),
-                                sample, r.settings) for r in requests)
-        step = PlannedStep(next(self._step_ids), rows, prefill)
-        for request in requests:
+    def _launch(self, requests: list[Request], fed: int, sample: bool, *, prefill: bool) -> PlannedStep | None:
+        """A step of ``fed`` tokens per row; its requests are in flight from now on. A request
+        whose processor raises ends here (the plan's ``failed``); None when none is left."""
+        rows, launched = [], []
+        for r in requests:
+            try:
+                rule = self._rule(r) if sample else None
+            except Exception as exc:
+                r.done = True
+                self._pending.failed.append((r, f"the logit processor failed: {exc!r}"))
+                self._settle(r)
+                continue
+            logprobs = -1 if r.params.logprobs is None else r.params.logprobs
+            rows.append(PlannedRow(r.request_id, r.slot, r.kv_len, tuple(r.tokens[r.kv_len:r.kv_len + fed]),
+                                   sample, r.settings, rule, logprobs if sample else -1, r.embed))
+            launched.append(r)
+        if not launched:
+            return None
+        step = PlannedStep(next(self._step_ids), tuple(rows), prefill)
+        for request in launched:
             request.in_flight = True
-        self._in_flight[step.step_id] = _InFlight(step, list(requests))
+        self._in_flight[step.step_id] = _InFlight(step, launched)
         return step
+
+    @staticmethod
+    def _rule(request: Request) -> LogitRule | None:
+        """The rule of the request's next token: its processor's, with logit_bias and penalties."""
+        rule = request.processor.next_rule() if request.processor is not None else None
+        return merge_rule(rule, request.params, request.generated)
 
     def _plan(self, steps: tuple[PlannedStep, ...]) -> StepPlan:
         pending, self._pending = self._pending, _Pending()
-        return StepPlan(steps, tuple(pending.free_slots), tuple(pending.reused_positions), pending.preempted)
+        return StepPlan(steps, tuple(pending.free_slots), tuple(pending.reused_positions), pending.preempted,
+                        tuple(pending.copies), tuple(pending.failed))
 
     def _add_token(self, request: Request, token_id: int) -> bool:
-        """Append a sampled token; True when it ends the request (end of sequence or length)."""
+        """Append a sampled token (and tell its processor); True when it ends the request (end of
+        sequence, length, or its processor finished)."""
         request.generated.append(token_id)
         is_eos = token_id in self.eos_token_ids and not request.params.ignore_eos
-        if is_eos or len(request.generated) >= request.params.max_new_tokens:
+        if request.processor is not None and not is_eos:
+            request.processor.accept(token_id)
+            request.stopped = request.processor.finished()
+        if is_eos or request.stopped or len(request.generated) >= request.params.max_new_tokens:
             request.done = True
         return request.done
 
@@ -485,7 +602,7 @@ class SchedulingCore:
         best_slot, best = next(iter(self._free_slots)), 0
         tokens = request.tokens
         for slot, (scope, cached) in self._free_slots.items():
-            if scope != request.tenant.scope:
+            if scope != request.tenant.scope or request.embed:   # an embedding pools every position
                 continue
             shared = _common_prefix(cached, tokens, len(tokens) - 1)
             if shared > best:

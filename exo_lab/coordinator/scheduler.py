@@ -20,16 +20,18 @@ hands out go to their requests' streams.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import NamedTuple
 
 import torch
 
-from ..errors import ClusterError
-from ..sampling import SamplingParams, StreamEvent
-from ..wire import Error, Forward, FrameError, Free, Ping, Row, Sampled
+from ..errors import ClusterError, RequestError
+from ..sampling import MAX_SEED, LogitProcessor, SamplingParams, StreamEvent, TokenLogprob
+from ..wire import Copy, Error, Forward, FrameError, Free, Ping, Row, Sampled
 from .metrics import Metrics
 from .schedule import PlannedStep, Request, SchedulingCore, StepPlan, StepResult
 from .tenants import LOCAL, Tenant
@@ -39,6 +41,17 @@ logger = logging.getLogger(__name__)
 
 # How long a request may wait for its next token before the engines' liveness is checked.
 STALL_CHECK_S = 0.5
+POOLINGS = {"last": 1, "mean": 2}   # Cluster.embed's pooling -> wire.Row.embed
+EMBED_PARAMS = SamplingParams(max_new_tokens=1)   # an embedding samples nothing
+
+
+class _Token(NamedTuple):
+    """A delivered token as its stream reads it."""
+
+    token_id: int
+    stage_ms: tuple[float, ...]
+    logprob: TokenLogprob | None
+    stopped: bool               # the request's processor finished with it
 
 
 class Scheduler:
@@ -60,7 +73,8 @@ class Scheduler:
         self.failure: str | None = None
         self.core = SchedulingCore(max_batch=max_batch, context_length=context_length, eos_token_ids=eos_token_ids,
                                    micro_batches=micro_batches, prefill_chunk=prefill_chunk, max_queued=max_queued)
-        self._events: dict[Request, asyncio.Queue] = {}   # token ids and their stage ms, or an exception
+        self._events: dict[Request, asyncio.Queue] = {}   # _Tokens, a pooled vector, or an exception
+        self._pooled: dict[Request, torch.Tensor] = {}      # embeddings: the chunks' vectors so far
         self._pings: dict[int, asyncio.Future] = {}
         self._freed: dict[int, asyncio.Event] = {}
         self._wake = asyncio.Event()
@@ -143,37 +157,107 @@ class Scheduler:
             raise ClusterError(self.failure)
         self.core.check(prompt_ids, params, tenant)
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams,
-                     tenant: Tenant = LOCAL) -> AsyncIterator[StreamEvent]:
+    async def stream(self, prompt_ids: list[int], params: SamplingParams, tenant: Tenant = LOCAL,
+                     processor: LogitProcessor | None = None) -> AsyncIterator[StreamEvent]:
         """Generate for one request of ``tenant``, yielding text deltas; the last event has
-        finish_reason. Raises RequestError, or QueueFull (past the queue caps), at the first event."""
+        finish_reason ("stop" also when ``processor`` finished). Raises RequestError, or
+        QueueFull (past the queue caps), at the first event."""
         if self.failure:
             raise ClusterError(self.failure)
         # every step carries the same settings; an unseeded request gets its own random seed
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        request = Request(list(prompt_ids), params, params.settings(seed), tenant)
-        started = time.perf_counter()
-        assembler = TextAssembler(self.tokenizer, params.stop)
+        request = Request(list(prompt_ids), params, params.settings(seed), tenant, processor)
         self.core.submit(request)         # admitted at once when a slot is free
+        self._opened(request)
+        async with contextlib.aclosing(self._follow(request, time.perf_counter())) as events:
+            async for event in events:
+                yield event
+
+    def stream_group(self, prompt_ids: list[int], params: SamplingParams, n: int, tenant: Tenant = LOCAL,
+                     processors: list[LogitProcessor] | None = None) -> list[AsyncIterator[StreamEvent]]:
+        """``n`` choices of one prompt, prefilled once (its KV copied to the others' slots): a
+        stream per choice, choice i seeded ``params.seed + i`` (mod 2**64) when seeded, else each
+        its own random seed. Submitted at once (RequestError for n outside [1, max_batch] or a
+        processors list not of n, QueueFull); close every stream to cancel its choice."""
+        if self.failure:
+            raise ClusterError(self.failure)
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise RequestError(f"n must be an integer, got {n!r}", param="n")
+        if processors is not None and len(processors) != n:
+            raise RequestError(f"processors must be a list of n ({n}) processors", param="n")
+        base = params.seed if params.seed is not None else None
+        requests = [Request(list(prompt_ids), params,
+                            params.settings(secrets.randbits(63) if base is None else (base + i) % (MAX_SEED + 1)),
+                            tenant, processors[i] if processors is not None else None) for i in range(n)]
+        self.core.submit_group(requests)
+        started = time.perf_counter()
+        for request in requests:
+            self._opened(request)
+        return [self._follow(request, started) for request in requests]
+
+    async def embed(self, inputs: list[list[int]], pooling: str = "last", tenant: Tenant = LOCAL) -> list[torch.Tensor]:
+        """One float32 vector (hidden,) per input (token ids): the model's final-norm hidden state
+        of its last token ("last") or their mean ("mean"), not normalized. Prefill only, batched
+        through the pipeline up to max_batch inputs at a time; no KV slot is kept. Raises
+        RequestError for a bad pooling, an empty or over-long input, QueueFull past the caps."""
+        if self.failure:
+            raise ClusterError(self.failure)
+        if pooling not in POOLINGS:
+            raise RequestError(f"pooling must be one of {sorted(POOLINGS)}, got {pooling!r}", param="pooling")
+        if not isinstance(inputs, (list, tuple)) or not inputs:
+            raise RequestError("input must be a non-empty list of token id lists", param="input")
+        prompts = [_token_ids(ids) for ids in inputs]
+        for ids in prompts:
+            self.core.check(ids, EMBED_PARAMS, tenant, embed=True)
+        vectors = []
+        for first in range(0, len(prompts), self.max_batch):
+            vectors += await self._embed_wave(prompts[first:first + self.max_batch], POOLINGS[pooling], tenant)
+        return vectors
+
+    async def _embed_wave(self, prompts: list[list[int]], pooling: int, tenant: Tenant) -> list[torch.Tensor]:
+        requests = [Request(ids, EMBED_PARAMS, EMBED_PARAMS.settings(0), tenant, embed=pooling) for ids in prompts]
+        submitted = []
+        try:
+            for request in requests:
+                self.core.submit(request)
+                submitted.append(request)
+                self._events[request] = asyncio.Queue()
+            self._wake.set()
+            return [await self._next_token(request) for request in requests]
+        finally:
+            for request in submitted:
+                self._events.pop(request, None)
+                self._pooled.pop(request, None)
+                self.core.cancel(request)
+            self._wake.set()
+
+    def _opened(self, request: Request) -> None:
         self._events[request] = asyncio.Queue()
         self.metrics.request_started()
         self._wake.set()
+
+    async def _follow(self, request: Request, started: float) -> AsyncIterator[StreamEvent]:
+        """The stream of a submitted request: text deltas, then its end (finish_reason)."""
+        params = request.params
+        assembler = TextAssembler(self.tokenizer, params.stop)
         finish_reason = None
         try:
             for step in range(params.max_new_tokens):
-                token_id, stage_ms = await self._next_token(request)
+                token = await self._next_token(request)
                 if step == 0:
                     self.metrics.first_token(time.perf_counter() - started)
-                self.metrics.token(stage_ms)
-                is_eos = token_id in self.core.eos_token_ids and not params.ignore_eos
-                delta = "" if is_eos else assembler.add(token_id)
-                finish_reason = _finish_reason(is_eos, assembler.stopped, step, params)
+                self.metrics.token(token.stage_ms)
+                is_eos = token.token_id in self.core.eos_token_ids and not params.ignore_eos
+                delta = "" if is_eos else assembler.add(token.token_id)
+                ids = [] if is_eos else [token.token_id]
+                logprobs = (token.logprob,) if ids and token.logprob is not None else ()
+                finish_reason = _finish_reason(is_eos, assembler.stopped or token.stopped, step, params)
                 if finish_reason is not None:
                     if not assembler.stopped:
                         delta += assembler.flush()   # nothing can complete a stop string any more
-                    yield StreamEvent(delta, [] if is_eos else [token_id], finish_reason)
+                    yield StreamEvent(delta, ids, finish_reason, logprobs)
                     return
-                yield StreamEvent(delta, [token_id])
+                yield StreamEvent(delta, ids, logprobs=logprobs)
         except BaseException as exc:
             if not isinstance(exc, (GeneratorExit, asyncio.CancelledError)):
                 self.metrics.error()
@@ -184,7 +268,7 @@ class Scheduler:
             self.core.cancel(request)       # its slot comes back now or when its step returns
             self._wake.set()
 
-    async def _next_token(self, request: Request) -> tuple[int, tuple[float, ...]]:
+    async def _next_token(self, request: Request):
         waited = 0.0
         events = self._events[request]
         while True:
@@ -219,6 +303,10 @@ class Scheduler:
             plan = self.core.schedule()
             self._note_plan(plan)
             self._send_frees(plan.free_slots)
+            for request, why in plan.failed:
+                self._tell(request, ClusterError(f"generation failed: {why}"))
+            for src_slot, dst_slot, length in plan.copies:   # awaited: before the steps that read them
+                await self._send(Copy(secrets.randbits(63), src_slot, dst_slot, length))
             for step in plan.steps:
                 if self.suspended_since is not None:
                     break                   # the core forgot these steps with the pipeline
@@ -233,7 +321,8 @@ class Scheduler:
         self.metrics.set_load(len(self.core.running), len(self.core.waiting), self.core.client_load())
 
     async def _launch(self, step: PlannedStep) -> None:
-        rows = tuple(Row(row.slot, row.position, row.settings, row.sample) for row in step.rows)
+        rows = tuple(Row(row.slot, row.position, row.settings, row.sample, row.rule, row.logprobs, row.embed)
+                     for row in step.rows)
         tensor = torch.tensor([row.token_ids for row in step.rows], dtype=torch.int64)   # (B, T)
         self.metrics.step(len(rows))
         await self._send(Forward(step.step_id, rows, tensor))
@@ -252,13 +341,31 @@ class Scheduler:
             logger.warning("data-plane send failed: %s", exc)
 
     def _step_done(self, message: Sampled) -> None:
-        delivery = self.core.apply(StepResult(message.step_id, tuple(message.token_ids), tuple(message.stage_ms)))
+        delivery = self.core.apply(StepResult(message.step_id, tuple(message.token_ids), tuple(message.stage_ms),
+                                              tuple(message.logprobs), message.vectors))
         if delivery.dropped:
             self.metrics.dropped()      # a step that ended, or an id nobody issued
             return
-        for request, token_id in delivery.tokens:
-            self._tell(request, (token_id, message.stage_ms))
+        for (request, token_id), logprob in zip(delivery.tokens, delivery.logprobs):
+            self._tell(request, _Token(token_id, message.stage_ms, logprob, request.stopped and request.done))
+        for request, vector in delivery.vectors:
+            self._pool(request, vector)
+        for request in delivery.finished:
+            if request.embed and request in self._pooled:
+                pooled = self._pooled.pop(request)
+                self._tell(request, pooled / len(request.prompt) if request.embed == POOLINGS["mean"] else pooled)
+        for request, why in delivery.failed:
+            self._tell(request, ClusterError(f"generation failed: {why}"))
         self._wake.set()
+
+    def _pool(self, request: Request, vector) -> None:
+        """Add an embedding chunk's vector (the sum of its positions, or its last position)."""
+        if vector is None:
+            self._tell(request, ClusterError("the last stage returned no vector for an embedding"))
+            return
+        previous = self._pooled.get(request)
+        last = request.embed == POOLINGS["last"]
+        self._pooled[request] = vector.clone() if previous is None or last else previous + vector
 
     def _step_failed(self, message: Error) -> None:
         failed = self.core.fail_step(message.step_id)
@@ -288,6 +395,8 @@ class Scheduler:
                     event.set()
             elif isinstance(message, Ping) and message.message_id in self._pings:
                 self._pings.pop(message.message_id).set_result(True)
+            elif isinstance(message, Copy):
+                pass                    # went round the ring: every stage copied
             else:
                 self.metrics.dropped()
 
@@ -331,6 +440,12 @@ class Scheduler:
             return
         self.suspend(problem)
         self.on_failure(problem)
+
+
+def _token_ids(ids) -> list[int]:
+    if not isinstance(ids, (list, tuple)) or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
+        raise RequestError("each input must be a list of token ids (integers >= 0)", param="input")
+    return list(ids)
 
 
 def _finish_reason(is_eos: bool, stopped: bool, step: int, params: SamplingParams) -> str | None:

@@ -151,7 +151,7 @@ class StageWorker:
             self._close_sockets()
 
     def _handle(self, message) -> None:
-        from ..wire import Forward, Free, msg_id
+        from ..wire import Copy, Forward, Free, msg_id
 
         self.stats.messages += 1
         try:
@@ -160,6 +160,8 @@ class StageWorker:
                 return
             if isinstance(message, Free):
                 self.active_slots.discard(message.slot)
+            if isinstance(message, Copy):
+                self.stage.copy_kv(message.src_slot, message.dst_slot, message.length)
             self._send(message)   # FREE, ERROR, PING and SHUTDOWN travel the ring on
         except Exception as exc:
             self.stats.errors += 1
@@ -175,7 +177,8 @@ class StageWorker:
         slots = [row.slot for row in message.rows]
         self.active_slots.update(slots)
         started = time.perf_counter()
-        output = self.stage.forward(message.tensor, slots, [row.position for row in message.rows])
+        embeds = self.is_last and any(row.embed for row in message.rows)
+        output = self.stage.forward(message.tensor, slots, [row.position for row in message.rows], hidden=embeds)
         elapsed_ms = (time.perf_counter() - started) * 1e3
         self.stats.busy_s += elapsed_ms / 1e3
         self.stats.last_forward_ms = elapsed_ms
@@ -183,9 +186,13 @@ class StageWorker:
         if not self.is_last:
             self._send(Forward(message.step_id, message.rows, output, stage_ms))
             return
-        token_ids = sample_rows(output, message.rows, message.tensor.shape[1])
+        vectors = None
+        if embeds:   # output: final-norm hidden states (B, T, hidden)
+            vectors = pool_rows(output, message.rows)
+            output = self.stage.head(output[:, -1, :]) if any(row.sample for row in message.rows) else None
+        token_ids, logprobs = sample_rows(output, message.rows, message.tensor.shape[1])
         self.stats.tokens += sum(row.sample for row in message.rows)
-        self._send(Sampled(message.step_id, token_ids, stage_ms))
+        self._send(Sampled(message.step_id, token_ids, stage_ms, logprobs, vectors))
 
     def _send(self, message) -> None:
         self.outbox.send(message)
@@ -213,16 +220,45 @@ class StageWorker:
             parameter_bytes=self.stage.parameter_bytes())
 
 
-def sample_rows(logits, rows, steps: int) -> tuple[int, ...]:
-    """A token per row from the last stage's logits (B, vocab): sampled at the sequence position
-    right after this step's ``steps`` inputs, or NO_TOKEN for a row that does not sample."""
-    from ..sampling import sample_token
+def sample_rows(logits, rows, steps: int) -> tuple[tuple[int, ...], tuple]:
+    """(a token per row, a TokenLogprob or None per row, or () when no row asked) from the last
+    stage's logits (B, vocab): each row's rule applied (bias, then its allowed mask), then sampled
+    at the sequence position right after this step's ``steps`` inputs; NO_TOKEN for a row that
+    does not sample. Raises RequestError naming the row whose rule allows no token."""
+    from ..errors import RequestError
+    from ..sampling import sample_row
     from ..wire import NO_TOKEN
 
-    if all(row.sample and row.sampling.greedy for row in rows):   # the common case, vectorised
-        return tuple(int(t) for t in logits.argmax(dim=-1))
-    return tuple(sample_token(logits[b], row.sampling, row.position + steps) if row.sample else NO_TOKEN
-                 for b, row in enumerate(rows))
+    if all(row.sample and row.sampling.greedy and row.rule is None and row.logprobs < 0 for row in rows):
+        return tuple(int(t) for t in logits.argmax(dim=-1)), ()   # the common case, vectorised
+    tokens, logprobs = [], []
+    for b, row in enumerate(rows):
+        if not row.sample:
+            tokens.append(NO_TOKEN)
+            logprobs.append(None)
+            continue
+        try:
+            token_id, logprob = sample_row(logits[b], row.sampling, row.position + steps, row.rule, row.logprobs)
+        except RequestError as exc:
+            raise RequestError(f"row {b} (slot {row.slot}): {exc}", param=exc.param) from None
+        tokens.append(token_id)
+        logprobs.append(logprob)
+    return tuple(tokens), (tuple(logprobs) if any(lp is not None for lp in logprobs) else ())
+
+
+def pool_rows(hidden, rows):
+    """float32 (B, hidden) from final-norm hidden states (B, T, hidden): the last position of
+    rows embedding with last-token pooling (1), the sum over the chunk's positions for mean
+    pooling (2: the coordinator adds the chunks and divides), zeros for other rows."""
+    import torch
+
+    vectors = torch.zeros(hidden.shape[0], hidden.shape[2], dtype=torch.float32)
+    for b, row in enumerate(rows):
+        if row.embed == 1:
+            vectors[b] = hidden[b, -1].float().cpu()
+        elif row.embed == 2:
+            vectors[b] = hidden[b].float().sum(dim=0).cpu()
+    return vectors
 
 
 # ----------------------------------------------------------------------------- control plane

@@ -114,7 +114,8 @@ class Stage(nn.Module):
                                     self.dtype, self.device)
 
     @torch.inference_mode()
-    def forward(self, inputs: torch.Tensor, slots, positions, cache: SlotCache | None = None) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, slots, positions, cache: SlotCache | None = None,
+                hidden: bool = False) -> torch.Tensor:
         """Run this stage on a batch of rows, writing their keys and values into their KV slots.
 
         ``inputs``: token ids (B, T) int64 on the first stage, else hidden states (B, T, hidden).
@@ -122,13 +123,16 @@ class Stage(nn.Module):
         row's first input token (B,), so row b covers positions [positions[b], positions[b] + T)
         and attends to what its slot holds before that. ``cache``: default the stage's own slots.
         Returns hidden states (B, T, hidden) in the stage dtype, or on the last stage the float32
-        logits of each row's last position only (B, vocab).
+        logits of each row's last position only (B, vocab); with ``hidden=True`` the last stage
+        returns the final-norm hidden states of every position instead (B, T, hidden), float32
+        (embeddings; :meth:`head` turns a position of them into logits).
 
         Raises:
             RequestError: rows and slots/positions disagree, a slot outside the cache, or
                 positions past the planned context.
         """
         cache = cache if cache is not None else self.kv
+        final_hidden, hidden = hidden, None     # the flag; ``hidden`` names the states below
         slots_t, position_ids = self._check_rows(inputs, slots, positions, cache)
         hidden = self._embed(inputs)                                      # (B, T, hidden)
         cache.bind(slots_t, position_ids)
@@ -146,10 +150,29 @@ class Stage(nn.Module):
                                cache=cache, use_cache=True, position_embeddings=cos_sin)
         if not self.spec.is_last:
             return hidden
+        if final_hidden:
+            return self.norm(hidden).float()                              # (B, T, hidden)
         # Only the last position's logits are needed to pick the next token (nanoGPT, HF
         # logits_to_keep=1); RMSNorm is per position, so normalising just that one is exact.
-        last = self.norm(hidden[:, -1:, :])                               # (B, 1, hidden)
-        return self.lm_head(last)[:, -1, :].float()                       # (B, vocab)
+        return self.head(self.norm(hidden[:, -1, :]))                     # (B, vocab)
+
+    @torch.inference_mode()
+    def head(self, normed: torch.Tensor) -> torch.Tensor:
+        """float32 logits (B, vocab) of final-norm hidden states (B, hidden) (last stage)."""
+        return self.lm_head(normed[:, None, :].to(self.dtype))[:, -1, :].float()
+
+    @torch.inference_mode()
+    def copy_kv(self, src_slot: int, dst_slot: int, length: int) -> None:
+        """Copy the keys and values of positions [0, length) of ``src_slot`` into ``dst_slot``
+        (n choices of one prompt share its prefill). Raises RequestError outside the cache."""
+        kv = self.kv
+        if kv is None or not (0 <= src_slot < kv.num_slots and 0 <= dst_slot < kv.num_slots) \
+                or not 0 <= length <= kv.max_context:
+            raise RequestError(f"cannot copy {length} positions from slot {src_slot} to slot {dst_slot}: "
+                               f"the cache has {kv.num_slots if kv else 0} slots of "
+                               f"{kv.max_context if kv else 0} positions")
+        for tensor in (*kv.keys, *kv.values):                             # (slots, kv_heads, L, head_dim)
+            tensor[dst_slot, :, :length] = tensor[src_slot, :, :length]
 
     def kv_cache_bytes(self) -> int:
         """Bytes of this stage's KV slots (allocated once at load; flat afterwards)."""

@@ -18,10 +18,17 @@ Wire format, one ZeroMQ multipart message per message:
   - FORWARD: ``FORWARD_BODY`` (rows u16, tensor dtype code u8, ndim u8, stage count u8),
     ``ndim`` dims as u32, one ``ROW`` per row (slot u16, position u32, flags u8 (1 = sample),
     temperature f64, top_p f64, top_k u32, seed u64), then one f32 per stage that already ran
-    (its forward ms);
+    (its forward ms), then one ``ROW_EXTRA`` per row (logprobs i8, embed u8, rule flag u8 (0
+    none, 1 bias only, 2 mask and bias), mask bytes u32, bias entries u16), then the rules of
+    the rows that have one, in row order: the mask bytes, then ``BIAS`` (token u32, bias f64)
+    per entry;
   - SAMPLED: ``SAMPLED_BODY`` (rows u16, stage count u8), one u32 token id per row
-    (``NO_TOKEN`` for a row that did not sample), then the stages' ms as f32;
+    (``NO_TOKEN`` for a row that did not sample), then the stages' ms as f32, then
+    ``SAMPLED_EXTRA`` (hidden u32: 0 when no vectors follow), then per row a u8 count of top
+    alternatives (``NO_LOGPROB``: none) followed by count + 1 ``LOGPROB`` (token u32, logprob f64),
+    the chosen token first, then the vectors (rows x hidden f32);
   - FREE: the slot as u16; ERROR: the message as UTF-8 (at most ``MAX_ERROR_BYTES``);
+  - COPY: ``COPY_BODY`` (src slot u16, dst slot u16, length u32);
   - PING, SHUTDOWN: nothing;
 - frame 1, FORWARD only: the tensor's raw bytes, C-contiguous, native little-endian.
 """
@@ -35,14 +42,21 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ClusterError
-from ..sampling import MAX_SEED, SamplingSettings
+from ..sampling import MAX_ALLOWED_BYTES, MAX_LOGPROBS, MAX_RULE_BIAS, MAX_SEED, LogitRule, SamplingSettings, TokenLogprob
 
 MAGIC = b"EX"
-VERSION = 3
+VERSION = 4
 HEADER = struct.Struct("<2sBBQ")           # magic, version, kind, id
 FORWARD_BODY = struct.Struct("<HBBB")      # rows, dtype, ndim, stages
 ROW = struct.Struct("<HIBddIQ")            # slot, position, flags, temperature, top_p, top_k, seed
+ROW_EXTRA = struct.Struct("<bBBIH")       # logprobs (-1: none), embed, has rule, allowed bytes, bias entries
+BIAS = struct.Struct("<Id")                # token id, bias
 SAMPLED_BODY = struct.Struct("<HB")        # rows, stages
+SAMPLED_EXTRA = struct.Struct("<I")        # hidden size of the vectors (0: none)
+LOGPROB_COUNT = struct.Struct("<B")        # top alternatives of a row's logprob (NO_LOGPROB: none)
+LOGPROB = struct.Struct("<Id")             # token id, logprob
+NO_LOGPROB = 0xFF
+COPY_BODY = struct.Struct("<HHI")          # src slot, dst slot, length
 SLOT = struct.Struct("<H")
 DIM = struct.Struct("<I")
 MS = struct.Struct("<f")
@@ -53,6 +67,7 @@ MAX_STAGES = 255
 MAX_ERROR_BYTES = 2048
 MAX_REQUEST_ID = 2**64 - 1
 MAX_TENSOR_BYTES = 256 * 2**20     # as wire.sockets.MAX_MESSAGE_BYTES: no larger tensor can arrive
+EMBED_POOLINGS = (0, 1, 2)   # a normal row; last-token pooling; mean pooling (the chunk's sum)
 
 
 class Kind(enum.IntEnum):
@@ -64,6 +79,7 @@ class Kind(enum.IntEnum):
     ERROR = 4
     PING = 5
     SHUTDOWN = 7
+    COPY = 8
 
 
 class FrameError(ClusterError, ValueError):
@@ -78,12 +94,18 @@ class FrameError(ClusterError, ValueError):
 @dataclass(frozen=True)
 class Row:
     """One sequence of a step: the KV slot it owns on every stage, the sequence position of its
-    first input token, whether the last stage samples a token for it, and how."""
+    first input token, whether the last stage samples a token for it, and how: ``rule`` (bias and
+    allowed mask, applied before sampling), ``logprobs`` (-1: none; 0..20: the chosen token's
+    logprob and that many alternatives), ``embed`` (0: a normal row; 1: return the last position's
+    final hidden state; 2: the sum of the chunk's final hidden states, for mean pooling)."""
 
     slot: int
     position: int
     sampling: SamplingSettings
     sample: bool = True
+    rule: LogitRule | None = None
+    logprobs: int = -1
+    embed: int = 0
 
 
 @dataclass(frozen=True, eq=False)   # eq would compare tensors elementwise: ambiguous
@@ -100,14 +122,37 @@ class Forward:
     stage_ms: tuple[float, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)   # vectors: a tensor
 class Sampled:
     """The last stage's answer to one step: a token id per row (NO_TOKEN where the row did not
-    sample), with every stage's forward ms."""
+    sample), with every stage's forward ms; ``logprobs``: one per row (None where not asked), or
+    () when no row asked; ``vectors``: float32 (B, hidden) pooled final hidden states of the
+    embed rows (zeros for the others), or None when no row embeds."""
 
     step_id: int
     token_ids: tuple[int, ...]
     stage_ms: tuple[float, ...] = ()
+    logprobs: tuple[TokenLogprob | None, ...] = ()
+    vectors: torch.Tensor | None = None
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Sampled):
+            return NotImplemented
+        same_vectors = (self.vectors is None) == (other.vectors is None) and (
+            self.vectors is None or torch.equal(self.vectors, other.vectors))
+        return (self.step_id, self.token_ids, self.stage_ms, self.logprobs) == (
+            other.step_id, other.token_ids, other.stage_ms, other.logprobs) and same_vectors
+
+
+@dataclass(frozen=True)
+class Copy:
+    """Every stage copies the first ``length`` KV positions of ``src_slot`` into ``dst_slot``
+    (n choices sharing one prefill)."""
+
+    message_id: int
+    src_slot: int
+    dst_slot: int
+    length: int
 
 
 @dataclass(frozen=True)
@@ -140,7 +185,7 @@ class Shutdown:
     message_id: int = 0
 
 
-Message = Forward | Sampled | Free | Error | Ping | Shutdown
+Message = Forward | Sampled | Free | Error | Ping | Shutdown | Copy
 
 # dtype <-> wire code: append, never renumber.
 _DTYPE_CODES: dict[torch.dtype, int] = {
@@ -149,7 +194,7 @@ _DTYPE_CODES: dict[torch.dtype, int] = {
 _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 _ITEMSIZES = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in _DTYPE_CODES}
 _KIND_OF = {Forward: Kind.FORWARD, Sampled: Kind.SAMPLED, Free: Kind.FREE, Error: Kind.ERROR,
-            Ping: Kind.PING, Shutdown: Kind.SHUTDOWN}
+            Ping: Kind.PING, Shutdown: Kind.SHUTDOWN, Copy: Kind.COPY}
 _KINDS = {kind.value: kind for kind in Kind}
 
 
@@ -177,6 +222,11 @@ def encode(msg: Message) -> list[bytes | memoryview]:
         return [header + SLOT.pack(msg.slot)]
     if kind is Kind.ERROR:
         return [header + _error_bytes(msg.message)]
+    if kind is Kind.COPY:
+        _check_range(msg.src_slot, 0, MAX_ROWS, "src_slot", message_id)
+        _check_range(msg.dst_slot, 0, MAX_ROWS, "dst_slot", message_id)
+        _check_range(msg.length, 0, 2**32 - 1, "length", message_id)
+        return [header + COPY_BODY.pack(msg.src_slot, msg.dst_slot, msg.length)]
     return [header]
 
 
@@ -195,7 +245,26 @@ def _encode_forward(header: bytes, msg: Forward) -> list:
     stage_ms = _pack_ms(msg, msg.step_id)
     body = FORWARD_BODY.pack(len(msg.rows), _DTYPE_CODES[tensor.dtype], tensor.ndim, len(msg.stage_ms))
     dims = b"".join(DIM.pack(d) for d in tensor.shape)
-    return [header + body + dims + rows + stage_ms, _payload(tensor)]
+    extras = b"".join(_encode_row_extra(row, msg.step_id) for row in msg.rows)
+    rules = b"".join(_encode_rule(row.rule) for row in msg.rows if row.rule is not None)
+    return [header + body + dims + rows + stage_ms + extras + rules, _payload(tensor)]
+
+
+def _encode_row_extra(row: Row, step_id: int) -> bytes:
+    _check_range(row.logprobs, -1, MAX_LOGPROBS, "logprobs", step_id)
+    _check_range(row.embed, 0, len(EMBED_POOLINGS) - 1, "embed", step_id)
+    rule = row.rule
+    if rule is not None and not isinstance(rule, LogitRule):
+        raise FrameError(f"Row.rule must be a LogitRule or None, got {type(rule).__name__}", step_id)
+    allowed = 0 if rule is None or rule.allowed is None else len(rule.allowed)
+    bias = 0 if rule is None else len(rule.bias)
+    # a mask of 0 bytes (nothing allowed) and no mask differ: a present mask counts in the flag
+    flag = 0 if rule is None else 1 if rule.allowed is None else 2
+    return ROW_EXTRA.pack(row.logprobs, row.embed, flag, allowed, bias)
+
+
+def _encode_rule(rule: LogitRule) -> bytes:
+    return (rule.allowed or b"") + b"".join(BIAS.pack(token_id, bias) for token_id, bias in rule.bias)
 
 
 def _encode_row(row: Row, step_id: int) -> bytes:
@@ -217,7 +286,46 @@ def _encode_sampled(msg: Sampled) -> bytes:
         _check_range(token_id, 0, NO_TOKEN, "token_id", msg.step_id)
     stage_ms = _pack_ms(msg, msg.step_id)
     ids = struct.pack(f"<{len(msg.token_ids)}I", *msg.token_ids)
-    return SAMPLED_BODY.pack(len(msg.token_ids), len(msg.stage_ms)) + ids + stage_ms
+    logprobs = _encode_logprobs(msg)
+    vectors, hidden = _encode_vectors(msg)
+    return (SAMPLED_BODY.pack(len(msg.token_ids), len(msg.stage_ms)) + ids + stage_ms + SAMPLED_EXTRA.pack(hidden)
+            + logprobs + vectors)
+
+
+def _encode_logprobs(msg: Sampled) -> bytes:
+    rows = len(msg.token_ids)
+    if not isinstance(msg.logprobs, tuple) or len(msg.logprobs) not in (0, rows):
+        raise FrameError(f"Sampled.logprobs must be () or one per row ({rows})", msg.step_id)
+    out = []
+    for entry in msg.logprobs or (None,) * rows:
+        if entry is None:
+            out.append(LOGPROB_COUNT.pack(NO_LOGPROB))
+            continue
+        if not isinstance(entry, TokenLogprob) or not isinstance(entry.top, tuple) or len(entry.top) > MAX_LOGPROBS:
+            raise FrameError(f"Sampled.logprobs entries must be TokenLogprob with at most {MAX_LOGPROBS} "
+                             f"alternatives, or None; got {entry!r}", msg.step_id)
+        pairs = ((entry.token_id, entry.logprob), *entry.top)
+        for token_id, logprob in pairs:
+            _check_range(token_id, 0, NO_TOKEN - 1, "logprob token_id", msg.step_id)
+            if not isinstance(logprob, float) or math.isnan(logprob) or logprob > 0.0:
+                raise FrameError(f"a logprob must be a float <= 0, got {logprob!r}", msg.step_id)
+        out.append(LOGPROB_COUNT.pack(len(entry.top)) + b"".join(LOGPROB.pack(*pair) for pair in pairs))
+    return b"".join(out)
+
+
+def _encode_vectors(msg: Sampled) -> tuple[bytes, int]:
+    vectors = msg.vectors
+    if vectors is None:
+        return b"", 0
+    rows = len(msg.token_ids)
+    if (not isinstance(vectors, torch.Tensor) or vectors.dtype != torch.float32 or vectors.ndim != 2
+            or vectors.shape[0] != rows or not 1 <= vectors.shape[1] <= 2**32 - 1):
+        raise FrameError(f"Sampled.vectors must be a float32 tensor (rows={rows}, hidden), got "
+                         f"{getattr(vectors, 'dtype', type(vectors).__name__)} "
+                         f"{tuple(getattr(vectors, 'shape', ()))}", msg.step_id)
+    if vectors.numel() * 4 > MAX_TENSOR_BYTES:
+        raise FrameError(f"Sampled.vectors are over {MAX_TENSOR_BYTES} bytes", msg.step_id)
+    return bytes(_payload(_wire_tensor(vectors, msg.step_id))), vectors.shape[1]
 
 
 def _pack_ms(msg, message_id: int) -> bytes:
@@ -303,6 +411,10 @@ def decode(frames: list) -> Message:
         if len(body) != SLOT.size:
             raise FrameError(f"FREE {message_id} has {len(body)} body bytes, not {SLOT.size}", message_id)
         return Free(message_id, SLOT.unpack_from(body)[0])
+    if kind is Kind.COPY:
+        if len(body) != COPY_BODY.size:
+            raise FrameError(f"COPY {message_id} has {len(body)} body bytes, not {COPY_BODY.size}", message_id)
+        return Copy(message_id, *COPY_BODY.unpack_from(body))
     if len(body):
         raise FrameError(f"{kind.name} {message_id} has {len(body)} stray bytes", message_id)
     return {Kind.PING: Ping, Kind.SHUTDOWN: Shutdown}[kind](message_id)
@@ -341,39 +453,107 @@ def _decode_forward(step_id: int, body: memoryview, payload: memoryview) -> Forw
                          f"{count} rows is not a batch this wire carries", step_id)
     rows_at = FORWARD_BODY.size + DIM.size * ndim
     ms_at = rows_at + ROW.size * count
-    if len(body) != ms_at + MS.size * stages:
+    extras_at = ms_at + MS.size * stages
+    rules_at = extras_at + ROW_EXTRA.size * count
+    if len(body) < rules_at:
         raise FrameError(f"FORWARD header of step {step_id} is {len(body)} bytes, its fields need "
-                         f"{ms_at + MS.size * stages}", step_id)
+                         f"at least {rules_at}", step_id)
     shape = struct.unpack_from(f"<{ndim}I", body, FORWARD_BODY.size)
     if shape[0] != count:
         raise FrameError(f"FORWARD of step {step_id} has {count} rows but a tensor of {shape[0]}", step_id)
-    rows = tuple(_decode_row(body, rows_at + ROW.size * i, step_id) for i in range(count))
+    extras = [ROW_EXTRA.unpack_from(body, extras_at + ROW_EXTRA.size * i) for i in range(count)]
+    rules = _decode_rules(body, rules_at, extras, step_id)
+    rows = tuple(_decode_row(body, rows_at + ROW.size * i, extra, rule, step_id)
+                 for i, (extra, rule) in enumerate(zip(extras, rules)))
     stage_ms = struct.unpack_from(f"<{stages}f", body, ms_at)
     return Forward(step_id, rows, _tensor_from_payload(payload, dtype, shape, step_id), tuple(stage_ms))
 
 
-def _decode_row(body: memoryview, offset: int, step_id: int) -> Row:
+def _decode_rules(body: memoryview, offset: int, extras: list[tuple], step_id: int) -> list[LogitRule | None]:
+    """Each row's LogitRule from the rule section (bounded per row; the lengths must add up)."""
+    from ..errors import RequestError
+
+    rules = []
+    for _, _, flag, allowed_bytes, bias_count in extras:
+        if flag > 2 or (flag != 2 and allowed_bytes) or allowed_bytes > MAX_ALLOWED_BYTES or allowed_bytes % 4 \
+                or bias_count > MAX_RULE_BIAS or (flag == 0 and bias_count):
+            raise FrameError(f"FORWARD of step {step_id}: a row's rule (flag {flag}, {allowed_bytes} mask bytes, "
+                             f"{bias_count} bias entries) is not one this wire carries", step_id)
+        if flag == 0:
+            rules.append(None)
+            continue
+        end = offset + allowed_bytes + BIAS.size * bias_count
+        if end > len(body):
+            raise FrameError(f"FORWARD of step {step_id}: its rules are truncated", step_id)
+        allowed = bytes(body[offset:offset + allowed_bytes]) if flag == 2 else None
+        bias = tuple(BIAS.unpack_from(body, offset + allowed_bytes + BIAS.size * i) for i in range(bias_count))
+        try:
+            rules.append(LogitRule(allowed, bias))
+        except RequestError as exc:
+            raise FrameError(f"FORWARD of step {step_id}: {exc}", step_id) from None
+        offset = end
+    if offset != len(body):
+        raise FrameError(f"FORWARD header of step {step_id} has {len(body) - offset} stray bytes", step_id)
+    return rules
+
+
+def _decode_row(body: memoryview, offset: int, extra: tuple, rule: LogitRule | None, step_id: int) -> Row:
     from ..errors import RequestError
 
     slot, position, flags, temperature, top_p, top_k, seed = ROW.unpack_from(body, offset)
-    if flags > 1:
-        raise FrameError(f"FORWARD of step {step_id}: unknown row flags {flags}", step_id)
+    logprobs, embed = extra[0], extra[1]
+    if flags > 1 or not -1 <= logprobs <= MAX_LOGPROBS or embed not in EMBED_POOLINGS:
+        raise FrameError(f"FORWARD of step {step_id}: unknown row flags {flags}, logprobs {logprobs} or "
+                         f"embed {embed}", step_id)
     try:
         sampling = SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     except RequestError as exc:
         raise FrameError(f"FORWARD of step {step_id}: {exc}", step_id) from None
-    return Row(slot, position, sampling, bool(flags))
+    return Row(slot, position, sampling, bool(flags), rule, logprobs, embed)
 
 
 def _decode_sampled(step_id: int, body: memoryview) -> Sampled:
     if len(body) < SAMPLED_BODY.size:
         raise FrameError(f"SAMPLED of step {step_id} is truncated", step_id)
     count, stages = SAMPLED_BODY.unpack_from(body)
-    if len(body) != SAMPLED_BODY.size + 4 * count + MS.size * stages:
+    extra_at = SAMPLED_BODY.size + 4 * count + MS.size * stages
+    if len(body) < extra_at + SAMPLED_EXTRA.size + LOGPROB_COUNT.size * count:
         raise FrameError(f"SAMPLED of step {step_id} has the wrong length", step_id)
     token_ids = struct.unpack_from(f"<{count}I", body, SAMPLED_BODY.size)
     stage_ms = struct.unpack_from(f"<{stages}f", body, SAMPLED_BODY.size + 4 * count)
-    return Sampled(step_id, tuple(token_ids), tuple(stage_ms))
+    (hidden,) = SAMPLED_EXTRA.unpack_from(body, extra_at)
+    logprobs, offset = _decode_logprobs(body, extra_at + SAMPLED_EXTRA.size, count, step_id)
+    vectors = None
+    if hidden:
+        if count * hidden * 4 > MAX_TENSOR_BYTES:
+            raise FrameError(f"SAMPLED of step {step_id} declares vectors over {MAX_TENSOR_BYTES} bytes", step_id)
+        vectors = _tensor_from_payload(body[offset:], torch.float32, (count, hidden), step_id)
+    elif offset != len(body):
+        raise FrameError(f"SAMPLED of step {step_id} has {len(body) - offset} stray bytes", step_id)
+    return Sampled(step_id, tuple(token_ids), tuple(stage_ms), logprobs, vectors)
+
+
+def _decode_logprobs(body: memoryview, offset: int, count: int, step_id: int):
+    """(one TokenLogprob or None per row, or () when none is set; the offset after them)."""
+    entries = []
+    for _ in range(count):
+        if offset + LOGPROB_COUNT.size > len(body):
+            raise FrameError(f"SAMPLED of step {step_id}: its logprobs are truncated", step_id)
+        (top,) = LOGPROB_COUNT.unpack_from(body, offset)
+        offset += LOGPROB_COUNT.size
+        if top == NO_LOGPROB:
+            entries.append(None)
+            continue
+        end = offset + LOGPROB.size * (top + 1)
+        if top > MAX_LOGPROBS or end > len(body):
+            raise FrameError(f"SAMPLED of step {step_id}: a logprob with {top} alternatives is not one this "
+                             "wire carries, or is truncated", step_id)
+        pairs = [LOGPROB.unpack_from(body, offset + LOGPROB.size * i) for i in range(top + 1)]
+        if any(math.isnan(logprob) or logprob > 0.0 or token_id == NO_TOKEN for token_id, logprob in pairs):
+            raise FrameError(f"SAMPLED of step {step_id}: a logprob is not a token id with a float <= 0", step_id)
+        entries.append(TokenLogprob(pairs[0][0], pairs[0][1], tuple(pairs[1:])))
+        offset = end
+    return (tuple(entries) if any(entry is not None for entry in entries) else ()), offset
 
 
 def _tensor_from_payload(payload: memoryview, dtype: torch.dtype, shape: tuple,
