@@ -88,8 +88,9 @@ def test_exo_lab_serve_with_local_engines_and_an_api_key(tmp_path):
         assert [m.id for m in client.models.list().data] == ["demo"]
         reply = client.completions.create(model="demo", prompt="Hello", max_tokens=4, temperature=0)
         assert reply.usage.completion_tokens >= 1
-        with pytest.raises(APIStatusError) as caught:
-            client.completions.create(model="demo", prompt="Hello", max_tokens=4, n=2)
+        assert len(client.completions.create(model="demo", prompt="Hello", max_tokens=4, n=2).choices) == 2
+        with pytest.raises(APIStatusError) as caught:     # past the load's max_batch (8)
+            client.completions.create(model="demo", prompt="Hello", max_tokens=4, n=9)
         assert caught.value.status_code == 400 and "n" in str(caught.value)
     finally:
         stop(server)

@@ -1,19 +1,28 @@
-"""Tools, structured outputs, logprobs, n and penalties through the real server and the official
-clients, on the demo model (random weights: its outputs are valid only because of the grammar)."""
+"""The API applications call (issue 23) through the real server, the official openai client and
+LangChain, on one cluster for the whole module. The demo model's random weights give valid JSON
+and tool calls only because decoding is constrained: that is the point.
+
+- tools (round trips, streamed and not, named and parallel), structured outputs (json_schema,
+  json_object, chat.completions.parse, cut by max_tokens), logprobs, n and penalties;
+- /v1/responses: create (stream and not), parse, function calls;
+- /v1/embeddings: against transformers' own final hidden states; base64, dimensions, token ids,
+  LangChain's OpenAIEmbeddings.
+"""
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import operator
 
 import jsonschema
+import numpy as np
 import pytest
 from pydantic import BaseModel, Field
 
-pytest.importorskip("exo_lab.constrain", reason="the grammar engine (exo_lab/constrain.py) is not in this tree yet")
+from fixtures_api import API_KEY, client, server  # noqa: F401 (fixtures)
 
-from fixtures_api import API_KEY, call, chat_body, client, server  # noqa: E402,F401 (fixtures)
-
+# ---------------------------------------------------------------- tools and structured outputs
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
@@ -150,3 +159,132 @@ def test_langchain_bind_tools_and_structured_output(server):
         assert message.tool_calls and message.tool_calls[0]["name"] == "get_weather"
         jsonschema.validate(message.tool_calls[0]["args"], WEATHER["function"]["parameters"])
     assert isinstance(llm.with_structured_output(Person).invoke("Someone"), Person)
+
+
+# ---------------------------------------------------------------- /v1/responses
+# Bounded integers: one call is at most ~70 bytes, so the grammar must finish it within 100 tokens
+# (unbounded ones let the random demo model write digits until max_output_tokens cuts the call).
+NUMBER = {"type": "integer", "minimum": -100, "maximum": 100}
+SMALL = {"type": "object", "properties": {"n": NUMBER}, "required": ["n"], "additionalProperties": False}
+TOOL = {"type": "function", "name": "add", "strict": True, "parameters": {
+    "type": "object", "properties": {"a": NUMBER, "b": NUMBER}, "required": ["a", "b"],
+    "additionalProperties": False}}
+
+
+def test_create_and_stream_text(client):
+    response = client.responses.create(model="demo", input="Hello", instructions="Be brief.", max_output_tokens=6)
+    assert response.id.startswith("resp_") and response.object == "response"
+    assert response.status in ("completed", "incomplete") and response.output[0].type == "message"
+    assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens
+    with client.responses.stream(model="demo", input="Hello", max_output_tokens=6, extra_body={"seed": 0}) as stream:
+        events = list(stream)
+    kinds = [event.type for event in events]
+    # seeded, the random demo model does not end within 6 tokens: cut, it ends as OpenAI's, response.incomplete
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.incomplete"
+    final = events[-1].response
+    assert final.id.startswith("resp_") and final.status == "incomplete"
+    assert final.incomplete_details.reason == "max_output_tokens" and final.output[0].id.startswith("msg_")
+    assert final.output_text == "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert final.usage.output_tokens == 6
+    # a bounded JSON answer must end within 40 tokens: response.completed, read by get_final_response
+    with client.responses.stream(model="demo", input="Hello", max_output_tokens=40, text={"format": {
+            "type": "json_schema", "name": "n", "strict": True, "schema": SMALL}}) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert kinds[-1] == "response.completed" and final.status == "completed"
+    jsonschema.validate(json.loads(final.output_text), SMALL)
+
+
+def test_a_cut_function_call_is_incomplete(client):
+    response = client.responses.create(model="demo", input="2+3?", tools=[TOOL], tool_choice="required",
+                                       max_output_tokens=5)
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert [item.type for item in response.output] == ["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_function_call_round_trip(client, stream, seed):
+    ask = dict(model="demo", tools=[TOOL], tool_choice="required", parallel_tool_calls=False,
+               max_output_tokens=100, temperature=0.7, extra_body={"seed": seed})
+    if stream:
+        with client.responses.stream(input="2+3?", **ask) as events:
+            response = events.get_final_response()
+    else:
+        response = client.responses.create(input="2+3?", **ask)
+    assert response.status == "completed" and [item.type for item in response.output] == ["function_call"]
+    call = response.output[0]
+    assert call.id.startswith("fc_") and call.call_id.startswith("call_") and call.name == "add"
+    jsonschema.validate(json.loads(call.arguments), TOOL["parameters"])
+    follow = [{"role": "user", "content": "2+3?"}, call.model_dump(exclude_none=True),
+              {"type": "function_call_output", "call_id": call.call_id, "output": "5"}]
+    answer = client.responses.create(model="demo", input=follow, tools=[TOOL], tool_choice="none",
+                                     max_output_tokens=6)
+    assert [item.type for item in answer.output] == ["message"] and answer.output[0].id.startswith("msg_")
+    assert answer.output_text and answer.status in ("completed", "incomplete")
+
+
+def test_parse_with_a_pydantic_model(client):
+    from pydantic import BaseModel, Field
+
+    class Sum(BaseModel):
+        total: int = Field(ge=0, le=100)
+
+    parsed = client.responses.parse(model="demo", input="2+3", text_format=Sum, max_output_tokens=40,
+                                    temperature=0.7)
+    assert isinstance(parsed.output_parsed, Sum)
+
+
+# ---------------------------------------------------------------- /v1/embeddings
+TEXTS = ["The cat sat on the mat.", "Pipelines split layers over PCs."]
+
+
+@pytest.fixture(scope="module")
+def reference(cluster):
+    """(last, mean) pooled final hidden states of TEXTS, computed by transformers itself."""
+    if not hasattr(cluster, "aembed"):
+        pytest.skip("Cluster.aembed (the data plane's part) is not in this tree yet")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(cluster.pipeline.model_dir), torch_dtype=torch.float32)
+    out = {"last": [], "mean": []}
+    for text in TEXTS:
+        ids = torch.tensor([cluster.encode(text)])
+        with torch.no_grad():
+            hidden = model(ids, output_hidden_states=True).hidden_states[-1][0]   # (T, hidden), after the norm
+        for pooling, vector in (("last", hidden[-1]), ("mean", hidden.mean(0))):
+            out[pooling].append((vector / vector.norm()).numpy())
+    return out
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_vectors_equal_transformers(client, reference, pooling):
+    reply = client.embeddings.create(model="demo", input=TEXTS, extra_body={"pooling": pooling})
+    assert reply.usage.prompt_tokens > 0 and [d.index for d in reply.data] == [0, 1]
+    for data, expected in zip(reply.data, reference[pooling]):
+        assert float(np.dot(data.embedding, expected)) >= 0.9999
+
+
+def test_base64_dimensions_and_token_inputs(client, cluster, reference):
+    floats = client.embeddings.create(model="demo", input=TEXTS[0], encoding_format="float").data[0].embedding
+    raw = client.with_raw_response.embeddings.create(model="demo", input=TEXTS[0], encoding_format="base64")
+    encoded = raw.http_response.json()["data"][0]["embedding"]
+    assert np.allclose(np.frombuffer(base64.b64decode(encoded), "<f4"), floats)
+    ids = client.embeddings.create(model="demo", input=[cluster.encode(TEXTS[0])]).data[0].embedding
+    assert np.allclose(ids, floats, atol=1e-6)
+    cut = client.embeddings.create(model="demo", input=TEXTS[0], dimensions=16).data[0].embedding
+    expected = np.asarray(floats[:16]) / np.linalg.norm(floats[:16])
+    assert len(cut) == 16 and np.allclose(cut, expected, atol=1e-5)
+
+
+def test_langchain_openai_embeddings(server, reference):
+    # check_embedding_ctx_length=False: otherwise LangChain counts tokens with tiktoken, which must
+    # download its files (no network here) and knows nothing of this model's tokenizer anyway.
+    from langchain_openai import OpenAIEmbeddings
+
+    embeddings = OpenAIEmbeddings(base_url=server.url + "/v1", api_key=API_KEY, model="demo",
+                                  check_embedding_ctx_length=False, max_retries=0)
+    vectors = embeddings.embed_documents(TEXTS)
+    assert float(np.dot(vectors[1], reference["last"][1])) >= 0.9999
+    assert float(np.dot(embeddings.embed_query(TEXTS[0]), reference["last"][0])) >= 0.9999
