@@ -258,6 +258,14 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
     return (content or None), calls
 
 
+def format_tool_call(name: str, arguments) -> str:
+    """One call as the grammar writes it (what :func:`parse_tool_calls` reads back): ``arguments``
+    a JSON value, or a client's own text when it is not JSON (rendered as that text)."""
+    body = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False,
+                      separators=(JSON_OPTIONS["item_separator"], JSON_OPTIONS["key_separator"]))
+    return TOOL_CALL_OPEN + body + TOOL_CALL_CLOSE
+
+
 def tool_prompt(tools: list[dict]) -> str:
     """The system-prompt text that tells a model whose chat template does not render tools how
     to call them, in the TOOL_CALL_OPEN/CLOSE format :func:`parse_tool_calls` reads."""

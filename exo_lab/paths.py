@@ -13,11 +13,17 @@ old folder already exists (an earlier exo-lab made it), which then stays in use.
 """
 from __future__ import annotations
 
+import logging
 import os
+import secrets
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from . import envvars
+
+logger = logging.getLogger(__name__)
 
 APP_NAME = "exo-lab"
 CACHE_ENV = envvars.CACHE
@@ -66,8 +72,6 @@ def _platform_dirs():
 def temp_name(target: Path, folder: Path | None = None) -> Path:
     """A temporary path for ``target``, own to this process and call, in ``folder`` (default:
     beside ``target``)."""
-    import secrets
-
     return (folder or target.parent) / f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
 
 
@@ -91,11 +95,6 @@ def move_folder_into_place(staging: Path, target: Path, is_complete) -> None:
     """Rename the finished folder ``staging`` to ``target``. A complete ``target``
     (``is_complete(target)``) that another builder put there meanwhile is kept; an incomplete or
     empty one is moved aside first and removed."""
-    import logging
-    import shutil
-    import tempfile
-
-    logger = logging.getLogger(__name__)
     if is_complete(target):
         logger.debug("%s was built by another process meanwhile; using it", target)
         return

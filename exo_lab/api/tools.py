@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import uuid
 
+from ..constrain import TOOL_CALL_SEPARATOR, format_tool_call, parse_tool_calls, tool_prompt
 from ..coordinator.chat import ROLE_ALIASES, apply_chat_template, message_text
 from ..errors import RequestError
 from .errors import bad_request
@@ -148,8 +149,6 @@ def template_ids(tokenizer, messages: list[dict], tools) -> list[int]:
 
 def fallback_messages(messages: list[dict], tools: tuple[dict, ...]) -> list[dict]:
     """The documented fallback (module docstring) as plain system/user/assistant messages."""
-    from ..constrain import tool_prompt
-
     out: list[dict] = [{"role": "system", "content": tool_prompt(list(tools))}] if tools else []
     for message in messages:
         if message["role"] == "tool":
@@ -163,7 +162,8 @@ def fallback_messages(messages: list[dict], tools: tuple[dict, ...]) -> list[dic
             continue
         text = message["content"]
         if message.get("tool_calls"):
-            text = "\n".join([text] * bool(text) + [call_text(call) for call in message["tool_calls"]])
+            text = "\n".join([text] * bool(text)
+                              + [TOOL_CALL_SEPARATOR.join(call_text(call) for call in message["tool_calls"])])
         if message["role"] == "system" and out and out[-1]["role"] == "system":
             out[-1]["content"] += "\n\n" + text          # one system message: the template may want one
         else:
@@ -172,9 +172,8 @@ def fallback_messages(messages: list[dict], tools: tuple[dict, ...]) -> list[dic
 
 
 def call_text(call: dict) -> str:
-    """One call in the grammar's text format."""
-    return "<tool_call>" + json.dumps({"name": call["name"], "arguments": _arguments(call["arguments"])},
-                                      ensure_ascii=False) + "</tool_call>"
+    """One call in the grammar's text format (:func:`exo_lab.constrain.format_tool_call`)."""
+    return format_tool_call(call["name"], _arguments(call["arguments"]))
 
 
 def _arguments(arguments: str):
@@ -187,8 +186,6 @@ def _arguments(arguments: str):
 # ---------------------------------------------------------------- out of the reply
 def reply_calls(text: str) -> tuple[str | None, list[dict]]:
     """Generated text -> (content or None, [{"id", "type": "function", "function": {"name", "arguments"}}])."""
-    from ..constrain import parse_tool_calls
-
     content, calls = parse_tool_calls(text)
     return content, [{"id": new_call_id(), "type": "function",
                       "function": {"name": call["name"], "arguments": call["arguments"]}} for call in calls]
