@@ -34,6 +34,8 @@ within :data:`COMPILE_TIMEOUT_S` (on a small pool of worker threads, inside llgu
 limits :data:`PARSER_LIMITS`), no remote ``$ref``, and keywords llguidance does not implement
 (``not``, ``if``/``then``/``else``, ``uniqueItems``, ``contains``, ``dependentRequired``, ...)
 unless ``strict=False``. Compiled grammars are cached per (schema, tokenizer) in a small LRU.
+Numbers the schema leaves unbounded are bounded (:func:`bound_numbers`: NUMBER_FRACTION_DIGITS,
+NUMBER_MAX_ABS), so no model can write digits for ever.
 
 Tool calls are emitted as text, one per call, as Hermes and Qwen chat templates do::
 
@@ -66,6 +68,16 @@ COMPILE_TIMEOUT_S = 2.0
 COMPILE_THREADS = 2
 CACHE_ENTRIES = 64             # compiled grammars kept per tokenizer
 
+# Every JSON number the grammar lets a model write has at most NUMBER_FRACTION_DIGITS digits after
+# the point and a magnitude of at most NUMBER_MAX_ABS (16 digits), as llama.cpp's JSON grammars
+# bound them: without a bound a model can write digits until max_tokens ("lon": 1.891355363454525
+# 6...) and the answer never parses. The bounds are added only where the schema sets none of its
+# own (multipleOf, minimum/maximum), so every output still validates against the schema as given.
+# 10 is the most llguidance's multipleOf takes (1e-11 fails to compile).
+NUMBER_FRACTION_DIGITS = 10
+NUMBER_MAX_ABS = 10 ** 15
+_SCHEMA_DATA_KEYS = frozenset({"enum", "const", "default", "examples"})   # values, not schemas
+
 # Compact separators, no free whitespace: what chat models write, and a random walk (or a model
 # stuck in a loop) cannot pad the output with endless whitespace.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -73,8 +85,9 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 TOOL_CALL_SEPARATOR = "\n"     # between parallel calls
-TOOL_CALL_PATTERN = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE),
-                               re.DOTALL)
+# How Hermes/Qwen templates show tool results: an answer in text never writes it (a model that
+# starts it is imitating the format, not answering).
+TOOL_RESPONSE_OPEN = "<tool_response>"
 FUNCTION_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")   # OpenAI's rule for names
 
 TOOL_PROMPT_TEMPLATE = """\
@@ -82,9 +95,9 @@ You may call functions to answer. Their signatures, as JSON schemas, are inside 
 <tools>
 {tools}
 </tools>
-To call a function, write nothing but one line per call, in this form:
+To call a function, write nothing but one line per call, in this form, each call once:
 {open}{{"name": "<function name>", "arguments": <the arguments as a JSON object>}}{close}
-Otherwise answer in plain text."""
+When the results come back, answer the user in plain text."""
 
 # The five representative schemas the numbers above were measured on (benchmarks and tests).
 EXAMPLE_SCHEMAS: dict[str, dict] = {
@@ -212,14 +225,16 @@ def compile_json_schema(schema: dict, tokenizer, *, strict: bool = True) -> Gram
     check_schema(schema, param="response_format")
     return _cached(tokenizer, ("json_schema", _canonical(schema), strict), "response_format",
                    lambda llg: llg.LLMatcher.grammar_from_json_schema(
-                       schema, defaults=JSON_OPTIONS, overrides={"lenient": not strict}))
+                       bound_numbers(schema), defaults=JSON_OPTIONS,
+                       overrides={"lenient": not strict}))
 
 
 def json_object_grammar(tokenizer) -> Grammar:
-    """Any JSON object (``response_format: {"type": "json_object"}``)."""
+    """Any JSON object (``response_format: {"type": "json_object"}``), its numbers bounded as
+    everywhere (NUMBER_FRACTION_DIGITS, NUMBER_MAX_ABS)."""
     return _cached(tokenizer, ("json_object",), "response_format",
                    lambda llg: llg.LLMatcher.grammar_from_json_schema(
-                       {"type": "object"}, defaults=JSON_OPTIONS))
+                       ANY_JSON_OBJECT, defaults=JSON_OPTIONS))
 
 
 def tool_call_grammar(tools: list[dict], tool_choice, parallel_tool_calls: bool,
@@ -238,24 +253,185 @@ def tool_call_grammar(tools: list[dict], tool_choice, parallel_tool_calls: bool,
         mode != "named" else ""
     start = {"auto": "TEXT | calls", "required": "calls", "named": "calls", "none": "TEXT"}[mode]
     lark = (f"start: {start}\ncalls: call {repeat}\ncall: {call}\n"
-            f"TEXT: /(?s:.+)/ & ~/(?s:.*{re.escape(TOOL_CALL_OPEN)}.*)/\n")
+            f"TEXT: /(?s:.+)/ & ~/(?s:.*({re.escape(TOOL_CALL_OPEN)}|{re.escape(TOOL_RESPONSE_OPEN)}).*)/\n")
     return _cached(tokenizer, ("tools", lark), "tools", lambda llg: llg.LLMatcher.grammar_from_lark(lark))
 
 
+def bound_numbers(schema: Any) -> Any:
+    """A copy of ``schema`` in which every number or integer subschema without bounds of its own
+    gets them: ``multipleOf`` 10**-NUMBER_FRACTION_DIGITS (numbers) and minimum/maximum
+    -/+NUMBER_MAX_ABS, each side only where the schema sets neither it nor its exclusive form.
+    What the copy accepts, the original accepts (the bounds only narrow)."""
+    if isinstance(schema, list):
+        return [bound_numbers(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    bounded = {key: value if key in _SCHEMA_DATA_KEYS else bound_numbers(value)
+               for key, value in schema.items()}
+    kinds = schema.get("type")
+    kinds = {kinds} if isinstance(kinds, str) else set(kinds) if isinstance(kinds, list) else set()
+    if not kinds & {"number", "integer"}:
+        return bounded
+    if "number" in kinds and "multipleOf" not in schema:
+        bounded["multipleOf"] = 10.0 ** -NUMBER_FRACTION_DIGITS
+    low = schema.get("minimum", schema.get("exclusiveMinimum"))
+    high = schema.get("maximum", schema.get("exclusiveMaximum"))
+    if low is None and not (_is_number(high) and high < -NUMBER_MAX_ABS):
+        bounded["minimum"] = -NUMBER_MAX_ABS
+    if high is None and not (_is_number(low) and low > NUMBER_MAX_ABS):
+        bounded["maximum"] = NUMBER_MAX_ABS
+    return bounded
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# response_format json_object: an object whose values are any JSON, numbers bounded.
+ANY_JSON_OBJECT = {
+    "$defs": {"value": {"anyOf": [
+        {"type": "string"}, {"type": "boolean"}, {"type": "null"},
+        bound_numbers({"type": "number"}),
+        {"type": "array", "items": {"$ref": "#/$defs/value"}},
+        {"type": "object", "additionalProperties": {"$ref": "#/$defs/value"}}]}},
+    "type": "object", "additionalProperties": {"$ref": "#/$defs/value"}}
+
+
 def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
-    """Split a model's answer into its plain-text content (None when empty) and its tool calls,
-    each ``{"name": ..., "arguments": <JSON string>}``. A call whose body is not a JSON object
-    with a string "name" stays in the content, as text."""
-    calls, pieces, last = [], [], 0
-    for match in TOOL_CALL_PATTERN.finditer(text):
-        call = _parse_call(match.group(1))
-        if call is None:
-            continue
-        pieces.append(text[last:match.start()])
-        calls.append(call)
-        last = match.end()
-    content = ("".join(pieces) + text[last:]).strip()
-    return (content or None), calls
+    """Split a whole tools answer into its content (None when it is calls) and its calls, each
+    ``{"name", "arguments": the JSON text as written, "complete": bool}``: :class:`ToolCallReader`
+    fed all at once."""
+    reader = ToolCallReader()
+    reader.feed(text)
+    reader.close(cut=False)
+    return reader.result()
+
+
+class ToolCallReader:
+    """Reads a tools answer as it streams, in the grammar's format (:func:`tool_call_grammar`):
+    either plain text from the first character on (content), or calls from the first character
+    on, ``<tool_call>{"name": "<name>", "arguments": <JSON>}</tool_call>`` joined by
+    TOOL_CALL_SEPARATOR. :meth:`feed` returns what became known, in order:
+    ``("content", text)``, ``("call", index, name)`` once a call's name is whole, and
+    ``("arguments", index, text)`` for each piece of its arguments as written (the arguments'
+    JSON is scanned, so a string holding ``</tool_call>`` cannot end it). Text that leaves the
+    format (only possible without the grammar) is content from there on."""
+
+    _HEAD = TOOL_CALL_OPEN + '{"name": "'
+    _NAME_END = '", "arguments": '
+    _CLOSE = "}" + TOOL_CALL_CLOSE
+
+    def __init__(self):
+        self._pending = ""            # received, not yet decided
+        self._state = "start"         # start, name, after_name, arguments, close, between, text
+        self._content: list[str] = []
+        self._calls: list[dict] = []
+        self._depth = 0               # in the arguments: open containers, and whether in a string
+        self._in_string = False
+        self._escaped = False
+
+    def feed(self, text: str) -> list[tuple]:
+        events: list[tuple] = []
+        self._pending += text
+        while self._pending and self._step(events):
+            pass
+        return events
+
+    def close(self, cut: bool) -> list[tuple]:
+        """The answer ended (``cut``: by max_tokens). Text held back because it began like a call
+        is content if the answer ended on its own, and a call cut before its name if cut."""
+        events: list[tuple] = []
+        if self._state == "start" and not cut:
+            self._emit_content(events, self._pending)
+        self._pending, self._state = "", "closed"
+        return events
+
+    def result(self) -> tuple[str | None, list[dict]]:
+        """(content or None, calls): each call ``{"name", "arguments", "complete"}``; a call cut
+        before its name was whole is left out, one cut in its arguments has ``complete`` False."""
+        return "".join(self._content) or None, [dict(call) for call in self._calls]
+
+    # -- one step: consume what can be decided; False when more text is needed
+    def _step(self, events: list[tuple]) -> bool:
+        state, pending = self._state, self._pending
+        if state == "text":
+            self._emit_content(events, pending)
+            return False
+        if state == "closed":
+            raise ValueError("text fed to a ToolCallReader after close()")
+        if state in ("start", "between"):
+            expected = (TOOL_CALL_SEPARATOR if state == "between" else "") + self._HEAD
+            if not pending.startswith(expected):
+                if expected.startswith(pending):
+                    return False                              # still a prefix: wait
+                self._state = "text"                          # not a call: content from here
+                return True
+            self._pending, self._state = pending[len(expected):], "name"
+            return True
+        if state == "name":
+            end = pending.find('"')
+            if end < 0:
+                return False
+            self._calls.append({"name": pending[:end], "arguments": "", "complete": False})
+            self._pending, self._state = pending[end:], "after_name"
+            return True
+        if state == "after_name":
+            if not pending.startswith(self._NAME_END):
+                if self._NAME_END.startswith(pending):
+                    return False
+                self._calls.pop()
+                self._state = "text"
+                return True
+            events.append(("call", len(self._calls) - 1, self._calls[-1]["name"]))
+            self._pending, self._state = pending[len(self._NAME_END):], "arguments"
+            self._depth, self._in_string, self._escaped = 0, False, False
+            return True
+        if state == "arguments":
+            end = self._scan_arguments(pending)
+            piece = pending if end is None else pending[:end]
+            if piece:
+                self._calls[-1]["arguments"] += piece
+                events.append(("arguments", len(self._calls) - 1, piece))
+            self._pending = "" if end is None else pending[end:]
+            if end is not None:
+                self._state = "close"
+            return end is not None
+        if state == "close":
+            if not pending.startswith(self._CLOSE):
+                if self._CLOSE.startswith(pending):
+                    return False
+                self._state = "text"
+                return True
+            self._calls[-1]["complete"] = True
+            self._pending, self._state = pending[len(self._CLOSE):], "between"
+            return True
+        raise AssertionError(state)
+
+    def _scan_arguments(self, text: str) -> int | None:
+        """Where in ``text`` the arguments end (the call object's closing brace), or None."""
+        for at, char in enumerate(text):
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif char == "\\":
+                    self._escaped = True
+                elif char == '"':
+                    self._in_string = False
+            elif char == '"':
+                self._in_string = True
+            elif char in "{[":
+                self._depth += 1
+            elif char in "}]":
+                if self._depth == 0:
+                    return at
+                self._depth -= 1
+        return None
+
+    def _emit_content(self, events: list[tuple], text: str) -> None:
+        if text:
+            self._content.append(text)
+            events.append(("content", text))
+        self._pending = ""
 
 
 def format_tool_call(name: str, arguments) -> str:
@@ -355,19 +531,9 @@ def _choose(tool_choice: Any, functions: dict[str, dict]) -> tuple[str, dict[str
 
 
 def _call_schema(name: str, params: dict) -> dict:
-    return {"type": "object", "properties": {"name": {"const": name}, "arguments": params},
+    return {"type": "object", "properties": {"name": {"const": name},
+                                             "arguments": bound_numbers(params)},
             "required": ["name", "arguments"], "additionalProperties": False}
-
-
-def _parse_call(body: str) -> dict | None:
-    try:
-        call = json.loads(body)
-    except ValueError:
-        return None
-    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-        return None
-    arguments = call.get("arguments", {})
-    return {"name": call["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}
 
 
 class _TokenizerGrammars:

@@ -2,7 +2,8 @@
 LangChain, on one cluster for the whole module. The demo model's random weights give valid JSON
 and tool calls only because decoding is constrained: that is the point.
 
-- tools (round trips, streamed and not, named and parallel), structured outputs (json_schema,
+- tools (round trips, streamed and not, named and parallel; streamed calls arrive as written;
+  a call cut by max_tokens is the whole call's beginning), structured outputs (json_schema,
   json_object, chat.completions.parse, cut by max_tokens), logprobs, n and penalties;
 - /v1/responses: create (stream and not), parse, function calls;
 - /v1/embeddings: against transformers' own final hidden states; base64, dimensions, token ids,
@@ -50,10 +51,11 @@ def test_tool_call_round_trip(client, stream):
     messages = [{"role": "user", "content": "Weather in Paris?"}]
     if stream:
         with client.chat.completions.stream(model="demo", messages=messages, tools=[WEATHER], tool_choice="required",
-                                            max_tokens=120, temperature=0.7, seed=3) as events:
+                                            parallel_tool_calls=False, max_tokens=120, temperature=0.7,
+                                            seed=3) as events:
             reply = events.get_final_completion()
-    else:
-        reply = ask(client, messages, tools=[WEATHER], tool_choice="required")
+    else:       # one call: the random model may start a second call that max_tokens cuts
+        reply = ask(client, messages, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False)
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls"
     valid_calls(choice.message.tool_calls)
@@ -62,6 +64,37 @@ def test_tool_call_round_trip(client, stream):
                  for call in choice.message.tool_calls]
     answer = ask(client, messages, tools=[WEATHER], tool_choice="none")
     assert answer.choices[0].message.tool_calls is None and answer.choices[0].finish_reason in ("stop", "length")
+
+
+def test_fallback_writes_calls_as_the_grammar_does_and_results_in_words():
+    from exo_lab.api.tools import fallback_messages
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": '{"t": 21}'},
+                {"role": "tool", "tool_call_id": "call_unknown", "content": "late"}]
+    out = fallback_messages(messages, (WEATHER,))
+    assert [m["role"] for m in out] == ["system", "user", "assistant", "user"]
+    assert out[0]["content"].startswith("You may call functions") and out[0]["content"].endswith("Be brief.")
+    assert out[2]["content"] == '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}</tool_call>'
+    assert out[3]["content"] == 'Function results:\nget_weather returned: {"t": 21}\na function returned: late'
+
+
+def test_tool_choice_none_is_text_that_cannot_write_a_call(cluster):
+    """OpenAI's "none": no calls, and here no call-shaped text either (a small model given the
+    tool prompt copies it): the reply is decoded under the grammar's text rule."""
+    from exo_lab.api import features
+
+    tools = features.tools([WEATHER])
+    assert features.compile_grammar(features.Decoding(), cluster.tokenizer) is None
+    grammar = features.compile_grammar(features.Decoding(tools=tools, tool_choice="none"), cluster.tokenizer)
+    processor = grammar.processor()
+    for token in cluster.tokenizer.encode("<tool_call", add_special_tokens=False):
+        processor.next_rule()
+        processor.accept(token)
+    bits = np.unpackbits(np.frombuffer(processor.next_rule().allowed, np.uint8), bitorder="little")
+    assert not bits[cluster.tokenizer.convert_tokens_to_ids(">")] and bits.sum() > 1000
 
 
 def test_named_tool_choice_and_no_parallel_calls(client):
@@ -112,6 +145,44 @@ def test_a_reply_cut_by_max_tokens_says_length(client):
     assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 3
     cut = ask(client, [{"role": "user", "content": "Paris"}], max_tokens=5, tools=[WEATHER], tool_choice="required")
     assert cut.choices[0].finish_reason == "length" and not cut.choices[0].message.tool_calls
+    assert cut.choices[0].message.content is None          # no raw "<tool_call>" text
+
+
+def test_a_call_cut_in_its_arguments_is_a_prefix_of_the_whole_call(client):
+    """Seeded, the cut reply is the whole reply's beginning: its call carries the arguments
+    written so far (finish_reason "length", as OpenAI), never the call's raw text as content."""
+    named = dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    whole = ask(client, [{"role": "user", "content": "Paris"}], **named).choices[0]
+    assert whole.finish_reason == "tool_calls"
+    arguments = whole.message.tool_calls[0].function.arguments
+    used = ask(client, [{"role": "user", "content": "Paris"}], **named).usage.completion_tokens
+    for tokens in range(used - 4, 0, -2):       # the last few tokens close the call
+        cut = ask(client, [{"role": "user", "content": "Paris"}], max_tokens=tokens, **named).choices[0]
+        assert cut.finish_reason == "length" and cut.message.content is None, tokens
+        if cut.message.tool_calls:
+            partial = cut.message.tool_calls[0].function.arguments
+            assert cut.message.tool_calls[0].function.name == "get_weather"
+            assert arguments.startswith(partial), (partial, arguments)
+            if partial != arguments:
+                return
+    raise AssertionError(f"no cut of {used} tokens kept a call")
+
+
+def test_streamed_calls_arrive_as_written(client):
+    """The stream carries each call's id, type and name first, then its arguments in the pieces
+    the model wrote (one per token that added to them), and they join to the unstreamed reply's."""
+    settings = dict(model="demo", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER],
+                    tool_choice="required", max_tokens=120, temperature=0.7, seed=5)
+    whole = client.chat.completions.create(**settings).choices[0]
+    deltas = [chunk.choices[0].delta for chunk in client.chat.completions.create(stream=True, **settings)
+              if chunk.choices and chunk.choices[0].delta.tool_calls]
+    heads = [delta.tool_calls[0] for delta in deltas if delta.tool_calls[0].id]
+    assert [(head.index, head.function.name, head.type) for head in heads] == \
+        [(index, call.function.name, "function") for index, call in enumerate(whole.message.tool_calls)]
+    for index, call in enumerate(whole.message.tool_calls):
+        pieces = [d.tool_calls[0].function.arguments for d in deltas
+                  if d.tool_calls[0].index == index and not d.tool_calls[0].id]
+        assert len(pieces) > 3 and "".join(pieces) == call.function.arguments
 
 
 def test_json_object_parses_whenever_it_finishes(client, cluster):
@@ -222,6 +293,23 @@ def test_function_call_round_trip(client, stream, seed):
                                      max_output_tokens=6)
     assert [item.type for item in answer.output] == ["message"] and answer.output[0].id.startswith("msg_")
     assert answer.output_text and answer.status in ("completed", "incomplete")
+
+
+def test_streamed_function_call_events_arrive_as_written(client):
+    """The call's item (name, call_id) is added once its name is whole, then its arguments come
+    as deltas (one per token that added to them) joining to the final item's arguments."""
+    events = list(client.responses.create(model="demo", input="2+3?", tools=[TOOL], tool_choice="required",
+                                          parallel_tool_calls=False, max_output_tokens=100, temperature=0.7,
+                                          extra_body={"seed": 0}, stream=True))
+    kinds = [event.type for event in events]
+    added = kinds.index("response.output_item.added")
+    assert events[added].item.type == "function_call" and events[added].item.name == "add"
+    deltas = [event.delta for event in events if event.type == "response.function_call_arguments.delta"]
+    done = events[kinds.index("response.output_item.done")].item
+    assert len(deltas) > 3 and "".join(deltas) == done.arguments and done.call_id == events[added].item.call_id
+    assert added < kinds.index("response.function_call_arguments.delta") < kinds.index(
+        "response.function_call_arguments.done") and kinds[-1] == "response.completed"
+    jsonschema.validate(json.loads(done.arguments), TOOL["parameters"])
 
 
 def test_parse_with_a_pydantic_model(client):

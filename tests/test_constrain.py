@@ -86,6 +86,39 @@ def test_random_walks_parse_and_validate(name, tokenizer):
         jsonschema.validate(json.loads(text), schema)
 
 
+UNBOUNDED_NUMBERS = {"type": "object", "properties": {
+    "x": {"type": "number"}, "n": {"type": "integer"}, "low": {"type": "number", "minimum": 5},
+    "step": {"type": "number", "multipleOf": 0.5, "maximum": 10}, "maybe": {"type": ["number", "null"]}},
+    "required": ["x", "n", "low", "step", "maybe"], "additionalProperties": False}
+
+
+def digits_ok(value) -> bool:
+    text = json.dumps(value)
+    return abs(value) <= constrain.NUMBER_MAX_ABS and "e" not in text.lower() and \
+        len(text.partition(".")[2]) <= constrain.NUMBER_FRACTION_DIGITS
+
+
+def test_numbers_without_bounds_get_them_and_stay_valid(tokenizer):
+    """llguidance's own number grammar has no length limit (without the bounds these walks write
+    26-digit integers and exponents; a model can write digits until max_tokens). Bounded where the
+    schema sets nothing, every walk validates against the schema as given, with at most
+    NUMBER_FRACTION_DIGITS digits after the point and no exponent; the schema's own bounds
+    (minimum 5, multipleOf 0.5) are kept."""
+    grammar = constrain.compile_json_schema(UNBOUNDED_NUMBERS, tokenizer)
+    rng = random.Random(7)
+    for _ in range(20):
+        value = json.loads(walk(grammar, tokenizer, rng))
+        jsonschema.validate(value, UNBOUNDED_NUMBERS)
+        assert all(digits_ok(v) for v in value.values() if v is not None), value
+        assert value["low"] >= 5 and value["step"] % 0.5 == 0
+    bounded = constrain.bound_numbers(UNBOUNDED_NUMBERS)
+    assert bounded["properties"]["low"] == {"type": "number", "minimum": 5, "multipleOf": 1e-10,
+                                            "maximum": constrain.NUMBER_MAX_ABS}
+    assert bounded["properties"]["step"] == {"type": "number", "multipleOf": 0.5, "maximum": 10,
+                                             "minimum": -constrain.NUMBER_MAX_ABS}
+    assert constrain.bound_numbers({"const": {"type": "number"}}) == {"const": {"type": "number"}}
+
+
 def test_json_object_and_cache(tokenizer):
     grammar = constrain.json_object_grammar(tokenizer)
     assert constrain.json_object_grammar(tokenizer) is grammar
@@ -144,14 +177,48 @@ def test_auto_allows_plain_text_and_none_forbids_calls(tokenizer):
 
 
 def test_parse_tool_calls_and_prompt():
-    text = ('Let me check.\n<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>\n'
-            '<tool_call>not json</tool_call>')
+    text = ('<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>\n'
+            '<tool_call>{"name": "get_weather", "arguments": {"city": "a}</tool_call>\\"{", "unit": "c"}}</tool_call>')
     content, calls = constrain.parse_tool_calls(text)
-    assert calls == [{"name": "add", "arguments": '{"a": 1, "b": 2}'}]
-    assert content == "Let me check.\n\n<tool_call>not json</tool_call>"
-    assert constrain.parse_tool_calls("plain") == ("plain", [])
+    assert content is None
+    assert calls == [{"name": "add", "arguments": '{"a": 1, "b": 2}', "complete": True},
+                     {"name": "get_weather", "arguments": '{"city": "a}</tool_call>\\"{", "unit": "c"}',
+                      "complete": True}]
+    assert constrain.parse_tool_calls("plain <tool_call>") == ("plain <tool_call>", [])
+    assert constrain.parse_tool_calls("<tool_weather>x") == ("<tool_weather>x", [])
     prompt = constrain.tool_prompt(TOOLS)
     assert '"name": "get_weather"' in prompt and constrain.TOOL_CALL_OPEN in prompt
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_reader_fed_in_any_pieces_equals_reader_fed_whole(seed, tokenizer):
+    """Streamed deltas: however the text is cut, the events joined give the same calls, and the
+    arguments pieces are the arguments as written (the walks' own text, byte for byte)."""
+    grammar = constrain.tool_call_grammar(TOOLS, "required", True, tokenizer)
+    rng = random.Random(seed)
+    text = walk(grammar, tokenizer, rng, "")
+    whole = constrain.parse_tool_calls(text)
+    cuts = sorted(rng.sample(range(1, len(text)), min(12, len(text) - 1)))
+    reader, events = constrain.ToolCallReader(), []
+    for start, end in zip([0] + cuts, cuts + [len(text)]):
+        events += reader.feed(text[start:end])
+    assert reader.result() == whole
+    names = [event[2] for event in events if event[0] == "call"]
+    arguments = ["".join(e[2] for e in events if e[0] == "arguments" and e[1] == index) for index in range(len(names))]
+    assert [{"name": n, "arguments": a, "complete": True} for n, a in zip(names, arguments)] == whole[1]
+    written = constrain.TOOL_CALL_SEPARATOR.join(
+        f'{constrain.TOOL_CALL_OPEN}{{"name": "{c["name"]}", "arguments": {c["arguments"]}}}{constrain.TOOL_CALL_CLOSE}'
+        for c in whole[1])
+    assert written == text
+
+
+def test_a_cut_call_keeps_its_arguments_so_far_and_a_cut_name_is_dropped():
+    content, calls = constrain.parse_tool_calls('<tool_call>{"name": "add", "arguments": {"a": 1, "b"')
+    assert content is None and calls == [{"name": "add", "arguments": '{"a": 1, "b"', "complete": False}]
+    assert constrain.parse_tool_calls('<tool_call>{"name": "ad') == (None, [])
+    assert constrain.parse_tool_calls('<tool_ca') == ("<tool_ca", [])      # ended on its own: text
+    reader = constrain.ToolCallReader()
+    assert reader.feed("<tool_ca") == [] and reader.close(cut=True) == [] and reader.result() == (None, [])
 
 
 def nested(depth: int) -> dict:

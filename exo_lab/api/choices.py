@@ -69,6 +69,7 @@ class Choice:
         self.finish_reason: str | None = None
         self.logprob_chars = 0              # characters of the tokens in ``logprobs`` (text_offset)
         self.table = table
+        self.calls = None                   # a tools request's api.tools.ReplyCalls, once read
 
     def add(self, event) -> str:
         self.texts.append(event.text)

@@ -88,10 +88,17 @@ class EmbeddingsHandler(JsonBodyHandler):
                 raise bad_request(f"'input[{index}]' must be a string or a list of token ids", param="input")
             if not ids:
                 raise bad_request(f"'input[{index}]' is empty: it must hold at least one token", param="input")
-            if len(ids) > context or any(not 0 <= t < vocab for t in ids):
+            outside = next((t for t in ids if not 0 <= t < vocab), None)
+            if outside is not None:
+                raise bad_request(f"'input[{index}]' holds token id {outside}, outside this model's vocabulary "
+                                  f"[0, {vocab}): token ids must come from the served model's own tokenizer. "
+                                  "A client that tokenizes with OpenAI's tiktoken (LangChain's OpenAIEmbeddings "
+                                  "does by default) must send text: OpenAIEmbeddings(check_embedding_ctx_length="
+                                  "False)", param="input")
+            if len(ids) > context:
                 raise bad_request(f"'input[{index}]' has {len(ids)} tokens; each input takes at most this "
-                                  f"model's context of {context} tokens, ids in [0, {vocab})", param="input",
-                                  code="context_length_exceeded" if len(ids) > context else None)
+                                  f"model's context of {context} tokens", param="input",
+                                  code="context_length_exceeded")
             total += len(ids)
             inputs.append(ids)
         if total > MAX_EMBEDDING_TOKENS:

@@ -271,12 +271,12 @@ def check_combination(fmt: dict | None, tool_list: tuple[dict, ...], choice, par
 def compile_grammar(decoding: Decoding, tokenizer):
     """The Grammar decoding is constrained by (or None); runs on the tokenizer thread (up to ~2 s).
     Raises ApiError 400 for a schema the grammar engine refuses."""
-    if decoding.response_format is None and not decoding.calls_tools:
+    if decoding.response_format is None and not decoding.tools:
         return None
     from .. import constrain
 
     try:
-        if decoding.calls_tools:
+        if decoding.response_format is None:   # calls, or (tool_choice "none") text that writes none
             return constrain.tool_call_grammar(list(decoding.tools), decoding.tool_choice,
                                                decoding.parallel_tool_calls, tokenizer)
         if decoding.response_format["type"] == "json_object":
@@ -284,7 +284,7 @@ def compile_grammar(decoding: Decoding, tokenizer):
         return constrain.compile_json_schema(decoding.response_format["schema"], tokenizer,
                                              strict=decoding.response_format["strict"])
     except constrain.SchemaError as exc:
-        param = "tools" if decoding.calls_tools else "response_format"
+        param = "tools" if decoding.response_format is None else "response_format"
         raise bad_request(f"{param}: {exc}", param=getattr(exc, "param", None) or param,
                           code="invalid_schema") from None
 

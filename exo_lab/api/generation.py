@@ -32,7 +32,7 @@ from .choices import Choice, chat_logprobs, completion_logprobs
 from .errors import bad_request
 from .params import GenerationRequest, parse_chat_request, parse_completion_request
 from .tenants import ISOLATION_HEADER, client_address, request_tenant, tenant_limits
-from .tools import reply_calls
+from .tools import ReplyCalls
 
 logger = logging.getLogger(__name__)
 
@@ -329,30 +329,27 @@ class ChatCompletionsHandler(GenerationHandler):
         return self.chunk(choice, {"role": "assistant", "content": ""})
 
     def chunks(self, choice: Choice, event, request: GenerationRequest) -> list[dict]:
+        ends = event is None or event.finish_reason is not None
+        if request.decoding.calls_tools:        # content, or calls as they are written
+            calls = reply_calls(choice)
+            if event is not None:
+                choice.add(event)
+            deltas = calls.feed(event.text if event else "")
+            if ends:
+                deltas += calls.close(choice.finish_reason or "stop")
+            chunks = [self.chunk(choice, delta) for delta in deltas]
+            if ends:
+                chunks.append(self.chunk(choice, {}, self.logprobs(choice.logprobs, request),
+                                         chat_output(choice, request)[2]))
+            return chunks
         if event is not None:
             choice.add(event)
-        if request.decoding.calls_tools:
-            return [] if event is not None and event.finish_reason is None else self.closing_chunks(choice, request)
         chunks = []
         logprobs = self.logprobs(event_logprobs(event), request)
         if event is not None and (event.text or logprobs):
             chunks.append(self.chunk(choice, {"content": event.text} if event.text else {}, logprobs))
-        if event is None or event.finish_reason is not None:
+        if ends:
             chunks.append(self.chunk(choice, {}, finish_reason=choice.finish_reason or "stop"))
-        return chunks
-
-    def closing_chunks(self, choice: Choice, request: GenerationRequest) -> list[dict]:
-        """A tools request's whole output at its end, as OpenAI streams it: the content, then per
-        call its index, id, type and name, then its arguments in fragments."""
-        content, calls, finish_reason = chat_output(choice, request)
-        chunks = [self.chunk(choice, {"content": content})] if content else []
-        for index, call in enumerate(calls):
-            function = call["function"]
-            chunks.append(self.chunk(choice, {"tool_calls": [{"index": index, "id": call["id"], "type": "function",
-                                                              "function": {"name": function["name"], "arguments": ""}}]}))
-            chunks.extend(self.chunk(choice, {"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
-                          for piece in fragments(function["arguments"]))
-        chunks.append(self.chunk(choice, {}, self.logprobs(choice.logprobs, request), finish_reason))
         return chunks
 
     @staticmethod
@@ -367,22 +364,23 @@ class ChatCompletionsHandler(GenerationHandler):
 
 
 def chat_output(choice: Choice, request: GenerationRequest) -> tuple[str | None, list[dict], str]:
-    """(content, tool calls, finish reason) of a finished chat choice: a tools request's text is
-    parsed for calls (finish reason "tool_calls" when there are some, unless max_tokens cut the
-    output: then "length", as OpenAI, with the cut call left in the content as text)."""
+    """(content, tool calls, finish reason) of a finished chat choice (a tools request's through
+    :meth:`ReplyCalls.output`)."""
     finish_reason = choice.finish_reason or "stop"
     if not request.decoding.calls_tools:
         return choice.text, [], finish_reason
-    content, calls = reply_calls(choice.text)
-    return content, calls, "tool_calls" if calls and finish_reason != "length" else finish_reason
+    return reply_calls(choice).output(finish_reason)
+
+
+def reply_calls(choice: Choice) -> ReplyCalls:
+    """The choice's ReplyCalls: made once, from the text so far (all of it for a reply not streamed)."""
+    if choice.calls is None:
+        choice.calls = ReplyCalls(choice.text)
+    return choice.calls
 
 
 def event_logprobs(event) -> tuple:
     return (getattr(event, "logprobs", None) or ()) if event is not None else ()
-
-
-def fragments(text: str, size: int = 16) -> list[str]:
-    return [text[start:start + size] for start in range(0, len(text), size)] or [""]
 
 
 class CompletionsHandler(GenerationHandler):

@@ -15,7 +15,7 @@ from . import features
 from .base import dumps
 from .errors import bad_request
 from .features import Decoding
-from .generation import ChatCompletionsHandler, chat_output, fragments
+from .generation import ChatCompletionsHandler, chat_output, reply_calls
 from .params import SHARED_DEFAULT_ONLY, chat_request, check_fields, check_model, integer
 from .tenants import client_address
 
@@ -151,14 +151,18 @@ class ResponsesHandler(ChatCompletionsHandler):
                 "total_tokens": usage["total_tokens"]},
         }
 
-    def output_items(self, choice, request) -> tuple[list[dict], str]:
+    def output_items(self, choice, request, ids: dict | None = None) -> tuple[list[dict], str]:
+        """The Response's output items and status; ``ids``: the item ids a stream already gave
+        ("msg" for the message, a call's index for its function_call)."""
+        ids = ids or {}
         content, calls, finish_reason = chat_output(choice, request)
         items = []
         if content or not calls:
-            items.append(message_item(new_id("msg"), content or "", "completed"))
-        items.extend({"type": "function_call", "id": new_id("fc"), "call_id": call["id"],
+            items.append(message_item(ids.get("msg") or new_id("msg"), content or "", "completed"))
+        items.extend({"type": "function_call", "id": ids.get(index) or new_id("fc"), "call_id": call["id"],
                       "name": call["function"]["name"], "arguments": call["function"]["arguments"],
-                      "status": "completed"} for call in calls)
+                      "status": "completed" if reply_calls(choice).complete(index) else "incomplete"}
+                     for index, call in enumerate(calls))
         return items, "incomplete" if finish_reason == "length" else "completed"
 
     async def complete(self, reply, request, firsts, streams) -> None:
@@ -168,41 +172,65 @@ class ResponsesHandler(ChatCompletionsHandler):
 
     # ------------------------------------------------------------ streaming
     async def stream(self, reply, request, firsts, streams) -> None:
+        """Typed events as the output is written: a message's text deltas, or per function call
+        its item (name, call_id) once the name is whole, then its arguments' deltas as written;
+        then each item's done events and response.completed (or .incomplete)."""
         self.start_event_stream()
         self.sequence = 0
         choice = reply.choices[0]
         await self.emit("response.created", response=self.response(reply, request, "in_progress", []))
         await self.emit("response.in_progress", response=self.response(reply, request, "in_progress", []))
-        text_item = None
-        if not request.decoding.calls_tools:      # plain text streams as it comes
-            text_item = new_id("msg")
-            await self.open_text(text_item, 0)
+        calls = reply_calls(choice) if request.decoding.calls_tools else None
+        ids: dict = {}                     # "msg" / call index -> the item id streamed
         try:
             async for event in self.events_of(firsts[0], streams[0]):
                 choice.add(event)
-                if text_item and event.text:
-                    await self.emit("response.output_text.delta", item_id=text_item, output_index=0,
-                                    content_index=0, delta=event.text, logprobs=[])
+                deltas = calls.feed(event.text) if calls else [{"content": event.text}] * bool(event.text)
+                if calls and event.finish_reason is not None:
+                    deltas += calls.close(event.finish_reason)
+                for delta in deltas:
+                    await self.send_delta(delta, ids)
         except Exception as exc:      # after the headers, an error can only travel as an event
             self.log_exception(type(exc), exc, exc.__traceback__)
             await self.emit("error", **self.client_error(exc).body()["error"])
             self.finish()
             return
-        items, status = self.output_items(choice, request)
+        items, status = self.output_items(choice, request, ids)
         for index, item in enumerate(items):
             if item["type"] == "message":
-                if text_item is None:
+                if "msg" not in ids:
                     await self.open_text(item["id"], index)
                     await self.emit("response.output_text.delta", item_id=item["id"], output_index=index,
                                     content_index=0, delta=item["content"][0]["text"], logprobs=[])
-                else:
-                    item["id"] = text_item
                 await self.close_text(item, index)
             else:
-                await self.send_call(item, index)
+                await self.emit("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                                name=item["name"], arguments=item["arguments"])
+                await self.emit("response.output_item.done", output_index=index, item=item)
         # as OpenAI: a response cut by max_output_tokens ends with response.incomplete
         await self.emit(f"response.{status}", response=self.response(reply, request, status, items))
         self.finish()
+
+    async def send_delta(self, delta: dict, ids: dict) -> None:
+        """One chat delta (tools.ReplyCalls' shapes) as Responses events; the output is either the
+        message (index 0) or the calls (index = the call's), never both."""
+        if "content" in delta:
+            if "msg" not in ids:
+                ids["msg"] = new_id("msg")
+                await self.open_text(ids["msg"], 0)
+            await self.emit("response.output_text.delta", item_id=ids["msg"], output_index=0, content_index=0,
+                            delta=delta["content"], logprobs=[])
+            return
+        call = delta["tool_calls"][0]
+        index = call["index"]
+        if "id" in call:
+            ids[index] = new_id("fc")
+            await self.emit("response.output_item.added", output_index=index, item={
+                "type": "function_call", "id": ids[index], "call_id": call["id"], "name": call["function"]["name"],
+                "arguments": "", "status": "in_progress"})
+        else:
+            await self.emit("response.function_call_arguments.delta", item_id=ids[index], output_index=index,
+                            delta=call["function"]["arguments"])
 
     async def open_text(self, item_id: str, index: int) -> None:
         await self.emit("response.output_item.added", output_index=index,
@@ -216,16 +244,6 @@ class ResponsesHandler(ChatCompletionsHandler):
                         text=text, logprobs=[])
         await self.emit("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
                         part=text_part(text))
-        await self.emit("response.output_item.done", output_index=index, item=item)
-
-    async def send_call(self, item: dict, index: int) -> None:
-        await self.emit("response.output_item.added", output_index=index,
-                        item={**item, "arguments": "", "status": "in_progress"})
-        for piece in fragments(item["arguments"]):
-            await self.emit("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                            delta=piece)
-        await self.emit("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                        name=item["name"], arguments=item["arguments"])
         await self.emit("response.output_item.done", output_index=index, item=item)
 
     async def emit(self, kind: str, **fields) -> None:

@@ -8,18 +8,19 @@ Into the prompt (:func:`render_chat`, on the tokenizer thread):
 - any other template gets the documented fallback: ``constrain.tool_prompt(tools)`` as the first
   system message (before the client's own system text), each assistant tool call written as text
   in the grammar's format (:func:`call_text`: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``),
-  and each run of tool results as one user message of ``<tool_response>{"tool_call_id": ...,
-  "content": ...}</tool_response>`` blocks.
+  and each run of tool results as one user message in words: ``Function results:`` then a line
+  ``<name> returned: <content>`` per result (the name from the assistant call with that id).
 
-Out of the reply: ``constrain.parse_tool_calls(text)`` splits the generated text into content and
-calls; each call gets an id ``call_<24 hex>`` (:func:`reply_calls`).
+Out of the reply: :class:`ReplyCalls` reads the generated text as it streams (``constrain.ToolCallReader``)
+into content, or calls with ids ``call_<24 hex>``: streamed as OpenAI's deltas (a call's id, type and
+name once its name is whole, then its arguments piece by piece as the model writes them), or whole.
 """
 from __future__ import annotations
 
 import json
 import uuid
 
-from ..constrain import TOOL_CALL_SEPARATOR, format_tool_call, parse_tool_calls, tool_prompt
+from ..constrain import TOOL_CALL_SEPARATOR, ToolCallReader, format_tool_call, tool_prompt
 from ..coordinator.chat import ROLE_ALIASES, apply_chat_template, message_text
 from ..errors import RequestError
 from .errors import bad_request
@@ -34,6 +35,10 @@ MESSAGE_FIELDS = {"system": {"role", "content"}, "user": {"role", "content"},
 NULL_FIELDS = frozenset({"name", "refusal", "audio", "function_call", "annotations"})
 CLIENT_FIELDS = frozenset({"parsed"})
 _RENDERS_TOOLS: dict[str, bool] = {}      # chat template text -> whether it renders tools=
+# The fallback's tool results: one user message per run of results, in words (models without a tool
+# template were not trained on tags for them, and a small one copies tags instead of answering).
+TOOL_RESULTS_HEADER = "Function results:\n"
+TOOL_RESULT_LINE = "{name} returned: {result}"
 
 
 def chat_messages(messages) -> list[dict]:
@@ -150,15 +155,16 @@ def template_ids(tokenizer, messages: list[dict], tools) -> list[int]:
 def fallback_messages(messages: list[dict], tools: tuple[dict, ...]) -> list[dict]:
     """The documented fallback (module docstring) as plain system/user/assistant messages."""
     out: list[dict] = [{"role": "system", "content": tool_prompt(list(tools))}] if tools else []
+    names: dict[str, str] = {}                 # call id -> function name, from the assistant's calls
     for message in messages:
+        names.update((call["id"], call["name"]) for call in message.get("tool_calls", ()))
         if message["role"] == "tool":
-            block = "<tool_response>" + json.dumps({"tool_call_id": message["tool_call_id"],
-                                                    "content": message["content"]}, ensure_ascii=False) \
-                    + "</tool_response>"
+            line = TOOL_RESULT_LINE.format(name=names.get(message["tool_call_id"], "a function"),
+                                           result=message["content"])
             if out and out[-1].get("tool_results"):
-                out[-1]["content"] += "\n" + block
+                out[-1]["content"] += "\n" + line
             else:
-                out.append({"role": "user", "content": block, "tool_results": True})
+                out.append({"role": "user", "content": TOOL_RESULTS_HEADER + line, "tool_results": True})
             continue
         text = message["content"]
         if message.get("tool_calls"):
@@ -184,11 +190,56 @@ def _arguments(arguments: str):
 
 
 # ---------------------------------------------------------------- out of the reply
-def reply_calls(text: str) -> tuple[str | None, list[dict]]:
-    """Generated text -> (content or None, [{"id", "type": "function", "function": {"name", "arguments"}}])."""
-    content, calls = parse_tool_calls(text)
-    return content, [{"id": new_call_id(), "type": "function",
-                      "function": {"name": call["name"], "arguments": call["arguments"]}} for call in calls]
+class ReplyCalls:
+    """One choice's tools answer in OpenAI's shapes, read as it streams or all at once: a
+    :class:`exo_lab.constrain.ToolCallReader` plus an id per call (``call_<24 hex>``, given when
+    the call's name is whole, so streamed deltas and the final message agree)."""
+
+    def __init__(self, text: str = ""):
+        self.reader = ToolCallReader()
+        self.ids: list[str] = []
+        self.closed = False
+        self.feed(text)
+
+    def feed(self, text: str) -> list[dict]:
+        """The chat deltas for ``text``: {"content"} pieces, a call's opening {"tool_calls": [{index,
+        id, type, function: {name, arguments: ""}}]}, then its arguments in pieces as written."""
+        return self._deltas(self.reader.feed(text) if text else [])
+
+    def close(self, finish_reason: str) -> list[dict]:
+        """The deltas still held back when the answer ends (see ToolCallReader.close); once."""
+        if self.closed:
+            return []
+        self.closed = True
+        return self._deltas(self.reader.close(cut=finish_reason == "length"))
+
+    def _deltas(self, events: list[tuple]) -> list[dict]:
+        deltas = []
+        for event in events:
+            if event[0] == "content":
+                deltas.append({"content": event[1]})
+            elif event[0] == "call":
+                self.ids.append(new_call_id())
+                deltas.append({"tool_calls": [{"index": event[1], "id": self.ids[event[1]], "type": "function",
+                                               "function": {"name": event[2], "arguments": ""}}]})
+            else:
+                deltas.append({"tool_calls": [{"index": event[1], "function": {"arguments": event[2]}}]})
+        return deltas
+
+    def output(self, finish_reason: str) -> tuple[str | None, list[dict], str]:
+        """(content or None, calls [{"id", "type", "function": {"name", "arguments"}}], finish reason):
+        "tool_calls" when there are calls, unless max_tokens cut the answer ("length", as OpenAI;
+        a call cut in its arguments is returned with the arguments written so far)."""
+        self.close(finish_reason)
+        content, calls = self.reader.result()
+        return content, [{"id": self.ids[index], "type": "function",
+                          "function": {"name": call["name"], "arguments": call["arguments"]}}
+                         for index, call in enumerate(calls)], \
+            "tool_calls" if calls and finish_reason != "length" else finish_reason
+
+    def complete(self, index: int) -> bool:
+        """Whether call ``index`` was written whole (not cut by max_tokens)."""
+        return self.reader.result()[1][index]["complete"]
 
 
 def new_call_id() -> str:
