@@ -187,6 +187,7 @@ class ClusterConfig:
     prefill_chunk: int | None = None
     micro_batches: int | None = None
     max_queued: int | None = None
+    speculation: str | None = None      # "off" | "prompt_lookup" | None
     objective: str | None = None        # "latency" | "throughput" | None
     replan: str = TOP["replan"].default  # "manual" | "auto": re-plan by itself when engines join
     source: str = "<dict>"              # the file it came from, for messages

@@ -74,6 +74,8 @@ class SamplingParams(SamplingSettings):
 
     ``stop`` holds strings: generation ends before the first occurrence of any of them.
     ``ignore_eos`` keeps going past end-of-sequence tokens (benchmarks, tests).
+    ``speculative`` False: never verify drafted tokens for this request (where the cluster
+    speculates; the tokens are the same either way, only their pace differs).
     """
 
     max_new_tokens: int = 64
@@ -83,9 +85,12 @@ class SamplingParams(SamplingSettings):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    speculative: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not isinstance(self.speculative, bool):
+            raise RequestError(f"speculative must be true or false, got {self.speculative!r}", param="speculative")
         if self.logprobs is not None:
             _check_int(self.logprobs, "logprobs", 0, MAX_LOGPROBS)
         _check_number(self.presence_penalty, "presence_penalty", -MAX_PENALTY, MAX_PENALTY, "between -2 and 2")

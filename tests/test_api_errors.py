@@ -49,6 +49,7 @@ def test_body_that_is_not_an_object_is_400(server):
     ("max_tokens", "ten"), ("max_tokens", 2.5), ("max_tokens", True), ("max_completion_tokens", "3"),
     ("temperature", "hot"), ("temperature", False), ("top_p", [1]), ("seed", 1.5), ("top_k", "5"),
     ("stream", "yes"), ("stop", 7), ("stop", ["ok", 3]), ("user", 42), ("stream_options", "usage"),
+    ("speculative", "no"), ("speculative", 0),
 ])
 def test_wrong_types_are_400_naming_the_field(server, field, value):
     body = chat_body(**{field: value})

@@ -198,30 +198,30 @@ def test_stage_ms_travel_as_float32(make):
 
 def test_kind_codes_and_byte_layout_are_stable():
     # other PCs may run another build: the wire codes and sizes must never move
-    assert VERSION == 4
+    assert VERSION == 5
     assert {kind.name: kind.value for kind in Kind} == {
         "FORWARD": 1, "SAMPLED": 2, "FREE": 3, "ERROR": 4, "PING": 5, "SHUTDOWN": 7, "COPY": 8}
     assert (HEADER.size, FORWARD_BODY.size, ROW.size, SAMPLED_BODY.size, SLOT.size, DIM.size,
             MS.size) == (12, 5, 35, 3, 2, 4, 4)
     assert (ROW_EXTRA.size, BIAS.size, SAMPLED_EXTRA.size, LOGPROB.size, COPY_BODY.size, NO_LOGPROB) == (
-        9, 12, 4, 12, 8, 0xFF)
+        9, 12, 5, 12, 8, 0xFF)
     assert encode(Copy(1, 258, 3, 0x01020304)) == [
-        b"EX\x04\x08" + (1).to_bytes(8, "little") + b"\x02\x01\x03\x00\x04\x03\x02\x01"]
+        b"EX\x05\x08" + (1).to_bytes(8, "little") + b"\x02\x01\x03\x00\x04\x03\x02\x01"]
     assert NO_TOKEN == 0xFFFFFFFF and MAX_ROWS == 0xFFFF
-    assert encode(Ping(0x0102030405060708)) == [b"EX\x04\x05\x08\x07\x06\x05\x04\x03\x02\x01"]
-    assert encode(Shutdown()) == [b"EX\x04\x07" + bytes(8)]
-    assert encode(Free(1, 258)) == [b"EX\x04\x03" + (1).to_bytes(8, "little") + b"\x02\x01"]
+    assert encode(Ping(0x0102030405060708)) == [b"EX\x05\x05\x08\x07\x06\x05\x04\x03\x02\x01"]
+    assert encode(Shutdown()) == [b"EX\x05\x07" + bytes(8)]
+    assert encode(Free(1, 258)) == [b"EX\x05\x03" + (1).to_bytes(8, "little") + b"\x02\x01"]
     assert encode(Sampled(1, (258, NO_TOKEN), (1.0,))) == [
-        b"EX\x04\x02" + (1).to_bytes(8, "little") + b"\x02\x00\x01"
+        b"EX\x05\x02" + (1).to_bytes(8, "little") + b"\x02\x00\x01"
         + b"\x02\x01\x00\x00" + b"\xff\xff\xff\xff" + struct.pack("<f", 1.0)
-        + bytes(4) + b"\xff\xff"]                                              # no vectors, no logprobs
-    assert encode(Error(1, "ü")) == [b"EX\x04\x04" + (1).to_bytes(8, "little") + "ü".encode()]
+        + bytes(4) + b"\x00" + b"\xff\xff"]                          # no vectors, no verify samples, no logprobs
+    assert encode(Error(1, "ü")) == [b"EX\x05\x04" + (1).to_bytes(8, "little") + "ü".encode()]
     rows = (Row(1, 7, GREEDY), Row(0x0302, 0x07060504, SAMPLED, sample=False))
     msg = fwd(torch.ones(2, 3), step_id=42, rows=rows, stage_ms=(0.5,))
     header, payload = encode(msg)
     # the layout spelled out byte by byte, independent of the struct constants
     assert bytes(header) == (
-        b"EX\x04\x01" + (42).to_bytes(8, "little")
+        b"EX\x05\x01" + (42).to_bytes(8, "little")
         + b"\x02\x00" + b"\x01" + b"\x02" + b"\x01"                            # rows, dtype, ndim, stages
         + (2).to_bytes(4, "little") + (3).to_bytes(4, "little")                 # dims
         + b"\x01\x00" + b"\x07\x00\x00\x00" + b"\x01"                           # slot, position, sample
@@ -389,14 +389,30 @@ def test_a_forward_without_rows_is_refused_both_ways(tensor):
         decode([forward_header(shape=shape, rows=()), b""])
 
 
-@pytest.mark.parametrize("flags", [2, 3, 0x80, 255])
+@pytest.mark.parametrize("flags", [2, 4, 0x80, 255])
 @pytest.mark.parametrize("which", [0, 1])
-def test_row_flags_other_than_0_or_1_are_refused(flags, which):
+def test_row_flags_other_than_0_1_or_3_are_refused(flags, which):
     rows = [raw_row(slot=0), raw_row(slot=1)]
     rows[which] = raw_row(slot=which, flags=flags)
     with pytest.raises(FrameError, match=f"FORWARD of step 42: unknown row flags {flags}") as info:
         decode([forward_header(rows=tuple(rows)), bytes(24)])
     assert info.value.message_id == 42
+
+
+def test_a_verify_row_and_its_samples_round_trip_and_a_verify_row_samples_plainly():
+    rows = (Row(0, 7, GREEDY, True, verify=True), Row(1, 3, GREEDY, True))
+    received = round_trip(fwd(torch.ones(2, 4), rows=rows))
+    assert [(row.verify, row.sample) for row in received.rows] == [(True, True), (False, True)]
+    sampled = Sampled(5, (1, 2), (0.5,), verified=((1, 9, U32 - 2, 0), ()))
+    assert round_trip(sampled) == sampled and round_trip(Sampled(5, (1,))).verified == ()
+    for bad in (Row(0, 0, GREEDY, False, verify=True), Row(0, 0, GREEDY, True, logprobs=2, verify=True),
+                Row(0, 0, GREEDY, True, embed=1, verify=True)):
+        with pytest.raises(FrameError, match="a verify Row samples"):
+            encode(fwd(torch.ones(1, 2), rows=(bad,)))
+    with pytest.raises(FrameError, match="at most 64 ids"):
+        encode(Sampled(5, (1,), verified=(tuple(range(65)),)))
+    with pytest.raises(FrameError, match="one tuple per row"):
+        encode(Sampled(5, (1, 2), verified=((1,),)))
 
 
 def test_row_flags_0_and_1_are_sample_false_and_true():
@@ -412,7 +428,7 @@ def test_sampled_carries_no_token_for_rows_that_did_not_sample():
     assert received.token_ids == (NO_TOKEN, 0, NO_TOKEN, U32 - 1)
     assert all(isinstance(token, int) for token in received.token_ids)
     raw = (header(Kind.SAMPLED, 8) + SAMPLED_BODY.pack(2, 0) + struct.pack("<2I", NO_TOKEN, 17)
-           + SAMPLED_EXTRA.pack(0) + bytes([NO_LOGPROB, NO_LOGPROB]))
+           + SAMPLED_EXTRA.pack(0, 0) + bytes([NO_LOGPROB, NO_LOGPROB]))
     assert decode([raw]) == Sampled(8, (NO_TOKEN, 17))
 
 
@@ -641,14 +657,15 @@ def bad_row(**fields) -> list[bytes]:
     return good_forward(rows=(raw_row(), raw_row(slot=1, **fields)))
 
 
-def sampled_frame(token_ids=(5,), stage_ms=(), count=None, stages=None, hidden=0, tail=None, **head) -> bytes:
+def sampled_frame(token_ids=(5,), stage_ms=(), count=None, stages=None, hidden=0, tail=None, verified=0,
+                  **head) -> bytes:
     """A SAMPLED frame by hand; ``tail``: the logprobs and vectors (default: no logprob per row)."""
     count = len(token_ids) if count is None else count
     stages = len(stage_ms) if stages is None else stages
     tail = bytes([NO_LOGPROB]) * len(token_ids) if tail is None else tail
     return (header(Kind.SAMPLED, **head) + SAMPLED_BODY.pack(count, stages)
             + b"".join(struct.pack("<I", t) for t in token_ids) + b"".join(MS.pack(m) for m in stage_ms)
-            + SAMPLED_EXTRA.pack(hidden) + tail)
+            + SAMPLED_EXTRA.pack(hidden, verified) + tail)
 
 
 def test_hand_built_frames_decode():
@@ -671,7 +688,7 @@ MALFORMED = {   # id: (frames, message regex, message_id the error carries)
     "frame-str": (["EX"], "bytes-like, got str", None),
     "bad-magic": ([b"XX" + forward_header()[2:], bytes(24)], "bad magic b'XX'", None),
     "json-magic": ([b'{"kind": 1}' + bytes(8)], "bad magic", None),
-    "newer-version": ([forward_header(version=VERSION + 1), bytes(24)], "wire version 5, this exo-lab speaks 4", 42),
+    "newer-version": ([forward_header(version=VERSION + 1), bytes(24)], "wire version 6, this exo-lab speaks 5", 42),
     "old-version": ([forward_header(version=2), bytes(24)], "run the same exo-lab version", 42),
     "old-version-sampled": ([header(Kind.SAMPLED, version=2) + b"\0" * 5], "wire version 2", 42),
     "kind-0": ([header(0)], "unknown message kind 0 for message 42", 42),
@@ -698,6 +715,14 @@ MALFORMED = {   # id: (frames, message regex, message_id the error carries)
     "sampled-ms-extra": ([sampled_frame() + b"\0"], "SAMPLED of step 42 has 1 stray bytes", 42),
     "sampled-ids-missing": ([sampled_frame((5,), count=2)], "wrong length", 42),
     "sampled-ids-extra": ([sampled_frame((5, 6), count=1)], "SAMPLED of step 42", 42),
+    "verified-flag-2": ([sampled_frame(verified=2)], "unknown verified flag 2", 42),
+    "verified-truncated": ([sampled_frame(verified=1, tail=bytes([NO_LOGPROB, 3]) + struct.pack("<I", 5))],
+                           "a verify row of 3 samples is over 64 or truncated", 42),
+    "verified-too-many": ([sampled_frame(verified=1, tail=bytes([NO_LOGPROB, 65]) + bytes(260))],
+                          "a verify row of 65 samples is over 64", 42),
+    "verified-no-token": ([sampled_frame(verified=1, tail=bytes([NO_LOGPROB, 1]) + struct.pack("<I", NO_TOKEN))],
+                          "a verify sample is not a token id", 42),
+    "verified-stray": ([sampled_frame(verified=1, tail=bytes([NO_LOGPROB, 0, 9]))], "1 stray bytes", 42),
     "sampled-id-half": ([sampled_frame((5,))[:-2]], "wrong length", 42),
     "free-missing-slot": ([header(Kind.FREE)], "FREE 42 has 0 body bytes, not 2", 42),
     "free-stray": ([header(Kind.FREE) + SLOT.pack(1) + b"\0"], "FREE 42 has 3 body bytes, not 2", 42),

@@ -1,6 +1,9 @@
 """SmolLM2-135M-Instruct (model id "smollm2", the demo's default) on a real 3-engine cluster:
 greedy tokens exactly as one transformers process makes them, over 3 and over 2 stages, and a
-sensible answer through the OpenAI API with the official client.
+sensible answer through the OpenAI API with the official client. Over 2 stages the model is
+loaded with speculative decoding (prompt lookup): an editing prompt, whose answer copies the
+prompt, gets its drafts accepted and still exactly transformers' greedy tokens, and seeded
+sampling gives exactly the tokens of plain decoding.
 
 The model folder is built once into the exo-lab cache (tests/test_smollm2.py says how); each
 load here takes 10-20 s on 2 cores, so the module loads twice and keeps generations short.
@@ -20,6 +23,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 MESSAGES = [{"role": "user", "content": "Write a short poem about computers that work together."}]
 NEW_TOKENS = 20
+EDIT = [{"role": "user", "content": "Rewrite the text below with 'cat' replaced by 'dog'. Change nothing else.\n\n"
+         "The cat sat on the warm PC. Every morning the cat watched the fans spin, and every night "
+         "the cat slept on the keyboard of the busiest machine in the office."}]
+EDIT_TOKENS = 40
 
 
 @pytest.fixture(scope="module")
@@ -28,23 +35,31 @@ def model_dir():
 
 
 @pytest.fixture(scope="module")
-def reference(model_dir):
-    """(prompt ids, greedy new tokens) from one process of plain transformers. Every step takes
-    the argmax and goes on past end-of-sequence, as exo-lab does with ignore_eos."""
+def references(model_dir):
+    """{messages' name: (prompt ids, greedy new tokens)} from one process of plain transformers.
+    Every step takes the argmax and goes on past end-of-sequence, as exo-lab does with ignore_eos."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    prompt_ids = list(tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)["input_ids"])
-    tokens = []
-    with torch.no_grad():
-        output = model(torch.tensor([prompt_ids]), use_cache=True)
-        for _ in range(NEW_TOKENS):
-            tokens.append(int(output.logits[0, -1].argmax()))
-            output = model(torch.tensor([[tokens[-1]]]), cache=output.cache, use_cache=True)
+    out = {}
+    for name, messages, new_tokens in (("poem", MESSAGES, NEW_TOKENS), ("edit", EDIT, EDIT_TOKENS)):
+        prompt_ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+        tokens = []
+        with torch.no_grad():
+            output = model(torch.tensor([prompt_ids]), use_cache=True)
+            for _ in range(new_tokens):
+                tokens.append(int(output.logits[0, -1].argmax()))
+                output = model(torch.tensor([[tokens[-1]]]), cache=output.cache, use_cache=True)
+        out[name] = prompt_ids, tokens
     del model
     gc.collect()
-    return prompt_ids, tokens
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(references):
+    return references["poem"]
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +68,16 @@ def cluster():
         yield started
 
 
+SPECULATION = {3: "off", 2: "prompt_lookup"}    # how each split is loaded
+
+
 def load(cluster, stages: int):
-    """SmolLM2 over exactly ``stages`` stages (kept loaded when it already is)."""
+    """SmolLM2 over exactly ``stages`` stages, speculating as SPECULATION says (kept loaded when
+    it already is)."""
     if not (cluster.loaded and len(cluster.plan.stages) == stages):
-        cluster.load("smollm2", min_stages=stages, progress=False)
+        cluster.load("smollm2", min_stages=stages, speculation=SPECULATION[stages], progress=False)
     assert len(cluster.plan.stages) == stages
+    assert cluster.pipeline.options.speculation == SPECULATION[stages]
     return cluster.plan
 
 
@@ -73,6 +93,94 @@ def test_greedy_tokens_match_one_process(cluster, reference, stages):
     assert cluster.encode_chat(MESSAGES) == prompt_ids
     result = cluster.generate(prompt_ids, max_new_tokens=NEW_TOKENS, ignore_eos=True)
     assert result.token_ids == expected
+
+
+def test_speculation_accepts_drafts_of_an_edit_and_keeps_transformers_greedy_tokens(cluster, references):
+    prompt_ids, expected = references["edit"]
+    load(cluster, 2)
+    metrics = cluster.metrics
+    accepted, rows = metrics.draft_accepted_total, metrics.verify_rows_total
+    fast = cluster.generate(prompt_ids, max_new_tokens=EDIT_TOKENS, ignore_eos=True)
+    accepted, rows = metrics.draft_accepted_total - accepted, metrics.verify_rows_total - rows
+    assert accepted >= EDIT_TOKENS // 4 and rows < EDIT_TOKENS - accepted // 2, (accepted, rows)
+    assert fast.token_ids == expected
+    plain = cluster.generate(prompt_ids, max_new_tokens=EDIT_TOKENS, ignore_eos=True, speculative=False)
+    assert plain.token_ids == expected
+    # shown where people look: the widget's and dashboard's line, and /metrics
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from exo_lab.coordinator.metrics import MetricsCollector
+    from exo_lab.notebook.formatting import metrics_line
+
+    assert "of drafts accepted" in metrics_line(metrics.snapshot())
+    registry = CollectorRegistry()
+    registry.register(MetricsCollector(cluster.metrics_source))
+    exported = generate_latest(registry).decode()
+    assert f'exo_lab_draft_tokens_accepted_total{{model="smollm2"}} {float(metrics.draft_accepted_total)}' in exported
+
+
+def test_two_requests_verified_in_one_step_each_get_transformers_tokens(cluster, references):
+    """One micro-batch: both rows of a step verify together, drafts of different lengths padded."""
+    import asyncio
+
+    from exo_lab.sampling import SamplingParams
+
+    load(cluster, 2)
+    scheduler = cluster.pipeline.scheduler
+    before, scheduler.micro_batches = scheduler.micro_batches, 1
+    rows = cluster.metrics.verify_rows_total
+
+    async def tokens(name: str, count: int) -> list[int]:
+        out = []
+        async for event in cluster.astream(references[name][0], SamplingParams(max_new_tokens=count, ignore_eos=True)):
+            out += event.token_ids
+        return out
+
+    async def both():
+        return await asyncio.gather(tokens("edit", EDIT_TOKENS), tokens("poem", NEW_TOKENS))
+
+    try:
+        edit, poem = cluster.run_coroutine(both())
+    finally:
+        scheduler.micro_batches = before
+    assert edit == references["edit"][1] and poem == references["poem"][1]
+    assert cluster.metrics.verify_rows_total > rows
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_seeded_sampling_with_speculation_gives_the_tokens_of_plain_decoding(cluster, references, seed):
+    """Each position draws from (seed, position), a draft is kept only when it equals that draw:
+    standard speculative sampling for a deterministic drafter, token for token the plain draws."""
+    prompt_ids, _ = references["edit"]
+    load(cluster, 2)
+    accepted = cluster.metrics.draft_accepted_total
+    settings = dict(max_new_tokens=EDIT_TOKENS, ignore_eos=True, temperature=0.5, seed=seed)
+    fast = cluster.generate(prompt_ids, **settings)
+    assert cluster.metrics.draft_accepted_total > accepted
+    assert fast.token_ids == cluster.generate(prompt_ids, speculative=False, **settings).token_ids
+
+
+def test_sampling_with_speculation_follows_the_models_distribution(cluster, references, model_dir):
+    """The statistical check of test_sampling.py (sampling_stats), with drafts being accepted:
+    every decode step's token against transformers' own probabilities at that step."""
+    from transformers import AutoModelForCausalLM
+
+    from sampling_stats import Draws
+
+    prompt_ids, _ = references["edit"]
+    load(cluster, 2)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    accepted, draws = cluster.metrics.draft_accepted_total, Draws()
+    for seed in range(6):
+        tokens = cluster.generate(prompt_ids, max_new_tokens=EDIT_TOKENS, ignore_eos=True, temperature=0.8,
+                                  seed=100 + seed).token_ids
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt_ids + tokens])).logits[0, len(prompt_ids) - 1:-1]
+        draws.add(tokens, logits, 0.8)
+    del model
+    gc.collect()
+    draws.check()
+    assert cluster.metrics.draft_accepted_total - accepted >= EDIT_TOKENS   # speculation really ran
 
 
 def test_openai_client_gets_a_sensible_answer(cluster):

@@ -21,9 +21,12 @@ from exo_lab.coordinator.schedule import (
     PlannedStep,
     Request,
     SchedulingCore,
+    SPECULATION_COOLDOWN,
+    Speculation,
     StepPlan,
     StepResult,
 )
+from exo_lab.coordinator.drafting import prompt_lookup
 from exo_lab.coordinator.tenants import LOCAL, Tenant, TenantLimits
 from exo_lab.errors import QueueFull, RequestError
 from exo_lab.sampling import SamplingParams
@@ -41,20 +44,24 @@ class FakePipeline:
     """The stages in one process: what each slot's KV holds, the FREEs received, and a step's
     cost (``decode_ms`` per decode step, ``prefill_token_ms`` per prefilled token)."""
 
-    def __init__(self, decode_ms: float = 10.0, prefill_token_ms: float = 0.5):
+    def __init__(self, decode_ms: float = 10.0, prefill_token_ms: float = 0.5, model=None):
         self.decode_ms, self.prefill_token_ms = decode_ms, prefill_token_ms
+        self.model = model or next_token
         self.kv: dict[int, list[int]] = {}
         self.frees: list[int] = []
 
     def execute(self, step: PlannedStep) -> StepResult:
-        tokens = []
+        tokens, verified = [], []
         for row in step.rows:
             cache = self.kv.setdefault(row.slot, [])
             assert row.position <= len(cache), f"a row starts at {row.position} past what slot {row.slot} holds"
             cache[row.position:] = row.token_ids
-            tokens.append(next_token(cache) if row.sample else NO_TOKEN)
+            # a verify row: the token after each of its positions, as if that one were the last
+            verified.append(tuple(self.model(cache[:row.position + i + 1]) for i in range(len(row.token_ids)))
+                            if row.verify else ())
+            tokens.append(self.model(cache) if row.sample else NO_TOKEN)
         cost_ms = self.prefill_token_ms * step.fed if step.prefill else self.decode_ms
-        return StepResult(step.step_id, tuple(tokens), (cost_ms,))
+        return StepResult(step.step_id, tuple(tokens), (cost_ms,), verified=tuple(verified) if any(verified) else ())
 
 
 class Run:
@@ -134,8 +141,8 @@ def make_core(max_batch: int = 4, **settings) -> SchedulingCore:
     return SchedulingCore(**{"max_batch": max_batch, "context_length": 4096, "prefill_chunk": 64, **settings})
 
 
-def alone(prompt: list[int], tokens: int, **settings) -> list[int]:
-    run = Run(make_core(max_batch=1, **settings))
+def alone(prompt: list[int], tokens: int, model=None, **settings) -> list[int]:
+    run = Run(make_core(max_batch=1, **settings), FakePipeline(model=model))
     request = run.submit(prompt, tokens)
     run.until_idle()
     return run.delivered[request.request_id]
@@ -664,3 +671,142 @@ def test_a_request_with_a_processor_replays_after_a_failover_without_telling_it_
     assert run.delivered[request.request_id] == clean_run.delivered[clean.request_id]
     assert processor.accepted == run.delivered[request.request_id] == clean_processor.accepted
     assert processor.calls == clean_processor.calls           # asked once per token, replay or not
+
+
+# --------------------------------------------------------------------------- speculative decoding
+def copying(cache: list[int]) -> int:
+    """A model that continues what it has seen: after token t, what followed t's previous
+    occurrence (a hash where t is new). Prompt lookup's drafts are mostly right for it."""
+    last = cache[-1]
+    for at in range(len(cache) - 2, -1, -1):
+        if cache[at] == last:
+            return cache[at + 1]
+    return next_token(cache)
+
+
+def spec_run(max_draft: int = 4, max_rows: int = 2, model=None, **settings) -> Run:
+    return Run(make_core(speculation=Speculation(max_draft=max_draft, max_rows=max_rows), **settings),
+               FakePipeline(model=model))
+
+
+def skipping(cache: list[int]) -> int:
+    """Copies, but every fifth position skips a token of what it copies: runs of drafts
+    accepted, then one rejected, then drafts again (the skip lands back inside the text)."""
+    return copying(cache + [copying(cache)]) if len(cache) % 5 == 0 else copying(cache)
+
+
+@pytest.mark.parametrize("model", [copying, skipping], ids=["drafts-right", "drafts-partly-right"])
+@pytest.mark.parametrize("requests", [1, 2])
+def test_speculation_gives_the_tokens_of_plain_decoding(model, requests):
+    """Accepted drafts, rejected ones, rows of different draft lengths padded in one step, the
+    KV of rejected positions left behind: each request gets exactly the tokens it gets alone."""
+    run = spec_run(model=model)
+    submitted = [run.submit(prompt_of(seed, 40) * 2, 30) for seed in range(requests)]
+    accepted = 0
+    for _ in range(5000):
+        run.plan()
+        if not run.in_flight:
+            break
+        accepted += run.answer().accepted
+    for request in submitted:
+        assert run.delivered[request.request_id] == alone(request.prompt, 30, model=model)
+    verify = [step for step in run.steps if any(row.verify for row in step.rows)]
+    assert verify, "no verify step was planned"
+    assert accepted > 10 and len(run.steps) < 30 * requests    # several tokens per trip
+    drafted = sum(row.drafts for step in verify for row in step.rows)
+    if model is skipping:
+        assert accepted < drafted                                  # some rejected
+    elif requests == 1:
+        assert accepted == drafted                                 # no guess padded, none rejected
+
+
+def test_a_request_that_ends_inside_an_accepted_run_stops_there():
+    prompt = prompt_of(8, 30) * 2
+    tokens = alone(prompt, 20, model=copying)
+    eos = tokens[6]
+    assert eos not in tokens[:6]
+    run = spec_run(model=copying, eos_token_ids={eos})
+    request = run.submit(prompt, 20, ignore_eos=False)
+    run.until_idle()
+    assert run.delivered[request.request_id] == tokens[:7] and request.request_id in run.finished
+    assert any(step.rows[0].verify and len(step.rows[0].token_ids) > 2 for step in run.steps)
+    limited = spec_run(model=copying)
+    short = limited.submit(prompt, 5)
+    limited.until_idle()
+    assert limited.delivered[short.request_id] == tokens[:5]
+    assert all(len(step.rows[0].token_ids) <= 5 for step in limited.steps if step.rows[0].verify)
+
+
+def test_speculation_backs_off_past_max_rows_and_for_requests_it_cannot_verify():
+    run = spec_run(model=copying, max_rows=2)
+    many = [run.submit(prompt_of(seed, 20) * 2, 12 + seed) for seed in range(3)]
+    run.until(lambda: run.finished)
+    assert not any(row.verify for step in run.steps for row in step.rows)    # 3 running: off
+    run.until_idle()
+    assert any(row.verify for step in run.steps for row in step.rows)        # 2 left: on again
+    for request in many:
+        assert run.delivered[request.request_id] == alone(request.prompt, request.params.max_new_tokens,
+                                                          model=copying)
+    core = make_core(speculation=Speculation(max_draft=4))
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=2)
+    run = Run(core, FakePipeline(model=copying))
+    core.submit(Request(prompt_of(1, 20) * 2, params, params.settings(seed=7)))
+    run.until_idle()
+    assert not any(row.verify for step in run.steps for row in step.rows)
+
+
+def test_a_verify_row_answered_short_fails_its_request_only():
+    run = spec_run(model=copying)
+    request = run.submit(prompt_of(9, 30) * 2, 20)
+    for _ in range(100):
+        run.plan()
+        step = next((step for step in run.in_flight if step.rows[0].verify), None)
+        if step is not None:
+            break
+        run.answer()
+    run.in_flight.remove(step)
+    delivery = run.core.apply(StepResult(step.step_id, (1,), (1.0,), verified=((1,),)))
+    assert [r for r, _ in delivery.failed] == [request] and request.done
+    run.until_idle()
+    check_books(run.core)
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_longest_match():
+    assert prompt_lookup([1, 2, 3, 4, 5, 1, 2, 3], 3) == [4, 5, 1]           # 3-gram
+    assert prompt_lookup([9, 2, 3, 4, 7, 2, 3, 5, 1, 2, 3], 2) == [5, 1]      # the latest occurrence
+    assert prompt_lookup([1, 2, 3, 4, 5, 9, 2, 3], 3) == [4, 5, 9]           # 2-gram
+    assert prompt_lookup([1, 2, 3, 4, 5, 6, 7, 3], 3) == []                  # a lone token: no draft
+    assert prompt_lookup([1, 2, 1, 2], 0) == [] and prompt_lookup([5], 4) == []
+    # token ids whose bytes match across a token boundary are not a match (the search is aligned)
+    assert prompt_lookup([0x0100, 0x0200, 7, 1, 2], 2) == []
+    assert prompt_lookup([1, 0x01000000, 5, 1, 0x01000000], 2) == [5, 1]
+
+
+def test_two_trips_with_nothing_accepted_turn_speculation_off_for_a_while():
+    run = spec_run(model=copying)
+    request = run.submit(prompt_of(3, 30) * 2, 60)
+    rejected, resumed = 0, False
+    for _ in range(500):
+        run.plan()
+        step = next((s for s in run.in_flight if s.rows[0].verify), None)
+        if step is None:
+            if not run.in_flight:
+                break
+            run.answer()
+            continue
+        run.in_flight.remove(step)
+        if rejected < 2:       # answer with samples that reject every draft
+            run.pipe.execute(step)     # the stages write the row's KV (the fake's books)
+            wrong = tuple((t + 1) % VOCAB for t in step.rows[0].token_ids[1:]) + (5,)
+            delivery = run.core.apply(StepResult(step.step_id, wrong[:1], (1.0,), verified=(wrong,)))
+            assert delivery.accepted == 0 and [t for _, t in delivery.tokens] == [wrong[0]]
+            rejected += 1
+            if rejected == 2:
+                off_at = len(request.generated)
+                assert request.plain_until == off_at + SPECULATION_COOLDOWN
+        else:
+            assert len(request.generated) >= off_at + SPECULATION_COOLDOWN, "speculated during the cooldown"
+            run.in_flight.appendleft(step)
+            run.answer(step)
+            resumed = True
+    assert rejected == 2 and resumed, "speculation never came back after the cooldown"

@@ -2,7 +2,8 @@
 
 Every field of OpenAI's chat and completions requests is in one of three groups:
 - honoured: model (any name GET /v1/models lists), messages / prompt, max_tokens
-  (max_completion_tokens for chat), temperature, top_p, top_k (an extension), seed, stop, stream,
+  (max_completion_tokens for chat), temperature, top_p, top_k (an extension), speculative (an
+  extension: false decodes without drafts where the load speculates), seed, stop, stream,
   stream_options.include_usage, user (logged); n, logprobs / top_logprobs, penalties,
   logit_bias, response_format and tools (validated in :mod:`exo_lab.api.features`);
 - accepted only at its default, refused otherwise (``DEFAULT_ONLY``): nothing stored, text
@@ -52,7 +53,7 @@ MAX_MESSAGES = 2048                   # as OpenAI
 MAX_CONTENT_PARTS = 2048              # text parts of all messages together
 MAX_JSON_DEPTH = 64                   # an OpenAI body nests 5 deep; Python's parser fails near 1,000
 
-SHARED_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+SHARED_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "speculative", "seed", "stop",
                            "stream", "stream_options", "user", "n", "presence_penalty", "frequency_penalty",
                            "logit_bias", "logprobs"})
 CHAT_FIELDS = SHARED_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
@@ -164,6 +165,7 @@ async def generation_request(body: dict, cluster, model: str, prompt_ids: list[i
         temperature=number(body, "temperature", default=1.0),
         top_p=number(body, "top_p", default=1.0),
         top_k=integer(body, "top_k", minimum=0) or 0,
+        speculative=boolean(body, "speculative", default=True),
         seed=seed(body),
         stop=stop_strings(body),
         **decoding.sampling_fields())

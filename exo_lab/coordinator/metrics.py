@@ -35,6 +35,9 @@ class Metrics:
     step_rows_total: int = 0                                # rows in them (mean batch = rows / steps)
     step_rows_max: int = 0                                  # the most rows one step carried
     tokens_total: int = 0
+    draft_tokens_total: int = 0                             # speculation: drafts verified
+    draft_accepted_total: int = 0                           # of them, accepted
+    verify_rows_total: int = 0                              # verify rows (trips of one request)
     in_flight: int = 0
     ttft_sum_s: float = 0.0
     ttft_count: int = 0
@@ -76,6 +79,23 @@ class Metrics:
         self.steps_total += 1
         self.step_rows_total += rows
         self.step_rows_max = max(self.step_rows_max, rows)
+
+    def speculated(self, drafted: int, accepted: int, rows: int) -> None:
+        """A verify step: ``rows`` verify rows, ``drafted`` draft tokens, ``accepted`` of them."""
+        self.draft_tokens_total += drafted
+        self.draft_accepted_total += accepted
+        self.verify_rows_total += rows
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Drafts accepted / drafts verified, or None before any."""
+        return self.draft_accepted_total / self.draft_tokens_total if self.draft_tokens_total else None
+
+    @property
+    def tokens_per_trip(self) -> float | None:
+        """Tokens a verify row yields on average (its accepted drafts and one sample)."""
+        return (self.draft_accepted_total + self.verify_rows_total) / self.verify_rows_total \
+            if self.verify_rows_total else None
 
     def set_load(self, running: int, queued: int, clients: list | None = None) -> None:
         """Requests running and waiting now; ``clients``: the same per client (opaque labels)."""
@@ -125,6 +145,9 @@ class Metrics:
             "tokens_per_s": self.tokens_per_s(),
             "mean_time_to_first_token_s": self.ttft_sum_s / self.ttft_count if self.ttft_count else None,
             "stage_mean_ms": {i: self.stage_ms_sum[i] / self.stage_ms_count[i] for i in self.stage_ms_sum},
+            "draft_tokens_total": self.draft_tokens_total,
+            "draft_acceptance_rate": self.acceptance_rate,
+            "tokens_per_verify_trip": self.tokens_per_trip,
         }
 
 
@@ -164,6 +187,13 @@ class MetricsCollector:
                       "Requests whose KV slot was taken back for a client holding fewer (they replay).",
                       m.preempted_total, model)
         yield _family(CounterMetricFamily, "exo_lab_steps", "Micro-batches sent down the pipeline.", m.steps_total, model)
+        yield _family(CounterMetricFamily, "exo_lab_draft_tokens", "Speculative decoding: draft tokens verified.",
+                      m.draft_tokens_total, model)
+        yield _family(CounterMetricFamily, "exo_lab_draft_tokens_accepted",
+                      "Speculative decoding: draft tokens accepted.", m.draft_accepted_total, model)
+        yield _family(CounterMetricFamily, "exo_lab_verify_rows",
+                      "Speculative decoding: verify rows (one request's trip through the pipeline).",
+                      m.verify_rows_total, model)
         yield _family(CounterMetricFamily, "exo_lab_step_rows", "Rows (sequences) in those micro-batches.",
                       m.step_rows_total, model)
         yield _family(CounterMetricFamily, "exo_lab_failovers", "Pipelines lost and re-planned on the survivors.",

@@ -23,6 +23,7 @@ from ..planning.options import LoadOptions
 from ..planning.planner import Plan
 from .control import EngineControl, EngineInfo
 from .loop import LoopThread
+from .schedule import DEFAULT_MAX_DRAFT, Speculation
 from .scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -256,7 +257,13 @@ def _scheduler_settings(tokenizer, config, context_length, options: LoadOptions,
     return dict(tokenizer=tokenizer, eos_token_ids=eos_token_ids(tokenizer, config), context_length=context_length,
                 max_batch=options.max_batch,
                 micro_batches=options.micro_batches or default_micro_batches(stage_engines),
-                prefill_chunk=options.prefill_chunk, max_queued=options.max_queued)
+                prefill_chunk=options.prefill_chunk, max_queued=options.max_queued,
+                speculation=speculation_of(options.speculation))
+
+
+def speculation_of(mode: str) -> Speculation:
+    """The scheduling core's Speculation for the ``speculation`` setting."""
+    return Speculation(max_draft=DEFAULT_MAX_DRAFT if mode == "prompt_lookup" else 0)
 
 
 def default_micro_batches(stage_engines: list[EngineInfo]) -> int:

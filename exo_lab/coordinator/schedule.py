@@ -35,6 +35,19 @@ slots to FREE on the stages) and :meth:`~SchedulingCore.apply` takes a step's
   per stage, or one when stages sharing a PC would oversubscribe its cores, see
   :func:`~exo_lab.coordinator.pipeline.default_micro_batches`), so with K stages on K PCs every
   PC works at once; the running requests are split into that many groups.
+- **Speculative decoding** (:class:`Speculation`, off unless given). While at most
+  ``max_rows`` requests run, a decode group whose every request may speculate (no grammar, bias,
+  penalties or logprobs) becomes a verify step: each row feeds its last token and up to ``k``
+  drafts (:func:`~exo_lab.coordinator.drafting.prompt_lookup`; shorter rows padded with guesses),
+  and the last stage samples at every position exactly as plain decoding would there (same
+  seed, same position). The drafts that equal the samples are accepted, plus the sample after
+  them: greedy and seeded output is token for token that of plain decoding, and with sampling it
+  is standard speculative sampling for a deterministic drafter (accept a draft with its target
+  probability, else draw from the rest). The KV of rejected positions is left behind: the slot's
+  length moves only past what was accepted. ``k`` adapts per request (doubles after a trip
+  whose drafts were all accepted, else shrinks to the accepted run plus one, at least
+  DRAFT_FLOOR; after two trips with none accepted the request decodes plainly for
+  SPECULATION_COOLDOWN tokens).
 - **Prefix reuse.** A finished request leaves its tokens' KV in its slot. A new request takes
   the free slot of its own tenant scope (tenant and isolation key) sharing the longest token
   prefix with its prompt and prefills only the rest (a chat's next turn); otherwise the least
@@ -62,6 +75,7 @@ from dataclasses import dataclass, field
 
 from ..errors import QueueFull, RequestError
 from ..sampling import MAX_RULE_BIAS, LogitProcessor, LogitRule, SamplingParams, SamplingSettings, merge_rule
+from .drafting import prompt_lookup
 from .tenants import LOCAL, FairQueue, Tenant
 
 # Bounds of the Retry-After a refused request is told (its tenant's next request end, estimated).
@@ -74,6 +88,29 @@ PREFILL_GAP_RATIO = 1.0
 MIN_PREFILL_CHUNK = 16
 FIRST_PREFILL_CHUNK = 64    # before any step was timed
 EMA_WEIGHT = 0.3            # weight of the newest timing in the running averages
+SPECULATION_COOLDOWN = 16   # tokens decoded plainly after two verify trips with nothing accepted
+MAX_DRAFT = 16              # draft tokens per row at most (the wire's bound on a verify row)
+# speculation "prompt_lookup": drafts per row at most, and the fewest asked for after a partly
+# accepted trip. On this CPU a verify row of T positions costs about 1.3 + 0.05 T decode steps
+# (SmolLM2: 62 ms for 1 position, 93 for 2, 105 for 9, 134 for 17): the first extra position is
+# dear, the next ones cheap. Tuned with benchmarks/bench_speculative.py (editing text and code,
+# open chat): 16 and 2, with k doubling after a trip whose drafts were all accepted.
+DEFAULT_MAX_DRAFT = 16
+DRAFT_FLOOR = 2
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """Speculative decoding by prompt lookup (module docstring): at most ``max_draft`` draft
+    tokens per row (0: off), only while at most ``max_rows`` requests run (past that the step
+    is no longer bound by reading the weights, and drafts cost what they save)."""
+
+    max_draft: int = 0
+    max_rows: int = 2
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_draft <= MAX_DRAFT or self.max_rows < 1:
+            raise ValueError(f"Speculation needs 0 <= max_draft <= {MAX_DRAFT} and max_rows >= 1, got {self}")
 
 
 @dataclass(eq=False)
@@ -98,6 +135,11 @@ class Request:
     done: bool = False          # no more steps: finished, cancelled or failed
     preempting: bool = False    # gives its slot back when its step in flight returns
     stopped: bool = False       # its processor finished: the request ends with "stop"
+    draft_k: int = 0            # speculation: drafts to ask for next (0: not started)
+    misses: int = 0             # verify trips in a row with no draft accepted
+    plain_until: int = 0        # decode plainly until this many tokens are generated
+    drafted: int = 0            # draft tokens verified, and of them accepted
+    accepted: int = 0
 
     @property
     def tokens(self) -> list[int]:
@@ -123,6 +165,12 @@ class PlannedRow:
     rule: LogitRule | None = None       # bias and allowed mask for the sampled token
     logprobs: int = -1                  # -1: none; else the alternatives wanted (wire.Row.logprobs)
     embed: int = 0                      # wire.Row.embed
+    drafts: int = 0                     # a verify row: its real drafts (token_ids[1:1 + drafts]; the rest pad)
+
+    @property
+    def verify(self) -> bool:
+        """Sampled at every position (wire.Row.verify): token_ids are the last token and guesses."""
+        return self.drafts > 0
 
 
 @dataclass(frozen=True)
@@ -168,6 +216,7 @@ class StepResult:
     stage_ms: tuple[float, ...] = ()
     logprobs: tuple = ()
     vectors: object = None
+    verified: tuple[tuple[int, ...], ...] = ()    # per row: the samples at each position of a verify row
 
 
 @dataclass(frozen=True)
@@ -185,6 +234,9 @@ class Delivery:
     logprobs: tuple = ()
     vectors: tuple[tuple[Request, object], ...] = ()
     failed: tuple[tuple[Request, str], ...] = ()
+    drafted: int = 0            # speculation: draft tokens verified by this step, and accepted
+    accepted: int = 0
+    verified_rows: int = 0      # verify rows that came back whole
 
 
 @dataclass
@@ -211,8 +263,10 @@ class SchedulingCore:
     Deterministic: the same calls give the same plans. Not thread-safe; one runner drives it."""
 
     def __init__(self, *, max_batch: int, context_length: int, eos_token_ids: Iterable[int] = (),
-                 micro_batches: int = 1, prefill_chunk: int = 256, max_queued: int = 64):
+                 micro_batches: int = 1, prefill_chunk: int = 256, max_queued: int = 64,
+                 speculation: Speculation = Speculation()):
         self.max_batch = max_batch
+        self.speculation = speculation
         self.context_length = context_length
         self.eos_token_ids = frozenset(eos_token_ids)
         self.micro_batches = max(1, micro_batches)
@@ -380,9 +434,11 @@ class SchedulingCore:
         # the decoding requests, split into one group per micro-batch
         size = max(1, math.ceil(len(self._live()) / self.micro_batches))
         in_flight = sum(not flight.step.prefill for flight in self._in_flight.values())
+        speculate = len(self._live()) <= self.speculation.max_rows
         while decode and in_flight < self.micro_batches:
             group, decode = decode[:size], decode[size:]
-            steps.append(self._launch(group, 1, True, prefill=False))
+            drafts = self._drafts(group) if speculate else None
+            steps.append(self._launch_verify(group, drafts) if drafts else self._launch(group, 1, True, prefill=False))
             in_flight += 1
         return self._plan(tuple(step for step in steps if step is not None))
 
@@ -397,6 +453,42 @@ class SchedulingCore:
         fed = min(chunk, *(r.to_feed for r in group))
         group = group[:max(1, chunk // fed)]
         return self._launch(group, min(fed, *(r.to_feed for r in group)), False, prefill=True)
+
+    def _drafts(self, group: list[Request]) -> list[list[int]] | None:
+        """Each request's drafts when every one of ``group`` may speculate and one has a draft."""
+        if self.speculation.max_draft < 1 or not all(self._may_speculate(r) for r in group):
+            return None
+        drafts = []
+        for r in group:
+            if not r.draft_k:
+                r.draft_k = self.speculation.max_draft
+            room = min(r.params.max_new_tokens - len(r.generated) - 1, self.context_length - 1 - r.kv_len)
+            drafts.append(prompt_lookup(r.tokens, min(r.draft_k, room)))
+        return drafts if any(drafts) else None
+
+    @staticmethod
+    def _may_speculate(request: Request) -> bool:
+        """Only what sampling alone decides: no processor, bias, penalties or logprobs."""
+        params = request.params
+        return (request.processor is None and not params.logit_bias and not params.penalized
+                and params.logprobs is None and params.speculative and not request.embed
+                and len(request.generated) >= request.plain_until)
+
+    def _launch_verify(self, group: list[Request], drafts: list[list[int]]) -> PlannedStep:
+        """A verify step: per row the last token, its drafts, and guesses up to the longest row
+        (a guess is checked like a draft, so one that matches is a right token too)."""
+        width = max(len(d) for d in drafts)
+        rows = []
+        for r, draft in zip(group, drafts):
+            last = r.tokens[r.kv_len]
+            fill = (draft or [last])[-1:] * (width - len(draft))
+            rows.append(PlannedRow(r.request_id, r.slot, r.kv_len, (last, *draft, *fill), True, r.settings,
+                                   drafts=len(draft) + len(fill)))
+        step = PlannedStep(next(self._step_ids), tuple(rows), False)
+        for request in group:
+            request.in_flight = True
+        self._in_flight[step.step_id] = _InFlight(step, list(group))
+        return step
 
     def _awaits_leader(self, request: Request) -> bool:
         """A fresh choice of n waits while its first sibling is still prefilling their prompt."""
@@ -423,8 +515,27 @@ class SchedulingCore:
             return Delivery(dropped=True)
         self._note_timing(flight.step, result.stage_ms)
         tokens, finished, logprobs, vectors, failed = [], [], [], [], []
+        drafted = accepted = verified_rows = 0
         for index, (request, row, token_id) in enumerate(zip(flight.requests, flight.step.rows, result.token_ids)):
             request.in_flight = False
+            if row.verify:
+                samples = result.verified[index] if len(result.verified) > index else ()
+                if len(samples) != len(row.token_ids) and not request.done:
+                    request.done = True
+                    failed.append((request, f"the last stage sampled {len(samples)} positions of a verify row "
+                                            f"of {len(row.token_ids)}"))
+                run = self._verified(request, row, samples)
+                drafted, accepted = drafted + row.drafts * bool(run), accepted + max(len(run) - 1, 0)
+                verified_rows += bool(run)
+                for token_id in run:
+                    tokens.append((request, token_id))
+                    logprobs.append(None)
+                    if self._add_token(request, token_id):
+                        finished.append(request)
+                        break
+                request.kv_len = min(request.kv_len, len(request.tokens))   # it ended within the run
+                self._settle(request)
+                continue
             request.kv_len += flight.step.fed
             if row.embed and not request.done:
                 vectors.append((request, None if result.vectors is None else result.vectors[index]))
@@ -442,7 +553,28 @@ class SchedulingCore:
                     failed.append((request, f"the logit processor failed: {exc!r}"))
             self._settle(request)
         return Delivery(tuple(tokens), tuple(finished), logprobs=tuple(logprobs), vectors=tuple(vectors),
-                        failed=tuple(failed))
+                        failed=tuple(failed), drafted=drafted, accepted=accepted, verified_rows=verified_rows)
+
+    def _verified(self, request: Request, row: PlannedRow, samples: tuple[int, ...]) -> tuple[int, ...]:
+        """A verify row came back with the samples at each of its positions: the tokens it
+        yields (the drafts equal to the samples, then the sample after them); the slot's KV
+        length moves past the last token and the accepted drafts only. Adapts draft_k."""
+        guesses = row.token_ids[1:]
+        if request.done or len(samples) != len(row.token_ids):
+            request.kv_len += 1                 # the last token's KV is written either way
+            return ()
+        run = 0
+        while run < len(guesses) and guesses[run] == samples[run]:
+            run += 1
+        request.kv_len += run + 1
+        request.drafted += row.drafts
+        request.accepted += run
+        maximum = self.speculation.max_draft
+        request.draft_k = min(maximum, request.draft_k * 2) if run == len(guesses) else max(DRAFT_FLOOR, run + 1)
+        request.misses = request.misses + 1 if run == 0 else 0
+        if request.misses >= 2:
+            request.misses, request.plain_until = 0, len(request.generated) + run + 1 + SPECULATION_COOLDOWN
+        return tuple(samples[:run + 1])
 
     def fail_step(self, step_id: int) -> tuple[Request, ...] | None:
         """A stage failed on this step: its requests end (returned, for the runner to tell them

@@ -33,7 +33,7 @@ from ..errors import ClusterError, RequestError
 from ..sampling import MAX_SEED, LogitProcessor, SamplingParams, StreamEvent, TokenLogprob
 from ..wire import Copy, Error, Forward, FrameError, Free, Ping, Row, Sampled
 from .metrics import Metrics
-from .schedule import PlannedStep, Request, SchedulingCore, StepPlan, StepResult
+from .schedule import PlannedStep, Request, SchedulingCore, Speculation, StepPlan, StepResult
 from .tenants import LOCAL, Tenant
 from .text import TextAssembler
 
@@ -61,7 +61,7 @@ class Scheduler:
     def __init__(self, *, inbox, outbox, tokenizer, eos_token_ids: set[int], context_length: int,
                  check_alive: Callable[[], str | None], max_batch: int = 1, micro_batches: int = 1,
                  prefill_chunk: int = 256, max_queued: int = 64, step_timeout_s: float = 60.0,
-                 on_failure: Callable[[str], None] | None = None):
+                 on_failure: Callable[[str], None] | None = None, speculation: Speculation = Speculation()):
         self.inbox = inbox
         self.outbox = outbox
         self.tokenizer = tokenizer
@@ -72,7 +72,8 @@ class Scheduler:
         self.metrics = Metrics(kv_slots=max_batch)
         self.failure: str | None = None
         self.core = SchedulingCore(max_batch=max_batch, context_length=context_length, eos_token_ids=eos_token_ids,
-                                   micro_batches=micro_batches, prefill_chunk=prefill_chunk, max_queued=max_queued)
+                                   micro_batches=micro_batches, prefill_chunk=prefill_chunk, max_queued=max_queued,
+                                   speculation=speculation)
         self._events: dict[Request, asyncio.Queue] = {}   # _Tokens, a pooled vector, or an exception
         self._pooled: dict[Request, torch.Tensor] = {}      # embeddings: the chunks' vectors so far
         self._pings: dict[int, asyncio.Future] = {}
@@ -321,8 +322,8 @@ class Scheduler:
         self.metrics.set_load(len(self.core.running), len(self.core.waiting), self.core.client_load())
 
     async def _launch(self, step: PlannedStep) -> None:
-        rows = tuple(Row(row.slot, row.position, row.settings, row.sample, row.rule, row.logprobs, row.embed)
-                     for row in step.rows)
+        rows = tuple(Row(row.slot, row.position, row.settings, row.sample, row.rule, row.logprobs, row.embed,
+                         row.verify) for row in step.rows)
         tensor = torch.tensor([row.token_ids for row in step.rows], dtype=torch.int64)   # (B, T)
         self.metrics.step(len(rows))
         await self._send(Forward(step.step_id, rows, tensor))
@@ -342,10 +343,12 @@ class Scheduler:
 
     def _step_done(self, message: Sampled) -> None:
         delivery = self.core.apply(StepResult(message.step_id, tuple(message.token_ids), tuple(message.stage_ms),
-                                              tuple(message.logprobs), message.vectors))
+                                              tuple(message.logprobs), message.vectors, tuple(message.verified)))
         if delivery.dropped:
             self.metrics.dropped()      # a step that ended, or an id nobody issued
             return
+        if delivery.drafted:
+            self.metrics.speculated(delivery.drafted, delivery.accepted, delivery.verified_rows)
         for (request, token_id), logprob in zip(delivery.tokens, delivery.logprobs):
             self._tell(request, _Token(token_id, message.stage_ms, logprob, request.stopped and request.done))
         for request, vector in delivery.vectors:

@@ -178,7 +178,10 @@ class StageWorker:
         self.active_slots.update(slots)
         started = time.perf_counter()
         embeds = self.is_last and any(row.embed for row in message.rows)
-        output = self.stage.forward(message.tensor, slots, [row.position for row in message.rows], hidden=embeds)
+        verifies = self.is_last and any(row.verify for row in message.rows)
+        keep = message.tensor.shape[1] if verifies else 1
+        output = self.stage.forward(message.tensor, slots, [row.position for row in message.rows], hidden=embeds,
+                                    keep=keep)
         elapsed_ms = (time.perf_counter() - started) * 1e3
         self.stats.busy_s += elapsed_ms / 1e3
         self.stats.last_forward_ms = elapsed_ms
@@ -190,9 +193,16 @@ class StageWorker:
         if embeds:   # output: final-norm hidden states (B, T, hidden)
             vectors = pool_rows(output, message.rows)
             output = self.stage.head(output[:, -1, :]) if any(row.sample for row in message.rows) else None
+        verified = ()
+        if verifies:       # output: (B, T, vocab)
+            verified = verify_rows(output, message.rows)
+            output = output[:, -1, :]
         token_ids, logprobs = sample_rows(output, message.rows, message.tensor.shape[1])
-        self.stats.tokens += sum(row.sample for row in message.rows)
-        self._send(Sampled(message.step_id, token_ids, stage_ms, logprobs, vectors))
+        if verified:
+            token_ids = tuple(samples[0] if samples else token for samples, token in zip(verified, token_ids))
+        self.stats.tokens += sum(len(samples) if samples else row.sample for samples, row in
+                                 zip(verified or ((),) * len(message.rows), message.rows))
+        self._send(Sampled(message.step_id, token_ids, stage_ms, logprobs, vectors, verified))
 
     def _send(self, message) -> None:
         self.outbox.send(message)
@@ -244,6 +254,29 @@ def sample_rows(logits, rows, steps: int) -> tuple[tuple[int, ...], tuple]:
         tokens.append(token_id)
         logprobs.append(logprob)
     return tuple(tokens), (tuple(logprobs) if any(lp is not None for lp in logprobs) else ())
+
+
+def verify_rows(logits, rows) -> tuple[tuple[int, ...], ...]:
+    """Per verify row the token sampled at each of its T positions (logits (B, T, vocab)), each
+    exactly as a plain decode step with that position last would sample it (same settings, seed
+    and position); () for the other rows."""
+    from ..errors import RequestError
+    from ..sampling import sample_token
+    from ..wire.frames import MAX_VERIFIED
+
+    steps = logits.shape[1]
+    if steps > MAX_VERIFIED:
+        raise RequestError(f"a verify row of {steps} positions is over {MAX_VERIFIED}")
+    out = []
+    for b, row in enumerate(rows):
+        if not row.verify:
+            out.append(())
+        elif row.sampling.greedy:
+            out.append(tuple(int(t) for t in logits[b].argmax(dim=-1)))
+        else:
+            out.append(tuple(sample_token(logits[b, i].float().cpu(), row.sampling, row.position + i + 1)
+                             for i in range(steps)))
+    return tuple(out)
 
 
 def pool_rows(hidden, rows):

@@ -115,7 +115,7 @@ class Stage(nn.Module):
 
     @torch.inference_mode()
     def forward(self, inputs: torch.Tensor, slots, positions, cache: SlotCache | None = None,
-                hidden: bool = False) -> torch.Tensor:
+                hidden: bool = False, keep: int = 1) -> torch.Tensor:
         """Run this stage on a batch of rows, writing their keys and values into their KV slots.
 
         ``inputs``: token ids (B, T) int64 on the first stage, else hidden states (B, T, hidden).
@@ -125,7 +125,9 @@ class Stage(nn.Module):
         Returns hidden states (B, T, hidden) in the stage dtype, or on the last stage the float32
         logits of each row's last position only (B, vocab); with ``hidden=True`` the last stage
         returns the final-norm hidden states of every position instead (B, T, hidden), float32
-        (embeddings; :meth:`head` turns a position of them into logits).
+        (embeddings; :meth:`head` turns a position of them into logits); with ``keep`` > 1 the
+        last stage returns the logits of each row's last ``keep`` positions (B, keep, vocab)
+        (speculative decoding's verify rows).
 
         Raises:
             RequestError: rows and slots/positions disagree, a slot outside the cache, or
@@ -152,6 +154,8 @@ class Stage(nn.Module):
             return hidden
         if final_hidden:
             return self.norm(hidden).float()                              # (B, T, hidden)
+        if keep > 1:
+            return self.lm_head(self.norm(hidden[:, -keep:, :]).to(self.dtype)).float()   # (B, keep, vocab)
         # Only the last position's logits are needed to pick the next token (nanoGPT, HF
         # logits_to_keep=1); RMSNorm is per position, so normalising just that one is exact.
         return self.head(self.norm(hidden[:, -1, :]))                     # (B, vocab)

@@ -129,6 +129,9 @@ def metrics_line(metrics: dict | None) -> str:
     if metrics.get("failovers_total"):
         slots += (f"; {metrics['failovers_total']} failover(s), {metrics['replayed_requests_total']} replayed, "
                   f"last pause {metrics['last_failover_pause_s'] or 0:.1f} s")
+    if metrics.get("draft_tokens_total"):
+        slots += (f"; speculation: {metrics['draft_acceptance_rate']:.0%} of drafts accepted, "
+                  f"{metrics['tokens_per_verify_trip']:.1f} tokens per trip")
     return (f"{metrics.get('tokens_per_s', 0.0):.1f} tokens/s, {_count(in_flight, 'request')} in flight "
             f"({_count(metrics.get('tokens_total', 0), 'token')}, "
             f"{_count(metrics.get('requests_total', 0), 'request')}, "

@@ -33,6 +33,7 @@ class LoadOptions:
     prefill_chunk: int = load_default("prefill_chunk")
     micro_batches: int | None = load_default("micro_batches")
     max_queued: int = load_default("max_queued")
+    speculation: str = load_default("speculation")
 
     def __post_init__(self) -> None:
         """Each option checked as its config.yaml key is: a ConfigError naming it."""

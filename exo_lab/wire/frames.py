@@ -16,7 +16,8 @@ Wire format, one ZeroMQ multipart message per message:
   the step id of a Forward, Sampled or Error, else the message's own id), then the kind's body:
 
   - FORWARD: ``FORWARD_BODY`` (rows u16, tensor dtype code u8, ndim u8, stage count u8),
-    ``ndim`` dims as u32, one ``ROW`` per row (slot u16, position u32, flags u8 (1 = sample),
+    ``ndim`` dims as u32, one ``ROW`` per row (slot u16, position u32, flags u8 (1 = sample,
+    2 = verify: sample at every position),
     temperature f64, top_p f64, top_k u32, seed u64), then one f32 per stage that already ran
     (its forward ms), then one ``ROW_EXTRA`` per row (logprobs i8, embed u8, rule flag u8 (0
     none, 1 bias only, 2 mask and bias), mask bytes u32, bias entries u16), then the rules of
@@ -24,9 +25,11 @@ Wire format, one ZeroMQ multipart message per message:
     per entry;
   - SAMPLED: ``SAMPLED_BODY`` (rows u16, stage count u8), one u32 token id per row
     (``NO_TOKEN`` for a row that did not sample), then the stages' ms as f32, then
-    ``SAMPLED_EXTRA`` (hidden u32: 0 when no vectors follow), then per row a u8 count of top
-    alternatives (``NO_LOGPROB``: none) followed by count + 1 ``LOGPROB`` (token u32, logprob f64),
-    the chosen token first, then the vectors (rows x hidden f32);
+    ``SAMPLED_EXTRA`` (hidden u32: 0 when no vectors follow; verified u8: 1 when verify samples
+    follow), then per row a u8 count of top alternatives (``NO_LOGPROB``: none) followed by
+    count + 1 ``LOGPROB`` (token u32, logprob f64), the chosen token first, then when verified
+    per row a u8 count (0 for a row that did not verify, at most MAX_VERIFIED) and that many u32
+    token ids, then the vectors (rows x hidden f32);
   - FREE: the slot as u16; ERROR: the message as UTF-8 (at most ``MAX_ERROR_BYTES``);
   - COPY: ``COPY_BODY`` (src slot u16, dst slot u16, length u32);
   - PING, SHUTDOWN: nothing;
@@ -45,14 +48,14 @@ from ..errors import ClusterError
 from ..sampling import MAX_ALLOWED_BYTES, MAX_LOGPROBS, MAX_RULE_BIAS, MAX_SEED, LogitRule, SamplingSettings, TokenLogprob
 
 MAGIC = b"EX"
-VERSION = 4
+VERSION = 5
 HEADER = struct.Struct("<2sBBQ")           # magic, version, kind, id
 FORWARD_BODY = struct.Struct("<HBBB")      # rows, dtype, ndim, stages
 ROW = struct.Struct("<HIBddIQ")            # slot, position, flags, temperature, top_p, top_k, seed
 ROW_EXTRA = struct.Struct("<bBBIH")       # logprobs (-1: none), embed, has rule, allowed bytes, bias entries
 BIAS = struct.Struct("<Id")                # token id, bias
 SAMPLED_BODY = struct.Struct("<HB")        # rows, stages
-SAMPLED_EXTRA = struct.Struct("<I")        # hidden size of the vectors (0: none)
+SAMPLED_EXTRA = struct.Struct("<IB")       # hidden size of the vectors (0: none), verify samples follow
 LOGPROB_COUNT = struct.Struct("<B")        # top alternatives of a row's logprob (NO_LOGPROB: none)
 LOGPROB = struct.Struct("<Id")             # token id, logprob
 NO_LOGPROB = 0xFF
@@ -68,6 +71,8 @@ MAX_ERROR_BYTES = 2048
 MAX_REQUEST_ID = 2**64 - 1
 MAX_TENSOR_BYTES = 256 * 2**20     # as wire.sockets.MAX_MESSAGE_BYTES: no larger tensor can arrive
 EMBED_POOLINGS = (0, 1, 2)   # a normal row; last-token pooling; mean pooling (the chunk's sum)
+MAX_VERIFIED = 64            # positions of one verify row (the last token and its drafts)
+SAMPLE, VERIFY = 1, 2        # Row flags
 
 
 class Kind(enum.IntEnum):
@@ -97,7 +102,9 @@ class Row:
     first input token, whether the last stage samples a token for it, and how: ``rule`` (bias and
     allowed mask, applied before sampling), ``logprobs`` (-1: none; 0..20: the chosen token's
     logprob and that many alternatives), ``embed`` (0: a normal row; 1: return the last position's
-    final hidden state; 2: the sum of the chunk's final hidden states, for mean pooling)."""
+    final hidden state; 2: the sum of the chunk's final hidden states, for mean pooling),
+    ``verify`` (speculative decoding: sample at every position, each as if it were the last; a
+    verify row samples, with no rule, logprobs or embed)."""
 
     slot: int
     position: int
@@ -106,6 +113,7 @@ class Row:
     rule: LogitRule | None = None
     logprobs: int = -1
     embed: int = 0
+    verify: bool = False
 
 
 @dataclass(frozen=True, eq=False)   # eq would compare tensors elementwise: ambiguous
@@ -127,21 +135,24 @@ class Sampled:
     """The last stage's answer to one step: a token id per row (NO_TOKEN where the row did not
     sample), with every stage's forward ms; ``logprobs``: one per row (None where not asked), or
     () when no row asked; ``vectors``: float32 (B, hidden) pooled final hidden states of the
-    embed rows (zeros for the others), or None when no row embeds."""
+    embed rows (zeros for the others), or None when no row embeds; ``verified``: per row the
+    token sampled at each position of a verify row (() for the others), or () when no row
+    verified."""
 
     step_id: int
     token_ids: tuple[int, ...]
     stage_ms: tuple[float, ...] = ()
     logprobs: tuple[TokenLogprob | None, ...] = ()
     vectors: torch.Tensor | None = None
+    verified: tuple[tuple[int, ...], ...] = ()
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, Sampled):
             return NotImplemented
         same_vectors = (self.vectors is None) == (other.vectors is None) and (
             self.vectors is None or torch.equal(self.vectors, other.vectors))
-        return (self.step_id, self.token_ids, self.stage_ms, self.logprobs) == (
-            other.step_id, other.token_ids, other.stage_ms, other.logprobs) and same_vectors
+        return (self.step_id, self.token_ids, self.stage_ms, self.logprobs, self.verified) == (
+            other.step_id, other.token_ids, other.stage_ms, other.logprobs, other.verified) and same_vectors
 
 
 @dataclass(frozen=True)
@@ -275,8 +286,10 @@ def _encode_row(row: Row, step_id: int) -> bytes:
     _check_range(row.position, 0, 2**32 - 1, "position", step_id)
     seed = 0 if s.seed is None else s.seed
     _check_range(seed, 0, MAX_SEED, "sampling.seed", step_id)
-    return ROW.pack(row.slot, row.position, 1 if row.sample else 0, float(s.temperature), float(s.top_p),
-                    int(s.top_k), seed)
+    if row.verify and (not row.sample or row.rule is not None or row.logprobs != -1 or row.embed):
+        raise FrameError("a verify Row samples, with no rule, logprobs or embed", step_id)
+    flags = (SAMPLE if row.sample else 0) | (VERIFY if row.verify else 0)
+    return ROW.pack(row.slot, row.position, flags, float(s.temperature), float(s.top_p), int(s.top_k), seed)
 
 
 def _encode_sampled(msg: Sampled) -> bytes:
@@ -287,9 +300,24 @@ def _encode_sampled(msg: Sampled) -> bytes:
     stage_ms = _pack_ms(msg, msg.step_id)
     ids = struct.pack(f"<{len(msg.token_ids)}I", *msg.token_ids)
     logprobs = _encode_logprobs(msg)
+    verified = _encode_verified(msg)
     vectors, hidden = _encode_vectors(msg)
-    return (SAMPLED_BODY.pack(len(msg.token_ids), len(msg.stage_ms)) + ids + stage_ms + SAMPLED_EXTRA.pack(hidden)
-            + logprobs + vectors)
+    return (SAMPLED_BODY.pack(len(msg.token_ids), len(msg.stage_ms)) + ids + stage_ms
+            + SAMPLED_EXTRA.pack(hidden, 1 if verified else 0) + logprobs + verified + vectors)
+
+
+def _encode_verified(msg: Sampled) -> bytes:
+    rows = len(msg.token_ids)
+    if not isinstance(msg.verified, tuple) or len(msg.verified) not in (0, rows):
+        raise FrameError(f"Sampled.verified must be () or one tuple per row ({rows})", msg.step_id)
+    out = []
+    for samples in msg.verified:
+        if not isinstance(samples, tuple) or len(samples) > MAX_VERIFIED:
+            raise FrameError(f"Sampled.verified rows must be tuples of at most {MAX_VERIFIED} ids", msg.step_id)
+        for token_id in samples:
+            _check_range(token_id, 0, NO_TOKEN - 1, "verified token_id", msg.step_id)
+        out.append(struct.pack(f"<B{len(samples)}I", len(samples), *samples))
+    return b"".join(out)
 
 
 def _encode_logprobs(msg: Sampled) -> bytes:
@@ -502,14 +530,16 @@ def _decode_row(body: memoryview, offset: int, extra: tuple, rule: LogitRule | N
 
     slot, position, flags, temperature, top_p, top_k, seed = ROW.unpack_from(body, offset)
     logprobs, embed = extra[0], extra[1]
-    if flags > 1 or not -1 <= logprobs <= MAX_LOGPROBS or embed not in EMBED_POOLINGS:
+    verify = bool(flags & VERIFY)
+    if flags > SAMPLE | VERIFY or not -1 <= logprobs <= MAX_LOGPROBS or embed not in EMBED_POOLINGS or (
+            verify and (not flags & SAMPLE or rule is not None or logprobs != -1 or embed)):
         raise FrameError(f"FORWARD of step {step_id}: unknown row flags {flags}, logprobs {logprobs} or "
                          f"embed {embed}", step_id)
     try:
         sampling = SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     except RequestError as exc:
         raise FrameError(f"FORWARD of step {step_id}: {exc}", step_id) from None
-    return Row(slot, position, sampling, bool(flags), rule, logprobs, embed)
+    return Row(slot, position, sampling, bool(flags & SAMPLE), rule, logprobs, embed, verify)
 
 
 def _decode_sampled(step_id: int, body: memoryview) -> Sampled:
@@ -521,8 +551,13 @@ def _decode_sampled(step_id: int, body: memoryview) -> Sampled:
         raise FrameError(f"SAMPLED of step {step_id} has the wrong length", step_id)
     token_ids = struct.unpack_from(f"<{count}I", body, SAMPLED_BODY.size)
     stage_ms = struct.unpack_from(f"<{stages}f", body, SAMPLED_BODY.size + 4 * count)
-    (hidden,) = SAMPLED_EXTRA.unpack_from(body, extra_at)
+    hidden, has_verified = SAMPLED_EXTRA.unpack_from(body, extra_at)
     logprobs, offset = _decode_logprobs(body, extra_at + SAMPLED_EXTRA.size, count, step_id)
+    verified = ()
+    if has_verified > 1:
+        raise FrameError(f"SAMPLED of step {step_id}: unknown verified flag {has_verified}", step_id)
+    if has_verified:
+        verified, offset = _decode_verified(body, offset, count, step_id)
     vectors = None
     if hidden:
         if count * hidden * 4 > MAX_TENSOR_BYTES:
@@ -530,7 +565,26 @@ def _decode_sampled(step_id: int, body: memoryview) -> Sampled:
         vectors = _tensor_from_payload(body[offset:], torch.float32, (count, hidden), step_id)
     elif offset != len(body):
         raise FrameError(f"SAMPLED of step {step_id} has {len(body) - offset} stray bytes", step_id)
-    return Sampled(step_id, tuple(token_ids), tuple(stage_ms), logprobs, vectors)
+    return Sampled(step_id, tuple(token_ids), tuple(stage_ms), logprobs, vectors, verified)
+
+
+def _decode_verified(body: memoryview, offset: int, count: int, step_id: int):
+    """(per row the verify samples, the offset after them)."""
+    rows = []
+    for _ in range(count):
+        if offset + 1 > len(body):
+            raise FrameError(f"SAMPLED of step {step_id}: its verify samples are truncated", step_id)
+        size = body[offset]
+        end = offset + 1 + 4 * size
+        if size > MAX_VERIFIED or end > len(body):
+            raise FrameError(f"SAMPLED of step {step_id}: a verify row of {size} samples is over {MAX_VERIFIED} "
+                             "or truncated", step_id)
+        samples = struct.unpack_from(f"<{size}I", body, offset + 1)
+        if NO_TOKEN in samples:
+            raise FrameError(f"SAMPLED of step {step_id}: a verify sample is not a token id", step_id)
+        rows.append(tuple(samples))
+        offset = end
+    return tuple(rows), offset
 
 
 def _decode_logprobs(body: memoryview, offset: int, count: int, step_id: int):
