@@ -33,6 +33,8 @@ import pytest
 from ports import free_port, free_port_range
 from procs import stop as stop_process
 
+from exo_lab.httpguard import EVICTABLE_AFTER_S
+
 FLOOD_CONNECTIONS = 1100
 DESCRIPTOR_LIMIT = 1024
 ATTACKERS = [f"127.0.0.{i}" for i in range(2, 10)]   # the good client is 127.0.0.1
@@ -192,6 +194,9 @@ def test_idle_and_half_sent_connections_give_way_to_a_whole_request():
         held = [send_then_hold(port, payload, f"127.0.0.{2 + i % 4}")
                 for i, payload in enumerate([b"", HALF_SENT["http"]] * 10)]
         try:
+            # stalled connections are old by nature; one younger than this may be a real client
+            # whose request is still on its way, and is never closed for another
+            time.sleep(EVICTABLE_AFTER_S + 0.05)
             started = time.monotonic()
             assert get(port, "/fast") == (200, b"fast")          # it took the place of a stalled one
             assert time.monotonic() - started < 1.0

@@ -810,3 +810,30 @@ def test_two_trips_with_nothing_accepted_turn_speculation_off_for_a_while():
             run.answer(step)
             resumed = True
     assert rejected == 2 and resumed, "speculation never came back after the cooldown"
+
+
+def test_a_failover_in_the_middle_of_speculation_replays_to_the_same_tokens():
+    """Verify steps lost with the pipeline (their drafts neither accepted nor rejected) are
+    dropped; the replay prefills only accepted tokens and goes on speculating to the tokens of
+    an uninterrupted run."""
+    prompt = prompt_of(21, 30) * 2
+    expected = alone(prompt, 40, model=skipping)
+    run = spec_run(model=skipping)
+    request = run.submit(prompt, 40)
+    for _ in range(500):
+        run.plan()
+        if len(run.delivered[request.request_id]) >= 12 and any(step.rows[0].verify for step in run.in_flight):
+            break
+        run.answer()
+    lost = list(run.in_flight)
+    assert lost and lost[0].rows[0].verify
+    assert run.core.suspend() == 1
+    run.in_flight.clear()
+    old, run.pipe = run.pipe, FakePipeline(model=skipping)       # new stages: no KV anywhere
+    assert all(run.core.apply(old.execute(step)).dropped for step in lost)
+    run.until_idle()
+    assert run.delivered[request.request_id] == expected
+    after = run.steps[run.steps.index(lost[-1]) + 1:]
+    assert after[0].prefill and after[0].rows[0].position == 0                       # the replay
+    assert list(after[0].rows[0].token_ids) == request.tokens[:len(after[0].rows[0].token_ids)]
+    assert any(row.verify for step in after for row in step.rows)                    # speculating again

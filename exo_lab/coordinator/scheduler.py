@@ -349,8 +349,11 @@ class Scheduler:
             return
         if delivery.drafted:
             self.metrics.speculated(delivery.drafted, delivery.accepted, delivery.verified_rows)
+        timed = set()         # a verify row's several tokens: the step's timings count once per row
         for (request, token_id), logprob in zip(delivery.tokens, delivery.logprobs):
-            self._tell(request, _Token(token_id, message.stage_ms, logprob, request.stopped and request.done))
+            stage_ms = () if request in timed else message.stage_ms
+            timed.add(request)
+            self._tell(request, _Token(token_id, stage_ms, logprob, request.stopped and request.done))
         for request, vector in delivery.vectors:
             self._pool(request, vector)
         for request in delivery.finished:
