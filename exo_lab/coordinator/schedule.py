@@ -165,7 +165,7 @@ class PlannedRow:
     rule: LogitRule | None = None       # bias and allowed mask for the sampled token
     logprobs: int = -1                  # -1: none; else the alternatives wanted (wire.Row.logprobs)
     embed: int = 0                      # wire.Row.embed
-    drafts: int = 0                     # a verify row: its real drafts (token_ids[1:1 + drafts]; the rest pad)
+    drafts: int = 0                     # a verify row: its guesses, token_ids[1:] (drafts, then padding)
 
     @property
     def verify(self) -> bool:
