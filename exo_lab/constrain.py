@@ -317,8 +317,9 @@ class ToolCallReader:
     JSON is scanned, so a string holding ``</tool_call>`` cannot end it). Text that leaves the
     format (only possible without the grammar) is content from there on."""
 
-    _HEAD = TOOL_CALL_OPEN + '{"name": "'
-    _NAME_END = '", "arguments": '
+    # the fixed text around a call's name, as format_tool_call and the grammar write it
+    _HEAD = TOOL_CALL_OPEN + '{"name"' + JSON_OPTIONS["key_separator"] + '"'
+    _NAME_END = '"' + JSON_OPTIONS["item_separator"] + '"arguments"' + JSON_OPTIONS["key_separator"]
     _CLOSE = "}" + TOOL_CALL_CLOSE
 
     def __init__(self):

@@ -331,12 +331,10 @@ class ChatCompletionsHandler(GenerationHandler):
     def chunks(self, choice: Choice, event, request: GenerationRequest) -> list[dict]:
         ends = event is None or event.finish_reason is not None
         if request.decoding.calls_tools:        # content, or calls as they are written
-            calls = reply_calls(choice)
+            calls = reply_calls(choice)         # before adding the event: it reads the text so far
             if event is not None:
                 choice.add(event)
-            deltas = calls.feed(event.text if event else "")
-            if ends:
-                deltas += calls.close(choice.finish_reason or "stop")
+            deltas = calls.deltas(event.text if event else "", (choice.finish_reason or "stop") if ends else None)
             chunks = [self.chunk(choice, delta) for delta in deltas]
             if ends:
                 chunks.append(self.chunk(choice, {}, self.logprobs(choice.logprobs, request),

@@ -185,9 +185,8 @@ class ResponsesHandler(ChatCompletionsHandler):
         try:
             async for event in self.events_of(firsts[0], streams[0]):
                 choice.add(event)
-                deltas = calls.feed(event.text) if calls else [{"content": event.text}] * bool(event.text)
-                if calls and event.finish_reason is not None:
-                    deltas += calls.close(event.finish_reason)
+                deltas = calls.deltas(event.text, event.finish_reason) if calls else \
+                    [{"content": event.text}] * bool(event.text)
                 for delta in deltas:
                     await self.send_delta(delta, ids)
         except Exception as exc:      # after the headers, an error can only travel as an event

@@ -206,6 +206,10 @@ class ReplyCalls:
         id, type, function: {name, arguments: ""}}]}, then its arguments in pieces as written."""
         return self._deltas(self.reader.feed(text) if text else [])
 
+    def deltas(self, text: str, finish_reason: str | None) -> list[dict]:
+        """:meth:`feed` ``text``, then :meth:`close` when the answer ends with it (``finish_reason``)."""
+        return self.feed(text) + (self.close(finish_reason) if finish_reason is not None else [])
+
     def close(self, finish_reason: str) -> list[dict]:
         """The deltas still held back when the answer ends (see ToolCallReader.close); once."""
         if self.closed:

@@ -484,11 +484,7 @@ class SchedulingCore:
             fill = (draft or [last])[-1:] * (width - len(draft))
             rows.append(PlannedRow(r.request_id, r.slot, r.kv_len, (last, *draft, *fill), True, r.settings,
                                    drafts=len(draft) + len(fill)))
-        step = PlannedStep(next(self._step_ids), tuple(rows), False)
-        for request in group:
-            request.in_flight = True
-        self._in_flight[step.step_id] = _InFlight(step, list(group))
-        return step
+        return self._issue(rows, group, prefill=False)
 
     def _awaits_leader(self, request: Request) -> bool:
         """A fresh choice of n waits while its first sibling is still prefilling their prompt."""
@@ -560,7 +556,7 @@ class SchedulingCore:
         yields (the drafts equal to the samples, then the sample after them); the slot's KV
         length moves past the last token and the accepted drafts only. Adapts draft_k."""
         guesses = row.token_ids[1:]
-        if request.done or len(samples) != len(row.token_ids):
+        if request.done:                        # ended meanwhile, or the samples did not come whole
             request.kv_len += 1                 # the last token's KV is written either way
             return ()
         run = 0
@@ -611,10 +607,14 @@ class SchedulingCore:
             launched.append(r)
         if not launched:
             return None
+        return self._issue(rows, launched, prefill=prefill)
+
+    def _issue(self, rows: list[PlannedRow], requests: list[Request], *, prefill: bool) -> PlannedStep:
+        """A step of ``rows`` (one per request): its requests are in flight from now on."""
         step = PlannedStep(next(self._step_ids), tuple(rows), prefill)
-        for request in launched:
+        for request in requests:
             request.in_flight = True
-        self._in_flight[step.step_id] = _InFlight(step, launched)
+        self._in_flight[step.step_id] = _InFlight(step, list(requests))
         return step
 
     @staticmethod

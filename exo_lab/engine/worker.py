@@ -193,15 +193,15 @@ class StageWorker:
         if embeds:   # output: final-norm hidden states (B, T, hidden)
             vectors = pool_rows(output, message.rows)
             output = self.stage.head(output[:, -1, :]) if any(row.sample for row in message.rows) else None
-        verified = ()
-        if verifies:       # output: (B, T, vocab)
-            verified = verify_rows(output, message.rows)
+        rows, verified = message.rows, ()
+        if verifies:       # output: (B, T, vocab); verify rows are sampled there, once
+            verified = verify_rows(output, rows)
             output = output[:, -1, :]
-        token_ids, logprobs = sample_rows(output, message.rows, message.tensor.shape[1])
+            rows = tuple(replace(row, sample=False) if row.verify else row for row in rows)
+        token_ids, logprobs = sample_rows(output, rows, message.tensor.shape[1])
         if verified:
             token_ids = tuple(samples[0] if samples else token for samples, token in zip(verified, token_ids))
-        self.stats.tokens += sum(len(samples) if samples else row.sample for samples, row in
-                                 zip(verified or ((),) * len(message.rows), message.rows))
+        self.stats.tokens += sum(row.sample for row in rows) + sum(map(len, verified))
         self._send(Sampled(message.step_id, token_ids, stage_ms, logprobs, vectors, verified))
 
     def _send(self, message) -> None:
