@@ -159,7 +159,8 @@ class Cluster:
     def load(self, model: str | None = None, *, dtype: str | None = None, max_context: int | None = None,
              max_batch: int | None = None, objective: str | None = None, min_stages: int | None = None,
              prefill_chunk: int | None = None, micro_batches: int | None = None, max_queued: int | None = None,
-             speculation: str | None = None, progress: bool = True,
+             speculation: str | None = None, draft_model: str | None = None, draft_dtype: str | None = None,
+             progress: bool = True,
              timeout_s: float = DEFAULT_LOAD_TIMEOUT_S) -> Plan:
         """Plan the split of ``model`` over the live engines and load one shard per stage.
 
@@ -169,7 +170,9 @@ class Cluster:
         objective "latency", min_stages 1, prefill_chunk 256 (prompt tokens per step),
         micro_batches one per stage (1 when stages sharing a PC oversubscribe its cores),
         max_queued 64, speculation "off" ("prompt_lookup": speculative decoding with drafts from the
-        request's own tokens), and the config's network.hop_latency_ms.
+        request's own tokens; "draft_model": drafts from ``draft_model``, default the served model,
+        run whole on the coordinator at ``draft_dtype``, default "int8"), and the config's
+        network.hop_latency_ms.
         Raises ConfigError, ModelError, PlanError or ClusterError; on error nothing stays loaded.
         """
         from .planning.options import resolve_load_options
@@ -178,7 +181,8 @@ class Cluster:
         options = resolve_load_options(self.config, model=model, dtype=dtype, max_context=max_context,
                                        max_batch=max_batch, objective=objective, min_stages=min_stages,
                                        prefill_chunk=prefill_chunk, micro_batches=micro_batches,
-                                       max_queued=max_queued, speculation=speculation)
+                                       max_queued=max_queued, speculation=speculation,
+                                       draft_model=draft_model, draft_dtype=draft_dtype)
         return self._ask(Load(options, progress=progress, timeout_s=timeout_s))
 
     def replan(self, *, progress: bool = True, timeout_s: float = DEFAULT_LOAD_TIMEOUT_S) -> Plan:
@@ -320,12 +324,13 @@ class Cluster:
 
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop=None, ignore_eos: bool = False,
-                 speculative: bool = True) -> GenerationResult:
+                 speculative: bool | str = True) -> GenerationResult:
         """Continue a prompt (a string, or token ids). Returns text, new token ids, finish reason
         and timings. temperature 0 is greedy; ``seed`` makes sampling reproducible; ``stop`` is a
         string or list of strings that end generation (not included in the text); ignore_eos
         generates past end-of-sequence tokens (benchmarks); speculative False decodes without
-        drafts where the load speculates (the same tokens). Raises RequestError for bad values."""
+        drafts where the load speculates (the same tokens), "prompt_lookup" or "draft_model"
+        picks that drafter for this request. Raises RequestError for bad values."""
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, seed=seed, stop=stop or (), ignore_eos=ignore_eos,
                                 speculative=speculative)

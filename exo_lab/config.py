@@ -187,7 +187,9 @@ class ClusterConfig:
     prefill_chunk: int | None = None
     micro_batches: int | None = None
     max_queued: int | None = None
-    speculation: str | None = None      # "off" | "prompt_lookup" | None
+    speculation: str | None = None      # "off" | "prompt_lookup" | "draft_model" | None
+    draft_model: str | None = None      # speculation "draft_model": its model id; None = the served model
+    draft_dtype: str | None = None
     objective: str | None = None        # "latency" | "throughput" | None
     replan: str = TOP["replan"].default  # "manual" | "auto": re-plan by itself when engines join
     source: str = "<dict>"              # the file it came from, for messages

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .errors import RequestError
+from .settings import DRAFTERS
 
 MAX_TEMPERATURE = 2.0
 # Below this a temperature is greedy: dividing logits by 1e-38 overflows float32 to inf, and
@@ -75,7 +76,8 @@ class SamplingParams(SamplingSettings):
     ``stop`` holds strings: generation ends before the first occurrence of any of them.
     ``ignore_eos`` keeps going past end-of-sequence tokens (benchmarks, tests).
     ``speculative`` False: never verify drafted tokens for this request (where the cluster
-    speculates; the tokens are the same either way, only their pace differs).
+    speculates; the tokens are the same either way, only their pace differs); True: the load's
+    drafter; a drafter's name (``"prompt_lookup"``, ``"draft_model"``): that one for this request.
     """
 
     max_new_tokens: int = 64
@@ -85,12 +87,13 @@ class SamplingParams(SamplingSettings):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
-    speculative: bool = True
+    speculative: bool | str = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.speculative, bool):
-            raise RequestError(f"speculative must be true or false, got {self.speculative!r}", param="speculative")
+        if not isinstance(self.speculative, bool) and self.speculative not in DRAFTERS:
+            raise RequestError(f"speculative must be true, false or a drafter ({', '.join(map(repr, DRAFTERS))}), "
+                               f"got {self.speculative!r}", param="speculative")
         if self.logprobs is not None:
             _check_int(self.logprobs, "logprobs", 0, MAX_LOGPROBS)
         _check_number(self.presence_penalty, "presence_penalty", -MAX_PENALTY, MAX_PENALTY, "between -2 and 2")

@@ -37,7 +37,8 @@ ROLES = ("coordinator", "compute", "storage")
 DISCOVERY_MODES = ("auto", "manual")
 REPLAN_MODES = ("manual", "auto")
 OBJECTIVES = ("latency", "throughput")
-SPECULATION_MODES = ("off", "prompt_lookup")
+DRAFTERS = ("prompt_lookup", "draft_model")   # who drafts for speculative decoding
+SPECULATION_MODES = ("off", *DRAFTERS)
 LAUNCHER_KINDS = ("manual", "ssh", "slurm")
 SSH_SHELLS = ("posix", "powershell")
 DEFAULT_MAX_CONTEXT = 4096      # KV positions per slot, capped by the model's own max_position_embeddings
@@ -128,10 +129,15 @@ TOP = Section("", "the top level of the file", (
             default_text="one per stage", layered=True),
     Setting("max_queued", POSITIVE_INT, "requests waiting for a KV slot; past it the API answers 429",
             default=64, layered=True),
-    Setting("speculation", choice(SPECULATION_MODES), "speculative decoding: `prompt_lookup` drafts tokens "
-            "from the request's own prompt and output and checks them in one trip through the pipeline "
-            "(same tokens, faster when the answer repeats its context; only while at most 2 requests run) "
-            "| `off`", default="off", layered=True),
+    Setting("speculation", choice(SPECULATION_MODES), "speculative decoding, drafted tokens checked in one "
+            "trip through the pipeline (same tokens; only while at most 2 requests run): `prompt_lookup` "
+            "drafts from the request's own prompt and output (faster when the answer repeats its context), "
+            "`draft_model` with a small model on the coordinator (`draft_model`, `draft_dtype`) | `off`",
+            default="off", layered=True),
+    Setting("draft_model", TEXT, "the model that drafts with `speculation: draft_model`, run whole on the "
+            "coordinator: a smaller model with the same tokenizer, or the served model itself at fewer bits",
+            default_text="the served model", layered=True),
+    Setting("draft_dtype", choice(DTYPES), "the draft model's weights dtype", default="int8", layered=True),
     Setting("launcher", SECTION, "who starts the compute PCs' workers: `manual` or a mapping, keys below",
             default_text="`manual`"),
 ))
@@ -259,12 +265,12 @@ SCHEMA = (TOP, DEVICE, NETWORK, API, LAUNCHER)       # config.yaml, in the docs'
 # What Cluster.load, `exo-lab plan` and the server settle (exo_lab.planning.options): flag, then
 # config.yaml, then the default here. network.hop_latency_ms joins them as hop_ms.
 LOAD_KEYS = ("model", "dtype", "max_context", "max_batch", "objective", "min_stages", "prefill_chunk",
-             "micro_batches", "max_queued", "speculation")
+             "micro_batches", "max_queued", "speculation", "draft_model", "draft_dtype")
 _PLAN_FLAGS = ("model", "dtype", "max_context", "max_batch", "objective", "min_stages", "prefill_chunk")
 # the flags each command line takes, by setting (``section.key`` outside the top level), in --help's order
 COMMAND_FLAGS = {
     "plan": _PLAN_FLAGS,
-    "server": _PLAN_FLAGS + ("micro_batches", "max_queued", "speculation", "api.host", "api.port", "api_key",
+    "server": _PLAN_FLAGS + ("micro_batches", "max_queued", "speculation", "draft_model", "draft_dtype", "api.host", "api.port", "api_key",
                              "served_model_names"),
 }
 

@@ -61,10 +61,15 @@ def test_wrong_types_are_400_naming_the_field(server, field, value):
 
 @pytest.mark.parametrize("field, value", [
     ("max_tokens", 0), ("temperature", 2.5), ("temperature", -0.1), ("top_p", 0), ("top_k", -1),
-    ("seed", 2**64), ("stop", ""),
+    ("seed", 2**64), ("stop", ""), ("speculative", "draft_model"),    # this load has no draft model
 ])
 def test_out_of_range_values_are_400(server, field, value):
     refused(server, "POST", CHAT, chat_body(**{field: value}), status=400, param=field)
+
+
+def test_speculative_may_name_a_drafter_the_load_can_run(server):
+    answer = call(server, "POST", CHAT, chat_body(speculative="prompt_lookup", max_tokens=3))
+    assert answer.status == 200 and answer.json["usage"]["completion_tokens"] == 3
 
 
 def test_max_tokens_and_max_completion_tokens_must_agree(server):

@@ -1,9 +1,11 @@
 """SmolLM2-135M-Instruct (model id "smollm2", the demo's default) on a real 3-engine cluster:
 greedy tokens exactly as one transformers process makes them, over 3 and over 2 stages, and a
 sensible answer through the OpenAI API with the official client. Over 2 stages the model is
-loaded with speculative decoding (prompt lookup): an editing prompt, whose answer copies the
-prompt, gets its drafts accepted and still exactly transformers' greedy tokens, and seeded
-sampling gives exactly the tokens of plain decoding.
+loaded with speculative decoding, a draft model (SmolLM2 itself at int8, on the coordinator)
+drafting by default and prompt lookup asked for per request: an editing prompt (whose answer
+copies the prompt) and an open one get their drafts accepted and still exactly transformers'
+greedy tokens, seeded sampling gives exactly the tokens of plain decoding, and sampling follows
+the model's own probabilities (the statistical check of test_sampling).
 
 The model folder is built once into the exo-lab cache (tests/test_smollm2.py says how); each
 load here takes 10-20 s on 2 cores, so the module loads twice and keeps generations short.
@@ -68,7 +70,7 @@ def cluster():
         yield started
 
 
-SPECULATION = {3: "off", 2: "prompt_lookup"}    # how each split is loaded
+SPECULATION = {3: "off", 2: "draft_model"}    # how each split is loaded
 
 
 def load(cluster, stages: int):
@@ -95,12 +97,26 @@ def test_greedy_tokens_match_one_process(cluster, reference, stages):
     assert result.token_ids == expected
 
 
+def test_a_draft_model_drafts_open_chat_and_keeps_transformers_greedy_tokens(cluster, references):
+    prompt_ids, expected = references["poem"]
+    load(cluster, 2)
+    metrics = cluster.metrics
+    accepted, rows, seconds = metrics.draft_accepted_total, metrics.verify_rows_total, metrics.draft_seconds_total
+    fast = cluster.generate(prompt_ids, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    accepted, rows = metrics.draft_accepted_total - accepted, metrics.verify_rows_total - rows
+    assert fast.token_ids == expected
+    # an open prompt has nothing to copy: these drafts came from the draft model
+    assert accepted >= NEW_TOKENS // 2 and rows <= NEW_TOKENS // 2, (accepted, rows)
+    assert metrics.draft_seconds_total > seconds
+    assert cluster.pipeline.scheduler.drafting.model.dtype == "int8"
+
+
 def test_speculation_accepts_drafts_of_an_edit_and_keeps_transformers_greedy_tokens(cluster, references):
     prompt_ids, expected = references["edit"]
     load(cluster, 2)
     metrics = cluster.metrics
     accepted, rows = metrics.draft_accepted_total, metrics.verify_rows_total
-    fast = cluster.generate(prompt_ids, max_new_tokens=EDIT_TOKENS, ignore_eos=True)
+    fast = cluster.generate(prompt_ids, max_new_tokens=EDIT_TOKENS, ignore_eos=True, speculative="prompt_lookup")
     accepted, rows = metrics.draft_accepted_total - accepted, metrics.verify_rows_total - rows
     assert accepted >= EDIT_TOKENS // 4 and rows < EDIT_TOKENS - accepted // 2, (accepted, rows)
     assert fast.token_ids == expected
@@ -120,7 +136,8 @@ def test_speculation_accepts_drafts_of_an_edit_and_keeps_transformers_greedy_tok
 
 
 def test_two_requests_verified_in_one_step_each_get_transformers_tokens(cluster, references):
-    """One micro-batch: both rows of a step verify together, drafts of different lengths padded."""
+    """One micro-batch: both rows of a step verify together, drafts of different lengths (from
+    prompt lookup for one, the draft model for the other) padded."""
     import asyncio
 
     from exo_lab.sampling import SamplingParams
@@ -130,14 +147,16 @@ def test_two_requests_verified_in_one_step_each_get_transformers_tokens(cluster,
     before, scheduler.micro_batches = scheduler.micro_batches, 1
     rows = cluster.metrics.verify_rows_total
 
-    async def tokens(name: str, count: int) -> list[int]:
+    async def tokens(name: str, count: int, drafter: str) -> list[int]:
         out = []
-        async for event in cluster.astream(references[name][0], SamplingParams(max_new_tokens=count, ignore_eos=True)):
+        params = SamplingParams(max_new_tokens=count, ignore_eos=True, speculative=drafter)
+        async for event in cluster.astream(references[name][0], params):
             out += event.token_ids
         return out
 
     async def both():
-        return await asyncio.gather(tokens("edit", EDIT_TOKENS), tokens("poem", NEW_TOKENS))
+        return await asyncio.gather(tokens("edit", EDIT_TOKENS, "prompt_lookup"),
+                                    tokens("poem", NEW_TOKENS, "draft_model"))
 
     try:
         edit, poem = cluster.run_coroutine(both())
@@ -147,22 +166,23 @@ def test_two_requests_verified_in_one_step_each_get_transformers_tokens(cluster,
     assert cluster.metrics.verify_rows_total > rows
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_seeded_sampling_with_speculation_gives_the_tokens_of_plain_decoding(cluster, references, seed):
+@pytest.mark.parametrize("drafter", ["prompt_lookup", "draft_model"])
+def test_seeded_sampling_with_speculation_gives_the_tokens_of_plain_decoding(cluster, references, drafter):
     """Each position draws from (seed, position), a draft is kept only when it equals that draw:
     standard speculative sampling for a deterministic drafter, token for token the plain draws."""
     prompt_ids, _ = references["edit"]
     load(cluster, 2)
     accepted = cluster.metrics.draft_accepted_total
-    settings = dict(max_new_tokens=EDIT_TOKENS, ignore_eos=True, temperature=0.5, seed=seed)
-    fast = cluster.generate(prompt_ids, **settings)
+    settings = dict(max_new_tokens=EDIT_TOKENS, ignore_eos=True, temperature=0.5, seed=1)
+    fast = cluster.generate(prompt_ids, speculative=drafter, **settings)
     assert cluster.metrics.draft_accepted_total > accepted
     assert fast.token_ids == cluster.generate(prompt_ids, speculative=False, **settings).token_ids
 
 
 def test_sampling_with_speculation_follows_the_models_distribution(cluster, references, model_dir):
-    """The statistical check of test_sampling.py (sampling_stats), with drafts being accepted:
-    every decode step's token against transformers' own probabilities at that step."""
+    """The statistical check of test_sampling.py (sampling_stats), with drafts being accepted
+    (from prompt lookup and from the draft model, 3 answers each): every decode step's token
+    against transformers' own probabilities at that step."""
     from transformers import AutoModelForCausalLM
 
     from sampling_stats import Draws
@@ -170,17 +190,21 @@ def test_sampling_with_speculation_follows_the_models_distribution(cluster, refe
     prompt_ids, _ = references["edit"]
     load(cluster, 2)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    accepted, draws = cluster.metrics.draft_accepted_total, Draws()
+    draws = Draws()
+    accepted = {"prompt_lookup": 0, "draft_model": 0}
     for seed in range(6):
+        drafter = ("prompt_lookup", "draft_model")[seed % 2]
+        before = cluster.metrics.draft_accepted_total
         tokens = cluster.generate(prompt_ids, max_new_tokens=EDIT_TOKENS, ignore_eos=True, temperature=0.8,
-                                  seed=100 + seed).token_ids
+                                  seed=100 + seed, speculative=drafter).token_ids
+        accepted[drafter] += cluster.metrics.draft_accepted_total - before
         with torch.no_grad():
             logits = model(torch.tensor([prompt_ids + tokens])).logits[0, len(prompt_ids) - 1:-1]
         draws.add(tokens, logits, 0.8)
     del model
     gc.collect()
     draws.check()
-    assert cluster.metrics.draft_accepted_total - accepted >= EDIT_TOKENS   # speculation really ran
+    assert min(accepted.values()) >= EDIT_TOKENS // 2, accepted       # both drafters really ran
 
 
 def test_openai_client_gets_a_sensible_answer(cluster):

@@ -18,6 +18,7 @@ from exo_lab.coordinator.schedule import (
     FIRST_PREFILL_CHUNK,
     MIN_PREFILL_CHUNK,
     Delivery,
+    DraftAsk,
     PlannedStep,
     Request,
     SchedulingCore,
@@ -123,6 +124,16 @@ class Run:
                 return
             self.answer()
         raise AssertionError("the core never went idle")
+
+    def run_out(self, limit: int = 5000) -> int:
+        """Plan and answer until nothing is in flight; returns the drafts accepted on the way."""
+        accepted = 0
+        for _ in range(limit):
+            self.plan()
+            if not self.in_flight:
+                return accepted
+            accepted += self.answer().accepted
+        raise AssertionError("the core never ran out of steps")
 
     def rows_of(self, request: Request) -> list[tuple[int, PlannedStep]]:
         return [(index, step) for index, step in enumerate(self.steps)
@@ -685,7 +696,7 @@ def copying(cache: list[int]) -> int:
 
 
 def spec_run(max_draft: int = 4, max_rows: int = 2, model=None, **settings) -> Run:
-    return Run(make_core(speculation=Speculation(max_draft=max_draft, max_rows=max_rows), **settings),
+    return Run(make_core(speculation=Speculation("prompt_lookup", max_draft=max_draft, max_rows=max_rows), **settings),
                FakePipeline(model=model))
 
 
@@ -702,12 +713,7 @@ def test_speculation_gives_the_tokens_of_plain_decoding(model, requests):
     KV of rejected positions left behind: each request gets exactly the tokens it gets alone."""
     run = spec_run(model=model)
     submitted = [run.submit(prompt_of(seed, 40) * 2, 30) for seed in range(requests)]
-    accepted = 0
-    for _ in range(5000):
-        run.plan()
-        if not run.in_flight:
-            break
-        accepted += run.answer().accepted
+    accepted = run.run_out()
     for request in submitted:
         assert run.delivered[request.request_id] == alone(request.prompt, 30, model=model)
     verify = [step for step in run.steps if any(row.verify for row in step.rows)]
@@ -747,7 +753,7 @@ def test_speculation_backs_off_past_max_rows_and_for_requests_it_cannot_verify()
     for request in many:
         assert run.delivered[request.request_id] == alone(request.prompt, request.params.max_new_tokens,
                                                           model=copying)
-    core = make_core(speculation=Speculation(max_draft=4))
+    core = make_core(speculation=Speculation("prompt_lookup", max_draft=4))
     params = SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=2)
     run = Run(core, FakePipeline(model=copying))
     core.submit(Request(prompt_of(1, 20) * 2, params, params.settings(seed=7)))
@@ -812,13 +818,14 @@ def test_two_trips_with_nothing_accepted_turn_speculation_off_for_a_while():
     assert rejected == 2 and resumed, "speculation never came back after the cooldown"
 
 
-def test_a_failover_in_the_middle_of_speculation_replays_to_the_same_tokens():
-    """Verify steps lost with the pipeline (their drafts neither accepted nor rejected) are
-    dropped; the replay prefills only accepted tokens and goes on speculating to the tokens of
-    an uninterrupted run."""
+@pytest.mark.parametrize("drafter", ["prompt_lookup", "draft_model"])
+def test_a_failover_in_the_middle_of_speculation_replays_to_the_same_tokens(drafter):
+    """Verify steps lost with the pipeline (their drafts neither accepted nor rejected, drafts
+    made ahead of them never offered) are dropped; the replay prefills only accepted tokens and
+    goes on speculating to the tokens of an uninterrupted run."""
     prompt = prompt_of(21, 30) * 2
     expected = alone(prompt, 40, model=skipping)
-    run = spec_run(model=skipping)
+    run = spec_run(model=skipping) if drafter == "prompt_lookup" else draft_model_run(skipping, greedy_drafter(copying))
     request = run.submit(prompt, 40)
     for _ in range(500):
         run.plan()
@@ -837,3 +844,119 @@ def test_a_failover_in_the_middle_of_speculation_replays_to_the_same_tokens():
     assert after[0].prefill and after[0].rows[0].position == 0                       # the replay
     assert list(after[0].rows[0].token_ids) == request.tokens[:len(after[0].rows[0].token_ids)]
     assert any(row.verify for step in after for row in step.rows)                    # speculating again
+
+
+# --------------------------------------------------------------------------- a draft model drafts
+class DraftingRun(Run):
+    """Drives the core as the runner does with a draft model: fresh drafts for draft_asks()
+    before each plan, and (``ahead``) drafts made past each verify step's guesses while it is in
+    flight, offered once it came back. ``drafter(tokens, k)`` is the draft model."""
+
+    def __init__(self, core: SchedulingCore, pipe: FakePipeline, drafter, ahead: bool = True):
+        super().__init__(core, pipe)
+        self.drafter, self.ahead = drafter, ahead
+        self.made_ahead: dict[int, list] = {}      # step id -> [(ask, drafts)]
+        self.fresh_asks = 0
+
+    def plan(self) -> StepPlan:
+        asks = self.core.draft_asks()
+        self.fresh_asks += len(asks)
+        self.core.offer_drafts([(ask, self.drafter(ask.tokens, ask.k)) for ask in asks])
+        plan = super().plan()
+        for step in plan.steps if self.ahead else ():
+            asks = self.core.ahead_asks(step)
+            if asks:
+                self.made_ahead[step.step_id] = [(ask, self.drafter(ask.tokens, ask.k)) for ask in asks]
+        return plan
+
+    def answer(self, step: PlannedStep | None = None) -> Delivery:
+        step = step or self.in_flight[0]
+        delivery = super().answer(step)
+        self.core.offer_drafts(self.made_ahead.pop(step.step_id, ()))
+        return delivery
+
+
+def greedy_drafter(model):
+    """A draft model that is ``model`` itself: its greedy continuation."""
+    def drafts(tokens, k):
+        cache = list(tokens)
+        for _ in range(k):
+            cache.append(model(cache))
+        return cache[len(tokens):]
+    return drafts
+
+
+def draft_model_run(model, drafter, ahead=True, max_rows=2) -> DraftingRun:
+    core = make_core(speculation=Speculation("draft_model", max_draft=8, max_rows=max_rows))
+    return DraftingRun(core, FakePipeline(model=model), drafter, ahead)
+
+
+@pytest.mark.parametrize("ahead", [True, False], ids=["ahead", "not-ahead"])
+@pytest.mark.parametrize("drafter", [copying, skipping], ids=["drafts-right", "drafts-partly-right"])
+@pytest.mark.parametrize("requests", [1, 2])
+def test_a_draft_model_s_drafts_give_the_tokens_of_plain_decoding(ahead, drafter, requests):
+    """The target copies (see copying); the draft model copies too, or skips where the target
+    does not. Either way each request gets exactly its tokens alone; drafts made ahead of a
+    step are used when its guesses are confirmed, so the draft model is asked afresh less."""
+    run = draft_model_run(copying, greedy_drafter(drafter), ahead)
+    submitted = [run.submit(prompt_of(40 + seed, 9), 40) for seed in range(requests)]
+    accepted = run.run_out()
+    for request in submitted:
+        assert run.delivered[request.request_id] == alone(request.prompt, 40, model=copying)
+    verify = [step for step in run.steps if any(row.verify for row in step.rows)]
+    drafted = sum(row.drafts for step in verify for row in step.rows)
+    assert verify and accepted > 0
+    if drafter is copying and requests == 1:
+        assert accepted == drafted                     # every draft right, none padded
+        assert len(run.steps) < 40 // 3                # several tokens per trip
+    if drafter is skipping:
+        assert accepted < drafted
+    if ahead and drafter is copying and requests == 1:
+        assert run.fresh_asks <= 2, run.fresh_asks     # after the first, every draft was made ahead
+    elif not ahead:
+        assert run.fresh_asks >= len(verify)
+
+
+def test_drafts_offered_for_other_tokens_are_not_used():
+    """An answer that no longer fits the request (it moved on, or a guess made ahead was
+    rejected) is ignored, and the request is asked again; one that fits is used as given."""
+    run = draft_model_run(copying, greedy_drafter(copying), ahead=False)
+    request = run.submit(prompt_of(50, 9), 30)
+    run.until(lambda: len(request.generated) >= 1 and not request.in_flight)
+    core = run.core
+    (ask,) = core.draft_asks()
+    assert ask.tokens == tuple(request.tokens) and ask.k == 4          # FIRST_MODEL_DRAFT
+    core.offer_drafts([(DraftAsk(ask.request_id, ask.tokens[:-1] + (ask.tokens[-1] + 1,), 4), (1, 2, 3))])
+    assert core.draft_asks() == (ask,)                                 # its last token differs
+    core.offer_drafts([(DraftAsk(ask.request_id, ask.tokens + (7,), 4), (1, 2, 3))])
+    assert core.draft_asks() == (ask,)                                 # longer than its tokens
+    core.offer_drafts([(ask, (11, 12, 13))])
+    assert core.draft_asks() == ()
+    (step,) = core.schedule().steps
+    assert step.rows[0].verify and step.rows[0].token_ids == (ask.tokens[-1], 11, 12, 13)
+    # made ahead: the guesses 11, 12, 13 then a sample; drafts made past them start with that sample
+    (ahead,) = core.ahead_asks(step)
+    assert ahead.tokens == ask.tokens + (11, 12, 13) and ahead.k == 2 * 4 + 1       # k doubles if all accepted
+    core.offer_drafts([(ahead, (21, 22, 23))])
+    core.apply(StepResult(step.step_id, (11,), (1.0,), verified=((11, 12, 13, 21),)))   # all right, sample 21
+    assert request.tokens[-4:] == [11, 12, 13, 21] and core.draft_asks() == ()
+    (step,) = core.schedule().steps
+    assert step.rows[0].token_ids == (21, 22, 23)
+
+
+def test_a_request_may_pick_its_drafter():
+    """speculative names a drafter per request: prompt lookup on a draft model's load asks the
+    draft model nothing; draft_model where the load has none is refused before it is queued."""
+    run = draft_model_run(copying, greedy_drafter(copying))
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True, speculative="prompt_lookup")
+    request = Request(prompt_of(3, 20) * 2, params, params.settings(seed=7))
+    run.core.submit(request)
+    run.until_idle()
+    assert run.fresh_asks == 0 and any(row.verify for step in run.steps for row in step.rows)
+    assert run.delivered[request.request_id] == alone(request.prompt, 20, model=copying)
+    plain = make_core(speculation=Speculation("prompt_lookup"))
+    with pytest.raises(RequestError, match="draft_model.*needs a draft model") as caught:
+        plain.check([1, 2, 3], SamplingParams(speculative="draft_model"))
+    assert caught.value.param == "speculative"
+    with pytest.raises(RequestError, match="speculative must be"):
+        SamplingParams(speculative="medusa")

@@ -3,7 +3,8 @@
 Every field of OpenAI's chat and completions requests is in one of three groups:
 - honoured: model (any name GET /v1/models lists), messages / prompt, max_tokens
   (max_completion_tokens for chat), temperature, top_p, top_k (an extension), speculative (an
-  extension: false decodes without drafts where the load speculates), seed, stop, stream,
+  extension: false decodes without drafts where the load speculates, "prompt_lookup" or
+  "draft_model" picks that drafter), seed, stop, stream,
   stream_options.include_usage, user (logged); n, logprobs / top_logprobs, penalties,
   logit_bias, response_format and tools (validated in :mod:`exo_lab.api.features`);
 - accepted only at its default, refused otherwise (``DEFAULT_ONLY``): nothing stored, text
@@ -37,6 +38,7 @@ import numpy as np
 
 from ..errors import ClusterError, RequestError
 from ..sampling import SamplingParams, normalize_seed
+from ..settings import DRAFTERS
 from . import features
 from .choices import token_table
 from .errors import bad_request, model_not_found, unsupported
@@ -165,7 +167,7 @@ async def generation_request(body: dict, cluster, model: str, prompt_ids: list[i
         temperature=number(body, "temperature", default=1.0),
         top_p=number(body, "top_p", default=1.0),
         top_k=integer(body, "top_k", minimum=0) or 0,
-        speculative=boolean(body, "speculative", default=True),
+        speculative=speculative(body),
         seed=seed(body),
         stop=stop_strings(body),
         **decoding.sampling_fields())
@@ -369,6 +371,17 @@ def seed(body: dict) -> int | None:
         return normalize_seed(value)
     except RequestError as exc:
         raise bad_request(str(exc), param="seed") from None
+
+
+def speculative(body: dict) -> bool | str:
+    """``speculative`` (an extension): true (the load's drafter), false, or a drafter's name."""
+    value = body.get("speculative")
+    if value is None:
+        return True
+    if not isinstance(value, bool) and value not in DRAFTERS:
+        raise bad_request(f"'speculative' must be true, false or one of {', '.join(map(repr, DRAFTERS))}, got "
+                          f"{json_type(value)} {short_repr(value)}", param="speculative")
+    return value
 
 
 # ---------------------------------------------------------------- JSON types

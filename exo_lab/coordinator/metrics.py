@@ -38,6 +38,7 @@ class Metrics:
     draft_tokens_total: int = 0                             # speculation: drafts verified
     draft_accepted_total: int = 0                           # of them, accepted
     verify_rows_total: int = 0                              # verify rows (trips of one request)
+    draft_seconds_total: float = 0.0                        # speculation: time the draft model took
     in_flight: int = 0
     ttft_sum_s: float = 0.0
     ttft_count: int = 0
@@ -148,6 +149,7 @@ class Metrics:
             "draft_tokens_total": self.draft_tokens_total,
             "draft_acceptance_rate": self.acceptance_rate,
             "tokens_per_verify_trip": self.tokens_per_trip,
+            "draft_seconds_total": self.draft_seconds_total,
         }
 
 
@@ -194,6 +196,8 @@ class MetricsCollector:
         yield _family(CounterMetricFamily, "exo_lab_verify_rows",
                       "Speculative decoding: verify rows (one request's trip through the pipeline).",
                       m.verify_rows_total, model)
+        yield _family(CounterMetricFamily, "exo_lab_draft_seconds",
+                      "Speculative decoding: time the draft model spent drafting.", m.draft_seconds_total, model)
         yield _family(CounterMetricFamily, "exo_lab_step_rows", "Rows (sequences) in those micro-batches.",
                       m.step_rows_total, model)
         yield _family(CounterMetricFamily, "exo_lab_failovers", "Pipelines lost and re-planned on the survivors.",

@@ -23,7 +23,8 @@ from ..planning.options import LoadOptions
 from ..planning.planner import Plan
 from .control import EngineControl, EngineInfo
 from .loop import LoopThread
-from .schedule import DEFAULT_MAX_DRAFT, Speculation
+from .draft_model import DraftModel
+from .schedule import Speculation
 from .scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -126,10 +127,17 @@ def _load_once(control: EngineControl, loop: LoopThread, options: LoadOptions, *
     stage_engines = [by_node[stage.node] for stage in plan.stages]
     tokenizer = _load_tokenizer(model_dir)
     context_length = options.context_length(profile.max_position_embeddings)
+    draft = None
+    if options.speculation == "draft_model" and failover_from is None:   # a failover keeps the scheduler's
+        busy = sum(info.threads for info in stage_engines if info.local and info.kind == "cpu")
+        draft = DraftModel.load(options.draft_model or model_id, dtype=options.draft_dtype,
+                                context_length=context_length, tokenizer=tokenizer, served_dir=model_dir,
+                                busy_threads=busy)
     try:
         addresses = _load_shards(control, model_id, profile.num_layers, options, context_length,
                                  plan, stage_engines, progress, timeout_s)
-        settings = _scheduler_settings(tokenizer, config, context_length, options, stage_engines)
+        settings = {**_scheduler_settings(tokenizer, config, context_length, options, stage_engines),
+                    "draft_model": draft}
         scheduler = _connect(control, loop, addresses, stage_engines, check_alive,
                              {**settings, "on_failure": on_failure},
                              failover_from.scheduler if failover_from is not None else None)
@@ -263,7 +271,7 @@ def _scheduler_settings(tokenizer, config, context_length, options: LoadOptions,
 
 def speculation_of(mode: str) -> Speculation:
     """The scheduling core's Speculation for the ``speculation`` setting."""
-    return Speculation(max_draft=DEFAULT_MAX_DRAFT if mode == "prompt_lookup" else 0)
+    return Speculation(drafter=mode)
 
 
 def default_micro_batches(stage_engines: list[EngineInfo]) -> int:

@@ -70,11 +70,12 @@ from __future__ import annotations
 import collections
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import QueueFull, RequestError
 from ..sampling import MAX_RULE_BIAS, LogitProcessor, LogitRule, SamplingParams, SamplingSettings, merge_rule
+from ..settings import SPECULATION_MODES
 from .drafting import prompt_lookup
 from .tenants import LOCAL, FairQueue, Tenant
 
@@ -97,20 +98,41 @@ MAX_DRAFT = 16              # draft tokens per row at most (the wire's bound on 
 # open chat): 16 and 2, with k doubling after a trip whose drafts were all accepted.
 DEFAULT_MAX_DRAFT = 16
 DRAFT_FLOOR = 2
+# speculation "draft_model": drafts asked for on a request's first verify trip. Each draft costs a
+# step of the draft model (SmolLM2 int8 on the coordinator: 18 ms against 55-64 ms for a float32
+# step of the pipeline), so k starts low and doubles while the drafts are all accepted.
+FIRST_MODEL_DRAFT = 4
 
 
 @dataclass(frozen=True)
 class Speculation:
-    """Speculative decoding by prompt lookup (module docstring): at most ``max_draft`` draft
-    tokens per row (0: off), only while at most ``max_rows`` requests run (past that the step
-    is no longer bound by reading the weights, and drafts cost what they save)."""
+    """Speculative decoding (module docstring): ``drafter`` is the load's ("off",
+    "prompt_lookup", or "draft_model" when a draft model drafts: the runner asks it for
+    :meth:`SchedulingCore.draft_asks` and hands the drafts back with
+    :meth:`SchedulingCore.offer_drafts` before each :meth:`SchedulingCore.schedule`); a request
+    may name another (``SamplingParams.speculative``). At most ``max_draft`` draft tokens per
+    row, only while at most ``max_rows`` requests run (past that the step is no longer bound by
+    reading the weights, and drafts cost what they save)."""
 
-    max_draft: int = 0
+    drafter: str = "off"
+    max_draft: int = DEFAULT_MAX_DRAFT
     max_rows: int = 2
 
     def __post_init__(self) -> None:
-        if not 0 <= self.max_draft <= MAX_DRAFT or self.max_rows < 1:
-            raise ValueError(f"Speculation needs 0 <= max_draft <= {MAX_DRAFT} and max_rows >= 1, got {self}")
+        if (self.drafter not in SPECULATION_MODES or not 1 <= self.max_draft <= MAX_DRAFT
+                or self.max_rows < 1):
+            raise ValueError(f"Speculation needs a drafter in {SPECULATION_MODES}, 1 <= max_draft <= {MAX_DRAFT} "
+                             f"and max_rows >= 1, got {self}")
+
+
+@dataclass(frozen=True)
+class DraftAsk:
+    """What a draft model is asked before a step: up to ``k`` tokens to follow ``tokens`` (the
+    request's prompt and output so far) for request ``request_id``."""
+
+    request_id: int
+    tokens: tuple[int, ...]
+    k: int
 
 
 @dataclass(eq=False)
@@ -140,6 +162,8 @@ class Request:
     plain_until: int = 0        # decode plainly until this many tokens are generated
     drafted: int = 0            # draft tokens verified, and of them accepted
     accepted: int = 0
+    # a draft model's drafts: (length, last token, drafts) of the tokens they follow (offer_drafts)
+    offered: tuple[int, int, tuple[int, ...]] | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -323,6 +347,10 @@ class SchedulingCore:
                                    f"{len(prompt_ids)}; shorten it", param="input")
             self._check_queue(tenant)
             return
+        if params.speculative == "draft_model" and self.speculation.drafter != "draft_model":
+            raise RequestError("speculative 'draft_model' needs a draft model, and this load has none; load "
+                               "with speculation 'draft_model', or ask for 'prompt_lookup' or true",
+                               param="speculative")
         if params.penalized and params.max_new_tokens + len(params.logit_bias) > MAX_RULE_BIAS:
             raise RequestError(f"with presence or frequency penalties, max_tokens plus the logit_bias entries "
                                f"may be at most {MAX_RULE_BIAS}", param="max_tokens")
@@ -454,25 +482,101 @@ class SchedulingCore:
         group = group[:max(1, chunk // fed)]
         return self._launch(group, min(fed, *(r.to_feed for r in group)), False, prefill=True)
 
+    def draft_asks(self) -> tuple[DraftAsk, ...]:
+        """What the draft model should draft before the next :meth:`schedule`: each request ready
+        to decode whose drafter it is and that has no drafts for its tokens yet, unless
+        speculation is off for the load now (too many running)."""
+        if len(self._live()) > self.speculation.max_rows:
+            return ()
+        asks = []
+        for r in self._running:
+            if (r.in_flight or r.done or r.embed or r.to_feed != 1 or self._drafter(r) != "draft_model"
+                    or self._offered(r) is not None):
+                continue
+            k = self._draft_room(r)
+            if k > 0:
+                asks.append(DraftAsk(r.request_id, tuple(r.tokens), k))
+        return tuple(asks)
+
+    def ahead_asks(self, step: PlannedStep) -> tuple[DraftAsk, ...]:
+        """Drafting ahead, while ``step`` (just planned) is in flight: for each of its verify
+        rows drafted by the draft model, the drafts to follow the row's tokens should every guess
+        be accepted (the first draft then stands for the sample the step brings back). When the
+        step's samples do confirm them, the next verify row is ready when the step returns. For
+        a prefill chunk of a request the draft model will draft for, an ask of ``k`` 0: the
+        draft model takes in the same tokens meanwhile."""
+        flight = self._in_flight.get(step.step_id)
+        if flight is None or (step.prefill and len(self._live()) > self.speculation.max_rows):
+            return ()
+        asks = []
+        for request, row in zip(flight.requests, step.rows):
+            if self._drafter(request) != "draft_model":
+                continue
+            if row.verify:
+                k = min(self.speculation.max_draft, 2 * request.draft_k) + 1
+                asks.append(DraftAsk(request.request_id, (*request.tokens, *row.token_ids[1:]), k))
+            elif step.prefill:
+                asks.append(DraftAsk(request.request_id, tuple(request.tokens[:row.position + len(row.token_ids)]), 0))
+        return tuple(asks)
+
+    def offer_drafts(self, offers: Iterable[tuple[DraftAsk, Sequence[int]]]) -> None:
+        """The draft model's answers: each ask with the drafts that follow its tokens. A request
+        uses them while its tokens are the ask's, or the ask's followed by the first drafts (a
+        draft made ahead whose guesses were accepted); otherwise they are ignored."""
+        by_id = {r.request_id: r for r in self._running}
+        for ask, drafts in offers:
+            request = by_id.get(ask.request_id)
+            if request is not None and not request.done and ask.tokens:
+                request.offered = (len(ask.tokens), ask.tokens[-1], tuple(drafts))
+
+    def _offered(self, request: Request) -> tuple[int, ...] | None:
+        """The offered drafts that follow the request's tokens now; None when none do."""
+        if request.offered is None:
+            return None
+        length, last, drafts = request.offered
+        tokens = request.tokens
+        extra = len(tokens) - length
+        if extra < 0 or (extra > 0 and extra >= len(drafts)) or tokens[length - 1] != last \
+                or tuple(tokens[length:]) != drafts[:extra]:
+            return None
+        return drafts[extra:]
+
     def _drafts(self, group: list[Request]) -> list[list[int]] | None:
         """Each request's drafts when every one of ``group`` may speculate and one has a draft."""
-        if self.speculation.max_draft < 1 or not all(self._may_speculate(r) for r in group):
+        if not all(self._drafter(r) for r in group):
             return None
         drafts = []
         for r in group:
-            if not r.draft_k:
-                r.draft_k = self.speculation.max_draft
-            room = min(r.params.max_new_tokens - len(r.generated) - 1, self.context_length - 1 - r.kv_len)
-            drafts.append(prompt_lookup(r.tokens, min(r.draft_k, room)))
+            k = self._draft_room(r)
+            if self._drafter(r) == "prompt_lookup":
+                drafts.append(prompt_lookup(r.tokens, k))
+            else:
+                offered, r.offered = self._offered(r), None
+                drafts.append(list(offered[:k]) if offered is not None and k > 0 else [])
         return drafts if any(drafts) else None
 
-    @staticmethod
-    def _may_speculate(request: Request) -> bool:
-        """Only what sampling alone decides: no processor, bias, penalties or logprobs."""
+    def _draft_room(self, request: Request) -> int:
+        """Drafts to ask for now: the request's k, within its tokens and context left."""
+        if not request.draft_k:
+            first = FIRST_MODEL_DRAFT if self._drafter(request) == "draft_model" else self.speculation.max_draft
+            request.draft_k = min(first, self.speculation.max_draft)
+        room = min(request.params.max_new_tokens - len(request.generated) - 1,
+                   self.context_length - 1 - request.kv_len)
+        return min(request.draft_k, room)
+
+    def _drafter(self, request: Request) -> str | None:
+        """Who drafts for ``request`` now, None when it decodes plainly: its own choice
+        (``speculative``), else the load's; and only what sampling alone decides (no processor,
+        bias, penalties or logprobs), outside a cooldown."""
         params = request.params
-        return (request.processor is None and not params.logit_bias and not params.penalized
-                and params.logprobs is None and params.speculative and not request.embed
-                and len(request.generated) >= request.plain_until)
+        wanted = self.speculation.drafter if params.speculative is True else params.speculative
+        if (not wanted or wanted == "off" or request.processor is not None or params.logit_bias
+                or params.penalized or params.logprobs is not None or request.embed
+                or len(request.generated) < request.plain_until):
+            return None
+        if wanted == "draft_model" and self.speculation.drafter != "draft_model":
+            return None         # refused by check(); a request submitted without it decodes plainly
+        return wanted
 
     def _launch_verify(self, group: list[Request], drafts: list[list[int]]) -> PlannedStep:
         """A verify step: per row the last token, its drafts, and guesses up to the longest row

@@ -25,7 +25,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -36,6 +36,9 @@ from .metrics import Metrics
 from .schedule import PlannedStep, Request, SchedulingCore, Speculation, StepPlan, StepResult
 from .tenants import LOCAL, Tenant
 from .text import TextAssembler
+
+if TYPE_CHECKING:
+    from .draft_model import DraftModel
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +64,8 @@ class Scheduler:
     def __init__(self, *, inbox, outbox, tokenizer, eos_token_ids: set[int], context_length: int,
                  check_alive: Callable[[], str | None], max_batch: int = 1, micro_batches: int = 1,
                  prefill_chunk: int = 256, max_queued: int = 64, step_timeout_s: float = 60.0,
-                 on_failure: Callable[[str], None] | None = None, speculation: Speculation = Speculation()):
+                 on_failure: Callable[[str], None] | None = None, speculation: Speculation = Speculation(),
+                 draft_model: DraftModel | None = None):
         self.inbox = inbox
         self.outbox = outbox
         self.tokenizer = tokenizer
@@ -80,6 +84,12 @@ class Scheduler:
         self._freed: dict[int, asyncio.Event] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        # speculation "draft_model": the draft model, driven beside the core
+        self.drafting = None
+        if draft_model is not None:
+            from .draft_model import Drafting
+
+            self.drafting = Drafting(draft_model, self.core)
 
     # the core's settings, read and set here as before the core existed
     max_batch = property(lambda self: self.core.max_batch)
@@ -102,6 +112,8 @@ class Scheduler:
         logger.warning("pipeline lost (%s): %d request(s) will be replayed", reason, len(self.core.running))
         self.suspended_since = time.perf_counter()
         self.metrics.failover(self.core.suspend())
+        if self.drafting is not None:
+            self.drafting.stop()
         for event in self._freed.values():
             event.set()
         self._freed.clear()
@@ -133,6 +145,9 @@ class Scheduler:
             for wait in waits:
                 wait.cancel()
         await self._stop_tasks()
+        if self.drafting is not None:
+            self.drafting.close()
+            self.drafting = None                # the draft model's weights and KV go with it
 
     async def _stop_tasks(self) -> None:
         """End the receive and step loops and close this pipeline's sockets."""
@@ -301,6 +316,11 @@ class Scheduler:
             self._wake.clear()
             if self.suspended_since is not None:
                 continue
+            if self.drafting is not None:
+                await self.drafting.before_plan()
+                self.metrics.draft_seconds_total = self.drafting.model.seconds
+                if self.suspended_since is not None:
+                    continue
             plan = self.core.schedule()
             self._note_plan(plan)
             self._send_frees(plan.free_slots)
@@ -312,6 +332,8 @@ class Scheduler:
                 if self.suspended_since is not None:
                     break                   # the core forgot these steps with the pipeline
                 await self._launch(step)
+                if self.drafting is not None:
+                    self.drafting.launched(step)
 
     def _note_plan(self, plan: StepPlan) -> None:
         """The plan's admissions, preemptions and the load, into the metrics."""
@@ -342,6 +364,8 @@ class Scheduler:
             logger.warning("data-plane send failed: %s", exc)
 
     def _step_done(self, message: Sampled) -> None:
+        if self.drafting is not None:
+            self.drafting.landed(message.step_id)
         delivery = self.core.apply(StepResult(message.step_id, tuple(message.token_ids), tuple(message.stage_ms),
                                               tuple(message.logprobs), message.vectors, tuple(message.verified)))
         if delivery.dropped:
@@ -374,6 +398,8 @@ class Scheduler:
         self._pooled[request] = vector.clone() if previous is None or last else previous + vector
 
     def _step_failed(self, message: Error) -> None:
+        if self.drafting is not None:
+            self.drafting.landed(message.step_id)
         failed = self.core.fail_step(message.step_id)
         if failed is None:
             self.metrics.dropped()

@@ -34,6 +34,8 @@ class LoadOptions:
     micro_batches: int | None = load_default("micro_batches")
     max_queued: int = load_default("max_queued")
     speculation: str = load_default("speculation")
+    draft_model: str | None = load_default("draft_model")     # None: the served model
+    draft_dtype: str = load_default("draft_dtype")
 
     def __post_init__(self) -> None:
         """Each option checked as its config.yaml key is: a ConfigError naming it."""
