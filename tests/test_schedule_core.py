@@ -595,6 +595,34 @@ def test_a_processor_is_asked_once_per_sampled_row_and_told_each_token_in_order(
     assert all(row.rule is None for step in run.steps for row in step.rows if not row.sample)
 
 
+class DeadEndProcessor(RecordingProcessor):
+    """A grammar that allows nothing after ``length`` tokens (a mask of no token)."""
+
+    def next_rule(self):
+        if len(self.accepted) < self.length:
+            return super().next_rule()
+        self.calls.append(("next_rule", len(self.accepted)))
+        return LogitRule(allowed=bytes(16))
+
+    def finished(self) -> bool:
+        return False
+
+
+def test_a_grammar_that_allows_no_token_ends_its_request_alone():
+    """Its row never reaches the last stage (whose sampler would fail the whole step): the
+    request ends with a message that says why, and the request batched with it goes on."""
+    run = Run(make_core())
+    stuck = submit_with(run, prompt_of(6, 8), 20, DeadEndProcessor(length=3))
+    other = run.submit(prompt_of(7, 8), 12)
+    run.until_idle()
+    failed = [why for plan in run.plans for request, why in plan.failed if request is stuck]
+    assert failed == ["its grammar allows no next token: the constraint cannot be met from here"]
+    assert len(run.delivered[stuck.request_id]) == 3 and stuck.done
+    assert run.delivered[other.request_id] == alone(other.prompt, 12)
+    assert all(row.rule is None or row.rule.allowed is None for step in run.steps for row in step.rows)
+    check_books(run.core)
+
+
 def test_penalties_and_logit_bias_bias_each_row_by_the_requests_own_tokens():
     run = Run(make_core())
     request = submit_with(run, prompt_of(2, 5), 12, presence_penalty=0.5, frequency_penalty=0.25,

@@ -702,7 +702,8 @@ class SchedulingCore:
                 rule = self._rule(r) if sample else None
             except Exception as exc:
                 r.done = True
-                self._pending.failed.append((r, f"the logit processor failed: {exc!r}"))
+                why = str(exc) if isinstance(exc, RequestError) else f"the logit processor failed: {exc!r}"
+                self._pending.failed.append((r, why))
                 self._settle(r)
                 continue
             logprobs = -1 if r.params.logprobs is None else r.params.logprobs
@@ -723,9 +724,14 @@ class SchedulingCore:
 
     @staticmethod
     def _rule(request: Request) -> LogitRule | None:
-        """The rule of the request's next token: its processor's, with logit_bias and penalties."""
+        """The rule of the request's next token: its processor's, with logit_bias and penalties.
+        Raises RequestError when the rule allows no token at all (a grammar that cannot go on):
+        the request ends here, before its row could fail the whole step at the last stage."""
         rule = request.processor.next_rule() if request.processor is not None else None
-        return merge_rule(rule, request.params, request.generated)
+        rule = merge_rule(rule, request.params, request.generated)
+        if rule is not None and rule.allowed is not None and not rule.allowed.strip(b"\0"):
+            raise RequestError("its grammar allows no next token: the constraint cannot be met from here")
+        return rule
 
     def _plan(self, steps: tuple[PlannedStep, ...]) -> StepPlan:
         pending, self._pending = self._pending, _Pending()
