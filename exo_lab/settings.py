@@ -157,8 +157,9 @@ DEVICE = Section("devices[i]", "a device", (
             "`max_memory` caps its RAM (a CPU stage there)", default_text="probed free VRAM"),
     Setting("memory_bandwidth", BANDWIDTH, "speed hint for the planner: effective memory bandwidth of "
             "this PC's RAM (its CPU stages), a size with an optional `/s`, e.g. `20GB/s` (decode is "
-            f"memory-bound); a GPU stage is planned at {DEFAULT_BANDWIDTH_BYTES_PER_S['cuda'] / 1e9:g} GB/s",
-            default_text=f"{DEFAULT_BANDWIDTH_BYTES_PER_S['cpu'] / 1e9:g} GB/s"),
+            "memory-bound); given, it wins over the speed measured at load. A GPU stage is planned at "
+            f"{DEFAULT_BANDWIDTH_BYTES_PER_S['cuda'] / 1e9:g} GB/s",
+            default_text=f"measured at load (`exo-lab plan`: {DEFAULT_BANDWIDTH_BYTES_PER_S['cpu'] / 1e9:g} GB/s)"),
     # a GPU PC's second engine is a CPU stage in its RAM (planning/nodes.py: GPU first, then RAM)
     Setting("engines", POSITIVE_INT, "ipyparallel engines (pipeline stages) this PC runs; only on compute "
             "devices. A GPU PC gives one to each GPU and the rest are CPU stages in its RAM, so by default "

@@ -229,7 +229,9 @@ objective: throughput
 
 def test_the_plan_printed_is_the_plan_loaded(tmp_path):
     """`exo-lab plan` and Cluster.load resolve options (flags, config.yaml, defaults) and nodes
-    the same way: hop latency, context, objective and budgets from the config included."""
+    the same way: hop latency, context, objective and budgets from the config included. Only
+    the times differ: `exo-lab plan` has no engine to measure, so it predicts with the config's
+    memory_bandwidth or the default, and the load with the speed its engines measured."""
     import json
     import subprocess
     import sys
@@ -245,5 +247,16 @@ def test_the_plan_printed_is_the_plan_loaded(tmp_path):
     with exo_lab.Cluster.from_config(config, profile_dir=tmp_path / "profile") as cluster:
         loaded = cluster.load(progress=False)
         assert cluster.pipeline.options.hop_ms == 7.0
-    assert loaded.to_json() == json.loads(printed.stdout)
+        measured = [info.measured_ms for info in cluster.pipeline.engines]
+    timings = ("predicted_ms_per_token", "bottleneck_ms", "ms_per_token")
+
+    def untimed(plan: dict) -> dict:
+        return {key: ([untimed(stage) for stage in value] if key == "stages" else value)
+                for key, value in plan.items() if key not in timings}
+
+    assert untimed(loaded.to_json()) == untimed(json.loads(printed.stdout))
     assert len(loaded.stages) == 2 and loaded.hop_ms == 7.0 and loaded.max_context == 512
+    assert measured[0] == measured[1] and measured[0][0] > 0      # one PC: measured once, on its first engine
+    layers = [s.stop_layer - s.start_layer for s in loaded.stages]
+    assert [s.ms_per_token for s in loaded.stages] == pytest.approx(
+        [layers[0] * measured[0][0], layers[1] * measured[0][0] + measured[0][1]], abs=1e-6)

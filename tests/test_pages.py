@@ -44,8 +44,9 @@ def test_status_needs_the_key_and_is_the_widgets_data(server, cluster):
         assert status["display"]["title"] == "cluster local: ready, model demo, 2 engines"
         for row in status["display"]["engines"]:   # the same rows as the notebook widget
             view = shown[row["engine_id"]]
-            assert (row["node"], row["layers"], row["roles"], row["device"]) == \
-                (view.node, view.layers, view.roles, view.device)
+            assert (row["node"], row["layers"], row["roles"], row["device"], row["speed"]) == \
+                (view.node, view.layers, view.roles, view.device, view.speed)
+            assert re.fullmatch(r"\d+\.\d / (\d+\.\d|-)", view.speed), view.speed   # planned / measured ms
             assert row["memory_budget_bytes"] == view.memory_budget_bytes
     finally:
         widget.close()

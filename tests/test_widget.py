@@ -156,7 +156,8 @@ def test_format_status_of_hand_written_status():
         "engines": [
             {"engine_id": 0, "node": "gpu-box", "hostname": "gpu-box", "device": "cuda:0", "kind": "cuda",
              "start_layer": 0, "stop_layer": 4, "parameter_bytes": 3_000_000_000, "kv_cache_bytes": 1_000_000_000,
-             "rss_bytes": 900_000_000, "budget_bytes": 8_000_000_000, "state": "idle", "active_requests": 1},
+             "rss_bytes": 900_000_000, "budget_bytes": 8_000_000_000, "state": "idle", "active_requests": 1,
+             "planned_ms": 27.43, "measured_ms": 30.08},
             {"engine_id": 1, "node": "cpu-box", "hostname": "cpu-box", "device": "cpu", "kind": "cpu",
              "start_layer": 4, "stop_layer": 10, "rss_bytes": 6_000_000_000, "budget_bytes": 6_400_000_000,
              "state": "failed", "error": "engine 1 did not answer within 3 s"},
@@ -166,9 +167,9 @@ def test_format_status_of_hand_written_status():
     lines = format_status(status).splitlines()
     assert lines[0] == "cluster office: ready, model m, 3 engines"
     assert lines[2].split() == ["0", "gpu-box", "gpu-box", "GPU", "(cuda:0)", "embeddings", "+", "layers", "0-3",
-                                "4", "GB", "tensors", "/", "8", "GB", "(50%)", "generating"]
+                                "27.4", "/", "30.1", "4", "GB", "tensors", "/", "8", "GB", "(50%)", "generating"]
     assert lines[3].split()[-1] == "failed" and "6 GB RSS / 6.4 GB (94%)" in lines[3]
-    assert lines[4].split() == ["2", "-", "-", "-", "unused", "-", "300", "MB", "RSS", "idle"]
+    assert lines[4].split() == ["2", "-", "-", "-", "unused", "-", "-", "300", "MB", "RSS", "idle"]
     assert lines[5] == "12.5 tokens/s, 1 request in flight (340 tokens, 4 requests, 0 errors so far)"
     assert lines[6] == "engine 1: engine 1 did not answer within 3 s"
     html = status_html(status)

@@ -8,6 +8,7 @@ Slow, rare work only: per-token traffic goes over the data plane (exo_lab.wire).
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 from ..config import ClusterConfig, DeviceConfig
 from ..control_types import EngineState, Probe, received
 from ..engine import probe as engine_probe
+from ..engine import speed as engine_speed
 from ..errors import ClusterError, ExoLabError
 from ..planning.nodes import PcResources, engine_slots
 from ..planning.planner import NodeSpec
@@ -32,6 +34,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_START_TIMEOUT_S = 120.0
 DEFAULT_CALL_TIMEOUT_S = 60.0
 SURVIVOR_PROBE_S = 5.0      # after a failure, an engine that does not answer this fast is left out
+MEASURE_TIMEOUT_S = 120.0   # an engine measuring its decode speed (exo_lab.engine.speed: a few seconds)
 ENGINE_EXIT_S = 1.0         # on stop: how long the engines get to exit before the controller stops
 LEFTOVER_GRACE_S = 0.5      # on stop: a child that outlived its launcher, SIGTERMed, then SIGKILLed
 
@@ -54,10 +57,12 @@ class EngineInfo:
     probe: Probe
     gpu_name: str | None = None       # the GPU's name, for a GPU stage
     device_note: str | None = None    # why a gpu: true PC runs as a CPU ("gpu: true but torch has no CUDA")
+    measured_ms: tuple[float, float] | None = None   # (ms per layer, ms for the head) of the model loading
 
     def node_spec(self) -> NodeSpec:
         return NodeSpec(name=self.node, budget_bytes=self.budget_bytes,
-                        bandwidth_bytes_per_s=self.bandwidth_bytes_per_s, kind=self.kind, note=self.device_note)
+                        bandwidth_bytes_per_s=self.bandwidth_bytes_per_s, kind=self.kind, note=self.device_note,
+                        measured_ms=self.measured_ms)
 
 
 class EngineControl:
@@ -314,6 +319,40 @@ class EngineControl:
             self.call(info.engine_id, engine_probe.set_threads, info.threads, what="setting threads")
         self.infos = {info.engine_id: info for info in infos}
         return infos
+
+    def measure_speeds(self, infos: list[EngineInfo], config: dict, dtype: str) -> list[EngineInfo]:
+        """``infos`` with each CPU engine's decode speed for this model (``config``, a dict of
+        config.json) and ``dtype`` measured (exo_lab.engine.speed): once per PC and thread
+        count, on its first engine (engines of one PC with as many threads are alike, and equal
+        figures let the planner split evenly between them), one PC after another; a PC whose
+        config gives ``memory_bandwidth`` keeps that figure. An engine that cannot measure keeps
+        its figure."""
+        measured, known = [], {}
+        for info in infos:
+            device = None if self.is_local else self.config.device_named(info.device_name)
+            if info.kind != "cpu" or (device is not None and device.memory_bandwidth_bytes_per_s):
+                measured.append(info)
+                continue
+            key = (info.hostname, info.threads)
+            if key in known:
+                result = known[key]
+            else:
+                known[key] = result = self._measure(info, config, dtype)
+            if isinstance(result, dict):
+                info = dataclasses.replace(info, measured_ms=(result["layer_seconds"] * 1000,
+                                                              result["head_seconds"] * 1000))
+                self.infos[info.engine_id] = info
+            measured.append(info)
+        return measured
+
+    def _measure(self, info: EngineInfo, config: dict, dtype: str) -> dict | None:
+        try:
+            return self.call(info.engine_id, engine_speed.measure_decode, config, dtype,
+                             what="measuring its decode speed", timeout_s=MEASURE_TIMEOUT_S)
+        except ExoLabError as exc:
+            logger.warning("engine %d could not measure its decode speed (%s); its PC plans with %.0f GB/s",
+                           info.engine_id, exc, info.bandwidth_bytes_per_s / 1e9)
+            return None
 
     def engine_infos(self, probes: dict[int, Probe]) -> list[EngineInfo]:
         """Each probed engine as the planner sees it, in engine id order: placed on a slot of its

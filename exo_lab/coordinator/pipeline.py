@@ -120,6 +120,7 @@ def _load_once(control: EngineControl, loop: LoopThread, options: LoadOptions, *
     engines = control.probe(survivors_only=survivors_only, exclude=lost)
     if not engines:
         raise ClusterError("no compute engine is available: start workers or Cluster.local(engines=N)")
+    engines = control.measure_speeds(engines, config, options.dtype)
     if survivors_only:   # a spread asked for cannot outnumber the survivors
         options = dataclasses.replace(options, min_stages=min(options.min_stages, len(engines)))
     plan = options.plan(profile, [e.node_spec() for e in engines])
@@ -156,10 +157,17 @@ def propose_plan(control: EngineControl, options: LoadOptions) -> Plan:
     model_id = _portable_model_id(options.model)
     config = read_model_config(resolve_model(model_id, need_weights=False))
     profile = profile_from_config(config, dtype=options.dtype, model_id=model_id)
-    return options.plan(profile, [e.node_spec() for e in control.probe()])
+    engines = control.measure_speeds(control.probe(), config, options.dtype)   # as the plan in force was
+    return options.plan(profile, [e.node_spec() for e in engines])
 
 
-def is_better(candidate: Plan, current: Plan, margin: float = 0.02) -> bool:
+# A re-plan loads a new plan only when it predicts at least this much better: measured speeds
+# vary by a few percent from one measure to the next (benchmarks/bench_prediction.py), and a
+# reload pauses every stream.
+REPLAN_MARGIN = 0.10
+
+
+def is_better(candidate: Plan, current: Plan, margin: float = REPLAN_MARGIN) -> bool:
     """Whether ``candidate`` beats ``current`` by more than ``margin`` on the objective
     (latency: ms per token; throughput: the slowest stage, then ms per token)."""
     def cost(plan: Plan) -> tuple[float, ...]:

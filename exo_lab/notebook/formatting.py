@@ -33,6 +33,7 @@ class EngineView:
     memory_what: str                # what memory_used_bytes measures: "RSS" or "tensors"
     state: str                      # one of STATES
     error: str | None
+    speed: str = "-"                # its stage's ms per token, the plan's / measured: "27.4 / 30.1"
 
     @property
     def memory_fraction(self) -> float | None:
@@ -69,7 +70,16 @@ def _engine_view(row: dict, num_layers: int | None, *, model_loaded: bool) -> En
         device=device_label(row), roles=_roles(start, stop, num_layers, model_loaded),
         layers=f"{start}-{stop - 1}" if has_stage else "-", start_layer=start, stop_layer=stop,
         memory_used_bytes=used, memory_budget_bytes=row.get("budget_bytes"), memory_what=what,
-        state=display_state(row), error=row.get("error"))
+        state=display_state(row), error=row.get("error"), speed=_speed(row))
+
+
+def _speed(row: dict) -> str:
+    """"27.4 / 30.1": the planner's ms per token for the stage, then the stages' measured mean
+    step ("-" before the first token)."""
+    planned, measured = row.get("planned_ms"), row.get("measured_ms")
+    if planned is None:
+        return "-"
+    return f"{planned:.1f} / {measured:.1f}" if measured is not None else f"{planned:.1f} / -"
 
 
 def device_label(row: dict) -> str:
@@ -161,11 +171,12 @@ def model_line(status: dict) -> str:
     return text
 
 
-COLUMNS = ("engine", "node", "host", "device", "roles", "layers", "memory (used / budget)", "state")
+COLUMNS = ("engine", "node", "host", "device", "roles", "layers", "ms/token (planned / measured)",
+           "memory (used / budget)", "state")
 
 
 def _cells(view: EngineView) -> tuple[str, ...]:
-    return (str(view.engine_id), view.node, view.hostname, view.device, view.roles, view.layers,
+    return (str(view.engine_id), view.node, view.hostname, view.device, view.roles, view.layers, view.speed,
             view.memory_text, view.state)
 
 
@@ -206,9 +217,9 @@ def status_html(status: dict) -> str:
 
 def _html_row(view: EngineView) -> str:
     cells = [html.escape(c) for c in _cells(view)]
-    cells[6] = _html_bar(view) + cells[6]
+    cells[7] = _html_bar(view) + cells[7]
     color = STATE_COLORS.get(view.state, "#000")
-    cells[7] = f'<span style="color: {color}; font-weight: bold">{cells[7]}</span>'
+    cells[8] = f'<span style="color: {color}; font-weight: bold">{cells[8]}</span>'
     title = f' title="{html.escape(view.error)}"' if view.error else ""
     return (f"<tr{title}>" + "".join(f'<td style="padding: 2px 10px 2px 0">{c}</td>' for c in cells)
             + "</tr>")

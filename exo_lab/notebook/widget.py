@@ -33,7 +33,7 @@ PROBE_TIMEOUT_S = 10.0   # the first probe of a fresh engine imports torch: seco
 
 # Column widths, shared by the header and the rows so they line up.
 _WIDTHS = {"engine": "55px", "node": "90px", "host": "110px", "device": "170px", "roles": "190px",
-           "layers": "60px", "bar": "120px", "memory": "230px", "state": "90px"}
+           "layers": "60px", "speed": "120px", "bar": "120px", "memory": "230px", "state": "90px"}
 
 
 def _label(value: str = "", width: str = "auto", bold: bool = False) -> widgets.Label:
@@ -43,7 +43,7 @@ def _label(value: str = "", width: str = "auto", bold: bool = False) -> widgets.
 
 class EngineRow(widgets.HBox):
     """One engine's row. Its parts are widgets whose ``value`` tests and code can read:
-    ``node``, ``host``, ``device``, ``roles``, ``layers``, ``memory`` (a FloatProgress of used /
+    ``node``, ``host``, ``device``, ``roles``, ``layers``, ``speed`` (ms per token: planned / measured), ``memory`` (a FloatProgress of used /
     budget, 0..1), ``memory_label``, ``state``. ``view`` is the :class:`EngineView` shown."""
 
     def __init__(self, engine_id: int):
@@ -55,18 +55,19 @@ class EngineRow(widgets.HBox):
         self.device = _label("-", _WIDTHS["device"])
         self.roles = _label("-", _WIDTHS["roles"])
         self.layers = _label("-", _WIDTHS["layers"])
+        self.speed = _label("-", _WIDTHS["speed"])
         self.memory = widgets.FloatProgress(value=0.0, min=0.0, max=1.0,
                                             layout=widgets.Layout(width=_WIDTHS["bar"]))
         self.memory_label = _label("-", _WIDTHS["memory"])
         self.state = _label("-", _WIDTHS["state"], bold=True)
-        super().__init__([self.engine, self.node, self.host, self.device, self.roles, self.layers,
+        super().__init__([self.engine, self.node, self.host, self.device, self.roles, self.layers, self.speed,
                           self.memory, self.memory_label, self.state])
 
     def show(self, view: EngineView) -> None:
         """Put ``view``'s values in the row (ipywidgets sends only the ones that changed)."""
         self.view = view
         self.node.value, self.host.value, self.device.value = view.node, view.hostname, view.device
-        self.roles.value, self.layers.value = view.roles, view.layers
+        self.roles.value, self.layers.value, self.speed.value = view.roles, view.layers, view.speed
         fraction = view.memory_fraction
         self.memory.value = min(1.0, fraction) if fraction is not None else 0.0
         self.memory.style.bar_color = memory_bar_color(fraction)
@@ -295,7 +296,8 @@ class ClusterWidget(widgets.VBox):
     @staticmethod
     def _header() -> widgets.HBox:
         names = [("engine", "engine"), ("node", "node"), ("host", "host"), ("device", "device"),
-                 ("roles", "roles"), ("layers", "layers"), ("bar", "memory"), ("memory", "used / budget"),
+                 ("roles", "roles"), ("layers", "layers"), ("speed", "ms/token plan / real"), ("bar", "memory"),
+                 ("memory", "used / budget"),
                  ("state", "state")]
         return widgets.HBox([_label(text, _WIDTHS[key], bold=True) for key, text in names])
 

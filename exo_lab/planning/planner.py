@@ -26,7 +26,9 @@ Memory of a stage (must be <= ``node.budget_bytes``)::
 
 Time of a stage per token (one stream, decode, memory-bound) = bytes it reads per token /
 ``node.bandwidth_bytes_per_s``: its layers, plus final norm + lm_head on the last stage (an
-embedding lookup reads one row, so embeddings cost ~0). Stage times are rounded to whole
+embedding lookup reads one row, so embeddings cost ~0). Where the engine measured this model at
+this dtype (``node.measured_ms``, :mod:`exo_lab.engine.speed`): layers x its ms per layer, plus
+its ms for the head on the last stage. Stage times are rounded to whole
 picoseconds, so sums and ties are exact integers. Each hop between stages costs ``hop_ms``
 (default ``DEFAULT_HOP_MS`` = 0.5 ms: a loopback/LAN round trip plus the activation transfer).
 ``DEFAULT_BANDWIDTH_BYTES_PER_S`` gives per-kind speed figures for callers building nodes (both
@@ -85,6 +87,10 @@ class NodeSpec:
     kind: str = "cpu"               # "cpu" | "cuda" | "mps"
     overhead_bytes: int | None = None   # engine runtime overhead; None -> default for kind
     note: str | None = None         # shown with the kind, e.g. "gpu: true but torch has no CUDA"
+    # measured on the engine for this model and dtype (exo_lab.engine.speed): (ms per decoder
+    # layer, ms for the final norm + head) per token; when given, the stage times come from it
+    # and not from the bandwidth
+    measured_ms: tuple[float, float] | None = None
 
     @property
     def runtime_overhead_bytes(self) -> int:
@@ -207,6 +213,17 @@ def _stage_ps(read_bytes_e12: np.ndarray, bandwidth_bytes_per_s: float) -> np.nd
     return np.rint(read_bytes_e12 / bandwidth_bytes_per_s).astype(np.int64)
 
 
+def _node_ps(sizes: _Sizes, node: NodeSpec, start, stop) -> np.ndarray:
+    """Stage [start, stop)'s picoseconds per token on ``node``: its measured times per layer and
+    head where the engine measured them, else the bytes it reads over the node's bandwidth."""
+    if node.measured_ms is None:
+        return _stage_ps(_read_bytes_e12(sizes, start, stop), node.bandwidth_bytes_per_s)
+    # whole picoseconds per layer and for the head first, so that splits of equal time tie exactly
+    layer_ps, head_ps = (int(round(ms * _PS_PER_MS)) for ms in node.measured_ms)
+    layers = np.asarray(stop, dtype=np.int64) - np.asarray(start, dtype=np.int64)
+    return layers * layer_ps + (np.asarray(stop) == sizes.num_layers).astype(np.int64) * head_ps
+
+
 @dataclass(frozen=True)
 class _NodeTable:
     """Every stage [start, stop) on one node, as (L+1) x (L+1) arrays indexed [start, stop]."""
@@ -227,10 +244,9 @@ def _node_tables(sizes: _Sizes, nodes: list[NodeSpec]) -> list[_NodeTable]:
     real = start < stop
     radix_stages, radix_position = _tie_radices(len(nodes), sizes.num_layers)
     sizes_squared = np.where(real, (stop - start) ** 2, 0)
-    read_bytes_e12 = _read_bytes_e12(sizes, start, stop)
     return [
         _NodeTable(
-            ps=_stage_ps(read_bytes_e12, node.bandwidth_bytes_per_s),
+            ps=_node_ps(sizes, node, start, stop),
             fits=real & (need + node.runtime_overhead_bytes <= node.budget_bytes),
             tie=radix_stages + position * radix_position + sizes_squared,
         )
@@ -375,8 +391,7 @@ def _stage_plan(sizes: _Sizes, node: NodeSpec, start: int, stop: int) -> StagePl
         has_head=stop == sizes.num_layers, weights_bytes=weights, kv_cache_bytes=kv_cache,
         workspace_bytes=workspace, overhead_bytes=overhead,
         total_bytes=weights + kv_cache + workspace + overhead, budget_bytes=node.budget_bytes,
-        ms_per_token=int(_stage_ps(_read_bytes_e12(sizes, start, stop), node.bandwidth_bytes_per_s))
-        / _PS_PER_MS,
+        ms_per_token=int(_node_ps(sizes, node, start, stop)) / _PS_PER_MS,
         kind=node.kind, note=node.note,
     )
 

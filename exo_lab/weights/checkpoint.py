@@ -53,14 +53,22 @@ def load_stage(spec: ShardSpec, ensure_tensors=None) -> Stage:
         ensure_tensors(list(wanted.values()))
     by_checkpoint_name = _read_tensors(wanted.values(), weight_map, spec)
     stage.load_weights({local: by_checkpoint_name[name] for local, name in wanted.items()})
+    make_ready(stage)
+    logger.info("loaded layers [%d, %d) of %s: %.1f MB on %s", spec.start_layer, spec.stop_layer,
+                spec.model_dir, stage.parameter_bytes() / 1e6, spec.device)
+    return stage
+
+
+def make_ready(stage: Stage) -> Stage:
+    """A stage whose weights are in place, made ready to run: int8 quantization, packed
+    bfloat16, the lean layers, its KV slots."""
+    spec = stage.spec
     if spec.dtype == "int8":   # weight-only: quantized from the loaded bfloat16 weights
         quantize_linears(stage)
     if stage.dtype == torch.bfloat16 and can_pack(stage.device):   # same results, less time
         pack_linears(stage, layers=spec.dtype == "bfloat16")
     stage.lean = lean_layers(stage.layers, stage.stage_config)
     stage.allocate_kv()
-    logger.info("loaded layers [%d, %d) of %s: %.1f MB on %s", spec.start_layer, spec.stop_layer,
-                spec.model_dir, stage.parameter_bytes() / 1e6, spec.device)
     return stage
 
 

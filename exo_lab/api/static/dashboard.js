@@ -44,7 +44,7 @@ function engineRow(engine) {
   const state = cell(engine.state, `state state-${engine.state}`);
   if (engine.error) state.title = engine.error;
   row.append(cell(String(engine.engine_id)), cell(engine.node), cell(engine.hostname), cell(engine.device),
-    cell(engine.roles), cell(engine.layers, "layers"), memoryCell(engine), state);
+    cell(engine.roles), cell(engine.layers, "layers"), cell(engine.speed, "speed"), memoryCell(engine), state);
   return row;
 }
 

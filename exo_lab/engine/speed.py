@@ -1,0 +1,107 @@
+"""Inside an engine: how fast this PC decodes a given model, measured rather than assumed.
+
+The planner's speed figure of a stage is the bytes it reads per token over a bandwidth. A PC's
+memory bandwidth alone predicts badly: decode's products on a model's own small matrices run
+well below a streaming copy, and each layer adds fixed costs (norms, attention, rotary, Python)
+that no bandwidth sees. Measured on this 2-core dev machine, float32: a 16384 x 4096 product at
+22 GB/s, SmolLM2's 576-wide matrices at 11-16 GB/s, and SmolLM2 over its 30 layers and head at
+10 GB/s all told; the planner's default of 20 GB/s predicted 26.9 ms a token against 54-59
+measured, these measured figures 52-64 against 58-59 (benchmarks/bench_prediction.py).
+
+So each CPU engine times the real thing once per (model shape, dtype, threads): a scratch stage
+of the model's last layers and its head (the code a stage runs: transformers' classes, the lean
+layers, int8 or packed kernels by dtype), its weights constant (the time does not depend on
+the values), sized to read at least 4x the last-level cache per step (and 128 MB) so every step
+streams from memory as decode does, at most :data:`SCRATCH_MAX_BYTES` (past that the model's
+layers are large enough that bandwidth is what counts, and the configured or default figure is
+kept). Two warm-up steps, then the median of :data:`TIMED_STEPS`. The coordinator turns the
+step time into the figure the planner reads (bytes the planner counts for that stage / time), so
+the planner's arithmetic is unchanged and its inputs are this PC's.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import statistics
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SCRATCH_MIN_BYTES = 128 * 2**20
+SCRATCH_MAX_BYTES = 1024 * 2**20
+TIMED_STEPS = 6
+DEFAULT_CACHE_BYTES = 32 * 2**20
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache this PC reports (Linux sysfs), else DEFAULT_CACHE_BYTES."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip().upper()
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        try:
+            sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+        except (ValueError, IndexError):
+            continue
+    return max(sizes, default=DEFAULT_CACHE_BYTES)
+
+
+def measure_decode(config: dict, dtype: str) -> dict | None:
+    """{"layer_seconds", "head_seconds"}: one decode step's time per decoder layer and for the
+    final norm + head of ``config``'s model (a dict of config.json) at ``dtype`` on this
+    engine's torch threads, measured on scratch stages (module docstring); None when a scratch
+    stage would read more than SCRATCH_MAX_BYTES."""
+    import torch
+
+    return _measure(json.dumps(config, sort_keys=True), dtype, torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=8)
+def _measure(config_json: str, dtype: str, threads: int) -> dict | None:
+    from ..model.profile import profile_from_config
+
+    started = time.perf_counter()
+    config = json.loads(config_json)
+    profile = profile_from_config(config, dtype=dtype)
+    num_layers, per_layer = profile.num_layers, profile.layer_bytes
+    head = profile.final_norm_bytes + profile.lm_head_bytes
+    target = max(4 * last_level_cache_bytes(), SCRATCH_MIN_BYTES)
+    layers = min(num_layers - 1, max(1, math.ceil(target / per_layer)))
+    if num_layers < 2 or layers * per_layer > SCRATCH_MAX_BYTES or per_layer + head > SCRATCH_MAX_BYTES:
+        return None
+    # the layers alone (a middle stage), then one layer and the head (a last stage)
+    layer_seconds = _step_seconds(config, dtype, 1, 1 + layers) / layers
+    head_seconds = max(_step_seconds(config, dtype, num_layers - 1, num_layers) - layer_seconds, 0.0)
+    logger.info("decode speed of %s at %s on %d thread(s): %.3f ms a layer, %.3f ms the head (measured in "
+                "%.1f s)", config.get("model_type"), dtype, threads, layer_seconds * 1000, head_seconds * 1000,
+                time.perf_counter() - started)
+    return {"layer_seconds": layer_seconds, "head_seconds": head_seconds}
+
+
+def _step_seconds(config: dict, dtype: str, start: int, stop: int) -> float:
+    """The median decode step of a scratch stage of layers [start, stop), constant weights."""
+    import torch
+    from transformers import AutoConfig
+
+    from ..control_types import ShardSpec
+    from ..model.shard import Stage
+    from ..weights.checkpoint import make_ready
+
+    fields = {key: value for key, value in config.items() if key != "model_type"}
+    hf_config = AutoConfig.for_model(config["model_type"], **fields)
+    spec = ShardSpec(model_dir="scratch", start_layer=start, stop_layer=stop, num_layers=config["num_hidden_layers"],
+                     dtype=dtype, max_context=TIMED_STEPS + 4, max_batch=1)
+    stage = Stage(spec, hf_config)
+    stage.load_weights({name: torch.full(tensor.shape, 0.01, dtype=tensor.dtype)
+                        for name, tensor in stage.state_dict().items()})
+    make_ready(stage)
+    hidden = torch.full((1, 1, hf_config.hidden_size), 0.01, dtype=stage.dtype)
+    seconds = []
+    for position in range(TIMED_STEPS + 2):
+        begun = time.perf_counter()
+        stage(hidden, [0], [position])
+        seconds.append(time.perf_counter() - begun)
+    return statistics.median(seconds[2:])
