@@ -43,3 +43,21 @@ def test_the_planner_plans_with_measured_times(tiny_model_dir):
     plan = plan_layers(profile, faster, min_stages=2)
     assert [(s.node, s.stop_layer - s.start_layer) for s in plan.stages] == [("slow", 1), ("fast", 5)]
     assert plan.predicted_ms_per_token == pytest.approx(2.0 + 5 * 1.0 + 5.0 + plan.hop_ms)
+
+
+def test_a_replan_needs_a_gain_worth_a_reload():
+    """Measured speeds vary from one measure to the next: a new plan is loaded only when it is
+    10% and 1 ms per token better (the noise of a model whose layers take microseconds, or of
+    a few percent, moves nothing)."""
+    from types import SimpleNamespace
+
+    from exo_lab.coordinator.pipeline import is_better
+
+    def plan(ms: float, objective: str = "latency", bottleneck: float | None = None):
+        return SimpleNamespace(objective=objective, predicted_ms_per_token=ms,
+                               bottleneck_ms=ms if bottleneck is None else bottleneck)
+
+    assert is_better(plan(50.0), plan(60.0))
+    assert not is_better(plan(57.0), plan(60.0))           # 5%: noise
+    assert not is_better(plan(0.5), plan(0.8))             # 37%, but 0.3 ms: not worth a reload
+    assert is_better(plan(10.0, "throughput", 5.0), plan(20.0, "throughput", 5.0))   # same slowest stage

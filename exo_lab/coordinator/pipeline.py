@@ -161,22 +161,25 @@ def propose_plan(control: EngineControl, options: LoadOptions) -> Plan:
     return options.plan(profile, [e.node_spec() for e in engines])
 
 
-# A re-plan loads a new plan only when it predicts at least this much better: measured speeds
-# vary by a few percent from one measure to the next (benchmarks/bench_prediction.py), and a
-# reload pauses every stream.
+# A re-plan loads a new plan only when it predicts at least this much better, by both measures:
+# measured speeds vary by a few percent from one measure to the next (and by more on a model
+# whose layers take microseconds: benchmarks/bench_prediction.py), and a reload pauses every
+# stream for seconds.
 REPLAN_MARGIN = 0.10
+REPLAN_MIN_GAIN_MS = 1.0
 
 
-def is_better(candidate: Plan, current: Plan, margin: float = REPLAN_MARGIN) -> bool:
-    """Whether ``candidate`` beats ``current`` by more than ``margin`` on the objective
-    (latency: ms per token; throughput: the slowest stage, then ms per token)."""
+def is_better(candidate: Plan, current: Plan, margin: float = REPLAN_MARGIN,
+              min_gain_ms: float = REPLAN_MIN_GAIN_MS) -> bool:
+    """Whether ``candidate`` beats ``current`` by more than ``margin`` and ``min_gain_ms`` on
+    the objective (latency: ms per token; throughput: the slowest stage, then ms per token)."""
     def cost(plan: Plan) -> tuple[float, ...]:
         if plan.objective == "throughput":
             return (plan.bottleneck_ms, plan.predicted_ms_per_token)
         return (plan.predicted_ms_per_token,)
 
     for new, old in zip(cost(candidate), cost(current)):
-        if new < old * (1 - margin):
+        if new < old * (1 - margin) and old - new >= min_gain_ms:
             return True
         if new > old * (1 + margin):
             return False
