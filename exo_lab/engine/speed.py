@@ -11,10 +11,11 @@ measured, these measured figures 52-64 against 58-59 (benchmarks/bench_predictio
 So each CPU engine times the real thing once per (model shape, dtype, threads): a scratch stage
 of the model's last layers and its head (the code a stage runs: transformers' classes, the lean
 layers, int8 or packed kernels by dtype), its weights constant (the time does not depend on
-the values), sized to read at least 4x the last-level cache per step (and 128 MB) so every step
-streams from memory as decode does, at most :data:`SCRATCH_MAX_BYTES` (past that the model's
-layers are large enough that bandwidth is what counts, and the configured or default figure is
-kept). Two warm-up steps, then the median of :data:`TIMED_STEPS`. The coordinator turns the
+the values), its layers reading at least 4x the last-level cache per step (and 128 MB) so every
+step streams from memory as decode does, at most :data:`SCRATCH_MAX_BYTES` with the head (past
+that the model's layers are large enough that bandwidth is what counts, and the configured or
+default figure is kept). Two warm-up steps, then the median of :data:`TIMED_STEPS` whole steps
+and of the final norm + head alone; a layer's time is the rest over the layers. The coordinator turns the
 step time into the figure the planner reads (bytes the planner counts for that stage / time), so
 the planner's arithmetic is unchanged and its inputs are this PC's.
 """
@@ -69,20 +70,20 @@ def _measure(config_json: str, dtype: str, threads: int) -> dict | None:
     num_layers, per_layer = profile.num_layers, profile.layer_bytes
     head = profile.final_norm_bytes + profile.lm_head_bytes
     target = max(4 * last_level_cache_bytes(), SCRATCH_MIN_BYTES)
-    layers = min(num_layers - 1, max(1, math.ceil(target / per_layer)))
-    if num_layers < 2 or layers * per_layer > SCRATCH_MAX_BYTES or per_layer + head > SCRATCH_MAX_BYTES:
+    layers = min(num_layers - 1, max(1, math.ceil(target / per_layer)))   # a first stage would take token ids
+    if num_layers < 2 or layers * per_layer + head > SCRATCH_MAX_BYTES:
         return None
-    # the layers alone (a middle stage), then one layer and the head (a last stage)
-    layer_seconds = _step_seconds(config, dtype, 1, 1 + layers) / layers
-    head_seconds = max(_step_seconds(config, dtype, num_layers - 1, num_layers) - layer_seconds, 0.0)
+    step_seconds, head_seconds = _step_seconds(config, dtype, num_layers - layers, num_layers)
+    layer_seconds = max(step_seconds - head_seconds, 0.0) / layers
     logger.info("decode speed of %s at %s on %d thread(s): %.3f ms a layer, %.3f ms the head (measured in "
                 "%.1f s)", config.get("model_type"), dtype, threads, layer_seconds * 1000, head_seconds * 1000,
                 time.perf_counter() - started)
     return {"layer_seconds": layer_seconds, "head_seconds": head_seconds}
 
 
-def _step_seconds(config: dict, dtype: str, start: int, stop: int) -> float:
-    """The median decode step of a scratch stage of layers [start, stop), constant weights."""
+def _step_seconds(config: dict, dtype: str, start: int, stop: int) -> tuple[float, float]:
+    """(the median decode step, the median of its final norm + head alone) of a scratch last
+    stage of layers [start, stop), constant weights."""
     import torch
     from transformers import AutoConfig
 
@@ -99,9 +100,13 @@ def _step_seconds(config: dict, dtype: str, start: int, stop: int) -> float:
                         for name, tensor in stage.state_dict().items()})
     make_ready(stage)
     hidden = torch.full((1, 1, hf_config.hidden_size), 0.01, dtype=stage.dtype)
-    seconds = []
+    steps, heads = [], []
     for position in range(TIMED_STEPS + 2):
         begun = time.perf_counter()
         stage(hidden, [0], [position])
-        seconds.append(time.perf_counter() - begun)
-    return statistics.median(seconds[2:])
+        middle = time.perf_counter()
+        with torch.inference_mode():
+            stage.head(stage.norm(hidden[:, -1, :]))
+        steps.append(middle - begun)
+        heads.append(time.perf_counter() - middle)
+    return statistics.median(steps[2:]), statistics.median(heads[2:])
