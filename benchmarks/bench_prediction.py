@@ -14,7 +14,6 @@ as /metrics and the widget show it).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -24,14 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # runnable before
 
 import exo_lab  # noqa: E402
 from exo_lab.bench import PRESETS, bench_model_dir, prompt_batch  # noqa: E402
+from exo_lab.engine.probe import usable_cores  # noqa: E402
 from exo_lab.sampling import SamplingParams  # noqa: E402
 
 TOKENS, RUNS = 64, 3
 
 
 def measure(model: str, engines: int, dtype: str) -> dict:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = max(1, cores // engines)
+    threads = max(1, usable_cores() // engines)
     model_id = str(bench_model_dir(model)) if model in PRESETS else model
     with exo_lab.Cluster.local(engines=engines, max_cores=threads) as cluster:
         plan = cluster.load(model_id, dtype=dtype, min_stages=engines, max_batch=1, progress=False)

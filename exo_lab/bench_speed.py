@@ -19,6 +19,8 @@ import pathlib
 import statistics
 import time
 
+from .engine.probe import usable_cores
+
 logger = logging.getLogger(__name__)
 
 CORPUS = pathlib.Path(__file__).parent / "data" / "corpus.txt"
@@ -116,18 +118,13 @@ def llama_cpp_rows(model_dir, prompt: list[int], args) -> list[dict]:
     f32 = quantized.parent / "model-f32.gguf"     # next to it: the model folder stays as built
     if not f32.is_file():
         write_f32_gguf(quantized, f32)
-    threads = args.max_cores or _cores()
+    threads = args.max_cores or usable_cores()
     rows = []
     for label, path in (("F32 GGUF", f32), (f"{_gguf_type(quantized)} GGUF", quantized)):
         speeds = [llama_cpp_decode(path, prompt, args.new_tokens, threads) for _ in range(args.rounds)]
         rows.append({"runtime": f"llama.cpp, {label}, {threads} threads", "dtype": label, "engines": 1,
                      "decode_tokens_per_s": statistics.median(speeds)})
     return rows
-
-
-def _cores() -> int:
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _quantized_gguf(model_dir) -> pathlib.Path | None:

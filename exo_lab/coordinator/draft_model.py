@@ -35,7 +35,6 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from typing import NamedTuple
 import torch
 
 from ..control_types import ShardSpec
+from ..engine.probe import usable_cores
 from ..errors import ModelError
 from ..weights.checkpoint import load_stage
 from ..weights.resolve import read_model_config, resolve_model
@@ -110,7 +110,7 @@ class DraftModel:
         logger.info("draft model %s (%s) loaded on the coordinator in %.1f s: %.0f MB of weights, %.0f MB of KV",
                     model_id, dtype, time.perf_counter() - started, stage.parameter_bytes() / 1e6,
                     stage.kv_cache_bytes() / 1e6)
-        threads = max(1, min(MAX_DRAFT_THREADS, _cores() - busy_threads))
+        threads = max(1, min(MAX_DRAFT_THREADS, usable_cores() - busy_threads))
         return cls(stage, model_id=model_id, dtype=dtype, vocab_limit=len(tokenizer), threads=threads)
 
     def behind(self, ask: DraftAsk) -> int:
@@ -275,10 +275,6 @@ def _use_threads(count: int) -> None:
     restore = threading.Thread(target=torch.set_num_threads, args=(before,))
     restore.start()
     restore.join()
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _shared_prefix(a: list[int], b: list[int]) -> int:

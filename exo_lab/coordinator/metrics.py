@@ -87,6 +87,11 @@ class Metrics:
         self.draft_accepted_total += accepted
         self.verify_rows_total += rows
 
+    def stage_mean_ms(self, index: int) -> float | None:
+        """Stage ``index``'s mean step as its tokens reported it, or None before any."""
+        count = self.stage_ms_count.get(index)
+        return self.stage_ms_sum[index] / count if count else None
+
     @property
     def acceptance_rate(self) -> float | None:
         """Drafts accepted / drafts verified, or None before any."""
@@ -145,7 +150,7 @@ class Metrics:
             "tokens_total": self.tokens_total,
             "tokens_per_s": self.tokens_per_s(),
             "mean_time_to_first_token_s": self.ttft_sum_s / self.ttft_count if self.ttft_count else None,
-            "stage_mean_ms": {i: self.stage_ms_sum[i] / self.stage_ms_count[i] for i in self.stage_ms_sum},
+            "stage_mean_ms": {i: self.stage_mean_ms(i) for i in self.stage_ms_sum},
             "draft_tokens_total": self.draft_tokens_total,
             "draft_acceptance_rate": self.acceptance_rate,
             "tokens_per_verify_trip": self.tokens_per_trip,

@@ -38,7 +38,8 @@ slots to FREE on the stages) and :meth:`~SchedulingCore.apply` takes a step's
 - **Speculative decoding** (:class:`Speculation`, off unless given). While at most
   ``max_rows`` requests run, a decode group whose every request may speculate (no grammar, bias,
   penalties or logprobs) becomes a verify step: each row feeds its last token and up to ``k``
-  drafts (:func:`~exo_lab.coordinator.drafting.prompt_lookup`; shorter rows padded with guesses),
+  drafts (:func:`~exo_lab.coordinator.drafting.prompt_lookup`, or a draft model's offered with
+  :meth:`SchedulingCore.offer_drafts`; shorter rows padded with guesses),
   and the last stage samples at every position exactly as plain decoding would there (same
   seed, same position). The drafts that equal the samples are accepted, plus the sample after
   them: greedy and seeded output is token for token that of plain decoding, and with sampling it
@@ -543,12 +544,13 @@ class SchedulingCore:
 
     def _drafts(self, group: list[Request]) -> list[list[int]] | None:
         """Each request's drafts when every one of ``group`` may speculate and one has a draft."""
-        if not all(self._drafter(r) for r in group):
+        drafters = [self._drafter(r) for r in group]
+        if not all(drafters):
             return None
         drafts = []
-        for r in group:
+        for r, drafter in zip(group, drafters):
             k = self._draft_room(r)
-            if self._drafter(r) == "prompt_lookup":
+            if drafter == "prompt_lookup":
                 drafts.append(prompt_lookup(r.tokens, k))
             else:
                 offered, r.offered = self._offered(r), None

@@ -50,11 +50,9 @@ def _engine_row(control: EngineControl, pipeline, engine_id: int, answer) -> dic
                    device_note=info.device_note)
     if index is not None:
         stage = pipeline.plan.stages[index]
-        metrics = pipeline.scheduler.metrics
-        measured = metrics.stage_ms_sum[index] / metrics.stage_ms_count[index] if metrics.stage_ms_count.get(index) else None
         row.update(stage_index=index, start_layer=stage.start_layer, stop_layer=stage.stop_layer,
                    budget_bytes=stage.budget_bytes, planned_bytes=stage.total_bytes,
-                   planned_ms=stage.ms_per_token, measured_ms=measured)
+                   planned_ms=stage.ms_per_token, measured_ms=pipeline.scheduler.metrics.stage_mean_ms(index))
     return row
 
 

@@ -38,6 +38,11 @@ def probe_resources(use_gpu: bool = True) -> Probe:
     )
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one, else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def set_threads(max_cores: int) -> int:
     """Cap torch's intra- and inter-op threads for this engine (config max_cores)."""
     import torch

@@ -15,9 +15,9 @@ the values), its layers reading at least 4x the last-level cache per step (and 1
 step streams from memory as decode does, at most :data:`SCRATCH_MAX_BYTES` with the head (past
 that the model's layers are large enough that bandwidth is what counts, and the configured or
 default figure is kept). Two warm-up steps, then the median of :data:`TIMED_STEPS` whole steps
-and of the final norm + head alone; a layer's time is the rest over the layers. The coordinator turns the
-step time into the figure the planner reads (bytes the planner counts for that stage / time), so
-the planner's arithmetic is unchanged and its inputs are this PC's.
+and of the final norm + head alone; a layer's time is the rest over the layers. The planner
+then times a stage as its layers x the time of a layer, plus the head's time on the last stage
+(``NodeSpec.measured_ms``).
 """
 from __future__ import annotations
 
@@ -39,10 +39,9 @@ DEFAULT_CACHE_BYTES = 32 * 2**20
 
 def last_level_cache_bytes() -> int:
     """The largest CPU cache this PC reports (Linux sysfs), else DEFAULT_CACHE_BYTES."""
-    sizes = []
+    sizes, units = [], {"K": 2**10, "M": 2**20, "G": 2**30}
     for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
         text = path.read_text().strip().upper()
-        units = {"K": 2**10, "M": 2**20, "G": 2**30}
         try:
             sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
         except (ValueError, IndexError):
@@ -53,8 +52,8 @@ def last_level_cache_bytes() -> int:
 def measure_decode(config: dict, dtype: str) -> dict | None:
     """{"layer_seconds", "head_seconds"}: one decode step's time per decoder layer and for the
     final norm + head of ``config``'s model (a dict of config.json) at ``dtype`` on this
-    engine's torch threads, measured on scratch stages (module docstring); None when a scratch
-    stage would read more than SCRATCH_MAX_BYTES."""
+    engine's torch threads, measured on a scratch stage (module docstring); None when it would
+    read more than SCRATCH_MAX_BYTES, or the model has a single layer."""
     import torch
 
     return _measure(json.dumps(config, sort_keys=True), dtype, torch.get_num_threads())
