@@ -345,6 +345,9 @@ def test_a_data_plane_inbox_holds_at_most_its_cap_and_its_peer_still_gets_throug
                 assert attacker.stdout.readline().strip() == "ready"
                 monitor = inbox._handshakes
                 assert wait_for(lambda: monitor.shut_down > 0, 5)
+                # the held ones fail their handshake when the attacker leaves (1 s) or at the
+                # handshake interval (2 s): recv reports them once that has happened, not before
+                assert wait_for(lambda: monitor.failed > 0, 10)
                 outbox.send(Ping(2))
                 with pytest.raises(FrameError, match="refused"):    # counted, as forged frames are
                     inbox.recv(5000)
