@@ -1,12 +1,38 @@
 """What the benchmarks measure, shared by ``exo-lab bench`` (:mod:`exo_lab.bench`) and its
 speed comparison (:mod:`exo_lab.bench_speed`): the single-process transformers baseline and the
-same prompts as concurrent requests through a cluster.
+same prompts as concurrent requests through a cluster; and the disturbance re-balancing is
+measured against (benchmarks/bench_rebalance.py, tests/test_rebalance.py): engines pinned to a
+core each (:func:`pin_process`) and a busy loop on one of them (:func:`cpu_hog`). Linux only.
 """
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
+import os
+import signal
+import subprocess
+import sys
 import time
+
+
+def pin_process(pid: int, core: int) -> None:
+    """Every thread of process ``pid`` onto ``core`` (threads it starts later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), {core})
+        except ProcessLookupError:
+            pass                    # a thread that ended meanwhile
+
+
+def cpu_hog(core: int) -> subprocess.Popen:
+    """A busy loop on ``core``, as a PC's owner starting a build; it dies with this process
+    (SIGKILL on its parent's death), so an interrupted benchmark leaves none behind."""
+    def pinned():
+        os.sched_setaffinity(0, {core})
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)          # PR_SET_PDEATHSIG
+
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=pinned)
 
 
 class SingleProcess:

@@ -54,12 +54,14 @@ class Cluster:
     # ------------------------------------------------------------ construction
     @classmethod
     def local(cls, engines: int = 2, *, max_cores: int | None = None, max_memory: str | int | None = None,
-              **kwargs) -> "Cluster":
+              replan: str = "manual", **kwargs) -> "Cluster":
         """A cluster of ``engines`` engines on this machine (no config file needed).
 
         max_cores: torch threads per engine (default: every core — one stream runs its stages one
         after another, so they do not compete; lower it when serving many requests at once).
         max_memory: cap on each engine's memory budget (default: free memory / engines).
+        replan: "manual" or "auto" (re-plan when engines change, re-balance while serving when a
+        stage runs slower or faster than planned: docs/config.md).
         """
         from .units import parse_size
 
@@ -69,6 +71,7 @@ class Cluster:
             "cluster_name": "local",
             "devices": [{"hostname": "localhost", "roles": ["coordinator", "compute"], "engines": engines}],
             "network": {"discovery": "manual"},
+            "replan": replan,
         }, source="Cluster.local()")
         budget = parse_size(max_memory, what="max_memory") if max_memory is not None else None
         return cls(config, local_engines=engines, max_cores=max_cores, max_memory_bytes=budget, **kwargs)

@@ -121,7 +121,8 @@ TOP = Section("", "the top level of the file", (
             "throughput (balance the slowest stage)", default="latency", layered=True),
     Setting("replan", choice(REPLAN_MODES), "`manual`: a worker that joins after load stays a spare until "
             "`cluster.replan()`; `auto`: the coordinator re-plans by itself when engines join (or after a "
-            "failure) and loads the better plan", default="manual"),
+            "failure) and loads the better plan, and moves layers while serving when a PC's stage runs slower "
+            "or faster than planned (a PC got busier or freer; streams go on)", default="manual"),
     Setting("prefill_chunk", POSITIVE_INT, "prompt tokens fed per step, between decode steps (the "
             "planner's workspace follows it)", default=256, layered=True),
     Setting("micro_batches", POSITIVE_INT, "steps in flight at once (one per stage keeps every PC busy; "

@@ -17,12 +17,19 @@ which nothing here resolves (no mDNS resolver in the namespaces' libc). :meth:`N
 puts a PC behind an nftables input policy of drop, as an office PC's firewall: only established
 traffic, loopback and the ports given get in.
 
+A PC may have a hard memory limit (:meth:`Netlab.limit_memory`): a cgroup v1 memory group of
+its own, as a PC has its RAM, that every process started on it joins; the kernel charges what they
+use (page cache included) and OOM-kills past the limit. :meth:`Netlab.memory` reads the peak
+charge and the OOM kills.
+
 Needs root (or CAP_NET_ADMIN + CAP_SYS_ADMIN) and iproute2; :func:`unavailable` says why not;
-:func:`firewall_unavailable` says why the firewall cannot be used (nftables missing).
+:func:`firewall_unavailable` says why the firewall cannot be used (nftables missing);
+:func:`memory_unavailable` why memory limits cannot be used.
 """
 from __future__ import annotations
 
 import atexit
+import functools
 import ipaddress
 import os
 import re
@@ -38,6 +45,25 @@ import procs
 
 NETLAB_RANGE = ipaddress.ip_network("198.18.0.0/15")
 PREFIX = "exolab"
+MEMORY_CGROUPS = Path("/sys/fs/cgroup/memory")
+# the end of a lab's config.yaml: mDNS discovery, the secret beside it, the API on every address
+LAN_CONFIG_END = """\
+network:
+  discovery: auto
+  secret_file: secret.txt
+api:
+  host: 0.0.0.0
+  port: {api_port}
+"""
+
+
+def memory_unavailable() -> str | None:
+    """Why PCs cannot get memory limits here (no cgroup v1 memory controller), or None."""
+    if not (MEMORY_CGROUPS / "cgroup.procs").exists():
+        return f"no cgroup v1 memory controller at {MEMORY_CGROUPS}"
+    if not os.access(MEMORY_CGROUPS, os.W_OK):
+        return f"{MEMORY_CGROUPS} is not writable (needs root)"
+    return None
 
 
 def _ip(*args: str, check: bool = True, namespace: str | None = None) -> subprocess.CompletedProcess:
@@ -118,6 +144,7 @@ class Netlab:
         self.pcs = {name: PC(name, f"{self.tag}-{i}", str(hosts[10 + i]), self.root / name)
                     for i, name in enumerate(names)}
         self._made: list[tuple[str, str]] = []   # ("netns", name) / ("link", name), to remove
+        self._cgroups: dict[str, Path] = {}      # PC name -> its memory cgroup
         self._closed = False
 
     # ------------------------------------------------------------ network
@@ -168,6 +195,24 @@ class Netlab:
         subprocess.run(["ip", "netns", "exec", namespace, "nft", "-f", "-"], check=True, timeout=30,
                        input=firewall_rules(list(tcp_ports), list(udp_ports)), text=True, capture_output=True)
 
+    def limit_memory(self, name: str, limit_bytes: int) -> None:
+        """Give PC ``name`` a hard memory limit: processes started on it from now on are charged
+        to a memory cgroup of its own (a lower limit may be set later, while they run)."""
+        group = self._cgroups.get(name)
+        if group is None:
+            group = self._cgroups[name] = MEMORY_CGROUPS / f"{self.tag}-{name}"
+            group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(int(limit_bytes)))
+
+    def memory(self, name: str) -> dict[str, int]:
+        """PC ``name``'s limit, charge now, peak charge and OOM kills (its memory cgroup)."""
+        group = self._cgroups[name]
+        control = dict(line.split() for line in (group / "memory.oom_control").read_text().splitlines())
+        return {"limit": int((group / "memory.limit_in_bytes").read_text()),
+                "usage": int((group / "memory.usage_in_bytes").read_text()),
+                "peak": int((group / "memory.max_usage_in_bytes").read_text()),
+                "oom_kills": int(control.get("oom_kill", 0))}
+
     # ------------------------------------------------------------ processes
     def start(self, name: str, argv: list[str], *, env: dict | None = None, hide: tuple = (),
               **popen) -> subprocess.Popen:
@@ -178,6 +223,9 @@ class Netlab:
         script = f'hostname "{pc.name}" && {mounts}exec "$@"'
         command = ["ip", "netns", "exec", pc.namespace, "unshare", "--mount", "--uts", "--propagation",
                    "private", "sh", "-c", script, "sh", *argv]
+        group = self._cgroups.get(name)
+        if group is not None:       # joined before `ip netns exec`, which mounts a /sys of its own
+            popen["preexec_fn"] = functools.partial(_join_cgroup, group)
         process = subprocess.Popen(command, env={**pc.env, **(env or {})}, **popen)
         pc.processes.append(process)
         return process
@@ -212,6 +260,8 @@ class Netlab:
                 _ip("netns", "del", name, check=False)
             else:
                 _ip("link", "del", name, check=False)
+        for group in self._cgroups.values():
+            _remove_cgroup(group)
         atexit.unregister(self.close)
 
 
@@ -229,6 +279,22 @@ def _end_processes(namespace: str) -> None:
                 pass
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.1)
+
+
+def _join_cgroup(group: Path) -> None:
+    (group / "cgroup.procs").write_text(str(os.getpid()))
+
+
+def _remove_cgroup(group: Path) -> None:
+    """Remove a memory cgroup once its processes are gone (they are ended before)."""
+    deadline = time.monotonic() + 10
+    while group.exists():
+        try:
+            group.rmdir()
+        except OSError:
+            if time.monotonic() > deadline:
+                return
             time.sleep(0.1)
 
 
@@ -265,3 +331,8 @@ def sweep_leftovers() -> None:
         found = re.search(rf"\d+: (exb[0-9a-f]{{6}})[:@].*alias {PREFIX}-[0-9a-f]{{6}}-(\d+)", line)
         if found and not _alive(int(found.group(2))):
             _ip("link", "del", found.group(1), check=False)
+    if MEMORY_CGROUPS.exists():
+        for group in MEMORY_CGROUPS.glob(f"{PREFIX}-*"):
+            match = re.match(rf"^{PREFIX}-[0-9a-f]{{6}}-(\d+)-", group.name)
+            if match and not _alive(int(match.group(1))) and not (group / "cgroup.procs").read_text().strip():
+                _remove_cgroup(group)

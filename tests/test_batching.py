@@ -150,6 +150,11 @@ def test_a_bad_request_never_disturbs_the_batch_it_would_join(small_batch):
         # no await yields to the loop between its first token and the refusal: it is still running
         with pytest.raises(RequestError, match="context"):
             await _drain(small_batch, prompt * 200, 5)          # longer than the context
+        # text where token ids belong (read as characters, it once stopped the scheduler), and
+        # an id past the vocabulary (it would fail the step it shares with the good request)
+        for bad in ("Hello there", prompt + [small_batch.pipeline.scheduler.core.vocab_size]):
+            with pytest.raises(RequestError, match="token ids"):
+                await _drain(small_batch, bad, 5)
         running_at_refusal = small_batch.pipeline.scheduler.active_requests
         async for event in good:
             tokens.extend(event.token_ids)

@@ -59,13 +59,7 @@ devices:
   - hostname: system-c.local
     roles: [compute]
     max_cores: 1
-network:
-  discovery: auto
-  secret_file: secret.txt
-api:
-  host: 0.0.0.0
-  port: {api_port}
-"""
+""" + netlab.LAN_CONFIG_END
 
 
 class Lab:

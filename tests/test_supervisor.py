@@ -82,6 +82,8 @@ class FakeRuntime:
     unloaded: list = field(default_factory=list)
     closed: list = field(default_factory=list)
     released: list = field(default_factory=list)
+    move: object = None                     # what the next propose_rebalance answers (once)
+    factors: dict = field(default_factory=dict)   # the speed factors set
     inside: int = 0                         # runtime calls under way now
     most_inside: int = 0
     threads: set = field(default_factory=set)
@@ -154,6 +156,28 @@ class FakeRuntime:
 
     def abort(self, pipeline, error) -> None:
         pipeline.scheduler.abort(error)
+
+    def propose_rebalance(self, pipeline):
+        move, self.move = self.move, None
+        return move
+
+    def suspend(self, pipeline, reason) -> None:
+        pipeline.scheduler.suspended = True
+        pipeline.scheduler.calls.append(("suspend", reason))
+
+    def set_speed_factors(self, factors) -> dict:
+        previous, self.factors = self.factors, dict(factors)
+        return previous
+
+
+@dataclass(frozen=True)
+class FakeMove:
+    """A re-balance worth making (pipeline.Rebalance without plans)."""
+
+    factors: dict
+
+    def describe(self) -> str:
+        return f"factors {self.factors}"
 
 
 class Moves(list):
@@ -317,6 +341,57 @@ def test_replan_auto_waits_while_requests_run(runtime, moves):
         assert moves.states()[-2:] == [State.REPLANNING, State.SERVING] and supervisor.pipeline is not old
     finally:
         supervisor.stop()
+
+
+# ---------------------------------------------------------------------------- re-balancing
+@pytest.fixture
+def auto(runtime, moves):
+    supervisor = supervisor_for(runtime, moves, replan_auto=True)
+    yield supervisor
+    supervisor.stop()
+    assert supervisor.join(5)
+
+
+def test_a_drifted_stage_moves_layers_while_requests_run_and_they_go_on(auto, runtime, moves):
+    old = serving(auto)
+    old.scheduler.active_requests = 3                 # busy: a move does not wait for a quiet moment
+    runtime.factors = {"a": 1.0}
+    runtime.move = FakeMove({"a": 1.9, "b": 1.0})
+    auto.ask(CheckMembership())
+    assert moves.states()[-2:] == [State.REPLANNING, State.SERVING]
+    new = auto.pipeline
+    assert new is not old and runtime.loads[-1][1] is old          # the failover path: replayed
+    assert new.scheduler is old.scheduler and [c[0] for c in old.scheduler.calls] == ["suspend", "rewire"]
+    assert runtime.factors == {"a": 1.9, "b": 1.0} and runtime.released[-1] == set()
+    auto.ask(CheckMembership())                       # nothing drifted since: nothing moves
+    assert auto.pipeline is new and len(runtime.loads) == 2
+
+
+def test_without_replan_auto_a_drift_moves_nothing(supervisor, runtime, moves):
+    old = serving(supervisor)
+    runtime.move = FakeMove({"a": 1.9})
+    supervisor.ask(CheckMembership())
+    assert supervisor.pipeline is old and State.REPLANNING not in moves.states() and runtime.move is not None
+
+
+def test_a_failed_move_loads_again_at_the_speeds_before(auto, runtime, moves):
+    old = serving(auto)
+    runtime.factors = {"a": 1.0}
+    runtime.move = FakeMove({"a": 1.9})
+    runtime.fail_load = ClusterError("engine 1 ran out of memory")
+    auto.ask(CheckMembership())
+    assert moves.states()[-2:] == [State.REPLANNING, State.SERVING]
+    assert runtime.factors == {"a": 1.0} and auto.pipeline.scheduler is old.scheduler
+    assert not any(call[0] == "abort" for call in old.scheduler.calls)
+
+
+def test_when_neither_load_of_a_move_works_requests_end_and_it_is_failed(auto, runtime, moves):
+    old = serving(auto)
+    runtime.move = FakeMove({"a": 1.9})
+    runtime.need = 5                                  # no plan fits the engines any more
+    auto.ask(CheckMembership())
+    assert auto.state is State.FAILED and "re-balancing failed" in auto.failure
+    assert old.scheduler.calls[-1][0] == "abort"
 
 
 def test_replan_manual_leaves_a_joining_engine_a_spare(supervisor, runtime, moves):

@@ -25,7 +25,7 @@ from ..engine import probe as engine_probe
 from ..engine import speed as engine_speed
 from ..errors import ClusterError, ExoLabError
 from ..planning.nodes import PcResources, engine_slots
-from ..planning.planner import NodeSpec
+from ..planning.planner import NodeSpec, slowed
 from ..membership.launch import (default_profile_dir, engine_environment, make_ipp_cluster, session_key, temporary_profile_dir,
                      write_local_secret)
 
@@ -87,6 +87,9 @@ class EngineControl:
         self._client = None
         self._states: dict[int, EngineState] = {}
         self.infos: dict[int, EngineInfo] = {}        # from the last probe
+        # node -> how much slower its stage ran than measured, seen while serving (re-balancing:
+        # exo_lab.coordinator.balance); every plan after that uses it
+        self.speed_factors: dict[str, float] = {}
         self.secret: bytes | None = None              # the cluster secret (config clusters), set by start()
         # what this cluster's engines and data plane authenticate with: the shared secret, else
         # a random one per cluster made by start() (and then everything binds loopback only)
@@ -344,6 +347,12 @@ class EngineControl:
                 self.infos[info.engine_id] = info
             measured.append(info)
         return measured
+
+    def node_specs(self, infos: list[EngineInfo], factors: dict[str, float] | None = None) -> list[NodeSpec]:
+        """The planner's nodes for ``infos``, each slowed by its factor seen while serving
+        (``factors``, else :attr:`speed_factors`)."""
+        factors = self.speed_factors if factors is None else factors
+        return [slowed(info.node_spec(), factors.get(info.node, 1.0)) for info in infos]
 
     def _measure(self, info: EngineInfo, config: dict, dtype: str) -> dict | None:
         try:

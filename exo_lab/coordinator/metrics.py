@@ -31,6 +31,9 @@ class Metrics:
     steps_total: int = 0                                    # micro-batches sent down the pipe
     failovers_total: int = 0                                # pipelines lost and re-planned
     replayed_total: int = 0                                 # requests replayed after one
+    rebalances_total: int = 0                               # layers moved while serving
+    rebalance_replayed_total: int = 0                       # requests replayed after one
+    last_rebalance_pause_s: float | None = None             # the last move's pause
     last_pause_s: float | None = None                       # failure detected -> pipeline back
     step_rows_total: int = 0                                # rows in them (mean batch = rows / steps)
     step_rows_max: int = 0                                  # the most rows one step carried
@@ -73,8 +76,15 @@ class Metrics:
         self.failovers_total += 1
         self.replayed_total += replayed
 
-    def resumed(self, pause_s: float) -> None:
-        self.last_pause_s = pause_s
+    def rebalanced(self, replayed: int) -> None:
+        self.rebalances_total += 1
+        self.rebalance_replayed_total += replayed
+
+    def resumed(self, pause_s: float, *, rebalance: bool = False) -> None:
+        if rebalance:
+            self.last_rebalance_pause_s = pause_s
+        else:
+            self.last_pause_s = pause_s
 
     def step(self, rows: int) -> None:
         self.steps_total += 1
@@ -147,6 +157,8 @@ class Metrics:
             "failovers_total": self.failovers_total,
             "replayed_requests_total": self.replayed_total,
             "last_failover_pause_s": self.last_pause_s,
+            "rebalances_total": self.rebalances_total,
+            "last_rebalance_pause_s": self.last_rebalance_pause_s,
             "tokens_total": self.tokens_total,
             "tokens_per_s": self.tokens_per_s(),
             "mean_time_to_first_token_s": self.ttft_sum_s / self.ttft_count if self.ttft_count else None,
@@ -209,6 +221,9 @@ class MetricsCollector:
                       m.failovers_total, model)
         yield _family(CounterMetricFamily, "exo_lab_replayed_requests", "Requests replayed after a failover.",
                       m.replayed_total, model)
+        yield _family(CounterMetricFamily, "exo_lab_rebalances",
+                      "Layers moved while serving because a PC got busier or freer (streams replayed).",
+                      m.rebalances_total, model)
         yield _family(GaugeMetricFamily, "exo_lab_failover_pause_seconds",
                       "From the last failure's detection to the pipeline serving again.", m.last_pause_s or 0.0, model)
         yield _family(GaugeMetricFamily, "exo_lab_tokens_per_second", "Tokens generated per second over the last 2 s.",

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..control_types import EngineState, LoadedStage, ShardSpec, received
@@ -20,7 +20,8 @@ from ..errors import ClusterError, ExoLabError, ModelError
 from ..model.profile import profile_from_config
 from ..weights.resolve import read_model_config, resolve_model
 from ..planning.options import LoadOptions
-from ..planning.planner import Plan
+from ..planning.planner import Plan, PlanError, reprice
+from . import balance
 from .control import EngineControl, EngineInfo
 from .loop import LoopThread
 from .draft_model import DraftModel
@@ -47,6 +48,10 @@ class Pipeline:
     context_length: int
     scheduler: Scheduler
     load_s: float
+    profile: object = None                    # the ModelProfile planned with
+    speed_factors: dict = field(default_factory=dict)   # node -> slowdown the plan assumed
+    loaded_at: float = field(default_factory=time.monotonic)
+    seen_factors: dict | None = None          # the slowdowns the last re-balance check saw
 
     def stage_of(self, engine_id: int) -> int | None:
         """The stage index an engine runs, or None."""
@@ -123,7 +128,7 @@ def _load_once(control: EngineControl, loop: LoopThread, options: LoadOptions, *
     engines = control.measure_speeds(engines, config, options.dtype)
     if survivors_only:   # a spread asked for cannot outnumber the survivors
         options = dataclasses.replace(options, min_stages=min(options.min_stages, len(engines)))
-    plan = options.plan(profile, [e.node_spec() for e in engines])
+    plan = options.plan(profile, control.node_specs(engines))
     by_node = {e.node: e for e in engines}
     stage_engines = [by_node[stage.node] for stage in plan.stages]
     tokenizer = _load_tokenizer(model_dir)
@@ -149,7 +154,8 @@ def _load_once(control: EngineControl, loop: LoopThread, options: LoadOptions, *
                 len(plan.stages))
     return Pipeline(model_id=model_id, model_dir=Path(model_dir), options=options, plan=plan,
                     engines=stage_engines, tokenizer=tokenizer, context_length=context_length,
-                    scheduler=scheduler, load_s=time.perf_counter() - started)
+                    scheduler=scheduler, load_s=time.perf_counter() - started, profile=profile,
+                    speed_factors={info.node: control.speed_factors.get(info.node, 1.0) for info in stage_engines})
 
 
 def propose_plan(control: EngineControl, options: LoadOptions) -> Plan:
@@ -158,7 +164,54 @@ def propose_plan(control: EngineControl, options: LoadOptions) -> Plan:
     config = read_model_config(resolve_model(model_id, need_weights=False))
     profile = profile_from_config(config, dtype=options.dtype, model_id=model_id)
     engines = control.measure_speeds(control.probe(), config, options.dtype)   # as the plan in force was
-    return options.plan(profile, [e.node_spec() for e in engines])
+    return options.plan(profile, control.node_specs(engines))
+
+
+@dataclass(frozen=True)
+class Rebalance:
+    """A move worth making: the plan for the speeds seen now, the plan in force timed at them,
+    and the slowdown of each node (control.speed_factors) to plan it with."""
+
+    candidate: Plan
+    current: Plan
+    factors: dict
+
+    def describe(self) -> str:
+        slower = ", ".join(f"{node} x{factor:.2f}" for node, factor in sorted(self.factors.items()))
+        return (f"stage times now: {slower}; {self.current.predicted_ms_per_token:.1f} -> "
+                f"{self.candidate.predicted_ms_per_token:.1f} ms/token, slowest stage "
+                f"{self.current.bottleneck_ms:.1f} -> {self.candidate.bottleneck_ms:.1f} ms")
+
+
+def propose_rebalance(control: EngineControl, pipeline: Pipeline, ratios: tuple[float, ...] | None,
+                      now: float | None = None) -> Rebalance | None:
+    """A re-balance when ``ratios`` (each stage's recent decode step time over its time when the
+    pipeline began: balance.StageClock) say a stage's PC runs slower or faster than when the plan
+    began by more than balance.REBALANCE_DRIFT, and the plan for the speeds seen now beats the
+    plan in force, timed at those speeds, by the re-plan margin (:func:`is_better`). Nothing is
+    sent to the engines: the planner runs on the engines as last probed."""
+    now = time.monotonic() if now is None else now
+    if (ratios is None or len(pipeline.plan.stages) < 2 or pipeline.profile is None
+            or now - pipeline.loaded_at < balance.REBALANCE_INTERVAL_S):
+        return None
+    nodes = [stage.node for stage in pipeline.plan.stages]
+    seen = balance.slowdowns(nodes, ratios, pipeline.speed_factors)
+    before, pipeline.seen_factors = pipeline.seen_factors, seen
+    if seen is None or not balance.drifted(seen, pipeline.speed_factors) or not balance.steady(seen, before):
+        return None
+    factors = {**control.speed_factors, **seen}
+    engines = [info for info in control.infos.values() if not control.is_gone(info)]
+    specs = control.node_specs(sorted(engines, key=lambda info: info.engine_id), factors)
+    try:
+        candidate = pipeline.options.plan(pipeline.profile, specs)
+        current = reprice(pipeline.plan, pipeline.profile, specs)
+    except PlanError:
+        return None
+    move = Rebalance(candidate, current, factors)
+    if not is_better(candidate, current):
+        logger.debug("stages drifted but no plan is better enough: %s", move.describe())
+        return None
+    return move
 
 
 # A re-plan loads a new plan only when it predicts at least this much better, by both measures:
@@ -277,7 +330,12 @@ def _scheduler_settings(tokenizer, config, context_length, options: LoadOptions,
                 max_batch=options.max_batch,
                 micro_batches=options.micro_batches or default_micro_batches(stage_engines),
                 prefill_chunk=options.prefill_chunk, max_queued=options.max_queued,
-                speculation=speculation_of(options.speculation))
+                speculation=speculation_of(options.speculation), vocab_size=_vocab_size(config))
+
+
+def _vocab_size(config: dict) -> int | None:
+    value = config.get("vocab_size")
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def speculation_of(mode: str) -> Speculation:

@@ -289,8 +289,9 @@ class SchedulingCore:
 
     def __init__(self, *, max_batch: int, context_length: int, eos_token_ids: Iterable[int] = (),
                  micro_batches: int = 1, prefill_chunk: int = 256, max_queued: int = 64,
-                 speculation: Speculation = Speculation()):
+                 speculation: Speculation = Speculation(), vocab_size: int | None = None):
         self.max_batch = max_batch
+        self.vocab_size = vocab_size            # token ids must be below it (None: not checked)
         self.speculation = speculation
         self.context_length = context_length
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -342,6 +343,7 @@ class SchedulingCore:
         if not prompt_ids:
             raise RequestError("the prompt is empty: it must contain at least one token",
                                param="input" if embed else "messages")
+        self._check_ids(prompt_ids, "input" if embed else "messages")
         if embed:
             if len(prompt_ids) > self.context_length:
                 raise RequestError(f"this model's context is {self.context_length} tokens, but an input has "
@@ -363,6 +365,17 @@ class SchedulingCore:
                 f"shorten the prompt or lower max_tokens to at most "
                 f"{max(self.context_length - len(prompt_ids), 0)}", param="max_tokens")
         self._check_queue(tenant)
+
+    def _check_ids(self, prompt_ids, param: str) -> None:
+        """Token ids only (a string here would be read as characters), each in the vocabulary:
+        one bad id would fail every request sharing its step."""
+        for token in prompt_ids:
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0 or (
+                    self.vocab_size is not None and token >= self.vocab_size):
+                bound = f" below the vocabulary size {self.vocab_size}" if self.vocab_size else ""
+                raise RequestError(f"the prompt must be a list of token ids (ints >= 0{bound}); got {token!r} "
+                                   "in it. Pass text to cluster.generate()/stream(), or cluster.encode(text) "
+                                   "to astream()", param=param)
 
     def submit(self, request: Request) -> None:
         """Queue ``request`` and admit what fits at once (so the queue holds only the rest).

@@ -16,6 +16,9 @@ hands out go to their requests' streams.
   tokens generated so far as a prefill and goes on. Sampling draws depend only on (seed,
   position), so the tokens do not depend on whether a failure happened. Without ``on_failure``,
   or when the survivors cannot hold the model, every request ends with the error.
+- **Re-balancing.** Every decode step's stage times go to :attr:`stage_clock`
+  (:mod:`.balance`); when the supervisor moves layers it suspends the scheduler with
+  ``lost=False`` and rewires it as after a failover (counted as a re-balance, not a failover).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import torch
 from ..errors import ClusterError, RequestError
 from ..sampling import MAX_SEED, LogitProcessor, SamplingParams, StreamEvent, TokenLogprob
 from ..wire import Copy, Error, Forward, FrameError, Free, Ping, Row, Sampled
+from .balance import StageClock
 from .metrics import Metrics
 from .schedule import PlannedStep, Request, SchedulingCore, Speculation, StepPlan, StepResult
 from .tenants import LOCAL, Tenant
@@ -65,19 +69,22 @@ class Scheduler:
                  check_alive: Callable[[], str | None], max_batch: int = 1, micro_batches: int = 1,
                  prefill_chunk: int = 256, max_queued: int = 64, step_timeout_s: float = 60.0,
                  on_failure: Callable[[str], None] | None = None, speculation: Speculation = Speculation(),
-                 draft_model: DraftModel | None = None):
+                 draft_model: DraftModel | None = None, vocab_size: int | None = None):
         self.inbox = inbox
         self.outbox = outbox
         self.tokenizer = tokenizer
         self.check_alive = check_alive
         self.step_timeout_s = step_timeout_s
         self.on_failure = on_failure
-        self.suspended_since: float | None = None      # a failover is under way since then
+        self.suspended_since: float | None = None      # a failover (or a re-balance) is under way since then
+        self._moving = False                           # ... a re-balance
         self.metrics = Metrics(kv_slots=max_batch)
+        self.stage_clock = StageClock()              # decode steps' stage times (re-balancing)
+        self._decode_steps: dict[int, int] = {}      # step in flight of one token per row -> its rows
         self.failure: str | None = None
         self.core = SchedulingCore(max_batch=max_batch, context_length=context_length, eos_token_ids=eos_token_ids,
                                    micro_batches=micro_batches, prefill_chunk=prefill_chunk, max_queued=max_queued,
-                                   speculation=speculation)
+                                   speculation=speculation, vocab_size=vocab_size)
         self._events: dict[Request, asyncio.Queue] = {}   # _Tokens, a pooled vector, or an exception
         self._pooled: dict[Request, torch.Tensor] = {}      # embeddings: the chunks' vectors so far
         self._pings: dict[int, asyncio.Future] = {}
@@ -104,14 +111,25 @@ class Scheduler:
     def start(self) -> None:
         self._tasks = [asyncio.ensure_future(self._receive_loop()), asyncio.ensure_future(self._step_loop())]
 
-    def suspend(self, reason: str) -> None:
+    def suspend(self, reason: str, *, lost: bool = True) -> None:
         """Stop sending steps; put every running request back at the head of the queue with its
-        KV forgotten (its prompt and generated tokens are replayed after :meth:`rewire`)."""
+        KV forgotten (its prompt and generated tokens are replayed after :meth:`rewire`).
+        ``lost``: a stage failed (a failover); else the layers move while every stage is up (a
+        re-balance)."""
         if self.suspended_since is not None:
             return
-        logger.warning("pipeline lost (%s): %d request(s) will be replayed", reason, len(self.core.running))
+        if lost:
+            logger.warning("pipeline lost (%s): %d request(s) will be replayed", reason, len(self.core.running))
+        else:
+            logger.info("moving layers (%s): %d request(s) will be replayed", reason, len(self.core.running))
         self.suspended_since = time.perf_counter()
-        self.metrics.failover(self.core.suspend())
+        self._moving = not lost
+        replayed = self.core.suspend()
+        if lost:
+            self.metrics.failover(replayed)
+        else:
+            self.metrics.rebalanced(replayed)
+        self._decode_steps.clear()
         if self.drafting is not None:
             self.drafting.stop()
         for event in self._freed.values():
@@ -126,7 +144,9 @@ class Scheduler:
         if micro_batches is not None:
             self.micro_batches = micro_batches
         self.failure = None
-        self.metrics.resumed(time.perf_counter() - self.suspended_since if self.suspended_since else 0.0)
+        self.stage_clock.reset()
+        self.metrics.resumed(time.perf_counter() - self.suspended_since if self.suspended_since else 0.0,
+                             rebalance=self._moving)
         self.suspended_since = None
         self.start()
         self._wake.set()
@@ -348,6 +368,8 @@ class Scheduler:
                          row.verify) for row in step.rows)
         tensor = torch.tensor([row.token_ids for row in step.rows], dtype=torch.int64)   # (B, T)
         self.metrics.step(len(rows))
+        if tensor.shape[1] == 1 and not any(row.embed for row in rows):
+            self._decode_steps[step.step_id] = len(rows)
         await self._send(Forward(step.step_id, rows, tensor))
 
     def _send_frees(self, slots: tuple[int, ...]) -> None:
@@ -366,6 +388,9 @@ class Scheduler:
     def _step_done(self, message: Sampled) -> None:
         if self.drafting is not None:
             self.drafting.landed(message.step_id)
+        rows = self._decode_steps.pop(message.step_id, None)
+        if rows is not None:
+            self.stage_clock.record(message.stage_ms, rows)
         delivery = self.core.apply(StepResult(message.step_id, tuple(message.token_ids), tuple(message.stage_ms),
                                               tuple(message.logprobs), message.vectors, tuple(message.verified)))
         if delivery.dropped:
@@ -398,6 +423,7 @@ class Scheduler:
         self._pooled[request] = vector.clone() if previous is None or last else previous + vector
 
     def _step_failed(self, message: Error) -> None:
+        self._decode_steps.pop(message.step_id, None)
         if self.drafting is not None:
             self.drafting.landed(message.step_id)
         failed = self.core.fail_step(message.step_id)

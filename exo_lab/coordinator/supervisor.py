@@ -16,7 +16,10 @@ Failover: serving -> suspended -> replanning -> serving, the scheduler replaying
 the survivors (spares included); or -> failed when they cannot hold the model: every request
 ends with the reason, /health says it, and the model loads again by itself once the registered
 engines change. With ``replan: auto`` a change of engines re-plans a serving model at a moment
-no request runs.
+no request runs, and the same tick re-balances a serving model whose stages run slower or faster
+than planned (a PC got busier or freer: :mod:`.balance`): serving -> replanning -> serving, the
+layers moved by the failover path while every stage is up (streams replayed, identical tokens;
+a stage whose layers stay keeps its weights).
 
 What the supervisor does to the world goes through a :class:`Runtime`: :class:`EngineRuntime` on
 real engines, a fake in tests (tests/test_supervisor.py), so the machine runs in one process.
@@ -40,7 +43,7 @@ from ..planning.options import LoadOptions
 from ..planning.planner import Plan
 from .control import EngineControl
 from .loop import LoopThread
-from .pipeline import Pipeline, is_better, load_pipeline, propose_plan, unload_engines
+from .pipeline import Pipeline, Rebalance, is_better, load_pipeline, propose_plan, propose_rebalance, unload_engines
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +167,9 @@ class Runtime(Protocol):
     def dead_stage(self, pipeline: Pipeline) -> str | None: ...
     def busy(self, pipeline: Pipeline) -> bool: ...
     def abort(self, pipeline: Pipeline, error: BaseException) -> None: ...
+    def propose_rebalance(self, pipeline: Pipeline) -> Rebalance | None: ...
+    def suspend(self, pipeline: Pipeline, reason: str) -> None: ...
+    def set_speed_factors(self, factors: dict[str, float]) -> dict[str, float]: ...
 
 
 class EngineRuntime:
@@ -223,6 +229,18 @@ class EngineRuntime:
     def abort(self, pipeline: Pipeline, error: BaseException) -> None:
         """End every request with ``error``, on the loop (which owns the scheduler's state)."""
         self.loop.run(_call(pipeline.scheduler.abort, error))
+
+    def propose_rebalance(self, pipeline: Pipeline) -> Rebalance | None:
+        return propose_rebalance(self.control, pipeline, self.loop.run(_call(pipeline.scheduler.stage_clock.ratios)))
+
+    def suspend(self, pipeline: Pipeline, reason: str) -> None:
+        """Stop the scheduler sending steps (its requests wait to be replayed) for a move."""
+        self.loop.run(_call(functools.partial(pipeline.scheduler.suspend, reason, lost=False)))
+
+    def set_speed_factors(self, factors: dict[str, float]) -> dict[str, float]:
+        """Plan with ``factors`` from now on; returns the ones in force before."""
+        previous, self.control.speed_factors = self.control.speed_factors, dict(factors)
+        return previous
 
 
 async def _call(function, *args):
@@ -482,9 +500,12 @@ class Supervisor:
 
     def _check_membership(self, command: CheckMembership) -> None:
         """When the registered engines changed: load a failed model again (engines are back),
-        or with ``replan: auto`` re-plan a serving one, at a moment no request runs."""
+        or with ``replan: auto`` re-plan a serving one, at a moment no request runs. Else, with
+        ``replan: auto``, re-balance a serving model whose stage times drifted."""
         ids = self.runtime.engine_ids()
         if ids == self._known_ids:
+            if self.state is State.SERVING and self.replan_auto:
+                self._check_balance()
             return
         if self.state is State.FAILED:
             self._known_ids = ids
@@ -495,6 +516,50 @@ class Supervisor:
                 self._replan(Replan(progress=False))
             except ExoLabError as exc:
                 logger.warning("automatic re-plan failed: %s", exc)
+
+    def _check_balance(self) -> None:
+        try:
+            move = self.runtime.propose_rebalance(self.pipeline)
+        except ExoLabError as exc:
+            logger.warning("could not time the stages for a re-balance: %s", exc)
+            return
+        if move is not None:
+            self._rebalance(move)
+
+    def _rebalance(self, move: Rebalance) -> None:
+        """serving -> replanning -> serving: the scheduler stops sending and its requests wait;
+        the model loads on the plan for the speeds seen (the failover path: a stage whose layers
+        stay keeps its weights, the scheduler rewired, its requests replayed). When that load
+        fails, the speeds before and the engines there are; when that fails too -> failed."""
+        old = self.pipeline
+        self._enter(State.REPLANNING)
+        logger.warning("re-balancing %s while serving: %s", old.options.model, move.describe())
+        self.runtime.suspend(old, "re-balancing: " + move.describe())
+        previous = self.runtime.set_speed_factors(move.factors)
+        try:
+            new = self._load_over(old)
+        except Exception as exc:
+            if self._stop_asked:
+                raise _Stopping from None
+            logger.warning("re-balancing failed (%s); loading the plan for the speeds before", exc)
+            self.runtime.set_speed_factors(previous)
+            try:
+                new = self._load_over(old)
+            except Exception as again:
+                if self._stop_asked:
+                    raise _Stopping from None
+                self._fail(f"re-balancing failed ({exc}) and so did loading the model again ({again}); it "
+                           "loads again by itself once the registered engines change")
+                return
+        self.pipeline = new
+        self.runtime.release_moved(old, new)
+        self._enter(State.SERVING)
+
+    def _load_over(self, old: Pipeline) -> Pipeline:
+        """The failover load: ``old``'s scheduler and requests go on over the new stages."""
+        return self.runtime.load(old.options, check_alive=self.check_alive,
+                                 on_failure=functools.partial(self._report_lost, self._generation),
+                                 progress=False, timeout_s=DEFAULT_LOAD_TIMEOUT_S, failover_from=old)
 
     def _load_after_failure(self) -> None:
         self._enter(State.LOADING)
@@ -518,9 +583,7 @@ class Supervisor:
             self._enter(State.SUSPENDED)
             self._enter(State.REPLANNING)
             try:
-                new = self.runtime.load(old.options, check_alive=self.check_alive,
-                                        on_failure=functools.partial(self._report_lost, self._generation),
-                                        progress=False, timeout_s=DEFAULT_LOAD_TIMEOUT_S, failover_from=old)
+                new = self._load_over(old)
             except Exception as exc:
                 if self._stop_asked:
                     raise _Stopping from None

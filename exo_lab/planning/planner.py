@@ -383,6 +383,33 @@ def plan_layers(profile: ModelProfile, nodes: list[NodeSpec], *, max_context: in
     return _with_unused_reasons(plan, sizes, nodes)
 
 
+def slowed(node: NodeSpec, factor: float) -> NodeSpec:
+    """``node`` running ``factor`` times slower than its measured (or configured) speed: a PC
+    busier than when it was measured (``factor`` > 1), as seen by the stage times while serving
+    (exo_lab.coordinator.balance)."""
+    if factor == 1.0:
+        return node
+    if node.measured_ms is not None:
+        return replace(node, measured_ms=(node.measured_ms[0] * factor, node.measured_ms[1] * factor))
+    return replace(node, bandwidth_bytes_per_s=node.bandwidth_bytes_per_s / factor)
+
+
+def reprice(plan: Plan, profile: ModelProfile, nodes: list[NodeSpec]) -> Plan:
+    """``plan``'s stages as they are, timed on ``nodes`` (found by name) at their speeds now:
+    what the plan in force costs, to compare with a new plan for the same speeds. Memory figures
+    stay the plan's. Raises PlanError when a stage's node is not among ``nodes``."""
+    by_name = {node.name: node for node in nodes}
+    missing = [stage.node for stage in plan.stages if stage.node not in by_name]
+    if missing:
+        raise PlanError(f"cannot time the plan in force: no speed for node(s) {missing}")
+    sizes = _Sizes.of(profile, plan.max_context, plan.max_batch, DEFAULT_PREFILL_CHUNK)
+    stages = tuple(replace(stage, ms_per_token=int(_node_ps(sizes, by_name[stage.node], stage.start_layer,
+                                                             stage.stop_layer)) / _PS_PER_MS)
+                   for stage in plan.stages)
+    return replace(plan, stages=stages, predicted_ms_per_token=sum(s.ms_per_token for s in stages)
+                   + (len(stages) - 1) * plan.hop_ms, bottleneck_ms=max(s.ms_per_token for s in stages))
+
+
 def _stage_plan(sizes: _Sizes, node: NodeSpec, start: int, stop: int) -> StagePlan:
     weights, kv_cache, workspace = (int(b) for b in _stage_bytes(sizes, start, stop))
     overhead = node.runtime_overhead_bytes
