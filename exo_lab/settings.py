@@ -149,7 +149,8 @@ DEVICE = Section("devices[i]", "a device", (
     Setting("roles", roles(ROLES), "list of " + " | ".join(f"`{r}`" for r in ROLES) + "; exactly one device "
             "in the cluster is the coordinator and at least one is compute", required=True),
     Setting("max_memory", SIZE, "cap on the RAM the planner gives this PC (shared by its CPU stages): a "
-            "size, see below", default_text="none (no cap)"),
+            "size, see below. Without it the PC's free RAM, or its memory cgroup's limit less what it "
+            "holds when it runs in a container or a limited systemd slice", default_text="none (no cap)"),
     Setting("max_cores", POSITIVE_INT, "cap on the CPU threads torch uses here (positive whole number)",
             default_text="none (no cap)"),
     Setting("gpu", BOOLEAN, "use this PC's GPU: `true` | `false` (a real boolean, not the string \"yes\")",

@@ -19,7 +19,8 @@ traffic, loopback and the ports given get in.
 
 A PC may have a hard memory limit (:meth:`Netlab.limit_memory`): a cgroup v1 memory group of
 its own, as a PC has its RAM, that every process started on it joins; the kernel charges what they
-use (page cache included) and OOM-kills past the limit. :meth:`Netlab.memory` reads the peak
+use (page cache included) and OOM-kills past the limit. Its processes see the memory controller
+mounted at /sys/fs/cgroup/memory, as in a container. :meth:`Netlab.memory` reads the peak
 charge and the OOM kills.
 
 Needs root (or CAP_NET_ADMIN + CAP_SYS_ADMIN) and iproute2; :func:`unavailable` says why not;
@@ -220,12 +221,15 @@ class Netlab:
         folders covered by an empty tmpfs in its mount namespace."""
         pc = self.pcs[name]
         mounts = "".join(f'mount -t tmpfs -o size=1m exolab-hidden "{Path(h)}" && ' for h in hide)
-        script = f'hostname "{pc.name}" && {mounts}exec "$@"'
-        command = ["ip", "netns", "exec", pc.namespace, "unshare", "--mount", "--uts", "--propagation",
-                   "private", "sh", "-c", script, "sh", *argv]
         group = self._cgroups.get(name)
         if group is not None:       # joined before `ip netns exec`, which mounts a /sys of its own
             popen["preexec_fn"] = functools.partial(_join_cgroup, group)
+            # and the PC sees its cgroup files, as in a container
+            mounts += ("mount -t tmpfs -o size=1m exolab-cgroup /sys/fs/cgroup && mkdir /sys/fs/cgroup/memory && "
+                       "mount -t cgroup -o memory exolab-memory /sys/fs/cgroup/memory && ")
+        script = f'hostname "{pc.name}" && {mounts}exec "$@"'
+        command = ["ip", "netns", "exec", pc.namespace, "unshare", "--mount", "--uts", "--propagation",
+                   "private", "sh", "-c", script, "sh", *argv]
         process = subprocess.Popen(command, env={**pc.env, **(env or {})}, **popen)
         pc.processes.append(process)
         return process

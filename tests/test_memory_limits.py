@@ -1,7 +1,8 @@
 """PCs with hard memory limits, as real PCs have RAM: the planner's arithmetic against the kernel.
 
 Three compute PCs (netlab namespaces), each in a cgroup v1 memory group whose limit is its
-config ``max_memory``: the kernel charges everything its worker and engine use (page cache of
+config ``max_memory`` (system-d's config gives none: its engine must read the limit from its
+cgroup, as in a container, or the planner would give it the machine's free RAM): the kernel charges everything its worker and engine use (page cache of
 the shard it fetched included) and OOM-kills past the limit. The model is larger than any one
 PC's limit and than two PCs hold with their engines' overhead, so the planner must spread it
 over all three. It loads, answers the official openai client with transformers' own greedy
@@ -46,8 +47,7 @@ devices:
 {compute}""" + netlab.LAN_CONFIG_END
 COMPUTE_DEVICE = """\
   - hostname: {name}.local
-    roles: [compute]
-    max_memory: {limit}
+    roles: [compute]{limit}
     max_cores: 1
 """
 
@@ -76,7 +76,9 @@ def test_a_model_larger_than_any_pc_loads_across_three_limited_pcs_and_answers(t
     with netlab.Netlab(["system-a", *COMPUTE], tmp_path / "pcs") as net:
         config = tmp_path / "cluster" / "config.yaml"
         config.parent.mkdir()
-        devices = "".join(COMPUTE_DEVICE.format(name=name, limit=LIMIT) for name in COMPUTE)
+        # system-d's config gives no max_memory: only its cgroup says how much it has (a container)
+        devices = "".join(COMPUTE_DEVICE.format(name=name, limit="" if name == "system-d" else f"\n    max_memory: {LIMIT}")
+                          for name in COMPUTE)
         config.write_text(CONFIG.format(name=f"limits-{net.run_id}", compute=devices, api_port=API_PORT))
         secret = new_secret()
         write_secret_file(config.parent / "secret.txt", secret)
@@ -108,7 +110,9 @@ def test_a_model_larger_than_any_pc_loads_across_three_limited_pcs_and_answers(t
     for stage in stages:
         pc = stage["node"].split(".")[0]
         assert memory[pc]["oom_kills"] == 0, memory
-        # the planner reserved at least what the kernel charged for the stage's processes
+        # every PC's budget is within its limit, system-d's read from its cgroup; the planner
+        # reserved at least what the kernel charged for the stage's processes
+        assert stage["budget_bytes"] <= LIMIT, stage
         assert memory[pc]["charged"] <= stage["total_bytes"] <= LIMIT, (stage, memory[pc])
 
 

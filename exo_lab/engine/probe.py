@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 from .. import envvars
 from ..control_types import GpuProbe, Probe
@@ -14,6 +15,10 @@ def probe_resources(use_gpu: bool = True) -> Probe:
     import torch
 
     memory = psutil.virtual_memory()
+    total, free = int(memory.total), int(memory.available)
+    limited = cgroup_memory()
+    if limited is not None:       # a container, a systemd slice: its limit is this PC's RAM
+        total, free = min(total, limited[0]), min(free, limited[1])
     gpus = []
     if use_gpu and torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
@@ -26,8 +31,8 @@ def probe_resources(use_gpu: bool = True) -> Probe:
         device_name=os.environ.get(envvars.DEVICE),   # the config hostname a worker joined as
         advertise_host=os.environ.get(envvars.ADVERTISE_HOST),   # its LAN address, learnt on joining
         pid=os.getpid(),
-        memory_total_bytes=int(memory.total),
-        memory_free_bytes=int(memory.available),
+        memory_total_bytes=total,
+        memory_free_bytes=free,
         cores=os.cpu_count() or 1,
         torch_threads=torch.get_num_threads(),
         gpus=tuple(gpus),
@@ -36,6 +41,56 @@ def probe_resources(use_gpu: bool = True) -> Probe:
         torch_cuda=torch.version.cuda,   # None: a CPU-only torch build (gpu: true cannot use a GPU)
         rss_bytes=int(psutil.Process().memory_info().rss),
     )
+
+
+UNLIMITED = 1 << 60       # a cgroup limit at or past this is none (v1 writes "no limit" as ~2^63)
+
+
+def cgroup_memory(root: str | os.PathLike = "/sys/fs/cgroup", self_cgroup: str | os.PathLike = "/proc/self/cgroup"
+                  ) -> tuple[int, int] | None:
+    """(limit, free) bytes of the Linux memory cgroup this process runs in when it has a limit
+    (a container, a systemd slice or user session with MemoryMax, a netlab PC), ancestors' limits
+    included; free = limit - (charge - inactive file cache, which the kernel reclaims before it
+    kills). None without a limit, off Linux, or where the cgroup files cannot be read: the OS's
+    figures stand. cgroup v1 (memory controller) or v2 (unified)."""
+    try:
+        lines = Path(self_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    entries = [line.split(":", 2) for line in lines if line.count(":") >= 2]
+    v1 = next((path for _, controllers, path in entries if "memory" in controllers.split(",")), None)
+    v2 = next((path for hierarchy, controllers, path in entries if hierarchy == "0" and not controllers), None)
+    try:
+        if v1 is not None:
+            folder = Path(root, "memory", v1.lstrip("/"))
+            stat = _cgroup_stat(folder / "memory.stat")
+            limit = min(stat.get("hierarchical_memory_limit", UNLIMITED), _cgroup_int(folder / "memory.limit_in_bytes"))
+            charged = _cgroup_int(folder / "memory.usage_in_bytes") - stat.get("total_inactive_file", 0)
+        elif v2 is not None:
+            folder = Path(root, v2.lstrip("/"))
+            limit = min([_cgroup_int(group / "memory.max") for group in (folder, *folder.parents)
+                         if (group / "memory.max").exists() and Path(root) in (group, *group.parents)]
+                        or [UNLIMITED])
+            charged = _cgroup_int(folder / "memory.current") - _cgroup_stat(folder / "memory.stat").get("inactive_file", 0)
+        else:
+            return None
+    except (OSError, ValueError):
+        return None
+    if limit >= UNLIMITED:
+        return None
+    return limit, max(0, limit - max(0, charged))
+
+
+def _cgroup_int(path: Path) -> int:
+    text = path.read_text().strip()
+    return UNLIMITED if text == "max" else int(text)
+
+
+def _cgroup_stat(path: Path) -> dict[str, int]:
+    try:
+        return {key: int(value) for key, value in (line.split() for line in path.read_text().splitlines())}
+    except (OSError, ValueError):
+        return {}
 
 
 def usable_cores() -> int:

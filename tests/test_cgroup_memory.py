@@ -1,0 +1,69 @@
+"""A PC's memory as its cgroup gives it (a container, a systemd slice): the engine's probe reads
+the limit instead of the machine's RAM. The cgroup files are parsed from fake trees for v1 and
+v2, then read for real: a process in a cgroup v1 memory group of this machine with a limit."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from exo_lab.engine.probe import UNLIMITED, cgroup_memory
+
+GB = 10**9
+
+
+def write(folder: Path, files: dict[str, str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+
+
+def test_v1_takes_the_hierarchical_limit_and_leaves_inactive_cache_free(tmp_path):
+    (tmp_path / "self").write_text("4:memory:/office/pc\n0::/\n")
+    write(tmp_path / "memory" / "office" / "pc", {
+        "memory.limit_in_bytes": str(8 * GB), "memory.usage_in_bytes": str(3 * GB),
+        "memory.stat": f"total_inactive_file {GB}\nhierarchical_memory_limit {6 * GB}\n"})
+    assert cgroup_memory(tmp_path, tmp_path / "self") == (6 * GB, 4 * GB)
+
+
+def test_v2_takes_the_lowest_limit_of_the_group_and_its_parents(tmp_path):
+    (tmp_path / "self").write_text("0::/user.slice/session\n")
+    write(tmp_path / "user.slice", {"memory.max": str(5 * GB)})
+    write(tmp_path / "user.slice" / "session", {"memory.max": "max", "memory.current": str(2 * GB),
+                                                "memory.stat": f"anon 1\ninactive_file {GB // 2}\n"})
+    assert cgroup_memory(tmp_path, tmp_path / "self") == (5 * GB, int(3.5 * GB))
+
+
+def test_no_limit_or_no_files_leaves_the_os_figures(tmp_path):
+    (tmp_path / "self").write_text("0::/\n")
+    write(tmp_path, {"memory.max": "max", "memory.current": "1", "memory.stat": ""})
+    assert cgroup_memory(tmp_path, tmp_path / "self") is None
+    (tmp_path / "self").write_text("4:memory:/gone\n")
+    assert cgroup_memory(tmp_path, tmp_path / "self") is None
+    assert cgroup_memory(tmp_path, tmp_path / "missing") is None
+    assert UNLIMITED < 2**63
+
+
+MEMORY = Path("/sys/fs/cgroup/memory")
+
+
+@pytest.mark.skipif(not os.access(MEMORY / "cgroup.procs", os.W_OK), reason="needs a writable cgroup v1 memory controller")
+def test_an_engine_in_a_limited_cgroup_reports_the_limit_as_its_memory():
+    group = MEMORY / f"exolab-probe-{uuid.uuid4().hex[:8]}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(3 * GB))
+        code = ("import json; from exo_lab.engine.probe import probe_resources; p = probe_resources(False); "
+                "print(json.dumps([p.memory_total_bytes, p.memory_free_bytes]))")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                              preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
+        total, free = json.loads(done.stdout)
+        limit = int((group / "memory.limit_in_bytes").read_text())
+        assert total == limit and 0 < free < limit
+    finally:
+        group.rmdir()
