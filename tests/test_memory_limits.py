@@ -1,8 +1,9 @@
 """PCs with hard memory limits, as real PCs have RAM: the planner's arithmetic against the kernel.
 
-Three compute PCs (netlab namespaces), each in a cgroup v1 memory group whose limit is its
-config ``max_memory`` (system-d's config gives none: its engine must read the limit from its
-cgroup, as in a container, or the planner would give it the machine's free RAM): the kernel charges everything its worker and engine use (page cache of
+Three compute PCs (netlab namespaces, behind the README's firewall rules), each in a cgroup v1
+memory group whose limit is its config ``max_memory``. system-d's config gives none: its engine
+must read the limit from its cgroup, as in a container, or the planner would give it the
+machine's free RAM. The kernel charges everything a PC's worker and engine use (page cache of
 the shard it fetched included) and OOM-kills past the limit. The model is larger than any one
 PC's limit and than two PCs hold with their engines' overhead, so the planner must spread it
 over all three. It loads, answers the official openai client with transformers' own greedy
@@ -23,11 +24,13 @@ import pytest
 import netlab
 from procs import read_until
 
-REASON = netlab.unavailable() or netlab.memory_unavailable()
+REASON = netlab.unavailable() or netlab.firewall_unavailable() or netlab.memory_unavailable()
 REQUIRED = os.environ.get("EXO_LAB_REQUIRE_NETLAB") == "1"    # CI: a missing netlab fails, not skips
 pytestmark = pytest.mark.skipif(REASON is not None and not REQUIRED, reason=f"memory-limit netlab skipped: {REASON}")
 
 API_PORT = 8000
+# what an office firewall lets in (the README's rules): the default port range, the API, mDNS
+OPEN_TCP, OPEN_UDP = ["10100-10199", str(API_PORT)], ["5353"]
 LIMIT = 1_400_000_000          # each compute PC's max_memory and cgroup limit
 COMPUTE = ("system-b", "system-c", "system-d")
 PROMPT = "The cluster of PCs"
@@ -74,6 +77,8 @@ def test_a_model_larger_than_any_pc_loads_across_three_limited_pcs_and_answers(t
     weights = sum(path.stat().st_size for path in model.glob("*.safetensors"))
     assert weights > LIMIT
     with netlab.Netlab(["system-a", *COMPUTE], tmp_path / "pcs") as net:
+        for name in net.pcs:
+            net.firewall(name, tcp_ports=OPEN_TCP, udp_ports=OPEN_UDP)
         config = tmp_path / "cluster" / "config.yaml"
         config.parent.mkdir()
         # system-d's config gives no max_memory: only its cgroup says how much it has (a container)

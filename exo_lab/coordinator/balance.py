@@ -18,8 +18,9 @@ comes back the same way: its stage runs faster than its baseline, its ``g`` fall
 moves layers back.
 
 The supervisor acts only ``REBALANCE_INTERVAL_S`` after the pipeline loaded, on a drift of more
-than ``REBALANCE_DRIFT`` that two checks in a row see alike (``REBALANCE_STEADY``), and moves layers only when the planner's gain clears the re-plan margin
-(``pipeline.is_better``): hysteresis, a minimum interval, no flapping on noise.
+than ``REBALANCE_DRIFT`` that two checks in a row see alike (``REBALANCE_STEADY``), and moves
+layers only when the planner's gain clears the re-plan margin (``pipeline.is_better``):
+hysteresis, a minimum interval, no flapping on noise.
 """
 from __future__ import annotations
 

@@ -32,7 +32,6 @@ class Metrics:
     failovers_total: int = 0                                # pipelines lost and re-planned
     replayed_total: int = 0                                 # requests replayed after one
     rebalances_total: int = 0                               # layers moved while serving
-    rebalance_replayed_total: int = 0                       # requests replayed after one
     last_rebalance_pause_s: float | None = None             # the last move's pause
     last_pause_s: float | None = None                       # failure detected -> pipeline back
     step_rows_total: int = 0                                # rows in them (mean batch = rows / steps)
@@ -76,9 +75,8 @@ class Metrics:
         self.failovers_total += 1
         self.replayed_total += replayed
 
-    def rebalanced(self, replayed: int) -> None:
+    def rebalanced(self) -> None:
         self.rebalances_total += 1
-        self.rebalance_replayed_total += replayed
 
     def resumed(self, pause_s: float, *, rebalance: bool = False) -> None:
         if rebalance:

@@ -128,7 +128,7 @@ class Scheduler:
         if lost:
             self.metrics.failover(replayed)
         else:
-            self.metrics.rebalanced(replayed)
+            self.metrics.rebalanced()
         self._decode_steps.clear()
         if self.drafting is not None:
             self.drafting.stop()

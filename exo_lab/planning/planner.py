@@ -403,11 +403,16 @@ def reprice(plan: Plan, profile: ModelProfile, nodes: list[NodeSpec]) -> Plan:
     if missing:
         raise PlanError(f"cannot time the plan in force: no speed for node(s) {missing}")
     sizes = _Sizes.of(profile, plan.max_context, plan.max_batch, DEFAULT_PREFILL_CHUNK)
-    stages = tuple(replace(stage, ms_per_token=int(_node_ps(sizes, by_name[stage.node], stage.start_layer,
-                                                             stage.stop_layer)) / _PS_PER_MS)
+    stages = tuple(replace(stage, ms_per_token=_stage_ms(sizes, by_name[stage.node], stage.start_layer,
+                                                         stage.stop_layer))
                    for stage in plan.stages)
     return replace(plan, stages=stages, predicted_ms_per_token=sum(s.ms_per_token for s in stages)
                    + (len(stages) - 1) * plan.hop_ms, bottleneck_ms=max(s.ms_per_token for s in stages))
+
+
+def _stage_ms(sizes: _Sizes, node: NodeSpec, start: int, stop: int) -> float:
+    """Stage [start, stop)'s ms per token on ``node`` (from its whole picoseconds)."""
+    return int(_node_ps(sizes, node, start, stop)) / _PS_PER_MS
 
 
 def _stage_plan(sizes: _Sizes, node: NodeSpec, start: int, stop: int) -> StagePlan:
@@ -418,7 +423,7 @@ def _stage_plan(sizes: _Sizes, node: NodeSpec, start: int, stop: int) -> StagePl
         has_head=stop == sizes.num_layers, weights_bytes=weights, kv_cache_bytes=kv_cache,
         workspace_bytes=workspace, overhead_bytes=overhead,
         total_bytes=weights + kv_cache + workspace + overhead, budget_bytes=node.budget_bytes,
-        ms_per_token=int(_node_ps(sizes, node, start, stop)) / _PS_PER_MS,
+        ms_per_token=_stage_ms(sizes, node, start, stop),
         kind=node.kind, note=node.note,
     )
 
