@@ -121,12 +121,12 @@ def prefix_reuse(cluster) -> dict:
 
 
 def flat_memory(cluster) -> dict:
-    from exo_lab.engine import probe
+    from exo_lab.engine import room
 
     prompts = [prompt_of(cluster, 30 + i % 50, salt=200 + i) for i in range(200)]
 
     def rss():
-        return cluster.control.call_all(probe.memory)
+        return cluster.control.call_all(room.memory)
 
     run(cluster, together(*[collect(cluster, p, 8) for p in prompts[:10]]))
     early = rss()

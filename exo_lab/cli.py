@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--config", required=True, help="config.yaml describing the cluster")
     add_model_options(plan)
     plan.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    plan.add_argument("--measure", action="store_true",
+                      help="time the model's decode step on this PC (a few seconds) and plan its stages with that "
+                           "figure; the other PCs plan with their config's memory_bandwidth or the default")
 
     serve = commands.add_parser("serve", help="run the cluster and its OpenAI-compatible API "
                                               "(the flags of python -m exo_lab.server, plus --engines)")
@@ -107,9 +110,44 @@ def cmd_plan(args) -> int:
 
     config = load_config(args.config)
     options = _load_options(args, config)
-    plan = options.plan(profile_model(options.model, dtype=options.dtype), nodes_from_config(config))
+    nodes = nodes_from_config(config)
+    if getattr(args, "measure", False):
+        nodes, note = _measured_here(config, options, nodes)
+        print(note, file=sys.stderr if args.json else sys.stdout)
+    plan = options.plan(profile_model(options.model, dtype=options.dtype), nodes)
     print(json.dumps(plan.to_json()) if args.json else format_plan(plan))
     return 0
+
+
+def _measured_here(config, options, nodes):
+    """``nodes`` with this PC's CPU stages planned at its measured decode speed for the model
+    (exo_lab.engine.speed, as an engine measures at load), unless its config gives
+    memory_bandwidth (a config figure wins); and a line saying what was measured."""
+    import dataclasses
+    import socket
+
+    from .config import same_host
+    from .engine.probe import set_threads, usable_cores
+    from .engine.speed import measure_decode
+    from .weights.resolve import read_model_config, resolve_model
+
+    here = socket.gethostname()
+    device = config.device_named(here)
+    if device is None or not device.is_compute:
+        return nodes, (f"--measure: this PC ({here}) is not a compute device of {config.source}; every PC plans "
+                       "with its config's memory_bandwidth or the default")
+    if device.memory_bandwidth_bytes_per_s:
+        return nodes, f"--measure: {device.hostname} plans with its config's memory_bandwidth (a config figure wins)"
+    threads = set_threads(min(filter(None, (device.max_cores, usable_cores()))))
+    measured = measure_decode(read_model_config(resolve_model(options.model, need_weights=False)), options.dtype)
+    if measured is None:
+        return nodes, f"--measure: {options.model} is too large (or too small) to time on a scratch stage here"
+    ms = (measured["layer_seconds"] * 1e3, measured["head_seconds"] * 1e3)
+    mine = {node.name for node in nodes if node.kind == "cpu" and same_host(node.name.split("/")[0], device.hostname)}
+    nodes = [dataclasses.replace(node, measured_ms=ms) if node.name in mine else node for node in nodes]
+    return nodes, (f"measured on {device.hostname} ({threads} thread(s)): {ms[0]:.3f} ms a layer, {ms[1]:.3f} ms "
+                   f"the head at {options.dtype}; its CPU stages ({', '.join(sorted(mine))}) plan with it, the "
+                   "other PCs with their config's memory_bandwidth or the default")
 
 
 def _load_options(args, config):

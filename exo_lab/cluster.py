@@ -228,6 +228,11 @@ class Cluster:
         return self.supervisor.failure
 
     @property
+    def memory_note(self) -> str | None:
+        """Why the stages hold fewer KV slots than planned (a PC got short of memory), or None."""
+        return self.supervisor.memory_note
+
+    @property
     def recovering(self) -> str | None:
         """The failure a failover under way recovers from, or None."""
         return self.supervisor.recovering
@@ -414,7 +419,7 @@ class Cluster:
         from .coordinator.status import cluster_status
 
         status = cluster_status(self.control, self.pipeline, self.failure, self.config.cluster_name)
-        return {**status, "lifecycle": self.state}
+        return {**status, "lifecycle": self.state, "memory": self.memory_note}
 
     def widget(self, **options):
         """An ipywidgets dashboard of this cluster (updates live; close() stops it). Options go

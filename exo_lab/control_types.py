@@ -115,6 +115,14 @@ class ShardSpec(_Checked):
 
     _error = ModelError
 
+    def with_batch(self, max_batch: int) -> "ShardSpec":
+        """This spec with ``max_batch`` KV slots (shedding slots, or giving them back)."""
+        return dataclasses.replace(self, max_batch=max_batch)
+
+    def same_layers(self, other: "ShardSpec") -> bool:
+        """Whether ``other`` holds the same weights (it may hold another number of KV slots)."""
+        return self.with_batch(1) == other.with_batch(1)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.model_dir:
@@ -219,6 +227,7 @@ class StageStatus(_Checked):
     kv_slots: int = _field(int, minimum=1)
     kv_cache_bytes: int = _field(int, minimum=0)
     parameter_bytes: int = _field(int, minimum=0)
+    refused_steps: int = _field(int, minimum=0, default=0)   # steps refused: the PC was short of memory
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -256,6 +265,23 @@ class EngineStatus(_Checked):
             return _from_dict(cls, {**memory, **values}, ClusterError)
         stage = _from_dict(StageStatus, {**values, "state": engine_state(values.get("state"))}, ClusterError)
         return cls(**memory, stage=stage)
+
+
+@dataclass(frozen=True)
+class MemoryReport(_Checked):
+    """A stage engine's memory now, for the coordinator's memory watch (coordinator/memory.py):
+    its PC's free memory (the OS's, and its cgroup's where it has one), its cgroup limit (0:
+    none), its KV slots and the bytes each holds, and the most a step allocates: with 1, 2, ...
+    decode rows (``decode_bytes[s - 1]``), and for a prefill chunk of each of ``prefill_chunks``
+    tokens (``prefill_bytes``, spread over as many rows as embeddings may be)."""
+
+    free_bytes: int = _field(int, minimum=0)
+    limit_bytes: int = _field(int, minimum=0)
+    slots: int = _field(int, minimum=1)
+    kv_slot_bytes: int = _field(int, minimum=0)
+    decode_bytes: tuple = _field(tuple)
+    prefill_chunks: tuple = _field(tuple)
+    prefill_bytes: tuple = _field(tuple)
 
 
 # ----------------------------------------------------------------------------- receiving

@@ -205,6 +205,23 @@ class Netlab:
             group.mkdir()
         (group / "memory.limit_in_bytes").write_text(str(int(limit_bytes)))
 
+    def leave_free(self, name: str, free_bytes: int) -> int:
+        """Lower PC ``name``'s limit so that ``free_bytes`` stay free beside what its processes
+        hold now (the cache the kernel reclaims first counted as free), as when its owner opens
+        a big program; returns the new limit. The kernel refuses (EBUSY) a limit it cannot
+        reclaim down to: each refusal tries 8 MiB higher."""
+        group = self._cgroups[name]
+        stat = dict(line.split() for line in (group / "memory.stat").read_text().splitlines())
+        held = int((group / "memory.usage_in_bytes").read_text()) - int(stat["total_inactive_file"])
+        for extra in range(0, 64 * 2**20, 8 * 2**20):
+            limit = held + free_bytes + extra
+            try:
+                (group / "memory.limit_in_bytes").write_text(str(limit))
+                return limit
+            except OSError:
+                continue
+        raise RuntimeError(f"the kernel refused every limit near {held + free_bytes} for {name}")
+
     def memory(self, name: str) -> dict[str, int]:
         """PC ``name``'s limit, charge now, peak charge and OOM kills (its memory cgroup)."""
         group = self._cgroups[name]

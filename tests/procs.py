@@ -6,6 +6,7 @@ from __future__ import annotations
 import selectors
 import signal
 import subprocess
+import threading
 import time
 
 import psutil
@@ -33,6 +34,16 @@ def read_until(process, text: str, timeout_s: float, lines: list | None = None) 
     finally:
         selector.close()
     raise AssertionError(f"never saw {text!r}; output:\n{''.join(lines)}")
+
+
+def drain(process, lines: list) -> None:
+    """Keep reading a process's output into ``lines`` from a thread of its own, so that a chatty
+    process never blocks on a full pipe once the test stops reading it."""
+    def read() -> None:
+        for line in process.stdout:
+            lines.append(line)
+
+    threading.Thread(target=read, name="drain", daemon=True).start()
 
 
 def stop(process: subprocess.Popen, timeout_s: float = 30) -> None:

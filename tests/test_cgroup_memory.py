@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from exo_lab.engine.probe import UNLIMITED, cgroup_memory
+from exo_lab.engine.room import MemoryRoom
 
 GB = 10**9
 
@@ -49,6 +50,22 @@ def test_no_limit_or_no_files_leaves_the_os_figures(tmp_path):
     assert UNLIMITED < 2**63
 
 
+def test_the_room_read_before_each_step_is_the_smaller_of_the_os_and_the_group_and_follows_a_lowered_limit(tmp_path):
+    (tmp_path / "self").write_text("4:memory:/pc\n")
+    (tmp_path / "meminfo").write_text("MemTotal: 100 kB\nMemFree: 1 kB\nMemAvailable: 7812500 kB\n")   # 8 GB
+    group = tmp_path / "memory" / "pc"
+    write(group, {"memory.limit_in_bytes": str(6 * GB), "memory.usage_in_bytes": str(3 * GB),
+                  "memory.stat": f"total_inactive_file {GB}\nhierarchical_memory_limit {6 * GB}\n"})
+    room = MemoryRoom(tmp_path, tmp_path / "self", tmp_path / "meminfo")
+    assert room.free_bytes() == 4 * GB and room.limit_bytes() == 6 * GB        # the cache counts as free
+    assert room.free_bytes(enough=GB) == 3 * GB          # plenty: usage alone says so, stat unread
+    write(group, {"memory.limit_in_bytes": str(4 * GB)})  # the owner's limit lowered mid-run
+    assert room.free_bytes(enough=GB) == 1 * GB
+    assert room.free_bytes(enough=2 * GB) == 2 * GB     # tight: the stat's cache counts (hierarchical 6 GB)
+    (tmp_path / "meminfo").write_text("MemAvailable: 976562 kB\n")                                    # 1 GB
+    assert room.free_bytes() == 999_999_488 and MemoryRoom(tmp_path, tmp_path / "none", tmp_path / "meminfo").free_bytes() == 999_999_488
+
+
 MEMORY = Path("/sys/fs/cgroup/memory")
 
 
@@ -64,6 +81,7 @@ def test_an_engine_in_a_limited_cgroup_reports_the_limit_as_its_memory():
                               preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
         total, free = json.loads(done.stdout)
         limit = int((group / "memory.limit_in_bytes").read_text())
-        assert total == limit and 0 < free < limit
+        # free: the group's room plus what the probing process holds itself (its own to plan with)
+        assert total == limit and 0 < free <= limit
     finally:
         group.rmdir()

@@ -104,6 +104,60 @@ def test_plan_table_for_the_demo_model():
     assert "ms/token" in result.stdout
 
 
+MEASURE_CONFIG = """\
+cluster_name: measured
+devices:
+  - hostname: {here}
+    roles: [coordinator, compute]
+    max_memory: 4GB
+    max_cores: 1
+  - hostname: system-z.local
+    roles: [compute]
+    max_memory: 4GB
+    memory_bandwidth: 20GB/s
+"""
+
+
+def test_plan_measure_times_this_pc_and_plans_its_stage_with_that(tmp_path, capsys):
+    """`exo-lab plan --measure`: this PC's stages at the decode speed measured here (as an engine
+    measures at load), the other PC at its config figure."""
+    import socket
+
+    import torch
+
+    from exo_lab.cli import main
+    from exo_lab.engine.speed import measure_decode
+    from exo_lab.weights.resolve import read_model_config, resolve_model
+
+    config = tmp_path / "config.yaml"
+    config.write_text(MEASURE_CONFIG.format(here=socket.gethostname()))
+    base = ["plan", "--config", str(config), "--model", "demo", "--min-stages", "2", "--objective", "throughput"]
+    threads = torch.get_num_threads()
+    try:
+        assert main([*base, "--json"]) == 0
+        assumed = json.loads(capsys.readouterr().out)
+        assert main([*base, "--json", "--measure"]) == 0
+        out = capsys.readouterr()
+        measured = json.loads(out.out)
+        # the figures the command planned with (cached in this process: the same measurement)
+        model_config = read_model_config(resolve_model("demo", need_weights=False))
+        speed = measure_decode(model_config, "float32")
+    finally:
+        torch.set_num_threads(threads)
+    assert "measured on" in out.err and "1 thread(s)" in out.err
+    here = next(s for s in measured["stages"] if s["node"] != "system-z.local")
+    other = next(s for s in measured["stages"] if s["node"] == "system-z.local")
+    layers = here["stop_layer"] - here["start_layer"]
+    last = here["stop_layer"] == model_config["num_hidden_layers"]
+    expected = layers * speed["layer_seconds"] * 1e3 + (speed["head_seconds"] * 1e3 if last else 0)
+    assert here["ms_per_token"] == pytest.approx(expected, rel=1e-3, abs=1e-6)
+    assumed_here = next(s for s in assumed["stages"] if s["node"] == here["node"])
+    assert assumed_here["ms_per_token"] != pytest.approx(here["ms_per_token"], rel=1e-3)
+    assumed_other = next(s for s in assumed["stages"] if s["node"] == "system-z.local")
+    if (other["start_layer"], other["stop_layer"]) == (assumed_other["start_layer"], assumed_other["stop_layer"]):
+        assert other["ms_per_token"] == assumed_other["ms_per_token"]     # the config figure stands
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["plan", "--config", str(EXAMPLE), "--model", "nobody/not-cached"], "hf download"),
     (["plan", "--config", str(EXAMPLE), "--model", "./missing-folder"], "missing-folder"),

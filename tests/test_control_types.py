@@ -24,7 +24,7 @@ PROBE = dict(hostname="system-b", device_name="system-b.local", advertise_host=N
              gpus=(GpuProbe(**GPU),), mps=False, torch_version="2.5.1", torch_cuda="12.4", rss_bytes=400_000_000)
 STAGE = dict(stage_index=1, start_layer=2, stop_layer=4, dtype="float32", device="cpu", state=EngineState.GENERATING,
              messages=10, tokens=5, errors=0, dropped_messages=0, busy_s=0.5, last_forward_ms=3.2,
-             active_requests=1, kv_slots=2, kv_cache_bytes=1_000_000, parameter_bytes=2_000_000)
+             active_requests=1, kv_slots=2, kv_cache_bytes=1_000_000, parameter_bytes=2_000_000, refused_steps=0)
 MEMORY = dict(rss_bytes=1, peak_rss_bytes=1)
 LOADED = dict(address="tcp://127.0.0.1:10101", load_s=0.4, reused=False, parameter_bytes=2_000_000,
               rss_bytes=500_000_000, peak_rss_bytes=600_000_000)

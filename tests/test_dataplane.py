@@ -31,7 +31,7 @@ from exo_lab.sampling import SamplingSettings, sample_token
 from exo_lab.security import derive_key, new_secret
 from exo_lab.wire import (
     NO_TOKEN, AsyncInbox, AsyncOutbox, Copy, Error, Forward, FrameError, Free, Inbox, Kind, Outbox, Ping,
-    Row, Sampled, Shutdown, decode, encode, msg_id,
+    Row, Sampled, Short, Shutdown, decode, encode, msg_id,
 )
 from exo_lab.wire.frames import (
     BIAS, COPY_BODY, DIM, FORWARD_BODY, HEADER, LOGPROB, MAGIC, MAX_ERROR_BYTES, MAX_ROWS, MAX_STAGES, MS,
@@ -46,7 +46,7 @@ SAMPLED = SamplingSettings(temperature=0.7, top_p=0.9, top_k=40, seed=1234)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32]
 DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.int64: 4, torch.int32: 5}
 SHAPES = [(7,), (3, 5), (1, 4, 896), (4, 2, 16)]
-MESSAGE_TYPES = (Forward, Sampled, Free, Error, Ping, Shutdown, Copy)
+MESSAGE_TYPES = (Forward, Sampled, Free, Error, Ping, Shutdown, Copy, Short)
 U16, U32, U64 = 2**16 - 1, 2**32 - 1, 2**64 - 1
 
 
@@ -198,30 +198,32 @@ def test_stage_ms_travel_as_float32(make):
 
 def test_kind_codes_and_byte_layout_are_stable():
     # other PCs may run another build: the wire codes and sizes must never move
-    assert VERSION == 5
+    assert VERSION == 6
     assert {kind.name: kind.value for kind in Kind} == {
-        "FORWARD": 1, "SAMPLED": 2, "FREE": 3, "ERROR": 4, "PING": 5, "SHUTDOWN": 7, "COPY": 8}
+        "FORWARD": 1, "SAMPLED": 2, "FREE": 3, "ERROR": 4, "PING": 5, "SHUTDOWN": 7, "COPY": 8, "SHORT": 9}
     assert (HEADER.size, FORWARD_BODY.size, ROW.size, SAMPLED_BODY.size, SLOT.size, DIM.size,
             MS.size) == (12, 5, 35, 3, 2, 4, 4)
     assert (ROW_EXTRA.size, BIAS.size, SAMPLED_EXTRA.size, LOGPROB.size, COPY_BODY.size, NO_LOGPROB) == (
         9, 12, 5, 12, 8, 0xFF)
     assert encode(Copy(1, 258, 3, 0x01020304)) == [
-        b"EX\x05\x08" + (1).to_bytes(8, "little") + b"\x02\x01\x03\x00\x04\x03\x02\x01"]
+        b"EX\x06\x08" + (1).to_bytes(8, "little") + b"\x02\x01\x03\x00\x04\x03\x02\x01"]
     assert NO_TOKEN == 0xFFFFFFFF and MAX_ROWS == 0xFFFF
-    assert encode(Ping(0x0102030405060708)) == [b"EX\x05\x05\x08\x07\x06\x05\x04\x03\x02\x01"]
-    assert encode(Shutdown()) == [b"EX\x05\x07" + bytes(8)]
-    assert encode(Free(1, 258)) == [b"EX\x05\x03" + (1).to_bytes(8, "little") + b"\x02\x01"]
+    assert encode(Short(1, 2, 3, 4)) == [b"EX\x06\x09" + (1).to_bytes(8, "little") + b"\x02\x00"
+                                         + (3).to_bytes(8, "little") + (4).to_bytes(8, "little")]
+    assert encode(Ping(0x0102030405060708)) == [b"EX\x06\x05\x08\x07\x06\x05\x04\x03\x02\x01"]
+    assert encode(Shutdown()) == [b"EX\x06\x07" + bytes(8)]
+    assert encode(Free(1, 258)) == [b"EX\x06\x03" + (1).to_bytes(8, "little") + b"\x02\x01"]
     assert encode(Sampled(1, (258, NO_TOKEN), (1.0,))) == [
-        b"EX\x05\x02" + (1).to_bytes(8, "little") + b"\x02\x00\x01"
+        b"EX\x06\x02" + (1).to_bytes(8, "little") + b"\x02\x00\x01"
         + b"\x02\x01\x00\x00" + b"\xff\xff\xff\xff" + struct.pack("<f", 1.0)
         + bytes(4) + b"\x00" + b"\xff\xff"]                          # no vectors, no verify samples, no logprobs
-    assert encode(Error(1, "ü")) == [b"EX\x05\x04" + (1).to_bytes(8, "little") + "ü".encode()]
+    assert encode(Error(1, "ü")) == [b"EX\x06\x04" + (1).to_bytes(8, "little") + "ü".encode()]
     rows = (Row(1, 7, GREEDY), Row(0x0302, 0x07060504, SAMPLED, sample=False))
     msg = fwd(torch.ones(2, 3), step_id=42, rows=rows, stage_ms=(0.5,))
     header, payload = encode(msg)
     # the layout spelled out byte by byte, independent of the struct constants
     assert bytes(header) == (
-        b"EX\x05\x01" + (42).to_bytes(8, "little")
+        b"EX\x06\x01" + (42).to_bytes(8, "little")
         + b"\x02\x00" + b"\x01" + b"\x02" + b"\x01"                            # rows, dtype, ndim, stages
         + (2).to_bytes(4, "little") + (3).to_bytes(4, "little")                 # dims
         + b"\x01\x00" + b"\x07\x00\x00\x00" + b"\x01"                           # slot, position, sample
@@ -688,7 +690,7 @@ MALFORMED = {   # id: (frames, message regex, message_id the error carries)
     "frame-str": (["EX"], "bytes-like, got str", None),
     "bad-magic": ([b"XX" + forward_header()[2:], bytes(24)], "bad magic b'XX'", None),
     "json-magic": ([b'{"kind": 1}' + bytes(8)], "bad magic", None),
-    "newer-version": ([forward_header(version=VERSION + 1), bytes(24)], "wire version 6, this exo-lab speaks 5", 42),
+    "newer-version": ([forward_header(version=VERSION + 1), bytes(24)], "wire version 7, this exo-lab speaks 6", 42),
     "old-version": ([forward_header(version=2), bytes(24)], "run the same exo-lab version", 42),
     "old-version-sampled": ([header(Kind.SAMPLED, version=2) + b"\0" * 5], "wire version 2", 42),
     "kind-0": ([header(0)], "unknown message kind 0 for message 42", 42),
@@ -807,7 +809,7 @@ def valid_encodings() -> list[list[bytes]]:
         fwd(make_tensor((1, 3, 4), dtype), sampling=SAMPLED, stage_ms=(1.0, 2.0)) for dtype in DTYPES]
     msgs += [fwd(make_tensor((3, 2, 4), dtype), rows=BATCH_ROWS[:3], stage_ms=(1.0,)) for dtype in DTYPES]
     msgs += [fwd(torch.zeros(1, 0, 4)), fwd(torch.zeros(2, 0)), Error(9, "x" * MAX_ERROR_BYTES),
-             Sampled(1, (NO_TOKEN,) * 4, (0.5,)), Free(3, U16)]
+             Sampled(1, (NO_TOKEN,) * 4, (0.5,)), Free(3, U16), Short(4, 2, 1 << 30, 1 << 31)]
     return [[bytes(frame) for frame in encode(msg)] for msg in msgs]
 
 
@@ -1300,6 +1302,7 @@ def test_rules_logprobs_embed_and_copy_round_trip():
     assert back == sampled and back.vectors.dtype == torch.float32 and torch.equal(back.vectors, vectors)
     assert round_trip(Sampled(5, (4, 5), logprobs=(None, None))).logprobs == ()   # none asked: ()
     assert round_trip(Copy(7, 0, U16, U32)) == Copy(7, 0, U16, U32)
+    assert round_trip(Short(7, 3, 2**64 - 1, 1)) == Short(7, 3, 2**64 - 1, 1)
 
 
 @pytest.mark.parametrize("make, message", [
@@ -1313,6 +1316,8 @@ def test_rules_logprobs_embed_and_copy_round_trip():
     (lambda: Sampled(1, (1,), vectors=torch.ones(1, 4, dtype=torch.float16)), "float32"),
     (lambda: Copy(1, U16 + 1, 0, 1), "src_slot"),
     (lambda: Copy(1, 0, 0, -1), "length"),
+    (lambda: Short(1, 256, 0, 0), "stage"),
+    (lambda: Short(1, 0, -1, 0), "free_bytes"),
 ])
 def test_new_fields_the_wire_cannot_carry_are_refused_at_encode(make, message):
     with pytest.raises(FrameError, match=message):

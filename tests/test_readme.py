@@ -142,7 +142,7 @@ def test_readme_is_short_and_starts_with_the_two_make_commands():
     assert count <= MAX_README_LINES, f"README.md has {count} lines; move details to docs/ (limit {MAX_README_LINES})"
     first = fenced_blocks(README)[0].text.splitlines()
     assert [line.split()[:2] for line in first] == [["make", "demo"], ["make", "test"]]
-    assert "about 17 minutes" in first[1]
+    assert "about 20 minutes" in first[1]
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^demo: .*\n\t\$\(VENV\)/bin/exo-lab demo$", makefile, re.M)
     assert re.search(r"^test: .*\n\t\$\(VENV\)/bin/python -m pytest", makefile, re.M)

@@ -492,6 +492,26 @@ def test_suspended_requests_replay_and_get_the_tokens_of_an_uninterrupted_run():
     assert len(run.pipe.frees) == len(requests)
 
 
+def test_fewer_slots_after_a_suspend_take_the_requests_admitted_meanwhile_back_and_tokens_stay():
+    prompts = [(prompt_of(20 + i, 10 + 9 * i), 12) for i in range(4)]
+    expected = [alone(prompt, tokens) for prompt, tokens in prompts]
+
+    run = Run(make_core(max_batch=4, prefill_chunk=32))
+    requests = [run.submit(p, t) for p, t in prompts[:3]]
+    run.until(lambda: sum(map(len, run.delivered.values())) >= 6)
+    run.core.suspend()                                          # a PC got short of memory
+    run.in_flight.clear()
+    requests.append(run.submit(*prompts[3]))                    # arrives during the pause: gets a slot
+    assert requests[-1].slot is not None
+    run.core.resize(2)                                          # the stages shed half their slots
+    check_books(run.core)
+    assert run.core.max_batch == 2 and len(run.core.running) == 0 and len(run.core.waiting) == 4
+    run.pipe = FakePipeline()
+    run.until_idle()
+    assert [run.delivered[r.request_id] for r in requests] == expected
+    assert max(len(step.rows) for step in run.steps[-20:]) <= 2
+
+
 # --------------------------------------------------------------------------- fair share
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from exo_lab.control_types import MemoryReport
+from exo_lab.coordinator import memory, supervisor as supervisor_module
 from exo_lab.coordinator.supervisor import (
     TRANSITIONS, CheckMembership, Load, Replan, State, Supervisor, TransitionError, Unload, check_transition)
 from exo_lab.errors import ClusterError, ModelError, PlanError
@@ -21,6 +23,8 @@ from exo_lab.errors import ClusterError, ModelError, PlanError
 @dataclass(frozen=True)
 class FakeOptions:
     model: str = "demo"
+    max_batch: int = 4
+    prefill_chunk: int = 256
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,12 @@ class FakeScheduler:
         self.suspended = True
         self.calls.append(("suspend", reason))
         self.on_failure(reason)
+
+    def short_of_memory(self, reason: str) -> None:
+        """As Scheduler._short_of_memory: suspend and report."""
+        self.suspended = True
+        self.calls.append(("suspend", reason))
+        self.on_memory_short(reason)
 
     def rewire(self, stages: tuple[int, ...]) -> None:
         self.suspended = False
@@ -88,6 +98,10 @@ class FakeRuntime:
     most_inside: int = 0
     threads: set = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    memory: list = field(default_factory=list)    # what memory_reports answers (StageMemory)
+    suspended_for: list = field(default_factory=list)
+    kept_plans: list = field(default_factory=list)   # each load's keep_plan
+    chunks: list = field(default_factory=list)       # prefill chunks set while serving
 
     def kill(self, engine_id: int) -> None:
         self.registered.discard(engine_id)
@@ -95,8 +109,9 @@ class FakeRuntime:
     def engine_ids(self) -> frozenset[int]:
         return frozenset(self.registered)
 
-    def load(self, options, *, check_alive, on_failure, progress, timeout_s, failover_from=None):
+    def load(self, options, *, check_alive, on_failure, progress, timeout_s, failover_from=None, keep_plan=False):
         self._enter()
+        self.kept_plans.append(keep_plan)
         self.entered.set()
         try:
             if self.gate is not None:
@@ -161,9 +176,16 @@ class FakeRuntime:
         move, self.move = self.move, None
         return move
 
-    def suspend(self, pipeline, reason) -> None:
+    def suspend(self, pipeline, reason, why="rebalance") -> None:
         pipeline.scheduler.suspended = True
         pipeline.scheduler.calls.append(("suspend", reason))
+        self.suspended_for.append(why)
+
+    def memory_reports(self, pipeline, planned):
+        return list(self.memory)
+
+    def set_prefill_chunk(self, pipeline, chunk) -> None:
+        self.chunks.append(chunk)
 
     def set_speed_factors(self, factors) -> dict:
         previous, self.factors = self.factors, dict(factors)
@@ -539,3 +561,97 @@ def test_health_says_why_without_asking_the_supervisor(supervisor, runtime):
     assert pipeline.scheduler.calls[0] == ("suspend", "engine 0 stopped")
     supervisor.settle()
     assert asyncio.run(supervisor.health()) == (True, "ok") and supervisor.pipeline.engines == (1, 2)
+
+
+# ---------------------------------------------------------------------------- memory
+MiB = 2**20
+
+
+def stage_memory(node: str, free_mib: int, *, slots: int = 4, kv_slot_mib: int = 100):
+    """A stage whose PC has ``free_mib`` free and ``slots`` slots of ``kv_slot_mib`` each; a
+    prefill step needs 90, 70, 55 or 50 MiB for chunks of 256, 128, 64 or 32 tokens, a decode
+    step 20 MiB plus 10 per row."""
+    return memory.StageMemory(node, MemoryReport(
+        free_bytes=free_mib * MiB, limit_bytes=1400 * MiB, slots=slots, kv_slot_bytes=kv_slot_mib * MiB,
+        decode_bytes=tuple((20 + 10 * s) * MiB for s in range(1, 5)), prefill_chunks=(256, 128, 64, 32),
+        prefill_bytes=tuple(m * MiB for m in (90, 70, 55, 50))))
+
+
+def test_a_pc_short_of_memory_sheds_kv_slots_and_requests_replay(supervisor, runtime, moves):
+    old = serving(supervisor)
+    runtime.memory = [stage_memory("a", 500), stage_memory("b", 20)]    # b: 20 MiB free, a step needs 90
+    supervisor.ask(CheckMembership())
+    assert moves.states()[-2:] == [State.REPLANNING, State.SERVING]
+    new = supervisor.pipeline
+    # one slot freed gives b 120 MiB against a step of 80 with 3 slots: 3 fit
+    assert new.options.max_batch == 3 and runtime.loads[-1][1] is old and new.scheduler is old.scheduler
+    assert runtime.suspended_for == ["memory"] and [c[0] for c in old.scheduler.calls] == ["suspend", "rewire"]
+    assert runtime.kept_plans == [False, True]                    # the same stages: only the slots change
+    assert "serving with 3 of 4 KV slots" in supervisor.memory_note and "b is short of memory" in supervisor.memory_note
+    assert new.options.prefill_chunk == 256 and runtime.chunks == []
+    assert supervisor.options.max_batch == 4                      # the plan's slots, to give back later
+    runtime.memory = [stage_memory("a", 500, slots=3), stage_memory("b", 120, slots=3)]
+    supervisor.ask(CheckMembership())                             # enough now, but too soon to give back
+    assert supervisor.pipeline is new
+
+
+def test_slots_come_back_when_memory_does_after_the_wait(supervisor, runtime, moves, monkeypatch):
+    serving(supervisor)
+    runtime.memory = [stage_memory("a", 20)]
+    supervisor.ask(CheckMembership())
+    assert supervisor.pipeline.options.max_batch == 3
+    monkeypatch.setattr(memory, "RESTORE_AFTER_S", 0.0)
+    runtime.memory = [stage_memory("a", 150, slots=3)]            # 1 slot more leaves 50: not twice a step
+    supervisor.ask(CheckMembership())
+    assert supervisor.pipeline.options.max_batch == 3
+    runtime.memory = [stage_memory("a", 300, slots=3)]            # 4 slots leave 200 >= 2 x 90
+    supervisor.ask(CheckMembership())
+    assert supervisor.pipeline.options.max_batch == 4 and supervisor.memory_note is None
+
+
+def test_a_pc_a_little_short_feeds_smaller_prefill_chunks_first_and_nothing_pauses(supervisor, runtime, moves):
+    old = serving(supervisor)
+    runtime.memory = [stage_memory("a", 80)]                     # < 90 for 256 tokens, >= 1.25 x 55 for 64
+    supervisor.ask(CheckMembership())
+    assert runtime.chunks == [64] and supervisor.pipeline is old and old.options.prefill_chunk == 64
+    assert State.REPLANNING not in moves.states()[3:] and old.options.max_batch == 4
+    assert "prefill chunks of 64 (not 256) tokens" in supervisor.memory_note
+
+
+def test_a_refused_step_loads_again_one_notch_down_even_when_the_reports_look_fine(supervisor, runtime, moves):
+    old = serving(supervisor)
+    runtime.memory = [stage_memory("a", 500)]
+    old.scheduler.short_of_memory("stage 0's PC is short of memory")
+    supervisor.settle()
+    assert supervisor.state is State.SERVING and not supervisor.pipeline.scheduler.suspended
+    assert runtime.loads[-1][1] is old and runtime.kept_plans[-1] is True
+    assert (supervisor.pipeline.options.max_batch, supervisor.pipeline.options.prefill_chunk) == (4, 128)
+
+
+def test_without_memory_for_one_slot_it_fails_and_tries_again_by_the_clock(supervisor, runtime, moves, monkeypatch):
+    old = serving(supervisor)
+    runtime.memory = [stage_memory("a", 0, kv_slot_mib=10)]      # 30 MiB even with one slot: a step needs 50
+    runtime.fail_load = PlanError("the engines left cannot hold the model")
+    supervisor.ask(CheckMembership())
+    assert supervisor.state is State.FAILED and "short of memory even with one KV slot and prefill chunks of 32" \
+        in supervisor.failure
+    assert runtime.kept_plans[-1] is False                        # planned again: layers may move away
+    assert ("abort", supervisor.failure) in old.scheduler.calls  # every request ends with the reason
+    supervisor.ask(CheckMembership())                             # too soon to try again
+    assert supervisor.state is State.FAILED
+    monkeypatch.setattr(supervisor_module, "MEMORY_RETRY_S", 0.0)
+    runtime.memory = [stage_memory("a", 500)]                     # memory came back
+    supervisor.ask(CheckMembership())                             # the same engines: loads again by itself
+    assert supervisor.state is State.SERVING and supervisor.failure is None and supervisor.memory_note is None
+
+
+def test_a_pc_far_from_its_edge_is_looked_at_less_often(supervisor, runtime, moves, monkeypatch):
+    old = serving(supervisor)
+    runtime.memory = [stage_memory("a", 5000)]                   # 55 worst steps spare
+    supervisor.ask(CheckMembership())
+    runtime.memory = [stage_memory("a", 20)]                     # shrank since: not looked at yet
+    supervisor.ask(CheckMembership())
+    assert supervisor.pipeline is old and supervisor.memory_note is None
+    monkeypatch.setattr(supervisor_module, "MEMORY_RELAXED_S", 0.0)
+    supervisor.ask(CheckMembership())                            # the next look sees it
+    assert supervisor.pipeline.options.max_batch == 3

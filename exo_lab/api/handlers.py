@@ -42,7 +42,11 @@ class HealthHandler(ApiHandler):
         ok, reason = await shared_health(self.server).get()
         state = getattr(self.server.cluster, "state", None)     # the supervisor's: serving, replanning, ...
         if ok:
-            self.write_json({"status": "ok", "state": state, "model": self.server.model_names()[0]})
+            answer = {"status": "ok", "state": state, "model": self.server.model_names()[0]}
+            note = getattr(self.server.cluster, "memory_note", None)    # fewer KV slots than planned
+            if note:
+                answer["memory"] = redact(note, self.server.private_names())
+            self.write_json(answer)
         else:
             self.write_json({"status": "unavailable", "state": state,
                              "reason": redact(reason, self.server.private_names())}, status=503)

@@ -33,6 +33,9 @@ class Metrics:
     replayed_total: int = 0                                 # requests replayed after one
     rebalances_total: int = 0                               # layers moved while serving
     last_rebalance_pause_s: float | None = None             # the last move's pause
+    refused_steps_total: int = 0                            # steps a stage refused: its PC was short of memory
+    sheds_total: int = 0                                    # times the stages shed KV slots for memory
+    last_memory_pause_s: float | None = None                # the last shed's (or give-back's) pause
     last_pause_s: float | None = None                       # failure detected -> pipeline back
     step_rows_total: int = 0                                # rows in them (mean batch = rows / steps)
     step_rows_max: int = 0                                  # the most rows one step carried
@@ -78,11 +81,22 @@ class Metrics:
     def rebalanced(self) -> None:
         self.rebalances_total += 1
 
-    def resumed(self, pause_s: float, *, rebalance: bool = False) -> None:
-        if rebalance:
+    def resumed(self, pause_s: float, *, why: str = "failover") -> None:
+        """The pipeline serves again after a pause for ``why`` (as Scheduler.suspend's)."""
+        if why == "rebalance":
             self.last_rebalance_pause_s = pause_s
+        elif why == "memory":
+            self.last_memory_pause_s = pause_s
         else:
             self.last_pause_s = pause_s
+
+    def memory_short(self) -> None:
+        self.refused_steps_total += 1
+
+    def shed(self, slots: int) -> None:
+        """The stages hold ``slots`` KV slots now (fewer: shed; more: given back)."""
+        self.sheds_total += slots < self.kv_slots
+        self.kv_slots = slots
 
     def step(self, rows: int) -> None:
         self.steps_total += 1
@@ -157,6 +171,9 @@ class Metrics:
             "last_failover_pause_s": self.last_pause_s,
             "rebalances_total": self.rebalances_total,
             "last_rebalance_pause_s": self.last_rebalance_pause_s,
+            "refused_steps_total": self.refused_steps_total,
+            "sheds_total": self.sheds_total,
+            "last_memory_pause_s": self.last_memory_pause_s,
             "tokens_total": self.tokens_total,
             "tokens_per_s": self.tokens_per_s(),
             "mean_time_to_first_token_s": self.ttft_sum_s / self.ttft_count if self.ttft_count else None,
@@ -222,6 +239,11 @@ class MetricsCollector:
         yield _family(CounterMetricFamily, "exo_lab_rebalances",
                       "Layers moved while serving because a PC got busier or freer (streams replayed).",
                       m.rebalances_total, model)
+        yield _family(CounterMetricFamily, "exo_lab_memory_refused_steps",
+                      "Steps a stage refused before allocating because its PC was short of memory (replayed).",
+                      m.refused_steps_total, model)
+        yield _family(CounterMetricFamily, "exo_lab_memory_sheds",
+                      "Times the stages shed KV slots because a PC was short of memory.", m.sheds_total, model)
         yield _family(GaugeMetricFamily, "exo_lab_failover_pause_seconds",
                       "From the last failure's detection to the pipeline serving again.", m.last_pause_s or 0.0, model)
         yield _family(GaugeMetricFamily, "exo_lab_tokens_per_second", "Tokens generated per second over the last 2 s.",

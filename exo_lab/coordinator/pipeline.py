@@ -82,13 +82,15 @@ class Pipeline:
 
 def load_pipeline(control: EngineControl, loop: LoopThread, options: LoadOptions, *,
                   check_alive, progress: bool, timeout_s: float, on_failure=None,
-                  failover_from: Pipeline | None = None) -> Pipeline:
+                  failover_from: Pipeline | None = None, keep_plan: bool = False) -> Pipeline:
     """Plan ``options.model`` over the live engines and load one shard per stage.
 
     ``failover_from``: the pipeline that lost an engine. The plan then uses the engines that
     answer (the survivors and any spares), a stage whose layers stay on the same engine keeps
     its weights, and the old pipeline's scheduler, with the requests it holds, goes on over the
-    new stages. ``on_failure(reason)`` is what the scheduler calls when this pipeline is lost.
+    new stages; with ``keep_plan`` its plan and stage engines stay (shedding KV slots, or giving
+    them back: only ``options.max_batch`` differs, and every stage keeps its weights).
+    ``on_failure(reason)`` is what the scheduler calls when this pipeline is lost.
     An engine that dies while the shards load is left out and the model is planned again on
     the engines left, up to LOAD_ATTEMPTS times.
     Raises ModelError, PlanError or ClusterError; on error nothing stays loaded."""
@@ -97,7 +99,8 @@ def load_pipeline(control: EngineControl, loop: LoopThread, options: LoadOptions
         try:
             return _load_once(control, loop, options, check_alive=check_alive, progress=progress,
                               timeout_s=timeout_s, on_failure=on_failure, failover_from=failover_from,
-                              lost=lost, survivors_only=failover_from is not None or attempt > 1)
+                              lost=lost, survivors_only=failover_from is not None or attempt > 1,
+                              keep_plan=keep_plan and not lost)
         except EngineLost as exc:
             if attempt == LOAD_ATTEMPTS:
                 raise
@@ -116,21 +119,25 @@ class EngineLost(ClusterError):
 
 def _load_once(control: EngineControl, loop: LoopThread, options: LoadOptions, *, check_alive, progress: bool,
                timeout_s: float, on_failure, failover_from: Pipeline | None, lost: set[int],
-               survivors_only: bool) -> Pipeline:
+               survivors_only: bool, keep_plan: bool = False) -> Pipeline:
     started = time.perf_counter()
     model_id = _portable_model_id(options.model)
     model_dir = resolve_model(model_id, need_weights=False)
     config = read_model_config(model_dir)
     profile = profile_from_config(config, dtype=options.dtype, model_id=model_id)
-    engines = control.probe(survivors_only=survivors_only, exclude=lost)
-    if not engines:
-        raise ClusterError("no compute engine is available: start workers or Cluster.local(engines=N)")
-    engines = control.measure_speeds(engines, config, options.dtype)
-    if survivors_only:   # a spread asked for cannot outnumber the survivors
-        options = dataclasses.replace(options, min_stages=min(options.min_stages, len(engines)))
-    plan = options.plan(profile, control.node_specs(engines))
-    by_node = {e.node: e for e in engines}
-    stage_engines = [by_node[stage.node] for stage in plan.stages]
+    if keep_plan and failover_from is not None:
+        plan, stage_engines = failover_from.plan, list(failover_from.engines)
+        _check_engines_alive(control, stage_engines)
+    else:
+        engines = control.probe(survivors_only=survivors_only, exclude=lost)
+        if not engines:
+            raise ClusterError("no compute engine is available: start workers or Cluster.local(engines=N)")
+        engines = control.measure_speeds(engines, config, options.dtype)
+        if survivors_only:   # a spread asked for cannot outnumber the survivors
+            options = dataclasses.replace(options, min_stages=min(options.min_stages, len(engines)))
+        plan = options.plan(profile, control.node_specs(engines))
+        by_node = {e.node: e for e in engines}
+        stage_engines = [by_node[stage.node] for stage in plan.stages]
     tokenizer = _load_tokenizer(model_dir)
     context_length = options.context_length(profile.max_position_embeddings)
     draft = None
@@ -380,7 +387,8 @@ def _connect(control: EngineControl, loop: LoopThread, addresses, stage_engines,
         outbox.close()
         raise
     if scheduler is not None:
-        loop.run(scheduler.rewire(inbox, outbox, settings["micro_batches"]))
+        loop.run(scheduler.rewire(inbox, outbox, settings["micro_batches"], settings["max_batch"],
+                                  settings["prefill_chunk"]))
         return scheduler
     scheduler = loop.run(_make_scheduler(inbox, outbox, check_alive, settings))
     loop.run(_start(scheduler))

@@ -437,6 +437,17 @@ class SchedulingCore:
         self._pending.free_slots.clear()     # the stages that would count them are gone
         return replayed
 
+    def resize(self, max_batch: int) -> None:
+        """Hold ``max_batch`` KV slots from now on (the stages shed slots, or got them back).
+        Only while the stages hold no request's KV (between :meth:`suspend` and the new
+        pipeline): requests admitted meanwhile go back to the head of their queue, as at a
+        suspend, and are admitted again into the new slots."""
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.suspend()
+        self.max_batch = max_batch
+        self._free_slots = _empty_slots(max_batch)
+
     def retry_after_s(self, tenant: Tenant) -> float:
         """About when a slot frees for ``tenant``: the end of its (else anyone's) running request
         with the fewest tokens left, at the measured decode pace."""
@@ -772,7 +783,7 @@ class SchedulingCore:
         if self.decode_step_ms is None or self.prefill_token_ms is None:
             return min(self.prefill_chunk, FIRST_PREFILL_CHUNK)
         budget = int(PREFILL_GAP_RATIO * self.decode_step_ms / max(self.prefill_token_ms, 1e-6))
-        return max(MIN_PREFILL_CHUNK, min(self.prefill_chunk, budget))
+        return min(self.prefill_chunk, max(MIN_PREFILL_CHUNK, budget))   # prefill_chunk caps: memory
 
     def _note_timing(self, step: PlannedStep, stage_ms: tuple[float, ...]) -> None:
         work_ms = sum(stage_ms)

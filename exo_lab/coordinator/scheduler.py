@@ -18,7 +18,7 @@ hands out go to their requests' streams.
   or when the survivors cannot hold the model, every request ends with the error.
 - **Re-balancing.** Every decode step's stage times go to :attr:`stage_clock`
   (:mod:`.balance`); when the supervisor moves layers it suspends the scheduler with
-  ``lost=False`` and rewires it as after a failover (counted as a re-balance, not a failover).
+  ``why="rebalance"`` and rewires it as after a failover (counted as a re-balance, not a failover).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import torch
 
 from ..errors import ClusterError, RequestError
 from ..sampling import MAX_SEED, LogitProcessor, SamplingParams, StreamEvent, TokenLogprob
-from ..wire import Copy, Error, Forward, FrameError, Free, Ping, Row, Sampled
+from ..wire import Copy, Error, Forward, FrameError, Free, Ping, Row, Sampled, Short
 from .balance import StageClock
 from .metrics import Metrics
 from .schedule import PlannedStep, Request, SchedulingCore, Speculation, StepPlan, StepResult
@@ -77,7 +77,8 @@ class Scheduler:
         self.step_timeout_s = step_timeout_s
         self.on_failure = on_failure
         self.suspended_since: float | None = None      # a failover (or a re-balance) is under way since then
-        self._moving = False                           # ... a re-balance
+        self._suspended_for = "failover"               # ... for what (suspend's why)
+        self.on_memory_short: Callable[[str], None] | None = None   # a stage refused a step (supervisor)
         self.metrics = Metrics(kv_slots=max_batch)
         self.stage_clock = StageClock()              # decode steps' stage times (re-balancing)
         self._decode_steps: dict[int, int] = {}      # step in flight of one token per row -> its rows
@@ -102,7 +103,8 @@ class Scheduler:
     max_batch = property(lambda self: self.core.max_batch)
     context_length = property(lambda self: self.core.context_length)
     eos_token_ids = property(lambda self: set(self.core.eos_token_ids))
-    prefill_chunk = property(lambda self: self.core.prefill_chunk)
+    prefill_chunk = property(lambda self: self.core.prefill_chunk,
+                             lambda self, value: setattr(self.core, "prefill_chunk", max(1, value)))
     max_queued = property(lambda self: self.core.max_queued, lambda self, value: setattr(self.core, "max_queued", value))
     micro_batches = property(lambda self: self.core.micro_batches,
                              lambda self, value: setattr(self.core, "micro_batches", max(1, value)))
@@ -111,23 +113,24 @@ class Scheduler:
     def start(self) -> None:
         self._tasks = [asyncio.ensure_future(self._receive_loop()), asyncio.ensure_future(self._step_loop())]
 
-    def suspend(self, reason: str, *, lost: bool = True) -> None:
+    def suspend(self, reason: str, *, why: str = "failover") -> None:
         """Stop sending steps; put every running request back at the head of the queue with its
         KV forgotten (its prompt and generated tokens are replayed after :meth:`rewire`).
-        ``lost``: a stage failed (a failover); else the layers move while every stage is up (a
-        re-balance)."""
+        ``why``: "failover" (a stage failed), "rebalance" (the layers move while every stage is
+        up) or "memory" (a PC got short of memory: the stages shed KV slots)."""
         if self.suspended_since is not None:
             return
-        if lost:
+        if why == "failover":
             logger.warning("pipeline lost (%s): %d request(s) will be replayed", reason, len(self.core.running))
         else:
-            logger.info("moving layers (%s): %d request(s) will be replayed", reason, len(self.core.running))
+            logger.info("%s (%s): %d request(s) will be replayed",
+                        "moving layers" if why == "rebalance" else "shedding KV slots", reason, len(self.core.running))
         self.suspended_since = time.perf_counter()
-        self._moving = not lost
+        self._suspended_for = why
         replayed = self.core.suspend()
-        if lost:
+        if why == "failover":
             self.metrics.failover(replayed)
-        else:
+        elif why == "rebalance":
             self.metrics.rebalanced()
         self._decode_steps.clear()
         if self.drafting is not None:
@@ -136,17 +139,24 @@ class Scheduler:
             event.set()
         self._freed.clear()
 
-    async def rewire(self, inbox, outbox, micro_batches: int | None = None) -> None:
-        """Go on over a new pipeline (after :meth:`suspend`): its sockets (and its number of
-        micro-batches) replace the old ones, and the queued requests are admitted and replayed."""
+    async def rewire(self, inbox, outbox, micro_batches: int | None = None, max_batch: int | None = None,
+                     prefill_chunk: int | None = None) -> None:
+        """Go on over a new pipeline (after :meth:`suspend`): its sockets (its number of
+        micro-batches, of KV slots and its prefill chunk, when the memory watch changed them)
+        replace the old ones, and the queued requests are admitted and replayed."""
         await self._stop_tasks()
         self.inbox, self.outbox = inbox, outbox
         if micro_batches is not None:
             self.micro_batches = micro_batches
+        if prefill_chunk is not None:
+            self.core.prefill_chunk = max(1, prefill_chunk)
+        if max_batch is not None and max_batch != self.core.max_batch:
+            self.core.resize(max_batch)
+            self.metrics.shed(max_batch)
         self.failure = None
         self.stage_clock.reset()
         self.metrics.resumed(time.perf_counter() - self.suspended_since if self.suspended_since else 0.0,
-                             rebalance=self._moving)
+                             why=self._suspended_for)
         self.suspended_since = None
         self.start()
         self._wake.set()
@@ -422,6 +432,21 @@ class Scheduler:
         last = request.embed == POOLINGS["last"]
         self._pooled[request] = vector.clone() if previous is None or last else previous + vector
 
+    def _short_of_memory(self, message: Short) -> None:
+        """A stage refused a step: its PC is short of memory. With a supervisor, every request
+        goes back to the queue (nothing is lost) while it sheds KV slots; without one, the
+        step's requests fail with the reason."""
+        self.metrics.memory_short()
+        reason = (f"stage {message.stage}'s PC is short of memory ({message.free_bytes / 2**20:.0f} MiB free, "
+                  f"a step needed {message.needed_bytes / 2**20:.0f} MiB)")
+        if self.suspended_since is not None:
+            return                          # the supervisor is already at it
+        if self.on_memory_short is None:
+            self._step_failed(Error(message.step_id, reason))
+            return
+        self.suspend(reason, why="memory")
+        self.on_memory_short(reason)
+
     def _step_failed(self, message: Error) -> None:
         self._decode_steps.pop(message.step_id, None)
         if self.drafting is not None:
@@ -447,6 +472,8 @@ class Scheduler:
                 self._step_done(message)
             elif isinstance(message, Error):
                 self._step_failed(message)
+            elif isinstance(message, Short):
+                self._short_of_memory(message)
             elif isinstance(message, Free):
                 event = self._freed.pop(message.message_id, None)
                 if event is not None:

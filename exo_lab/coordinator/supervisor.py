@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import enum
 import functools
 import logging
@@ -41,6 +42,7 @@ from ..engine import worker as engine_worker
 from ..errors import ClusterError, ExoLabError
 from ..planning.options import LoadOptions
 from ..planning.planner import Plan
+from . import memory
 from .control import EngineControl
 from .loop import LoopThread
 from .pipeline import Pipeline, Rebalance, is_better, load_pipeline, propose_plan, propose_rebalance, unload_engines
@@ -48,7 +50,14 @@ from .pipeline import Pipeline, Rebalance, is_better, load_pipeline, propose_pla
 logger = logging.getLogger(__name__)
 
 DEFAULT_LOAD_TIMEOUT_S = 1800.0
-MEMBERSHIP_CHECK_S = 2.0     # how often the registered engines are looked at
+MEMBERSHIP_CHECK_S = 2.0     # how often the registered engines (and their PCs' memory) are looked at
+MEMORY_REPORT_S = 5.0        # how long the stage engines get to report their memory
+MEMORY_RETRY_S = 10.0        # failed for want of memory: how often loading is tried again
+# The stages' memory is asked for at every tick while it is tight, else every MEMORY_RELAXED_S:
+# each stage engine's own check before every step (it refuses a step that would not fit) keeps
+# a PC whose memory drops between two looks safe, so looking often only matters near the edge.
+MEMORY_RELAXED_S = 15.0
+RELAXED_STEPS = 4            # "tight": less than this many worst steps spare on some stage
 STOP_WAIT_S = 15.0           # stop(): the most it waits for an idle supervisor to close the pipeline
 STOP_UNLOAD_S = 1.0          # stop(): how long other processes' engines get to free their stages
 
@@ -149,6 +158,14 @@ class PipelineLost:
     reason: str
 
 
+@dataclass(frozen=True)
+class MemoryShort:
+    """A stage of load number ``generation`` refused a step for want of memory; its scheduler
+    suspended itself (a report, not a command)."""
+    generation: int
+    reason: str
+
+
 COMMANDS = (Load, Replan, Unload, CheckMembership, Settle)
 
 
@@ -158,7 +175,7 @@ class Runtime(Protocol):
 
     def engine_ids(self) -> frozenset[int]: ...
     def load(self, options, *, check_alive, on_failure, progress: bool, timeout_s: float,
-             failover_from=None) -> Pipeline: ...
+             failover_from=None, keep_plan: bool = False) -> Pipeline: ...
     def release_moved(self, old: Pipeline, new: Pipeline) -> None: ...
     def unload(self, pipeline: Pipeline) -> None: ...
     def close(self, pipeline: Pipeline) -> None: ...
@@ -168,8 +185,10 @@ class Runtime(Protocol):
     def busy(self, pipeline: Pipeline) -> bool: ...
     def abort(self, pipeline: Pipeline, error: BaseException) -> None: ...
     def propose_rebalance(self, pipeline: Pipeline) -> Rebalance | None: ...
-    def suspend(self, pipeline: Pipeline, reason: str) -> None: ...
+    def suspend(self, pipeline: Pipeline, reason: str, why: str = "rebalance") -> None: ...
     def set_speed_factors(self, factors: dict[str, float]) -> dict[str, float]: ...
+    def memory_reports(self, pipeline: Pipeline, planned: memory.Setting) -> list[memory.StageMemory]: ...
+    def set_prefill_chunk(self, pipeline: Pipeline, chunk: int) -> None: ...
 
 
 class EngineRuntime:
@@ -184,10 +203,11 @@ class EngineRuntime:
         return frozenset(self.control.ids)
 
     def load(self, options: LoadOptions, *, check_alive, on_failure, progress: bool, timeout_s: float,
-             failover_from: Pipeline | None = None) -> Pipeline:
+             failover_from: Pipeline | None = None, keep_plan: bool = False) -> Pipeline:
         """load_pipeline (raises ModelError, PlanError or ClusterError; nothing stays loaded)."""
         return load_pipeline(self.control, self.loop, options, check_alive=check_alive, progress=progress,
-                             timeout_s=timeout_s, on_failure=on_failure, failover_from=failover_from)
+                             timeout_s=timeout_s, on_failure=on_failure, failover_from=failover_from,
+                             keep_plan=keep_plan)
 
     def release_moved(self, old: Pipeline, new: Pipeline) -> None:
         """After a failover: free the stages of the old engines that are up but hold none now."""
@@ -233,9 +253,30 @@ class EngineRuntime:
     def propose_rebalance(self, pipeline: Pipeline) -> Rebalance | None:
         return propose_rebalance(self.control, pipeline, self.loop.run(_call(pipeline.scheduler.stage_clock.ratios)))
 
-    def suspend(self, pipeline: Pipeline, reason: str) -> None:
-        """Stop the scheduler sending steps (its requests wait to be replayed) for a move."""
-        self.loop.run(_call(functools.partial(pipeline.scheduler.suspend, reason, lost=False)))
+    def suspend(self, pipeline: Pipeline, reason: str, why: str = "rebalance") -> None:
+        """Stop the scheduler sending steps (its requests wait to be replayed) for a move, or
+        (``why`` "memory") to shed KV slots."""
+        self.loop.run(_call(functools.partial(pipeline.scheduler.suspend, reason, why=why)))
+
+    def memory_reports(self, pipeline: Pipeline, planned: memory.Setting) -> list[memory.StageMemory]:
+        """Each stage engine's MemoryReport (engine.worker.memory_report), steps counted up to
+        the ``planned`` slots and for its chunks. Raises ClusterError when an engine does not answer."""
+        from ..control_types import MemoryReport, received
+
+        ids = [info.engine_id for info in pipeline.engines]
+        answers = self.control.gather(ids, engine_worker.memory_report, memory.chunks(planned.chunk), planned.slots,
+                                      timeout_s=MEMORY_REPORT_S, what="reporting its memory")
+        reports = []
+        for info in pipeline.engines:
+            answer = answers[info.engine_id]
+            if isinstance(answer, ExoLabError):
+                raise answer
+            reports.append(memory.StageMemory(info.node, received(answer, MemoryReport, f"engine {info.engine_id}")))
+        return reports
+
+    def set_prefill_chunk(self, pipeline: Pipeline, chunk: int) -> None:
+        """Feed prompts in chunks of ``chunk`` tokens from the next step on (nothing pauses)."""
+        self.loop.run(_call(functools.partial(setattr, pipeline.scheduler, "prefill_chunk", chunk)))
 
     def set_speed_factors(self, factors: dict[str, float]) -> dict[str, float]:
         """Plan with ``factors`` from now on; returns the ones in force before."""
@@ -269,6 +310,11 @@ class Supervisor:
         self.options: LoadOptions | None = None     # the model to serve: kept through a failure
         self.failure: str | None = None
         self.recovering: str | None = None
+        self.memory_note: str | None = None    # serving fewer KV slots than planned, and why
+        self._slots_changed_at = 0.0
+        self._memory_checked_at = 0.0
+        self._memory_relaxed = False           # the last look found every stage far from its edge
+        self._memory_failed_at: float | None = None   # failed for want of memory: retried by the clock
         self._generation = 0                   # loads so far: a report names the load it is about
         self._known_ids: frozenset[int] = frozenset()
         self._events: collections.deque[tuple[object, concurrent.futures.Future | None]] = collections.deque()
@@ -279,7 +325,7 @@ class Supervisor:
         self._thread: threading.Thread | None = None
         self._handlers = {Load: self._load, Replan: self._replan, Unload: self._unload,
                           CheckMembership: self._check_membership, Settle: lambda command: None,
-                          PipelineLost: self._fail_over}
+                          PipelineLost: self._fail_over, MemoryShort: self._memory_short}
 
     # ------------------------------------------------------------ asking
     def submit(self, command) -> concurrent.futures.Future:
@@ -303,6 +349,10 @@ class Supervisor:
     def settle(self) -> None:
         """Wait until everything queued before this call (reports included) is handled."""
         self.ask(Settle())
+
+    def _report_short(self, generation: int, reason: str) -> None:
+        """The scheduler's ``on_memory_short`` (on the loop thread, once it suspended itself)."""
+        self._put(MemoryShort(generation, reason), None)
 
     def _report_lost(self, generation: int, reason: str) -> None:
         """The scheduler's ``on_failure`` (on the loop thread, once it suspended itself)."""
@@ -455,8 +505,16 @@ class Supervisor:
 
     def _serve(self, pipeline: Pipeline) -> None:
         self.pipeline, self.options, self.failure = pipeline, pipeline.options, None
+        self.memory_note = self._memory_failed_at = None
+        self._watch(pipeline)
         self._known_ids = self.runtime.engine_ids()
         self._enter(State.SERVING)
+
+    def _watch(self, pipeline: Pipeline) -> None:
+        """Have ``pipeline``'s scheduler report a stage's refused step (short of memory)."""
+        scheduler = getattr(pipeline, "scheduler", None)
+        if scheduler is not None:
+            scheduler.on_memory_short = functools.partial(self._report_short, self._generation)
 
     def _drop_pipeline(self) -> None:
         pipeline, self.pipeline = self.pipeline, None
@@ -504,6 +562,12 @@ class Supervisor:
         ``replan: auto``, re-balance a serving model whose stage times drifted."""
         ids = self.runtime.engine_ids()
         if ids == self._known_ids:
+            if (self.state is State.FAILED and self._memory_failed_at is not None
+                    and time.monotonic() - self._memory_failed_at >= MEMORY_RETRY_S):
+                self._memory_failed_at = time.monotonic()
+                self._load_after_failure()
+            if self.state is State.SERVING:
+                self._check_memory()
             if self.state is State.SERVING and self.replan_auto:
                 self._check_balance()
             return
@@ -555,11 +619,15 @@ class Supervisor:
         self.runtime.release_moved(old, new)
         self._enter(State.SERVING)
 
-    def _load_over(self, old: Pipeline) -> Pipeline:
-        """The failover load: ``old``'s scheduler and requests go on over the new stages."""
-        return self.runtime.load(old.options, check_alive=self.check_alive,
-                                 on_failure=functools.partial(self._report_lost, self._generation),
-                                 progress=False, timeout_s=DEFAULT_LOAD_TIMEOUT_S, failover_from=old)
+    def _load_over(self, old: Pipeline, options: LoadOptions | None = None, keep_plan: bool = False) -> Pipeline:
+        """The failover load: ``old``'s scheduler and requests go on over the new stages
+        (``options``: default ``old``'s; ``keep_plan``: the same stages, only the KV slots change)."""
+        new = self.runtime.load(options or old.options, check_alive=self.check_alive,
+                                on_failure=functools.partial(self._report_lost, self._generation),
+                                progress=False, timeout_s=DEFAULT_LOAD_TIMEOUT_S, failover_from=old,
+                                keep_plan=keep_plan)
+        self._watch(new)
+        return new
 
     def _load_after_failure(self) -> None:
         self._enter(State.LOADING)
@@ -568,7 +636,72 @@ class Supervisor:
         except ExoLabError as exc:
             logger.warning("still cannot load %s: %s", self.options.model, exc)
             return
-        logger.warning("engines are back: %s loaded again", self.options.model)
+        logger.warning("%s loaded again", self.options.model)
+
+    # ------------------------------------------------------------ memory
+    def _check_memory(self, refused: bool = False) -> None:
+        """Feed smaller prefill chunks, shed KV slots, move layers away or give them back as the
+        stage PCs' free memory says (:mod:`.memory`). ``refused``: a stage refused a step and the
+        scheduler waits, so the pipeline loads again whatever the reports say."""
+        if not refused and self._memory_relaxed and time.monotonic() - self._memory_checked_at < MEMORY_RELAXED_S:
+            return
+        self._memory_checked_at = time.monotonic()
+        pipeline = self.pipeline
+        planned = memory.Setting(self.options.max_batch, self.options.prefill_chunk)
+        now = memory.Setting(pipeline.options.max_batch, pipeline.options.prefill_chunk)
+        try:
+            stages = self.runtime.memory_reports(pipeline, planned)
+        except ExoLabError as exc:
+            if not refused:
+                logger.warning("could not read the stages' memory: %s", exc)
+                return
+            stages = []
+        self._memory_relaxed = bool(stages) and now == planned and memory.relaxed(stages, now, RELAXED_STEPS)
+        change = memory.decide(stages, now=now, planned=planned, refused=refused,
+                               since_change_s=time.monotonic() - self._slots_changed_at)
+        if change is None and refused:
+            lower = next((s for s in memory.candidates(now.slots, planned.chunk) if memory.below(s, now)), now)
+            change = memory.Change(lower, "a stage refused a step and its memory could not be read")
+        if change is not None:
+            self._change_memory(change, planned, refused)
+
+    def _memory_short(self, report: MemoryShort) -> None:
+        if report.generation != self._generation or self.state is not State.SERVING:
+            return          # a load under way, or done since, rewires the scheduler
+        self._check_memory(refused=True)
+
+    def _change_memory(self, change: memory.Change, planned: memory.Setting, refused: bool) -> None:
+        """Serve with ``change.setting``. Only the prefill chunk changes: the scheduler takes it
+        at its next step. Else serving -> replanning -> serving: the scheduler's requests wait,
+        the model loads again by the failover path (the same stages, each keeping its weights and
+        reallocating only its KV cache; with ``change.replan`` planned again on fresh probes, so
+        a PC that cannot hold its layers gives them up), and the requests replay. -> failed when
+        the engines cannot hold the model with the memory they have (tried again by the clock)."""
+        old, setting = self.pipeline, change.setting
+        options = dataclasses.replace(old.options, max_batch=setting.slots, prefill_chunk=setting.chunk)
+        message = f"{change.reason}; serving with {setting.describe(planned)}"
+        logger.warning("%s", message)
+        if setting.slots == old.options.max_batch and not change.replan and not refused:
+            self.runtime.set_prefill_chunk(old, setting.chunk)
+            old.options = options
+        else:
+            self._enter(State.REPLANNING)
+            self.runtime.suspend(old, message, why="memory")
+            try:
+                new = self._load_over(old, options, keep_plan=not change.replan)
+            except Exception as exc:
+                if self._stop_asked:
+                    raise _Stopping from None
+                self._fail(f"{change.reason}; the PCs cannot hold the model with the memory they have now ({exc}); "
+                           f"it loads again by itself once they can (tried every {MEMORY_RETRY_S:.0f} s): free "
+                           "memory on them, add a PC, or lower max_context or max_batch")
+                self._memory_failed_at = time.monotonic()
+                return
+            self.pipeline = new
+            self.runtime.release_moved(old, new)
+            self._enter(State.SERVING)
+        self._slots_changed_at = time.monotonic()
+        self.memory_note = None if setting == planned else message
 
     # ------------------------------------------------------------ failover
     def _fail_over(self, report: PipelineLost) -> None:

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 
 from .. import envvars
 from ..control_types import GpuProbe, Probe
+from .room import UNLIMITED, cgroup_memory  # noqa: F401  (their home before room.py)
 
 
 def probe_resources(use_gpu: bool = True) -> Probe:
@@ -19,6 +19,12 @@ def probe_resources(use_gpu: bool = True) -> Probe:
     limited = cgroup_memory()
     if limited is not None:       # a container, a systemd slice: its limit is this PC's RAM
         total, free = min(total, limited[0]), min(free, limited[1])
+    # What this engine holds is its own to plan with: the planner charges a stage plus the
+    # engine's runtime overhead, and the next load frees (or keeps) the stage held now. So a
+    # re-plan while it serves (a failover, a re-balance, a move away from a PC short of memory)
+    # does not count the engine's own memory as used by someone else.
+    rss = int(psutil.Process().memory_info().rss)
+    free = min(total, free + max(rss, held_stage_bytes()))
     gpus = []
     if use_gpu and torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
@@ -39,58 +45,18 @@ def probe_resources(use_gpu: bool = True) -> Probe:
         mps=mps,
         torch_version=str(torch.__version__),
         torch_cuda=torch.version.cuda,   # None: a CPU-only torch build (gpu: true cannot use a GPU)
-        rss_bytes=int(psutil.Process().memory_info().rss),
+        rss_bytes=rss,
     )
 
 
-UNLIMITED = 1 << 60       # a cgroup limit at or past this is none (v1 writes "no limit" as ~2^63)
+def held_stage_bytes() -> int:
+    """Bytes of the stage this engine holds (weights and KV slots), 0 without one."""
+    from .worker import current_worker
 
-
-def cgroup_memory(root: str | os.PathLike = "/sys/fs/cgroup", self_cgroup: str | os.PathLike = "/proc/self/cgroup"
-                  ) -> tuple[int, int] | None:
-    """(limit, free) bytes of the Linux memory cgroup this process runs in when it has a limit
-    (a container, a systemd slice or user session with MemoryMax, a netlab PC), ancestors' limits
-    included; free = limit - (charge - inactive file cache, which the kernel reclaims before it
-    kills). None without a limit, off Linux, or where the cgroup files cannot be read: the OS's
-    figures stand. cgroup v1 (memory controller) or v2 (unified)."""
-    try:
-        lines = Path(self_cgroup).read_text().splitlines()
-    except OSError:
-        return None
-    entries = [line.split(":", 2) for line in lines if line.count(":") >= 2]
-    v1 = next((path for _, controllers, path in entries if "memory" in controllers.split(",")), None)
-    v2 = next((path for hierarchy, controllers, path in entries if hierarchy == "0" and not controllers), None)
-    try:
-        if v1 is not None:
-            folder = Path(root, "memory", v1.lstrip("/"))
-            stat = _cgroup_stat(folder / "memory.stat")
-            limit = min(stat.get("hierarchical_memory_limit", UNLIMITED), _cgroup_int(folder / "memory.limit_in_bytes"))
-            charged = _cgroup_int(folder / "memory.usage_in_bytes") - stat.get("total_inactive_file", 0)
-        elif v2 is not None:
-            folder = Path(root, v2.lstrip("/"))
-            limit = min([_cgroup_int(group / "memory.max") for group in (folder, *folder.parents)
-                         if (group / "memory.max").exists() and Path(root) in (group, *group.parents)]
-                        or [UNLIMITED])
-            charged = _cgroup_int(folder / "memory.current") - _cgroup_stat(folder / "memory.stat").get("inactive_file", 0)
-        else:
-            return None
-    except (OSError, ValueError):
-        return None
-    if limit >= UNLIMITED:
-        return None
-    return limit, max(0, limit - max(0, charged))
-
-
-def _cgroup_int(path: Path) -> int:
-    text = path.read_text().strip()
-    return UNLIMITED if text == "max" else int(text)
-
-
-def _cgroup_stat(path: Path) -> dict[str, int]:
-    try:
-        return {key: int(value) for key, value in (line.split() for line in path.read_text().splitlines())}
-    except (OSError, ValueError):
-        return {}
+    worker = current_worker()
+    if worker is None:
+        return 0
+    return int(worker.stage.parameter_bytes() + worker.stage.kv_cache_bytes())
 
 
 def usable_cores() -> int:
@@ -131,32 +97,3 @@ def bare_runtime_rss(model_id: str | None = None) -> int:
         num_layers = read_model_config(folder)["num_hidden_layers"]
         stage_skeleton(ShardSpec(str(folder), 0, 1, num_layers))
     return int(psutil.Process().memory_info().rss)
-
-
-def memory() -> dict:
-    """This engine's resident and peak resident bytes."""
-    import psutil
-
-    info = psutil.Process().memory_info()
-    return {"rss_bytes": int(info.rss), "peak_rss_bytes": _peak_rss_bytes()}
-
-
-def _peak_rss_bytes() -> int:
-    """This process's peak resident set size. On Linux VmHWM, which starts afresh at exec:
-    ru_maxrss would include the RSS of the parent that forked the engine."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import resource
-
-        scale = 1 if os.uname().sysname == "Darwin" else 1024   # ru_maxrss: bytes on macOS, KiB elsewhere
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
-    except (ImportError, AttributeError):  # Windows has no resource module
-        import psutil
-
-        return int(getattr(psutil.Process().memory_info(), "peak_wset", 0))

@@ -25,12 +25,16 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
-from ..control_types import EngineState, EngineStatus, LoadedStage, ShardSpec, StageStatus, received
-from .probe import memory
+from ..control_types import EngineState, EngineStatus, LoadedStage, MemoryReport, ShardSpec, StageStatus, received
+from .room import MemoryRoom, memory
 
 logger = logging.getLogger(__name__)
 
 NAMESPACE_NAME = "exo_stage"
+# What a step may need beyond the stage's own estimate (allocator slack, Python objects): a step
+# runs only when its PC has its estimate plus this free, else it is refused before allocating.
+STEP_MARGIN_BYTES = 32 * 2**20
+VERIFY_TOKENS = 8      # the longest decode row the memory report counts (speculation's verify rows)
 _worker: "StageWorker | None" = None
 _torch_thread: "TorchThread | None" = None
 _torch_thread_lock = threading.Lock()
@@ -84,6 +88,7 @@ class WorkerStats:
     tokens: int = 0
     errors: int = 0
     dropped: int = 0            # malformed messages the inbox refused
+    refused: int = 0            # steps refused because the PC was short of memory
     busy_s: float = 0.0
     last_forward_ms: float = 0.0
     state: EngineState = EngineState.IDLE
@@ -92,8 +97,9 @@ class WorkerStats:
 class StageWorker:
     """One pipeline stage plus the thread that feeds it from the data plane."""
 
-    def __init__(self, stage, inbox, stage_index: int, num_stages: int):
+    def __init__(self, stage, inbox, stage_index: int, num_stages: int, room: MemoryRoom | None = None):
         self.stage = stage
+        self.room = room if room is not None else MemoryRoom()   # this PC's free memory, read per step
         self.inbox = inbox
         self.stage_index = stage_index
         self.num_stages = num_stages
@@ -180,6 +186,8 @@ class StageWorker:
         embeds = self.is_last and any(row.embed for row in message.rows)
         verifies = self.is_last and any(row.verify for row in message.rows)
         keep = message.tensor.shape[1] if verifies else 1
+        if self._refused(message, keep):
+            return
         output = self.stage.forward(message.tensor, slots, [row.position for row in message.rows], hidden=embeds,
                                     keep=keep)
         elapsed_ms = (time.perf_counter() - started) * 1e3
@@ -204,6 +212,41 @@ class StageWorker:
         self.stats.tokens += sum(row.sample for row in rows) + sum(map(len, verified))
         self._send(Sampled(message.step_id, token_ids, stage_ms, logprobs, vectors, verified))
 
+    def _refused(self, message, keep: int) -> bool:
+        """Refuse the step, before allocating anything, when this PC has less free memory than
+        the step needs (plus STEP_MARGIN_BYTES): a SHORT goes to the coordinator, which sheds KV
+        slots and replays the rows. An engine past its PC's memory is killed by the OS."""
+        from ..wire import Short
+
+        rows, tokens = message.tensor.shape[0], message.tensor.shape[1]
+        length = max(row.position for row in message.rows) + tokens
+        need = self.stage.step_bytes(rows, tokens, length, keep) + STEP_MARGIN_BYTES
+        free = self.room.free_bytes(enough=need)
+        if free >= need:
+            return False
+        self.stats.refused += 1
+        logger.warning("stage %d refused step %d: %d MiB free on this PC, the step needs %d MiB",
+                       self.stage_index, message.step_id, free >> 20, need >> 20)
+        self._send(Short(message.step_id, self.stage_index, free, need))
+        return True
+
+    def memory_report(self, chunks: tuple[int, ...], up_to: int = 1) -> MemoryReport:
+        """This stage's memory now (MemoryReport): what the coordinator's memory watch decides
+        by; steps counted for 1 to max(its slots, ``up_to``) rows, and prefill ``chunks``."""
+        stage = self.stage
+        slots = stage.spec.max_batch
+        rows = max(slots, up_to)
+        context = stage.max_context
+        decode = tuple(STEP_MARGIN_BYTES + stage.step_bytes(s, VERIFY_TOKENS, context, VERIFY_TOKENS)
+                       for s in range(1, rows + 1))
+        # a chunk's tokens in one row (a prompt), or spread over several (embeddings)
+        prefill = tuple(STEP_MARGIN_BYTES + max(stage.step_bytes(r, max(1, min(chunk, context) // r), context)
+                                                for r in range(1, min(rows, chunk) + 1))
+                        for chunk in chunks)
+        return MemoryReport(free_bytes=self.room.free_bytes(), limit_bytes=self.room.limit_bytes() or 0,
+                            slots=slots, kv_slot_bytes=stage.kv_cache_bytes() // slots, decode_bytes=decode,
+                            prefill_chunks=tuple(chunks), prefill_bytes=prefill)
+
     def _send(self, message) -> None:
         self.outbox.send(message)
 
@@ -227,7 +270,7 @@ class StageWorker:
             tokens=stats.tokens, errors=stats.errors, dropped_messages=stats.dropped, busy_s=stats.busy_s,
             last_forward_ms=stats.last_forward_ms, active_requests=len(self.active_slots),
             kv_slots=spec.max_batch, kv_cache_bytes=self.stage.kv_cache_bytes(),
-            parameter_bytes=self.stage.parameter_bytes())
+            parameter_bytes=self.stage.parameter_bytes(), refused_steps=stats.refused)
 
 
 def sample_rows(logits, rows, steps: int) -> tuple[tuple[int, ...], tuple]:
@@ -325,10 +368,14 @@ def load_stage(spec: ShardSpec, stage_index: int, num_stages: int, bind_host: st
     spec = replace(spec, model_dir=str(model_dir))
     # the same layers again (a re-plan that left this stage as it was): keep the weights; the
     # requests replayed after a failover write their KV slots afresh from position 0
+    # (shedding KV slots, or giving them back, reloads with the same layers and another max_batch:
+    # the weights stay and only the KV cache is allocated again)
     previous = current_worker()
-    kept = previous.stage if previous is not None and previous.stage.spec == spec else None
+    kept = previous.stage if previous is not None and previous.stage.spec.same_layers(spec) else None
     unload_stage()
     started = time.perf_counter()
+    if kept is not None and kept.spec.max_batch != spec.max_batch:
+        torch_thread().submit(kept.resize_slots, spec.max_batch).result()
     stage = kept if kept is not None else torch_thread().submit(
         build_stage, spec, ensure_tensors=ensure_tensors).result()
     inbox = Inbox(zmq.Context.instance(), host=bind_host, port=ports or 0, advertise_host=advertise_host,
@@ -358,13 +405,26 @@ def unload_stage() -> bool:
     _publish(None)
     import gc
 
+    from ..model.shard import release_free_memory
+
     gc.collect()
+    release_free_memory()       # the PC gets the stage's memory back now, not at the next load
     return True
 
 
 def current_worker() -> "StageWorker | None":
     """This engine's live stage worker (the same object as ``exo_stage`` in %%px), or None."""
     return _worker
+
+
+def memory_report(chunks: tuple[int, ...], up_to: int = 1) -> MemoryReport:
+    """This engine's stage's MemoryReport (the coordinator's memory watch). Raises ClusterError
+    when no stage is loaded."""
+    from ..errors import ClusterError
+
+    if _worker is None:
+        raise ClusterError("no stage is loaded on this engine")
+    return _worker.memory_report(tuple(chunks), up_to)
 
 
 def worker_status() -> EngineStatus:

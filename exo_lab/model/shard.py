@@ -108,6 +108,41 @@ class Stage(nn.Module):
         """Allocate the KV slots the plan reserved: max_batch sequences x max_context positions."""
         self.kv = self.new_cache(self.spec.max_batch, self.max_context)
 
+    def resize_slots(self, num_slots: int) -> None:
+        """Hold ``num_slots`` KV slots from now on (what they held is forgotten: the requests
+        replay): the old cache is freed before the new one is allocated, so shedding slots never
+        needs both at once."""
+        self.kv = None
+        import gc
+
+        gc.collect()
+        release_free_memory()
+        self.spec = self.spec.with_batch(num_slots)
+        self.allocate_kv()
+
+    def step_bytes(self, rows: int, tokens: int, length: int, keep: int = 1) -> int:
+        """The most memory a forward of ``rows`` rows of ``tokens`` new tokens attending over
+        ``length`` positions allocates beyond the stage's weights and KV slots (an upper bound
+        the engine checks against its PC's free memory before every step): one layer's
+        activations at a time, the step's masks, the rows' keys and values gathered when their
+        slots are not consecutive, SDPA's scores and probabilities, and on the last stage the
+        logits kept. float32 throughout: norms and softmax upcast."""
+        config = self.stage_config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        # per token in one layer: the residual, normed and output hidden states, the fused q/k/v
+        # and attention output, and the MLP's gate/up product, activation and their product
+        # alive together, with room for the allocator's free blocks of the previous layer
+        # (tests/test_step_memory.py measures a forward's peak resident memory against it)
+        per_token = (8 * config.hidden_size + 4 * heads * head_dim + 6 * config.intermediate_size) * 4
+        element = self.kv.keys[0].element_size() if self.kv is not None else 4
+        masks = len(set(self.layer_types)) * rows * tokens * length * element
+        gathered = 2 * rows * kv_heads * length * head_dim * element
+        scores = 2 * rows * heads * tokens * length * 4
+        logits = rows * keep * config.vocab_size * 4 if self.spec.is_last else 0
+        return rows * tokens * per_token + masks + gathered + scores + logits
+
     def new_cache(self, num_slots: int, max_context: int) -> SlotCache:
         """A KV cache of this stage's shape (experiments use a private one of their own)."""
         return SlotCache.for_config(self.stage_config, len(self.layers), num_slots, max_context,
@@ -245,6 +280,23 @@ class Stage(nn.Module):
             raise ValueError(f"stage {self.spec.start_layer} takes hidden states (B, T, "
                              f"{self.stage_config.hidden_size}), got {tuple(inputs.shape)}")
         return inputs.to(self.device, self.dtype)
+
+
+def release_free_memory() -> None:
+    """Give the allocator's free memory back to the OS (glibc's malloc_trim), so a freed KV
+    cache leaves the PC's memory at once: glibc keeps large blocks freed in its heap for the next
+    allocation (its mmap threshold rises after the first large free), and a PC short of memory
+    would see none of it come back. A no-op off glibc (macOS, Windows, musl)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
 
 
 def _stage_config(config, spec: ShardSpec):

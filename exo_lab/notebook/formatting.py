@@ -139,6 +139,9 @@ def metrics_line(metrics: dict | None) -> str:
     if metrics.get("failovers_total"):
         slots += (f"; {metrics['failovers_total']} failover(s), {metrics['replayed_requests_total']} replayed, "
                   f"last pause {metrics['last_failover_pause_s'] or 0:.1f} s")
+    if metrics.get("refused_steps_total"):
+        slots += (f"; short of memory: {_count(metrics['refused_steps_total'], 'step')} refused, "
+                  f"KV slots shed {metrics.get('sheds_total', 0)} time(s)")
     if metrics.get("draft_tokens_total"):
         slots += (f"; speculation: {metrics['draft_acceptance_rate']:.0%} of drafts accepted, "
                   f"{metrics['tokens_per_verify_trip']:.1f} tokens per trip")
@@ -157,6 +160,8 @@ def title_line(status: dict) -> str:
     text = f"cluster {status.get('cluster_name', '?')}: {', '.join(parts)}, {_count(engines, 'engine')}"
     if status.get("failure"):
         text += f" - {status['failure']}"
+    if status.get("memory"):
+        text += f" - {status['memory']}"
     return text
 
 

@@ -172,7 +172,11 @@ def _read_file(path: Path, names: list[str], spec: ShardSpec) -> dict[str, torch
                 if name not in present:
                     raise ModelError(f"{path} does not contain tensor {name}, though the index "
                                      f"says it does; re-download the model")
-                tensors[name] = handle.get_tensor(name).to(dtype)
+                # copied even when the dtype matches: a tensor of the file's own dtype would stay a
+                # view of safetensors' mmap, file pages the kernel drops under memory pressure and
+                # reads back at every step (a PC short of memory thrashes instead of saying so);
+                # copied, the weights are the engine's own memory, charged and counted as planned
+                tensors[name] = handle.get_tensor(name).to(dtype, copy=True)
             return tensors
     except ModelError:
         raise

@@ -32,6 +32,7 @@ Wire format, one ZeroMQ multipart message per message:
     token ids, then the vectors (rows x hidden f32);
   - FREE: the slot as u16; ERROR: the message as UTF-8 (at most ``MAX_ERROR_BYTES``);
   - COPY: ``COPY_BODY`` (src slot u16, dst slot u16, length u32);
+  - SHORT: ``SHORT_BODY`` (stage u16, free bytes u64, needed bytes u64);
   - PING, SHUTDOWN: nothing;
 - frame 1, FORWARD only: the tensor's raw bytes, C-contiguous, native little-endian.
 """
@@ -48,7 +49,7 @@ from ..errors import ClusterError
 from ..sampling import MAX_ALLOWED_BYTES, MAX_LOGPROBS, MAX_RULE_BIAS, MAX_SEED, LogitRule, SamplingSettings, TokenLogprob
 
 MAGIC = b"EX"
-VERSION = 5
+VERSION = 6
 HEADER = struct.Struct("<2sBBQ")           # magic, version, kind, id
 FORWARD_BODY = struct.Struct("<HBBB")      # rows, dtype, ndim, stages
 ROW = struct.Struct("<HIBddIQ")            # slot, position, flags, temperature, top_p, top_k, seed
@@ -60,6 +61,7 @@ LOGPROB_COUNT = struct.Struct("<B")        # top alternatives of a row's logprob
 LOGPROB = struct.Struct("<Id")             # token id, logprob
 NO_LOGPROB = 0xFF
 COPY_BODY = struct.Struct("<HHI")          # src slot, dst slot, length
+SHORT_BODY = struct.Struct("<HQQ")         # stage, its PC's free bytes, what the step needed
 SLOT = struct.Struct("<H")
 DIM = struct.Struct("<I")
 MS = struct.Struct("<f")
@@ -85,6 +87,7 @@ class Kind(enum.IntEnum):
     PING = 5
     SHUTDOWN = 7
     COPY = 8
+    SHORT = 9
 
 
 class FrameError(ClusterError, ValueError):
@@ -183,6 +186,18 @@ class Error:
 
 
 @dataclass(frozen=True)
+class Short:
+    """A stage refused this step before allocating: its PC had ``free_bytes`` free and the
+    step needed ``needed_bytes`` (the PC's memory shrank). The step's rows are not lost: the
+    coordinator sheds KV slots and replays them."""
+
+    step_id: int
+    stage: int
+    free_bytes: int
+    needed_bytes: int
+
+
+@dataclass(frozen=True)
 class Ping:
     """Travels the ring unchanged: the pipeline answers."""
 
@@ -196,7 +211,7 @@ class Shutdown:
     message_id: int = 0
 
 
-Message = Forward | Sampled | Free | Error | Ping | Shutdown | Copy
+Message = Forward | Sampled | Free | Error | Ping | Shutdown | Copy | Short
 
 # dtype <-> wire code: append, never renumber.
 _DTYPE_CODES: dict[torch.dtype, int] = {
@@ -205,7 +220,7 @@ _DTYPE_CODES: dict[torch.dtype, int] = {
 _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 _ITEMSIZES = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in _DTYPE_CODES}
 _KIND_OF = {Forward: Kind.FORWARD, Sampled: Kind.SAMPLED, Free: Kind.FREE, Error: Kind.ERROR,
-            Ping: Kind.PING, Shutdown: Kind.SHUTDOWN, Copy: Kind.COPY}
+            Ping: Kind.PING, Shutdown: Kind.SHUTDOWN, Copy: Kind.COPY, Short: Kind.SHORT}
 _KINDS = {kind.value: kind for kind in Kind}
 
 
@@ -238,12 +253,17 @@ def encode(msg: Message) -> list[bytes | memoryview]:
         _check_range(msg.dst_slot, 0, MAX_ROWS, "dst_slot", message_id)
         _check_range(msg.length, 0, 2**32 - 1, "length", message_id)
         return [header + COPY_BODY.pack(msg.src_slot, msg.dst_slot, msg.length)]
+    if kind is Kind.SHORT:
+        _check_range(msg.stage, 0, MAX_STAGES, "stage", message_id)
+        _check_u64(msg.free_bytes, "free_bytes")
+        _check_u64(msg.needed_bytes, "needed_bytes")
+        return [header + SHORT_BODY.pack(msg.stage, msg.free_bytes, msg.needed_bytes)]
     return [header]
 
 
 def msg_id(msg: Message) -> int:
     """The id a message carries in its header (a step id, or the message's own id)."""
-    return msg.step_id if isinstance(msg, (Forward, Sampled, Error)) else msg.message_id
+    return msg.step_id if isinstance(msg, (Forward, Sampled, Error, Short)) else msg.message_id
 
 
 def _encode_forward(header: bytes, msg: Forward) -> list:
@@ -443,6 +463,12 @@ def decode(frames: list) -> Message:
         if len(body) != COPY_BODY.size:
             raise FrameError(f"COPY {message_id} has {len(body)} body bytes, not {COPY_BODY.size}", message_id)
         return Copy(message_id, *COPY_BODY.unpack_from(body))
+    if kind is Kind.SHORT:
+        if len(body) != SHORT_BODY.size:
+            raise FrameError(f"SHORT {message_id} has {len(body)} body bytes, not {SHORT_BODY.size}", message_id)
+        stage, free_bytes, needed_bytes = SHORT_BODY.unpack_from(body)
+        _check_range(stage, 0, MAX_STAGES, "stage", message_id)
+        return Short(message_id, stage, free_bytes, needed_bytes)
     if len(body):
         raise FrameError(f"{kind.name} {message_id} has {len(body)} stray bytes", message_id)
     return {Kind.PING: Ping, Kind.SHUTDOWN: Shutdown}[kind](message_id)
