@@ -207,12 +207,16 @@ class Netlab:
 
     def leave_free(self, name: str, free_bytes: int) -> int:
         """Lower PC ``name``'s limit so that ``free_bytes`` stay free beside what its processes
-        hold now (the cache the kernel reclaims first counted as free), as when its owner opens
+        hold now (the page cache the kernel reclaims counted as free, as an engine counts it:
+        exo_lab.engine.room.reclaimable), as when its owner opens
         a big program; returns the new limit. The kernel refuses (EBUSY) a limit it cannot
         reclaim down to: each refusal tries 8 MiB higher."""
+        from exo_lab.engine.room import reclaimable
+
         group = self._cgroups[name]
-        stat = dict(line.split() for line in (group / "memory.stat").read_text().splitlines())
-        held = int((group / "memory.usage_in_bytes").read_text()) - int(stat["total_inactive_file"])
+        stat = {key: int(value) for key, value in
+                (line.split() for line in (group / "memory.stat").read_text().splitlines())}
+        held = int((group / "memory.usage_in_bytes").read_text()) - reclaimable(stat, 1)
         for extra in range(0, 64 * 2**20, 8 * 2**20):
             limit = held + free_bytes + extra
             try:

@@ -30,6 +30,11 @@ def test_v1_takes_the_hierarchical_limit_and_leaves_inactive_cache_free(tmp_path
         "memory.limit_in_bytes": str(8 * GB), "memory.usage_in_bytes": str(3 * GB),
         "memory.stat": f"total_inactive_file {GB}\nhierarchical_memory_limit {6 * GB}\n"})
     assert cgroup_memory(tmp_path, tmp_path / "self") == (6 * GB, 4 * GB)
+    # active clean cache is reclaimable too; mapped, dirty and under-writeback pages are not
+    (tmp_path / "memory" / "office" / "pc" / "memory.stat").write_text(
+        f"total_inactive_file {GB}\ntotal_active_file {GB}\ntotal_mapped_file {GB // 4}\ntotal_dirty {GB // 4}\n"
+        f"hierarchical_memory_limit {6 * GB}\n")
+    assert cgroup_memory(tmp_path, tmp_path / "self") == (6 * GB, int(4.5 * GB))
 
 
 def test_v2_takes_the_lowest_limit_of_the_group_and_its_parents(tmp_path):

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import urllib.request
 
 import pytest
@@ -109,6 +110,16 @@ def test_when_a_pc_s_memory_shrinks_mid_run_kv_slots_are_shed_and_nothing_is_los
 
     undisturbed = [ask(text) for text in texts]                      # one at a time, memory as planned
     assert get_json(lab.api + "/health").get("memory") is None
+    notes, done = [], threading.Event()
+
+    def watch_health():                        # what /health says while it happens
+        while not done.wait(0.5):
+            note = get_json(lab.api + "/health").get("memory")
+            if note:
+                notes.append(note)
+
+    watcher = threading.Thread(target=watch_health, daemon=True)
+    watcher.start()
     # system-c's owner opens a big program: less room beside the stage than its worst step needs
     limit = lab.net.leave_free("system-c", SHRUNK_FREE)
     try:
@@ -116,22 +127,22 @@ def test_when_a_pc_s_memory_shrinks_mid_run_kv_slots_are_shed_and_nothing_is_los
             answers = list(pool.map(ask, texts * 2))                 # 8 streams on 4 slots
     except Exception as exc:
         raise AssertionError(f"{exc!r}; the server said:\n{''.join(lab.server_output[-60:])}") from exc
-    health = get_json(lab.api + "/health")
-    status = get_json(lab.api + "/v1/cluster/status")
+    finally:
+        done.set()
+        watcher.join()
     with urllib.request.urlopen(lab.api + "/metrics", timeout=30) as response:
         metrics = response.read().decode()
     memory = {name: lab.net.memory(name) for name in COMPUTE}
     assert answers == undisturbed * 2                                # nothing lost, identical tokens
     assert all(m["oom_kills"] == 0 for m in memory.values()), memory
     assert memory["system-c"]["limit"] == limit and charged(lab.net, "system-c") <= limit
-    # it says so: fewer slots than planned (more may have come back since: the kernel ages the
-    # page cache the engines read at load, and the memory watch counts aged cache as free)
-    assert health["status"] == "ok" and f"of {MAX_BATCH} KV slots" in health["memory"], health
-    assert f"of {MAX_BATCH} KV slots" in status["memory"] and status["metrics"]["kv_slots"] < MAX_BATCH, status
-    assert "system-c" not in json.dumps(health)             # /health is open to anyone: no host names
+    # /health said so while it lasted: fewer KV slots than planned, and no host name (it is open
+    # to anyone); the coordinator's log names the PC. (Slots may come back before the end: the
+    # kernel ages the page cache the engines read at load, and the watch counts it as free.)
+    assert notes and all(f"of {MAX_BATCH} KV slots" in note and "system-c" not in note for note in notes), notes
+    assert "system-c.local is short of memory" in "".join(lab.server_output)
     sheds = re.search(r"^exo_lab_memory_sheds_total\S* (\S+)$", metrics, re.M)
     assert sheds and float(sheds.group(1)) >= 1, metrics
-    assert "system-c.local is short of memory" in "".join(lab.server_output)     # the log names the PC
 
 
 def reference(model) -> str:

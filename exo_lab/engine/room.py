@@ -14,8 +14,8 @@ def cgroup_memory(root: str | os.PathLike = "/sys/fs/cgroup", self_cgroup: str |
                   ) -> tuple[int, int] | None:
     """(limit, free) bytes of the Linux memory cgroup this process runs in when it has a limit
     (a container, a systemd slice or user session with MemoryMax, a netlab PC), ancestors' limits
-    included; free = limit - (charge - inactive file cache, which the kernel reclaims before it
-    kills). None without a limit, off Linux, or where the cgroup files cannot be read: the OS's
+    included; free = limit - (charge - the page cache the kernel reclaims before it kills:
+    :func:`reclaimable`). None without a limit, off Linux, or where the cgroup files cannot be read: the OS's
     figures stand. cgroup v1 (memory controller) or v2 (unified)."""
     group = _memory_group(root, self_cgroup)
     return None if group is None else group.read()
@@ -36,18 +36,32 @@ class _MemoryGroup:
                 stat = _cgroup_stat(self.folder / "memory.stat")
                 limit = min(stat.get("hierarchical_memory_limit", UNLIMITED),
                             _cgroup_int(self.folder / "memory.limit_in_bytes"))
-                charged = _cgroup_int(self.folder / "memory.usage_in_bytes") - stat.get("total_inactive_file", 0)
+                charged = _cgroup_int(self.folder / "memory.usage_in_bytes") - reclaimable(stat, 1)
             else:
                 limit = min([_cgroup_int(group / "memory.max") for group in (self.folder, *self.folder.parents)
                              if (group / "memory.max").exists() and self.root in (group, *group.parents)]
                             or [UNLIMITED])
                 charged = (_cgroup_int(self.folder / "memory.current")
-                           - _cgroup_stat(self.folder / "memory.stat").get("inactive_file", 0))
+                           - reclaimable(_cgroup_stat(self.folder / "memory.stat"), 2))
         except (OSError, ValueError):
             return None
         if limit >= UNLIMITED:
             return None
         return limit, max(0, limit - max(0, charged))
+
+
+def reclaimable(stat: dict[str, int], version: int) -> int:
+    """Bytes of a memory cgroup's charge the kernel frees before it kills anyone: its clean page
+    cache that no process maps (the files a worker fetched and an engine read at load, say).
+    Mapped, dirty and under-writeback file pages are left out: a mapped page dropped is read back
+    at its next use, and the others must be written first."""
+    if version == 1:
+        cache = stat.get("total_inactive_file", 0) + stat.get("total_active_file", 0)
+        held = sum(stat.get(key, 0) for key in ("total_mapped_file", "total_dirty", "total_writeback"))
+    else:
+        cache = stat.get("file", stat.get("inactive_file", 0) + stat.get("active_file", 0))
+        held = sum(stat.get(key, 0) for key in ("file_mapped", "file_dirty", "file_writeback"))
+    return max(0, cache - held)
 
 
 def _memory_group(root, self_cgroup) -> _MemoryGroup | None:

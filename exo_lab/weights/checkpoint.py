@@ -53,10 +53,49 @@ def load_stage(spec: ShardSpec, ensure_tensors=None) -> Stage:
         ensure_tensors(list(wanted.values()))
     by_checkpoint_name = _read_tensors(wanted.values(), weight_map, spec)
     stage.load_weights({local: by_checkpoint_name[name] for local, name in wanted.items()})
+    del by_checkpoint_name
     make_ready(stage)
+    own_weights(stage)
     logger.info("loaded layers [%d, %d) of %s: %.1f MB on %s", spec.start_layer, spec.stop_layer,
                 spec.model_dir, stage.parameter_bytes() / 1e6, spec.device)
     return stage
+
+
+def own_weights(stage: Stage) -> None:
+    """Copy into the engine's own memory every weight still a view of a safetensors file's mmap
+    (those of the file's own dtype that no step of make_ready rebuilt; found in /proc/self/maps,
+    so on Linux only: elsewhere they stay mapped).
+    Mapped file pages are memory the kernel may drop and read back: on a PC short of memory the
+    engine would reread its weights from disk at every step (thrash) instead of its shortage
+    showing. Copied after make_ready, so the products it fuses or packs (most of a layer's
+    weights, new memory already) are never copied twice; a weight shared by two modules (a tied
+    head) stays shared. Then the allocator's free memory goes back to the OS."""
+    from ..model.shard import release_free_memory
+
+    mapped = _mapped_safetensors()
+    if not mapped:
+        return
+    copies: dict[int, torch.nn.Parameter] = {}
+    for module in stage.modules():
+        for name, tensor in list(module._parameters.items()):
+            if tensor is None or tensor.device.type != "cpu" or not any(a <= tensor.data_ptr() < b for a, b in mapped):
+                continue
+            key = tensor.data_ptr()
+            if key not in copies:
+                copies[key] = torch.nn.Parameter(tensor.detach().clone(), requires_grad=False)
+            module._parameters[name] = copies[key]
+    release_free_memory()
+
+
+def _mapped_safetensors() -> list[tuple[int, int]]:
+    """The address ranges where this process maps .safetensors files (empty off Linux)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            lines = [line.split() for line in maps]
+    except OSError:
+        return []
+    return [tuple(int(x, 16) for x in parts[0].split("-")) for parts in lines
+            if len(parts) >= 6 and parts[5].endswith(".safetensors")]
 
 
 def make_ready(stage: Stage) -> Stage:
@@ -172,11 +211,7 @@ def _read_file(path: Path, names: list[str], spec: ShardSpec) -> dict[str, torch
                 if name not in present:
                     raise ModelError(f"{path} does not contain tensor {name}, though the index "
                                      f"says it does; re-download the model")
-                # copied even when the dtype matches: a tensor of the file's own dtype would stay a
-                # view of safetensors' mmap, file pages the kernel drops under memory pressure and
-                # reads back at every step (a PC short of memory thrashes instead of saying so);
-                # copied, the weights are the engine's own memory, charged and counted as planned
-                tensors[name] = handle.get_tensor(name).to(dtype, copy=True)
+                tensors[name] = handle.get_tensor(name).to(dtype)   # the file's dtype: a view of its mmap
             return tensors
     except ModelError:
         raise
