@@ -58,7 +58,7 @@ def test_docs_config_md_is_the_schema_s_table():
 def test_each_command_takes_exactly_the_schema_s_flags(command):
     parsers = {"plan": [subcommand("plan")], "server": [build_server_parser(), subcommand("serve")]}[command]
     wanted = {settings.setting(path).flag_name for path in settings.COMMAND_FLAGS[command]}
-    own = {"plan": {"--config", "--json"}, "server": {"--config", "--engines", "--max-cores", "-v", "--verbose"}}[command]
+    own = {"plan": {"--config", "--json", "--measure"}, "server": {"--config", "--engines", "--max-cores", "-v", "--verbose"}}[command]
     for parser in parsers:
         flags = {option for action in parser._actions for option in action.option_strings} - {"-h", "--help"}
         assert flags - own == wanted
