@@ -108,8 +108,9 @@ def test_when_a_pc_s_memory_shrinks_mid_run_kv_slots_are_shed_and_nothing_is_los
         return lab.client.completions.create(model=str(lab.model), prompt=text, max_tokens=MAX_TOKENS,
                                              temperature=0).choices[0].text
 
-    undisturbed = [ask(text) for text in texts]                      # one at a time, memory as planned
-    assert get_json(lab.api + "/health").get("memory") is None
+    # one at a time, before system-c shrinks (a PC planned close to its limit may already feed
+    # smaller chunks here: the watch's worst step is an upper bound, the planner's workspace not)
+    undisturbed = [ask(text) for text in texts]
     notes, done = [], threading.Event()
 
     def watch_health():                        # what /health says while it happens
