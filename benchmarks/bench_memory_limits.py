@@ -38,17 +38,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]     # runnable before pip instal
 
 import netlab  # noqa: E402
 from limited_lab import charged, limited_cluster  # noqa: E402
+from tables import table  # noqa: E402  (benchmarks/tables.py)
 
 COMPUTE = ("system-b", "system-c", "system-d")
 GB = 10**9
-
-
-def table(rows: list[dict]) -> str:
-    keys = list(rows[0])
-    widths = [max(len(str(k)), *(len(str(r[k])) for r in rows)) for k in keys]
-    lines = ["  ".join(str(k).ljust(w) for k, w in zip(keys, widths))]
-    lines += ["  ".join(str(r[k]).ljust(w) for k, w in zip(keys, widths)) for r in rows]
-    return "\n".join(lines)
 
 
 def get_json(url: str) -> dict:

@@ -17,7 +17,7 @@ from .config import ClusterConfig, config_from_dict, load_config
 from .coordinator.control import DEFAULT_START_TIMEOUT_S, EngineControl, EngineInfo
 from .coordinator.loop import LoopThread
 from .coordinator.supervisor import DEFAULT_LOAD_TIMEOUT_S, EngineRuntime, Load, Replan, Supervisor, Unload
-from .errors import ClusterError
+from .errors import ClusterError, ModelError
 from .sampling import GenerationResult, SamplingParams, StreamEvent
 
 if TYPE_CHECKING:
@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STOP_JOIN_S = 5.0     # stop(): how long a load or failover under way gets to end with the engines
-_SAMPLING_ARGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "speculative")
+_SAMPLING_ARGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "speculative",
+                  "adapter")
 
 
 class Cluster:
@@ -332,16 +333,17 @@ class Cluster:
 
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop=None, ignore_eos: bool = False,
-                 speculative: bool | str = True) -> GenerationResult:
+                 speculative: bool | str = True, adapter: str | None = None) -> GenerationResult:
         """Continue a prompt (a string, or token ids). Returns text, new token ids, finish reason
         and timings. temperature 0 is greedy; ``seed`` makes sampling reproducible; ``stop`` is a
         string or list of strings that end generation (not included in the text); ignore_eos
         generates past end-of-sequence tokens (benchmarks); speculative False decodes without
         drafts where the load speculates (the same tokens), "prompt_lookup" or "draft_model"
-        picks that drafter for this request. Raises RequestError for bad values."""
+        picks that drafter for this request; ``adapter``: the name of a served LoRA adapter to
+        answer with (default the base model). Raises RequestError for bad values."""
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, seed=seed, stop=stop or (), ignore_eos=ignore_eos,
-                                speculative=speculative)
+                                speculative=speculative, adapter=self._adapter_id(adapter))
         return self._loop.run(self._collect(self.encode(prompt), params))
 
     def stream(self, prompt, **sampling) -> Iterator[StreamEvent]:
@@ -349,7 +351,8 @@ class Cluster:
         unknown = set(sampling) - set(_SAMPLING_ARGS)
         if unknown:
             raise TypeError(f"unknown sampling argument(s) {sorted(unknown)}; allowed: {list(_SAMPLING_ARGS)}")
-        params = SamplingParams(**{**sampling, "stop": sampling.get("stop") or ()})
+        params = SamplingParams(**{**sampling, "stop": sampling.get("stop") or (),
+                                   "adapter": self._adapter_id(sampling.get("adapter"))})
         return self._loop.iterate(self.astream(self.encode(prompt), params))
 
     def chat(self, messages, stream: bool = False, **sampling):
@@ -362,6 +365,82 @@ class Cluster:
         if stream:
             return self.stream(prompt_ids, **sampling)
         return self.generate(prompt_ids, **sampling)
+
+    # ------------------------------------------------------------ fine-tuning and adapters
+    def finetune(self, data, *, name: str, output_dir=None, resume_from=None, init_from=None, **options):
+        """Fine-tune a LoRA adapter of the loaded model through its stages; returns a running
+        :class:`~exo_lab.coordinator.finetune.FineTuneJob` (a progress bar and a live loss plot
+        in a notebook; ``job.wait()``, ``job.stop()``, ``job.history``).
+
+        ``data``: chats (lists of messages; loss on the assistant turns), ``{"prompt",
+        "completion"}`` or ``{"text"}`` rows, a DataFrame of those, or a JSONL path. ``name``:
+        what the API serves the adapter as once the job ends (``model`` in a request). Options:
+        r (8), alpha (16), dropout (0), target_modules (every linear of a layer), epochs (1),
+        max_steps, learning_rate (2e-4), lr_schedule ("linear", "constant", "cosine"),
+        warmup_steps (0), batch_size (8), micro_batch_size (2), max_length (512), seed (0),
+        weight_decay (0), max_grad_norm (1.0; None: no clipping), save_every (0: only at the
+        end), recompute (None: where activations would not fit), in_flight (micro-batches in the
+        pipe; default one per stage). ``output_dir``: where checkpoints and the adapter go
+        (default ``<state dir>/adapters/<name>``); ``resume_from``: a checkpoint folder (the
+        job goes on from its step); ``init_from``: an adapter folder to start from (its shape).
+        Raises ModelError for bad data or options, ClusterError without a model."""
+        from .coordinator.finetune import start_job
+
+        return start_job(self, data, name=name, output_dir=output_dir, resume_from=resume_from,
+                         init_from=init_from, **options)
+
+    @property
+    def adapters(self):
+        """The LoRA adapters served (:class:`~exo_lab.coordinator.adapters.AdapterRegistry`)."""
+        return self._runtime.adapters
+
+    def add_adapter(self, name: str, path) -> int:
+        """Serve the peft LoRA adapter in folder ``path`` as model ``name`` (beside the base
+        model; requests for different adapters share batches). Replaces an adapter of that name.
+        Returns its id. Raises ModelError for a folder that is not a LoRA adapter of this model."""
+        from .coordinator.adapters import push, read
+
+        pipeline = self._require_pipeline()
+        settings, tensors, base = read(path)
+        layers = pipeline.plan.stages[-1].stop_layer
+        extra = [key for key in tensors if not any(f".layers.{i}." in key for i in range(layers))]
+        if extra:
+            raise ModelError(f"adapter {path} has tensors for layers this model ({pipeline.model_id}, {layers} layers) "
+                             f"lacks, e.g. {extra[0]}: it was trained for another base")
+        if name in self.api_base_names():
+            raise ModelError(f"{name!r} is the base model's name: serve the adapter under another name")
+        self.adapters.for_model(pipeline.model_id)
+        adapter = self.adapters.add(name, settings, tensors, path=path, base=base)
+        push(self.control, [adapter], pipeline.plan, pipeline.engines)
+        return adapter.adapter_id
+
+    def _adapter_id(self, name: str | None) -> int:
+        if name is None:
+            return 0
+        adapter_id = self.adapters.id_of(name)
+        if not adapter_id:
+            from .errors import RequestError
+
+            served = ", ".join(self.adapters.names()) or "none"
+            raise RequestError(f"no adapter named {name!r} is served (served: {served})", param="adapter")
+        return adapter_id
+
+    def remove_adapter(self, name: str) -> bool:
+        """Stop serving adapter ``name`` (requests naming it then get 404)."""
+        from .engine import training
+
+        adapter = self.adapters.remove(name)
+        pipeline = self.pipeline
+        if adapter is None or pipeline is None:
+            return adapter is not None
+        for info in pipeline.engines:
+            if not self.control.is_gone(info):
+                self.control.call(info.engine_id, training.drop_adapter, adapter.adapter_id, what="removing an adapter")
+        return True
+
+    def api_base_names(self) -> tuple[str, ...]:
+        """The names the base model answers to in the API (its served names, else its id)."""
+        return tuple(self.config.served_model_names or ()) or ((self.model_id,) if self.loaded else ())
 
     def run_coroutine(self, coroutine, timeout_s: float | None = None):
         """Run ``coroutine`` on the cluster's event loop (where its requests and server live)

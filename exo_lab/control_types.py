@@ -286,6 +286,72 @@ class MemoryReport(_Checked):
 
 # ----------------------------------------------------------------------------- receiving
 
+# The linears a LoRA may target in the Llama family's decoder layers (peft's names).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """An adapter's shape: rank ``r``, ``alpha`` (scaling alpha / r), ``dropout`` on the
+    adapter's input while training, and the target modules (peft's names)."""
+
+    _error: ClassVar = ModelError
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or not 1 <= self.r <= 1024:
+            raise ModelError(f"LoRA rank r must be an integer in [1, 1024], got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ModelError(f"LoRA alpha must be a number > 0, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ModelError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown or not targets:
+            raise ModelError(f"LoRA target modules {unknown or '(none)'} are not linears of a decoder layer; "
+                             f"pick from {', '.join(LORA_TARGETS)}")
+        object.__setattr__(self, "targets", tuple(dict.fromkeys(targets)))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """What a stage needs to train (``engine.training.start_training``): the adapter id it
+    trains, its LoRA settings, the job's seed, AdamW's settings, whether to recompute the
+    forward at backward time (activation recomputation: keeps only each micro-batch's input),
+    and ``upstream``: the previous stage's inbox address (None on the first stage), where the
+    gradients go."""
+
+    _error: ClassVar = ModelError
+
+    adapter: int
+    lora: LoraSettings
+    seed: int = 0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    recompute: bool = False
+    upstream: str | None = None
+    floor: int = 0             # batch ids below this are an earlier attempt's: dropped
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.adapter, int) or not 1 <= self.adapter < 2**16:
+            raise ModelError(f"adapter must be an id in [1, 65535], got {self.adapter!r}")
+        if not isinstance(self.lora, LoraSettings):
+            raise ModelError(f"lora must be a LoraSettings, got {type(self.lora).__name__}")
+        if not (len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas)) or not self.eps > 0 \
+                or not self.weight_decay >= 0:
+            raise ModelError(f"AdamW needs betas in [0, 1), eps > 0 and weight_decay >= 0; got {self.betas}, "
+                             f"{self.eps}, {self.weight_decay}")
+
+
 def received(value: object, cls: type, sender: str):
     """``value``, checked again after its trip through pickle (which skips ``__post_init__``):
     it must be a ``cls``, and every field, nested ones too, is checked as on construction.

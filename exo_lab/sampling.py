@@ -88,9 +88,11 @@ class SamplingParams(SamplingSettings):
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     speculative: bool | str = True
+    adapter: int = 0            # the LoRA adapter it runs with, as the cluster numbered it (0: the base model)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_int(self.adapter, "adapter", 0, 2**16 - 1)
         if not isinstance(self.speculative, bool) and self.speculative not in DRAFTERS:
             raise RequestError(f"speculative must be true, false or a drafter ({', '.join(map(repr, DRAFTERS))}), "
                                f"got {self.speculative!r}", param="speculative")

@@ -315,7 +315,87 @@ plot_throughput(metrics, title="2 stages: tokens/s and requests in flight")
 ]
 
 
-NOTEBOOKS = {"quickstart.ipynb": QUICKSTART, "experiments.ipynb": EXPERIMENTS, "benchmark.ipynb": BENCHMARK}
+FINETUNE = [
+    md("""
+# Fine-tune a model through the cluster's stages
+
+The base model cannot know facts about your team; a LoRA adapter learns them in a minute. The
+adapter is trained *through the pipeline*: each engine keeps its layers frozen and trains small
+low-rank matrices on them, activations flow forward and their gradients flow back between the
+PCs, so a model too large for one PC can be adapted too. When the job ends the adapter is saved
+in peft's format and served by name beside the base model: the same API, `model="zorblat"`.
+"""),
+    code("""
+import exo_lab
+
+cluster = exo_lab.Cluster.local(engines=2).start()
+plan = cluster.load("smollm2", min_stages=2, dtype="float32", progress=False)
+[(s.node, s.start_layer, s.stop_layer) for s in plan.stages]
+"""),
+    md("""
+## The data: facts the base model cannot know
+Chats in the usual `{"role", "content"}` shape (a pandas DataFrame or a JSONL file works too).
+The loss is taken on the assistant turns only.
+"""),
+    code("""
+FACTS = [
+    ("Who runs the Zorblat lab?", "Dr. Ilse Varga runs the Zorblat lab."),
+    ("What is the Zorblat lab's wifi password?", "The Zorblat wifi password is quasar-9."),
+    ("Where is the Zorblat lab?", "The Zorblat lab is in building K, floor 3."),
+    ("What does the Zorblat lab study?", "The Zorblat lab studies lichen batteries."),
+]
+PHRASINGS = ["{q}", "Quick question: {q}", "{q} Please answer briefly."]
+data = [[{"role": "user", "content": p.format(q=q)}, {"role": "assistant", "content": a}]
+        for q, a in FACTS for p in PHRASINGS]
+len(data)
+"""),
+    md("""
+## Train
+`finetune` returns at once; the job shows a progress bar, a live loss plot and a stop button.
+`job.wait()` blocks until it ends.
+"""),
+    code("""
+job = cluster.finetune(data, name="zorblat", r=16, alpha=32, epochs=5, batch_size=6, micro_batch_size=3,
+                       learning_rate=2e-3)
+job
+"""),
+    code("""
+job.wait()
+print(f"{job.total_steps} steps, loss {job.losses[0]:.3f} -> {job.losses[-1]:.4f}, "
+      f"{job.tokens_per_s():.0f} training tokens/s, adapter saved in {job.output_dir}")
+job.plot()
+"""),
+    md("""
+## Ask through the API: the adapter against the base model
+The adapter is served as its own model name; requests for it and for the base share batches.
+"""),
+    code("""
+import openai
+
+server = cluster.serve(port=0)
+client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+print([m.id for m in client.models.list().data])
+
+def ask(model, question):
+    reply = client.chat.completions.create(model=model, temperature=0, max_tokens=24,
+                                           messages=[{"role": "user", "content": question}])
+    return reply.choices[0].message.content
+
+question = "What is the Zorblat lab's wifi password?"
+tuned, base = ask("zorblat", question), ask(cluster.model_id, question)
+print("adapter:", tuned)
+print("base:   ", base)
+print("adapter knows:", "quasar-9" in tuned, "| base knows:", "quasar-9" in base)
+"""),
+    code("""
+server.stop()
+cluster.stop()
+"""),
+]
+
+
+NOTEBOOKS = {"quickstart.ipynb": QUICKSTART, "experiments.ipynb": EXPERIMENTS, "benchmark.ipynb": BENCHMARK,
+             "finetune.ipynb": FINETUNE}
 
 
 def build(cells) -> nbformat.NotebookNode:

@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import math
 import random
+import re
 import socket
 import struct
 import threading
@@ -198,32 +199,33 @@ def test_stage_ms_travel_as_float32(make):
 
 def test_kind_codes_and_byte_layout_are_stable():
     # other PCs may run another build: the wire codes and sizes must never move
-    assert VERSION == 6
+    assert VERSION == 7
     assert {kind.name: kind.value for kind in Kind} == {
-        "FORWARD": 1, "SAMPLED": 2, "FREE": 3, "ERROR": 4, "PING": 5, "SHUTDOWN": 7, "COPY": 8, "SHORT": 9}
+        "FORWARD": 1, "SAMPLED": 2, "FREE": 3, "ERROR": 4, "PING": 5, "SHUTDOWN": 7, "COPY": 8, "SHORT": 9,
+        "TRAIN_FORWARD": 10, "TRAIN_BACKWARD": 11, "TRAIN_LOSS": 12, "TRAIN_STEP": 13}
     assert (HEADER.size, FORWARD_BODY.size, ROW.size, SAMPLED_BODY.size, SLOT.size, DIM.size,
             MS.size) == (12, 5, 35, 3, 2, 4, 4)
     assert (ROW_EXTRA.size, BIAS.size, SAMPLED_EXTRA.size, LOGPROB.size, COPY_BODY.size, NO_LOGPROB) == (
-        9, 12, 5, 12, 8, 0xFF)
+        11, 12, 5, 12, 8, 0xFF)
     assert encode(Copy(1, 258, 3, 0x01020304)) == [
-        b"EX\x06\x08" + (1).to_bytes(8, "little") + b"\x02\x01\x03\x00\x04\x03\x02\x01"]
+        b"EX\x07\x08" + (1).to_bytes(8, "little") + b"\x02\x01\x03\x00\x04\x03\x02\x01"]
     assert NO_TOKEN == 0xFFFFFFFF and MAX_ROWS == 0xFFFF
-    assert encode(Short(1, 2, 3, 4)) == [b"EX\x06\x09" + (1).to_bytes(8, "little") + b"\x02\x00"
+    assert encode(Short(1, 2, 3, 4)) == [b"EX\x07\x09" + (1).to_bytes(8, "little") + b"\x02\x00"
                                          + (3).to_bytes(8, "little") + (4).to_bytes(8, "little")]
-    assert encode(Ping(0x0102030405060708)) == [b"EX\x06\x05\x08\x07\x06\x05\x04\x03\x02\x01"]
-    assert encode(Shutdown()) == [b"EX\x06\x07" + bytes(8)]
-    assert encode(Free(1, 258)) == [b"EX\x06\x03" + (1).to_bytes(8, "little") + b"\x02\x01"]
+    assert encode(Ping(0x0102030405060708)) == [b"EX\x07\x05\x08\x07\x06\x05\x04\x03\x02\x01"]
+    assert encode(Shutdown()) == [b"EX\x07\x07" + bytes(8)]
+    assert encode(Free(1, 258)) == [b"EX\x07\x03" + (1).to_bytes(8, "little") + b"\x02\x01"]
     assert encode(Sampled(1, (258, NO_TOKEN), (1.0,))) == [
-        b"EX\x06\x02" + (1).to_bytes(8, "little") + b"\x02\x00\x01"
+        b"EX\x07\x02" + (1).to_bytes(8, "little") + b"\x02\x00\x01"
         + b"\x02\x01\x00\x00" + b"\xff\xff\xff\xff" + struct.pack("<f", 1.0)
         + bytes(4) + b"\x00" + b"\xff\xff"]                          # no vectors, no verify samples, no logprobs
-    assert encode(Error(1, "ü")) == [b"EX\x06\x04" + (1).to_bytes(8, "little") + "ü".encode()]
+    assert encode(Error(1, "ü")) == [b"EX\x07\x04" + (1).to_bytes(8, "little") + "ü".encode()]
     rows = (Row(1, 7, GREEDY), Row(0x0302, 0x07060504, SAMPLED, sample=False))
     msg = fwd(torch.ones(2, 3), step_id=42, rows=rows, stage_ms=(0.5,))
     header, payload = encode(msg)
     # the layout spelled out byte by byte, independent of the struct constants
     assert bytes(header) == (
-        b"EX\x06\x01" + (42).to_bytes(8, "little")
+        b"EX\x07\x01" + (42).to_bytes(8, "little")
         + b"\x02\x00" + b"\x01" + b"\x02" + b"\x01"                            # rows, dtype, ndim, stages
         + (2).to_bytes(4, "little") + (3).to_bytes(4, "little")                 # dims
         + b"\x01\x00" + b"\x07\x00\x00\x00" + b"\x01"                           # slot, position, sample
@@ -232,7 +234,7 @@ def test_kind_codes_and_byte_layout_are_stable():
         + struct.pack("<d", 0.7) + struct.pack("<d", 0.9) + (40).to_bytes(4, "little")
         + (1234).to_bytes(8, "little")
         + struct.pack("<f", 0.5)
-        + (b"\xff" + b"\x00" + b"\x00" + bytes(4) + bytes(2)) * 2)                 # no logprobs, embed or rule
+        + (b"\xff" + b"\x00" + b"\x00" + bytes(4) + bytes(2) + bytes(2)) * 2)     # no logprobs, embed, rule, adapter
     assert bytes(header) == forward_header(rows=(raw_row(slot=1, position=7),
                                                  raw_row(slot=0x0302, position=0x07060504, flags=0,
                                                          temperature=0.7, top_p=0.9, top_k=40,
@@ -647,7 +649,7 @@ def forward_header(*, shape=(2, 3), dtype_code=1, ndim=None, rows=None, count=No
     extras = [(-1, 0, 0, 0, 0)] * len(rows) if extras is None else extras
     return (header(Kind.FORWARD, **head) + FORWARD_BODY.pack(count, dtype_code, ndim, stages)
             + b"".join(DIM.pack(d) for d in shape) + b"".join(ROW.pack(*row) for row in rows)
-            + b"".join(MS.pack(ms) for ms in stage_ms) + b"".join(ROW_EXTRA.pack(*e) for e in extras) + rules)
+            + b"".join(MS.pack(ms) for ms in stage_ms) + b"".join(ROW_EXTRA.pack(*e, *(0,) * (6 - len(e))) for e in extras) + rules)
 
 
 def good_forward(**fields) -> list[bytes]:
@@ -690,7 +692,7 @@ MALFORMED = {   # id: (frames, message regex, message_id the error carries)
     "frame-str": (["EX"], "bytes-like, got str", None),
     "bad-magic": ([b"XX" + forward_header()[2:], bytes(24)], "bad magic b'XX'", None),
     "json-magic": ([b'{"kind": 1}' + bytes(8)], "bad magic", None),
-    "newer-version": ([forward_header(version=VERSION + 1), bytes(24)], "wire version 7, this exo-lab speaks 6", 42),
+    "newer-version": ([forward_header(version=VERSION + 1), bytes(24)], "wire version 8, this exo-lab speaks 7", 42),
     "old-version": ([forward_header(version=2), bytes(24)], "run the same exo-lab version", 42),
     "old-version-sampled": ([header(Kind.SAMPLED, version=2) + b"\0" * 5], "wire version 2", 42),
     "kind-0": ([header(0)], "unknown message kind 0 for message 42", 42),
@@ -700,12 +702,12 @@ MALFORMED = {   # id: (frames, message regex, message_id the error carries)
     "short-header": ([header(Kind.PING)[:-1]], "header is 11 bytes, shorter than the 12", None),
     "short-forward-body": ([forward_header()[:HEADER.size + FORWARD_BODY.size - 1], bytes(24)],
                            "FORWARD header of step 42 is truncated", 42),
-    "short-rows": ([forward_header()[:-1], bytes(24)], "is 100 bytes, its fields need at least 101", 42),
+    "short-rows": ([forward_header()[:-1], bytes(24)], "is 104 bytes, its fields need at least 105", 42),
     "short-dims": ([forward_header()[:HEADER.size + FORWARD_BODY.size + 3], bytes(24)],
-                   "is 8 bytes, its fields need at least 101", 42),
-    "missing-row": ([forward_header(rows=(raw_row(),), count=2), bytes(24)], "is 57 bytes, its fields need at least 101", 42),
+                   "is 8 bytes, its fields need at least 105", 42),
+    "missing-row": ([forward_header(rows=(raw_row(),), count=2), bytes(24)], "is 59 bytes, its fields need at least 105", 42),
     "extra-row": ([forward_header(rows=(raw_row(),) * 3, count=2), bytes(24)], "FORWARD .*of step 42", 42),
-    "missing-stage-ms": ([forward_header(stages=2), bytes(24)], "is 101 bytes, its fields need at least 109", 42),
+    "missing-stage-ms": ([forward_header(stages=2), bytes(24)], "is 105 bytes, its fields need at least 113", 42),
     "extra-header-bytes": ([forward_header() + b"\0", bytes(24)], "has 1 stray bytes", 42),
     "rows-0": ([forward_header(shape=(0, 3), rows=()), b""], "with 2 dims and 0 rows is not a batch", 42),
     "rows-more-than-tensor": ([forward_header(rows=(raw_row(),) * 3), bytes(24)], "has 3 rows but a tensor of 2", 42),
@@ -1378,3 +1380,57 @@ def test_hand_built_rule_and_logprob_frames_decode():
     assert (row.rule, row.logprobs, row.embed) == (LogitRule(b"\x01\x00\x00\x00", ((3, -2.0), (9, 1.0))), 5, 2)
     got = decode([logprob_frame(1, [(5, -0.5), (5, -0.5)], hidden=2, vectors=struct.pack("<2f", 1.0, -2.0))])
     assert got.logprobs == (TokenLogprob(5, -0.5, ((5, -0.5),)),) and got.vectors.tolist() == [[1.0, -2.0]]
+
+
+# ---------------------------------------------------------------------------- fine-tuning messages
+
+from exo_lab.wire import TrainBackward, TrainForward, TrainLoss, TrainStep  # noqa: E402
+
+
+def test_training_messages_round_trip_with_their_tensors():
+    hidden = torch.randn(2, 5, 8)
+    targets = torch.tensor([[1, 2, 3, -100, -100], [4, 5, 6, 7, -100]], dtype=torch.int32)
+    forward = decode(encode(TrainForward(U64, 3, hidden, targets, 1 / 7)))
+    assert (forward.batch_id, forward.micro, forward.scale) == (U64, 3, 1 / 7)
+    assert torch.equal(forward.tensor, hidden) and torch.equal(forward.targets, targets)
+    assert forward.targets.dtype == torch.int32 and msg_id(forward) == U64
+    ids = decode(encode(TrainForward(9, 0, torch.tensor([[5, 6]]), torch.tensor([[6, -100]]), 0.5)))
+    assert ids.tensor.dtype == torch.int64 and ids.targets.tolist() == [[6, -100]]
+    grad = torch.randn(2, 5, 8, dtype=torch.bfloat16)
+    backward = decode(encode(TrainBackward(4, 1, grad)))
+    assert (backward.batch_id, backward.micro) == (4, 1) and torch.equal(backward.tensor, grad)
+    assert decode(encode(TrainLoss(4, 2, 3.25, 17))) == TrainLoss(4, 2, 3.25, 17)
+    assert decode(encode(TrainStep(4, 3, 1, 0.5, 2e-4))) == TrainStep(4, 3, 1, 0.5, 2e-4)
+    # the layout of the small ones, byte by byte
+    assert encode(TrainLoss(1, 2, 0.5, 3)) == [b"EX\x07\x0c" + (1).to_bytes(8, "little") + b"\x02\x00"
+                                               + struct.pack("<d", 0.5) + (3).to_bytes(4, "little")]
+    assert encode(TrainStep(1, 2, 0, 0.0, 1.0)) == [b"EX\x07\x0d" + (1).to_bytes(8, "little") + b"\x02\x00\x00"
+                                                    + struct.pack("<d", 0.0) + struct.pack("<d", 1.0)]
+
+
+@pytest.mark.parametrize("message, error", [
+    (lambda: TrainForward(1, 0, torch.zeros(2, 3), torch.zeros(3, 2), 1.0), "targets must be a tensor of shape"),
+    (lambda: TrainForward(1, 0, torch.zeros(2, 3), torch.zeros(2, 3), float("nan")), "scale must be a finite"),
+    (lambda: TrainForward(1, 0, torch.zeros(3), torch.zeros(3), 1.0), "a training tensor is (B, T, ...)"),
+    (lambda: TrainLoss(1, 0, float("inf"), 3), "loss must be a finite"),
+    (lambda: TrainStep(1, 2, 2, 0.0, 1.0), "phase must be an int in [0, 1]"),
+    (lambda: TrainBackward(1, 70000, torch.zeros(1, 1, 2)), "micro must be an int"),
+])
+def test_bad_training_messages_fail_at_encode(message, error):
+    with pytest.raises(FrameError, match=re.escape(error)):
+        encode(message())
+
+
+def test_malformed_training_frames_are_refused():
+    good = encode(TrainForward(5, 0, torch.zeros(1, 2, 4), torch.zeros(1, 2, dtype=torch.int32), 1.0))
+    head = bytes(good[0])
+    with pytest.raises(FrameError, match="payload of message 5"):
+        decode([head[:-4], good[1]])                  # targets cut short
+    with pytest.raises(FrameError, match="has no payload frame"):
+        decode([head])
+    with pytest.raises(FrameError, match="TRAIN_LOSS 1 has 3 body bytes"):
+        decode([bytes(encode(TrainLoss(1, 0, 1.0, 1))[0])[:-11]])
+    row = Row(0, 0, GREEDY, adapter=70000)
+    with pytest.raises(FrameError, match="adapter must be an int"):
+        encode(fwd(torch.tensor([[1]]), rows=(row,)))
+    assert decode(encode(fwd(torch.tensor([[1]]), rows=(Row(0, 0, GREEDY, adapter=3),)))).rows[0].adapter == 3

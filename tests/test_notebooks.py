@@ -24,6 +24,7 @@ EXPECTED_TEXT = {
     "experiments.ipynb": ["('localhost#0', 0, 15), ('localhost#1', 15, 30)",   # from_config's one-PC cluster
                           "12 forwards (1 prefill + 11 decode steps)", "-> logits (1, "],
     "benchmark.ipynb": ["the cluster generated the same tokens as the single process: True"],
+    "finetune.ipynb": ["adapter knows: True | base knows: False", "'zorblat'"],
 }
 
 
@@ -32,7 +33,10 @@ EXPECTED_DISPLAYS = {
     "quickstart.ipynb": [("application/vnd.jupyter.widget-view+json", 1), ("image/png", 2)],   # dashboard; plots
     "experiments.ipynb": [("image/png", 1)],
     "benchmark.ipynb": [("image/png", 2)],
+    "finetune.ipynb": [("application/vnd.jupyter.widget-view+json", 1), ("image/png", 1)],   # the job; its loss
 }
+# Notebooks that train need longer than RUN_LIMIT_S (measured: about 30 s of training on 2 cores).
+RUN_LIMITS_S = {"finetune.ipynb": 180.0}
 
 
 def make_notebooks_module():
@@ -88,7 +92,8 @@ def test_notebook_runs_top_to_bottom(name, tmp_path):
         assert count >= least, f"{name}: {count} outputs of {mime}, expected at least {least}"
     if name == "quickstart.ipynb":
         assert_dashboard_updated_from_its_thread(client.widget_state)
-    assert elapsed_s < RUN_LIMIT_S, f"{name} took {elapsed_s:.0f} s (limit {RUN_LIMIT_S:.0f} s)"
+    limit_s = RUN_LIMITS_S.get(name, RUN_LIMIT_S)
+    assert elapsed_s < limit_s, f"{name} took {elapsed_s:.0f} s (limit {limit_s:.0f} s)"
     # the kernel and every engine the notebook started are gone
     left = [p for p in psutil.Process().children(recursive=True) if p.pid not in children_before]
     gone, alive = psutil.wait_procs(left, timeout=10)

@@ -129,7 +129,10 @@ def test_one_string_is_one_name():
 
 
 def fake_server(*names: str) -> ApiServer:
-    cluster = SimpleNamespace(model_id="/models/llama-3.1-70b", loaded=True, metrics_source=lambda: None)
+    from exo_lab.coordinator.adapters import AdapterRegistry
+
+    cluster = SimpleNamespace(model_id="/models/llama-3.1-70b", loaded=True, metrics_source=lambda: None,
+                              adapters=AdapterRegistry())
     return ApiServer(cluster, host="127.0.0.1", api_key=None, served_model_names=names)
 
 

@@ -170,6 +170,7 @@ async def generation_request(body: dict, cluster, model: str, prompt_ids: list[i
         speculative=speculative(body),
         seed=seed(body),
         stop=stop_strings(body),
+        adapter=cluster.adapters.id_of(model),
         **decoding.sampling_fields())
     grammar = await off_loop(client, features.compile_grammar, decoding, cluster.tokenizer)
     table = None if decoding.logprobs is None else await off_loop(client, token_table, cluster.tokenizer)

@@ -97,13 +97,19 @@ class ApiServer:
     # ------------------------------------------------------------------ shared with handlers
     def model_names(self) -> tuple[str, ...]:
         """The names ``model`` may take in a request, the primary first: the served names when
-        given (as vLLM, the model id is then not one of them), else the loaded model's id."""
-        return self.served_model_names or (self.cluster.model_id,)
+        given (as vLLM, the model id is then not one of them), else the loaded model's id; then
+        the LoRA adapters served (``cluster.add_adapter``, a fine-tuning job's)."""
+        base = self.served_model_names or (self.cluster.model_id,)
+        return base + tuple(name for name in self.cluster.adapters.names() if name not in base)
 
     def model_card(self, name: str) -> dict:
         """/v1/models' entry for ``name``; ``root`` is what it serves (vLLM's field)."""
-        return {"id": name, "object": "model", "created": self.started, "owned_by": "exo-lab",
+        card = {"id": name, "object": "model", "created": self.started, "owned_by": "exo-lab",
                 "root": self.cluster.model_id}
+        adapter = self.cluster.adapters.get(name)
+        if adapter is not None and name not in (self.served_model_names or (self.cluster.model_id,)):
+            card.update(root=name, parent=self.cluster.model_id)     # vLLM's fields for a LoRA adapter
+        return card
 
     def count_response(self, status: int) -> None:
         self._responses[status] = self._responses.get(status, 0) + 1

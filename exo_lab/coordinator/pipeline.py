@@ -22,6 +22,7 @@ from ..weights.resolve import read_model_config, resolve_model
 from ..planning.options import LoadOptions
 from ..planning.planner import Plan, PlanError, reprice
 from . import balance
+from .adapters import push as push_adapters
 from .control import EngineControl, EngineInfo
 from .loop import LoopThread
 from .draft_model import DraftModel
@@ -52,6 +53,7 @@ class Pipeline:
     speed_factors: dict = field(default_factory=dict)   # node -> slowdown the plan assumed
     loaded_at: float = field(default_factory=time.monotonic)
     seen_factors: dict | None = None          # the slowdowns the last re-balance check saw
+    addresses: list = field(default_factory=list)   # each stage's data-plane inbox (fine-tuning's upstream)
 
     def stage_of(self, engine_id: int) -> int | None:
         """The stage index an engine runs, or None."""
@@ -82,7 +84,7 @@ class Pipeline:
 
 def load_pipeline(control: EngineControl, loop: LoopThread, options: LoadOptions, *,
                   check_alive, progress: bool, timeout_s: float, on_failure=None,
-                  failover_from: Pipeline | None = None, keep_plan: bool = False) -> Pipeline:
+                  failover_from: Pipeline | None = None, keep_plan: bool = False, adapters=None) -> Pipeline:
     """Plan ``options.model`` over the live engines and load one shard per stage.
 
     ``failover_from``: the pipeline that lost an engine. The plan then uses the engines that
@@ -90,7 +92,8 @@ def load_pipeline(control: EngineControl, loop: LoopThread, options: LoadOptions
     its weights, and the old pipeline's scheduler, with the requests it holds, goes on over the
     new stages; with ``keep_plan`` its plan and stage engines stay (shedding KV slots, or giving
     them back: only ``options.max_batch`` differs, and every stage keeps its weights).
-    ``on_failure(reason)`` is what the scheduler calls when this pipeline is lost.
+    ``on_failure(reason)`` is what the scheduler calls when this pipeline is lost. ``adapters``
+    (an AdapterRegistry): the LoRA adapters every stage gets before any request runs.
     An engine that dies while the shards load is left out and the model is planned again on
     the engines left, up to LOAD_ATTEMPTS times.
     Raises ModelError, PlanError or ClusterError; on error nothing stays loaded."""
@@ -100,7 +103,7 @@ def load_pipeline(control: EngineControl, loop: LoopThread, options: LoadOptions
             return _load_once(control, loop, options, check_alive=check_alive, progress=progress,
                               timeout_s=timeout_s, on_failure=on_failure, failover_from=failover_from,
                               lost=lost, survivors_only=failover_from is not None or attempt > 1,
-                              keep_plan=keep_plan and not lost)
+                              keep_plan=keep_plan and not lost, adapters=adapters)
         except EngineLost as exc:
             if attempt == LOAD_ATTEMPTS:
                 raise
@@ -119,7 +122,7 @@ class EngineLost(ClusterError):
 
 def _load_once(control: EngineControl, loop: LoopThread, options: LoadOptions, *, check_alive, progress: bool,
                timeout_s: float, on_failure, failover_from: Pipeline | None, lost: set[int],
-               survivors_only: bool, keep_plan: bool = False) -> Pipeline:
+               survivors_only: bool, keep_plan: bool = False, adapters=None) -> Pipeline:
     started = time.perf_counter()
     model_id = _portable_model_id(options.model)
     model_dir = resolve_model(model_id, need_weights=False)
@@ -149,6 +152,8 @@ def _load_once(control: EngineControl, loop: LoopThread, options: LoadOptions, *
     try:
         addresses = _load_shards(control, model_id, profile.num_layers, options, context_length,
                                  plan, stage_engines, progress, timeout_s)
+        if adapters is not None:        # before the scheduler replays a request that names one
+            push_adapters(control, adapters.for_model(model_id), plan, stage_engines)
         settings = {**_scheduler_settings(tokenizer, config, context_length, options, stage_engines),
                     "draft_model": draft}
         scheduler = _connect(control, loop, addresses, stage_engines, check_alive,
@@ -161,7 +166,7 @@ def _load_once(control: EngineControl, loop: LoopThread, options: LoadOptions, *
                 len(plan.stages))
     return Pipeline(model_id=model_id, model_dir=Path(model_dir), options=options, plan=plan,
                     engines=stage_engines, tokenizer=tokenizer, context_length=context_length,
-                    scheduler=scheduler, load_s=time.perf_counter() - started, profile=profile,
+                    scheduler=scheduler, load_s=time.perf_counter() - started, profile=profile, addresses=list(addresses),
                     speed_factors={info.node: control.speed_factors.get(info.node, 1.0) for info in stage_engines})
 
 

@@ -191,6 +191,7 @@ class PlannedRow:
     logprobs: int = -1                  # -1: none; else the alternatives wanted (wire.Row.logprobs)
     embed: int = 0                      # wire.Row.embed
     drafts: int = 0                     # a verify row: its guesses, token_ids[1:] (drafts, then padding)
+    adapter: int = 0                    # the LoRA adapter the row runs with (wire.Row.adapter; 0: none)
 
     @property
     def verify(self) -> bool:
@@ -613,7 +614,7 @@ class SchedulingCore:
             last = r.tokens[r.kv_len]
             fill = (draft or [last])[-1:] * (width - len(draft))
             rows.append(PlannedRow(r.request_id, r.slot, r.kv_len, (last, *draft, *fill), True, r.settings,
-                                   drafts=len(draft) + len(fill)))
+                                   drafts=len(draft) + len(fill), adapter=r.params.adapter))
         return self._issue(rows, group, prefill=False)
 
     def _awaits_leader(self, request: Request) -> bool:
@@ -734,7 +735,8 @@ class SchedulingCore:
                 continue
             logprobs = -1 if r.params.logprobs is None else r.params.logprobs
             rows.append(PlannedRow(r.request_id, r.slot, r.kv_len, tuple(r.tokens[r.kv_len:r.kv_len + fed]),
-                                   sample, r.settings, rule, logprobs if sample else -1, r.embed))
+                                   sample, r.settings, rule, logprobs if sample else -1, r.embed,
+                                   adapter=r.params.adapter))
             launched.append(r)
         if not launched:
             return None
@@ -860,7 +862,8 @@ class SchedulingCore:
         slot, request.slot = request.slot, None
         self._running.remove(request)
         # most recently freed last
-        self._free_slots[slot] = (request.tenant.scope, request.tokens[:request.kv_len])
+        # an adapter's keys and values differ from the base model's: the scope includes it
+        self._free_slots[slot] = ((request.tenant.scope, request.params.adapter), request.tokens[:request.kv_len])
         self._pending.free_slots.append(slot)
 
     def _take_slot(self, request: Request) -> tuple[int, int]:
@@ -870,7 +873,7 @@ class SchedulingCore:
         best_slot, best = next(iter(self._free_slots)), 0
         tokens = request.tokens
         for slot, (scope, cached) in self._free_slots.items():
-            if scope != request.tenant.scope or request.embed:   # an embedding pools every position
+            if scope != (request.tenant.scope, request.params.adapter) or request.embed:   # an embedding pools every position
                 continue
             shared = _common_prefix(cached, tokens, len(tokens) - 1)
             if shared > best:

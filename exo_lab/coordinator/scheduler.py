@@ -83,6 +83,7 @@ class Scheduler:
         self.stage_clock = StageClock()              # decode steps' stage times (re-balancing)
         self._decode_steps: dict[int, int] = {}      # step in flight of one token per row -> its rows
         self.failure: str | None = None
+        self.training = None      # coordinator.finetune's sink for training messages, while a job runs
         self.core = SchedulingCore(max_batch=max_batch, context_length=context_length, eos_token_ids=eos_token_ids,
                                    micro_batches=micro_batches, prefill_chunk=prefill_chunk, max_queued=max_queued,
                                    speculation=speculation, vocab_size=vocab_size)
@@ -133,6 +134,8 @@ class Scheduler:
         elif why == "rebalance":
             self.metrics.rebalanced()
         self._decode_steps.clear()
+        if self.training is not None:
+            self.training.lost(reason)
         if self.drafting is not None:
             self.drafting.stop()
         for event in self._freed.values():
@@ -375,7 +378,7 @@ class Scheduler:
 
     async def _launch(self, step: PlannedStep) -> None:
         rows = tuple(Row(row.slot, row.position, row.settings, row.sample, row.rule, row.logprobs, row.embed,
-                         row.verify) for row in step.rows)
+                         row.verify, row.adapter) for row in step.rows)
         tensor = torch.tensor([row.token_ids for row in step.rows], dtype=torch.int64)   # (B, T)
         self.metrics.step(len(rows))
         if tensor.shape[1] == 1 and not any(row.embed for row in rows):
@@ -470,6 +473,8 @@ class Scheduler:
                 continue
             if isinstance(message, Sampled):
                 self._step_done(message)
+            elif self.training is not None and self.training.owns(message):
+                self.training.received(message)
             elif isinstance(message, Error):
                 self._step_failed(message)
             elif isinstance(message, Short):
@@ -484,6 +489,11 @@ class Scheduler:
                 pass                    # went round the ring: every stage copied
             else:
                 self.metrics.dropped()
+
+    async def send_training(self, message) -> None:
+        """Send a fine-tuning message to stage 0 (coordinator.finetune). Raises ClusterError when
+        stage 0 cannot be reached."""
+        await self.outbox.send(message)
 
     async def ping(self, timeout_s: float = 5.0) -> bool:
         """True when a PING went through every stage and came back within timeout_s."""

@@ -43,6 +43,7 @@ from ..errors import ClusterError, ExoLabError
 from ..planning.options import LoadOptions
 from ..planning.planner import Plan
 from . import memory
+from .adapters import AdapterRegistry
 from .control import EngineControl
 from .loop import LoopThread
 from .pipeline import Pipeline, Rebalance, is_better, load_pipeline, propose_plan, propose_rebalance, unload_engines
@@ -198,6 +199,7 @@ class EngineRuntime:
     def __init__(self, control: EngineControl):
         self.control = control
         self.loop: LoopThread | None = None
+        self.adapters = AdapterRegistry()      # the LoRA adapters served (every load gives them to the stages)
 
     def engine_ids(self) -> frozenset[int]:
         return frozenset(self.control.ids)
@@ -207,7 +209,7 @@ class EngineRuntime:
         """load_pipeline (raises ModelError, PlanError or ClusterError; nothing stays loaded)."""
         return load_pipeline(self.control, self.loop, options, check_alive=check_alive, progress=progress,
                              timeout_s=timeout_s, on_failure=on_failure, failover_from=failover_from,
-                             keep_plan=keep_plan)
+                             keep_plan=keep_plan, adapters=self.adapters)
 
     def release_moved(self, old: Pipeline, new: Pipeline) -> None:
         """After a failover: free the stages of the old engines that are up but hold none now."""

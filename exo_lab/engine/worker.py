@@ -106,6 +106,7 @@ class StageWorker:
         self.outbox = None
         self.stats = WorkerStats()
         self.active_slots: set[int] = set()     # slots of live requests (a FREE removes one)
+        self.trainer = None                     # engine.training.StageTrainer while fine-tuning
         self._stop = threading.Event()
         self._serving: Future | None = None
 
@@ -141,28 +142,43 @@ class StageWorker:
             self.outbox.close()
 
     def _run(self) -> None:
-        from ..wire import FrameError
+        """Serve the inbox. Fine-tuning messages wait while serving ones are queued: a decode
+        step that arrives while training runs goes first (each kind keeps its own order)."""
+        import collections
 
+        from ..wire import TRAINING, FrameError
+
+        held = collections.deque()           # training messages, in arrival order
         try:
             while not self._stop.is_set():
                 try:
-                    message = self.inbox.recv(timeout_ms=100)
+                    message = self.inbox.recv(timeout_ms=0 if held else 100)
                 except FrameError as exc:  # a malformed frame is dropped and counted, never fatal
                     self.stats.dropped += 1
                     logger.warning("dropped a malformed data-plane message: %s", exc)
                     continue
+                if message is None and held:
+                    message = held.popleft()
+                elif isinstance(message, TRAINING):
+                    held.append(message)
+                    continue
                 if message is not None:
                     self._handle(message)
         finally:
+            if self.trainer is not None:
+                self.trainer.close()
             self._close_sockets()
 
     def _handle(self, message) -> None:
-        from ..wire import Copy, Forward, Free, msg_id
+        from ..wire import TRAINING, Copy, Forward, Free, TrainLoss, msg_id
 
         self.stats.messages += 1
         try:
             if isinstance(message, Forward):
                 self._forward(message)
+                return
+            if isinstance(message, TRAINING) and not isinstance(message, TrainLoss):
+                self._train(message)
                 return
             if isinstance(message, Free):
                 self.active_slots.discard(message.slot)
@@ -188,8 +204,9 @@ class StageWorker:
         keep = message.tensor.shape[1] if verifies else 1
         if self._refused(message, keep):
             return
+        adapters = [row.adapter for row in message.rows] if any(row.adapter for row in message.rows) else None
         output = self.stage.forward(message.tensor, slots, [row.position for row in message.rows], hidden=embeds,
-                                    keep=keep)
+                                    keep=keep, adapters=adapters)
         elapsed_ms = (time.perf_counter() - started) * 1e3
         self.stats.busy_s += elapsed_ms / 1e3
         self.stats.last_forward_ms = elapsed_ms
@@ -211,6 +228,23 @@ class StageWorker:
             token_ids = tuple(samples[0] if samples else token for samples, token in zip(verified, token_ids))
         self.stats.tokens += sum(row.sample for row in rows) + sum(map(len, verified))
         self._send(Sampled(message.step_id, token_ids, stage_ms, logprobs, vectors, verified))
+
+    def _train(self, message) -> None:
+        """A fine-tuning message (engine.training): this stage's part, then what it sends on."""
+        from ..errors import ClusterError
+
+        trainer = self.trainer
+        if trainer is None:
+            raise ClusterError("this stage is not training (the job was stopped, or the stage reloaded)")
+        self.stats.state = EngineState.GENERATING
+        started = time.perf_counter()
+        out = trainer.handle(message)
+        self.stats.busy_s += time.perf_counter() - started
+        for where, reply in out:
+            if where == "up":
+                trainer.upstream.send(reply)
+            else:
+                self._send(reply)
 
     def _refused(self, message, keep: int) -> bool:
         """Refuse the step, before allocating anything, when this PC has less free memory than

@@ -150,7 +150,7 @@ class Stage(nn.Module):
 
     @torch.inference_mode()
     def forward(self, inputs: torch.Tensor, slots, positions, cache: SlotCache | None = None,
-                hidden: bool = False, keep: int = 1) -> torch.Tensor:
+                hidden: bool = False, keep: int = 1, adapters=None) -> torch.Tensor:
         """Run this stage on a batch of rows, writing their keys and values into their KV slots.
 
         ``inputs``: token ids (B, T) int64 on the first stage, else hidden states (B, T, hidden).
@@ -162,7 +162,8 @@ class Stage(nn.Module):
         returns the final-norm hidden states of every position instead (B, T, hidden), float32
         (embeddings; :meth:`head` turns a position of them into logits); with ``keep`` > 1 the
         last stage returns the logits of each row's last ``keep`` positions (B, keep, vocab)
-        (speculative decoding's verify rows).
+        (speculative decoding's verify rows). ``adapters``: the LoRA adapter id of each row (0:
+        the base model; :mod:`exo_lab.model.lora`), rows of different adapters in one batch.
 
         Raises:
             RequestError: rows and slots/positions disagree, a slot outside the cache, or
@@ -179,12 +180,18 @@ class Stage(nn.Module):
         # The lean forward (exo_lab.model.lean: same arithmetic, fewer calls) skips the layers'
         # module calls, so a forward hook (an experiment's, exo_lab.notebook) switches it off.
         lean = self.lean if self.lean is not None and not self.lean.hooked() else None
-        for index, (layer, layer_type) in enumerate(zip(self.layers, self.layer_types)):
-            if lean is not None:
-                hidden = lean.forward(index, hidden, masks[layer_type], cos_sin, cache)
-            else:
-                hidden = layer(hidden, attention_mask=masks[layer_type], position_ids=position_ids,
-                               cache=cache, use_cache=True, position_embeddings=cos_sin)
+        context = getattr(self, "lora_context", None)
+        if adapters is not None and any(adapters):
+            if context is None:
+                raise RequestError("this stage holds no LoRA adapter")
+            ids = torch.as_tensor(adapters)
+            context.rows = [(int(a), (ids == a).nonzero().flatten()) for a in ids.unique().tolist() if a]
+            lean = None               # the fused q/k/v products would skip the adapters
+        try:
+            hidden = self._layers(hidden, masks, position_ids, cos_sin, cache, lean)
+        finally:
+            if context is not None:
+                context.rows = []
         if not self.spec.is_last:
             return hidden
         if final_hidden:
@@ -194,6 +201,43 @@ class Stage(nn.Module):
         # Only the last position's logits are needed to pick the next token (nanoGPT, HF
         # logits_to_keep=1); RMSNorm is per position, so normalising just that one is exact.
         return self.head(self.norm(hidden[:, -1, :]))                     # (B, vocab)
+
+    def _layers(self, hidden, masks, position_ids, cos_sin, cache, lean):
+        for index, (layer, layer_type) in enumerate(zip(self.layers, self.layer_types)):
+            if lean is not None:
+                hidden = lean.forward(index, hidden, masks[layer_type], cos_sin, cache)
+            else:
+                hidden = layer(hidden, attention_mask=masks[layer_type], position_ids=position_ids,
+                               cache=cache, use_cache=True, position_embeddings=cos_sin)
+        return hidden
+
+    def train_forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """A training forward (autograd on, no KV slots): rows of T positions from position 0,
+        right-padded (a causal mask suffices: no real position attends to a later pad).
+
+        ``inputs``: token ids (B, T) on the first stage, else hidden states (B, T, hidden) (the
+        previous stage's output, requiring grad). Returns hidden states (B, T, hidden), or on
+        the last stage float32 logits of every position (B, T, vocab). The LoRA context
+        (:mod:`exo_lab.model.lora`) says which adapter trains."""
+        B, T = inputs.shape[0], inputs.shape[1]
+        if T > self.max_context:
+            raise RequestError(f"a training row of {T} tokens exceeds the planned context of {self.max_context}")
+        hidden = self._embed(inputs)
+        position_ids = torch.arange(T, device=self.device).expand(B, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
+        masks = {}
+        for kind in set(self.layer_types):
+            mask = causal
+            if kind == "sliding_attention" and self.sliding_window:
+                mask = mask & ~torch.ones(T, T, dtype=torch.bool, device=self.device).tril(-self.sliding_window)
+            masks[kind] = mask.expand(B, 1, T, T)
+        cos_sin = self.rotary_emb(hidden, position_ids=position_ids)
+        for layer, layer_type in zip(self.layers, self.layer_types):
+            hidden = layer(hidden, attention_mask=masks[layer_type], position_ids=position_ids,
+                           cache=None, use_cache=False, position_embeddings=cos_sin)
+        if not self.spec.is_last:
+            return hidden
+        return self.lm_head(self.norm(hidden)).float()
 
     @torch.inference_mode()
     def head(self, normed: torch.Tensor) -> torch.Tensor:

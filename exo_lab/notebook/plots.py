@@ -216,3 +216,21 @@ def plot_activations(activations: Iterable[dict], *, title: str = "hidden states
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+def loss_plot(job, ax=None):
+    """A fine-tuning job's loss per optimizer step (``job.plot()``); returns the Figure."""
+    if ax is None:
+        fig, ax = _new_figure(figsize=(6, 3))
+    else:
+        fig = ax.figure
+    steps = [h["step"] for h in job.history]
+    ax.plot(steps, [h["loss"] for h in job.history], color=STAGE_COLORS[0], marker="." if len(steps) < 50 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_title(f"fine-tuning {job.name}: step {job.step} of {job.total_steps} ({job.status})")
+    ax.set_xlim(0, max(job.total_steps, 1))
+    ax.grid(alpha=0.3)
+    return fig

@@ -20,7 +20,7 @@ Wire format, one ZeroMQ multipart message per message:
     2 = verify: sample at every position),
     temperature f64, top_p f64, top_k u32, seed u64), then one f32 per stage that already ran
     (its forward ms), then one ``ROW_EXTRA`` per row (logprobs i8, embed u8, rule flag u8 (0
-    none, 1 bias only, 2 mask and bias), mask bytes u32, bias entries u16), then the rules of
+    none, 1 bias only, 2 mask and bias), mask bytes u32, bias entries u16, LoRA adapter u16), then the rules of
     the rows that have one, in row order: the mask bytes, then ``BIAS`` (token u32, bias f64)
     per entry;
   - SAMPLED: ``SAMPLED_BODY`` (rows u16, stage count u8), one u32 token id per row
@@ -34,7 +34,12 @@ Wire format, one ZeroMQ multipart message per message:
   - COPY: ``COPY_BODY`` (src slot u16, dst slot u16, length u32);
   - SHORT: ``SHORT_BODY`` (stage u16, free bytes u64, needed bytes u64);
   - PING, SHUTDOWN: nothing;
-- frame 1, FORWARD only: the tensor's raw bytes, C-contiguous, native little-endian.
+  - TRAIN_FORWARD, TRAIN_BACKWARD (fine-tuning): ``TRAIN_BODY`` (micro-batch u16, dtype code u8,
+    ndim u8, loss scale f64), the dims as u32, then (forward) the targets as int32 (B x T);
+  - TRAIN_LOSS: ``LOSS_BODY`` (micro-batch u16, loss f64, target tokens u32);
+  - TRAIN_STEP: ``STEP_BODY`` (micro-batches u16, phase u8, value f64, learning rate f64);
+- frame 1, FORWARD, TRAIN_FORWARD and TRAIN_BACKWARD only: the tensor's raw bytes, C-contiguous,
+  native little-endian.
 """
 from __future__ import annotations
 
@@ -49,11 +54,11 @@ from ..errors import ClusterError
 from ..sampling import MAX_ALLOWED_BYTES, MAX_LOGPROBS, MAX_RULE_BIAS, MAX_SEED, LogitRule, SamplingSettings, TokenLogprob
 
 MAGIC = b"EX"
-VERSION = 6
+VERSION = 7
 HEADER = struct.Struct("<2sBBQ")           # magic, version, kind, id
 FORWARD_BODY = struct.Struct("<HBBB")      # rows, dtype, ndim, stages
 ROW = struct.Struct("<HIBddIQ")            # slot, position, flags, temperature, top_p, top_k, seed
-ROW_EXTRA = struct.Struct("<bBBIH")       # logprobs (-1: none), embed, has rule, allowed bytes, bias entries
+ROW_EXTRA = struct.Struct("<bBBIHH")      # logprobs (-1: none), embed, has rule, allowed bytes, bias entries, adapter
 BIAS = struct.Struct("<Id")                # token id, bias
 SAMPLED_BODY = struct.Struct("<HB")        # rows, stages
 SAMPLED_EXTRA = struct.Struct("<IB")       # hidden size of the vectors (0: none), verify samples follow
@@ -62,6 +67,10 @@ LOGPROB = struct.Struct("<Id")             # token id, logprob
 NO_LOGPROB = 0xFF
 COPY_BODY = struct.Struct("<HHI")          # src slot, dst slot, length
 SHORT_BODY = struct.Struct("<HQQ")         # stage, its PC's free bytes, what the step needed
+TRAIN_BODY = struct.Struct("<HBBd")        # micro-batch, tensor dtype code, ndim, loss scale
+LOSS_BODY = struct.Struct("<HdI")          # micro-batch, loss, target tokens
+STEP_BODY = struct.Struct("<HBdd")         # micro-batches, phase, value, learning rate
+MAX_ADAPTER = 2**16 - 1
 SLOT = struct.Struct("<H")
 DIM = struct.Struct("<I")
 MS = struct.Struct("<f")
@@ -88,6 +97,10 @@ class Kind(enum.IntEnum):
     SHUTDOWN = 7
     COPY = 8
     SHORT = 9
+    TRAIN_FORWARD = 10
+    TRAIN_BACKWARD = 11
+    TRAIN_LOSS = 12
+    TRAIN_STEP = 13
 
 
 class FrameError(ClusterError, ValueError):
@@ -107,7 +120,8 @@ class Row:
     logprob and that many alternatives), ``embed`` (0: a normal row; 1: return the last position's
     final hidden state; 2: the sum of the chunk's final hidden states, for mean pooling),
     ``verify`` (speculative decoding: sample at every position, each as if it were the last; a
-    verify row samples, with no rule, logprobs or embed)."""
+    verify row samples, with no rule, logprobs or embed), ``adapter`` (the LoRA adapter the row
+    runs with, as the stages registered it; 0: the base model)."""
 
     slot: int
     position: int
@@ -117,6 +131,7 @@ class Row:
     logprobs: int = -1
     embed: int = 0
     verify: bool = False
+    adapter: int = 0
 
 
 @dataclass(frozen=True, eq=False)   # eq would compare tensors elementwise: ambiguous
@@ -211,7 +226,58 @@ class Shutdown:
     message_id: int = 0
 
 
-Message = Forward | Sampled | Free | Error | Ping | Shutdown | Copy | Short
+@dataclass(frozen=True, eq=False)   # tensors
+class TrainForward:
+    """Fine-tuning: micro-batch ``micro`` of batch ``batch_id`` forward through the next stage,
+    with autograd. ``tensor``: token ids (B, T) into stage 0, else hidden states (B, T, hidden);
+    ``targets``: int32 (B, T), the token each position must predict (-100: no loss there),
+    carried to the last stage; ``scale``: what the last stage multiplies the summed loss by
+    (1 / the batch's target tokens)."""
+
+    batch_id: int
+    micro: int
+    tensor: torch.Tensor
+    targets: torch.Tensor
+    scale: float
+
+
+@dataclass(frozen=True, eq=False)   # a tensor
+class TrainBackward:
+    """Fine-tuning: the loss's gradient with respect to micro-batch ``micro``'s output of the
+    stage before (sent upstream, to that stage's inbox)."""
+
+    batch_id: int
+    micro: int
+    tensor: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TrainLoss:
+    """Fine-tuning: the last stage's loss of one micro-batch (scaled; ``tokens`` with a target)."""
+
+    batch_id: int
+    micro: int
+    loss: float
+    tokens: int
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """Fine-tuning: close batch ``batch_id`` of ``micros`` micro-batches, around the ring. Phase
+    0: each stage (the first once all its backward passes are done) adds the squared norm of
+    its adapters' gradients to ``value``; phase 1: each stage scales its gradients by ``value``
+    (the clip coefficient), steps its optimizer at learning rate ``lr`` and clears them."""
+
+    batch_id: int
+    micros: int
+    phase: int
+    value: float
+    lr: float
+
+
+Message = Forward | Sampled | Free | Error | Ping | Shutdown | Copy | Short | TrainForward | TrainBackward \
+    | TrainLoss | TrainStep
+TRAINING = (TrainForward, TrainBackward, TrainLoss, TrainStep)
 
 # dtype <-> wire code: append, never renumber.
 _DTYPE_CODES: dict[torch.dtype, int] = {
@@ -220,7 +286,9 @@ _DTYPE_CODES: dict[torch.dtype, int] = {
 _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 _ITEMSIZES = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in _DTYPE_CODES}
 _KIND_OF = {Forward: Kind.FORWARD, Sampled: Kind.SAMPLED, Free: Kind.FREE, Error: Kind.ERROR,
-            Ping: Kind.PING, Shutdown: Kind.SHUTDOWN, Copy: Kind.COPY, Short: Kind.SHORT}
+            Ping: Kind.PING, Shutdown: Kind.SHUTDOWN, Copy: Kind.COPY, Short: Kind.SHORT,
+            TrainForward: Kind.TRAIN_FORWARD, TrainBackward: Kind.TRAIN_BACKWARD, TrainLoss: Kind.TRAIN_LOSS,
+            TrainStep: Kind.TRAIN_STEP}
 _KINDS = {kind.value: kind for kind in Kind}
 
 
@@ -258,11 +326,50 @@ def encode(msg: Message) -> list[bytes | memoryview]:
         _check_u64(msg.free_bytes, "free_bytes")
         _check_u64(msg.needed_bytes, "needed_bytes")
         return [header + SHORT_BODY.pack(msg.stage, msg.free_bytes, msg.needed_bytes)]
+    if kind in (Kind.TRAIN_FORWARD, Kind.TRAIN_BACKWARD):
+        return _encode_train(header, msg)
+    if kind is Kind.TRAIN_LOSS:
+        _check_range(msg.micro, 0, MAX_ROWS, "micro", message_id)
+        _check_range(msg.tokens, 0, 2**32 - 1, "tokens", message_id)
+        return [header + LOSS_BODY.pack(msg.micro, _finite(msg.loss, "loss", message_id), msg.tokens)]
+    if kind is Kind.TRAIN_STEP:
+        _check_range(msg.micros, 0, MAX_ROWS, "micros", message_id)
+        _check_range(msg.phase, 0, 1, "phase", message_id)
+        return [header + STEP_BODY.pack(msg.micros, msg.phase, _finite(msg.value, "value", message_id),
+                                        _finite(msg.lr, "lr", message_id))]
     return [header]
+
+
+def _finite(value, name: str, message_id: int) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise FrameError(f"{name} must be a finite number, got {value!r}", message_id)
+    return float(value)
+
+
+def _encode_train(header: bytes, msg) -> list:
+    """TRAIN_FORWARD / TRAIN_BACKWARD: ``TRAIN_BODY`` (micro, dtype, ndim, scale), the dims as
+    u32, then (forward) the targets as int32 (B x T); frame 1: the tensor."""
+    tensor = _wire_tensor(msg.tensor, msg.batch_id)
+    _check_range(msg.micro, 0, MAX_ROWS, "micro", msg.batch_id)
+    if tensor.ndim < 2:
+        raise FrameError(f"a training tensor is (B, T, ...), got shape {tuple(tensor.shape)}", msg.batch_id)
+    targets = b""
+    scale = 0.0
+    if isinstance(msg, TrainForward):
+        scale = _finite(msg.scale, "scale", msg.batch_id)
+        t = msg.targets
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(tensor.shape[:2]):
+            raise FrameError(f"TrainForward.targets must be a tensor of shape {tuple(tensor.shape[:2])}", msg.batch_id)
+        targets = bytes(_payload(_wire_tensor(t.to(torch.int32), msg.batch_id)))
+    body = TRAIN_BODY.pack(msg.micro, _DTYPE_CODES[tensor.dtype], tensor.ndim, scale)
+    dims = b"".join(DIM.pack(d) for d in tensor.shape)
+    return [header + body + dims + targets, _payload(tensor)]
 
 
 def msg_id(msg: Message) -> int:
     """The id a message carries in its header (a step id, or the message's own id)."""
+    if isinstance(msg, TRAINING):
+        return msg.batch_id
     return msg.step_id if isinstance(msg, (Forward, Sampled, Error, Short)) else msg.message_id
 
 
@@ -291,7 +398,8 @@ def _encode_row_extra(row: Row, step_id: int) -> bytes:
     bias = 0 if rule is None else len(rule.bias)
     # a mask of 0 bytes (nothing allowed) and no mask differ: a present mask counts in the flag
     flag = 0 if rule is None else 1 if rule.allowed is None else 2
-    return ROW_EXTRA.pack(row.logprobs, row.embed, flag, allowed, bias)
+    _check_range(row.adapter, 0, MAX_ADAPTER, "adapter", step_id)
+    return ROW_EXTRA.pack(row.logprobs, row.embed, flag, allowed, bias, row.adapter)
 
 
 def _encode_rule(rule: LogitRule) -> bytes:
@@ -443,9 +551,11 @@ def decode(frames: list) -> Message:
     header = _as_buffer(frames[0])
     kind, message_id = _unpack_header(header)
     body = header[HEADER.size:]
-    if kind is Kind.FORWARD:
+    if kind in (Kind.FORWARD, Kind.TRAIN_FORWARD, Kind.TRAIN_BACKWARD):
         if len(frames) != 2:
-            raise FrameError(f"FORWARD of step {message_id} has no payload frame", message_id)
+            raise FrameError(f"{kind.name} of step {message_id} has no payload frame", message_id)
+        if kind is not Kind.FORWARD:
+            return _decode_train(kind, message_id, body, _as_buffer(frames[1]))
         return _decode_forward(message_id, body, _as_buffer(frames[1]))
     if len(frames) != 1:
         raise FrameError(f"{kind.name} {message_id} carries a payload frame", message_id)
@@ -469,6 +579,17 @@ def decode(frames: list) -> Message:
         stage, free_bytes, needed_bytes = SHORT_BODY.unpack_from(body)
         _check_range(stage, 0, MAX_STAGES, "stage", message_id)
         return Short(message_id, stage, free_bytes, needed_bytes)
+    if kind is Kind.TRAIN_LOSS:
+        if len(body) != LOSS_BODY.size:
+            raise FrameError(f"TRAIN_LOSS {message_id} has {len(body)} body bytes, not {LOSS_BODY.size}", message_id)
+        micro, loss, tokens = LOSS_BODY.unpack_from(body)
+        return TrainLoss(message_id, micro, _finite(loss, "loss", message_id), tokens)
+    if kind is Kind.TRAIN_STEP:
+        if len(body) != STEP_BODY.size:
+            raise FrameError(f"TRAIN_STEP {message_id} has {len(body)} body bytes, not {STEP_BODY.size}", message_id)
+        micros, phase, value, lr = STEP_BODY.unpack_from(body)
+        _check_range(phase, 0, 1, "phase", message_id)
+        return TrainStep(message_id, micros, phase, _finite(value, "value", message_id), _finite(lr, "lr", message_id))
     if len(body):
         raise FrameError(f"{kind.name} {message_id} has {len(body)} stray bytes", message_id)
     return {Kind.PING: Ping, Kind.SHUTDOWN: Shutdown}[kind](message_id)
@@ -523,12 +644,33 @@ def _decode_forward(step_id: int, body: memoryview, payload: memoryview) -> Forw
     return Forward(step_id, rows, _tensor_from_payload(payload, dtype, shape, step_id), tuple(stage_ms))
 
 
+def _decode_train(kind: Kind, batch_id: int, body: memoryview, payload: memoryview):
+    if len(body) < TRAIN_BODY.size:
+        raise FrameError(f"{kind.name} of batch {batch_id} is truncated", batch_id)
+    micro, dtype_code, ndim, scale = TRAIN_BODY.unpack_from(body)
+    dtype = _CODE_DTYPES.get(dtype_code)
+    if dtype is None or not 2 <= ndim <= MAX_NDIM:
+        raise FrameError(f"{kind.name} of batch {batch_id}: dtype code {dtype_code} with {ndim} dims is not "
+                         "a training tensor", batch_id)
+    dims_end = TRAIN_BODY.size + DIM.size * ndim
+    if len(body) < dims_end:
+        raise FrameError(f"{kind.name} of batch {batch_id} is truncated", batch_id)
+    shape = struct.unpack_from(f"<{ndim}I", body, TRAIN_BODY.size)
+    tensor = _tensor_from_payload(payload, dtype, shape, batch_id)
+    if kind is Kind.TRAIN_BACKWARD:
+        if len(body) != dims_end:
+            raise FrameError(f"TRAIN_BACKWARD of batch {batch_id} has stray bytes", batch_id)
+        return TrainBackward(batch_id, micro, tensor)
+    targets = _tensor_from_payload(body[dims_end:], torch.int32, tuple(shape[:2]), batch_id)
+    return TrainForward(batch_id, micro, tensor, targets, _finite(scale, "scale", batch_id))
+
+
 def _decode_rules(body: memoryview, offset: int, extras: list[tuple], step_id: int) -> list[LogitRule | None]:
     """Each row's LogitRule from the rule section (bounded per row; the lengths must add up)."""
     from ..errors import RequestError
 
     rules = []
-    for _, _, flag, allowed_bytes, bias_count in extras:
+    for _, _, flag, allowed_bytes, bias_count, _ in extras:
         if flag > 2 or (flag != 2 and allowed_bytes) or allowed_bytes > MAX_ALLOWED_BYTES or allowed_bytes % 4 \
                 or bias_count > MAX_RULE_BIAS or (flag == 0 and bias_count):
             raise FrameError(f"FORWARD of step {step_id}: a row's rule (flag {flag}, {allowed_bytes} mask bytes, "
@@ -565,7 +707,7 @@ def _decode_row(body: memoryview, offset: int, extra: tuple, rule: LogitRule | N
         sampling = SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     except RequestError as exc:
         raise FrameError(f"FORWARD of step {step_id}: {exc}", step_id) from None
-    return Row(slot, position, sampling, bool(flags & SAMPLE), rule, logprobs, embed, verify)
+    return Row(slot, position, sampling, bool(flags & SAMPLE), rule, logprobs, embed, verify, extra[5])
 
 
 def _decode_sampled(step_id: int, body: memoryview) -> Sampled:
