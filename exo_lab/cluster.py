@@ -378,9 +378,10 @@ class Cluster:
         r (8), alpha (16), dropout (0), target_modules (every linear of a layer), epochs (1),
         max_steps, learning_rate (2e-4), lr_schedule ("linear", "constant", "cosine"),
         warmup_steps (0), batch_size (8), micro_batch_size (2), max_length (512), seed (0),
-        weight_decay (0), max_grad_norm (1.0; None: no clipping), save_every (0: only at the
-        end), recompute (None: where activations would not fit), in_flight (micro-batches in the
-        pipe; default one per stage). ``output_dir``: where checkpoints and the adapter go
+        weight_decay (0), max_grad_norm (1.0; None: no clipping), save_every (a checkpoint every
+        N steps; None: about every tenth of the run, at least every 10 steps; 0: only at the end), recompute (None: where activations would not fit), in_flight (micro-batches in the
+        pipe; default one per stage), serving_share (0.5: while requests are served, training
+        takes about that share of the stages' time). ``output_dir``: where checkpoints and the adapter go
         (default ``<state dir>/adapters/<name>``); ``resume_from``: a checkpoint folder (the
         job goes on from its step); ``init_from``: an adapter folder to start from (its shape).
         Raises ModelError for bad data or options, ClusterError without a model."""

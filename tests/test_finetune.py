@@ -168,15 +168,18 @@ def test_requests_for_different_adapters_share_a_batch_through_the_api(cluster, 
                 return reply.choices[0].text
 
         alone = [ask(n, p) for n, p in zip(names, prompts)]
-        steps_before = cluster.metrics.steps_total if hasattr(cluster.metrics, "steps_total") else None
         with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
             together = list(pool.map(ask, names, prompts))
         assert together == alone
+        from exo_lab.engine import training
+
+        mixed = sum(cluster.control.call(e.engine_id, training.adapter_status)["mixed_steps"]
+                    for e in cluster.pipeline.engines)
+        assert mixed > 0, "no step ran rows of different adapters together"
         # the adapters change the answers (else the comparison above proves nothing)
         assert len({alone[0], alone[1], alone[2]}) == 3
         with pytest.raises(openai.NotFoundError):
             ask("no-such-adapter", "hi")
-        del steps_before
     finally:
         server.stop()
         cluster.remove_adapter("start")
@@ -304,3 +307,71 @@ def test_the_training_estimate_bounds_what_a_stage_takes(tiny_model_dir):
         # a bound, not a wild guess (beyond the fixed allocator slack; measured 1.1-1.4x on SmolLM2,
         # up to 3.4x on this small model)
         assert figures["estimate"] - TRAINING_SLACK_BYTES <= 4 * figures["peak"], figures
+
+
+def test_a_job_resumed_from_a_checkpoint_ends_as_the_uninterrupted_run(cluster, trained, tmp_path):
+    job = cluster.finetune(ROWS, name="codes-resumed", output_dir=tmp_path, resume_from=trained.checkpoints[1],
+                           r=4, alpha=8, **SETTINGS).wait(300)
+    assert [h["step"] for h in job.history] == [5, 6]
+    assert job.losses == pytest.approx(trained.losses[4:], rel=LOSS_RTOL, abs=0)
+    ours, uninterrupted = saved_adapter(tmp_path), saved_adapter(trained.output_dir)
+    assert max((ours[k] - uninterrupted[k]).abs().max().item() for k in ours) <= ADAPTER_ATOL
+    cluster.remove_adapter("codes-resumed")
+
+
+def test_a_stopped_job_keeps_its_checkpoints_and_serves_nothing(cluster, tmp_path):
+    job = cluster.finetune(ROWS, name="stopped", output_dir=tmp_path, max_steps=500, batch_size=2,
+                           micro_batch_size=1, save_every=2)
+    job._listeners.append(lambda j: j.step >= 3 and j.stop(wait=False))
+    job.wait(120)
+    assert job.status == "stopped" and 3 <= job.step < 500
+    assert (tmp_path / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    assert "stopped" not in cluster.adapters.names()
+
+
+def test_memory_for_training_is_checked_before_the_first_step():
+    from exo_lab.engine.training import plan_memory
+
+    assert plan_memory(free=100, need=80, lean=30, recompute=None) == (False, 80)
+    assert plan_memory(free=100, need=180, lean=30, recompute=None) == (True, 30)    # recomputes to fit
+    assert plan_memory(free=100, need=80, lean=30, recompute=True) == (True, 30)
+    with pytest.raises(ModelError, match="needs about 0 MiB beyond its weights even recomputing"):
+        plan_memory(free=100, need=300, lean=200, recompute=None)
+    with pytest.raises(ModelError, match="needs about 0 MiB beyond its weights and its PC has"):
+        plan_memory(free=100, need=180, lean=30, recompute=False)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_frozen_bases_of_every_kind_pass_the_activations_gradient(dtype, model_dir):
+    """A bfloat16 (exo-lab kernel) or int8 base linear wrapped for training: the gradient it
+    passes upstream is grad @ W for its dense weight, as an autograd-visible linear's."""
+    from stages import load_split
+
+    from exo_lab.control_types import LoraSettings
+    from exo_lab.model import lora
+
+    stage, = load_split(model_dir, [(0, 4)], dtype=dtype)
+    lora.init_adapter(stage, 1, LoraSettings(r=4, targets=("q_proj", "down_proj")), seed=0)
+    lora.wrap(stage).train = 1
+    for module in (stage.layers[0].self_attn.q_proj, stage.layers[1].mlp.down_proj):
+        assert isinstance(module, lora.LoraLinear) and type(module.base) is not torch.nn.Linear
+        x = torch.randn(2, 5, module.in_features, dtype=torch.bfloat16, requires_grad=True)
+        grad = torch.randn(2, 5, module.out_features, dtype=torch.bfloat16)
+        module(x).backward(grad)
+        A, B, scaling = module.adapters[1]
+        dense = lora.dense_weight(module.base).float()
+        expected = grad.float() @ (dense + scaling * B.detach().float() @ A.detach().float())
+        assert torch.allclose(x.grad.float(), expected, rtol=0.03, atol=0.03), (x.grad.float() - expected).abs().max()
+        assert A.grad is not None and B.grad is not None
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_bfloat16_and_int8_stages_learn(dtype, model_dir, tmp_path):
+    with exo_lab.Cluster.local(engines=1, max_cores=1) as one:
+        one.load(str(model_dir), dtype=dtype, progress=False)
+        job = one.finetune(ROWS, name=f"codes-{dtype}", output_dir=tmp_path, r=8, alpha=16, epochs=3,
+                           batch_size=5, micro_batch_size=5, learning_rate=1e-2, lr_schedule="constant").wait(300)
+        assert job.losses[-1] < job.losses[0] - 1.0, job.losses
+        prompt = one.tokenizer(ROWS[2]["prompt"])["input_ids"]
+        assert one.generate(prompt, max_new_tokens=6, adapter=f"codes-{dtype}").token_ids != \
+            one.generate(prompt, max_new_tokens=6).token_ids

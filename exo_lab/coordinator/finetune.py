@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 STEP_TIMEOUT_S = 600.0        # a micro-batch's forward and backward through every stage
 RECOVER_TIMEOUT_S = 600.0     # waiting for the supervisor to serve again after a lost stage
 MAX_RECOVERIES = 8
+MAX_YIELD_S = 5.0             # the longest pause a micro-batch takes for serving requests
 LIVENESS_CHECK_S = 1.0        # how often a step waiting on the stages checks that their engines live
 STATE_FILE = "trainer_state.pt"
 
@@ -60,9 +61,10 @@ class FineTuneSettings:
     seed: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
-    save_every: int = 0
+    save_every: int | None = None         # None: about every tenth of the run, at least every 10 steps
     recompute: bool | None = None         # None: where keeping activations would not fit
     in_flight: int | None = None          # micro-batches in the pipe at once (None: one per stage)
+    serving_share: float = 0.5            # of the stages' time training may take while requests are served
 
     def __post_init__(self) -> None:
         def positive_int(name, value, low=1):
@@ -70,8 +72,10 @@ class FineTuneSettings:
                 raise ModelError(f"{name} must be an integer >= {low}, got {value!r}")
         for name in ("batch_size", "micro_batch_size", "max_length"):
             positive_int(name, getattr(self, name))
-        for name in ("warmup_steps", "save_every", "seed"):
+        for name in ("warmup_steps", "seed"):
             positive_int(name, getattr(self, name), 0)
+        if self.save_every is not None:
+            positive_int("save_every", self.save_every, 0)
         if self.max_steps is not None:
             positive_int("max_steps", self.max_steps)
         if self.in_flight is not None:
@@ -84,6 +88,8 @@ class FineTuneSettings:
             raise ModelError(f"learning_rate must be in (0, 1), got {self.learning_rate!r}")
         if self.lr_schedule not in data_mod.LR_SCHEDULES:
             raise ModelError(f"lr_schedule must be one of {', '.join(data_mod.LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not isinstance(self.serving_share, (int, float)) or not 0 < self.serving_share <= 1:
+            raise ModelError(f"serving_share must be in (0, 1], got {self.serving_share!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ModelError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
         if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
@@ -132,6 +138,9 @@ class FineTuneJob:
         per_epoch = data_mod.batches_per_epoch(len(examples), settings.batch_size)
         self.total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * per_epoch))
         self.step = resume[0] if resume else 0
+        # a checkpoint is what a lost stage costs: the job goes back to the last one (0: only at the end)
+        self.save_every = settings.save_every if settings.save_every is not None else \
+            max(10, math.ceil(self.total_steps / 10))
         self.history: list[dict] = []
         self.checkpoints: list[Path] = []
         self.status = "running"
@@ -208,7 +217,7 @@ class FineTuneJob:
                         attached = True
                     self._record(self._batch(self.step))
                     self.step += 1
-                    every = self.settings.save_every
+                    every = self.save_every
                     if self.step == self.total_steps or (every and self.step % every == 0):
                         state = self._save(self.step, final=self.step == self.total_steps)
                 except _PipelineLost as exc:
@@ -251,15 +260,12 @@ class FineTuneJob:
             part = None if state is None else _stage_state(state, stage.start_layer, stage.stop_layer)
             try:
                 answer = control.call(info.engine_id, training.start_training, setup, part, s.micro_batch_size,
-                                      self.longest, in_flight, what="starting fine-tuning",
+                                      self.longest, in_flight, s.recompute, what="starting fine-tuning",
                                       timeout_s=120)
             except ExoLabError:
                 self._lost_if_gone()
                 raise
             answers.append(answer)
-            if s.recompute is False and answer["recompute"]:
-                raise ModelError(f"stage {index} cannot keep its activations ({answer['need_bytes'] >> 20} MiB "
-                                 f"needed, {answer['free_bytes'] >> 20} MiB free) and recompute=False")
             recompute.append(answer["recompute"])
         self.recompute = any(recompute)
         self.stage_memory = [{"engine": info.engine_id, **answer} for info, answer in zip(pipeline.engines, answers)]
@@ -303,7 +309,7 @@ class FineTuneJob:
         started = time.perf_counter()
         loss, norm = self.cluster.run_coroutine(
             _run_batch(pipeline.scheduler, self._sink, self._batch_id(step), micros, 1.0 / targets, lr,
-                       s.max_grad_norm, s.in_flight or len(pipeline.engines)))
+                       s.max_grad_norm, s.in_flight or len(pipeline.engines), s.serving_share))
         return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "targets": targets,
                 "tokens": sum(len(e.ids) for e in batch), "seconds": time.perf_counter() - started}
 
@@ -386,8 +392,12 @@ async def _make_sink() -> _Sink:
 
 
 async def _run_batch(scheduler, sink: _Sink, batch_id: int, micros: list, scale: float, lr: float,
-                     max_grad_norm: float | None, in_flight: int) -> tuple[float, float]:
-    """One optimizer step through the ring (the module docstring): (loss, gradient norm)."""
+                     max_grad_norm: float | None, in_flight: int, share: float = 1.0) -> tuple[float, float]:
+    """One optimizer step through the ring (the module docstring): (loss, gradient norm).
+
+    While the scheduler serves requests, one micro-batch is in the pipe at a time and the next
+    waits so that training takes about ``share`` of the time: a decode step then waits for at most
+    one training micro-batch on a stage, and runs in the pauses."""
     queue: asyncio.Queue = asyncio.Queue()
     sink.queues[batch_id] = queue
 
@@ -422,17 +432,21 @@ async def _run_batch(scheduler, sink: _Sink, batch_id: int, micros: list, scale:
 
     try:
         losses: dict[int, float] = {}
-        sent = 0
-        while sent < min(in_flight, len(micros)):
-            await send(TrainForward(batch_id, sent, micros[sent][0], micros[sent][1], scale))
-            sent += 1
+        sent_at: dict[int, float] = {}
+        sent, busy = 0, 0.0
         while len(losses) < len(micros):
+            serving = share < 1.0 and scheduler.active_requests > 0
+            if sent < len(micros) and sent - len(losses) < (1 if serving else in_flight):
+                if serving and busy:
+                    await asyncio.sleep(min(busy * (1.0 - share) / share, MAX_YIELD_S))
+                sent_at[sent] = time.perf_counter()
+                await send(TrainForward(batch_id, sent, micros[sent][0], micros[sent][1], scale))
+                sent += 1
+                continue
             message = await next_message()
             if isinstance(message, TrainLoss):
                 losses[message.micro] = message.loss
-                if sent < len(micros):
-                    await send(TrainForward(batch_id, sent, micros[sent][0], micros[sent][1], scale))
-                    sent += 1
+                busy = time.perf_counter() - sent_at[message.micro]
         await send(TrainStep(batch_id, len(micros), 0, 0.0, lr))
         message = await next_message()
         norm = math.sqrt(message.value)

@@ -110,7 +110,7 @@ class StageTrainer:
 
     def _input(self, tensor):
         if self.is_first:
-            return tensor.long()
+            return tensor.to(self.stage.device).long()
         return tensor.to(self.stage.device, self.stage.dtype).detach().requires_grad_(True)
 
     def _forward(self, message) -> list:
@@ -120,7 +120,7 @@ class StageTrainer:
         inputs = self._input(message.tensor)
         if self.is_last:
             logits = self._run(inputs, *key)
-            targets = message.targets.long()
+            targets = message.targets.to(logits.device).long()
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
                                    reduction="sum") * message.scale
             loss.backward()
@@ -150,7 +150,7 @@ class StageTrainer:
         inputs, output = self.saved.pop(key)
         if output is None:                       # recomputation: the forward again, with autograd
             output = self._run(inputs, *key)
-        output.backward(message.tensor.to(output.dtype))
+        output.backward(message.tensor.to(output.device, output.dtype))
         out = []
         if not self.is_first:
             out.append(("up", TrainBackward(message.batch_id, message.micro, inputs.grad)))
@@ -218,10 +218,11 @@ def training_bytes(stage, rows: int, length: int, in_flight: int, recompute: boo
     heads = config.num_attention_heads
     # per token per layer autograd keeps the norms' inputs and outputs, q/k/v, the rotated q/k,
     # the attention output, the MLP's gate/up/activation products and the adapters' inputs, and
-    # SDPA's probabilities per head; the allocator's free blocks come on top. Calibrated on
-    # SmolLM2 (tests/test_finetune.py measures a stage's peak against this bound): measured peaks
-    # were 1.3-1.45x the sum of the saved tensors alone.
-    per_token = (20 * config.hidden_size + 8 * config.intermediate_size) * 4
+    # SDPA's probabilities per head; the allocator's free blocks come on top: micro-batches of
+    # different widths fragment the heap. Calibrated on SmolLM2 in a running job
+    # (benchmarks/bench_finetune.py: first stage 501 MiB at peak against 418 MiB for 20h + 8i per
+    # token) and bounded in tests/test_finetune.py against a fresh process's peak.
+    per_token = (28 * config.hidden_size + 12 * config.intermediate_size) * 4
     per_micro = layers * rows * length * (per_token + 2 * heads * length * 4)
     if stage.spec.is_last:
         per_micro += 5 * rows * length * config.vocab_size * 4        # logits, softmax, their gradients
@@ -242,10 +243,10 @@ def _worker():
 
 
 def start_training(setup: TrainSetup, state: dict | None = None, rows: int = 1, length: int = 512,
-                   in_flight: int = 1) -> dict:
+                   in_flight: int = 1, recompute_choice: bool | None = None) -> dict:
     """Give this engine's stage the adapter to train (fresh, or from a checkpoint's ``state``)
     and an optimizer. Recomputes activations where keeping them would not fit this PC's free
-    memory. Returns {"recompute": bool, "need_bytes", "free_bytes"}. Raises ModelError with the
+    memory (``recompute_choice`` None; False: never, True or setup.recompute: always). Returns {"recompute": bool, "need_bytes", "free_bytes"}. Raises ModelError with the
     numbers when even recomputation does not fit."""
     setup = received(setup, TrainSetup, "the coordinator")
     worker = _worker()
@@ -253,16 +254,15 @@ def start_training(setup: TrainSetup, state: dict | None = None, rows: int = 1, 
     stage = worker.stage
     lora.wrapped(stage, setup.lora)
     free = MemoryRoom().free_bytes()
-    need = training_bytes(stage, rows, length, in_flight, setup.recompute, setup.lora)
-    if not setup.recompute and need > free:
-        lean = training_bytes(stage, rows, length, in_flight, True, setup.lora)
-        if lean <= free:
-            setup, need = replace(setup, recompute=True), lean
-    if need > free:
-        raise ModelError(f"training stage [{stage.spec.start_layer}, {stage.spec.stop_layer}) needs about "
-                         f"{need / 2**20:.0f} MiB beyond its weights (micro-batches of {rows} x {length} tokens, "
-                         f"{in_flight} in flight) and its PC has {free / 2**20:.0f} MiB free: use a smaller "
-                         "micro_batch_size or max_length, or more PCs")
+    need = training_bytes(stage, rows, length, in_flight, False, setup.lora)
+    lean = training_bytes(stage, rows, length, in_flight, True, setup.lora)
+    try:
+        recompute, need = plan_memory(free, need, lean, True if setup.recompute else recompute_choice)
+    except ModelError as exc:
+        raise ModelError(f"training stage [{stage.spec.start_layer}, {stage.spec.stop_layer}) {exc} (micro-batches "
+                         f"of {rows} x {length} tokens, {in_flight} in flight): use a smaller micro_batch_size or "
+                         "max_length, or more PCs") from None
+    setup = replace(setup, recompute=recompute)
     worker.trainer = StageTrainer(worker, setup, state)
     return {"recompute": setup.recompute, "need_bytes": need, "free_bytes": free}
 
@@ -297,6 +297,30 @@ def add_adapter(adapter: int, settings: LoraSettings, tensors: dict) -> int:
     worker = _worker()
     params = lora.set_adapter(worker.stage, adapter, settings, tensors, dtype=torch.float32)
     return sum(t.numel() * t.element_size() for t in params)
+
+
+def adapter_status() -> dict:
+    """The adapter ids this stage holds and how many of its steps mixed adapters in one batch."""
+    worker = _worker()
+    held = set()
+    for module in worker.stage.modules():
+        if isinstance(module, lora.LoraLinear):
+            held.update(module.adapters)
+    return {"adapters": sorted(held), "mixed_steps": worker.stats.mixed_steps}
+
+
+def plan_memory(free: int, need: int, lean: int, recompute: bool | None) -> tuple[bool, int]:
+    """(recompute, bytes needed) for a stage with ``free`` bytes: keeping activations needs
+    ``need``, recomputing them ``lean``. ``recompute`` None picks, False/True insist. Raises
+    ModelError (without the stage's name: the caller adds it) when that does not fit."""
+    if recompute is None:
+        recompute = need > free
+    chosen = lean if recompute else need
+    if chosen > free:
+        raise ModelError(f"needs about {chosen / 2**20:.0f} MiB beyond its weights"
+                         f"{' even recomputing activations' if recompute else ''} and its PC has "
+                         f"{free / 2**20:.0f} MiB free")
+    return recompute, chosen
 
 
 def drop_adapter(adapter: int) -> bool:

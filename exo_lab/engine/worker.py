@@ -89,6 +89,7 @@ class WorkerStats:
     errors: int = 0
     dropped: int = 0            # malformed messages the inbox refused
     refused: int = 0            # steps refused because the PC was short of memory
+    mixed_steps: int = 0        # steps whose rows ran with different LoRA adapters (or none)
     busy_s: float = 0.0
     last_forward_ms: float = 0.0
     state: EngineState = EngineState.IDLE
@@ -205,6 +206,8 @@ class StageWorker:
         if self._refused(message, keep):
             return
         adapters = [row.adapter for row in message.rows] if any(row.adapter for row in message.rows) else None
+        if adapters is not None and len(set(adapters)) > 1:
+            self.stats.mixed_steps += 1
         output = self.stage.forward(message.tensor, slots, [row.position for row in message.rows], hidden=embeds,
                                     keep=keep, adapters=adapters)
         elapsed_ms = (time.perf_counter() - started) * 1e3

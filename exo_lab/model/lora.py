@@ -107,9 +107,9 @@ class LoraLinear(nn.Module):
             y = self.base(x) if type(self.base) is nn.Linear else _Frozen.apply(x, self.base)
             h = x.to(A.dtype)
             if context.dropout:
-                keep = torch.rand(h.shape, generator=context.generator, dtype=h.dtype) >= context.dropout
+                keep = (torch.rand(h.shape, generator=context.generator, dtype=h.dtype) >= context.dropout).to(h.device)
                 h = h * keep / (1.0 - context.dropout)
-            return y + F.linear(F.linear(h, A), B) * scaling
+            return (y + F.linear(F.linear(h, A), B) * scaling).to(y.dtype)   # as peft: the base's dtype
         y = self.base(x)
         for adapter, rows in context.rows:
             entry = self.adapters.get(adapter)
@@ -166,8 +166,9 @@ def init_adapter(stage, adapter: int, settings: LoraSettings, seed: int, dtype=t
         generator = torch.Generator().manual_seed(_seed_of(seed, layer, name))
         bound = 1.0 / math.sqrt(module.in_features)
         A = (torch.rand(settings.r, module.in_features, generator=generator, dtype=torch.float64) * 2 - 1) * bound
-        A = nn.Parameter(A.to(dtype))
-        B = nn.Parameter(torch.zeros(module.out_features, settings.r, dtype=dtype))
+        device = module.base.weight.device
+        A = nn.Parameter(A.to(device, dtype))
+        B = nn.Parameter(torch.zeros(module.out_features, settings.r, dtype=dtype, device=device))
         module.adapters[adapter] = (A, B, settings.scaling)
         params += [A, B]
     return params
@@ -187,7 +188,7 @@ def set_adapter(stage, adapter: int, settings: LoraSettings, tensors: dict[str, 
             if tensor is None or tuple(tensor.shape) != shape:
                 found = "missing" if tensor is None else f"of shape {tuple(tensor.shape)}"
                 raise ModelError(f"adapter tensor {key} is {found}; this stage needs {shape} (rank {settings.r})")
-            tensor = tensor.detach().to(dtype).clone()
+            tensor = tensor.detach().to(module.base.weight.device, dtype).clone()
             pair.append(nn.Parameter(tensor) if trainable else tensor)
         module.adapters[adapter] = (pair[0], pair[1], settings.scaling)
         params += pair
