@@ -191,7 +191,7 @@ class FineTuneJob:
         return sum(h["tokens"] for h in self.history) / seconds if seconds else 0.0
 
     def plot(self, ax=None):
-        """The loss per step (matplotlib); returns the axes."""
+        """The loss per step: a matplotlib Figure (drawn on ``ax`` when given)."""
         from ..notebook.plots import loss_plot
 
         return loss_plot(self, ax)

@@ -496,13 +496,20 @@ class Scheduler:
         await self.outbox.send(message)
 
     async def ping(self, timeout_s: float = 5.0) -> bool:
-        """True when a PING went through every stage and came back within timeout_s."""
+        """True when a PING went through every stage and came back within timeout_s; False too
+        when the pipeline was rewired under it (its socket closed: a memory shed or a failover),
+        rather than the CancelledError the closed socket's send raises."""
         message_id = secrets.randbits(63)
         answered = self._pings[message_id] = asyncio.get_running_loop().create_future()
         try:
             await self._send(Ping(message_id))
             return await asyncio.wait_for(answered, timeout_s)
         except asyncio.TimeoutError:
+            return False
+        except asyncio.CancelledError:
+            cancelling = getattr(asyncio.current_task(), "cancelling", None)   # Python 3.11+
+            if cancelling is None or cancelling():
+                raise                       # this ping itself was cancelled: pass it on
             return False
         finally:
             self._pings.pop(message_id, None)
