@@ -375,3 +375,49 @@ def test_bfloat16_and_int8_stages_learn(dtype, model_dir, tmp_path):
         prompt = one.tokenizer(ROWS[2]["prompt"])["input_ids"]
         assert one.generate(prompt, max_new_tokens=6, adapter=f"codes-{dtype}").token_ids != \
             one.generate(prompt, max_new_tokens=6).token_ids
+
+
+def test_the_plan_says_when_fine_tuning_does_not_fit(model_dir):
+    """Before any engine is asked: what training needs on each stage against what the plan left
+    on its node; the estimate is the one each engine checks (the same function)."""
+    from types import SimpleNamespace
+
+    from stages import load_split
+
+    from exo_lab.control_types import LoraSettings
+    from exo_lab.coordinator.finetune import FineTuneSettings, plan_memory
+    from exo_lab.engine.training import training_bytes
+    from exo_lab.planning.planner import StagePlan
+
+    def stage_plan(node, start, stop, head, spare):
+        return StagePlan(node=node, start_layer=start, stop_layer=stop, has_embeddings=start == 0, has_head=head,
+                         weights_bytes=1, kv_cache_bytes=1, workspace_bytes=2**20, overhead_bytes=1,
+                         total_bytes=10 * 2**30, budget_bytes=10 * 2**30 + spare, ms_per_token=1.0)
+
+    settings = FineTuneSettings(lora=LoraSettings(r=8), micro_batch_size=2)
+    roomy = SimpleNamespace(model_dir=model_dir, plan=SimpleNamespace(
+        stages=(stage_plan("system-b", 0, 2, False, 2**30), stage_plan("system-c", 2, 4, True, 2**30))))
+    rows = plan_memory(roomy, settings, longest=64)
+    assert [r["node"] for r in rows] == ["system-b", "system-c"] and all(r["need_bytes"] < 2**30 for r in rows)
+    assert all(r["lean_bytes"] < r["need_bytes"] for r in rows)
+    # system-c leaves room only for recomputed activations: fine, unless recomputing is refused
+    lean = rows[1]["lean_bytes"]
+    tight = SimpleNamespace(model_dir=model_dir, plan=SimpleNamespace(
+        stages=(stage_plan("system-b", 0, 2, False, 2**30), stage_plan("system-c", 2, 4, True, lean))))
+    plan_memory(tight, settings, longest=64)
+    with pytest.raises(ModelError, match=r"stage 1 \(system-c, layers \[2, 4\)\) needs about \d+ MiB beyond what it "
+                                         r"holds for serving \(micro-batches of 2 x 64 tokens, 2 in flight\)"):
+        plan_memory(tight, FineTuneSettings(lora=LoraSettings(r=8), micro_batch_size=2, recompute=False), longest=64)
+    full = SimpleNamespace(model_dir=model_dir, plan=SimpleNamespace(
+        stages=(stage_plan("system-b", 0, 2, False, 2**20), stage_plan("system-c", 2, 4, True, 2**30))))
+    with pytest.raises(ModelError, match="stage 0 .* even recomputing activations .* leaves 1 MiB: lower micro_batch_size"):
+        plan_memory(full, settings, longest=64)
+    # the engine's figure for a real stage is the same function's
+    first, last = load_split(model_dir, [(0, 2), (2, 4)])
+    from exo_lab.engine.training import estimate_training_bytes
+    from exo_lab.weights.resolve import read_model_config
+
+    config = read_model_config(model_dir)
+    for stage in (first, last):
+        assert training_bytes(stage, 2, 64, 2, False, settings.lora) == estimate_training_bytes(
+            config, 2, stage.spec.is_last, settings.lora, 2, 64, 2, False, stage.step_bytes(2, 64, 64))

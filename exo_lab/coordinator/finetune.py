@@ -148,6 +148,7 @@ class FineTuneJob:
         self.resumes = 0
         self.recompute: bool | None = None
         self.stage_memory: list[dict] = []     # per stage: what training needs and had free (start_training)
+        self.planned_memory: list[dict] = []   # per stage: what it needs against what the plan leaves (plan_memory)
         self.adapter_id = cluster.adapters.reserve()
         self._checkpoint = resume            # (step, state) the job goes back to when a stage is lost
         self._attempt = 0
@@ -472,6 +473,37 @@ def _stage_state(state: dict, start: int, stop: int) -> dict:
             "steps": state.get("steps", 0)}
 
 
+def plan_memory(pipeline, settings: FineTuneSettings, longest: int) -> list[dict]:
+    """Per stage of the plan in force: what training needs beyond serving (keeping activations,
+    and recomputing them) against what the plan leaves on its node (budget - planned total).
+    Raises ModelError naming the first stage where even recomputation does not fit (or keeping
+    activations, with recompute=False), with the numbers and what to change. The engines check
+    their PCs' free memory again when the job starts."""
+    from ..engine.training import estimate_training_bytes
+    from ..weights.resolve import read_model_config
+
+    config = read_model_config(pipeline.model_dir)
+    in_flight = settings.in_flight or len(pipeline.plan.stages)
+    rows = []
+    for index, stage in enumerate(pipeline.plan.stages):
+        layers = stage.stop_layer - stage.start_layer
+        need, lean = (estimate_training_bytes(config, layers, stage.has_head, settings.lora, settings.micro_batch_size,
+                                              longest, in_flight, recompute, stage.workspace_bytes)
+                      for recompute in (False, True))
+        spare = stage.budget_bytes - stage.total_bytes
+        rows.append({"stage": index, "node": stage.node, "spare_bytes": spare, "need_bytes": need, "lean_bytes": lean})
+        fits = need <= spare or (settings.recompute is not False and lean <= spare)
+        if not fits:
+            shown = need if settings.recompute is False else lean
+            raise ModelError(
+                f"fine-tuning does not fit the plan: stage {index} ({stage.node}, layers [{stage.start_layer}, "
+                f"{stage.stop_layer})) needs about {shown / 2**20:.0f} MiB beyond what it holds for serving"
+                f"{'' if settings.recompute is False else ' even recomputing activations'} (micro-batches of "
+                f"{settings.micro_batch_size} x {longest} tokens, {in_flight} in flight), and its budget leaves "
+                f"{max(spare, 0) / 2**20:.0f} MiB: lower micro_batch_size or max_length, or load the model over more PCs")
+    return rows
+
+
 def load_checkpoint(path) -> tuple[int, dict, dict]:
     """(step, state, settings dict) of a job's checkpoint folder (``resume_from``)."""
     import torch
@@ -517,6 +549,8 @@ def start_job(cluster, data, *, name: str, output_dir=None, resume_from=None, in
                          "with cluster.remove_adapter(name)")
     examples, skipped = data_mod.tokenize(data_mod.rows_of(data), pipeline.tokenizer,
                                           min(settings.max_length, pipeline.context_length))
+    planned = plan_memory(pipeline, settings, max(len(e.ids) for e in examples))
     output_dir = Path(output_dir) if output_dir is not None else state_dir() / "adapters" / name
     job = FineTuneJob(cluster, examples, settings, name, output_dir, skipped, resume)
+    job.planned_memory = planned
     return job.start()

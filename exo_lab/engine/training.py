@@ -208,27 +208,41 @@ class StageTrainer:
 
 
 def training_bytes(stage, rows: int, length: int, in_flight: int, recompute: bool, settings: LoraSettings) -> int:
-    """An upper bound on what training adds to a stage: the adapter, its gradient and AdamW's two
-    moments (float32), and the activations autograd keeps for ``in_flight`` micro-batches of
-    ``rows`` x ``length`` tokens (with recomputation, only their inputs, plus one micro-batch's
-    activations while it is recomputed), plus one forward's step memory."""
-    config = stage.stage_config
-    adapter = sum(settings.r * (m.in_features + m.out_features) for _, _, m in lora.wrapped(stage, settings))
-    layers = len(stage.layers)
-    heads = config.num_attention_heads
+    """An upper bound on what training adds to ``stage`` (:func:`estimate_training_bytes` with the
+    stage's own config, layers and step workspace)."""
+    return estimate_training_bytes(stage.stage_config.to_dict(), len(stage.layers), stage.spec.is_last, settings,
+                                   rows, length, in_flight, recompute, stage.step_bytes(rows, length, length))
+
+
+def estimate_training_bytes(config: dict, layers: int, is_last: bool, settings: LoraSettings, rows: int,
+                            length: int, in_flight: int, recompute: bool, workspace: int) -> int:
+    """An upper bound on what training adds to a stage of ``layers`` layers of a model with
+    ``config`` (config.json's fields): the adapter, its gradient and AdamW's two moments (float32),
+    the activations autograd keeps for ``in_flight`` micro-batches of ``rows`` x ``length``
+    tokens (with recomputation, only their inputs, plus one micro-batch's activations while it is
+    recomputed), one forward's ``workspace`` and allocator slack. Pure: the engine checks it
+    against its PC's free memory, the coordinator against what the plan left on each stage."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    shapes = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv_heads * head_dim),
+              "v_proj": (hidden, kv_heads * head_dim), "o_proj": (heads * head_dim, hidden),
+              "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    adapter = layers * sum(settings.r * (i + o) for name, (i, o) in shapes.items() if name in settings.targets)
     # per token per layer autograd keeps the norms' inputs and outputs, q/k/v, the rotated q/k,
     # the attention output, the MLP's gate/up/activation products and the adapters' inputs, and
     # SDPA's probabilities per head; the allocator's free blocks come on top: micro-batches of
     # different widths fragment the heap. Calibrated on SmolLM2 in a running job
     # (benchmarks/bench_finetune.py: first stage 501 MiB at peak against 418 MiB for 20h + 8i per
     # token) and bounded in tests/test_finetune.py against a fresh process's peak.
-    per_token = (28 * config.hidden_size + 12 * config.intermediate_size) * 4
+    per_token = (28 * hidden + 12 * inter) * 4
     per_micro = layers * rows * length * (per_token + 2 * heads * length * 4)
-    if stage.spec.is_last:
-        per_micro += 5 * rows * length * config.vocab_size * 4        # logits, softmax, their gradients
-    hidden = rows * length * config.hidden_size * 4
-    kept = in_flight * hidden + per_micro if recompute else in_flight * per_micro
-    return 16 * adapter + kept + stage.step_bytes(rows, length, length) + TRAINING_SLACK_BYTES
+    if is_last:
+        per_micro += 5 * rows * length * config["vocab_size"] * 4        # logits, softmax, their gradients
+    inputs = rows * length * hidden * 4
+    kept = in_flight * inputs + per_micro if recompute else in_flight * per_micro
+    return 16 * adapter + kept + workspace + TRAINING_SLACK_BYTES
 
 
 # ----------------------------------------------------------------------------- control plane
