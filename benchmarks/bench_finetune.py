@@ -19,7 +19,6 @@ One run prints three tables:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -168,7 +167,6 @@ def main() -> None:
                       "together": " / ".join(f"{x:.1f}" for x in shared)},
                      {"what": "training, tokens/s", "alone": f"{train_alone:.0f}",
                       "together": f"{train_shared:.0f} (steps {first + 1}-{last})"}]))
-    os.environ.pop("EXO_LAB_BENCH", None)
 
 
 if __name__ == "__main__":

@@ -399,12 +399,12 @@ class Cluster:
         """Serve the peft LoRA adapter in folder ``path`` as model ``name`` (beside the base
         model; requests for different adapters share batches). Replaces an adapter of that name.
         Returns its id. Raises ModelError for a folder that is not a LoRA adapter of this model."""
-        from .coordinator.adapters import push, read
+        from .coordinator.adapters import layer_part, push, read
 
         pipeline = self._require_pipeline()
         settings, tensors, base = read(path)
         layers = pipeline.plan.stages[-1].stop_layer
-        extra = [key for key in tensors if not any(f".layers.{i}." in key for i in range(layers))]
+        extra = sorted(set(tensors) - set(layer_part(tensors, 0, layers)))
         if extra:
             raise ModelError(f"adapter {path} has tensors for layers this model ({pipeline.model_id}, {layers} layers) "
                              f"lacks, e.g. {extra[0]}: it was trained for another base")

@@ -37,8 +37,13 @@ class Adapter:
 
     def part(self, start: int, stop: int) -> dict:
         """The tensors of layers [start, stop)."""
-        return {key: value for key, value in self.tensors.items()
-                if (match := _LAYER.search(key)) and start <= int(match.group(1)) < stop}
+        return layer_part(self.tensors, start, stop)
+
+
+def layer_part(tensors: dict, start: int, stop: int) -> dict:
+    """The entries of ``tensors`` (peft names: ``...layers.{i}...``) of layers [start, stop)."""
+    return {key: value for key, value in tensors.items()
+            if (match := _LAYER.search(key)) and start <= int(match.group(1)) < stop}
 
 
 class AdapterRegistry:

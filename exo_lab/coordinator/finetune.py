@@ -32,8 +32,9 @@ from pathlib import Path
 
 from ..control_types import LoraSettings, TrainSetup
 from ..errors import ClusterError, ExoLabError, ModelError
-from ..wire import Error, TrainForward, TrainLoss, TrainStep
+from ..wire import Error, TrainForward, TrainLoss, TrainStep, msg_id
 from . import training_data as data_mod
+from .adapters import layer_part
 
 logger = logging.getLogger(__name__)
 
@@ -103,17 +104,14 @@ class _PipelineLost(ClusterError):
 class _Sink:
     """The scheduler's route for training messages (Scheduler.training): batch id -> queue."""
 
-    def __init__(self, loop):
-        self.loop = loop
+    def __init__(self):
         self.queues: dict[int, asyncio.Queue] = {}
 
     def owns(self, message) -> bool:
-        return isinstance(message, (TrainLoss, TrainStep, Error)) and getattr(
-            message, "batch_id", getattr(message, "step_id", None)) in self.queues
+        return isinstance(message, (TrainLoss, TrainStep, Error)) and msg_id(message) in self.queues
 
     def received(self, message) -> None:
-        key = message.step_id if isinstance(message, Error) else message.batch_id
-        self.queues[key].put_nowait(message)
+        self.queues[msg_id(message)].put_nowait(message)
 
     def lost(self, reason: str) -> None:
         for queue in self.queues.values():
@@ -152,6 +150,8 @@ class FineTuneJob:
         self.adapter_id = cluster.adapters.reserve()
         self._checkpoint = resume            # (step, state) the job goes back to when a stage is lost
         self._attempt = 0
+        self._stages: list = []             # the engines the job last started training on
+        self._sink: _Sink | None = None     # the scheduler's route to this job's batches
         self._stop = threading.Event()
         self._done = threading.Event()
         self._listeners: list = []
@@ -253,7 +253,7 @@ class FineTuneJob:
         self._attempt += 1
         s = self.settings
         in_flight = s.in_flight or len(pipeline.engines)
-        recompute, answers = [], []
+        answers = []
         for index, (info, stage) in enumerate(zip(pipeline.engines, pipeline.plan.stages)):
             setup = TrainSetup(adapter=self.adapter_id, lora=s.lora, seed=s.seed, weight_decay=s.weight_decay,
                                recompute=bool(s.recompute), floor=self._batch_id(0),
@@ -267,11 +267,10 @@ class FineTuneJob:
                 self._lost_if_gone()
                 raise
             answers.append(answer)
-            recompute.append(answer["recompute"])
-        self.recompute = any(recompute)
+        self.recompute = any(answer["recompute"] for answer in answers)
         self.stage_memory = [{"engine": info.engine_id, **answer} for info, answer in zip(pipeline.engines, answers)]
         self._stages = list(pipeline.engines)
-        pipeline.scheduler.training = self._sink = self.cluster.run_coroutine(_make_sink())
+        pipeline.scheduler.training = self._sink = _Sink()
 
     def _lost_if_gone(self) -> None:
         """Raise _PipelineLost (and have the supervisor fail over) when a stage engine is gone."""
@@ -285,10 +284,10 @@ class FineTuneJob:
         from ..engine import training
 
         pipeline = self.cluster.pipeline
-        if pipeline is not None and getattr(pipeline.scheduler, "training", None) is getattr(self, "_sink", None):
+        if pipeline is not None and pipeline.scheduler.training is self._sink:
             pipeline.scheduler.training = None
         control = self.cluster.control
-        for info in getattr(self, "_stages", []):
+        for info in self._stages:
             if not control.is_gone(info):
                 try:
                     control.call(info.engine_id, training.stop_training, what="ending fine-tuning", timeout_s=30)
@@ -388,10 +387,6 @@ async def _report_lost(scheduler, problem: str) -> None:
     scheduler.lost(problem)
 
 
-async def _make_sink() -> _Sink:
-    return _Sink(asyncio.get_running_loop())
-
-
 async def _run_batch(scheduler, sink: _Sink, batch_id: int, micros: list, scale: float, lr: float,
                      max_grad_norm: float | None, in_flight: int, share: float = 1.0) -> tuple[float, float]:
     """One optimizer step through the ring (the module docstring): (loss, gradient norm).
@@ -462,14 +457,8 @@ async def _run_batch(scheduler, sink: _Sink, batch_id: int, micros: list, scale:
 
 
 def _stage_state(state: dict, start: int, stop: int) -> dict:
-    from .adapters import _LAYER
-
-    def mine(key):
-        match = _LAYER.search(key)
-        return match is not None and start <= int(match.group(1)) < stop
-
-    return {"tensors": {k: v for k, v in state["tensors"].items() if mine(k)},
-            "optimizer": {k: v for k, v in state.get("optimizer", {}).items() if mine(k)},
+    return {"tensors": layer_part(state["tensors"], start, stop),
+            "optimizer": layer_part(state.get("optimizer", {}), start, stop),
             "steps": state.get("steps", 0)}
 
 
@@ -479,7 +468,7 @@ def plan_memory(pipeline, settings: FineTuneSettings, longest: int) -> list[dict
     Raises ModelError naming the first stage where even recomputation does not fit (or keeping
     activations, with recompute=False), with the numbers and what to change. The engines check
     their PCs' free memory again when the job starts."""
-    from ..engine.training import estimate_training_bytes
+    from ..engine.training import estimate_training_bytes, recompute_choice
     from ..weights.resolve import read_model_config
 
     config = read_model_config(pipeline.model_dir)
@@ -492,13 +481,12 @@ def plan_memory(pipeline, settings: FineTuneSettings, longest: int) -> list[dict
                       for recompute in (False, True))
         spare = stage.budget_bytes - stage.total_bytes
         rows.append({"stage": index, "node": stage.node, "spare_bytes": spare, "need_bytes": need, "lean_bytes": lean})
-        fits = need <= spare or (settings.recompute is not False and lean <= spare)
-        if not fits:
-            shown = need if settings.recompute is False else lean
+        recompute, shown = recompute_choice(spare, need, lean, settings.recompute)
+        if shown > spare:
             raise ModelError(
                 f"fine-tuning does not fit the plan: stage {index} ({stage.node}, layers [{stage.start_layer}, "
                 f"{stage.stop_layer})) needs about {shown / 2**20:.0f} MiB beyond what it holds for serving"
-                f"{'' if settings.recompute is False else ' even recomputing activations'} (micro-batches of "
+                f"{' even recomputing activations' if recompute else ''} (micro-batches of "
                 f"{settings.micro_batch_size} x {longest} tokens, {in_flight} in flight), and its budget leaves "
                 f"{max(spare, 0) / 2**20:.0f} MiB: lower micro_batch_size or max_length, or load the model over more PCs")
     return rows
@@ -542,7 +530,7 @@ def start_job(cluster, data, *, name: str, output_dir=None, resume_from=None, in
         resume = (0, {"tensors": tensors, "optimizer": {}, "steps": 0})
     settings = FineTuneSettings(lora=LoraSettings(**lora_fields), **options)
     if resume_from is not None:
-        step, state, saved = load_checkpoint(resume_from)
+        step, state, _ = load_checkpoint(resume_from)
         resume = (step, state)
     if cluster.adapters.get(name) is not None or name in (cluster.model_id,):
         raise ModelError(f"an adapter named {name!r} is served already: pick another name or remove it "

@@ -47,7 +47,6 @@ class StageTrainer:
         from ..security import data_plane_key
         from ..wire import Outbox
 
-        self.worker = worker
         self.stage = stage = worker.stage
         self.setup = setup
         self.context = lora.wrap(stage)
@@ -55,7 +54,7 @@ class StageTrainer:
             self.params = lora.set_adapter(stage, setup.adapter, setup.lora, state["tensors"], trainable=True)
         else:
             self.params = lora.init_adapter(stage, setup.adapter, setup.lora, setup.seed)
-        self.keys = list(lora.adapter_tensors(stage, setup.adapter, setup.lora))   # peft names, params' order
+        self.keys = lora.adapter_keys(stage, setup.lora)      # peft names, in the params' order
         self.optimizer = torch.optim.AdamW(self.params, lr=0.0, betas=tuple(setup.betas), eps=setup.eps,
                                            weight_decay=setup.weight_decay)
         if state is not None and state.get("optimizer"):
@@ -323,13 +322,20 @@ def adapter_status() -> dict:
     return {"adapters": sorted(held), "mixed_steps": worker.stats.mixed_steps}
 
 
-def plan_memory(free: int, need: int, lean: int, recompute: bool | None) -> tuple[bool, int]:
+def recompute_choice(free: int, need: int, lean: int, recompute: bool | None) -> tuple[bool, int]:
     """(recompute, bytes needed) for a stage with ``free`` bytes: keeping activations needs
-    ``need``, recomputing them ``lean``. ``recompute`` None picks, False/True insist. Raises
-    ModelError (without the stage's name: the caller adds it) when that does not fit."""
+    ``need``, recomputing them ``lean``. ``recompute`` None recomputes only where keeping them
+    does not fit; False/True insist. The engine (:func:`plan_memory`) and the coordinator's check
+    against the plan both decide by it."""
     if recompute is None:
         recompute = need > free
-    chosen = lean if recompute else need
+    return recompute, lean if recompute else need
+
+
+def plan_memory(free: int, need: int, lean: int, recompute: bool | None) -> tuple[bool, int]:
+    """:func:`recompute_choice`, raising ModelError (without the stage's name: the caller adds
+    it) when the choice does not fit ``free``."""
+    recompute, chosen = recompute_choice(free, need, lean, recompute)
     if chosen > free:
         raise ModelError(f"needs about {chosen / 2**20:.0f} MiB beyond its weights"
                          f"{' even recomputing activations' if recompute else ''} and its PC has "

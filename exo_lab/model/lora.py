@@ -203,14 +203,16 @@ def drop_adapter(stage, adapter: int) -> None:
                 module.adapters.pop(adapter, None)
 
 
+def adapter_keys(stage, settings: LoraSettings) -> list[str]:
+    """The peft names of this stage's adapter tensors: A, B of each target, in layer order (the
+    order :func:`init_adapter` and :func:`set_adapter` return them in)."""
+    return [peft_key(layer, name, part) for layer, name, _ in wrapped(stage, settings) for part in ("lora_A", "lora_B")]
+
+
 def adapter_tensors(stage, adapter: int, settings: LoraSettings) -> dict[str, torch.Tensor]:
     """This stage's part of adapter ``adapter`` by peft name (detached float32 copies)."""
-    out = {}
-    for layer, name, module in wrapped(stage, settings):
-        A, B, _ = module.adapters[adapter]
-        out[peft_key(layer, name, "lora_A")] = A.detach().float().clone()
-        out[peft_key(layer, name, "lora_B")] = B.detach().float().clone()
-    return out
+    tensors = [t for _, _, module in wrapped(stage, settings) for t in module.adapters[adapter][:2]]
+    return {key: t.detach().float().clone() for key, t in zip(adapter_keys(stage, settings), tensors)}
 
 
 def peft_key(layer: int, module: str, part: str) -> str:
@@ -231,11 +233,13 @@ def dropout_generator(seed: int, batch: int, micro: int, start_layer: int) -> to
 # ----------------------------------------------------------------------------- peft's format
 
 def save_adapter(path, tensors: dict[str, torch.Tensor], settings: LoraSettings, base_model: str) -> Path:
-    """Write ``tensors`` (peft names) and an adapter_config.json as peft saves them; the folder."""
-    from safetensors.torch import save_file
+    """Write ``tensors`` (peft names) and an adapter_config.json as peft saves them, each file
+    whole or not at all (:func:`exo_lab.paths.write_atomic`); the folder."""
+    from safetensors.torch import save
+
+    from ..paths import write_atomic
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": settings.r, "lora_alpha": settings.alpha, "lora_dropout": settings.dropout,
@@ -244,10 +248,9 @@ def save_adapter(path, tensors: dict[str, torch.Tensor], settings: LoraSettings,
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
     }
-    tmp = path / (ADAPTER_WEIGHTS + ".tmp")
-    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp), metadata={"format": "pt"})
-    tmp.replace(path / ADAPTER_WEIGHTS)
-    (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    write_atomic(path / ADAPTER_WEIGHTS, save({k: v.contiguous() for k, v in sorted(tensors.items())},
+                                              metadata={"format": "pt"}))
+    write_atomic(path / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
     return path
 
 
