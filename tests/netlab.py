@@ -57,6 +57,22 @@ api:
   port: {api_port}
 """
 
+# The seed's office on the netlab: system-a coordinates and stores the model, system-b and
+# system-c compute with one core each (format: name, replan, api_port).
+OFFICE_CONFIG = """\
+cluster_name: {name}
+replan: {replan}
+devices:
+  - hostname: system-a.local
+    roles: [coordinator, storage]
+  - hostname: system-b.local
+    roles: [compute]
+    max_cores: 1
+  - hostname: system-c.local
+    roles: [compute]
+    max_cores: 1
+""" + LAN_CONFIG_END
+
 
 def memory_unavailable() -> str | None:
     """Why PCs cannot get memory limits here (no cgroup v1 memory controller), or None."""

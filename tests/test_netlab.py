@@ -47,19 +47,7 @@ PCS = ("system-a", "system-b", "system-c", "system-d")
 OPEN_TCP = [f"{PORT_RANGE[0]}-{PORT_RANGE[1]}", str(API_PORT)]
 OPEN_UDP = ["5353"]
 
-CONFIG = """\
-cluster_name: {name}
-replan: auto
-devices:
-  - hostname: system-a.local
-    roles: [coordinator, storage]
-  - hostname: system-b.local
-    roles: [compute]
-    max_cores: 1
-  - hostname: system-c.local
-    roles: [compute]
-    max_cores: 1
-""" + netlab.LAN_CONFIG_END
+CONFIG = netlab.OFFICE_CONFIG
 
 
 class Lab:
@@ -143,7 +131,7 @@ def lab(tmp_path_factory):
             net.firewall(name, tcp_ports=OPEN_TCP, udp_ports=OPEN_UDP)
         config = root / "cluster" / "config.yaml"     # the same two files on every PC
         config.parent.mkdir()
-        config.write_text(CONFIG.format(name=f"netlab-{net.run_id}", api_port=API_PORT))
+        config.write_text(CONFIG.format(name=f"netlab-{net.run_id}", api_port=API_PORT, replan="auto"))
         secret = new_secret()
         write_secret_file(config.parent / "secret.txt", secret)
         running = Lab(net, model, secret, config)

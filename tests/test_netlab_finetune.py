@@ -33,18 +33,6 @@ SETTINGS = dict(r=4, alpha=8, batch_size=4, micro_batch_size=2, epochs=2, learni
                 lr_schedule="constant")
 PROMPT = "Question 3: what is the code?"
 
-CONFIG = """\
-cluster_name: {name}
-devices:
-  - hostname: system-a.local
-    roles: [coordinator, storage]
-  - hostname: system-b.local
-    roles: [compute]
-    max_cores: 1
-  - hostname: system-c.local
-    roles: [compute]
-    max_cores: 1
-""" + netlab.LAN_CONFIG_END
 
 # What a notebook on system-a runs; prints one JSON line.
 NOTEBOOK = """
@@ -84,7 +72,8 @@ def test_a_job_trains_through_firewalled_pcs_as_on_one_machine(tiny_model_dir, t
             net.firewall(name, tcp_ports=OPEN_TCP, udp_ports=OPEN_UDP)
         config = tmp_path / "cluster" / "config.yaml"
         config.parent.mkdir()
-        config.write_text(CONFIG.format(name=f"netlab-ft-{net.run_id}", api_port=API_PORT))
+        config.write_text(netlab.OFFICE_CONFIG.format(name=f"netlab-ft-{net.run_id}", api_port=API_PORT,
+                                                     replan="manual"))
         write_secret_file(config.parent / "secret.txt", new_secret())
         argument = json.dumps([ROWS, SETTINGS, PROMPT, str(model), str(tmp_path / "adapter")])
         notebook = net.start("system-a", [sys.executable, "-c", NOTEBOOK, argument], cwd=config.parent,
