@@ -41,7 +41,7 @@ from lab_server import dashboard_notebook, run_all_cells, running_lab  # noqa: E
 logger = logging.getLogger("make_screenshots")
 
 MODEL = "smollm2"
-QUESTIONS = ["What is the capital of France?", "What is a CPU?"]
+QUESTIONS = ["Tell me the capital of France.", "What is a CPU?"]
 WAIT_MS = 120_000
 
 # Qwen2.5-14B-Instruct's config.json, the keys the profile reads.

@@ -47,8 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps in flight at once (default: one per stage)")
     parser.add_argument("--prompt-tokens", type=positive_int, default=32)
     parser.add_argument("--new-tokens", type=positive_int, default=32)
-    parser.add_argument("--dtype", type=_dtypes, default=["float32"],
-                        help="stage dtype(s), e.g. int8 or float32,bfloat16,int8 (several: with --compare)")
+    parser.add_argument("--dtype", type=_dtypes, default=None,
+                        help="stage dtype(s), e.g. int8 or float32,bfloat16,int8 (several: with --compare; "
+                             "default: the model's auto dtype, gguf for a GGUF model such as smollm2)")
     parser.add_argument("--compare", action="store_true",
                         help="one stream per --dtype and --engines against transformers and llama.cpp "
                              "(pip install 'exo-lab[bench]'), with greedy agreement and perplexity")
@@ -139,11 +140,13 @@ def memory_rows(cluster, plan, bare: dict) -> list[dict]:
 def run(args) -> int:
     from transformers import AutoTokenizer
 
-    from .weights.resolve import resolve_model
+    from .weights.resolve import auto_dtype, resolve_model
 
     logging.getLogger("exo_lab").setLevel(logging.WARNING)
     model_dir = resolve_model(args.model) if args.model else bench_model_dir(args.preset)
     model = args.model or str(model_dir)
+    if args.dtype is None:
+        args.dtype = [auto_dtype(model)]
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     if args.compare:
         return run_compare(args, model, model_dir, tokenizer)

@@ -11,6 +11,7 @@ import sys
 
 from .errors import ExoLabError
 from .server import add_model_options, add_server_arguments, positive_int, server_arguments
+from .units import GGUF_RECIPES as RECIPES
 
 EXIT_USER_ERROR = 2
 
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--config", required=True, help="config.yaml describing the cluster")
     add_model_options(plan)
     plan.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    plan.add_argument("--gguf", metavar="RECIPE", choices=RECIPES, default=None,
+                      help="plan the model as llama.cpp's RECIPE GGUF file of it would load (dtype gguf: "
+                           f"{', '.join(RECIPES)}), for a folder with only config.json")
     plan.add_argument("--measure", action="store_true",
                       help="time the model's decode step on this PC (a few seconds) and plan its stages with that "
                            "figure; the other PCs plan with their config's memory_bandwidth or the default")
@@ -114,7 +118,8 @@ def cmd_plan(args) -> int:
     if getattr(args, "measure", False):
         nodes, note = _measured_here(config, options, nodes)
         print(note, file=sys.stderr if args.json else sys.stdout)
-    plan = options.plan(profile_model(options.model, dtype=options.dtype), nodes)
+    recipe = getattr(args, "gguf", None)
+    plan = options.plan(profile_model(options.model, dtype=None if recipe else options.dtype, gguf_recipe=recipe), nodes)
     print(json.dumps(plan.to_json()) if args.json else format_plan(plan))
     return 0
 

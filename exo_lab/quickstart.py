@@ -24,7 +24,7 @@ from pathlib import Path
 from .errors import ConfigError, ModelError
 from .weights.resolve import DEMO_MODEL_ID, SMOLLM2_MODEL_ID
 
-DEFAULT_PROMPT = "What is the capital of France?"
+DEFAULT_PROMPT = "Tell me the capital of France."
 DEFAULT_MAX_TOKENS = 64
 
 

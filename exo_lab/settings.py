@@ -30,7 +30,7 @@ from .errors import ConfigError
 from .settings_values import (BANDWIDTH, BOOLEAN, CLUSTER_NAME, ENV_NAME, HOSTS, NAMES, NON_NEGATIVE,
                               POSITIVE_INT, PORT, SECTION, SIZE, SLURM_TIME, SSH_OPTIONS, TEXT, WORD, Kind,
                               Where, choice, closest, port_range, roles)
-from .units import DEFAULT_DTYPE, DTYPES
+from .units import AUTO_DTYPE, DEFAULT_DTYPE, DTYPES
 
 # --------------------------------------------------------------------------- defaults used in rules
 ROLES = ("coordinator", "compute", "storage")
@@ -111,8 +111,9 @@ TOP = Section("", "the top level of the file", (
     Setting("served_model_names", NAMES, "names the API answers to (/v1/models lists them, the first "
             "first; any is accepted as 'model')", default=(), default_text="the model id",
             flag="--served-model-name"),
-    Setting("dtype", choice(DTYPES), "weights dtype: " + " | ".join(DTYPES) + " (int8 = weight-only int8, "
-            "bfloat16 activations)", default=DEFAULT_DTYPE, layered=True),
+    Setting("dtype", choice((*DTYPES, AUTO_DTYPE)), "weights dtype: " + " | ".join((*DTYPES, AUTO_DTYPE)) +
+            " (int8, int4: weight-only, bfloat16 activations; gguf: a GGUF model's own formats; auto: "
+            "gguf for a GGUF model, else float32)", default=DEFAULT_DTYPE, layered=True),
     Setting("max_context", POSITIVE_INT, "tokens per request the KV cache is sized for",
             default_text=f"min(the model's max positions, {DEFAULT_MAX_CONTEXT})", layered=True),
     Setting("max_batch", POSITIVE_INT, "KV slots: requests decoded at once; the KV cache is sized for "

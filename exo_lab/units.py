@@ -15,12 +15,21 @@ from .errors import ConfigError
 # the decoder layers' Linear matrices in int8 with one bfloat16 scale per output row (2 / in_features
 # bytes per parameter more, counted by exo_lab.model.profile); everything else in COMPUTE_DTYPES's.
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
-DTYPES = tuple(DTYPE_BYTES)
+# Group-wise dtypes, whose bytes exo_lab.model.profile counts per matrix (exo_lab.model.quant4):
+# "int4" (4-bit codes, float16 scale and min per 32 weights: 5 bits a weight) and "gguf" (a GGUF
+# model's own tensor types: Q4_K, Q6_K, Q8_0, ... as its file has them).
+GROUPED_DTYPES = ("int4", "gguf")
+DTYPES = (*DTYPE_BYTES, *GROUPED_DTYPES)
 # What each stage dtype computes in: activations, the KV cache and every weight left unquantized
 # (embeddings, norms, biases, lm_head).
-COMPUTE_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "int8": "bfloat16"}
-QUANTIZED_DTYPES = ("int8",)
-DEFAULT_DTYPE = "float32"
+COMPUTE_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "int8": "bfloat16",
+                  "int4": "bfloat16", "gguf": "bfloat16"}
+QUANTIZED_DTYPES = ("int8", "int4", "gguf")
+# the llama.cpp quantizations `exo-lab plan --gguf` plans a config-only model as (model.profile.recipe_table)
+GGUF_RECIPES = ("Q4_K_M", "Q4_0", "Q4_1", "Q8_0", "F16")
+# "auto": "gguf" for a GGUF model (its file's own formats), "float32" for any other
+AUTO_DTYPE = "auto"
+DEFAULT_DTYPE = AUTO_DTYPE
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -42,8 +51,8 @@ def describe_value(value: object) -> str:
 
 def check_dtype(dtype: str) -> str:
     """``dtype`` when it names a stage dtype, else ConfigError naming the choices."""
-    if dtype not in DTYPE_BYTES:
-        raise ConfigError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    if dtype not in DTYPES and dtype != AUTO_DTYPE:
+        raise ConfigError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)} or {AUTO_DTYPE}")
     return dtype
 
 

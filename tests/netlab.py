@@ -74,6 +74,23 @@ devices:
 """ + LAN_CONFIG_END
 
 
+def skip_unless_required(reason: str | None, what: str = "netlab tests"):
+    """A netlab module's pytestmark: skipped where ``reason`` says the lab cannot run here, except
+    under CI's EXO_LAB_REQUIRE_NETLAB=1, where :func:`require` fails its tests instead."""
+    import pytest
+
+    required = os.environ.get("EXO_LAB_REQUIRE_NETLAB") == "1"
+    return pytest.mark.skipif(reason is not None and not required, reason=f"{what} skipped: {reason}")
+
+
+def require(reason: str | None) -> None:
+    """Fail the test when the lab cannot run (reached only under EXO_LAB_REQUIRE_NETLAB=1)."""
+    if reason is not None:
+        import pytest
+
+        pytest.fail(f"EXO_LAB_REQUIRE_NETLAB=1 but {reason}")
+
+
 def memory_unavailable() -> str | None:
     """Why PCs cannot get memory limits here (no cgroup v1 memory controller), or None."""
     if not (MEMORY_CGROUPS / "cgroup.procs").exists():

@@ -218,6 +218,12 @@ def test_logprobs_n_and_penalties(client):
     completion = client.completions.create(model="demo", prompt="Once", max_tokens=4, logprobs=3, n=2)
     for choice in completion.choices:
         assert len(choice.logprobs.tokens) == len(choice.logprobs.text_offset) == len(choice.logprobs.top_logprobs)
+    # logprobs without alternatives (chat: logprobs alone; completions: logprobs=0) still gives each token's
+    plain = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                           logprobs=True).choices[0]
+    assert len(plain.logprobs.content) == 3 and all(e.top_logprobs == [] and e.logprob <= 0 for e in plain.logprobs.content)
+    zero = client.completions.create(model="demo", prompt="Once", max_tokens=3, logprobs=0).choices[0]
+    assert len(zero.logprobs.token_logprobs) == 3 and all(v <= 0 for v in zero.logprobs.token_logprobs)
 
 
 def test_langchain_bind_tools_and_structured_output(server):

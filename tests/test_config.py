@@ -360,7 +360,7 @@ BAD_CONFIGS_TABLE = [
     ("devices no value", "cluster_name: lab\ndevices:\n", ["'devices' must be a list ", "got no value"]),
     ("devices empty", "cluster_name: lab\ndevices: []\n",
      ["'devices' is empty; list the coordinator and at least one compute PC"]),
-    ("dtype", USER_EXAMPLE + "dtype: fp16\n", ["'dtype' must be one of float32, bfloat16, float16, int8; got 'fp16'"]),
+    ("dtype", USER_EXAMPLE + "dtype: fp16\n", ["'dtype' must be one of float32, bfloat16, float16, int8, int4, gguf, auto; got 'fp16'"]),
     ("objective", USER_EXAMPLE + "objective: speed\n", ["'objective' must be one of latency, throughput; got 'speed'"]),
     ("dtype near miss", USER_EXAMPLE + "dtype: bfloat\n",
      ["'dtype' must be one of ", "; got 'bfloat' (a string) (did you mean 'bfloat16'?)"]),

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import re
 import shutil
 import threading
@@ -33,8 +32,7 @@ import netlab
 from limited_lab import charged, limited_cluster
 
 REASON = netlab.unavailable() or netlab.firewall_unavailable() or netlab.memory_unavailable()
-REQUIRED = os.environ.get("EXO_LAB_REQUIRE_NETLAB") == "1"    # CI: a missing netlab fails, not skips
-pytestmark = pytest.mark.skipif(REASON is not None and not REQUIRED, reason=f"memory-limit netlab skipped: {REASON}")
+pytestmark = netlab.skip_unless_required(REASON, "memory-limit netlab")
 
 LIMIT = 1_600_000_000          # each compute PC's max_memory and cgroup limit
 COMPUTE = ("system-b", "system-c", "system-d")
@@ -58,8 +56,7 @@ SHRUNK_FREE = 24 * 2**20
 def lab(tmp_path_factory, tiny_model_dir):
     """Three limited compute PCs and the coordinator, serving the model over the README's firewall.
     system-d's config gives no max_memory: only its cgroup says how much it has (a container)."""
-    if REASON is not None:
-        pytest.fail(f"EXO_LAB_REQUIRE_NETLAB=1 but {REASON}")
+    netlab.require(REASON)
     folder = tmp_path_factory.mktemp("limits")
     model = folder / "model"
     shutil.copytree(tiny_model_dir(**MODEL), model)

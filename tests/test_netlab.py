@@ -15,7 +15,6 @@ across the bridge. The tests run in order and share one lab (one module, a few m
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -29,14 +28,12 @@ import netlab
 from procs import read_until
 
 REASON = netlab.unavailable() or netlab.firewall_unavailable()
-REQUIRED = os.environ.get("EXO_LAB_REQUIRE_NETLAB") == "1"    # CI: a missing netlab fails, not skips
-pytestmark = pytest.mark.skipif(REASON is not None and not REQUIRED, reason=f"netlab tests skipped: {REASON}")
+pytestmark = netlab.skip_unless_required(REASON)
 
 
 @pytest.fixture(autouse=True)
 def _netlab_here():
-    if REASON is not None:
-        pytest.fail(f"EXO_LAB_REQUIRE_NETLAB=1 but {REASON}")
+    netlab.require(REASON)
 
 API_PORT = 8000
 PORT_RANGE = (10100, 10199)

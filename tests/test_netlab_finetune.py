@@ -11,7 +11,6 @@ the API port and mDNS. Fine-tuning adds a path serving never uses: each stage se
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,8 +21,7 @@ import netlab
 from procs import read_until
 
 REASON = netlab.unavailable() or netlab.firewall_unavailable()
-REQUIRED = os.environ.get("EXO_LAB_REQUIRE_NETLAB") == "1"    # CI: a missing netlab fails, not skips
-pytestmark = pytest.mark.skipif(REASON is not None and not REQUIRED, reason=f"netlab tests skipped: {REASON}")
+pytestmark = netlab.skip_unless_required(REASON)
 
 API_PORT = 8000
 OPEN_TCP = ["10100-10199", str(API_PORT)]
@@ -60,8 +58,7 @@ def local_run(model, out) -> dict:
 
 
 def test_a_job_trains_through_firewalled_pcs_as_on_one_machine(tiny_model_dir, tmp_path):
-    if REASON is not None:
-        pytest.fail(f"EXO_LAB_REQUIRE_NETLAB=1 but {REASON}")
+    netlab.require(REASON)
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir(num_layers=4), model)
     expected = local_run(model, tmp_path / "local")

@@ -117,7 +117,7 @@ def test_the_office_recipe_answers_an_openai_client_by_served_name(tmp_path):
         assert "smollm2" in [m.id for m in client.models.list().data]
         reply = client.chat.completions.create(
             model="smollm2", temperature=0, max_tokens=12,
-            messages=[{"role": "user", "content": "What is the capital of France?"}])
+            messages=[{"role": "user", "content": "Tell me the capital of France."}])
         assert "Paris" in reply.choices[0].message.content, reply
         with urllib.request.urlopen(base + "/v1/cluster/status", timeout=30) as response:
             nodes = sorted(row["node"] for row in json.load(response)["engines"] if row.get("stage_index") is not None)

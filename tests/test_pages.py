@@ -12,7 +12,7 @@ from fixtures_api import API_KEY, call, server, wait_until  # noqa: F401 (fixtur
 
 from exo_lab.notebook.widget import ClusterWidget
 
-QUESTION = "What is the capital of France?"
+QUESTION = "Tell me the capital of France."
 PHONE = {"width": 390, "height": 844}
 
 

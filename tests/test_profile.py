@@ -128,8 +128,8 @@ def test_activation_estimate_uses_query_width_when_it_differs_from_hidden():
 
 
 def test_bad_dtype_lists_the_allowed_ones():
-    with pytest.raises(ModelError, match="unknown dtype 'int4'; use one of float32, bfloat16, float16, int8"):
-        profile_from_config(REAL_CONFIGS["qwen2.5-0.5b"], dtype="int4")
+    with pytest.raises(ModelError, match="unknown dtype 'int3'; use one of float32, bfloat16, float16, int8, int4, gguf"):
+        profile_from_config(REAL_CONFIGS["qwen2.5-0.5b"], dtype="int3")
     assert set(DTYPE_BYTES) == {"float32", "bfloat16", "float16", "int8"}
 
 

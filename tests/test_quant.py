@@ -120,10 +120,10 @@ def test_quantize_weight_round_trips_within_half_a_step():
 
 
 def test_bad_dtypes_are_errors_naming_the_choices():
-    with pytest.raises(ConfigError, match="use one of float32, bfloat16, float16, int8"):
-        check_dtype("int4")
-    with pytest.raises(ModelError, match="int4.*float32, bfloat16, float16, int8"):
-        ShardSpec("m", 0, 1, 1, dtype="int4")
+    with pytest.raises(ConfigError, match="use one of float32, bfloat16, float16, int8, int4, gguf or auto"):
+        check_dtype("int3")
+    with pytest.raises(ModelError, match="int3.*float32, bfloat16, float16, int8, int4, gguf"):
+        ShardSpec("m", 0, 1, 1, dtype="int3")
     with pytest.raises(ModelError, match="unknown dtype 'q4'"):
         profile_from_config({}, dtype="q4")
 

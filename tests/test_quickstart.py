@@ -27,7 +27,7 @@ def test_demo_answers_the_capital_of_france():
         if demo.poll() is None:   # it hung: end it and its cluster (controller, engines) by pid
             end_processes([child.pid for child in psutil.Process(demo.pid).children(recursive=True)] + [demo.pid])
     assert demo.returncode == 0, err
-    assert "\nuser: What is the capital of France?\nassistant: The capital of France is Paris.\n" in out
+    assert "\nuser: Tell me the capital of France.\nassistant: The capital of France is Paris.\n" in out
     assert "Plan for smollm2 (float32)" in out
     assert "the answer began" in out and "http://127.0.0.1:8000/dashboard" in out
     assert "Traceback" not in err and "note:" not in err

@@ -19,7 +19,7 @@ import torch
 
 import exo_lab
 from exo_lab.weights.resolve import resolve_model
-from exo_lab.weights.smollm2 import smollm2_model_dir
+from exo_lab.weights.smollm2 import smollm2_gguf_dir, smollm2_model_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -77,14 +77,15 @@ def load(cluster, stages: int):
     """SmolLM2 over exactly ``stages`` stages, speculating as SPECULATION says (kept loaded when
     it already is)."""
     if not (cluster.loaded and len(cluster.plan.stages) == stages):
-        cluster.load("smollm2", min_stages=stages, speculation=SPECULATION[stages], progress=False)
+        # float32: the GGUF's blocks dequantized, exactly the weights of the float32 folder
+        cluster.load("smollm2", dtype="float32", min_stages=stages, speculation=SPECULATION[stages], progress=False)
     assert len(cluster.plan.stages) == stages
     assert cluster.pipeline.options.speculation == SPECULATION[stages]
     return cluster.plan
 
 
-def test_smollm2_resolves_to_the_cached_folder(model_dir):
-    assert resolve_model("smollm2") == model_dir
+def test_smollm2_resolves_to_the_cached_folder():
+    assert resolve_model("smollm2") == smollm2_gguf_dir()
 
 
 @pytest.mark.parametrize("stages", [3, 2])
@@ -216,7 +217,7 @@ def test_openai_client_gets_a_sensible_answer(cluster):
         with openai.OpenAI(base_url=server.url + "/v1", api_key="sk-smollm2-test", max_retries=0,
                            timeout=120) as client:
             answer = client.chat.completions.create(
-                model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}],
+                model="smollm2", messages=[{"role": "user", "content": "Tell me the capital of France."}],
                 max_tokens=16, temperature=0)
     finally:
         server.stop()

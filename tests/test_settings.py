@@ -58,7 +58,7 @@ def test_docs_config_md_is_the_schema_s_table():
 def test_each_command_takes_exactly_the_schema_s_flags(command):
     parsers = {"plan": [subcommand("plan")], "server": [build_server_parser(), subcommand("serve")]}[command]
     wanted = {settings.setting(path).flag_name for path in settings.COMMAND_FLAGS[command]}
-    own = {"plan": {"--config", "--json", "--measure"}, "server": {"--config", "--engines", "--max-cores", "-v", "--verbose"}}[command]
+    own = {"plan": {"--config", "--json", "--measure", "--gguf"}, "server": {"--config", "--engines", "--max-cores", "-v", "--verbose"}}[command]
     for parser in parsers:
         flags = {option for action in parser._actions for option in action.option_strings} - {"-h", "--help"}
         assert flags - own == wanted
@@ -95,7 +95,12 @@ def test_flags_check_values_as_the_schema_says():
 def test_load_options_default_to_the_schema():
     options = LoadOptions()
     for key in settings.LOAD_KEYS:
-        assert getattr(options, key) == settings.setting(key).default, key
+        if key != "dtype":
+            assert getattr(options, key) == settings.setting(key).default, key
+    # dtype "auto" is settled for the model: the default model (demo, safetensors) runs float32,
+    # a GGUF model its file's own formats
+    assert settings.setting("dtype").default == "auto" and options.dtype == "float32"
+    assert LoadOptions(model="smollm2").dtype == "gguf"
     assert options.hop_ms == settings.DEFAULT_HOP_MS == settings.setting("network.hop_latency_ms").default
     assert options.context_length(10**6) == settings.DEFAULT_MAX_CONTEXT
 
@@ -111,7 +116,7 @@ def test_flags_then_config_then_defaults():
 
 @pytest.mark.parametrize("given, message", [
     ({"max_batch": 0}, "load options: 'max_batch' must be a positive whole number (1 or more), got 0"),
-    ({"dtype": "int3"}, "load options: 'dtype' must be one of float32, bfloat16, float16, int8; got 'int3'"),
+    ({"dtype": "int3"}, "load options: 'dtype' must be one of float32, bfloat16, float16, int8, int4, gguf, auto; got 'int3'"),
     ({"objective": "fast"}, "load options: 'objective' must be one of latency, throughput"),
     ({"model": " "}, "load options: 'model' must be a non-empty string"),
 ])

@@ -55,9 +55,12 @@ class Decoding:
     def sampling_fields(self) -> dict:
         """The SamplingParams fields this sets, only where they differ from the defaults (so a
         plain request builds the same SamplingParams as before)."""
-        fields = {"logprobs": self.logprobs, "presence_penalty": self.presence_penalty,
-                  "frequency_penalty": self.frequency_penalty, "logit_bias": self.logit_bias}
-        return {name: value for name, value in fields.items() if value not in (None, 0.0, ())}
+        fields = {"presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+                  "logit_bias": self.logit_bias}
+        chosen = {name: value for name, value in fields.items() if value not in (None, 0.0, ())}
+        if self.logprobs is not None:     # 0 is "the chosen token's logprob, no alternatives", not off
+            chosen["logprobs"] = self.logprobs
+        return chosen
 
 
 # ---------------------------------------------------------------- sampling fields

@@ -18,6 +18,7 @@ from ..control_types import EngineState, LoadedStage, ShardSpec, received
 from ..engine import worker as engine_worker
 from ..errors import ClusterError, ExoLabError, ModelError
 from ..model.profile import profile_from_config
+from ..weights.gguf import tensor_table
 from ..weights.resolve import read_model_config, resolve_model
 from ..planning.options import LoadOptions
 from ..planning.planner import Plan, PlanError, reprice
@@ -127,7 +128,7 @@ def _load_once(control: EngineControl, loop: LoopThread, options: LoadOptions, *
     model_id = _portable_model_id(options.model)
     model_dir = resolve_model(model_id, need_weights=False)
     config = read_model_config(model_dir)
-    profile = profile_from_config(config, dtype=options.dtype, model_id=model_id)
+    profile = profile_from_config(config, dtype=options.dtype, model_id=model_id, tensors=tensor_table(model_dir))
     if keep_plan and failover_from is not None:
         plan, stage_engines = failover_from.plan, list(failover_from.engines)
         _check_engines_alive(control, stage_engines)
@@ -174,7 +175,7 @@ def propose_plan(control: EngineControl, options: LoadOptions) -> Plan:
     """The plan ``options`` would load on the engines registered now (probes them)."""
     model_id = _portable_model_id(options.model)
     config = read_model_config(resolve_model(model_id, need_weights=False))
-    profile = profile_from_config(config, dtype=options.dtype, model_id=model_id)
+    profile = profile_from_config(config, dtype=options.dtype, model_id=model_id, tensors=tensor_table(model_dir))
     engines = control.measure_speeds(control.probe(), config, options.dtype)   # as the plan in force was
     return options.plan(profile, control.node_specs(engines))
 

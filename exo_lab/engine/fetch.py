@@ -3,9 +3,11 @@
 Flow (the server is :mod:`exo_lab.membership.storage`):
 
 1. The manifest: every file of the model with its size and sha256, and for each safetensors
-   file the sha256 of its header and of each tensor (the storage PC computes it once).
-2. Small files whole (config, generation config, tokenizer, index), each checked.
-3. Each safetensors file's header by byte range (8-byte length, then the JSON).
+   file the sha256 of its header and of each tensor, for each GGUF file (``"gguf": true``) the
+   sha256 of each tensor only (the storage PC computes it once).
+2. Small files whole (config, generation config, tokenizer, index, ``gguf.json``), each checked.
+3. Each safetensors file's header by byte range (8-byte length, then the JSON). A GGUF model
+   needs none: its ``gguf.json`` (:mod:`exo_lab.weights.gguf`) says where each tensor is.
 4. When the stage is built (:func:`exo_lab.weights.checkpoint.load_stage` calls back with the names
    it needs): the byte ranges of only those tensors, adjacent ones merged into one request,
    each tensor checked against the manifest.
@@ -13,12 +15,16 @@ Flow (the server is :mod:`exo_lab.membership.storage`):
 The cache (``<cache>/fetched/<model>/``, :func:`exo_lab.paths.cache_dir`) looks like a model
 folder: the small files as they are, each fetched tensor in its own safetensors file under
 ``tensors/``, and an index (``model.safetensors.index.json``) naming every tensor's file; so the
-loader reads it like any sharded checkpoint. A file there, once written, is never replaced or
-rewritten (another engine may have it memory-mapped, which Windows locks): it is written under a
-temporary name and renamed into a path that does not exist yet; a corrupt one is removed first.
-Bookkeeping lives in ``.exo_lab_fetch/``: the manifest (used when the storage PC cannot be
-reached), the original headers, the temporaries, and the ranges of an interrupted fetch, which
-the next try continues with HTTP Range from where it stopped. Every start checks the cached
+loader reads it like any sharded checkpoint. A GGUF model's folder has each fetched tensor's
+bytes, exactly as in the GGUF file, in its own file under ``tensors/`` (``<name>.bin``) and its
+own ``gguf.json`` saying so (each tensor at offset 0 of its file; the storage PC's ``gguf.json``
+is kept in the bookkeeping); so the loader reads it like any GGUF model. A file there, once
+written, is never replaced or rewritten (another engine may have it memory-mapped, which Windows
+locks): it is written under a temporary name and renamed into a path that does not exist yet; a
+corrupt one is removed first. Bookkeeping lives in ``.exo_lab_fetch/``: the manifest (used when
+the storage PC cannot be reached), the original headers or ``gguf.json``, the temporaries, and
+the ranges of an interrupted fetch, which the next try continues with HTTP Range from where it
+stopped. Every start checks the cached
 tensors it needs against the manifest: a corrupt one is fetched again; a start with everything
 cached fetches nothing.
 
@@ -38,6 +44,7 @@ import struct
 import sys
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +53,7 @@ from ..errors import ModelError
 from ..paths import temp_name, write_atomic
 from ..security import Nonces, new_stamp, sign, signature_ok
 from ..weights import INDEX_FILE
+from ..weights.gguf import TABLE_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +63,7 @@ AUTH_PURPOSE = "shard-server"
 PREFIX = "/exo-lab/storage"
 BOOKKEEPING = ".exo_lab_fetch"
 TENSORS = "tensors"
+RAW_SUFFIX = ".bin"                 # a fetched GGUF tensor: its bytes as in the GGUF file
 CHUNK_BYTES = 1 << 20
 HEADER_LENGTH = struct.Struct("<Q")
 MAX_HEADER_BYTES = 100 * 2**20      # safetensors' own limit
@@ -234,20 +243,21 @@ def fetched_model_dir(model_id: str) -> Path:
     return cache_dir() / "fetched" / f"{slug}-{hashlib.sha256(model_id.encode()).hexdigest()[:10]}"
 
 
-def tensor_file(name: str) -> str:
-    """Where a fetched folder keeps one tensor, relative to the folder (what its index names)."""
+def tensor_file(name: str, suffix: str = ".safetensors") -> str:
+    """Where a fetched folder keeps one tensor, relative to the folder (what its index or its
+    ``gguf.json`` names): a safetensors file, or (``suffix`` :data:`RAW_SUFFIX`) a GGUF tensor's bytes."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
     if safe != name or safe != safe.lower():    # Windows' file names ignore case
         safe += "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
-    return f"{TENSORS}/{safe}.safetensors"
+    return f"{TENSORS}/{safe}{suffix}"
 
 
 # ----------------------------------------------------------------------------- model files
 
 def open_model(model_id: str):
     """(folder, ensure_tensors) for a stage: a local folder and None when this PC has the model;
-    else the fetched folder (config, tokenizer, index, headers in place) and the callback that
-    fetches the tensors the stage needs. Raises ModelError when neither works."""
+    else the fetched folder (config, tokenizer, index or ``gguf.json``, headers in place) and the
+    callback that fetches the tensors the stage needs. Raises ModelError when neither works."""
     from ..weights.resolve import resolve_model
 
     try:
@@ -263,25 +273,52 @@ def open_model(model_id: str):
 
 def fetch_model_files(model_id: str, client: StorageClient) -> Path:
     """Bring the model's small files and safetensors headers into its cache folder (each checked
-    against the manifest; what is already there and intact is not fetched) and write its index
-    (each tensor in its own file). Returns the folder."""
+    against the manifest; what is already there and intact is not fetched) and write its index,
+    or for a GGUF model its own ``gguf.json`` (each tensor in its own file). Returns the folder."""
     folder = fetched_model_dir(model_id)
     books = folder / BOOKKEEPING
     (folder / TENSORS).mkdir(parents=True, exist_ok=True)
     (books / "tmp").mkdir(parents=True, exist_ok=True)
     _sweep_temps(books / "tmp")
     manifest = _current_manifest(model_id, client, books / "manifest.json")
+    gguf = any(entry.get("gguf") for entry in manifest["files"].values())
     for name, entry in manifest["files"].items():
+        if entry.get("gguf"):
+            continue            # nothing up front: gguf.json says where its tensors are
         if "tensors" in entry:
             _ensure_header(model_id, client, books, name, entry)
-        elif name != INDEX_FILE and not _intact(folder / name, entry["sha256"]):
-            data = client.read(client.file_uri(model_id, name))
-            _check(hashlib.sha256(data).hexdigest() == entry["sha256"], f"{name} from {client.url}")
-            _publish_bytes(folder, folder / name, data, entry["sha256"])
+        elif name != INDEX_FILE:    # the storage PC's gguf.json is the original, kept aside
+            path = books / name if gguf and name == TABLE_FILE else folder / name
+            _ensure_file(model_id, client, folder, name, path, entry["sha256"])
+    if gguf:
+        _write_gguf_table(folder)
+        return folder
     weight_map = {tensor: tensor_file(tensor) for entry in manifest["files"].values()
                   for tensor in entry.get("tensors", ())}
     _write_if_changed(folder, folder / INDEX_FILE, json.dumps({"metadata": {}, "weight_map": weight_map}).encode())
     return folder
+
+
+def _ensure_file(model_id: str, client: StorageClient, folder: Path, name: str, path: Path, sha256: str) -> None:
+    """A small file of the model, whole, at ``path`` (in ``folder``, the fetched folder, or in its
+    bookkeeping); one there already and intact is kept."""
+    if _intact(path, sha256):
+        return
+    data = client.read(client.file_uri(model_id, name))
+    _check(hashlib.sha256(data).hexdigest() == sha256, f"{name} from {client.url}")
+    _publish_bytes(folder, path, data, sha256)
+
+
+def _write_gguf_table(folder: Path) -> None:
+    """The fetched folder's own ``gguf.json``: the storage PC's, with each tensor in its own file
+    (:func:`tensor_file`, :data:`RAW_SUFFIX`; offset 0), there once a stage fetched it."""
+    table = json.loads((folder / BOOKKEEPING / TABLE_FILE).read_text())
+    tensors = {name: {**entry, "file": tensor_file(name, RAW_SUFFIX), "offset": 0}
+               for name, entry in table["tensors"].items()}
+    files = {entry["file"]: {"path": str((folder / entry["file"]).absolute()), "size": entry["nbytes"]}
+             for entry in tensors.values()}
+    local = {**table, "files": files, "tensors": tensors}
+    _write_if_changed(folder, folder / TABLE_FILE, (json.dumps(local, indent=1) + "\n").encode())
 
 
 def _current_manifest(model_id: str, client: StorageClient, path: Path) -> dict:
@@ -381,10 +418,15 @@ def _remove_stale(path: Path) -> None:
                          f"locked): stop the engines on this PC, delete the file, and load again") from exc
 
 
-def _publish_bytes(folder: Path, path: Path, data: bytes, sha256: str) -> None:
+def _publish_written(folder: Path, path: Path, fill, intact) -> None:
+    """Write a new file: ``fill(temporary)`` writes it under a temporary name, then :func:`_publish`."""
     tmp = _temp_path(folder, path.name)
-    tmp.write_bytes(data)
-    _publish(tmp, path, lambda existing: _intact(existing, sha256))
+    fill(tmp)
+    _publish(tmp, path, intact)
+
+
+def _publish_bytes(folder: Path, path: Path, data: bytes, sha256: str) -> None:
+    _publish_written(folder, path, lambda tmp: tmp.write_bytes(data), lambda existing: _intact(existing, sha256))
 
 
 def _write_if_changed(folder: Path, path: Path, data: bytes) -> None:
@@ -400,10 +442,23 @@ def _write_if_changed(folder: Path, path: Path, data: bytes) -> None:
 
 def _write_tensor(folder: Path, name: str, entry: dict, source: tuple[Path, int, int], sha256: str) -> None:
     """One tensor (bytes ``source``: path, start, stop, already checked) into its own file."""
-    path = folder / tensor_file(name)
-    tmp = _temp_path(folder, path.name)
-    write_safetensors(tmp, {name: entry}, [_copier(*source)])
-    _publish(tmp, path, lambda existing: _tensor_intact(existing, name, sha256))
+    _publish_written(folder, folder / tensor_file(name),
+                     lambda tmp: write_safetensors(tmp, {name: entry}, [_copier(*source)]),
+                     lambda existing: _tensor_intact(existing, name, sha256))
+
+
+def _write_raw(folder: Path, name: str, source: tuple[Path, int, int], sha256: str) -> None:
+    """One GGUF tensor (bytes ``source``, already checked) into its own file: exactly its bytes."""
+    def fill(tmp: Path) -> None:
+        with open(tmp, "wb") as out:
+            _copier(*source)(out)
+
+    _publish_written(folder, folder / tensor_file(name, RAW_SUFFIX), fill,
+                     lambda existing: _raw_intact(existing, name, sha256))
+
+
+def _raw_intact(path: Path, name: str, sha256: str) -> bool:
+    return _intact(path, sha256)
 
 
 def _tensor_intact(path: Path, name: str, sha256: str) -> bool:
@@ -442,34 +497,40 @@ def fetch_tensors(model_id: str, folder: Path, client: StorageClient, names) -> 
 
 @dataclass
 class _FilePlan:
-    """The wanted tensors of one original safetensors file: which to fetch, in file order."""
+    """The wanted tensors of one original file (safetensors or GGUF): which to fetch, in file order."""
 
     model_id: str
     folder: Path
     file: str                       # the original file's name on the storage PC
-    remote: dict                    # name -> header entry in the original file
-    data_start: int                 # where the original file's data begins
+    spans: dict                     # name -> its bytes [start, stop) in the original file
     sha256: dict                    # name -> manifest sha256
     missing: list                   # names to fetch, in file order
+    write: Callable[..., None]      # (folder, name, (path, start, stop) of its checked bytes, sha256)
 
     @classmethod
     def make(cls, model_id: str, folder: Path, entry: dict, file: str, wanted: list[str]) -> "_FilePlan":
+        if entry.get("gguf"):       # where each tensor is: the storage PC's gguf.json
+            table = json.loads((folder / BOOKKEEPING / TABLE_FILE).read_text())["tensors"]
+            spans = {n: (table[n]["offset"], table[n]["offset"] + table[n]["nbytes"]) for n in wanted}
+            missing = _missing(folder, file, wanted, entry["tensors"], RAW_SUFFIX, _raw_intact)
+            return cls(model_id, folder, file, spans, entry["tensors"], missing, _write_raw)
         raw = (folder / BOOKKEEPING / f"{file}.header").read_bytes()
         remote = tensor_entries(parse_header(raw))
         _adopt_legacy(folder, file, remote, entry["tensors"])
-        missing = []
-        for name in wanted:
-            path = folder / tensor_file(name)
-            if not _tensor_intact(path, name, entry["tensors"][name]):
-                if path.exists():
-                    logger.warning("cached tensor %s of %s is corrupt or stale; fetching it again", name, file)
-                missing.append(name)
-        missing.sort(key=lambda n: remote[n]["data_offsets"][0])
-        return cls(model_id, folder, file, remote, 8 + len(raw), entry["tensors"], missing)
+        spans = {n: tuple(8 + len(raw) + o for o in remote[n]["data_offsets"]) for n in wanted}
+        missing = _missing(folder, file, wanted, entry["tensors"], ".safetensors", _tensor_intact)
+
+        def write(folder_: Path, name: str, source: tuple[Path, int, int], sha256: str) -> None:
+            _write_tensor(folder_, name, remote[name], source, sha256)
+
+        return cls(model_id, folder, file, spans, entry["tensors"], missing, write)
+
+    def __post_init__(self):
+        self.missing.sort(key=lambda n: self.spans[n][0])
 
     @property
     def missing_bytes(self) -> int:
-        return sum(self.remote[n]["data_offsets"][1] - self.remote[n]["data_offsets"][0] for n in self.missing)
+        return sum(self.spans[n][1] - self.spans[n][0] for n in self.missing)
 
     def fetch(self, client: StorageClient, bar) -> None:
         if not self.missing:
@@ -480,8 +541,7 @@ class _FilePlan:
             part = staging / f"{start}-{stop}"
             self._download_checked(client, part, start, stop, names, bar)
             for name in names:
-                _write_tensor(self.folder, name, self.remote[name], (part, *self._within(name, start)),
-                              self.sha256[name])
+                self.write(self.folder, name, (part, *self._within(name, start)), self.sha256[name])
             part.unlink()
         try:
             staging.rmdir()
@@ -502,7 +562,7 @@ class _FilePlan:
         """Absolute [start, stop) byte ranges of the missing tensors, adjacent ones merged."""
         merged: list[tuple[int, int, list[str]]] = []
         for name in self.missing:
-            a, b = (self.data_start + o for o in self.remote[name]["data_offsets"])
+            a, b = self.spans[name]
             if merged and merged[-1][1] == a:
                 merged[-1] = (merged[-1][0], b, merged[-1][2] + [name])
             else:
@@ -510,8 +570,21 @@ class _FilePlan:
         return merged
 
     def _within(self, name: str, range_start: int) -> tuple[int, int]:
-        a, b = (self.data_start + o - range_start for o in self.remote[name]["data_offsets"])
-        return a, b
+        a, b = self.spans[name]
+        return a - range_start, b - range_start
+
+
+def _missing(folder: Path, file: str, wanted: list[str], sha256: dict, suffix: str, intact) -> list[str]:
+    """The names in ``wanted`` whose own file in the folder is absent, or fails ``intact(path,
+    name, sha256)`` (corrupt or stale)."""
+    missing = []
+    for name in wanted:
+        path = folder / tensor_file(name, suffix)
+        if not intact(path, name, sha256[name]):
+            if path.exists():
+                logger.warning("cached tensor %s of %s is corrupt or stale; fetching it again", name, file)
+            missing.append(name)
+    return missing
 
 
 def _adopt_legacy(folder: Path, file: str, remote: dict, sha256: dict) -> None:

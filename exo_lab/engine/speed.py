@@ -21,7 +21,6 @@ then times a stage as its layers x the time of a layer, plus the head's time on 
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -53,18 +52,32 @@ def measure_decode(config: dict, dtype: str) -> dict | None:
     """{"layer_seconds", "head_seconds"}: one decode step's time per decoder layer and for the
     final norm + head of ``config``'s model (a dict of config.json) at ``dtype`` on this
     engine's torch threads, measured on a scratch stage (module docstring); None when it would
-    read more than SCRATCH_MAX_BYTES, or the model has a single layer."""
+    read more than SCRATCH_MAX_BYTES, or the model has a single layer. Measured on the engine's
+    one torch thread (exo_lab.engine.worker.torch_thread): a second thread entering OpenMP would
+    leave libgomp two thread pools, and it then parks their workers between every parallel region
+    (measured: SmolLM2's 4-bit decode step 14.3 ms before, 18.5 ms in every later step).
+    A stage serving on that thread holds it: then a figure measured before is returned, or None.
+    """
     import torch
 
-    return _measure(json.dumps(config, sort_keys=True), dtype, torch.get_num_threads())
+    from .worker import current_worker, torch_thread
+
+    key = (json.dumps(config, sort_keys=True), dtype, torch.get_num_threads())
+    if key not in _MEASURED and current_worker() is None:
+        _MEASURED[key] = torch_thread().submit(_measure, *key).result()
+    return _MEASURED.get(key)
 
 
-@functools.lru_cache(maxsize=8)
+_MEASURED: dict[tuple, dict | None] = {}
+
+
 def _measure(config_json: str, dtype: str, threads: int) -> dict | None:
     from ..model.profile import profile_from_config
 
     started = time.perf_counter()
     config = json.loads(config_json)
+    if dtype == "gguf":     # a GGUF file's blocks run the int4 kernels (Q8_0/Q6_K matrices: the q8 ones)
+        dtype = "int4"
     profile = profile_from_config(config, dtype=dtype)
     num_layers, per_layer = profile.num_layers, profile.layer_bytes
     head = profile.final_norm_bytes + profile.lm_head_bytes

@@ -4,16 +4,21 @@ Three GETs under ``/exo-lab/storage/`` (tornado, on the cluster's loop), each re
 without a fresh ``X-Exo-Lab-Auth`` made with the secret (:func:`exo_lab.engine.fetch.check_auth`):
 
 - ``manifest?model=ID``: every servable file of the model with its size and sha256; for a
-  safetensors file the sha256 of its header and of each tensor. Computed once per model file
-  set and cached on disk (``<cache>/storage/``, :func:`exo_lab.paths.cache_dir`) until a file's
-  size or mtime changes.
+  safetensors file the sha256 of its header and of each tensor; for a GGUF file (``"gguf":
+  true``) the sha256 of each tensor's byte range only, by its Hugging Face name (no sha256 of
+  the whole file: such files are tens of GB). Computed once per model file set and cached on
+  disk (``<cache>/storage/``, :func:`exo_lab.paths.cache_dir`) until a file's size or mtime
+  changes.
 - ``file?model=ID&name=NAME``: one file, with single HTTP ranges (``Range: bytes=a-b``), which
-  is how compute PCs fetch a safetensors header and then only their stage's tensors.
+  is how compute PCs fetch a safetensors header and then only their stage's tensors, or only
+  their stage's tensors of a GGUF file.
 - ``stats``: bytes served per client address (what the tests and benchmarks read).
 
 A model is whatever :func:`exo_lab.weights.resolve.resolve_model` resolves on this PC (a folder,
-a cached hub id, ``demo``); only its top-level model files (weights, configs, tokenizer) are
-served, never anything else on the PC.
+a cached hub id, ``demo``, a GGUF file, ``smollm2``); only its top-level model files (weights,
+configs, tokenizer) are served and, for a GGUF model (its folder holds ``gguf.json``,
+:mod:`exo_lab.weights.gguf`), the GGUF file(s) that ``gguf.json`` names, served by that name
+from where they are on this PC; never anything else on the PC.
 """
 from __future__ import annotations
 
@@ -28,12 +33,14 @@ from pathlib import Path
 import tornado.web
 
 from ..engine.fetch import AUTH_HEADER, CHUNK_BYTES, HEADER_LENGTH, MAX_HEADER_BYTES, PREFIX, check_auth, hash_range, parse_header, tensor_entries
-from ..errors import ExoLabError
+from ..errors import ExoLabError, ModelError
 from ..security import Nonces
+from ..weights.gguf import TABLE_FILE, is_gguf_folder, read_table
 
 logger = logging.getLogger(__name__)
 
 SERVED_SUFFIXES = (".safetensors", ".json", ".model", ".txt", ".jinja")
+GGUF_MAGIC = b"GGUF"
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 
@@ -44,18 +51,19 @@ class ModelStore:
         self.secret = secret
         self.nonces = Nonces()
         self.bytes_served: dict[str, int] = {}
-        self._manifests: dict[str, tuple[Path, dict]] = {}
+        self._manifests: dict[str, tuple[dict[str, Path], dict]] = {}
         self._lock = threading.Lock()
 
-    def manifest(self, model_id: str) -> tuple[Path, dict]:
-        """(folder, manifest) of a model; blocking (run it off the loop)."""
+    def manifest(self, model_id: str) -> tuple[dict[str, Path], dict]:
+        """(servable files: name -> path, manifest) of a model; blocking (run it off the loop)."""
         from ..weights.resolve import resolve_model
 
         with self._lock:
             folder = resolve_model(model_id, need_weights=True)
+            files = served_files(folder)
             cached = self._manifests.get(model_id)
-            if cached is None or cached[1]["stamp"] != _stamp(folder):
-                self._manifests[model_id] = (folder, load_or_build_manifest(folder))
+            if cached is None or cached[1]["stamp"] != _stamp(files):
+                self._manifests[model_id] = (files, load_or_build_manifest(folder, files))
             return self._manifests[model_id]
 
     def count(self, client: str, sent: int) -> None:
@@ -66,17 +74,47 @@ def servable(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and path.name.endswith(SERVED_SUFFIXES)
 
 
-def _stamp(folder: Path) -> dict:
-    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir()) if servable(p)}
+def served_files(folder: Path) -> dict[str, Path]:
+    """Every file of a model folder this PC serves, by the name it is served as: the folder's
+    top-level model files and, for a GGUF model's folder, each GGUF file ``gguf.json`` names
+    (wherever it is on this PC; checked to be a GGUF file)."""
+    files = {p.name: p for p in sorted(folder.iterdir()) if servable(p)}
+    if is_gguf_folder(folder):
+        for name, entry in read_table(folder)["files"].items():
+            files[name] = _gguf_file(folder, name, entry)
+    return files
 
 
-def load_or_build_manifest(folder: Path) -> dict:
-    """The folder's manifest, from the on-disk cache when its files did not change."""
+def _gguf_file(folder: Path, name: str, entry: dict) -> Path:
+    path = Path(entry["path"])
+    if not name.endswith(".gguf") or Path(name).name != name or name.startswith(".") or not path.is_absolute():
+        raise ModelError(f"{folder / TABLE_FILE} names a GGUF file {name!r} at {str(path)!r}; it names each by "
+                         f"its plain *.gguf file name and absolute path: delete {folder} and load the model again")
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(len(GGUF_MAGIC))
+    except OSError as exc:
+        raise ModelError(f"{name}, which {folder / TABLE_FILE} says is at {path}, cannot be read ({exc}); "
+                         f"the GGUF file moved or was deleted: load the model by its new path") from None
+    if magic != GGUF_MAGIC:
+        raise ModelError(f"{path}, named {name} in {folder / TABLE_FILE}, is not a GGUF file; load the "
+                         f"model by the path of its GGUF file again")
+    return path
+
+
+def _stamp(files: dict[str, Path]) -> dict:
+    return {name: [path.stat().st_size, path.stat().st_mtime_ns] for name, path in files.items()}
+
+
+def load_or_build_manifest(folder: Path, files: dict[str, Path] | None = None) -> dict:
+    """The folder's manifest, from the on-disk cache when its files did not change (``files``:
+    what :func:`served_files` returns, read here when not given)."""
     from ..paths import cache_dir, write_atomic
 
+    files = served_files(folder) if files is None else files
     key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
     path = cache_dir() / "storage" / f"manifest-{key}.json"
-    stamp = _stamp(folder)
+    stamp = _stamp(files)
     try:
         cached = json.loads(path.read_text())
         if cached.get("stamp") == stamp:
@@ -84,9 +122,28 @@ def load_or_build_manifest(folder: Path) -> dict:
     except (OSError, ValueError):
         pass
     logger.info("computing the sha256 manifest of %s (once; cached in %s)", folder, path)
-    manifest = {"stamp": stamp, "files": {name: _describe(folder / name) for name in stamp}}
+    table = read_table(folder) if is_gguf_folder(folder) else {"files": {}}
+    manifest = {"stamp": stamp, "files": {
+        name: _describe_gguf(folder, name, files[name], table) if name in table["files"] else _describe(files[name])
+        for name in stamp}}
     write_atomic(path, json.dumps(manifest))
     return manifest
+
+
+def _describe_gguf(folder: Path, name: str, path: Path, table: dict) -> dict:
+    """A GGUF file's entry: its size and the sha256 of each of its tensors' byte ranges (in file
+    order: one pass over the file), by the tensors' Hugging Face names."""
+    size = path.stat().st_size
+    entries = sorted(((tensor, entry) for tensor, entry in table["tensors"].items() if entry["file"] == name),
+                     key=lambda item: item[1]["offset"])
+    tensors = {}
+    for tensor, entry in entries:
+        start, stop = entry["offset"], entry["offset"] + entry["nbytes"]
+        if not 0 <= start <= stop <= size:
+            raise ModelError(f"{folder / TABLE_FILE} puts tensor {tensor} at bytes [{start}, {stop}) of {path}, "
+                             f"which has {size} bytes; the GGUF file changed since: load the model by its path again")
+        tensors[tensor] = hash_range(path, start, stop)
+    return {"size": size, "gguf": True, "tensors": tensors}
 
 
 def _describe(path: Path) -> dict:
@@ -115,7 +172,7 @@ class _StorageHandler(tornado.web.RequestHandler):
                            AUTH_HEADER)
             raise tornado.web.HTTPError(403, reason="cluster secret required")
 
-    async def _manifest(self) -> tuple[Path, dict]:
+    async def _manifest(self) -> tuple[dict[str, Path], dict]:
         model_id = self.get_query_argument("model")
         try:
             return await asyncio.get_running_loop().run_in_executor(None, self.store.manifest, model_id)
@@ -137,11 +194,11 @@ class ManifestHandler(_StorageHandler):
 
 class FileHandler(_StorageHandler):
     async def get(self):
-        folder, manifest = await self._manifest()
+        files, manifest = await self._manifest()
         name = self.get_query_argument("name")
-        if name not in manifest["files"]:
+        if name not in manifest["files"] or name not in files:
             raise tornado.web.HTTPError(404, reason=f"{name!r} is not a file of this model")
-        path = folder / name
+        path = files[name]
         size = path.stat().st_size
         start, stop = self._range(size)
         self.set_header("Accept-Ranges", "bytes")

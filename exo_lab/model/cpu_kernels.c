@@ -270,4 +270,189 @@ int NAME(T *x, int64_t positions, int64_t heads, int64_t dim, const T *cos, cons
 DEFINE_ROTARY(exo_rotary_bf16, uint16_t, bf16_to_f32, bf16_round, f32_to_bf16)
 DEFINE_ROTARY(exo_rotary_f32, float, same, same, same)
 
+
+/* ------------------------------------------------------------------------------------------
+ * Group-quantized weights (GGUF's Q4_0 / Q4_1 / Q4_K / Q8_0 / Q6_K, and exo-lab's own int4),
+ * repacked once at load (exo_lab.model.quant4) into two layouts:
+ *   q4: 4-bit codes u in 0..15, groups of 32 along K: w = scale[g] * u + min[g];
+ *       row n holds K/2 bytes, group g's 16 bytes: byte i = u[i] | u[i + 16] << 4 (GGUF's own
+ *       Q4_0/Q4_1 order); scale and min: float16, (N, K/32) each.
+ *   q8: 8-bit codes u in 0..255, groups of 16: w = scale[g] * (u - zero), one integer zero point
+ *       per matrix (128 for Q8_0, 32 for Q6_K); scale: float16 (N, K/16).
+ * The activations are quantized per call, as llama.cpp does (its Q8_1 / Q8_K), to int8 in
+ * blocks of 32 with one float32 scale dx each (round to nearest): then a group's product is
+ * integer multiply-adds (u8 x s8: vpdpbusd where AVX512_VNNI is, else maddubs/madd), scaled
+ * once: y += scale * dx * sum(u * qx) + min * dx * sum(qx). Results are float32 sums rounded
+ * to bfloat16 once. Any number of activation rows (decode: 1-16; prefill: more, taken 64 at a
+ * time so that they stay in cache while the weights stream past once per 64 rows).
+ */
+#define QBLOCK 32
+#define QROWS 4            /* activation rows per pass over a weight row */
+#define QTILE 64           /* activation rows per stream of the weights */
+
+typedef struct {
+    int8_t *q;       /* (M, K) */
+    float *dx;       /* (M, K/32) */
+    float *sx16;     /* (M, K/16): dx * sum of the 16 codes */
+} qacts;
+
+static inline float fp16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+
+static int quantize_acts(const uint16_t *x, int64_t M, int64_t K, qacts *a) {
+    a->q = (int8_t *)malloc((size_t)(M * K));
+    a->dx = (float *)malloc(sizeof(float) * (size_t)(M * K / QBLOCK));
+    a->sx16 = (float *)malloc(sizeof(float) * (size_t)(M * K / 16));
+    if (!a->q || !a->dx || !a->sx16) return -2;
+    #pragma omp parallel for schedule(static) if (M * K >= SERIAL_WEIGHTS)
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < K / QBLOCK; b++) {
+            const uint16_t *xb = x + m * K + b * QBLOCK;
+            float v[QBLOCK], amax = 0.0f;
+            for (int i = 0; i < QBLOCK; i++) { v[i] = bf16_to_f32(xb[i]); amax = fmaxf(amax, fabsf(v[i])); }
+            const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int8_t *q = a->q + m * K + b * QBLOCK;
+            int s0 = 0, s1 = 0;
+            for (int i = 0; i < QBLOCK; i++) {
+                q[i] = (int8_t)lrintf(v[i] * inv);
+                if (i < 16) s0 += q[i]; else s1 += q[i];
+            }
+            a->dx[m * (K / QBLOCK) + b] = d;
+            a->sx16[m * (K / 16) + 2 * b] = d * (float)s0;
+            a->sx16[m * (K / 16) + 2 * b + 1] = d * (float)s1;
+        }
+    return 0;
+}
+
+static void free_acts(qacts *a) { free(a->q); free(a->dx); free(a->sx16); }
+
+/* 32 unsigned codes x 32 signed activations -> 8 int32 partial sums (codes <= 127 off VNNI). */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define EXO_VNNI 1
+static inline __m256i dot_u8s8(__m256i u, __m256i s) { return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s); }
+#else
+#define EXO_VNNI 0
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+#endif
+/* 16 codes of 0..255 x 16 signed activations -> 8 int32 partial sums, exact on any AVX2 CPU. */
+static inline __m256i dot16_u8s8(const uint8_t *u, const int8_t *s) {
+    __m256i a = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)u));
+    __m256i b = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)s));
+    return _mm256_madd_epi16(a, b);
+}
+
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* One weight row (n) of q4 against mr activation rows starting at m0. */
+static inline __attribute__((always_inline)) void q4_row(
+        const qacts *a, int64_t K, const uint8_t *qrow, const uint16_t *srow, const uint16_t *mrow,
+        int64_t m0, const int mr, float out[QROWS]) {
+    const int64_t groups = K / QBLOCK;
+    __m256 acc[QROWS];
+    float mins[QROWS];
+    for (int r = 0; r < mr; r++) { acc[r] = _mm256_setzero_ps(); mins[r] = 0.0f; }
+    const __m128i low = _mm_set1_epi8(0x0f);
+    for (int64_t g = 0; g < groups; g++) {
+        if ((g & 3) == 0) _mm_prefetch((const char *)(qrow + g * 16) + PREFETCH_BYTES, _MM_HINT_T0);
+        __m128i packed = _mm_loadu_si128((const __m128i *)(qrow + g * 16));
+        __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low), _mm_and_si128(packed, low));
+        const float scale = fp16_to_f32(srow[g]), min = fp16_to_f32(mrow[g]);
+        for (int r = 0; r < mr; r++) {
+            const int64_t m = m0 + r;
+            __m256i s = _mm256_loadu_si256((const __m256i *)(a->q + m * K + g * QBLOCK));
+            __m256 d = _mm256_cvtepi32_ps(dot_u8s8(u, s));
+            acc[r] = _mm256_fmadd_ps(d, _mm256_set1_ps(scale * a->dx[m * groups + g]), acc[r]);
+            mins[r] += min * (a->sx16[m * 2 * groups + 2 * g] + a->sx16[m * 2 * groups + 2 * g + 1]);
+        }
+    }
+    for (int r = 0; r < mr; r++) out[r] = hsum256(acc[r]) + mins[r];
+}
+
+/* One weight row (n) of q8 (groups of 16, zero point z) against mr activation rows. */
+static inline __attribute__((always_inline)) void q8_row(
+        const qacts *a, int64_t K, const uint8_t *qrow, const uint16_t *srow, float z,
+        int64_t m0, const int mr, float out[QROWS]) {
+    const int64_t groups = K / 16;
+    __m256 acc[QROWS];
+    float zs[QROWS];
+    for (int r = 0; r < mr; r++) { acc[r] = _mm256_setzero_ps(); zs[r] = 0.0f; }
+    for (int64_t g = 0; g < groups; g += 2) {
+        if ((g & 3) == 0) _mm_prefetch((const char *)(qrow + g * 16) + PREFETCH_BYTES, _MM_HINT_T0);
+        const float s0 = fp16_to_f32(srow[g]), s1 = fp16_to_f32(srow[g + 1]);
+#if EXO_VNNI
+        __m256i u = _mm256_loadu_si256((const __m256i *)(qrow + g * 16));
+#endif
+        for (int r = 0; r < mr; r++) {
+            const int64_t m = m0 + r;
+            const float dx = a->dx[m * (K / QBLOCK) + g / 2];
+            const int8_t *s = a->q + m * K + g * 16;
+#if EXO_VNNI
+            __m256 d = _mm256_cvtepi32_ps(dot_u8s8(u, _mm256_loadu_si256((const __m256i *)s)));
+            __m256 sc = _mm256_set_m128(_mm_set1_ps(s1 * dx), _mm_set1_ps(s0 * dx));
+            acc[r] = _mm256_fmadd_ps(d, sc, acc[r]);
+#else
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot16_u8s8(qrow + g * 16, s)), _mm256_set1_ps(s0 * dx), acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot16_u8s8(qrow + g * 16 + 16, s + 16)), _mm256_set1_ps(s1 * dx), acc[r]);
+#endif
+            zs[r] += s0 * a->sx16[m * groups + g] + s1 * a->sx16[m * groups + g + 1];
+        }
+    }
+    for (int r = 0; r < mr; r++) out[r] = hsum256(acc[r]) - z * zs[r];
+}
+
+#define QCALL(ROW, ...)                                                                              \
+    switch (mr) {                                                                                    \
+        case 4: ROW(__VA_ARGS__, 4, out); break;                                                     \
+        case 3: ROW(__VA_ARGS__, 3, out); break;                                                     \
+        case 2: ROW(__VA_ARGS__, 2, out); break;                                                     \
+        default: ROW(__VA_ARGS__, 1, out); break;                                                    \
+    }
+
+/* y (M, N) bf16 = x (M, K) bf16 @ W^T, W in the q4 layout (kind 4) or q8 (kind 8, zero z).
+ * K must be a multiple of 32 (q4: of 32 too). 0 on success. */
+static int gemm_q(int kind, const uint16_t *x, int64_t M, int64_t K, const uint8_t *q,
+                  const uint16_t *scales, const uint16_t *mins, int64_t z, int64_t N, uint16_t *y) {
+    if (M < 1 || K < QBLOCK || K % QBLOCK || N < 1) return -1;
+    qacts a;
+    if (quantize_acts(x, M, K, &a) != 0) { free_acts(&a); return -2; }
+    const int64_t row_bytes = kind == 4 ? K / 2 : K;
+    const int64_t row_scales = kind == 4 ? K / QBLOCK : K / 16;
+    for (int64_t t0 = 0; t0 < M; t0 += QTILE) {
+        const int64_t t1 = t0 + QTILE < M ? t0 + QTILE : M;
+        #pragma omp parallel for schedule(dynamic, 64) if (N * K >= SERIAL_WEIGHTS)
+        for (int64_t n = 0; n < N; n++) {
+            const uint8_t *qrow = q + n * row_bytes;
+            const uint16_t *srow = scales + n * row_scales;
+            float out[QROWS];
+            for (int64_t m0 = t0; m0 < t1; m0 += QROWS) {
+                const int mr = t1 - m0 >= QROWS ? QROWS : (int)(t1 - m0);
+                if (kind == 4) { QCALL(q4_row, &a, K, qrow, srow, mins + n * row_scales, m0) }
+                else { QCALL(q8_row, &a, K, qrow, srow, (float)z, m0) }
+                for (int r = 0; r < mr; r++) y[(m0 + r) * N + n] = f32_to_bf16(out[r]);
+            }
+        }
+    }
+    free_acts(&a);
+    return 0;
+}
+
+int exo_gemm_q4(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, const uint16_t *scales,
+                const uint16_t *mins, int64_t N, uint16_t *y) {
+    return gemm_q(4, x, M, K, q, scales, mins, 0, N, y);
+}
+
+int exo_gemm_q8(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, const uint16_t *scales,
+                int64_t zero, int64_t N, uint16_t *y) {
+    return gemm_q(8, x, M, K, q, scales, NULL, zero, N, y);
+}
+
+/* Whether the integer products use AVX512_VNNI (1) or AVX2's maddubs (0). */
+int exo_gemm_vnni(void) { return EXO_VNNI; }
+
 #endif

@@ -64,6 +64,40 @@ def gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return _call(_library().exo_gemv_bf16, x, w, None)
 
 
+def gemm_quant(x: torch.Tensor, weight) -> torch.Tensor:
+    """``x (M, K) bf16 @ W.T`` -> (M, N) bf16 for a group-quantized ``weight``
+    (:class:`exo_lab.model.quant4.QuantWeight`, q4 or q8 layout), any M: decode and prefill.
+    Call only when :func:`available`."""
+    rows, inner = x.shape
+    out, width = weight.shape
+    if width != inner or inner % 32 or not x.is_contiguous() or x.dtype != torch.bfloat16 or rows < 1:
+        raise ValueError(f"gemm_quant takes contiguous bfloat16 rows of {width} values (a multiple of "
+                         f"32), got {tuple(x.shape)} {x.dtype}")
+    y = torch.empty(rows, out, dtype=torch.bfloat16)
+    library = _library()
+    if weight.layout == "q4":
+        status = library.exo_gemm_q4(x.data_ptr(), rows, inner, weight.codes.data_ptr(), weight.scales.data_ptr(),
+                                     weight.mins.data_ptr(), out, y.data_ptr())
+    else:
+        status = library.exo_gemm_q8(x.data_ptr(), rows, inner, weight.codes.data_ptr(), weight.scales.data_ptr(),
+                                     weight.zero, out, y.data_ptr())
+    if status != 0:
+        raise MemoryError(f"exo-lab's CPU kernel failed (status {status}) on {tuple(x.shape)} x {weight.shape}")
+    return y
+
+
+def quant_function(layout: str):
+    """The ctypes function of ``layout``'s kernel ("q4": exo_gemm_q4, "q8": exo_gemm_q8), for
+    callers that pass checked pointers themselves (exo_lab.model.quant4.QuantLinear)."""
+    library = _library()
+    return library.exo_gemm_q4 if layout == "q4" else library.exo_gemm_q8
+
+
+def integer_products() -> str:
+    """How the quantized kernels multiply here: "AVX512_VNNI" or "AVX2"."""
+    return "AVX512_VNNI" if _library().exo_gemm_vnni() else "AVX2"
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm over the last dim of contiguous bfloat16 ``x`` and ``weight``
     (float32 stages keep transformers' norm: see exo_lab.model.lean). Call only when
@@ -155,10 +189,16 @@ def _torch_uses_libgomp() -> bool:
         return False
 
 
-def _build() -> Path:
+def build_for(march: str) -> ctypes.CDLL:
+    """The kernels compiled for ``-march=march`` (e.g. "haswell": the AVX2 code without
+    AVX-512 or VNNI), loaded: how tests check each vector path on one CPU."""
+    return _load(_build(march))
+
+
+def _build(march: str = "native") -> Path:
     """The shared library for this source, compiler and CPU, compiled once into the cache."""
     compiler = _compiler()
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+    flags = ["-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *flags, _cpu_flags()])
                          .encode()).hexdigest()[:16]
@@ -204,6 +244,11 @@ def _load(path: Path) -> ctypes.CDLL:
         if function is not None:
             function.argtypes = [pointer, size, size, size, pointer, pointer]
             function.restype = ctypes.c_int
+    if hasattr(library, "exo_gemm_q4"):
+        library.exo_gemm_q4.argtypes = [pointer, size, size, pointer, pointer, pointer, size, pointer]
+        library.exo_gemm_q8.argtypes = [pointer, size, size, pointer, pointer, size, size, pointer]
+        library.exo_gemm_q4.restype = library.exo_gemm_q8.restype = ctypes.c_int
+        library.exo_gemm_vnni.restype = ctypes.c_int
     library.exo_gemv_isa.restype = ctypes.c_int
     library.exo_gemv_threads.restype = ctypes.c_int
     return library

@@ -32,6 +32,7 @@ class SlotCache:
         self._slots: torch.Tensor | None = None      # (B,)
         self._slice: slice | None = None             # the rows as a slice when their slots are consecutive
         self._length = 0                             # keys each row attends over: the longest row
+        self._single: tuple[int, int] | None = None  # (slot, position) of a one-row, one-token step
 
     @classmethod
     def for_config(cls, config, num_layers: int, num_slots: int, max_context: int, dtype, device) -> "SlotCache":
@@ -55,14 +56,20 @@ class SlotCache:
         first = int(slots[0])
         consecutive = bool(torch.equal(slots, torch.arange(first, first + B, device=slots.device)))
         self._slice = slice(first, first + B) if consecutive else None
+        self._single = (first, int(position_ids[0, 0])) if B == 1 and T == 1 else None
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, **kwargs):
         """Write this step's key/value (B, kv_heads, T, head_dim) into the rows' slots; return
         the rows' keys and values over positions [0, longest row) (B, kv_heads, L, head_dim)."""
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        # index (B, T) on dims 0 and 2 selects (B, T, heads, head_dim): hence the transposes
-        keys[self._rows, :, self._columns] = key.transpose(1, 2).to(keys.dtype)
-        values[self._rows, :, self._columns] = value.transpose(1, 2).to(values.dtype)
+        if self._single is not None:      # one row, one token (decode): a plain copy, no index_put
+            slot, position = self._single
+            keys[slot, :, position].copy_(key[0, :, 0])
+            values[slot, :, position].copy_(value[0, :, 0])
+        else:
+            # index (B, T) on dims 0 and 2 selects (B, T, heads, head_dim): hence the transposes
+            keys[self._rows, :, self._columns] = key.transpose(1, 2).to(keys.dtype)
+            values[self._rows, :, self._columns] = value.transpose(1, 2).to(values.dtype)
         if self._slice is not None:   # consecutive slots: a view, no copy
             return keys[self._slice, :, :self._length], values[self._slice, :, :self._length]
         return keys[self._slots, :, :self._length], values[self._slots, :, :self._length]

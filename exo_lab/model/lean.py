@@ -29,6 +29,7 @@ from torch import nn
 from . import cpu_kernels
 from .packed import KernelLinear
 from .quant import Int8Linear
+from .quant4 import QuantLinear, QuantWeight
 
 LEAN_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
 LEAN_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}   # w * x / rms(x)
@@ -116,7 +117,7 @@ def lean_layers(layers: nn.ModuleList, config) -> LeanLayers | None:
 
 def _fusable(modules: list[nn.Module]) -> bool:
     kind = type(modules[0])
-    if kind not in (nn.Linear, KernelLinear, Int8Linear) or any(type(m) is not kind for m in modules):
+    if kind not in (nn.Linear, KernelLinear, Int8Linear, QuantLinear) or any(type(m) is not kind for m in modules):
         return False
     return len({m.in_features for m in modules}) == 1 and len({m.bias is None for m in modules}) == 1
 
@@ -125,6 +126,8 @@ def fuse(modules: list[nn.Module]) -> nn.Module:
     """One module computing ``cat([m(x) for m in modules], -1)``; each of ``modules`` is left
     holding views of the fused tensors (so the memory is held once)."""
     kind = type(modules[0])
+    if kind is QuantLinear:
+        return _fuse_quant(modules)
     names = ("weight", "scales", "bias") if kind is Int8Linear else ("weight", "bias")
     fused = {name: None if getattr(modules[0], name) is None
              else torch.cat([getattr(m, name).data for m in modules]) for name in names}
@@ -144,4 +147,36 @@ def fuse(modules: list[nn.Module]) -> nn.Module:
             if fused[name] is not None:
                 setattr(m, name, nn.Parameter(fused[name][offset:offset + rows], requires_grad=False))
         offset += rows
+    return one
+
+
+class Stacked(nn.Module):
+    """``cat([m(x) for m in parts], -1)``: the products of matrices held in different layouts
+    (a Q4_K_M file's q/k in Q4_K and v in Q6_K), which cannot be one matrix."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = list(parts)        # not registered: the layer owns them
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
+def _fuse_quant(modules: list[QuantLinear]) -> nn.Module:
+    """:func:`fuse` for :class:`QuantLinear` modules of one layout (and zero point); else a
+    :class:`Stacked` of them."""
+    first = modules[0]
+    if any(m.layout != first.layout or m.zero != first.zero or m.dtype != first.dtype for m in modules):
+        return Stacked(modules)
+    names = [n for n in ("codes", "scales", "mins", "bias") if getattr(first, n) is not None]
+    if any((getattr(m, n) is None) for m in modules for n in names):
+        return Stacked(modules)
+    fused = {n: torch.cat([getattr(m, n).data for m in modules]) for n in names}
+    one = QuantLinear(QuantWeight(first.layout, (fused["codes"].shape[0], first.in_features), fused["codes"],
+                                  fused["scales"], fused.get("mins"), first.zero), fused.get("bias"), first.dtype)
+    offset = 0
+    for m in modules:
+        for n in names:
+            setattr(m, n, nn.Parameter(fused[n][offset:offset + m.out_features], requires_grad=False))
+        offset += m.out_features
     return one

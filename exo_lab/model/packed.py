@@ -90,7 +90,8 @@ def pack_linears(stage: nn.Module, *, layers: bool = True) -> nn.Module:
     if layers:
         replace_layer_linears(stage, lambda linear: make(linear) if _packable(linear) else None)
     head, embedding = stage.lm_head, stage.embed_tokens
-    tied = embedding is not None and head is not None and head.weight.data_ptr() == embedding.weight.data_ptr()
+    tied = (isinstance(getattr(embedding, "weight", None), torch.Tensor) and isinstance(getattr(head, "weight", None), torch.Tensor)
+            and head.weight.data_ptr() == embedding.weight.data_ptr())
     if head is not None and _packable(head) and not (tied and make is PackedLinear):
         stage.lm_head = make(head)
     return stage

@@ -271,9 +271,10 @@ class Stage(nn.Module):
         """Stage-local parameter name -> checkpoint names to try, in order of preference."""
         return {name: self._checkpoint_candidates(name) for name in self.state_dict()}
 
-    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Put loaded tensors (by stage-local name) in place of the meta parameters."""
-        self.load_state_dict(tensors, strict=True, assign=True)
+    def load_weights(self, tensors: dict[str, torch.Tensor], *, strict: bool = True) -> None:
+        """Put loaded tensors (by stage-local name) in place of the meta parameters (``strict``
+        False: modules already loaded, e.g. quantized ones, are not among ``tensors``)."""
+        self.load_state_dict(tensors, strict=strict, assign=True)
         # Inference only: no dropout, and no autograd bookkeeping if called outside forward().
         self.eval().requires_grad_(False)
         left = [name for name, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]

@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields
 
 from ..settings import DEFAULT_HOP_MS, DEFAULT_MAX_CONTEXT, LOAD_KEYS, OBJECTIVES, load_default, setting  # noqa: F401
 from ..settings_values import Where
+from ..units import AUTO_DTYPE
+from ..weights.resolve import auto_dtype, check_dtype_for
 
 _WHERE = Where("load options", None, "the load options")
 _SETTING_OF = {"hop_ms": "network.hop_latency_ms"}
@@ -38,12 +40,16 @@ class LoadOptions:
     draft_dtype: str = load_default("draft_dtype")
 
     def __post_init__(self) -> None:
-        """Each option checked as its config.yaml key is: a ConfigError naming it."""
+        """Each option checked as its config.yaml key is: a ConfigError naming it. dtype "auto"
+        becomes the model's own ("gguf" for a GGUF model, else "float32")."""
         for item in fields(self):
             value = getattr(self, item.name)
             if value is None and load_default(item.name) is None:
                 continue            # max_context, micro_batches: None is settled at load
             setting(_SETTING_OF.get(item.name, item.name)).kind.check(_WHERE, item.name, value)
+        if self.dtype == AUTO_DTYPE:
+            object.__setattr__(self, "dtype", auto_dtype(self.model))
+        check_dtype_for(self.model, self.dtype)
 
     def context_length(self, max_position_embeddings: int) -> int:
         """Tokens per request the KV cache is sized for, for a model with this many positions."""

@@ -19,8 +19,10 @@ from ..errors import ModelError
 from ..model.lean import lean_layers
 from ..model.packed import can_pack, pack_linears
 from ..model.quant import quantize_linears
+from ..model.quant4 import QuantEmbedding, QuantLinear, quantize_linears_int4
 from ..model.shard import TORCH_DTYPES, Stage
 from . import INDEX_FILE, SINGLE_FILE
+from .gguf import dense, is_gguf_folder, load_tensor, read_table
 
 logger = logging.getLogger(__name__)
 
@@ -47,18 +49,61 @@ def load_stage(spec: ShardSpec, ensure_tensors=None) -> Stage:
     config = read_hf_config(spec)
     _check_device(spec)
     stage = Stage(spec, config)
+    if is_gguf_folder(spec.model_dir):
+        _load_gguf(stage, ensure_tensors)
+    else:
+        _load_safetensors(stage, ensure_tensors)
+    make_ready(stage)
+    own_weights(stage)
+    logger.info("loaded layers [%d, %d) of %s: %.1f MB on %s", spec.start_layer, spec.stop_layer,
+                spec.model_dir, stage.parameter_bytes() / 1e6, spec.device)
+    return stage
+
+
+def _load_safetensors(stage: Stage, ensure_tensors) -> None:
+    spec = stage.spec
     weight_map = _read_weight_map(Path(spec.model_dir))
     wanted = _resolve_names(stage.checkpoint_names(), weight_map, spec)
     if ensure_tensors is not None:   # a fetched folder: bring exactly these tensors first
         ensure_tensors(list(wanted.values()))
     by_checkpoint_name = _read_tensors(wanted.values(), weight_map, spec)
     stage.load_weights({local: by_checkpoint_name[name] for local, name in wanted.items()})
-    del by_checkpoint_name
-    make_ready(stage)
-    own_weights(stage)
-    logger.info("loaded layers [%d, %d) of %s: %.1f MB on %s", spec.start_layer, spec.stop_layer,
-                spec.model_dir, stage.parameter_bytes() / 1e6, spec.device)
-    return stage
+
+
+def _load_gguf(stage: Stage, ensure_tensors) -> None:
+    """A GGUF model's stage: exactly its tensors' byte ranges; with dtype gguf the quantized
+    matrices keep their blocks (:class:`QuantLinear`; a quantized embedding
+    :class:`QuantEmbedding`, whose tied head shares it), held so on a GPU too (there each product
+    dequantizes its matrix to 16-bit on the fly: the memory the plan counted, no CUDA kernel of
+    exo-lab's own yet); with another dtype every tensor is dequantized to the stage's dtype."""
+    spec = stage.spec
+    table = read_table(spec.model_dir)
+    wanted = _resolve_names(stage.checkpoint_names(), table["tensors"], spec)
+    if ensure_tensors is not None:
+        ensure_tensors(list(dict.fromkeys(wanted.values())))
+        table = read_table(spec.model_dir)
+    loaded = {name: load_tensor(spec.model_dir, table, table["tensors"][name], stage.dtype)
+              for name in dict.fromkeys(wanted.values())}
+    keep_blocks = spec.dtype == "gguf"
+    tensors, modules = {}, {}
+    for local, name in wanted.items():
+        weight = loaded[name]
+        if keep_blocks and not isinstance(weight, torch.Tensor):
+            modules[local.removesuffix(".weight")] = weight.to(stage.device)
+        else:
+            tensors[local] = dense(weight, stage.dtype).to(stage.device)
+    for path, weight in modules.items():
+        parent_path, _, attribute = path.rpartition(".")
+        parent = stage.get_submodule(parent_path) if parent_path else stage
+        if path == "embed_tokens":
+            new = QuantEmbedding(weight, stage.dtype)
+        elif path == "lm_head" and isinstance(stage.embed_tokens, QuantEmbedding) \
+                and wanted["lm_head.weight"] == wanted.get("embed_tokens.weight"):
+            new = stage.embed_tokens.head()          # tied: the embedding's own parameters
+        else:
+            new = QuantLinear(weight, tensors.pop(f"{path}.bias", None), stage.dtype)
+        setattr(parent, attribute, new)
+    stage.load_weights(tensors, strict=False)
 
 
 def own_weights(stage: Stage) -> None:
@@ -104,6 +149,8 @@ def make_ready(stage: Stage) -> Stage:
     spec = stage.spec
     if spec.dtype == "int8":   # weight-only: quantized from the loaded bfloat16 weights
         quantize_linears(stage)
+    elif spec.dtype == "int4":   # group-wise, as Q4_1 (quant4); on a GPU dequantized per product
+        quantize_linears_int4(stage)
     if stage.dtype == torch.bfloat16 and can_pack(stage.device):   # same results, less time
         pack_linears(stage, layers=spec.dtype == "bfloat16")
     stage.lean = lean_layers(stage.layers, stage.stage_config)

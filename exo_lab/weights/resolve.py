@@ -70,15 +70,41 @@ def resolve_model(model_id: str, *, need_weights: bool = True, cache_dir=None) -
         from .demo import demo_model_dir
         return demo_model_dir()
     if model_id == SMOLLM2_MODEL_ID:
-        from .smollm2 import smollm2_model_dir
-        return smollm2_model_dir()
+        from .smollm2 import smollm2_gguf_dir
+        return smollm2_gguf_dir()
+    from .gguf import gguf_model_dir, is_gguf_folder, is_gguf_id
+    if is_gguf_id(model_id):
+        return gguf_model_dir(model_id)
     local = pathlib.Path(model_id).expanduser()
+    if is_gguf_folder(local):
+        return local.absolute()
     if local.exists():
         return check_model_folder(local, need_weights=need_weights)
     if _looks_like_path(model_id):
         raise ModelError(f"no such folder: {local.absolute()} (model id {model_id!r}); "
                          f"check the path, or use a hub id like 'org/name'")
     return _resolve_hub_id(model_id, need_weights=need_weights, cache_dir=cache_dir)
+
+
+def is_gguf_model(model_id: str) -> bool:
+    """Whether ``model_id`` is a GGUF model (``smollm2``, a ``.gguf`` file, a folder of one)."""
+    from .gguf import is_gguf_folder, is_gguf_id
+
+    return model_id == SMOLLM2_MODEL_ID or is_gguf_id(model_id) or is_gguf_folder(pathlib.Path(model_id).expanduser())
+
+
+def auto_dtype(model_id: str) -> str:
+    """dtype "auto": "gguf" for a GGUF model (its file's own formats), else "float32"."""
+    return "gguf" if isinstance(model_id, str) and is_gguf_model(model_id) else "float32"
+
+
+def check_dtype_for(model_id: str, dtype: str) -> None:
+    """ConfigError when ``dtype`` cannot hold ``model_id``: "gguf" needs a GGUF model."""
+    from ..errors import ConfigError
+
+    if dtype == "gguf" and isinstance(model_id, str) and not is_gguf_model(model_id):
+        raise ConfigError(f"dtype 'gguf' keeps a GGUF file's own formats, but {model_id!r} is not a GGUF "
+                          f"model; use dtype int4 (or int8, bfloat16, float32) for it")
 
 
 def _looks_like_path(model_id: str) -> bool:

@@ -32,6 +32,8 @@ import zipfile
 
 from exo_lab.errors import ModelError
 from exo_lab.weights import INDEX_FILE, SINGLE_FILE
+from exo_lab.weights.gguf import (gguf_model_dir, hf_names, unpermute_index, write_config,
+                                  write_generation_config, write_tokenizer)
 from exo_lab.paths import cache_dir, move_folder_into_place, temp_name
 
 logger = logging.getLogger(__name__)
@@ -53,11 +55,20 @@ REQUIRED_FILES = ("config.json", WEIGHTS_FILE, WEIGHTS_INDEX, "tokenizer.json",
 # pip: fail fast when the registry cannot be reached (the socket timeout is per read).
 PIP_SOCKET_TIMEOUT_S = 5
 PIP_DEADLINE_S = 900
-END_OF_TEXT = "<|endoftext|>"
 
 
 def _target_dir() -> pathlib.Path:
     return cache_dir() / "models" / SMOLLM2_DIR_NAME
+
+
+def smollm2_gguf_path() -> pathlib.Path:
+    """The verified Q4_1 GGUF file (fetched once into ``<cache>/models/smollm2-gguf``)."""
+    return fetch_gguf(cache_dir() / "models" / "smollm2-gguf")
+
+
+def smollm2_gguf_dir() -> pathlib.Path:
+    """What model id ``smollm2`` loads: the Q4_1 GGUF as it is (:mod:`exo_lab.weights.gguf`)."""
+    return gguf_model_dir(str(smollm2_gguf_path()))
 
 
 def smollm2_is_built() -> bool:
@@ -268,93 +279,17 @@ def _convert(gguf_path: pathlib.Path, folder: pathlib.Path, *, progress: bool) -
     folder.mkdir(parents=True)
     folder.chmod(0o755)
     reader = GGUFReader(str(gguf_path))
-    config = _write_config(gguf_path, folder, reader)
-    tokenizer = _write_tokenizer(gguf_path, folder, config.max_position_embeddings)
-    _write_generation_config(folder, tokenizer)
-    _write_weights(reader, folder, config, progress=progress)
-    (folder / BUILD_RECORD).write_text(json.dumps(_expected_record(), indent=2) + "\n")
-
-
-def _float32_repr(value: float) -> float:
-    """The shortest decimal of a float32 read from GGUF (9.99999974e-06 -> 1e-05)."""
-    import numpy as np
-
-    return float(str(np.float32(value)))
-
-
-def _write_config(gguf_path: pathlib.Path, folder: pathlib.Path, reader):
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                        local_files_only=True)
+    config = write_config(gguf_path, folder, [reader])
     if config.model_type != "llama":
         raise ModelError(f"{gguf_path.name} holds a {config.model_type!r} model, not llama; "
                          f"the package {SMOLLM2_PACKAGE} is not what exo-lab expects")
-    for key in ("quantization_config", "_model_name_or_path"):
-        config.__dict__.pop(key, None)
-    config.architectures = ["LlamaForCausalLM"]
-    config.dtype = "float32"
-    config.rms_norm_eps = _float32_repr(config.rms_norm_eps)
-    config.tie_word_embeddings = "output.weight" not in {t.name for t in reader.tensors}
-    config.save_pretrained(str(folder))
-    return config
-
-
-def _write_tokenizer(gguf_path: pathlib.Path, folder: pathlib.Path, max_length: int):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                              local_files_only=True)
+    tokenizer = write_tokenizer(gguf_path, folder, config.max_position_embeddings)
     if not tokenizer.chat_template:
         raise ModelError(f"{gguf_path.name} carries no chat template; the package "
                          f"{SMOLLM2_PACKAGE} is not what exo-lab expects")
-    tokenizer.model_max_length = max_length
-    # The template goes into tokenizer_config.json (not a separate chat_template.jinja).
-    tokenizer.save_pretrained(str(folder), save_jinja_files=False)
-    _drop_load_options(folder / "tokenizer_config.json")
-    return tokenizer
-
-
-def _drop_load_options(path: pathlib.Path) -> None:
-    """Remove the from_pretrained options that transformers saves as tokenizer settings."""
-    settings = json.loads(path.read_text(encoding="utf-8"))
-    for key in ("is_local", "local_files_only", "gguf_file", "name_or_path"):
-        settings.pop(key, None)
-    path.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _write_generation_config(folder: pathlib.Path, tokenizer) -> None:
-    """Generation stops at ``<|im_end|>`` (the end of a chat turn) and ``<|endoftext|>``."""
-    from transformers import GenerationConfig
-
-    eos = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TEXT)]
-    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=list(dict.fromkeys(eos)),
-                     pad_token_id=tokenizer.pad_token_id).save_pretrained(str(folder))
-
-
-def _gguf_to_hf_names(config) -> dict[str, str]:
-    """GGUF tensor name -> Hugging Face parameter name, from gguf's own name table."""
-    import gguf
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        names = AutoModelForCausalLM.from_config(config).state_dict().keys()
-    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    mapping = {}
-    for name in names:
-        base, _, suffix = name.rpartition(".")
-        mapped = table.get_name(base)
-        if mapped is not None:
-            mapping[f"{mapped}.{suffix}"] = name
-    return mapping
-
-
-def _unpermute(weights, n_head: int):
-    """Undo llama.cpp's rotary permutation of the q/k projection rows."""
-    rows = weights.shape[0]
-    grouped = weights.reshape(n_head, rows // n_head // 2, 2, *weights.shape[1:])
-    return grouped.swapaxes(2, 1).reshape(weights.shape)
+    write_generation_config(folder, tokenizer)
+    _write_weights(reader, folder, config, progress=progress)
+    (folder / BUILD_RECORD).write_text(json.dumps(_expected_record(), indent=2) + "\n")
 
 
 def _dequantize(tensor, config):
@@ -363,10 +298,10 @@ def _dequantize(tensor, config):
     from gguf.quants import dequantize
 
     weights = dequantize(tensor.data, tensor.tensor_type)
-    if ".attn_q." in tensor.name:
-        weights = _unpermute(weights, config.num_attention_heads)
-    elif ".attn_k." in tensor.name:
-        weights = _unpermute(weights, config.num_key_value_heads)
+    heads = {".attn_q.": config.num_attention_heads, ".attn_k.": config.num_key_value_heads}
+    for part, count in heads.items():
+        if part in tensor.name:
+            weights = weights[unpermute_index(weights.shape[0], count).numpy()]
     return torch.from_numpy(np.array(weights, dtype=np.float32, order="C"))
 
 
@@ -374,7 +309,7 @@ def _write_weights(reader, folder: pathlib.Path, config, *, progress: bool) -> N
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    names = _gguf_to_hf_names(config)
+    names = hf_names(config, "llama")
     tensors = {}
     for tensor in tqdm(reader.tensors, desc="converting SmolLM2 to float32", unit="tensor",
                        disable=not progress):
