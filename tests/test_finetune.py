@@ -341,9 +341,9 @@ def test_memory_for_training_is_checked_before_the_first_step():
         plan_memory(free=100, need=180, lean=30, recompute=False)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8", "int4"])
 def test_frozen_bases_of_every_kind_pass_the_activations_gradient(dtype, model_dir):
-    """A bfloat16 (exo-lab kernel) or int8 base linear wrapped for training: the gradient it
+    """A bfloat16 (exo-lab kernel), int8 or 4-bit base linear wrapped for training: the gradient it
     passes upstream is grad @ W for its dense weight, as an autograd-visible linear's."""
     from stages import load_split
 
@@ -365,8 +365,8 @@ def test_frozen_bases_of_every_kind_pass_the_activations_gradient(dtype, model_d
         assert A.grad is not None and B.grad is not None
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
-def test_bfloat16_and_int8_stages_learn(dtype, model_dir, tmp_path):
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8", "int4"])
+def test_bfloat16_int8_and_4bit_stages_learn(dtype, model_dir, tmp_path):
     with exo_lab.Cluster.local(engines=1, max_cores=1) as one:
         one.load(str(model_dir), dtype=dtype, progress=False)
         job = one.finetune(ROWS, name=f"codes-{dtype}", output_dir=tmp_path, r=8, alpha=16, epochs=3,

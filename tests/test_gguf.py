@@ -127,3 +127,81 @@ def test_bad_gguf_files_and_options_are_named(tmp_path, smollm2):
     copy.unlink()
     with pytest.raises(ModelError, match="smol.gguf"):
         whole(folder, "gguf")
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="exo-lab's CPU kernels do not run here")
+def test_one_call_decode_layers_compute_what_the_lean_layers_compute(smollm2):
+    """A decode step of B rows (own slots, own positions) through exo_decode_layer (one call a
+    layer) against the lean layers' torch calls on the same stage, KV slots and inputs: the same
+    keys and values written, hidden states within bfloat16 rounding, the same greedy tokens."""
+    stage = load_stage(ShardSpec(str(smollm2), 0, 30, 30, dtype="gguf", max_context=64, max_batch=4))
+    assert stage.lean.one_call is not None and len(stage.lean.one_call) == 30
+    prompts = [[1, 9690, 198, 2683, 359], [1, 504, 3458, 282, 253, 1345, 28]]
+    one_call = stage.lean.one_call
+    for slot, prompt in enumerate(prompts):                  # slots 0, 1 (one call) and 2, 3 (torch)
+        for base in (0, 2):
+            stage.forward(torch.tensor([prompt]), [slot + base], [0])
+    inputs, positions = torch.tensor([[11], [42]]), [len(p) for p in prompts]
+    fast = stage.forward(inputs, [0, 1], positions)
+    stage.lean.one_call = None
+    try:
+        slow = stage.forward(inputs, [2, 3], positions)
+    finally:
+        stage.lean.one_call = one_call
+    for layer in range(30):
+        for cache in (stage.kv.keys[layer], stage.kv.values[layer]):
+            for row, position in enumerate(positions):
+                assert torch.equal(cache[row, :, position], cache[row + 2, :, position]) or layer > 0
+    assert fast.argmax(-1).tolist() == slow.argmax(-1).tolist()
+    assert (fast - slow).abs().max() < 0.1 * slow.abs().max()
+    tokens = {}
+    for flag in (True, False):                               # greedy continuations agree
+        stage.lean.one_call = one_call if flag else None
+        ids, position, slot = [int(fast[0].argmax())], positions[0] + 1, 0 if flag else 2
+        for _ in range(8):
+            ids.append(int(stage.forward(torch.tensor([[ids[-1]]]), [slot], [position])[0].argmax()))
+            position += 1
+        tokens[flag] = ids
+    stage.lean.one_call = one_call
+    assert tokens[True] == tokens[False]
+
+
+def split_gguf(source, first, second) -> None:
+    """``source`` written as two files (llama.cpp's gguf-split layout): the metadata and the first
+    half of the tensors, then the rest."""
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(str(source))
+    half = len(reader.tensors) // 2
+    for index, (path, tensors) in enumerate(((first, reader.tensors[:half]), (second, reader.tensors[half:]))):
+        writer = GGUFWriter(str(path), "llama")
+        for name, field in reader.fields.items() if index == 0 else ():
+            if not name.startswith("GGUF.") and name != "general.architecture":
+                kind = field.types[0]
+                writer.add_key_value(name, field.contents(), kind,
+                                     sub_type=field.types[-1] if kind == GGUFValueType.ARRAY else None)
+        writer.add_uint16("split.no", index)
+        writer.add_uint16("split.count", 2)
+        for tensor in tensors:
+            quantized = tensor.tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16)
+            writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type if quantized else None)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+
+def test_a_split_q4_k_m_file_loads_as_the_whole_file(tmp_path):
+    import gguf_files
+
+    whole_file = gguf_files.write_llama_gguf(tmp_path / "tiny.Q4_K_M.gguf", recipe="Q4_K_M", vocab=1024).path
+    split_gguf(whole_file, tmp_path / "tiny-00001-of-00002.gguf", tmp_path / "tiny-00002-of-00002.gguf")
+    ids = torch.tensor([[1, 17, 300, 5]])
+    results = []
+    for model in (whole_file, tmp_path / "tiny-00001-of-00002.gguf"):
+        folder = resolve_model(str(model))
+        assert LoadOptions(model=str(model)).dtype == "gguf"
+        stage = load_stage(ShardSpec(str(folder), 0, 4, 4, dtype="gguf", max_context=16, max_batch=1))
+        results.append(stage.forward(ids, [0], [0]))
+    assert torch.equal(*results)
+    assert len(read_table(resolve_model(str(tmp_path / "tiny-00001-of-00002.gguf")))["files"]) == 2

@@ -19,7 +19,7 @@ CELL_TIMEOUT_S = 120
 
 # What each notebook must show besides running without an error: text in some output.
 EXPECTED_TEXT = {
-    "quickstart.ipynb": ["Plan for smollm2 (float32)", "cluster local: ready, model smollm2, 2 engines",
+    "quickstart.ipynb": ["Plan for smollm2 (gguf)", "cluster local: ready, model smollm2, 2 engines",
                          "Paris", "CompletionUsage(completion_tokens="],
     "experiments.ipynb": ["('localhost#0', 0, 15), ('localhost#1', 15, 30)",   # from_config's one-PC cluster
                           "12 forwards (1 prefill + 11 decode steps)", "-> logits (1, "],

@@ -82,11 +82,11 @@ def test_the_recipe_is_complete():
 def test_the_office_recipe_answers_an_openai_client_by_served_name(tmp_path):
     from openai import OpenAI
 
-    from exo_lab.weights.smollm2 import smollm2_model_dir
+    from exo_lab.weights.smollm2 import smollm2_gguf_path
 
     if REASON is not None:
         pytest.fail(f"EXO_LAB_REQUIRE_NETLAB=1 but {REASON}")
-    model = smollm2_model_dir(progress=False)       # this machine may reach the registry; the PCs cannot
+    model = smollm2_gguf_path()                     # this machine may reach the registry; the PCs cannot
     env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}   # the venv, activated
     with netlab.Netlab(list(PCS), tmp_path / "pcs") as net:
         folders = {pc: tmp_path / "pcs" / pc / "office" for pc in PCS}
@@ -95,8 +95,9 @@ def test_the_office_recipe_answers_an_openai_client_by_served_name(tmp_path):
             shutil.copy(ROOT / "examples" / "config.yaml", folder / "config.yaml")
             net.firewall(pc, tcp_ports=[PORT_RANGE] + ([str(API_PORT)] if pc == "system-a" else []),
                          udp_ports=["5353"])
-        # the model on the storage PC (system-a): its cache, as `exo-lab` left it there
-        shutil.copytree(model, net.pcs["system-a"].root / "cache" / "models" / model.name)
+        # the model on the storage PC (system-a): its cache, as `exo-lab` left it there (the GGUF file)
+        (net.pcs["system-a"].root / "cache" / "models" / model.parent.name).mkdir(parents=True)
+        shutil.copy(model, net.pcs["system-a"].root / "cache" / "models" / model.parent.name / model.name)
         services = []
         for pc, command in runnable():
             if command.startswith(SERVICES):

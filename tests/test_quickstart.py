@@ -28,7 +28,7 @@ def test_demo_answers_the_capital_of_france():
             end_processes([child.pid for child in psutil.Process(demo.pid).children(recursive=True)] + [demo.pid])
     assert demo.returncode == 0, err
     assert "\nuser: Tell me the capital of France.\nassistant: The capital of France is Paris.\n" in out
-    assert "Plan for smollm2 (float32)" in out
+    assert "Plan for smollm2 (gguf)" in out
     assert "the answer began" in out and "http://127.0.0.1:8000/dashboard" in out
     assert "Traceback" not in err and "note:" not in err
 
@@ -45,6 +45,6 @@ def test_without_the_registry_the_demo_falls_back_in_one_line(tmp_path, monkeypa
 
 
 def test_a_model_given_is_used_as_it_is(monkeypatch):
-    monkeypatch.setattr("exo_lab.weights.smollm2.smollm2_model_dir",
+    monkeypatch.setattr("exo_lab.weights.smollm2.smollm2_gguf_dir",
                         lambda **kw: pytest.fail("must not build SmolLM2 for another model"))
     assert quickstart.choose_model("demo") == "demo"

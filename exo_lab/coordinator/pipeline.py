@@ -174,7 +174,8 @@ def _load_once(control: EngineControl, loop: LoopThread, options: LoadOptions, *
 def propose_plan(control: EngineControl, options: LoadOptions) -> Plan:
     """The plan ``options`` would load on the engines registered now (probes them)."""
     model_id = _portable_model_id(options.model)
-    config = read_model_config(resolve_model(model_id, need_weights=False))
+    model_dir = resolve_model(model_id, need_weights=False)
+    config = read_model_config(model_dir)
     profile = profile_from_config(config, dtype=options.dtype, model_id=model_id, tensors=tensor_table(model_dir))
     engines = control.measure_speeds(control.probe(), config, options.dtype)   # as the plan in force was
     return options.plan(profile, control.node_specs(engines))

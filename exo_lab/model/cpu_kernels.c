@@ -227,19 +227,20 @@ DEFINE_GEMV(exo_gemv_bf16, uint16_t, rows_bf16, float, to_f32)
  */
 
 /* y = w * bf16(x * r), r = 1 / sqrt(mean(x^2) + eps), per row of `width` (LlamaRMSNorm). */
+static void rms_norm_row(const uint16_t *xr, int64_t width, const uint16_t *w, float eps, uint16_t *yr) {
+    float sum = 0.0f;
+    for (int64_t j = 0; j < width; j++) { float v = bf16_to_f32(xr[j]); sum += v * v; }
+    float r = 1.0f / sqrtf(sum / (float)width + eps);
+    for (int64_t j = 0; j < width; j++) {
+        float h = bf16_to_f32(f32_to_bf16(bf16_to_f32(xr[j]) * r));
+        yr[j] = f32_to_bf16(bf16_to_f32(w[j]) * h);
+    }
+}
+
 int exo_rms_norm_bf16(const uint16_t *x, int64_t rows, int64_t width, const uint16_t *w, float eps,
                       uint16_t *y) {
     #pragma omp parallel for schedule(static) if (rows * width >= SERIAL_WEIGHTS)
-    for (int64_t i = 0; i < rows; i++) {
-        const uint16_t *xr = x + i * width;
-        float sum = 0.0f;
-        for (int64_t j = 0; j < width; j++) { float v = bf16_to_f32(xr[j]); sum += v * v; }
-        float r = 1.0f / sqrtf(sum / (float)width + eps);
-        for (int64_t j = 0; j < width; j++) {
-            float h = bf16_to_f32(f32_to_bf16(bf16_to_f32(xr[j]) * r));
-            y[i * width + j] = f32_to_bf16(bf16_to_f32(w[j]) * h);
-        }
-    }
+    for (int64_t i = 0; i < rows; i++) rms_norm_row(x + i * width, width, w, eps, y + i * width);
     return 0;
 }
 
@@ -450,6 +451,135 @@ int exo_gemm_q4(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, const
 int exo_gemm_q8(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, const uint16_t *scales,
                 int64_t zero, int64_t N, uint16_t *y) {
     return gemm_q(8, x, M, K, q, scales, NULL, zero, N, y);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * One decode step of a Llama-family decoder layer whose matrices are group-quantized, in one
+ * call (exo_lab.model.lean.DecodeLayers): B rows of one new token each. What the lean layer
+ * forward computes with ~20 torch calls, with the same roundings to bfloat16 (after each norm,
+ * product, rotary, attention, activation, product and residual add); attention sums in float32
+ * over each row's own positions [0, position]. Writes the token's key and value into the row's
+ * KV slot (cache (slots, kv_heads, max_context, head_dim) bfloat16) and updates x in place.
+ */
+typedef struct {
+    int64_t layout;              /* 4: q4, 8: q8 */
+    const uint8_t *codes;
+    const uint16_t *scales;
+    const uint16_t *mins;        /* q4 */
+    int64_t zero;                /* q8 */
+    int64_t n, k;                /* out, in features */
+} exo_matrix;
+
+static int matrix_product(const exo_matrix *w, const uint16_t *x, int64_t M, uint16_t *y) {
+    return gemm_q((int)w->layout, x, M, w->k, w->codes, w->scales, w->mins, w->zero, w->n, y);
+}
+
+/* y (M, sum of the parts' n) = x @ [W_0; W_1; ...]^T for ``parts`` matrices held apart (a
+ * Q4_K_M layer's q/k in Q4_K and v in Q6_K cannot be one matrix): each part's columns in turn. */
+static int parts_product(const exo_matrix *w, int64_t parts, const uint16_t *x, int64_t M, uint16_t *y,
+                         uint16_t *scratch) {
+    if (parts == 1) return matrix_product(w, x, M, y);
+    int64_t total = 0, offset = 0;
+    for (int64_t p = 0; p < parts; p++) total += w[p].n;
+    for (int64_t p = 0; p < parts; p++) {
+        int status = matrix_product(&w[p], x, M, scratch);
+        if (status != 0) return status;
+        for (int64_t m = 0; m < M; m++)
+            memcpy(y + m * total + offset, scratch + m * w[p].n, sizeof(uint16_t) * (size_t)w[p].n);
+        offset += w[p].n;
+    }
+    return 0;
+}
+
+static void rms_norm_rows(const uint16_t *x, int64_t rows, int64_t width, const uint16_t *w, float eps,
+                          uint16_t *y) {
+    for (int64_t i = 0; i < rows; i++) rms_norm_row(x + i * width, width, w, eps, y + i * width);
+}
+
+static void rotate_heads(uint16_t *v, int64_t heads, int64_t dim, const uint16_t *c, const uint16_t *s) {
+    const int64_t half = dim / 2;
+    for (int64_t h = 0; h < heads; h++, v += dim)
+        for (int64_t j = 0; j < half; j++) {
+            float a = bf16_to_f32(v[j]), b = bf16_to_f32(v[j + half]);
+            float lo = bf16_round(a * bf16_to_f32(c[j])) + bf16_round(-b * bf16_to_f32(s[j]));
+            float hi = bf16_round(b * bf16_to_f32(c[j + half])) + bf16_round(a * bf16_to_f32(s[j + half]));
+            v[j] = f32_to_bf16(lo);
+            v[j + half] = f32_to_bf16(hi);
+        }
+}
+
+int exo_decode_layer(uint16_t *x, int64_t B, int64_t hidden, const uint16_t *norm1, const uint16_t *norm2,
+                     float eps, const exo_matrix *qkv, int64_t qkv_parts, const exo_matrix *o,
+                     const exo_matrix *gate_up, int64_t gate_up_parts, const exo_matrix *down, uint16_t *keys, uint16_t *values, const int64_t *slots,
+                     const int64_t *positions, int64_t max_context, int64_t heads, int64_t kv_heads,
+                     int64_t dim, float scaling, const uint16_t *cos, const uint16_t *sin) {
+    const int64_t qw = heads * dim, kw = kv_heads * dim, width = qw + 2 * kw, inter = down->k;
+    if (dim > 512 || dim % 2 || heads % kv_heads || B < 1) return -1;
+    int64_t longest = 0;
+    for (int64_t b = 0; b < B; b++) longest = positions[b] + 1 > longest ? positions[b] + 1 : longest;
+    uint16_t *h = malloc(sizeof(uint16_t) * (size_t)(B * (hidden > inter ? hidden : inter)));
+    uint16_t *t = malloc(sizeof(uint16_t) * (size_t)(B * (width > 2 * inter ? width : 2 * inter)));
+    uint16_t *attn = malloc(sizeof(uint16_t) * (size_t)(B * qw));
+    uint16_t *out = malloc(sizeof(uint16_t) * (size_t)(B * hidden));
+    float *scores = malloc(sizeof(float) * (size_t)(B * heads * longest));
+    uint16_t *part = malloc(sizeof(uint16_t) * (size_t)(B * (width > 2 * inter ? width : 2 * inter)));
+    int status = -2;
+    if (!h || !t || !attn || !out || !scores || !part) goto done;
+    rms_norm_rows(x, B, hidden, norm1, eps, h);
+    if ((status = parts_product(qkv, qkv_parts, h, B, t, part)) != 0) goto done;
+    for (int64_t b = 0; b < B; b++) {                       /* rotary, then K and V into the slot */
+        uint16_t *row = t + b * width;
+        rotate_heads(row, heads, dim, cos + b * dim, sin + b * dim);
+        rotate_heads(row + qw, kv_heads, dim, cos + b * dim, sin + b * dim);
+        for (int64_t g = 0; g < kv_heads; g++) {
+            const int64_t at = ((slots[b] * kv_heads + g) * max_context + positions[b]) * dim;
+            memcpy(keys + at, row + qw + g * dim, sizeof(uint16_t) * (size_t)dim);
+            memcpy(values + at, row + qw + kw + g * dim, sizeof(uint16_t) * (size_t)dim);
+        }
+    }
+    const int64_t group = heads / kv_heads;
+    #pragma omp parallel for schedule(static) if (B * heads * longest * dim >= SERIAL_WEIGHTS)
+    for (int64_t bh = 0; bh < B * heads; bh++) {
+        const int64_t b = bh / heads, hd = bh % heads, g = hd / group, length = positions[b] + 1;
+        const uint16_t *q = t + b * width + hd * dim;
+        const uint16_t *kb = keys + (slots[b] * kv_heads + g) * max_context * dim;
+        const uint16_t *vb = values + (slots[b] * kv_heads + g) * max_context * dim;
+        float *sc = scores + bh * longest, top = -INFINITY, total = 0.0f;
+        float qf[512];
+        for (int64_t d = 0; d < dim; d++) qf[d] = bf16_to_f32(q[d]);
+        for (int64_t j = 0; j < length; j++) {
+            const uint16_t *kj = kb + j * dim;
+            float dot = 0.0f;
+            for (int64_t d = 0; d < dim; d++) dot += qf[d] * bf16_to_f32(kj[d]);
+            sc[j] = dot * scaling;
+            top = sc[j] > top ? sc[j] : top;
+        }
+        for (int64_t j = 0; j < length; j++) { sc[j] = expf(sc[j] - top); total += sc[j]; }
+        float acc[512];
+        for (int64_t d = 0; d < dim; d++) acc[d] = 0.0f;
+        for (int64_t j = 0; j < length; j++) {
+            const uint16_t *vj = vb + j * dim;
+            const float p = sc[j] / total;
+            for (int64_t d = 0; d < dim; d++) acc[d] += p * bf16_to_f32(vj[d]);
+        }
+        for (int64_t d = 0; d < dim; d++) attn[b * qw + hd * dim + d] = f32_to_bf16(acc[d]);
+    }
+    if ((status = matrix_product(o, attn, B, out)) != 0) goto done;
+    for (int64_t i = 0; i < B * hidden; i++) x[i] = f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(out[i]));
+    rms_norm_rows(x, B, hidden, norm2, eps, h);
+    if ((status = parts_product(gate_up, gate_up_parts, h, B, t, part)) != 0) goto done;
+    for (int64_t b = 0; b < B; b++)                        /* silu(gate) * up, each rounded as torch */
+        for (int64_t i = 0; i < inter; i++) {
+            const float gate = bf16_to_f32(t[b * 2 * inter + i]), up = bf16_to_f32(t[b * 2 * inter + inter + i]);
+            const float act = bf16_round(gate / (1.0f + expf(-gate)));
+            h[b * inter + i] = f32_to_bf16(act * up);
+        }
+    if ((status = matrix_product(down, h, B, out)) != 0) goto done;
+    for (int64_t i = 0; i < B * hidden; i++) x[i] = f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(out[i]));
+    status = 0;
+done:
+    free(h); free(t); free(attn); free(out); free(scores); free(part);
+    return status;
 }
 
 /* Whether the integer products use AVX512_VNNI (1) or AVX2's maddubs (0). */

@@ -93,6 +93,17 @@ def quant_function(layout: str):
     return library.exo_gemm_q4 if layout == "q4" else library.exo_gemm_q8
 
 
+class Matrix(ctypes.Structure):
+    """A group-quantized matrix as ``exo_decode_layer`` takes it (pointers into its tensors)."""
+    _fields_ = [("layout", ctypes.c_int64), ("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p),
+                ("mins", ctypes.c_void_p), ("zero", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64)]
+
+
+def decode_layer_function():
+    """``exo_decode_layer`` (one decode step of a quantized Llama-family layer; cpu_kernels.c)."""
+    return _library().exo_decode_layer
+
+
 def integer_products() -> str:
     """How the quantized kernels multiply here: "AVX512_VNNI" or "AVX2"."""
     return "AVX512_VNNI" if _library().exo_gemm_vnni() else "AVX2"
@@ -249,6 +260,12 @@ def _load(path: Path) -> ctypes.CDLL:
         library.exo_gemm_q8.argtypes = [pointer, size, size, pointer, pointer, size, size, pointer]
         library.exo_gemm_q4.restype = library.exo_gemm_q8.restype = ctypes.c_int
         library.exo_gemm_vnni.restype = ctypes.c_int
+    if hasattr(library, "exo_decode_layer"):
+        matrix = ctypes.POINTER(Matrix)
+        library.exo_decode_layer.argtypes = [pointer, size, size, pointer, pointer, ctypes.c_float, matrix, size,
+                                             matrix, matrix, size, matrix, pointer, pointer, pointer, pointer, size,
+                                             size, size, size, ctypes.c_float, pointer, pointer]
+        library.exo_decode_layer.restype = ctypes.c_int
     library.exo_gemv_isa.restype = ctypes.c_int
     library.exo_gemv_threads.restype = ctypes.c_int
     return library

@@ -53,6 +53,23 @@ class LeanLayers:
         # at 8 rows (29.1 against 24.5 ms over SmolLM2's 30 layers): those stay apart.
         self.gate_up = [None if type(l.mlp.gate_proj) is nn.Linear else fuse([l.mlp.gate_proj, l.mlp.up_proj])
                         for l in layers]
+        self.one_call = _one_call_layers(self, config)
+
+    def decode(self, hidden: torch.Tensor, cos_sin, cache, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Every layer on ``hidden`` (B, 1, hidden): one decode step of B rows, each layer one call
+        of exo-lab's kernel (``exo_decode_layer``) where :attr:`one_call` says it applies."""
+        B, _, width = hidden.shape
+        x = hidden.reshape(B, width).contiguous().clone()
+        cos, sin = (t.reshape(B, self.head_dim).contiguous() for t in cos_sin)
+        slots, positions = slots.to(torch.int64).contiguous(), positions.to(torch.int64).contiguous()
+        call = cpu_kernels.decode_layer_function()
+        for index, (norm1, norm2, eps, matrices, scaling) in enumerate(self.one_call):   # matrices: 6 arguments
+            status = call(x.data_ptr(), B, width, norm1, norm2, eps, *matrices, cache.keys[index].data_ptr(),
+                          cache.values[index].data_ptr(), slots.data_ptr(), positions.data_ptr(), cache.max_context,
+                          self.heads, self.kv_heads, self.head_dim, scaling, cos.data_ptr(), sin.data_ptr())
+            if status != 0:
+                raise MemoryError(f"exo-lab's decode kernel failed (status {status}) on layer {index}")
+        return x.view(B, 1, width)
 
     def forward(self, index: int, hidden: torch.Tensor, mask: torch.Tensor, cos_sin, cache) -> torch.Tensor:
         """Decoder layer ``index`` on ``hidden`` (B, T, hidden), as transformers' layer computes it."""
@@ -180,3 +197,41 @@ def _fuse_quant(modules: list[QuantLinear]) -> nn.Module:
             setattr(m, n, nn.Parameter(fused[n][offset:offset + m.out_features], requires_grad=False))
         offset += m.out_features
     return one
+
+
+def _one_call_layers(lean: LeanLayers, config) -> list | None:
+    """Per layer (norm weights' pointers, eps, its four matrices as cpu_kernels.Matrix, attention
+    scaling) for :meth:`LeanLayers.decode`, or None where one call per layer does not apply:
+    every product a group-quantized :class:`QuantLinear` on exo-lab's kernel without bias (GGUF
+    and int4 stages), bfloat16 RMSNorms, SiLU, no q/k norms (the stage checks that its layers
+    attend over whole sequences)."""
+    if lean.qk_norm or lean.head_dim > 512:
+        return None
+    layers = []
+    for index, layer in enumerate(lean.layers):
+        groups = [_parts(lean.qkv[index]), [layer.self_attn.o_proj], _parts(lean.gate_up[index]), [layer.mlp.down_proj]]
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if not all(type(p) is QuantLinear and p.kernel and p.bias is None for group in groups for p in group):
+            return None
+        if not all(n.weight.dtype == torch.bfloat16 and n.weight.is_contiguous() for n in norms) or \
+                type(layer.mlp.act_fn).__name__ != "SiLUActivation" and not isinstance(layer.mlp.act_fn, nn.SiLU):
+            return None
+        qkv, o, gate_up, down = (_matrices(group) for group in groups)
+        layers.append((norms[0].weight.data_ptr(), norms[1].weight.data_ptr(), norms[0].variance_epsilon,
+                       [qkv, len(groups[0]), o, gate_up, len(groups[2]), down], layer.self_attn.scaling))
+    return layers
+
+
+def _parts(module: nn.Module | None) -> list:
+    """The products a fused module computes: a :class:`Stacked` module's parts, else itself."""
+    return list(module.parts) if isinstance(module, Stacked) else [module]
+
+
+def _matrices(products: list[QuantLinear]):
+    """``products`` as a ctypes array of cpu_kernels.Matrix (their tensors' pointers)."""
+    array = (cpu_kernels.Matrix * len(products))()
+    for slot, p in zip(array, products):
+        slot.layout, slot.codes, slot.scales = 4 if p.layout == "q4" else 8, p.codes.data_ptr(), p.scales.data_ptr()
+        slot.mins, slot.zero = (p.mins.data_ptr() if p.mins is not None else None), p.zero
+        slot.n, slot.k = p.out_features, p.in_features
+    return array

@@ -78,11 +78,19 @@ class _Frozen(torch.autograd.Function):
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
-    """A linear module's (out, in) weight in its compute dtype (int8: dequantized)."""
+    """A linear module's (out, in) weight in its compute dtype (int8, 4-bit and GGUF blocks:
+    dequantized)."""
+    if hasattr(module, "quant"):          # exo_lab.model.quant4.QuantLinear
+        return module.quant.dequantize(module.dtype)
     scales = getattr(module, "scales", None)
     if scales is not None:
         return module.weight.to(scales.dtype) * scales[:, None]
     return module.weight
+
+
+def base_device(module: nn.Module) -> torch.device:
+    """Where a base linear's weights are (a group-quantized one holds codes, not a weight)."""
+    return (module.codes if hasattr(module, "quant") else module.weight).device
 
 
 class LoraLinear(nn.Module):
@@ -166,7 +174,7 @@ def init_adapter(stage, adapter: int, settings: LoraSettings, seed: int, dtype=t
         generator = torch.Generator().manual_seed(_seed_of(seed, layer, name))
         bound = 1.0 / math.sqrt(module.in_features)
         A = (torch.rand(settings.r, module.in_features, generator=generator, dtype=torch.float64) * 2 - 1) * bound
-        device = module.base.weight.device
+        device = base_device(module.base)
         A = nn.Parameter(A.to(device, dtype))
         B = nn.Parameter(torch.zeros(module.out_features, settings.r, dtype=dtype, device=device))
         module.adapters[adapter] = (A, B, settings.scaling)
@@ -188,7 +196,7 @@ def set_adapter(stage, adapter: int, settings: LoraSettings, tensors: dict[str, 
             if tensor is None or tuple(tensor.shape) != shape:
                 found = "missing" if tensor is None else f"of shape {tuple(tensor.shape)}"
                 raise ModelError(f"adapter tensor {key} is {found}; this stage needs {shape} (rank {settings.r})")
-            tensor = tensor.detach().to(module.base.weight.device, dtype).clone()
+            tensor = tensor.detach().to(base_device(module.base), dtype).clone()
             pair.append(nn.Parameter(tensor) if trainable else tensor)
         module.adapters[adapter] = (pair[0], pair[1], settings.scaling)
         params += pair

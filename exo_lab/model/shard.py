@@ -87,6 +87,7 @@ class Stage(nn.Module):
         self.config = config
         self.stage_config = _stage_config(config, spec)
         self.layer_types = _layer_types(self.stage_config)
+        self.whole_attention = all(kind == "full_attention" for kind in self.layer_types)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(
                 self.stage_config, attn_implementation="sdpa", dtype=self.dtype)
@@ -174,8 +175,6 @@ class Stage(nn.Module):
         slots_t, position_ids = self._check_rows(inputs, slots, positions, cache)
         hidden = self._embed(inputs)                                      # (B, T, hidden)
         cache.bind(slots_t, position_ids)
-        masks = {kind: cache.mask(position_ids, self.sliding_window if kind == "sliding_attention" else None)
-                 for kind in set(self.layer_types)}                       # (B, 1, T, L) each
         cos_sin = self.rotary_emb(hidden, position_ids=position_ids)      # 2 x (B, T, head_dim)
         # The lean forward (exo_lab.model.lean: same arithmetic, fewer calls) skips the layers'
         # module calls, so a forward hook (an experiment's, exo_lab.notebook) switches it off.
@@ -188,7 +187,12 @@ class Stage(nn.Module):
             context.rows = [(int(a), (ids == a).nonzero().flatten()) for a in ids.unique().tolist() if a]
             lean = None               # the fused q/k/v products would skip the adapters
         try:
-            hidden = self._layers(hidden, masks, position_ids, cos_sin, cache, lean)
+            if lean is not None and lean.one_call and inputs.shape[1] == 1 and self.whole_attention:
+                hidden = lean.decode(hidden, cos_sin, cache, slots_t, position_ids[:, 0])   # one call a layer
+            else:
+                masks = {kind: cache.mask(position_ids, self.sliding_window if kind == "sliding_attention" else None)
+                         for kind in set(self.layer_types)}               # (B, 1, T, L) each
+                hidden = self._layers(hidden, masks, position_ids, cos_sin, cache, lean)
         finally:
             if context is not None:
                 context.rows = []

@@ -66,6 +66,12 @@ def smollm2_gguf_path() -> pathlib.Path:
     return fetch_gguf(cache_dir() / "models" / "smollm2-gguf")
 
 
+def smollm2_gguf_is_here() -> bool:
+    """Whether the Q4_1 GGUF is on this PC already (then loading ``smollm2`` needs no network)."""
+    target = cache_dir() / "models" / "smollm2-gguf" / SMOLLM2_GGUF_NAME
+    return _installed_gguf() is not None or target.is_file()
+
+
 def smollm2_gguf_dir() -> pathlib.Path:
     """What model id ``smollm2`` loads: the Q4_1 GGUF as it is (:mod:`exo_lab.weights.gguf`)."""
     return gguf_model_dir(str(smollm2_gguf_path()))
