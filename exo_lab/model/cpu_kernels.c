@@ -295,6 +295,8 @@ typedef struct {
     int8_t *q;       /* (M, K) */
     float *dx;       /* (M, K/32) */
     float *sx16;     /* (M, K/16): dx * sum of the 16 codes */
+    float *sx32;     /* (M, K/32): dx * sum of the 32 codes */
+    float *dx16;     /* (M, K/16): dx of the block each 16 codes are in */
 } qacts;
 
 static inline float fp16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
@@ -303,7 +305,9 @@ static int quantize_acts(const uint16_t *x, int64_t M, int64_t K, qacts *a) {
     a->q = (int8_t *)malloc((size_t)(M * K));
     a->dx = (float *)malloc(sizeof(float) * (size_t)(M * K / QBLOCK));
     a->sx16 = (float *)malloc(sizeof(float) * (size_t)(M * K / 16));
-    if (!a->q || !a->dx || !a->sx16) return -2;
+    a->sx32 = (float *)malloc(sizeof(float) * (size_t)(M * K / QBLOCK));
+    a->dx16 = (float *)malloc(sizeof(float) * (size_t)(M * K / 16));
+    if (!a->q || !a->dx || !a->sx16 || !a->sx32 || !a->dx16) return -2;
     #pragma omp parallel for schedule(static) if (M * K >= SERIAL_WEIGHTS)
     for (int64_t m = 0; m < M; m++)
         for (int64_t b = 0; b < K / QBLOCK; b++) {
@@ -318,13 +322,15 @@ static int quantize_acts(const uint16_t *x, int64_t M, int64_t K, qacts *a) {
                 if (i < 16) s0 += q[i]; else s1 += q[i];
             }
             a->dx[m * (K / QBLOCK) + b] = d;
+            a->dx16[m * (K / 16) + 2 * b] = a->dx16[m * (K / 16) + 2 * b + 1] = d;
             a->sx16[m * (K / 16) + 2 * b] = d * (float)s0;
             a->sx16[m * (K / 16) + 2 * b + 1] = d * (float)s1;
+            a->sx32[m * (K / QBLOCK) + b] = d * (float)(s0 + s1);
         }
     return 0;
 }
 
-static void free_acts(qacts *a) { free(a->q); free(a->dx); free(a->sx16); }
+static void free_acts(qacts *a) { free(a->q); free(a->dx); free(a->sx16); free(a->sx32); free(a->dx16); }
 
 /* 32 unsigned codes x 32 signed activations -> 8 int32 partial sums (codes <= 127 off VNNI). */
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -350,29 +356,61 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* Each weight row's groups are taken CHUNK at a time: first their float16 scales become float32
+ * and are multiplied by the activation blocks' scales (8 groups per instruction), and the
+ * mins' (q4) or the zero point's (q8) share of the sum is added up the same way; then the
+ * integer products run with each group's factor broadcast straight from that table. */
+#define CHUNK 64
+
+/* scaled[r][j] = scale[c0 + j] * dxs[m0 + r][c0 + j]; returns sum_j other[c0 + j] * sxs[m0 + r][c0 + j]
+ * per row into extra[r] (other may be NULL). groups: the row's groups (stride of dxs, sxs). */
+static inline __attribute__((always_inline)) void scale_chunk(
+        const uint16_t *scale, const uint16_t *other, const float *dxs, const float *sxs, int64_t groups,
+        int64_t c0, int64_t cn, int64_t m0, const int mr, float scaled[QROWS][CHUNK], __m256 extra[QROWS]) {
+    int64_t j = 0;
+    for (; j + 8 <= cn; j += 8) {
+        const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + c0 + j)));
+        const __m256 ot = other ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(other + c0 + j))) : sc;
+        for (int r = 0; r < mr; r++) {
+            const int64_t at = (m0 + r) * groups + c0 + j;
+            _mm256_storeu_ps(&scaled[r][j], _mm256_mul_ps(sc, _mm256_loadu_ps(dxs + at)));
+            extra[r] = _mm256_fmadd_ps(ot, _mm256_loadu_ps(sxs + at), extra[r]);
+        }
+    }
+    for (; j < cn; j++) {
+        const float sc = fp16_to_f32(scale[c0 + j]), ot = other ? fp16_to_f32(other[c0 + j]) : sc;
+        for (int r = 0; r < mr; r++) {
+            const int64_t at = (m0 + r) * groups + c0 + j;
+            scaled[r][j] = sc * dxs[at];
+            extra[r] = _mm256_add_ps(extra[r], _mm256_setr_ps(ot * sxs[at], 0, 0, 0, 0, 0, 0, 0));
+        }
+    }
+}
+
 /* One weight row (n) of q4 against mr activation rows starting at m0. */
 static inline __attribute__((always_inline)) void q4_row(
         const qacts *a, int64_t K, const uint8_t *qrow, const uint16_t *srow, const uint16_t *mrow,
         int64_t m0, const int mr, float out[QROWS]) {
     const int64_t groups = K / QBLOCK;
-    __m256 acc[QROWS];
-    float mins[QROWS];
-    for (int r = 0; r < mr; r++) { acc[r] = _mm256_setzero_ps(); mins[r] = 0.0f; }
+    __m256 acc[QROWS], mins[QROWS];
+    float scaled[QROWS][CHUNK];
+    for (int r = 0; r < mr; r++) { acc[r] = _mm256_setzero_ps(); mins[r] = _mm256_setzero_ps(); }
     const __m128i low = _mm_set1_epi8(0x0f);
-    for (int64_t g = 0; g < groups; g++) {
-        if ((g & 3) == 0) _mm_prefetch((const char *)(qrow + g * 16) + PREFETCH_BYTES, _MM_HINT_T0);
-        __m128i packed = _mm_loadu_si128((const __m128i *)(qrow + g * 16));
-        __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low), _mm_and_si128(packed, low));
-        const float scale = fp16_to_f32(srow[g]), min = fp16_to_f32(mrow[g]);
-        for (int r = 0; r < mr; r++) {
-            const int64_t m = m0 + r;
-            __m256i s = _mm256_loadu_si256((const __m256i *)(a->q + m * K + g * QBLOCK));
-            __m256 d = _mm256_cvtepi32_ps(dot_u8s8(u, s));
-            acc[r] = _mm256_fmadd_ps(d, _mm256_set1_ps(scale * a->dx[m * groups + g]), acc[r]);
-            mins[r] += min * (a->sx16[m * 2 * groups + 2 * g] + a->sx16[m * 2 * groups + 2 * g + 1]);
+    for (int64_t c0 = 0; c0 < groups; c0 += CHUNK) {
+        const int64_t cn = groups - c0 < CHUNK ? groups - c0 : CHUNK;
+        scale_chunk(srow, mrow, a->dx, a->sx32, groups, c0, cn, m0, mr, scaled, mins);
+        for (int64_t j = 0; j < cn; j++) {
+            const int64_t g = c0 + j;
+            if ((g & 3) == 0) _mm_prefetch((const char *)(qrow + g * 16) + PREFETCH_BYTES, _MM_HINT_T0);
+            __m128i packed = _mm_loadu_si128((const __m128i *)(qrow + g * 16));
+            __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low), _mm_and_si128(packed, low));
+            for (int r = 0; r < mr; r++) {
+                __m256i s = _mm256_loadu_si256((const __m256i *)(a->q + (m0 + r) * K + g * QBLOCK));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(u, s)), _mm256_broadcast_ss(&scaled[r][j]), acc[r]);
+            }
         }
     }
-    for (int r = 0; r < mr; r++) out[r] = hsum256(acc[r]) + mins[r];
+    for (int r = 0; r < mr; r++) out[r] = hsum256(acc[r]) + hsum256(mins[r]);
 }
 
 /* One weight row (n) of q8 (groups of 16, zero point z) against mr activation rows. */
@@ -380,31 +418,34 @@ static inline __attribute__((always_inline)) void q8_row(
         const qacts *a, int64_t K, const uint8_t *qrow, const uint16_t *srow, float z,
         int64_t m0, const int mr, float out[QROWS]) {
     const int64_t groups = K / 16;
-    __m256 acc[QROWS];
-    float zs[QROWS];
-    for (int r = 0; r < mr; r++) { acc[r] = _mm256_setzero_ps(); zs[r] = 0.0f; }
-    for (int64_t g = 0; g < groups; g += 2) {
-        if ((g & 3) == 0) _mm_prefetch((const char *)(qrow + g * 16) + PREFETCH_BYTES, _MM_HINT_T0);
-        const float s0 = fp16_to_f32(srow[g]), s1 = fp16_to_f32(srow[g + 1]);
+    __m256 acc[QROWS], zs[QROWS];
+    float scaled[QROWS][CHUNK];
+    for (int r = 0; r < mr; r++) { acc[r] = _mm256_setzero_ps(); zs[r] = _mm256_setzero_ps(); }
+    for (int64_t c0 = 0; c0 < groups; c0 += CHUNK) {
+        const int64_t cn = groups - c0 < CHUNK ? groups - c0 : CHUNK;    /* even: K is a multiple of 32 */
+        scale_chunk(srow, NULL, a->dx16, a->sx16, groups, c0, cn, m0, mr, scaled, zs);
+        for (int64_t j = 0; j < cn; j += 2) {
+            const int64_t g = c0 + j;
+            if ((g & 3) == 0) _mm_prefetch((const char *)(qrow + g * 16) + PREFETCH_BYTES, _MM_HINT_T0);
 #if EXO_VNNI
-        __m256i u = _mm256_loadu_si256((const __m256i *)(qrow + g * 16));
+            __m256i u = _mm256_loadu_si256((const __m256i *)(qrow + g * 16));
 #endif
-        for (int r = 0; r < mr; r++) {
-            const int64_t m = m0 + r;
-            const float dx = a->dx[m * (K / QBLOCK) + g / 2];
-            const int8_t *s = a->q + m * K + g * 16;
+            for (int r = 0; r < mr; r++) {
+                const int8_t *s = a->q + (m0 + r) * K + g * 16;
 #if EXO_VNNI
-            __m256 d = _mm256_cvtepi32_ps(dot_u8s8(u, _mm256_loadu_si256((const __m256i *)s)));
-            __m256 sc = _mm256_set_m128(_mm_set1_ps(s1 * dx), _mm_set1_ps(s0 * dx));
-            acc[r] = _mm256_fmadd_ps(d, sc, acc[r]);
+                __m256 d = _mm256_cvtepi32_ps(dot_u8s8(u, _mm256_loadu_si256((const __m256i *)s)));
+                __m256 sc = _mm256_set_m128(_mm_broadcast_ss(&scaled[r][j + 1]), _mm_broadcast_ss(&scaled[r][j]));
+                acc[r] = _mm256_fmadd_ps(d, sc, acc[r]);
 #else
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot16_u8s8(qrow + g * 16, s)), _mm256_set1_ps(s0 * dx), acc[r]);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot16_u8s8(qrow + g * 16 + 16, s + 16)), _mm256_set1_ps(s1 * dx), acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot16_u8s8(qrow + g * 16, s)),
+                                         _mm256_broadcast_ss(&scaled[r][j]), acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot16_u8s8(qrow + g * 16 + 16, s + 16)),
+                                         _mm256_broadcast_ss(&scaled[r][j + 1]), acc[r]);
 #endif
-            zs[r] += s0 * a->sx16[m * groups + g] + s1 * a->sx16[m * groups + g + 1];
+            }
         }
     }
-    for (int r = 0; r < mr; r++) out[r] = hsum256(acc[r]) - z * zs[r];
+    for (int r = 0; r < mr; r++) out[r] = hsum256(acc[r]) - z * hsum256(zs[r]);
 }
 
 #define QCALL(ROW, ...)                                                                              \
@@ -420,7 +461,7 @@ static inline __attribute__((always_inline)) void q8_row(
 static int gemm_q(int kind, const uint16_t *x, int64_t M, int64_t K, const uint8_t *q,
                   const uint16_t *scales, const uint16_t *mins, int64_t z, int64_t N, uint16_t *y) {
     if (M < 1 || K < QBLOCK || K % QBLOCK || N < 1) return -1;
-    qacts a;
+    qacts a = {0};
     if (quantize_acts(x, M, K, &a) != 0) { free_acts(&a); return -2; }
     const int64_t row_bytes = kind == 4 ? K / 2 : K;
     const int64_t row_scales = kind == 4 ? K / QBLOCK : K / 16;

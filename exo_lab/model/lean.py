@@ -41,7 +41,9 @@ class LeanLayers:
 
     def __init__(self, layers: nn.ModuleList, config):
         self.layers = layers
-        self._modules = list(layers.modules())   # for hooked(): walking the tree costs ~0.5 ms
+        # for hooked(): each module's hook dicts, listed once (walking the tree costs ~0.5 ms,
+        # asking each module ~0.3 ms; any() over the dicts themselves ~10 us)
+        self._hooks = [hooks for m in layers.modules() for hooks in (m._forward_hooks, m._forward_pre_hooks)]
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -105,7 +107,7 @@ class LeanLayers:
 
         if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
             return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self._modules)
+        return any(self._hooks)
 
     @staticmethod
     def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
