@@ -137,3 +137,20 @@ def test_int4_quantizes_each_group_of_32_between_its_min_and_max():
     error = (quantized.dequantize() - weight).abs().reshape(8, 2, 32)
     step = (weight.reshape(8, 2, 32).amax(2) - weight.reshape(8, 2, 32).amin(2)) / 15
     assert (error <= step[..., None] * 0.5 + 1e-2 * step[..., None]).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q8_0", "Q6_K"])
+def test_prefill_rows_take_the_dequantized_matrix_exactly_as_the_reference_dequantizes_it(kind):
+    """From PREFILL_ROWS rows on, a product runs torch's GEMM on the kernel-dequantized matrix:
+    bit for bit QuantWeight.dequantize(bfloat16), so prefill computes with the file's values."""
+    from exo_lab.model.quant4 import PREFILL_ROWS
+
+    weight = repack(kind, random_blocks(kind, 40, 512), (40, 512))
+    assert torch.equal(cpu_kernels.dequantize(weight), weight.dequantize(torch.bfloat16))
+    linear = QuantLinear(weight)
+    x = torch.randn(PREFILL_ROWS, 512).bfloat16()
+    assert torch.equal(linear(x), torch.nn.functional.linear(x, weight.dequantize(torch.bfloat16)))
+    few = linear(x[:PREFILL_ROWS - 1])              # decode-sized: the integer kernel, 8-bit activations
+    dense = x[:PREFILL_ROWS - 1].float() @ weight.dequantize().T
+    assert (few.float() - dense).abs().max() <= 0.03 * dense.abs().max()

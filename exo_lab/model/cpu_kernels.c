@@ -623,6 +623,32 @@ done:
     return status;
 }
 
+/* out (N, K) bf16 = the matrix a q4 (kind 4) or q8 (kind 8, zero z) layout stands for, computed
+ * as exo_lab.model.quant4.QuantWeight.dequantize computes it (float32 products, then one rounding):
+ * prefill's many rows go through torch's bfloat16 GEMM on it, faster than the integer kernels. */
+int exo_dequantize(int64_t kind, const uint8_t *q, const uint16_t *scales, const uint16_t *mins, int64_t z,
+                   int64_t N, int64_t K, uint16_t *out) {
+    if ((kind != 4 && kind != 8) || K % QBLOCK) return -1;
+    #pragma omp parallel for schedule(static) if (N * K >= SERIAL_WEIGHTS)
+    for (int64_t n = 0; n < N; n++) {
+        uint16_t *o = out + n * K;
+        if (kind == 4) {
+            for (int64_t g = 0; g < K / QBLOCK; g++) {
+                const uint8_t *b = q + n * (K / 2) + g * 16;
+                const float s = fp16_to_f32(scales[n * (K / QBLOCK) + g]), m = fp16_to_f32(mins[n * (K / QBLOCK) + g]);
+                for (int i = 0; i < 16; i++) {
+                    o[g * QBLOCK + i] = f32_to_bf16((float)(b[i] & 15) * s + m);
+                    o[g * QBLOCK + 16 + i] = f32_to_bf16((float)(b[i] >> 4) * s + m);
+                }
+            }
+        } else {
+            for (int64_t k = 0; k < K; k++)
+                o[k] = f32_to_bf16(((float)q[n * K + k] - (float)z) * fp16_to_f32(scales[n * (K / 16) + k / 16]));
+        }
+    }
+    return 0;
+}
+
 /* Whether the integer products use AVX512_VNNI (1) or AVX2's maddubs (0). */
 int exo_gemm_vnni(void) { return EXO_VNNI; }
 

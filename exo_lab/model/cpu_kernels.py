@@ -86,6 +86,18 @@ def gemm_quant(x: torch.Tensor, weight) -> torch.Tensor:
     return y
 
 
+def dequantize(weight) -> torch.Tensor:
+    """The bfloat16 matrix a :class:`exo_lab.model.quant4.QuantWeight` stands for, as its own
+    ``dequantize(torch.bfloat16)`` computes it, in one call. Call only when :func:`available`."""
+    out = torch.empty(weight.shape, dtype=torch.bfloat16)
+    status = _library().exo_dequantize(4 if weight.layout == "q4" else 8, weight.codes.data_ptr(), weight.scales.data_ptr(),
+                                       weight.mins.data_ptr() if weight.mins is not None else None, weight.zero,
+                                       weight.shape[0], weight.shape[1], out.data_ptr())
+    if status != 0:
+        raise ValueError(f"cannot dequantize a {weight.layout} matrix of shape {weight.shape}")
+    return out
+
+
 def quant_function(layout: str):
     """The ctypes function of ``layout``'s kernel ("q4": exo_gemm_q4, "q8": exo_gemm_q8), for
     callers that pass checked pointers themselves (exo_lab.model.quant4.QuantLinear)."""
@@ -260,6 +272,9 @@ def _load(path: Path) -> ctypes.CDLL:
         library.exo_gemm_q8.argtypes = [pointer, size, size, pointer, pointer, size, size, pointer]
         library.exo_gemm_q4.restype = library.exo_gemm_q8.restype = ctypes.c_int
         library.exo_gemm_vnni.restype = ctypes.c_int
+    if hasattr(library, "exo_dequantize"):
+        library.exo_dequantize.argtypes = [size, pointer, pointer, pointer, size, size, size, pointer]
+        library.exo_dequantize.restype = ctypes.c_int
     if hasattr(library, "exo_decode_layer"):
         matrix = ctypes.POINTER(Matrix)
         library.exo_decode_layer.argtypes = [pointer, size, size, pointer, pointer, ctypes.c_float, matrix, size,
