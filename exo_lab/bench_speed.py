@@ -100,8 +100,6 @@ def corpus_logits(model_dir, dtype: str, tokenizer, num_tokens: int):
     """(logits (num_tokens, vocab) float32, the num_tokens + 1 token ids) of the corpus's first
     tokens, one position per step through one whole-model stage of ``dtype`` (the decode path,
     KV slots included): row i predicts ids[i + 1]."""
-    import torch
-
     from .control_types import ShardSpec
     from .weights.checkpoint import load_stage
     from .weights.resolve import read_model_config
@@ -110,9 +108,16 @@ def corpus_logits(model_dir, dtype: str, tokenizer, num_tokens: int):
     layers = read_model_config(model_dir)["num_hidden_layers"]
     stage = load_stage(ShardSpec(str(model_dir), 0, layers, layers, dtype=dtype,
                                  max_context=len(ids) + 1, max_batch=1))
-    logits = torch.stack([stage.forward(torch.tensor([[token]]), [0], [position])[0].float()
-                          for position, token in enumerate(ids[:-1])])
-    return logits, ids
+    return teacher_forced_logits(stage, ids), ids
+
+
+def teacher_forced_logits(stage, ids: list[int]):
+    """A whole-model ``stage``'s float32 logits after each of ``ids[:-1]``, fed one position per
+    step in KV slot 0 (the decode path): row i predicts ids[i + 1]."""
+    import torch
+
+    return torch.stack([stage.forward(torch.tensor([[token]]), [0], [position])[0].float()
+                        for position, token in enumerate(ids[:-1])])
 
 
 def perplexity_of(logits, targets: list[int]) -> float:
@@ -121,12 +126,6 @@ def perplexity_of(logits, targets: list[int]) -> float:
 
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     return math.exp(-float(logprobs[torch.arange(len(targets)), torch.tensor(targets)].mean()))
-
-
-def perplexity(model_dir, dtype: str, tokenizer, num_tokens: int) -> float:
-    """exp(mean NLL) of the corpus's first ``num_tokens`` tokens through a stage of ``dtype``."""
-    logits, ids = corpus_logits(model_dir, dtype, tokenizer, num_tokens)
-    return perplexity_of(logits, ids[1:])
 
 
 def llama_cpp_agreement(model_dir, logits, ids: list[int], args) -> dict:

@@ -26,6 +26,15 @@ def tiny_model_dir(tmp_path_factory):
     return make
 
 
+@pytest.fixture
+def netlab_required(request):
+    """Fail, rather than skip, a netlab module's test where its ``REASON`` says the lab cannot run
+    here, under CI's EXO_LAB_REQUIRE_NETLAB=1 (netlab.skip_unless_required asks for this)."""
+    import netlab
+
+    netlab.require(request.module.REASON)
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """A started 2-engine local cluster with "demo" loaded over both (one per test module; a

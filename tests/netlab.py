@@ -75,12 +75,14 @@ devices:
 
 
 def skip_unless_required(reason: str | None, what: str = "netlab tests"):
-    """A netlab module's pytestmark: skipped where ``reason`` says the lab cannot run here, except
-    under CI's EXO_LAB_REQUIRE_NETLAB=1, where :func:`require` fails its tests instead."""
+    """A netlab module's pytestmark (the module keeps ``reason`` as its ``REASON``): skipped where
+    ``reason`` says the lab cannot run here, except under CI's EXO_LAB_REQUIRE_NETLAB=1, where
+    the ``netlab_required`` fixture (tests/conftest.py, :func:`require`) fails its tests instead."""
     import pytest
 
     required = os.environ.get("EXO_LAB_REQUIRE_NETLAB") == "1"
-    return pytest.mark.skipif(reason is not None and not required, reason=f"{what} skipped: {reason}")
+    return [pytest.mark.skipif(reason is not None and not required, reason=f"{what} skipped: {reason}"),
+            pytest.mark.usefixtures("netlab_required")]
 
 
 def require(reason: str | None) -> None:

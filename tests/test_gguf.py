@@ -4,7 +4,6 @@ blocks dequantized: what the file means); int4 stages of a safetensors model lik
 and options get errors that name the problem."""
 from __future__ import annotations
 
-import math
 import shutil
 
 import pytest
@@ -63,27 +62,21 @@ def test_float32_is_the_files_blocks_dequantized(smollm2):
     assert torch.equal(from_gguf.forward(ids, [0], [0]), from_folder.forward(ids, [0], [0]))
 
 
-def corpus_logits(stage, ids):
-    """Teacher-forced logits at each position, one position per step (the decode path)."""
-    return torch.stack([stage.forward(torch.tensor([[token]]), [0], [p])[0].float() for p, token in enumerate(ids[:-1])])
-
-
 @pytest.mark.skipif(not cpu_kernels.available(), reason="exo-lab's CPU kernels do not run here")
 def test_4bit_kernels_stay_close_to_the_files_own_values(smollm2):
-    from exo_lab.bench_speed import CORPUS
+    from exo_lab.bench_speed import CORPUS, perplexity_of, teacher_forced_logits
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2))
     ids = tokenizer(CORPUS.read_text(), add_special_tokens=False)["input_ids"][:CORPUS_TOKENS + 1]
-    reference = torch.log_softmax(corpus_logits(whole(smollm2, "float32"), ids), -1)
-    quantized = torch.log_softmax(corpus_logits(whole(smollm2, "gguf"), ids), -1)
-    targets = torch.tensor(ids[1:])
-    nll = [-float(lp[torch.arange(len(targets)), targets].mean()) for lp in (reference, quantized)]
+    logits = [teacher_forced_logits(whole(smollm2, dtype), ids) for dtype in ("float32", "gguf")]
+    reference, quantized = (torch.log_softmax(each, -1) for each in logits)
+    perplexities = [perplexity_of(each, ids[1:]) for each in logits]
     kl = float((reference.exp() * (reference - quantized)).sum(-1).mean())
     agree = float((reference.argmax(-1) == quantized.argmax(-1)).float().mean())
     # activations at 8 bits per block of 32 (as llama.cpp's Q8_1): measured KL 0.004, 95% top-1
     assert kl < 0.02 and agree > 0.9, (kl, agree)
-    assert abs(math.exp(nll[1]) / math.exp(nll[0]) - 1) < 0.03, nll
+    assert abs(perplexities[1] / perplexities[0] - 1) < 0.03, perplexities
 
 
 def test_int4_stages_of_a_safetensors_model_compute_with_their_int4_values(tiny_model_dir):

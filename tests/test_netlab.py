@@ -31,10 +31,6 @@ REASON = netlab.unavailable() or netlab.firewall_unavailable()
 pytestmark = netlab.skip_unless_required(REASON)
 
 
-@pytest.fixture(autouse=True)
-def _netlab_here():
-    netlab.require(REASON)
-
 API_PORT = 8000
 PORT_RANGE = (10100, 10199)
 SERVICE_PORT = PORT_RANGE[0]

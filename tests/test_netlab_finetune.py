@@ -58,7 +58,6 @@ def local_run(model, out) -> dict:
 
 
 def test_a_job_trains_through_firewalled_pcs_as_on_one_machine(tiny_model_dir, tmp_path):
-    netlab.require(REASON)
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir(num_layers=4), model)
     expected = local_run(model, tmp_path / "local")

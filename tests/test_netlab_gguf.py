@@ -34,10 +34,6 @@ REASON = netlab.unavailable() or netlab.firewall_unavailable()
 pytestmark = netlab.skip_unless_required(REASON)
 
 
-@pytest.fixture(autouse=True)
-def _netlab_here():
-    netlab.require(REASON)
-
 
 API_PORT = 8000
 SERVICE_PORT = 10100            # the first of the default network.port_range: the storage role's

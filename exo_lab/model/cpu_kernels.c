@@ -537,18 +537,6 @@ static void rms_norm_rows(const uint16_t *x, int64_t rows, int64_t width, const 
     for (int64_t i = 0; i < rows; i++) rms_norm_row(x + i * width, width, w, eps, y + i * width);
 }
 
-static void rotate_heads(uint16_t *v, int64_t heads, int64_t dim, const uint16_t *c, const uint16_t *s) {
-    const int64_t half = dim / 2;
-    for (int64_t h = 0; h < heads; h++, v += dim)
-        for (int64_t j = 0; j < half; j++) {
-            float a = bf16_to_f32(v[j]), b = bf16_to_f32(v[j + half]);
-            float lo = bf16_round(a * bf16_to_f32(c[j])) + bf16_round(-b * bf16_to_f32(s[j]));
-            float hi = bf16_round(b * bf16_to_f32(c[j + half])) + bf16_round(a * bf16_to_f32(s[j + half]));
-            v[j] = f32_to_bf16(lo);
-            v[j + half] = f32_to_bf16(hi);
-        }
-}
-
 int exo_decode_layer(uint16_t *x, int64_t B, int64_t hidden, const uint16_t *norm1, const uint16_t *norm2,
                      float eps, const exo_matrix *qkv, int64_t qkv_parts, const exo_matrix *o,
                      const exo_matrix *gate_up, int64_t gate_up_parts, const exo_matrix *down, uint16_t *keys, uint16_t *values, const int64_t *slots,
@@ -570,8 +558,8 @@ int exo_decode_layer(uint16_t *x, int64_t B, int64_t hidden, const uint16_t *nor
     if ((status = parts_product(qkv, qkv_parts, h, B, t, part)) != 0) goto done;
     for (int64_t b = 0; b < B; b++) {                       /* rotary, then K and V into the slot */
         uint16_t *row = t + b * width;
-        rotate_heads(row, heads, dim, cos + b * dim, sin + b * dim);
-        rotate_heads(row + qw, kv_heads, dim, cos + b * dim, sin + b * dim);
+        exo_rotary_bf16(row, 1, heads, dim, cos + b * dim, sin + b * dim);
+        exo_rotary_bf16(row + qw, 1, kv_heads, dim, cos + b * dim, sin + b * dim);
         for (int64_t g = 0; g < kv_heads; g++) {
             const int64_t at = ((slots[b] * kv_heads + g) * max_context + positions[b]) * dim;
             memcpy(keys + at, row + qw + g * dim, sizeof(uint16_t) * (size_t)dim);

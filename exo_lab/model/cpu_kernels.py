@@ -98,13 +98,6 @@ def dequantize(weight) -> torch.Tensor:
     return out
 
 
-def quant_function(layout: str):
-    """The ctypes function of ``layout``'s kernel ("q4": exo_gemm_q4, "q8": exo_gemm_q8), for
-    callers that pass checked pointers themselves (exo_lab.model.quant4.QuantLinear)."""
-    library = _library()
-    return library.exo_gemm_q4 if layout == "q4" else library.exo_gemm_q8
-
-
 class Matrix(ctypes.Structure):
     """A group-quantized matrix as ``exo_decode_layer`` takes it (pointers into its tensors)."""
     _fields_ = [("layout", ctypes.c_int64), ("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p),

@@ -245,16 +245,8 @@ class QuantLinear(nn.Module):
         tokens = x.shape[-2] if x.dim() > 2 else rows.shape[0]   # a row's own positions, not the batch's
         if self.kernel and tokens >= PREFILL_ROWS:       # prefill: torch's bfloat16 GEMM wins
             y = F.linear(rows, kernels.dequantize(self.quant))
-        elif self.kernel:      # the kernel called straight (a decode step makes ~120 of these calls)
-            rows = rows.contiguous()
-            y = torch.empty(rows.shape[0], self.out_features, dtype=torch.bfloat16)
-            third = self.mins.data_ptr() if self.mins is not None else self.zero
-            status = kernels.quant_function(self.layout)(rows.data_ptr(), rows.shape[0], self.in_features,
-                                                         self.codes.data_ptr(), self.scales.data_ptr(), third,
-                                                         self.out_features, y.data_ptr())
-            if status != 0:
-                raise MemoryError(f"exo-lab's CPU kernel failed (status {status}) on {tuple(rows.shape)} x "
-                                  f"{(self.out_features, self.in_features)}")
+        elif self.kernel:
+            y = kernels.gemm_quant(rows.contiguous(), self.quant)
         else:
             y = F.linear(rows, self.quant.dequantize(self.dtype))
         if self.bias is not None:

@@ -79,9 +79,8 @@ def _load_gguf(stage: Stage, ensure_tensors) -> None:
     spec = stage.spec
     table = read_table(spec.model_dir)
     wanted = _resolve_names(stage.checkpoint_names(), table["tensors"], spec)
-    if ensure_tensors is not None:
+    if ensure_tensors is not None:   # a fetched folder: its gguf.json already names each tensor's own file
         ensure_tensors(list(dict.fromkeys(wanted.values())))
-        table = read_table(spec.model_dir)
     loaded = {name: load_tensor(spec.model_dir, table, table["tensors"][name], stage.dtype)
               for name in dict.fromkeys(wanted.values())}
     keep_blocks = spec.dtype == "gguf"
